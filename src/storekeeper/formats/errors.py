@@ -1,0 +1,5 @@
+"""Errors raised by the pure format layer."""
+
+
+class FormatError(ValueError):
+    """Input does not follow a Nix format; the message says what and where."""

@@ -1,0 +1,175 @@
+"""Store paths: ``<storeDir>/<hashPart>-<name>`` and how Nix computes them.
+
+Parsing is strict by default (what we ever write); ``lax=True`` accepts the
+2.8 form, which does not check the ``-`` after the hash part and allows the
+names ``.`` and ``..``.  See spec §1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from .errors import FormatError
+from .hashes import NIX32_ALPHABET, Hash, compress_hash, nix32_encode
+
+HASH_LEN = 32
+MAX_NAME_LEN = 211
+DRV_EXT = ".drv"
+DEFAULT_STORE_DIR = "/nix/store"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
+_HASH_CHARS = frozenset(NIX32_ALPHABET)
+
+
+class StorePathError(FormatError):
+    """A string is not a store path of the expected store dir."""
+
+
+def check_name(name: str, lax: bool = False) -> str:
+    if not name:
+        raise StorePathError("store path name is empty")
+    if len(name) > MAX_NAME_LEN:
+        raise StorePathError(f"store path name {name[:40]!r}… is longer than {MAX_NAME_LEN} characters")
+    if not _NAME_RE.fullmatch(name):
+        bad = next(c for c in name if not _NAME_RE.fullmatch(c))
+        raise StorePathError(f"store path name {name!r} contains the forbidden character {bad!r}")
+    if not lax and (name in (".", "..") or name.startswith((".-", "..-"))):
+        raise StorePathError(f"store path name {name!r} is not allowed")
+    return name
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StorePath:
+    """The base name of a store path; ordered as Nix orders StorePathSet."""
+
+    base: str
+
+    @classmethod
+    def from_base(cls, base: str, lax: bool = False) -> "StorePath":
+        if len(base) < HASH_LEN + 2 - (1 if lax else 0):
+            raise StorePathError(f"{base!r} is too short to be a store path")
+        hash_part = base[:HASH_LEN]
+        if not _HASH_CHARS.issuperset(hash_part):
+            raise StorePathError(f"{base!r} does not start with a nix32 hash")
+        if not lax and base[HASH_LEN] != "-":
+            raise StorePathError(f"{base!r} has no '-' after its hash part")
+        check_name(base[HASH_LEN + 1 :], lax=lax)
+        return cls(base)
+
+    @classmethod
+    def make(cls, hash_part: str, name: str) -> "StorePath":
+        return cls.from_base(f"{hash_part}-{name}")
+
+    @property
+    def hash_part(self) -> str:
+        return self.base[:HASH_LEN]
+
+    @property
+    def name(self) -> str:
+        return self.base[HASH_LEN + 1 :]
+
+    @property
+    def is_derivation(self) -> bool:
+        return self.base.endswith(DRV_EXT)
+
+    def __str__(self) -> str:
+        return self.base
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDir:
+    """A logical store directory (``/nix/store`` or a custom one) and its path rules."""
+
+    path: str = DEFAULT_STORE_DIR
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/") or posixpath.normpath(self.path) != self.path:
+            raise StorePathError(f"store dir {self.path!r} must be an absolute, canonical path")
+
+    def print(self, sp: StorePath) -> str:
+        return f"{self.path}/{sp.base}"
+
+    def parse(self, path: str, lax: bool = False) -> StorePath:
+        """Parse a full store path (no sub-path allowed)."""
+        canon = posixpath.normpath(path) if path.startswith("/") else path
+        parent, base = posixpath.split(canon)
+        if parent != self.path:
+            raise StorePathError(f"path '{path}' is not in the Nix store")
+        return StorePath.from_base(base, lax=lax)
+
+    def is_store_path(self, path: str) -> bool:
+        try:
+            self.parse(path)
+        except StorePathError:
+            return False
+        return True
+
+    def is_in_store(self, path: str) -> bool:
+        return path.startswith(self.path + "/") and len(path) > len(self.path) + 1
+
+    def split(self, path: str, lax: bool = False) -> tuple[StorePath, str]:
+        """Split a path inside the store into its store path and the rest (``""`` or ``/…``)."""
+        if not self.is_in_store(path):
+            raise StorePathError(f"path '{path}' is not in the Nix store")
+        rest = path[len(self.path) + 1 :]
+        base, sep, sub = rest.partition("/")
+        return StorePath.from_base(base, lax=lax), sep + sub
+
+    # --- computing paths (spec §1.4) -----------------------------------------
+
+    def make_path(self, kind: str, inner: Hash, name: str) -> StorePath:
+        """makeStorePath: ``kind`` already carries any ``:ref`` suffixes."""
+        check_name(name)
+        if inner.algo != "sha256":
+            raise FormatError("store path inner hashes are SHA-256")
+        fingerprint = f"{kind}:sha256:{inner.base16}:{self.path}:{name}"
+        digest = compress_hash(hashlib.sha256(fingerprint.encode()).digest(), 20)
+        return StorePath(f"{nix32_encode(digest)}-{name}")
+
+    def _kind_with_refs(self, kind: str, refs: Iterable[StorePath], self_ref: bool) -> str:
+        parts = [kind]
+        parts.extend(self.print(r) for r in sorted(set(refs)))
+        if self_ref:
+            parts.append("self")
+        return ":".join(parts)
+
+    def make_text_path(self, name: str, content_hash: Hash, refs: Iterable[StorePath] = ()) -> StorePath:
+        if content_hash.algo != "sha256":
+            raise FormatError("text paths require a SHA-256 content hash")
+        return self.make_path(self._kind_with_refs("text", refs, False), content_hash, name)
+
+    def make_text_path_for(self, name: str, text: bytes, refs: Iterable[StorePath] = ()) -> StorePath:
+        return self.make_text_path(name, Hash.of("sha256", text), refs)
+
+    def make_fixed_output_path(
+        self,
+        name: str,
+        recursive: bool,
+        h: Hash,
+        refs: Iterable[StorePath] = (),
+        self_ref: bool = False,
+    ) -> StorePath:
+        """Path of a fixed-output (``--add-fixed``) or source (``--add``) addition."""
+        refs = list(refs)
+        if recursive and h.algo == "sha256":
+            return self.make_path(self._kind_with_refs("source", refs, self_ref), h, name)
+        if refs or self_ref:
+            raise FormatError("fixed-output paths other than recursive SHA-256 cannot have references")
+        inner = Hash.of("sha256", fixed_output_inner(recursive, h).encode())
+        return self.make_path("output:out", inner, name)
+
+    def make_output_path(self, output: str, drv_hash: bytes, drv_name: str) -> StorePath:
+        """Path of an input-addressed derivation output from hashDerivationModulo."""
+        return self.make_path(f"output:{output}", Hash("sha256", drv_hash), output_path_name(drv_name, output))
+
+
+def fixed_output_inner(recursive: bool, h: Hash) -> str:
+    return f"fixed:out:{'r:' if recursive else ''}{h.algo}:{h.base16}:"
+
+
+def output_path_name(drv_name: str, output: str) -> str:
+    return drv_name if output == "out" else f"{drv_name}-{output}"
