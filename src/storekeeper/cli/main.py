@@ -1,0 +1,260 @@
+"""The ``storekeeper`` command line.
+
+Output follows nix-store: store paths one a line; ``--json`` where a script
+would read a table.  Errors are one line on stderr (``error: …``) naming the
+path or argument at fault, with a non-zero exit and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable, Sequence
+
+from ..formats.errors import FormatError
+from ..formats.hashes import ALGO_SIZES
+from ..formats.storepath import StorePath
+from ..store.errors import StoreError
+from ..store.layout import DaemonAddress, LocalLayout, parse_store_url
+from ..store.local import LocalStore
+
+
+class UsageError(Exception):
+    pass
+
+
+def open_store(url: str | None) -> LocalStore:
+    address = parse_store_url(url)
+    if isinstance(address, DaemonAddress):
+        raise UsageError(f"daemon stores ('{address.socket_path}') are not supported by this "
+                         "command yet")
+    assert isinstance(address, LocalLayout)
+    return LocalStore(address)
+
+
+def resolve_path(store: LocalStore, arg: str) -> StorePath:
+    """A store path from an argument: a store path, a path inside one, or a link to one."""
+    sd = store.store_dir
+    path = os.path.abspath(arg) if not arg.startswith("/") else os.path.normpath(arg)
+    for _ in range(40):
+        if sd.is_in_store(path):
+            sp, _rest = sd.split(path)
+            return sp
+        if not os.path.islink(path):
+            break
+        target = os.readlink(path)
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    raise UsageError(f"path '{arg}' is not in the Nix store")
+
+
+def _valid(store: LocalStore, arg: str) -> StorePath:
+    sp = resolve_path(store, arg)
+    if not store.is_valid(sp):
+        raise StoreError(f"path '{store.print_path(sp)}' is not valid")
+    return sp
+
+
+def _print_paths(store: LocalStore, paths: Iterable[StorePath]) -> None:
+    out = sys.stdout
+    for p in paths:
+        out.write(store.print_path(p) + "\n")
+
+
+# --- commands ---------------------------------------------------------------
+
+def cmd_init(store: LocalStore, args: argparse.Namespace) -> int:
+    print(f"store: {store.store_dir.path} (files in {store.real_store_dir})")
+    print(f"state: {store.state_dir}")
+    return 0
+
+
+def cmd_add(store: LocalStore, args: argparse.Namespace) -> int:
+    for src in args.paths:
+        info = store.add_path(src, name=args.name, recursive=not args.flat, algo=args.algo)
+        print(store.print_path(info.path))
+    return 0
+
+
+def cmd_add_text(store: LocalStore, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    refs = [_valid(store, r) for r in args.ref]
+    info = store.add_text(args.name, data, refs)
+    print(store.print_path(info.path))
+    return 0
+
+
+def cmd_query(store: LocalStore, args: argparse.Namespace) -> int:
+    paths = [_valid(store, a) for a in args.paths]
+    if args.what in ("references", "referrers", "requisites"):
+        result: set[StorePath] = set()
+        if args.what == "requisites":
+            result = store.query_closure(paths, include_outputs=args.include_outputs)
+            _print_paths(store, reversed(store.topo_sort(result)))
+            return 0
+        for p in paths:
+            result |= store.query_references(p) if args.what == "references" else store.query_referrers(p)
+        _print_paths(store, sorted(result))
+        return 0
+    for p in paths:
+        info = store.path_info(p)
+        if args.what == "hash":
+            print(info.nar_hash.typed("nix32"))
+        elif args.what == "size":
+            print(info.nar_size)
+        elif args.what == "deriver":
+            print(store.print_path(info.deriver) if info.deriver else "unknown-deriver")
+        elif args.what == "outputs":
+            if p.is_derivation:
+                _print_paths(store, store.query_derivation_outputs(p).values())
+            else:
+                print(store.print_path(p))
+    return 0
+
+
+def cmd_path_info(store: LocalStore, args: argparse.Namespace) -> int:
+    paths = [_valid(store, a) for a in args.paths]
+    if args.recursive:
+        paths = sorted(store.query_closure(paths))
+    else:
+        paths = sorted(set(paths))
+    infos = [store.path_info(p) for p in paths]
+    if args.json:
+        objs = []
+        for info in infos:
+            closure = None
+            if args.closure_size:
+                closure = sum(store.path_info(q).nar_size for q in store.query_closure([info.path]))
+            objs.append(info.to_json(store.store_dir, closure))
+        json.dump(objs, sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+        return 0
+    width = max((len(store.print_path(i.path)) for i in infos), default=0)
+    for info in infos:
+        line = store.print_path(info.path).ljust(width)
+        line += f"\t{info.nar_size:>12}"
+        if args.closure_size:
+            line += f"\t{sum(store.path_info(q).nar_size for q in store.query_closure([info.path])):>12}"
+        print(line)
+    return 0
+
+
+def cmd_dump(store: LocalStore, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    for chunk in store.dump_path(_valid(store, args.path)):
+        out.write(chunk)
+    out.flush()
+    return 0
+
+
+def cmd_restore(store: LocalStore | None, args: argparse.Namespace) -> int:
+    from ..formats.nar import NarError
+    from ..store.narfs import remove_tree, restore_nar
+    if os.path.lexists(args.dir):
+        raise UsageError(f"'{args.dir}' already exists")
+    try:
+        restore_nar(sys.stdin.buffer, args.dir)
+    except NarError:
+        if os.path.lexists(args.dir):
+            remove_tree(args.dir)
+        raise
+    return 0
+
+
+def cmd_verify(store: LocalStore, args: argparse.Namespace) -> int:
+    report = store.verify(check_contents=args.check_contents, repair=args.repair)
+    for line in report.repaired:
+        print(f"repaired: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"error: {line}", file=sys.stderr)
+    if args.json:
+        json.dump({"checked": report.checked, "errors": report.errors,
+                   "repaired": report.repaired}, sys.stdout)
+        sys.stdout.write("\n")
+    return 0 if report.ok else 1
+
+
+# --- parser -----------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="storekeeper", description="A Nix-compatible package store.")
+    p.add_argument("--store", metavar="URL", help="store URL: DIR (chroot root), local?root=DIR, "
+                   "local?store=S&state=T&log=L, unix://SOCKET, daemon (default: $NIX_REMOTE, "
+                   "else the embedded store under the user's data dir)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create the store if needed and show where it is")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("add", help="add files or directories to the store")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--flat", action="store_true", help="hash the file's bytes, not its NAR "
+                   "(like nix-store --add-fixed without --recursive)")
+    s.add_argument("--algo", default="sha256", choices=sorted(ALGO_SIZES))
+    s.add_argument("--name", help="store path name (default: the file's base name)")
+    s.set_defaults(func=cmd_add)
+
+    s = sub.add_parser("add-text", help="add a text file (like builtins.toFile)")
+    s.add_argument("name")
+    s.add_argument("file", help="file with the text, or - for stdin")
+    s.add_argument("--ref", action="append", default=[], metavar="PATH",
+                   help="a store path the text refers to (repeatable)")
+    s.set_defaults(func=cmd_add_text)
+
+    s = sub.add_parser("query", help="query store paths (like nix-store -q)")
+    g = s.add_mutually_exclusive_group(required=True)
+    for what in ("references", "referrers", "requisites", "hash", "size", "deriver", "outputs"):
+        g.add_argument(f"--{what}", dest="what", action="store_const", const=what)
+    s.add_argument("--include-outputs", action="store_true")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("path-info", help="show path metadata")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
+    s.add_argument("-S", "--closure-size", action="store_true")
+    s.set_defaults(func=cmd_path_info)
+
+    s = sub.add_parser("dump", help="write the NAR of a store path to stdout")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_dump)
+
+    s = sub.add_parser("restore", help="unpack a NAR from stdin into DIR (strict reader)")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_restore, no_store=True)
+
+    s = sub.add_parser("verify", help="check that valid paths exist and (optionally) are intact")
+    s.add_argument("--check-contents", action="store_true")
+    s.add_argument("--repair", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = None
+    try:
+        if not getattr(args, "no_store", False):
+            store = open_store(args.store)
+        return int(args.func(store, args))
+    except (StoreError, FormatError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        where = f" '{e.filename}':" if e.filename else ""
+        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if store is not None:
+            store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

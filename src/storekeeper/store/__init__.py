@@ -1,0 +1,1 @@
+"""The store layer: files, SQLite, locks, roots, GC, optimise, builds."""

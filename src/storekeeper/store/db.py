@@ -1,0 +1,301 @@
+"""The metadata database ``<state>/db/db.sqlite``, schema 10, exactly as Nix 2.8 keeps it.
+
+Invariants (shared with every real Nix process on the same store):
+
+* ``db/schema`` holds the ASCII version ``10`` with no newline; a store with a
+  newer schema is refused, an older one is migrated under the big lock held
+  exclusively.
+* Every process that opens the store holds ``db/big-lock`` with ``flock`` SH
+  for as long as it has the store open.
+* Every connection runs with ``foreign_keys = 1`` (the cascades from
+  ``ValidPaths`` to ``Refs``/``DerivationOutputs`` depend on it), WAL journal,
+  ``synchronous = normal``, ``wal_autocheckpoint = 40000``, a one-hour busy
+  timeout.
+* ``ValidPaths.hash`` is written ``sha256:<base16>``; ``narSize`` 0 is written
+  NULL; ``ultimate`` false and empty ``sigs`` are NULL; self references are a
+  ``Refs`` row (N, N).  A path's row, its references and (for a ``.drv``) its
+  ``DerivationOutputs`` rows are written in one transaction.
+* A path is invalidated only when no *other* valid path refers to it
+  (``on delete restrict``); callers check referrers first.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from ..formats.hashes import Hash
+from ..formats.pathinfo import ValidPathInfo
+from ..formats.storepath import StoreDir, StorePath
+from .errors import ReadOnlyStore, StoreError
+from .fsutil import write_file_atomic
+from .locks import lock_fd, open_lock_file, unlock_fd
+
+SCHEMA_VERSION = 10
+
+# The DDL as Nix ships it: SQLite keeps the statement text in sqlite_master,
+# so a byte-identical schema needs byte-identical DDL.
+SCHEMA_SQL = [
+    """create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+)""",
+    """create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+)""",
+    "create index if not exists IndexReferrer on Refs(referrer)",
+    "create index if not exists IndexReference on Refs(reference)",
+    """create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end""",
+    """create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+)""",
+    "create index if not exists IndexDerivationOutputs on DerivationOutputs(path)",
+]
+
+_MIGRATIONS = {
+    # from version -> statements bringing it to version + 1 (spec §4.4)
+    7: ["alter table ValidPaths add column ultimate integer",
+        "alter table ValidPaths add column sigs text"],
+    8: ["drop table if exists FailedPaths"],
+    9: ["alter table ValidPaths add column ca text"],
+}
+
+_INFO_COLS = "id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
+
+
+class StoreDB:
+    """One connection to a store's database plus the big lock (see module docstring)."""
+
+    def __init__(self, db_dir: str, store_dir: StoreDir, create: bool = True,
+                 read_only: bool = False) -> None:
+        self.db_dir = db_dir
+        self.store_dir = store_dir
+        self.read_only = read_only
+        self._big_lock_fd: int | None = None
+        if read_only:
+            uri = f"file:{os.path.join(db_dir, 'db.sqlite')}?mode=ro"
+            self.conn = self._connect(uri, uri=True)
+            return
+        if create:
+            os.makedirs(db_dir, mode=0o755, exist_ok=True)
+        self._big_lock_fd = open_lock_file(os.path.join(db_dir, "big-lock"))
+        lock_fd(self._big_lock_fd, exclusive=False)
+        version = self._read_schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"current Nix store schema is version {version}, "
+                             f"but I only support {SCHEMA_VERSION}")
+        self.conn = self._connect(os.path.join(db_dir, "db.sqlite"))
+        if version < SCHEMA_VERSION:
+            self._init_or_migrate(version)
+
+    @staticmethod
+    def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
+        conn = sqlite3.connect(target, isolation_level=None, uri=uri, check_same_thread=False,
+                               timeout=3600.0)
+        conn.execute("pragma busy_timeout = 3600000")
+        conn.execute("pragma foreign_keys = 1")
+        if not uri:
+            conn.execute("pragma synchronous = normal")
+            if conn.execute("pragma main.journal_mode").fetchone()[0] != "wal":
+                conn.execute("pragma main.journal_mode = wal")
+            conn.execute("pragma wal_autocheckpoint = 40000")
+        return conn
+
+    def _read_schema_version(self) -> int:
+        try:
+            with open(os.path.join(self.db_dir, "schema"), "rb") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return 0
+        try:
+            return int(text or b"0")
+        except ValueError:
+            raise StoreError(f"'{self.db_dir}/schema' is corrupt") from None
+
+    def _init_or_migrate(self, version: int) -> None:
+        # Schema changes need the big lock exclusively: upgrade, then re-read,
+        # because another process may have done the work meanwhile.
+        assert self._big_lock_fd is not None
+        lock_fd(self._big_lock_fd, exclusive=True)
+        try:
+            version = self._read_schema_version()
+            with self.transaction():
+                if version == 0:
+                    for stmt in SCHEMA_SQL:
+                        self.conn.execute(stmt)
+                else:
+                    if version < 7:
+                        raise StoreError(f"store schema version {version} is too old to upgrade "
+                                         "(upgrade it with Nix first)")
+                    for v in range(version, SCHEMA_VERSION):
+                        for stmt in _MIGRATIONS.get(v, []):
+                            self.conn.execute(stmt)
+            write_file_atomic(os.path.join(self.db_dir, "schema"), str(SCHEMA_VERSION).encode(),
+                              mode=0o644)
+        finally:
+            lock_fd(self._big_lock_fd, exclusive=False)
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._big_lock_fd is not None:
+            unlock_fd(self._big_lock_fd)
+            os.close(self._big_lock_fd)
+            self._big_lock_fd = None
+
+    # --- transactions -----------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; retried by the caller's logic, never left open."""
+        if self.read_only:
+            raise ReadOnlyStore("the store database is read-only")
+        self._begin_immediate()
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("rollback")
+            raise
+        else:
+            self.conn.execute("commit")
+
+    def _begin_immediate(self) -> None:
+        # busy_timeout covers most waits; SQLITE_BUSY can still surface on WAL
+        # recovery, so retry with a short random back-off as Nix does.
+        deadline = time.monotonic() + 3600
+        while True:
+            try:
+                self.conn.execute("begin immediate")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.random() * 0.1)
+
+    # --- reads --------------------------------------------------------------
+
+    def _row_to_info(self, row: tuple, refs: Iterable[str]) -> ValidPathInfo:
+        _id, path, h, reg, deriver, nar_size, ultimate, sigs, ca = row
+        sd = self.store_dir
+        return ValidPathInfo(
+            path=sd.parse(path, lax=True),
+            nar_hash=Hash.parse(h, "sha256") if ":" not in h else Hash.parse(h),
+            nar_size=nar_size or 0,
+            references=frozenset(sd.parse(r, lax=True) for r in refs),
+            deriver=sd.parse(deriver, lax=True) if deriver else None,
+            registration_time=reg or 0,
+            ultimate=bool(ultimate),
+            sigs=frozenset(sigs.split()) if sigs else frozenset(),
+            ca=ca or None,
+        )
+
+    def path_id(self, path: str) -> int | None:
+        row = self.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
+        return row[0] if row else None
+
+    def is_valid(self, path: str) -> bool:
+        return self.path_id(path) is not None
+
+    def query_info(self, path: str) -> ValidPathInfo | None:
+        row = self.conn.execute(f"select {_INFO_COLS} from ValidPaths where path = ?",
+                                (path,)).fetchone()
+        if row is None:
+            return None
+        return self._row_to_info(row, self.references_of_id(row[0]))
+
+    def references_of_id(self, path_id: int) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "select path from Refs join ValidPaths on reference = id where referrer = ?",
+            (path_id,))]
+
+    def referrers(self, path: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "select path from Refs join ValidPaths on referrer = id "
+            "where reference = (select id from ValidPaths where path = ?)", (path,))]
+
+    def valid_derivers(self, path: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "select v.path from DerivationOutputs d join ValidPaths v on d.drv = v.id "
+            "where d.path = ?", (path,))]
+
+    def derivation_outputs(self, drv_path: str) -> dict[str, str]:
+        return {r[0]: r[1] for r in self.conn.execute(
+            "select d.id, d.path from DerivationOutputs d join ValidPaths v on d.drv = v.id "
+            "where v.path = ?", (drv_path,))}
+
+    def all_valid_paths(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("select path from ValidPaths")]
+
+    def path_from_hash_part(self, hash_part: str) -> str | None:
+        prefix = f"{self.store_dir.path}/{hash_part}"
+        row = self.conn.execute("select path from ValidPaths where path >= ? limit 1",
+                                (prefix,)).fetchone()
+        if row and row[0].startswith(prefix):
+            return row[0]
+        return None
+
+    def reference_graph(self) -> tuple[dict[int, str], list[tuple[int, int]]]:
+        """The whole graph in two queries: id → path, and (referrer, reference) edges."""
+        ids = dict(self.conn.execute("select id, path from ValidPaths"))
+        edges = self.conn.execute("select referrer, reference from Refs").fetchall()
+        return ids, edges
+
+    # --- writes (call inside transaction()) ---------------------------------
+
+    def upsert_info(self, info: ValidPathInfo) -> int:
+        sd = self.store_dir
+        path = sd.print(info.path)
+        values = (f"sha256:{info.nar_hash.base16}" if info.nar_hash.algo == "sha256"
+                  else info.nar_hash.typed("base16"),
+                  info.nar_size or None, 1 if info.ultimate else None,
+                  " ".join(sorted(info.sigs)) or None, info.ca)
+        existing = self.path_id(path)
+        if existing is not None:
+            self.conn.execute("update ValidPaths set hash = ?, narSize = ?, ultimate = ?, "
+                              "sigs = ?, ca = ? where id = ?", (*values, existing))
+            return existing
+        cur = self.conn.execute(
+            "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, "
+            "sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, values[0], info.registration_time or int(time.time()),
+             sd.print(info.deriver) if info.deriver else None, *values[1:]))
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def add_reference(self, referrer_id: int, reference_id: int) -> None:
+        self.conn.execute("insert or replace into Refs (referrer, reference) values (?, ?)",
+                          (referrer_id, reference_id))
+
+    def add_derivation_output(self, drv_id: int, output: str, path: str) -> None:
+        self.conn.execute("insert or replace into DerivationOutputs (drv, id, path) "
+                          "values (?, ?, ?)", (drv_id, output, path))
+
+    def set_nar_size(self, path: str, nar_size: int) -> None:
+        self.conn.execute("update ValidPaths set narSize = ? where path = ?", (nar_size, path))
+
+    def set_sigs(self, path: str, sigs: Iterable[str]) -> None:
+        self.conn.execute("update ValidPaths set sigs = ? where path = ?",
+                          (" ".join(sorted(set(sigs))) or None, path))
+
+    def invalidate(self, path: str) -> None:
+        self.conn.execute("delete from ValidPaths where path = ?", (path,))

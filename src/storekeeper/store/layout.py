@@ -1,0 +1,134 @@
+"""Where a store lives: logical store dir, physical store dir, state and log dirs.
+
+Two layouts exist, as in Nix:
+
+* **custom store dir** – the logical store dir *is* the physical one
+  (``local?store=/x/store&state=/x/state``, or ``NIX_STORE_DIR``): paths are
+  real on this machine.
+* **chroot root** – ``--store DIR`` or ``local?root=DIR``: the logical store
+  dir stays ``/nix/store`` (so hashes equal real ``/nix/store`` hashes), the
+  files live in ``DIR/nix/store``, state in ``DIR/nix/var/nix``.
+
+Store URLs are spelled as Nix spells them (``local``, ``local?…``, a bare
+absolute path, ``unix://SOCKET``, ``daemon``, ``auto``).  With nothing given
+the embedded default store is a chroot root under the user's data dir; the
+machine's ``/nix/store`` is only ever used when asked for (``--store /`` or
+``local``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import parse_qsl, unquote
+
+from ..formats.storepath import DEFAULT_STORE_DIR, StoreDir
+from .errors import StoreError
+
+DEFAULT_STATE_DIR = "/nix/var/nix"
+DEFAULT_LOG_DIR = "/nix/var/log/nix"
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """The directories of one local store."""
+
+    store_dir: StoreDir
+    real_store_dir: str
+    state_dir: str
+    log_dir: str
+    root: str | None = None  # the chroot root, if this is a chroot layout
+    read_only: bool = False
+
+    @property
+    def db_dir(self) -> str:
+        return os.path.join(self.state_dir, "db")
+
+    @classmethod
+    def chroot(cls, root: str, store_dir: str = DEFAULT_STORE_DIR, **kw: object) -> "LocalLayout":
+        root = os.path.abspath(root)
+        sd = StoreDir(store_dir)
+        join = lambda p: os.path.normpath(root + p) if root != "/" else p  # noqa: E731
+        return cls(sd, join(sd.path), join(DEFAULT_STATE_DIR), join(DEFAULT_LOG_DIR),
+                   root=root, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def custom(cls, store_dir: str, state_dir: str, log_dir: str, real_store_dir: str | None = None,
+               **kw: object) -> "LocalLayout":
+        sd = StoreDir(os.path.normpath(store_dir))
+        return cls(sd, os.path.abspath(real_store_dir or sd.path), os.path.abspath(state_dir),
+                   os.path.abspath(log_dir), **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DaemonAddress:
+    """A store reached through a daemon socket."""
+
+    socket_path: str
+
+
+StoreAddress = LocalLayout | DaemonAddress
+
+
+def default_data_root(env: Mapping[str, str]) -> str:
+    base = env.get("XDG_DATA_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
+                                                     ".local", "share")
+    return os.path.join(base, "storekeeper", "root")
+
+
+def _env_layout(env: Mapping[str, str], params: Mapping[str, str]) -> LocalLayout:
+    store = params.get("store") or env.get("NIX_STORE_DIR") or env.get("NIX_STORE") or DEFAULT_STORE_DIR
+    if "root" in params:
+        return LocalLayout.chroot(params["root"], store_dir=store,
+                                  read_only=_flag(params.get("read-only")))
+    state = params.get("state") or env.get("NIX_STATE_DIR") or DEFAULT_STATE_DIR
+    log = params.get("log") or env.get("NIX_LOG_DIR") or DEFAULT_LOG_DIR
+    return LocalLayout.custom(store, state, log, real_store_dir=params.get("real"),
+                              read_only=_flag(params.get("read-only")))
+
+
+def _flag(v: str | None) -> bool:
+    return v in ("true", "1")
+
+
+def daemon_socket_path(env: Mapping[str, str]) -> str:
+    if env.get("NIX_DAEMON_SOCKET_PATH"):
+        return env["NIX_DAEMON_SOCKET_PATH"]
+    state = env.get("NIX_STATE_DIR") or DEFAULT_STATE_DIR
+    return os.path.join(state, "daemon-socket", "socket")
+
+
+_LOCAL_PARAMS = {"root", "store", "state", "log", "real", "read-only"}
+
+
+def parse_store_url(url: str | None, env: Mapping[str, str] | None = None) -> StoreAddress:
+    """Resolve ``--store URL`` (or ``NIX_REMOTE``, or nothing) to a store address."""
+    env = os.environ if env is None else env
+    if url is None or url == "":
+        url = env.get("NIX_REMOTE") or ""
+        if not url:
+            if env.get("NIX_STORE_DIR") or env.get("NIX_STATE_DIR"):
+                return _env_layout(env, {})
+            return LocalLayout.chroot(default_data_root(env))
+    scheme, _, query = url.partition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    if scheme.startswith("/"):
+        if query:
+            raise StoreError(f"store URL '{url}': a bare path takes no parameters")
+        return LocalLayout.chroot(scheme)
+    if scheme in ("local", "auto"):
+        if scheme == "auto" and os.path.exists(daemon_socket_path(env)):
+            return DaemonAddress(daemon_socket_path(env))
+        unknown = set(params) - _LOCAL_PARAMS
+        if unknown:
+            raise StoreError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}'")
+        return _env_layout(env, params)
+    if scheme == "daemon":
+        return DaemonAddress(daemon_socket_path(env))
+    if scheme.startswith("unix://"):
+        path = unquote(scheme[len("unix://"):])
+        if not path.startswith("/"):
+            raise StoreError(f"store URL '{url}': the socket path must be absolute")
+        return DaemonAddress(path)
+    raise StoreError(f"store URL '{url}' is not supported (use a path, local?…, unix://…, daemon)")

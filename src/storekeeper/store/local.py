@@ -1,0 +1,565 @@
+"""LocalStore: a Nix store on this machine's file system (custom store dir or chroot root).
+
+Invariants this class keeps (on top of those of :class:`StoreDB`,
+:class:`TempRoots`, :class:`PathLocks` and :mod:`canonicalise`):
+
+* **Pin, then check.**  Whenever an operation finds a path valid and then
+  relies on it (skipping an add because the path exists, registering a path
+  whose references must stay valid, dumping, verifying), it takes a temp root
+  for the path *before* the validity check: :meth:`pin_valid` is the one way
+  to ask.  A GC that starts after the pin sees the root in our temproots file;
+  one already running is told through its socket before we go on.
+* **A valid path is complete and canonical.**  New content is written under a
+  temp dir inside the store (``tmp-sk-<pid>-<rand>``, mode 0700, ``flock``-ed
+  while in use), canonicalised, then renamed into place under the path's
+  ``.lock``, and only then registered.  A crash leaves at worst an unregistered
+  directory, which the GC removes; never a valid path with missing files.
+* **Registration is atomic.**  A path's row, its references and its
+  ``DerivationOutputs`` go into the DB in one transaction, after every
+  reference has been pinned and found valid.
+* **Nothing outside the store and state dirs is written.**
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import secrets
+import stat
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from ..formats import nar as narfmt
+from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
+from ..formats.derivation import parse_derivation
+from ..formats.errors import FormatError
+from ..formats.hashes import Hash, nix32_encode
+from ..formats.pathinfo import ValidPathInfo
+from ..formats.storepath import StoreDir, StorePath, check_name
+from .canonicalise import canonicalise_paths
+from .db import StoreDB
+from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
+from .layout import LocalLayout
+from .locks import PathLocks, lock_fd
+from .narfs import copy_tree_hashing, dump_path, nar_hash_path, remove_tree, restore_nar
+from .temproots import TempRoots
+
+TEMP_DIR_PREFIX = "tmp-sk-"
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: ``errors`` stay errors until repaired."""
+
+    checked: int = 0
+    errors: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class LocalStore:
+    """A local Nix store (see module docstring for the invariants it keeps)."""
+
+    def __init__(self, layout: LocalLayout, create: bool = True) -> None:
+        self.layout = layout
+        self.store_dir: StoreDir = layout.store_dir
+        self.real_store_dir = layout.real_store_dir
+        self.state_dir = layout.state_dir
+        self.read_only = layout.read_only
+        if not self.read_only and create:
+            self._create_dirs()
+        elif not os.path.isdir(os.path.join(layout.db_dir)):
+            raise StoreError(f"no store at '{layout.real_store_dir}' (state dir '{layout.state_dir}')")
+        self.db = StoreDB(layout.db_dir, self.store_dir, create=create, read_only=self.read_only)
+        self.temp_roots = TempRoots(self.state_dir)
+
+    # --- set-up -------------------------------------------------------------
+
+    def _create_dirs(self) -> None:
+        for d in (self.real_store_dir, os.path.join(self.real_store_dir, ".links"),
+                  self.layout.db_dir, os.path.join(self.state_dir, "gcroots"),
+                  os.path.join(self.state_dir, "profiles"), os.path.join(self.state_dir, "temproots"),
+                  self.layout.log_dir):
+            os.makedirs(d, mode=0o755, exist_ok=True)
+        if os.geteuid() == 0:
+            # As Nix does when it runs as root with build users: the store dir
+            # is root:<build group>, sticky and group-writable.
+            try:
+                gid = grp.getgrnam("nixbld").gr_gid
+            except KeyError:
+                return
+            st = os.stat(self.real_store_dir)
+            if st.st_gid != gid or stat.S_IMODE(st.st_mode) != 0o1775:
+                os.chown(self.real_store_dir, 0, gid)
+                os.chmod(self.real_store_dir, 0o1775)
+
+    def close(self) -> None:
+        self.temp_roots.close()
+        self.db.close()
+
+    def __enter__(self) -> "LocalStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- names ----------------------------------------------------------------
+
+    def print_path(self, sp: StorePath) -> str:
+        return self.store_dir.print(sp)
+
+    def parse_path(self, path: str) -> StorePath:
+        return self.store_dir.parse(path)
+
+    def real_path(self, sp: StorePath) -> str:
+        return os.path.join(self.real_store_dir, sp.base)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStore(f"store '{self.real_store_dir}' is read-only")
+
+    # --- roots and validity ---------------------------------------------------
+
+    def pin(self, sp: StorePath) -> None:
+        """Take a temp root on ``sp`` for the life of this process (or daemon connection)."""
+        if not self.read_only:
+            self.temp_roots.add(self.print_path(sp))
+
+    def pin_valid(self, sp: StorePath) -> bool:
+        """Pin ``sp``, *then* check validity: the one safe way to rely on a path being valid."""
+        self.pin(sp)
+        return self.db.is_valid(self.print_path(sp))
+
+    def is_valid(self, sp: StorePath) -> bool:
+        """Validity without a pin: for answering queries only, never for relying on the path."""
+        return self.db.is_valid(self.print_path(sp))
+
+    def _pin_references(self, refs: Iterable[StorePath], for_path: StorePath) -> None:
+        for ref in refs:
+            if ref != for_path and not self.pin_valid(ref):
+                raise InvalidPath(f"cannot add '{self.print_path(for_path)}': its reference "
+                                  f"'{self.print_path(ref)}' is not valid")
+
+    # --- queries --------------------------------------------------------------
+
+    def query_path_info(self, sp: StorePath) -> ValidPathInfo | None:
+        return self.db.query_info(self.print_path(sp))
+
+    def path_info(self, sp: StorePath) -> ValidPathInfo:
+        info = self.query_path_info(sp)
+        if info is None:
+            raise InvalidPath(f"path '{self.print_path(sp)}' is not valid")
+        return info
+
+    def query_references(self, sp: StorePath) -> set[StorePath]:
+        return set(self.path_info(sp).references)
+
+    def query_referrers(self, sp: StorePath) -> set[StorePath]:
+        self.path_info(sp)
+        return {self.store_dir.parse(p, lax=True) for p in self.db.referrers(self.print_path(sp))}
+
+    def query_valid_derivers(self, sp: StorePath) -> set[StorePath]:
+        return {self.store_dir.parse(p, lax=True) for p in self.db.valid_derivers(self.print_path(sp))}
+
+    def query_derivation_outputs(self, drv: StorePath) -> dict[str, StorePath]:
+        self.path_info(drv)
+        return {name: self.store_dir.parse(p, lax=True)
+                for name, p in self.db.derivation_outputs(self.print_path(drv)).items()}
+
+    def query_all_valid_paths(self) -> set[StorePath]:
+        return {self.store_dir.parse(p, lax=True) for p in self.db.all_valid_paths()}
+
+    def query_path_from_hash_part(self, hash_part: str) -> StorePath | None:
+        p = self.db.path_from_hash_part(hash_part)
+        return self.store_dir.parse(p, lax=True) if p else None
+
+    def query_valid_paths(self, paths: Iterable[StorePath]) -> set[StorePath]:
+        return {p for p in paths if self.is_valid(p)}
+
+    def query_closure(self, paths: Iterable[StorePath], include_outputs: bool = False,
+                      include_derivers: bool = False) -> set[StorePath]:
+        """Requisites: everything reachable through references (``-q --requisites``)."""
+        seen: set[StorePath] = set()
+        queue = deque(paths)
+        while queue:
+            p = queue.popleft()
+            if p in seen:
+                continue
+            info = self.path_info(p)
+            seen.add(p)
+            queue.extend(info.references)
+            if include_outputs and p.is_derivation:
+                queue.extend(o for o in self.query_derivation_outputs(p).values() if self.is_valid(o))
+            if include_derivers and info.deriver and self.is_valid(info.deriver):
+                queue.append(info.deriver)
+        return seen
+
+    def topo_sort(self, paths: Iterable[StorePath]) -> list[StorePath]:
+        """Referrers before references within ``paths``; a cycle is an error."""
+        wanted = set(paths)
+        order: list[StorePath] = []
+        state: dict[StorePath, int] = {}  # 1 = on the stack, 2 = done
+        for start in sorted(wanted):
+            if state.get(start):
+                continue
+            stack = [(start, iter(sorted(self.path_info(start).references & wanted)))]
+            state[start] = 1
+            while stack:
+                node, it = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    stack.pop()
+                    state[node] = 2
+                    order.append(node)
+                elif nxt == node or state.get(nxt) == 2:
+                    continue
+                elif state.get(nxt) == 1:
+                    raise StoreError(f"cycle detected in the references of '{self.print_path(nxt)}'")
+                else:
+                    state[nxt] = 1
+                    stack.append((nxt, iter(sorted(self.path_info(nxt).references & wanted))))
+        order.reverse()
+        return order
+
+    # --- reading content ------------------------------------------------------
+
+    def dump_path(self, sp: StorePath) -> Iterator[bytes]:
+        """The NAR of a valid path, streamed."""
+        if not self.pin_valid(sp):
+            raise InvalidPath(f"path '{self.print_path(sp)}' is not valid")
+        return dump_path(self.real_path(sp))
+
+    def read_derivation(self, drv: StorePath):  # -> Derivation
+        if not self.pin_valid(drv):
+            raise InvalidPath(f"path '{self.print_path(drv)}' is not valid")
+        with open(self.real_path(drv), "rb") as f:
+            return parse_derivation(f.read(), self.store_dir)
+
+    # --- adding ---------------------------------------------------------------
+
+    @contextmanager
+    def _temp_dir(self) -> Iterator[str]:
+        """A private, locked scratch dir inside the store (same file system: rename works)."""
+        self._check_writable()
+        path = os.path.join(self.real_store_dir, f"{TEMP_DIR_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            lock_fd(fd, exclusive=True)
+            yield path
+        finally:
+            try:
+                remove_tree(path)
+            finally:
+                os.close(fd)
+
+    def _install(self, info: ValidPathInfo, create: Callable[[str], None], repair: bool = False) -> ValidPathInfo:
+        """Create (via ``create(real_path)``), canonicalise and register ``info.path``.
+
+        Skips the work when the path is already valid (unless repairing); the
+        path is pinned before that check.
+        """
+        sp = info.path
+        if self.pin_valid(sp) and not repair:
+            return self.path_info(sp)
+        self._check_writable()
+        real = self.real_path(sp)
+        with PathLocks() as locks:
+            locks.lock([real])
+            if self.is_valid(sp) and not repair:
+                return self.path_info(sp)
+            self._pin_references(info.references, sp)
+            if os.path.lexists(real):
+                remove_tree(real)
+            create(real)
+            canonicalise_paths([real])
+            self.register_valid_paths([info])
+            locks.delete_on_release = True
+        return self.path_info(sp)
+
+    def add_path(self, src: str, name: str | None = None, recursive: bool = True,
+                 algo: str = "sha256", references: Iterable[StorePath] = (),
+                 repair: bool = False) -> ValidPathInfo:
+        """``nix-store --add`` / ``--add-fixed``: copy a file tree into the store."""
+        name = check_name(name if name is not None else os.path.basename(os.path.normpath(src)))
+        st = os.lstat(src)
+        if not recursive and not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"'{src}' is not a regular file; flat (non-recursive) adds take one file")
+        with self._temp_dir() as tmp:
+            staged = os.path.join(tmp, "x")
+            nar_hash, nar_size = copy_tree_hashing(src, staged)
+            if recursive:
+                ca_hash = nar_hash if algo == "sha256" else nar_hash_path(staged, algo)[0]
+                ca = ContentAddress(RECURSIVE, ca_hash)
+            else:
+                ca = ContentAddress(FLAT, _hash_file(staged, algo))
+            refs = frozenset(references)
+            sp = ca.store_path(self.store_dir, name, refs)
+            info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def add_text(self, name: str, text: bytes, references: Iterable[StorePath] = (),
+                 repair: bool = False) -> ValidPathInfo:
+        """``builtins.toFile`` / ``.drv`` writing: a text path with references."""
+        refs = frozenset(references)
+        content_hash = Hash.of("sha256", text)
+        sp = self.store_dir.make_text_path(name, content_hash, refs)
+        nar = narfmt.dump_string(text)
+        info = ValidPathInfo(sp, Hash.of("sha256", nar), len(nar), refs,
+                             ca=ContentAddress(TEXT, content_hash).render())
+        return self._install(info, lambda real: _write_new_file(real, text), repair)
+
+    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+                 references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo:
+        """Add from a dump: a NAR (``recursive``) or the file's bytes (``flat``/``text``)."""
+        check_name(name)
+        refs = frozenset(references)
+        with self._temp_dir() as tmp:
+            staged = os.path.join(tmp, "x")
+            if method == RECURSIVE:
+                reader = narfmt.HashingReader(stream, "sha256")
+                _restore_checked(reader, staged)
+                nar_hash, nar_size = reader.hash(), reader.count
+                ca_hash = nar_hash if algo == "sha256" else nar_hash_path(staged, algo)[0]
+            else:
+                ca_hash = _copy_stream_hashing(stream, staged, algo)
+                nar_hash, nar_size = nar_hash_path(staged)
+            ca = ContentAddress(method, ca_hash)
+            if method == TEXT:
+                with open(staged, "rb") as f:
+                    return self.add_text(name, f.read(), refs, repair)
+            sp = ca.store_path(self.store_dir, name, refs)
+            info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+                check_sigs: bool = False) -> ValidPathInfo:
+        """Import a path from its NAR and metadata (``--import``, copying, the daemon).
+
+        The NAR is always read to its end, so a stream carrying more data after
+        it stays usable; nothing is registered unless hash, size and any
+        content address check out.
+        """
+        if check_sigs and not info.ca:
+            raise BadArchive(f"cannot add path '{self.print_path(info.path)}' because it lacks "
+                             "a signature by a trusted key")
+        with self._temp_dir() as tmp:
+            staged = os.path.join(tmp, "x")
+            reader = narfmt.HashingReader(stream, info.nar_hash.algo)
+            _restore_checked(reader, staged)
+            got = reader.hash()
+            where = f"importing path '{self.print_path(info.path)}'"
+            if got != info.nar_hash:
+                raise BadArchive(f"hash mismatch {where}; specified: {info.nar_hash.typed('nix32')}; "
+                                 f"got: {got.typed('nix32')}")
+            if info.nar_size and reader.count != info.nar_size:
+                raise BadArchive(f"size mismatch {where}; specified: {info.nar_size}; got: {reader.count}")
+            if info.ca:
+                self._check_ca(info, staged, where)
+            if info.nar_hash.algo != "sha256":
+                h, _ = nar_hash_path(staged)
+                info = info.with_(nar_hash=h)
+            info = info.with_(nar_size=reader.count)
+            return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:
+        try:
+            ca = ContentAddress.parse(info.ca or "")
+        except FormatError as e:
+            raise BadArchive(f"bad content address {where}: {e}") from None
+        if ca.method == RECURSIVE:
+            h = nar_hash_path(staged, ca.hash.algo)[0]
+        else:
+            h = _hash_file(staged, ca.hash.algo)
+        self_ref = info.path in info.references
+        refs = info.references - {info.path}
+        try:
+            expected = ContentAddress(ca.method, h).store_path(self.store_dir, info.path.name, refs, self_ref)
+        except FormatError as e:
+            raise BadArchive(f"{where}: {e}") from None
+        if h != ca.hash or expected != info.path:
+            raise BadArchive(f"ca hash mismatch {where}; specified: {ca.hash.typed('nix32')}; "
+                             f"got: {h.typed('nix32')}")
+
+    def register_valid_paths(self, infos: Iterable[ValidPathInfo]) -> None:
+        """Register paths whose files are complete and canonical, in one transaction."""
+        infos = list(infos)
+        self._check_writable()
+        new = {i.path for i in infos}
+        for info in infos:
+            self._pin_references(info.references - new, info.path)
+        with self.db.transaction():
+            ids = {i.path: self.db.upsert_info(i) for i in infos}
+            for info in infos:
+                for ref in info.references:
+                    ref_id = ids.get(ref) or self.db.path_id(self.print_path(ref))
+                    if ref_id is None:
+                        raise InvalidPath(f"path '{self.print_path(ref)}' is not valid")
+                    self.db.add_reference(ids[info.path], ref_id)
+            for info in infos:
+                if info.path.is_derivation:
+                    drv = self._read_drv_file(info.path)
+                    for name, out in drv.outputs.items():
+                        if out.path:
+                            self.db.add_derivation_output(ids[info.path], name, out.path)
+            self.topo_sort(new)  # raises on a cycle, rolling everything back
+
+    def _read_drv_file(self, drv: StorePath):
+        with open(self.real_path(drv), "rb") as f:
+            return parse_derivation(f.read(), self.store_dir)
+
+    # --- invalidation ---------------------------------------------------------
+
+    def invalidate(self, sp: StorePath) -> None:
+        """Drop a path's registration (its files stay). Refused while others refer to it."""
+        path = self.print_path(sp)
+        with self.db.transaction():
+            others = [r for r in self.db.referrers(path) if r != path]
+            if others:
+                raise StoreError(f"cannot invalidate '{path}': it is still referenced by '{others[0]}'")
+            self.db.invalidate(path)
+
+    # --- verification ---------------------------------------------------------
+
+    def verify(self, check_contents: bool = False, repair: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """``nix-store --verify``: every valid path exists, (optionally) with its recorded content.
+
+        Unlike Nix 2.8, a vanished path is only invalidated with ``repair``.
+        """
+        report = VerifyReport()
+        from .locks import open_lock_file  # gc.lock SH: a GC must not run meanwhile
+        gc_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
+        try:
+            lock_fd(gc_fd, exclusive=False)
+            paths = sorted(self.query_all_valid_paths())
+            for n, sp in enumerate(paths):
+                if progress:
+                    progress(n, len(paths))
+                report.checked += 1
+                self._verify_one(sp, check_contents, repair, report)
+            if check_contents:
+                self._verify_links(repair, report)
+        finally:
+            os.close(gc_fd)
+        return report
+
+    def _verify_one(self, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
+        path = self.print_path(sp)
+        real = self.real_path(sp)
+        if not os.path.lexists(real):
+            referrers = [r for r in self.db.referrers(path) if r != path]
+            if referrers:
+                report.errors.append(f"path '{path}' disappeared, but it still has valid referrers!")
+            elif repair:
+                self.invalidate(sp)
+                report.repaired.append(f"path '{path}' disappeared, removed from the database")
+            else:
+                report.errors.append(f"path '{path}' disappeared (--repair removes it from the database)")
+            return
+        if not check_contents:
+            return
+        info = self.path_info(sp)
+        try:
+            h, size = nar_hash_path(real, info.nar_hash.algo)
+        except (OSError, StoreError, FormatError) as e:
+            report.errors.append(f"path '{path}' cannot be read: {e}")
+            return
+        if h != info.nar_hash:
+            report.errors.append(f"path '{path}' was modified! expected hash "
+                                 f"'{info.nar_hash.typed('nix32')}', got '{h.typed('nix32')}'")
+            return
+        if info.nar_size != size:
+            if repair or info.nar_size == 0:
+                with self.db.transaction():
+                    self.db.set_nar_size(path, size)
+                report.repaired.append(f"path '{path}': narSize set to {size}")
+            else:
+                report.errors.append(f"path '{path}' has narSize {info.nar_size}, but its NAR is {size} bytes")
+        problem = _first_uncanonical(real)
+        if problem:
+            if repair:
+                canonicalise_paths([real])
+                report.repaired.append(f"path '{path}': metadata of '{problem}' made canonical")
+            else:
+                report.errors.append(f"path '{path}': '{problem}' has non-canonical metadata")
+
+    def _verify_links(self, repair: bool, report: VerifyReport) -> None:
+        links = os.path.join(self.real_store_dir, ".links")
+        try:
+            names = os.listdir(links)
+        except FileNotFoundError:
+            return
+        for name in names:
+            p = os.path.join(links, name)
+            try:
+                h, _ = nar_hash_path(p)
+            except (OSError, FormatError):
+                continue
+            if h.nix32 != name:
+                if repair:
+                    os.unlink(p)
+                    report.repaired.append(f"link '{p}' was corrupt and was removed")
+                else:
+                    report.errors.append(f"link '{p}' was modified! expected hash '{name}', got '{h.nix32}'")
+
+
+# --- helpers ------------------------------------------------------------------
+
+def _hash_file(path: str, algo: str) -> Hash:
+    from ..formats.hashes import new_hasher
+    h = new_hasher(algo)
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return Hash(algo, h.digest())
+
+
+def _copy_stream_hashing(stream: BinaryIO, dest: str, algo: str) -> Hash:
+    from ..formats.hashes import new_hasher
+    h = new_hasher(algo)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "wb") as f:
+        while chunk := stream.read(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+    return Hash(algo, h.digest())
+
+
+def _restore_checked(reader: BinaryIO, dest: str) -> None:
+    try:
+        restore_nar(reader, dest)
+    except narfmt.NarError as e:
+        raise BadArchive(str(e)) from None
+
+
+def _write_new_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_uncanonical(real: str) -> str | None:
+    """The first file under ``real`` whose metadata is not canonical, if any."""
+    candidates: Iterable[str] = [real]
+    if os.path.isdir(real) and not os.path.islink(real):
+        candidates = (os.path.join(d, n) for d, dirs, files in os.walk(real)
+                      for n in [""] + dirs + files)
+    for p in candidates:
+        st = os.lstat(p)
+        perm = stat.S_IMODE(st.st_mode)
+        if int(st.st_mtime) != 1 or (not stat.S_ISLNK(st.st_mode) and perm not in (0o444, 0o555)):
+            return p.rstrip("/")
+    return None

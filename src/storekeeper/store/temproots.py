@@ -1,0 +1,137 @@
+"""Temporary GC roots of this process, wire- and disk-compatible with Nix 2.8.
+
+Invariants:
+
+* The process's roots live in ``<state>/temproots/<pid>``: NUL-terminated full
+  store paths, append-only, mode 0600, held with ``flock`` EX for the life of
+  the process.  A file whose lock can be taken belongs to a dead process.
+* A file found non-empty right after we created and locked it was declared
+  stale by a GC between our open and our lock: start over.
+* A root is added by taking ``gc.lock`` SH *without blocking*.  If that works
+  no GC is running and any later GC will read our file, so appending is
+  enough.  If it fails a GC holds ``gc.lock`` EX and has already read the
+  files: the path is sent to its ``gc-socket/socket`` and we wait for the
+  ``1`` acknowledgement before going on; the path is appended to the file as
+  well, for the GCs after this one.
+* After a ``fork`` the child owns nothing: it makes its own file on first use.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+from .locks import lock_fd, open_lock_file, unlock_fd
+
+
+class TempRoots:
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self._pid = -1
+        self._fd: int | None = None
+        self._gc_lock_fd: int | None = None
+        self._gc_sock: socket.socket | None = None
+        self._added: set[str] = set()
+
+    @property
+    def file_path(self) -> str:
+        return os.path.join(self.state_dir, "temproots", str(os.getpid()))
+
+    def _reset_after_fork(self) -> None:
+        # Inherited fds belong to the parent's roots; never write or unlock them.
+        for fd in (self._fd, self._gc_lock_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self._gc_sock is not None:
+            self._gc_sock.detach()
+        self._fd = self._gc_lock_fd = None
+        self._gc_sock = None
+        self._added = set()
+        self._pid = os.getpid()
+
+    def _ensure_file(self) -> int:
+        if self._pid != os.getpid():
+            self._reset_after_fork()
+        if self._fd is not None:
+            return self._fd
+        os.makedirs(os.path.dirname(self.file_path), mode=0o755, exist_ok=True)
+        while True:
+            try:
+                os.unlink(self.file_path)  # a leftover of a dead process with our pid
+            except FileNotFoundError:
+                pass
+            fd = open_lock_file(self.file_path)
+            lock_fd(fd, exclusive=True)
+            if os.fstat(fd).st_size == 0:
+                self._fd = fd
+                return fd
+            os.close(fd)
+
+    def add(self, path: str) -> None:
+        """Make ``path`` (a printed store path) a root of this process until it exits."""
+        fd = self._ensure_file()
+        if path in self._added:
+            return
+        if self._gc_lock_fd is None:
+            self._gc_lock_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
+        while True:
+            if lock_fd(self._gc_lock_fd, exclusive=False, wait=False):
+                try:
+                    os.write(fd, path.encode() + b"\0")
+                finally:
+                    unlock_fd(self._gc_lock_fd)
+                break
+            if self._tell_running_gc(path):
+                os.write(fd, path.encode() + b"\0")
+                break
+        self._added.add(path)
+
+    def _tell_running_gc(self, path: str) -> bool:
+        """Send the root to the running GC; False means try the lock again."""
+        if self._gc_sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(os.path.join(self.state_dir, "gc-socket", "socket"))
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                    # The GC has the lock but no socket yet (or just finished).
+                    time.sleep(0.01)
+                    return False
+                raise
+            self._gc_sock = sock
+        try:
+            self._gc_sock.sendall(path.encode() + b"\n")
+            reply = self._gc_sock.recv(1)
+        except (BrokenPipeError, ConnectionResetError):
+            reply = b""
+        if reply != b"1":
+            self._gc_sock.close()
+            self._gc_sock = None
+            return False
+        return True
+
+    def close(self) -> None:
+        """Drop all roots of this process (the file is unlinked)."""
+        if self._pid != os.getpid():
+            self._reset_after_fork()
+            return
+        if self._gc_sock is not None:
+            self._gc_sock.close()
+            self._gc_sock = None
+        if self._gc_lock_fd is not None:
+            os.close(self._gc_lock_fd)
+            self._gc_lock_fd = None
+        if self._fd is not None:
+            try:
+                os.unlink(self.file_path)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+        self._added = set()
