@@ -25,7 +25,8 @@ def nix_env(tmp: str) -> dict[str, str]:
         "NIX_CONF_DIR": os.path.join(tmp, "etc"),
         "NIX_STATE_DIR": os.path.join(tmp, "nixstate"),
         "NIX_LOG_DIR": os.path.join(tmp, "nixlog"),
-        "NIX_STORE_DIR": os.path.join(tmp, "unused-store"),
+        # a command given no --store uses a chroot store under tmp, never /nix
+        "NIX_REMOTE": os.path.join(tmp, "default-root"),
     })
     os.makedirs(env["HOME"], exist_ok=True)
     os.makedirs(env["NIX_CONF_DIR"], exist_ok=True)

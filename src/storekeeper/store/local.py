@@ -35,7 +35,6 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
-from ..formats.derivation import parse_derivation
 from ..formats.errors import FormatError
 from ..formats.hashes import Hash, nix32_encode
 from ..formats.pathinfo import ValidPathInfo
@@ -239,8 +238,7 @@ class LocalStore:
     def read_derivation(self, drv: StorePath):  # -> Derivation
         if not self.pin_valid(drv):
             raise InvalidPath(f"path '{self.print_path(drv)}' is not valid")
-        with open(self.real_path(drv), "rb") as f:
-            return parse_derivation(f.read(), self.store_dir)
+        return self._read_drv_file(drv)
 
     # --- adding ---------------------------------------------------------------
 
@@ -326,7 +324,7 @@ class LocalStore:
             if method == RECURSIVE:
                 reader = narfmt.HashingReader(stream, "sha256")
                 _restore_checked(reader, staged)
-                nar_hash, nar_size = reader.hash(), reader.count
+                nar_hash, nar_size = reader.hash(), reader.size
                 ca_hash = nar_hash if algo == "sha256" else nar_hash_path(staged, algo)[0]
             else:
                 ca_hash = _copy_stream_hashing(stream, staged, algo)
@@ -348,6 +346,7 @@ class LocalStore:
         content address check out.
         """
         if check_sigs and not info.ca:
+            narfmt.read_nar(stream, narfmt.NullSink())  # keep the stream in step
             raise BadArchive(f"cannot add path '{self.print_path(info.path)}' because it lacks "
                              "a signature by a trusted key")
         with self._temp_dir() as tmp:
@@ -359,14 +358,14 @@ class LocalStore:
             if got != info.nar_hash:
                 raise BadArchive(f"hash mismatch {where}; specified: {info.nar_hash.typed('nix32')}; "
                                  f"got: {got.typed('nix32')}")
-            if info.nar_size and reader.count != info.nar_size:
-                raise BadArchive(f"size mismatch {where}; specified: {info.nar_size}; got: {reader.count}")
+            if info.nar_size and reader.size != info.nar_size:
+                raise BadArchive(f"size mismatch {where}; specified: {info.nar_size}; got: {reader.size}")
             if info.ca:
                 self._check_ca(info, staged, where)
             if info.nar_hash.algo != "sha256":
                 h, _ = nar_hash_path(staged)
                 info = info.with_(nar_hash=h)
-            info = info.with_(nar_size=reader.count)
+            info = info.with_(nar_size=reader.size)
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:
@@ -412,8 +411,12 @@ class LocalStore:
             self.topo_sort(new)  # raises on a cycle, rolling everything back
 
     def _read_drv_file(self, drv: StorePath):
+        from ..formats.derivation import parse_derivation
         with open(self.real_path(drv), "rb") as f:
-            return parse_derivation(f.read(), self.store_dir)
+            try:
+                return parse_derivation(f.read(), self.store_dir)
+            except FormatError as e:
+                raise StoreError(f"derivation '{self.print_path(drv)}': {e}") from None
 
     # --- invalidation ---------------------------------------------------------
 
