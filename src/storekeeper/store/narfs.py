@@ -1,0 +1,464 @@
+"""File trees <-> NAR: dump, hash, copy-and-hash, restore, remove.
+
+Invariant: the bytes that are hashed are the bytes that are dumped or copied.
+Every file is opened exactly once, without following symlinks and relative to
+its already-open parent directory, and its contents are read once; those same
+buffers feed the NAR stream, the hash and the copy.  A file swapped for a
+symlink mid-walk makes the walk fail with an error; it is never followed.  A
+file that shrinks while being read is an error, and one that grows is read up
+to the size its NAR header already announced.
+
+Paths are bytes throughout so that directory entries sort by raw bytes, as the
+NAR requires (str sorting would misorder non-UTF-8 names).  Restoring creates
+files 0666 (0777 if executable) and directories 0777, less the umask; the store
+canonicalises permissions afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+from typing import Iterator
+
+from ..formats.hashes import Hash, new_hasher
+from ..formats.nar import (
+    CLOSE,
+    DIRECTORY_HEADER,
+    NAR_MAGIC,
+    entry_header,
+    read_nar,
+    regular_header,
+    regular_trailer,
+    symlink_node,
+)
+from .errors import StoreError
+
+#: chunk size for reading file contents
+CHUNK_SIZE = 1 << 20
+# Files up to this size are read in one go and hashed in batches with their
+# neighbours; larger ones stream through the pipeline's buffers.
+_SMALL_FILE = 256 << 10
+_BATCH = 1 << 20
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: if a fifo is swapped in after the type check, opening must not hang.
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+class TreeError(StoreError):
+    """A file tree cannot be archived: unsupported file type, or a file
+    changed while it was being read.  The message names the file."""
+
+
+def _shown(root: bytes, path: bytes) -> str:
+    return os.fsdecode(os.path.join(root, path) if path else root)
+
+
+def _unsupported(root: bytes, path: bytes) -> TreeError:
+    return TreeError(f"file '{_shown(root, path)}' has an unsupported type")
+
+
+# --------------------------------------------------------------------------
+# The walk: one generator shared by dump, hash and copy.
+
+_DIR, _END, _FILE, _LINK = range(4)
+
+
+def _walk(root: bytes) -> Iterator[tuple]:
+    """Yield the tree's nodes in NAR order, each with its NAR bytes:
+
+    - ``(_DIR, path, head)`` then, after its entries, ``(_END, path, head)``
+    - ``(_LINK, path, head, target)``
+    - ``(_FILE, path, head, fd, size, executable, tail)``: the consumer reads
+      exactly ``size`` bytes from ``fd`` (closed when the walk resumes) and
+      emits them between ``head`` and ``tail``.
+
+    ``path`` is relative to ``root`` (``b""`` for the root itself).
+    """
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(root)
+        yield (_LINK, b"", NAR_MAGIC + symlink_node(target), target)
+        return
+    if stat.S_ISREG(st.st_mode):
+        yield from _file(root, None, root, b"", NAR_MAGIC, b"")
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise _unsupported(root, b"")
+
+    # One frame per open directory: (fd, path, sorted entries, next index).
+    stack: list[list] = []
+    try:
+        fd = os.open(root, _O_DIR)
+        stack.append([fd, b"", (), 0])
+        stack[-1][2] = _entries(fd, root, b"")
+        yield (_DIR, b"", NAR_MAGIC + DIRECTORY_HEADER)
+        while stack:
+            frame = stack[-1]
+            dfd, dpath, entries, i = frame
+            if i == len(entries):
+                stack.pop()
+                os.close(dfd)
+                yield (_END, dpath, CLOSE + CLOSE if stack else CLOSE)
+                continue
+            frame[3] = i + 1
+            name, kind = entries[i]
+            path = dpath + b"/" + name if dpath else name
+            if kind == _FILE:
+                yield from _file(name, dfd, root, path, entry_header(name), CLOSE)
+            elif kind == _LINK:
+                target = os.readlink(name, dir_fd=dfd)
+                yield (_LINK, path, entry_header(name) + symlink_node(target) + CLOSE, target)
+            else:
+                cfd = os.open(name, _O_DIR, dir_fd=dfd)
+                stack.append([cfd, path, (), 0])
+                stack[-1][2] = _entries(cfd, root, path)
+                yield (_DIR, path, entry_header(name) + DIRECTORY_HEADER)
+    finally:
+        for frame in reversed(stack):
+            os.close(frame[0])
+
+
+def _entries(dfd: int, root: bytes, dpath: bytes) -> list[tuple[bytes, int]]:
+    out = []
+    with os.scandir(dfd) as it:
+        # d_type answers these without a stat call on most filesystems.
+        for e in it:
+            if e.is_file(follow_symlinks=False):
+                kind = _FILE
+            elif e.is_dir(follow_symlinks=False):
+                kind = _DIR
+            elif e.is_symlink():
+                kind = _LINK
+            else:
+                name = os.fsencode(e.name)
+                raise _unsupported(root, dpath + b"/" + name if dpath else name)
+            out.append((os.fsencode(e.name), kind))
+    out.sort()
+    return out
+
+
+def _file(name: bytes, dfd: int | None, root: bytes, path: bytes, prefix: bytes, suffix: bytes):
+    fd = os.open(name, _O_FILE, dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TreeError(f"file '{_shown(root, path)}' changed type while being read")
+        size = st.st_size
+        executable = bool(st.st_mode & stat.S_IXUSR)
+        yield (_FILE, path, prefix + regular_header(executable, size), fd, size, executable,
+               regular_trailer(size) + suffix)
+    finally:
+        os.close(fd)
+
+
+def _shrank(root: bytes, path: bytes) -> TreeError:
+    return TreeError(f"file '{_shown(root, path)}' shrank while being read")
+
+
+def _read_exactly(fd: int, size: int, root: bytes, path: bytes) -> bytes:
+    data = os.read(fd, size)
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            raise _shrank(root, path)
+        data += more
+    return data
+
+
+def _write_all(fd: int, data) -> None:
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)
+        while n < len(view):
+            n += os.write(fd, view[n:])
+
+
+# --------------------------------------------------------------------------
+# Dump and hash.
+
+
+def dump_path(path) -> Iterator[bytes]:
+    """The NAR of the file tree at ``path``, as chunks of at most about
+    ``CHUNK_SIZE`` bytes (memory use does not grow with file size)."""
+    root = os.fsencode(path)
+    for ev in _walk(root):
+        if ev[0] != _FILE:
+            yield ev[2]
+            continue
+        _, rel, head, fd, size, _, tail = ev
+        if size <= CHUNK_SIZE:
+            yield head + _read_exactly(fd, size, root, rel) + tail
+            continue
+        yield head
+        remaining = size
+        while remaining:
+            chunk = os.read(fd, min(remaining, CHUNK_SIZE))
+            if not chunk:
+                raise _shrank(root, rel)
+            remaining -= len(chunk)
+            yield chunk
+        yield tail
+
+
+def nar_hash_path(path, algo: str = "sha256") -> tuple[Hash, int]:
+    """Hash and size of the NAR of the file tree at ``path``."""
+    return _nar_pass(os.fsencode(path), algo, None)
+
+
+def copy_tree_hashing(src, dest, algo: str = "sha256") -> tuple[Hash, int]:
+    """Copy the tree at ``src`` to ``dest`` (which must not exist) and return
+    the NAR hash and size of what was copied, reading ``src`` once.
+
+    On error ``dest`` may hold a partial tree; remove it with ``remove_tree``.
+    """
+    writer = _TreeWriter(dest)
+    try:
+        return _nar_pass(os.fsencode(src), algo, writer)
+    finally:
+        writer.close()
+
+
+class _HashPipeline:
+    """Hashes, in a second thread, buffers handed over in NAR order.
+
+    hashlib drops the GIL for large updates, so hashing overlaps the main
+    thread's reads and writes; on two cores that halves the wall time of a
+    big copy, whose cost is otherwise mostly SHA-256.
+    """
+
+    def __init__(self, algo: str, buffers: int = 4, size: int = CHUNK_SIZE) -> None:
+        self._hasher = new_hasher(algo)
+        self._algo = algo
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(buffers):
+            self.free.put(bytearray(size))
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nar-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self._hasher.update
+        get = self._work.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            data, n = item
+            try:
+                if n < 0:
+                    update(data)
+                else:
+                    update(memoryview(data)[:n])
+            except BaseException as e:  # pragma: no cover - hashlib does not fail
+                self._failure = e
+            if n >= 0:
+                self.free.put(data)
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Hash ``data`` (handed over: the caller must not modify it)."""
+        self._work.put((data, -1))
+
+    def feed_buffer(self, buf: bytearray, n: int) -> None:
+        """Hash ``buf[:n]``, then return ``buf`` to ``free``."""
+        self._work.put((buf, n))
+
+    def finish(self) -> Hash:
+        self.stop()
+        if self._failure is not None:
+            raise self._failure
+        return Hash(self._algo, self._hasher.digest())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+
+
+def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Hash, int]:
+    pipe = _HashPipeline(algo)
+    size = 0
+    pending = bytearray()
+    try:
+        for ev in _walk(root):
+            kind = ev[0]
+            head = ev[2]
+            pending += head
+            size += len(head)
+            if kind == _FILE:
+                _, rel, _, fd, fsize, executable, tail = ev
+                if writer is not None:
+                    writer.regular_start(rel, executable, fsize)
+                if fsize <= _SMALL_FILE:
+                    data = _read_exactly(fd, fsize, root, rel)
+                    if writer is not None:
+                        writer.regular_data(data)
+                    pending += data
+                else:
+                    pipe.feed(pending)
+                    pending = bytearray()
+                    _stream_file(pipe, fd, fsize, writer, root, rel)
+                size += fsize + len(tail)
+                pending += tail
+                if writer is not None:
+                    writer.regular_end()
+            elif writer is not None:
+                if kind == _DIR:
+                    writer.directory(ev[1])
+                elif kind == _LINK:
+                    writer.symlink(ev[1], ev[3])
+            if len(pending) >= _BATCH:
+                pipe.feed(pending)
+                pending = bytearray()
+        pipe.feed(pending)
+        return pipe.finish(), size
+    finally:
+        pipe.stop()
+
+
+def _stream_file(pipe: _HashPipeline, fd: int, size: int, writer, root: bytes, rel: bytes) -> None:
+    free = pipe.free
+    remaining = size
+    while remaining:
+        buf = free.get()
+        view = memoryview(buf)
+        n = os.readv(fd, [view[:remaining] if remaining < len(buf) else view])
+        if not n:
+            free.put(buf)
+            raise _shrank(root, rel)
+        # Hand over before writing: the hash thread only reads the buffer,
+        # and it comes back to ``free`` only after our write is done too,
+        # since we take the next buffer only after writing this one.
+        pipe.feed_buffer(buf, n)
+        if writer is not None:
+            writer.regular_data(view[:n])
+        remaining -= n
+
+
+# --------------------------------------------------------------------------
+# Restore and remove.
+
+
+class _TreeWriter:
+    """A NarSink that creates the tree at ``dest``, fd-relative.
+
+    Keeps the chain of open directories from the root to the current node;
+    NAR order is pre-order, so a node's parent is always on that chain.
+    """
+
+    def __init__(self, dest) -> None:
+        self._dest = os.fsencode(dest)
+        self._dirs: list[tuple[bytes, int]] = []
+        self._fd = -1
+
+    def _parent(self, path: bytes) -> tuple[int | None, bytes]:
+        if not path:
+            return None, self._dest
+        parent, _, name = path.rpartition(b"/")
+        dirs = self._dirs
+        while dirs[-1][0] != parent:
+            os.close(dirs.pop()[1])
+        return dirs[-1][1], name
+
+    def directory(self, path: bytes) -> None:
+        dfd, name = self._parent(path)
+        os.mkdir(name, 0o777, dir_fd=dfd)
+        self._dirs.append((path, os.open(name, _O_DIR, dir_fd=dfd)))
+
+    def regular_start(self, path: bytes, executable: bool, size: int) -> None:
+        dfd, name = self._parent(path)
+        self._fd = os.open(name, _O_CREATE, 0o777 if executable else 0o666, dir_fd=dfd)
+
+    def regular_data(self, chunk) -> None:
+        _write_all(self._fd, chunk)
+
+    def regular_end(self) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+
+    def symlink(self, path: bytes, target: bytes) -> None:
+        dfd, name = self._parent(path)
+        os.symlink(target, name, dir_fd=dfd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        while self._dirs:
+            os.close(self._dirs.pop()[1])
+
+
+def restore_nar(stream, dest) -> None:
+    """Unpack the NAR read from ``stream`` (strictly, exactly its bytes) at
+    ``dest``, which must not exist.  On error ``dest`` may hold a partial
+    tree; remove it with ``remove_tree``."""
+    writer = _TreeWriter(dest)
+    try:
+        read_nar(stream, writer)
+    finally:
+        writer.close()
+
+
+def remove_tree(path) -> None:
+    """Delete ``path`` and everything below it, making read-only directories
+    (store content is 0444/0555) writable as needed.  A missing path is fine;
+    symlinks are removed, never followed."""
+    top = os.fsencode(path)
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(top)
+        return
+    # (fd, names left to delete, name of this directory in its parent)
+    stack: list[tuple[int, list, bytes | str]] = []
+    try:
+        fd = _open_dir_writable(top, None)
+        stack.append((fd, os.listdir(fd), top))
+        while stack:
+            dfd, names, own = stack[-1]
+            if not names:
+                stack.pop()
+                os.close(dfd)
+                os.rmdir(own, dir_fd=stack[-1][0] if stack else None)
+                continue
+            name = names.pop()
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except IsADirectoryError:
+                cfd = _open_dir_writable(name, dfd)
+                stack.append((cfd, os.listdir(cfd), name))
+            except FileNotFoundError:
+                pass
+    finally:
+        for fd, _, _ in reversed(stack):
+            os.close(fd)
+
+
+def _open_dir_writable(name, dir_fd: int | None) -> int:
+    try:
+        fd = os.open(name, _O_DIR, dir_fd=dir_fd)
+    except PermissionError:
+        if not _O_PATH:
+            raise
+        # Not even readable (say 0111 or 0000): grant ourselves access through
+        # an O_PATH handle, so that a symlink swapped in is not followed.
+        pfd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        finally:
+            os.close(pfd)
+        fd = os.open(name, _O_DIR, dir_fd=dir_fd)
+    try:
+        if os.fstat(fd).st_mode & 0o700 != 0o700:
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
