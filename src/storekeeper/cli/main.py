@@ -175,6 +175,33 @@ def cmd_verify(store: LocalStore, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_gc(store: LocalStore, args: argparse.Namespace) -> int:
+    from ..store.gc import DEAD, DELETE_DEAD, LIVE, GCOptions
+    action = LIVE if args.print_live else DEAD if args.print_dead else DELETE_DEAD
+    opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
+                     keep_outputs=args.keep_outputs, keep_derivations=not args.no_keep_derivations)
+    log = (lambda m: print(m, file=sys.stderr)) if not args.json else None
+    result = store.collect_garbage(opts, log)
+    if args.json:
+        json.dump({"action": action, "paths": result.paths, "bytesFreed": result.bytes_freed}, sys.stdout)
+        sys.stdout.write("\n")
+    elif action in (LIVE, DEAD):
+        for p in result.paths:
+            print(p)
+    else:
+        print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
+    return 0
+
+
+def cmd_delete(store: LocalStore, args: argparse.Namespace) -> int:
+    from ..store.gc import DELETE_SPECIFIC, GCOptions
+    paths = frozenset(resolve_path(store, a) for a in args.paths)
+    result = store.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=paths),
+                                   lambda m: print(m, file=sys.stderr))
+    print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("restore", help="unpack a NAR from stdin into DIR (strict reader)")
     s.add_argument("dir")
     s.set_defaults(func=cmd_restore, no_store=True)
+
+    s = sub.add_parser("gc", help="collect garbage (or only print what is live or dead)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--print-live", action="store_true")
+    g.add_argument("--print-dead", action="store_true")
+    s.add_argument("--max-freed", type=int, metavar="BYTES")
+    s.add_argument("--keep-outputs", action="store_true")
+    s.add_argument("--no-keep-derivations", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_gc)
+
+    s = sub.add_parser("delete", help="delete store paths that are not alive")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.set_defaults(func=cmd_delete)
 
     s = sub.add_parser("verify", help="check that valid paths exist and (optionally) are intact")
     s.add_argument("--check-contents", action="store_true")

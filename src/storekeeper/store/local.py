@@ -429,6 +429,13 @@ class LocalStore:
                 raise StoreError(f"cannot invalidate '{path}': it is still referenced by '{others[0]}'")
             self.db.invalidate(path)
 
+    # --- garbage collection ---------------------------------------------------
+
+    def collect_garbage(self, options, log: Callable[[str], None] | None = None):
+        """Run the collector (see :mod:`storekeeper.store.gc` for its invariants)."""
+        from .gc import GarbageCollector
+        return GarbageCollector(self, log).collect(options)
+
     # --- verification ---------------------------------------------------------
 
     def verify(self, check_contents: bool = False, repair: bool = False,

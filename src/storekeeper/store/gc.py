@@ -1,0 +1,464 @@
+"""The garbage collector: never deletes a path that is in use.
+
+Protocol and invariants (compatible with Nix 2.8 processes on the same store):
+
+1. The GC holds ``gc.lock`` exclusively for its whole run and serves
+   ``gc-socket/socket``.  Any process that pinned a path before we took the
+   lock wrote it to its ``temproots/<pid>`` file, which we read after taking
+   the lock; any later pin reaches us through the socket and is acknowledged
+   only once it is in our temp-root set.
+2. The reference graph is loaded in one pass (three queries); liveness is the
+   forward closure of the roots over references, plus derivers when
+   ``keep-derivations`` and derivation outputs when ``keep-outputs``.
+3. Dead paths are deleted referrers-first, in batches.  Before a batch is
+   touched its members are checked against the temp-root set and their
+   hash parts are published as *pending*: a socket client pinning one of them
+   waits until the batch is done (and then finds the path invalid, so it
+   re-creates it).  A path found pinned is kept together with its whole
+   closure.  A path whose ``.lock`` is held (being added or built) is kept too.
+4. **Invalidate before delete**: a batch's rows are removed from the DB in one
+   committed transaction before any of its files is unlinked, so a crash
+   never leaves a valid path with missing files.
+5. Read-only actions (``live``, ``dead``) change nothing on disk: unlike Nix
+   2.8 they do not delete stray entries or stale links.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..formats.storepath import StorePath, StorePathError
+from .errors import StoreError
+from .locks import PathLocks, lock_fd, open_lock_file
+from .roots import Root, RootFinder
+
+BATCH = 256
+LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delete-specific"
+
+
+class PathInUse(StoreError):
+    pass
+
+
+@dataclass
+class GCOptions:
+    action: str = DELETE_DEAD
+    paths: frozenset[StorePath] = frozenset()
+    ignore_liveness: bool = False
+    max_freed: int = 2**64 - 1
+    keep_outputs: bool = False
+    keep_derivations: bool = True
+
+
+@dataclass
+class GCResult:
+    paths: list[str] = field(default_factory=list)  # live / dead / deleted, printed form
+    bytes_freed: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+class _Graph:
+    """The whole reference graph as integer adjacency lists (one DB pass)."""
+
+    def __init__(self, db) -> None:
+        conn = db.conn
+        rows = conn.execute("select id, path, deriver from ValidPaths").fetchall()
+        self.path_of: dict[int, str] = {}
+        self.id_of: dict[str, int] = {}
+        deriver_of: dict[int, str] = {}
+        for i, p, d in rows:
+            self.path_of[i] = p
+            self.id_of[p] = i
+            if d:
+                deriver_of[i] = d
+        self.refs: dict[int, list[int]] = {}
+        self.referrers: dict[int, list[int]] = {}
+        for a, b in conn.execute("select referrer, reference from Refs"):
+            self.refs.setdefault(a, []).append(b)
+            self.referrers.setdefault(b, []).append(a)
+        self.deriver: dict[int, int] = {i: self.id_of[d] for i, d in deriver_of.items() if d in self.id_of}
+        self.outputs: dict[int, list[int]] = {}
+        for drv, p in conn.execute("select drv, path from DerivationOutputs"):
+            o = self.id_of.get(p)
+            if o is not None:
+                self.outputs.setdefault(drv, []).append(o)
+
+    def closure(self, start: Iterable[int], alive: set[int], keep_outputs: bool,
+                keep_derivations: bool) -> None:
+        queue = deque(i for i in start if i not in alive)
+        alive.update(queue)
+        while queue:
+            i = queue.popleft()
+            nxt = list(self.refs.get(i, ()))
+            if keep_derivations and i in self.deriver:
+                nxt.append(self.deriver[i])
+            if keep_outputs:
+                nxt.extend(self.outputs.get(i, ()))
+            for j in nxt:
+                if j not in alive:
+                    alive.add(j)
+                    queue.append(j)
+
+
+class GarbageCollector:
+    def __init__(self, store, log: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.log = log or (lambda msg: None)
+        self._cond = threading.Condition()
+        self._temp_hashes: set[str] = set()
+        self._pending: set[str] = set()
+        self._server: socket.socket | None = None
+        self._stop = threading.Event()
+
+    # --- the gc-socket server --------------------------------------------------------
+
+    def _start_server(self) -> None:
+        d = os.path.join(self.store.state_dir, "gc-socket")
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        path = os.path.join(d, "socket")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        srv.bind(path)
+        os.chmod(path, 0o666)
+        srv.listen(64)
+        srv.settimeout(0.2)
+        self._server = srv
+        threading.Thread(target=self._accept_loop, daemon=True, name="gc-socket").start()
+
+    def _accept_loop(self) -> None:
+        assert self._server is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
+
+    def _serve_client(self, conn: socket.socket) -> None:
+        sd = self.store.store_dir
+        buf = b""
+        conn.settimeout(None)
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        h = sd.parse(line.decode(), lax=True).hash_part
+                    except (StorePathError, UnicodeDecodeError):
+                        self.log("received garbage instead of a root from client")
+                        h = None
+                    if h is not None:
+                        with self._cond:
+                            self._temp_hashes.add(h)
+                            while h in self._pending:
+                                self._cond.wait()
+                    try:
+                        conn.sendall(b"1")
+                    except OSError:
+                        return
+
+    def _stop_server(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.close()
+
+    # --- the collection ----------------------------------------------------------------
+
+    def collect(self, opts: GCOptions) -> GCResult:
+        store = self.store
+        deleting = opts.action in (DELETE_DEAD, DELETE_SPECIFIC)
+        if deleting:
+            store._check_writable()
+        keep_outputs, keep_derivations = opts.keep_outputs, opts.keep_derivations
+        if opts.action == DELETE_SPECIFIC and opts.ignore_liveness:
+            keep_outputs = keep_derivations = False
+        result = GCResult()
+        gc_fd = open_lock_file(os.path.join(store.state_dir, "gc.lock"))
+        try:
+            if not lock_fd(gc_fd, exclusive=True, wait=False):
+                self.log("waiting for the big garbage collector lock...")
+                lock_fd(gc_fd, exclusive=True)
+            self._start_server()
+            finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir)
+            roots: list[Root] = []
+            if not opts.ignore_liveness:
+                self.log("finding garbage collector roots...")
+                roots += finder.permanent_roots(cleanup=deleting)
+                roots += finder.runtime_roots()
+            temp = list(finder.temp_roots(cleanup=deleting))
+            with self._cond:
+                self._temp_hashes.update(r.path.hash_part for r in temp)
+            roots += temp
+            result.messages += finder.messages
+            graph = _Graph(store.db)
+            sd = store.store_dir
+            alive: set[int] = set()
+            root_ids = [graph.id_of[p] for p in (sd.print(r.path) for r in roots) if p in graph.id_of]
+            graph.closure(root_ids, alive, keep_outputs, keep_derivations)
+            with self._cond:
+                pinned = [i for i, p in graph.path_of.items()
+                          if p[len(sd.path) + 1:][:32] in self._temp_hashes]
+            graph.closure(pinned, alive, keep_outputs, keep_derivations)
+
+            if opts.action == LIVE:
+                result.paths = sorted(graph.path_of[i] for i in alive)
+                return result
+            candidates = self._candidates(graph, alive, opts, sd)
+            order = self._referrers_first(graph, candidates)
+            if opts.action == DEAD:
+                result.paths = sorted(graph.path_of[i] for i in order) + self._invalid_entries(graph, dry=True)
+                return result
+            self.log("deleting garbage...")
+            self._delete(graph, order, alive, opts, result, keep_outputs, keep_derivations)
+            if opts.action == DELETE_DEAD and result.bytes_freed <= opts.max_freed:
+                self._invalid_entries(graph, dry=False, result=result)
+            if deleting:
+                self._remove_unused_links(result)
+            return result
+        finally:
+            self._stop_server()
+            os.close(gc_fd)
+
+    def _candidates(self, graph: _Graph, alive: set[int], opts: GCOptions, sd) -> set[int]:
+        dead = set(graph.path_of) - alive
+        if opts.action != DELETE_SPECIFIC:
+            return dead
+        wanted: set[int] = set()
+        for sp in opts.paths:
+            p = sd.print(sp)
+            i = graph.id_of.get(p)
+            if i is None:
+                continue  # not valid: nothing to do
+            wanted.add(i)
+        for i in wanted:
+            # deletable only if dead and every (transitive) referrer is deleted with it
+            stack, seen = [i], {i}
+            while stack:
+                j = stack.pop()
+                if j not in dead or j not in wanted:
+                    raise PathInUse(f"Cannot delete path '{graph.path_of[i]}' since it is still alive. "
+                                    "To find out why, use: nix-store --query --roots")
+                for r in graph.referrers.get(j, ()):
+                    if r != j and r not in seen:
+                        seen.add(r)
+                        stack.append(r)
+        return wanted
+
+    @staticmethod
+    def _referrers_first(graph: _Graph, nodes: set[int]) -> list[int]:
+        indeg = {i: 0 for i in nodes}
+        for i in nodes:
+            for r in graph.referrers.get(i, ()):
+                if r in nodes and r != i:
+                    indeg[i] += 1
+        queue = deque(sorted((i for i, d in indeg.items() if d == 0), key=graph.path_of.__getitem__))
+        order = []
+        while queue:
+            i = queue.popleft()
+            order.append(i)
+            for j in graph.refs.get(i, ()):
+                if j in nodes and j != i:
+                    indeg[j] -= 1
+                    if indeg[j] == 0:
+                        queue.append(j)
+        if len(order) != len(nodes):
+            raise StoreError("cycle in the reference graph of dead paths")
+        return order
+
+    def _delete(self, graph: _Graph, order: list[int], alive: set[int], opts: GCOptions,
+                result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
+        store, sd = self.store, self.store.store_dir
+        pos = 0
+        while pos < len(order):
+            if result.bytes_freed > opts.max_freed:
+                result.messages.append(f"deleted more than {opts.max_freed} bytes; stopping")
+                return
+            batch: list[int] = []
+            with self._cond:
+                while pos < len(order) and len(batch) < BATCH:
+                    i = order[pos]
+                    pos += 1
+                    if i in alive:
+                        continue
+                    p = graph.path_of[i]
+                    if p[len(sd.path) + 1:][:32] in self._temp_hashes:
+                        graph.closure([i], alive, keep_outputs, keep_derivations)
+                        continue
+                    batch.append(i)
+                self._pending = {graph.path_of[i][len(sd.path) + 1:][:32] for i in batch}
+            try:
+                self._delete_batch(graph, batch, alive, result, keep_outputs, keep_derivations)
+            finally:
+                with self._cond:
+                    self._pending = set()
+                    self._cond.notify_all()
+
+    def _delete_batch(self, graph: _Graph, batch: list[int], alive: set[int], result: GCResult,
+                      keep_outputs: bool, keep_derivations: bool) -> None:
+        store, sd = self.store, self.store.store_dir
+        locks: list[tuple[int, PathLocks]] = []
+        try:
+            for i in batch:
+                pl = PathLocks()
+                real = os.path.join(store.real_store_dir, graph.path_of[i][len(sd.path) + 1:])
+                if pl.lock([real], wait=False):
+                    pl.delete_on_release = True
+                    locks.append((i, pl))
+                else:
+                    # being created or built right now: keep it and what it needs
+                    graph.closure([i], alive, keep_outputs, keep_derivations)
+            go = [i for i, _ in locks if i not in alive]
+            with store.db.transaction() as conn:
+                conn.executemany("delete from ValidPaths where id = ?", [(i,) for i in go])
+            for i in go:
+                p = graph.path_of[i]
+                self.log(f"deleting '{p}'")
+                real = os.path.join(store.real_store_dir, p[len(sd.path) + 1:])
+                result.bytes_freed += delete_tree(real)
+                result.paths.append(p)
+        finally:
+            for _, pl in locks:
+                pl.release()
+
+    def _invalid_entries(self, graph: _Graph, dry: bool, result: GCResult | None = None) -> list[str]:
+        """Store-dir entries that are not valid paths (leftovers, junk); deleted unless in use."""
+        store, sd = self.store, self.store.store_dir
+        names: list[str] = []
+        for name in os.listdir(store.real_store_dir):
+            if name == ".links" or f"{sd.path}/{name}" in graph.id_of:
+                continue
+            full = os.path.join(store.real_store_dir, name)
+            try:
+                is_path = StorePath.from_base(name, lax=True)
+            except StorePathError:
+                is_path = None
+            with self._cond:
+                if is_path is not None and is_path.hash_part in self._temp_hashes:
+                    continue
+            if _in_use(full):
+                continue
+            if is_path is not None and not name.endswith(".lock"):
+                names.append(f"{sd.path}/{name}")
+            if not dry and result is not None:
+                if name.endswith(".lock"):
+                    _remove_lock_file(full)
+                else:
+                    result.bytes_freed += delete_tree(full)
+        return names
+
+    def _remove_unused_links(self, result: GCResult) -> None:
+        links = os.path.join(self.store.real_store_dir, ".links")
+        self.log("deleting unused links...")
+        try:
+            it = os.scandir(links)
+        except FileNotFoundError:
+            return
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if st.st_nlink == 1:
+                        os.unlink(e.path)
+                        result.bytes_freed += st.st_size
+                except FileNotFoundError:
+                    continue
+
+
+def _in_use(path: str) -> bool:
+    """A locked scratch dir of a running add, or a held ``.lock`` file."""
+    name = os.path.basename(path)
+    if not (name.startswith("tmp-") or name.endswith(".lock")):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return not lock_fd(fd, exclusive=True, wait=False)
+    finally:
+        os.close(fd)
+
+
+def _remove_lock_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if lock_fd(fd, exclusive=True, wait=False):
+            os.unlink(path)
+            os.write(fd, b"d")
+    finally:
+        os.close(fd)
+
+
+def delete_tree(path: str) -> int:
+    """Delete a file tree that may be read-only; return the bytes Nix would count as freed.
+
+    Counts ``st_size`` of each non-directory with link count 1 or 2 (the second
+    link assumed to be the ``.links`` copy), as Nix does.
+    """
+    freed = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        if st.st_nlink <= 2:
+            freed += st.st_size
+        _unlink_retry(path)
+        return freed
+    stack = [(path, False)]
+    while stack:
+        d, done = stack.pop()
+        if done:
+            _rmdir_retry(d)
+            continue
+        if not os.access(d, os.W_OK | os.X_OK | os.R_OK):
+            os.chmod(d, 0o700)
+        stack.append((d, True))
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, False))
+                else:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                        if st.st_nlink <= 2:
+                            freed += st.st_size
+                        os.unlink(e.path)
+                    except FileNotFoundError:
+                        pass
+    return freed
+
+
+def _unlink_retry(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _rmdir_retry(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass

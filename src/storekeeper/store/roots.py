@@ -1,0 +1,209 @@
+"""Finding GC roots: permanent (gcroots/, profiles/), temporary (temproots/) and runtime (/proc).
+
+What counts as a root, as Nix 2.8 counts it (spec §6.2–6.4):
+
+* Under ``<state>/gcroots`` and ``<state>/profiles``, recursively (symlinks to
+  directories are not followed): a symlink into the store roots that store
+  path; a symlink elsewhere (an *indirect* root, e.g. ``gcroots/auto/X →
+  /home/u/result``) roots what its target links to, if that target is itself a
+  symlink into the store; a regular file whose base name is a store path
+  roots that path.
+* Every ``temproots/<pid>`` file whose owner is alive (it holds the flock).
+* Paths that running processes use (exe, cwd, open files, mappings,
+  environment), found in ``/proc``.
+
+Finding roots never deletes anything unless the caller asks (``cleanup``, used
+only by a deleting GC): then stale ``gcroots/auto`` links whose target is gone
+(ENOENT, not EACCES) and temp-root files of dead processes are removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..formats.storepath import StoreDir, StorePath, StorePathError
+from .locks import lock_fd
+
+CENSORED = "{censored}"
+
+
+@dataclass(frozen=True, order=True)
+class Root:
+    path: StorePath
+    link: str  # the file that makes it a root, "{temp:<pid>}", or "/proc/<pid>/…"
+    kind: str  # direct | indirect | profile | temp | runtime
+
+
+class RootFinder:
+    def __init__(self, store_dir: StoreDir, real_store_dir: str, state_dir: str) -> None:
+        self.store_dir = store_dir
+        self.real_store_dir = real_store_dir
+        self.state_dir = state_dir
+        self.messages: list[str] = []
+
+    # --- store path of a link target ---------------------------------------------
+
+    def _to_store_path(self, target: str) -> StorePath | None:
+        for prefix in {self.store_dir.path, self.real_store_dir}:
+            if target.startswith(prefix + "/"):
+                base = target[len(prefix) + 1:].split("/", 1)[0]
+                try:
+                    return StorePath.from_base(base, lax=True)
+                except StorePathError:
+                    return None
+        return None
+
+    # --- permanent roots -------------------------------------------------------------
+
+    def permanent_roots(self, cleanup: bool = False) -> Iterator[Root]:
+        gcroots = os.path.join(self.state_dir, "gcroots")
+        yield from self._scan(gcroots, gcroots, cleanup)
+        profiles = os.path.join(self.state_dir, "profiles")
+        yield from self._scan(profiles, profiles, cleanup)
+
+    def _scan(self, path: str, top: str, cleanup: bool) -> Iterator[Root]:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
+                if e.errno != errno.ENOENT:
+                    self.messages.append(f"cannot read potential root '{path}'")
+                return
+            raise
+        kind = "profile" if top.endswith("/profiles") else "direct"
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.ENOENT, errno.ENOTDIR):
+                    self.messages.append(f"cannot read potential root '{path}'")
+                    return
+                raise
+            for n in names:
+                yield from self._scan(os.path.join(path, n), top, cleanup)
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            sp = self._to_store_path(target)
+            if sp is not None:
+                yield Root(sp, path, kind)
+                return
+            # Indirect: the target is a link elsewhere (e.g. a `result` symlink).
+            resolved = os.path.join(os.path.dirname(path), target)
+            try:
+                tst = os.lstat(resolved)
+            except OSError as e:
+                if e.errno == errno.ENOENT and cleanup and \
+                        os.path.dirname(path) == os.path.join(self.state_dir, "gcroots", "auto"):
+                    self.messages.append(f"removing stale link from '{path}' to '{target}'")
+                    os.unlink(path)
+                elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    self.messages.append(f"cannot read potential root '{resolved}'")
+                return
+            if stat.S_ISLNK(tst.st_mode):
+                sp = self._to_store_path(os.readlink(resolved))
+                if sp is not None:
+                    yield Root(sp, resolved, "indirect")
+        elif stat.S_ISREG(st.st_mode):
+            try:
+                yield Root(StorePath.from_base(os.path.basename(path), lax=True), path, kind)
+            except StorePathError:
+                pass
+
+    # --- temp roots ------------------------------------------------------------------
+
+    def temp_roots(self, cleanup: bool = False) -> Iterator[Root]:
+        """Roots of live processes; with ``cleanup`` the files of dead ones are removed."""
+        d = os.path.join(self.state_dir, "temproots")
+        try:
+            names = sorted(os.listdir(d))
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            p = os.path.join(d, name)
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                self.messages.append(f"cannot read temporary roots file '{p}'")
+                continue
+            try:
+                if lock_fd(fd, exclusive=True, wait=False):
+                    # Its owner is gone: the roots are dead.
+                    if cleanup:
+                        self.messages.append(f"removing stale temporary roots file '{p}'")
+                        os.unlink(p)
+                        os.write(fd, b"d")
+                    continue
+                data = b""
+                while chunk := os.pread(fd, 1 << 20, len(data)):
+                    data += chunk
+            finally:
+                os.close(fd)
+            for entry in data.split(b"\0"):
+                if not entry:
+                    continue
+                sp = self._to_store_path(entry.decode(errors="replace"))
+                if sp is not None:
+                    yield Root(sp, f"{{temp:{name}}}", "temp")
+
+    # --- runtime roots ---------------------------------------------------------------
+
+    def runtime_roots(self) -> Iterator[Root]:
+        """Store paths in use by running processes that we can see (our own under hidepid=2)."""
+        prefixes = sorted({self.store_dir.path, self.real_store_dir})
+        env_re = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in prefixes) +
+                            rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
+        maps_re = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
+        try:
+            pids = [n for n in os.listdir("/proc") if n.isdigit()]
+        except OSError:
+            return
+        found: list[tuple[str, str]] = []
+        for pid in pids:
+            base = f"/proc/{pid}"
+            try:
+                for leaf in ("exe", "cwd"):
+                    try:
+                        found.append((os.readlink(f"{base}/{leaf}"), f"{base}/{leaf}"))
+                    except OSError as e:
+                        if e.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH, errno.EPERM):
+                            raise
+                try:
+                    for fd in os.listdir(f"{base}/fd"):
+                        try:
+                            t = os.readlink(f"{base}/fd/{fd}")
+                        except OSError:
+                            continue
+                        if t.startswith("/"):
+                            found.append((t, f"{base}/fd/{fd}"))
+                except OSError:
+                    pass
+                for leaf, rx in (("maps", maps_re), ("environ", env_re)):
+                    try:
+                        with open(f"{base}/{leaf}", "rb") as f:
+                            data = f.read()
+                    except OSError:
+                        continue
+                    for m in rx.finditer(data):
+                        found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
+            except OSError:
+                continue
+        for kf in ("/proc/sys/kernel/modprobe", "/proc/sys/kernel/fbsplash",
+                   "/proc/sys/kernel/poweroff_cmd"):
+            try:
+                with open(kf) as f:
+                    found.append((f.read().strip(), kf))
+            except OSError:
+                pass
+        for target, link in found:
+            sp = self._to_store_path(target)
+            if sp is not None:
+                yield Root(sp, link, "runtime")
