@@ -29,6 +29,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -114,6 +115,7 @@ class GarbageCollector:
         self._temp_hashes: set[str] = set()
         self._pending: set[str] = set()
         self._server: socket.socket | None = None
+        self._clients: set[socket.socket] = set()
         self._stop = threading.Event()
 
     # --- the gc-socket server --------------------------------------------------------
@@ -143,6 +145,11 @@ class GarbageCollector:
                 continue
             except OSError:
                 return
+            with self._cond:
+                if self._stop.is_set():
+                    conn.close()
+                    return
+                self._clients.add(conn)
             threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
 
     def _serve_client(self, conn: socket.socket) -> None:
@@ -176,9 +183,19 @@ class GarbageCollector:
                         return
 
     def _stop_server(self) -> None:
-        self._stop.set()
+        # Every client connection is shut down before gc.lock is released: a
+        # client must never get an acknowledgement from a GC that has finished
+        # (it would skip telling the next one).  It sees EOF and reconnects.
+        with self._cond:
+            self._stop.set()
+            clients, self._clients = self._clients, set()
         if self._server is not None:
             self._server.close()
+        for conn in clients:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # --- the collection ----------------------------------------------------------------
 
@@ -382,8 +399,11 @@ class GarbageCollector:
                     continue
 
 
+SCRATCH_GRACE_SECONDS = 300
+
+
 def _in_use(path: str) -> bool:
-    """A locked scratch dir of a running add, or a held ``.lock`` file."""
+    """A scratch dir of a running add (locked, or too new to be locked yet), or a held ``.lock``."""
     name = os.path.basename(path)
     if not (name.startswith("tmp-") or name.endswith(".lock")):
         return False
@@ -392,7 +412,10 @@ def _in_use(path: str) -> bool:
     except OSError:
         return False
     try:
-        return not lock_fd(fd, exclusive=True, wait=False)
+        if not lock_fd(fd, exclusive=True, wait=False):
+            return True
+        # its creator makes it, then locks it: a fresh one may not be locked yet
+        return name.startswith("tmp-") and time.time() - os.fstat(fd).st_mtime < SCRATCH_GRACE_SECONDS
     finally:
         os.close(fd)
 

@@ -1,0 +1,244 @@
+"""Roots and GC: same verdicts as real Nix, and nothing in use is ever deleted."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import HAVE_NIX, needs_nix, run_nix
+from storekeeper.store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
+from storekeeper.store.layout import LocalLayout
+from storekeeper.store.local import LocalStore
+
+
+def drv_text(sd, name: str, outputs: dict[str, str], srcs: list[str]) -> bytes:
+    outs = ",".join(f'("{o}","{p}","","")' for o, p in sorted(outputs.items()))
+    env = ",".join(f'("{k}","{v}")' for k, v in sorted({**outputs, "name": name}.items()))
+    ins = ",".join(f'"{s}"' for s in sorted(srcs))
+    return (f'Derive([{outs}],[],[{ins}],"x86_64-linux","/bin/sh",[],[{env}])').encode()
+
+
+def generate(root: str, seed: int, n: int = 80, roots: int = 5) -> dict:
+    """A random store: text paths with references, derivations with built and unbuilt outputs,
+    direct, indirect, profile and file roots."""
+    rng = random.Random(seed)
+    lay = LocalLayout.chroot(root)
+    made: list = []
+    with LocalStore(lay) as s:
+        sd = s.store_dir
+        for i in range(n):
+            refs = rng.sample(made, k=min(len(made), rng.choice([0, 1, 1, 2, 3])))
+            body = f"path {i} " + " ".join(sd.print(r) for r in refs)
+            if rng.random() < 0.3 and made:
+                out = s.add_text(f"out{i}", body.encode(), refs).path
+                unbuilt = sd.make_text_path_for(f"unbuilt{i}", b"never")
+                drv = s.add_text(f"d{i}.drv", drv_text(sd, f"d{i}", {"out": sd.print(out),
+                                 "dev": sd.print(unbuilt)}, [sd.print(r) for r in refs]), refs).path
+                with s.db.transaction() as c:
+                    c.execute("update ValidPaths set deriver = ? where path = ?",
+                              (sd.print(drv), sd.print(out)))
+                made += [out, drv]
+            else:
+                made.append(s.add_text(f"p{i}", body.encode(), refs).path)
+        state = s.state_dir
+        picked = rng.sample(made, k=min(roots, len(made)))
+        home = os.path.join(root, "home")
+        os.makedirs(home, exist_ok=True)
+        os.makedirs(os.path.join(state, "gcroots", "auto"), exist_ok=True)
+        os.makedirs(os.path.join(state, "profiles"), exist_ok=True)
+        for k, p in enumerate(picked):
+            kind = k % 4
+            if kind == 0:
+                os.symlink(sd.print(p), os.path.join(state, "gcroots", f"direct{k}"))
+            elif kind == 1:
+                os.symlink(sd.print(p), os.path.join(home, f"result{k}"))
+                os.symlink(os.path.join(home, f"result{k}"), os.path.join(state, "gcroots", "auto", f"ind{k}"))
+            elif kind == 2:
+                os.symlink(sd.print(p), os.path.join(state, "profiles", f"p-{k}-link"))
+            else:
+                open(os.path.join(state, "gcroots", p.base), "w").close()
+        os.symlink(os.path.join(home, "gone"), os.path.join(state, "gcroots", "auto", "stale"))
+    return {"paths": made}
+
+
+def ours(root: str, action: str, **kw) -> set[str]:
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        return set(s.collect_garbage(GCOptions(action=action, **kw)).paths)
+
+
+def store_listing(root: str) -> set[str]:
+    return {n for n in os.listdir(os.path.join(root, "nix/store")) if n != ".links" and not n.endswith(".lock")}
+
+
+@needs_nix
+@pytest.mark.nix
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("keep_outputs,keep_derivations", [(False, True), (True, True), (False, False), (True, False)])
+def test_dead_set_equals_nix(tmp_path, seed, keep_outputs, keep_derivations):
+    root = str(tmp_path / "a")
+    generate(root, seed)
+    nixcopy = str(tmp_path / "b")
+    shutil.copytree(root, nixcopy, symlinks=True)
+    opts = ["--option", "keep-outputs", str(keep_outputs).lower(),
+            "--option", "keep-derivations", str(keep_derivations).lower()]
+    theirs = set(run_nix(["nix-store", "--store", nixcopy, "--gc", "--print-dead", *opts],
+                         str(tmp_path)).stdout.decode().split())
+    mine = ours(root, DEAD, keep_outputs=keep_outputs, keep_derivations=keep_derivations)
+    assert mine == theirs
+    live = ours(root, LIVE, keep_outputs=keep_outputs, keep_derivations=keep_derivations)
+    nix_live = set(run_nix(["nix-store", "--store", nixcopy, "--gc", "--print-live", *opts],
+                           str(tmp_path)).stdout.decode().split())
+    assert live == nix_live
+    # now really delete on both copies: same result, and Nix verifies what we left
+    deleted = ours(root, DELETE_DEAD, keep_outputs=keep_outputs, keep_derivations=keep_derivations)
+    run_nix(["nix-store", "--store", nixcopy, "--gc", *opts], str(tmp_path))
+    assert deleted == theirs
+    assert store_listing(root) == store_listing(nixcopy)
+    r = run_nix(["nix-store", "--store", root, "--verify", "--check-contents"], str(tmp_path))
+    assert b"error" not in r.stderr.lower()
+
+
+def test_print_actions_change_nothing(tmp_path):
+    root = str(tmp_path / "a")
+    generate(root, 7)
+    junk = os.path.join(root, "nix/store/junkfile")
+    open(junk, "w").close()
+    before = store_listing(root)
+    auto = sorted(os.listdir(os.path.join(root, "nix/var/nix/gcroots/auto")))
+    dead = ours(root, DEAD)
+    ours(root, LIVE)
+    assert dead and store_listing(root) == before
+    assert sorted(os.listdir(os.path.join(root, "nix/var/nix/gcroots/auto"))) == auto
+    ours(root, DELETE_DEAD)
+    assert not os.path.exists(junk)
+    assert "stale" not in os.listdir(os.path.join(root, "nix/var/nix/gcroots/auto"))
+
+
+def test_delete_specific_refuses_live_paths(tmp_path):
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        a = s.add_text("a", b"a").path
+        b = s.add_text("b", s.print_path(a).encode(), [a]).path
+        os.symlink(s.print_path(b), os.path.join(s.state_dir, "gcroots", "r"))
+        c = s.add_text("c", b"c").path
+        d = s.add_text("d", s.print_path(c).encode(), [c]).path
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        with pytest.raises(PathInUse, match="since it is still alive"):
+            s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({a})))
+        with pytest.raises(PathInUse):  # c is dead but its referrer d is not being deleted
+            s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({c})))
+        r = s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({c, d})))
+        assert set(r.paths) == {s.print_path(c), s.print_path(d)}
+        assert s.is_valid(a) and s.is_valid(b)
+
+
+def _gc_in_other_process(root: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-m", "storekeeper.cli.main", "--store", root, "gc", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+    return json.loads(r.stdout)["paths"]
+
+
+def test_pin_then_check_survives_gc_15158(tmp_path):
+    """The #15158 shape: a .drv written earlier is found valid, then relied on after a GC ran."""
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as writer:
+        drv = writer.add_text("hosts.drv", drv_text(writer.store_dir, "hosts", {"out": "/nix/store/"
+                              "00000000000000000000000000000000-hosts"}, [])).path
+    # the writer process is gone: its temp roots died with it
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        assert s.pin_valid(drv)            # step 3: pinned, then found valid
+        deleted = _gc_in_other_process(root)  # step 5: a GC runs in between
+        assert s.print_path(drv) not in deleted
+        dep = s.add_text("dependent.drv.txt", s.print_path(drv).encode(), [drv])  # step 6 works
+        assert s.query_references(dep.path) == {drv}
+    # control: the same sequence without the pin loses the path, so the test above can fail
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        other = s.add_text("other", b"x").path
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        assert s.is_valid(other)          # a check without a pin...
+        assert s.print_path(other) in _gc_in_other_process(root)  # ...does not protect it
+
+
+def _pin_from_another_process(root: str, path: str, q) -> None:
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        s.pin(s.parse_path(path))
+        q.put("pinned")
+
+
+def test_path_pinned_during_gc_is_not_deleted(tmp_path):
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        base = s.add_text("base", b"base").path
+        top = s.add_text("top", s.print_path(base).encode(), [base]).path
+        doomed = s.add_text("doomed", b"bye").path
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+
+    def hook(msg: str) -> None:
+        if msg == "deleting garbage...":
+            # another process pins `top` through the running GC's socket
+            p = ctx.Process(target=_pin_from_another_process, args=(root, s2.print_path(top), q))
+            p.start()
+            assert q.get(timeout=30) == "pinned"
+            p.join(30)
+
+    with LocalStore(LocalLayout.chroot(root)) as s2:
+        r = s2.collect_garbage(GCOptions(action=DELETE_DEAD), log=hook)
+        assert r.paths == [s2.print_path(doomed)]
+        assert s2.is_valid(top) and s2.is_valid(base)  # pinned mid-GC, kept with its closure
+        assert os.path.exists(s2.real_path(top)) and os.path.exists(s2.real_path(base))
+
+
+def _adder(root: str, seed: int, deadline: float, q) -> None:
+    rng = random.Random(seed)
+    errors = made = 0
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        shared = [s.add_text(f"shared{k}", f"shared {k}".encode()) for k in range(5)]
+        n = 0
+        while time.monotonic() < deadline and n < 60:
+            n += 1
+            try:
+                dep = s.add_text(f"shared{rng.randrange(5)}", f"shared {rng.randrange(5)}".encode())
+                # re-adding an existing path pins it; a path referring to it must then register
+                s.add_text(f"top-{seed}-{n}", s.print_path(dep.path).encode(), [dep.path])
+                made += 1
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors += 1
+                q.put(f"error: {e}")
+        del shared
+    q.put(("done", made, errors))
+
+
+def test_bounded_stress_adds_against_gc_loop(tmp_path):
+    root = str(tmp_path / "a")
+    LocalStore(LocalLayout.chroot(root)).close()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    deadline = time.monotonic() + 20
+    procs = [ctx.Process(target=_adder, args=(root, k, deadline, q)) for k in range(3)]
+    for p in procs:
+        p.start()
+    gcs = 0
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline + 10:
+        with LocalStore(LocalLayout.chroot(root)) as s:
+            s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        gcs += 1
+    for p in procs:
+        p.join(30)
+    errors, done = [], []
+    while len(done) < 3:
+        r = q.get(timeout=10)
+        (done if isinstance(r, tuple) else errors).append(r)
+    print(f"\nstress: {sum(d[1] for d in done)} dependent adds, {gcs} GCs, {len(errors)} errors")
+    assert not errors and len(done) == 3 and sum(d[2] for d in done) == 0
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        assert s.verify(check_contents=True).ok
