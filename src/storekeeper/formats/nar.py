@@ -49,7 +49,7 @@ class NarError(FormatError):
     """
 
     def __init__(self, offset: int, path: bytes, problem: str) -> None:
-        where = f"'{_show(path)}'" if path else "the top-level node"
+        where = f"'{_show(path, 200)}'" if path else "the top-level node"
         super().__init__(f"NAR error at byte {offset} in {where}: {problem}")
         self.offset = offset
         self.path = path
@@ -57,8 +57,14 @@ class NarError(FormatError):
 
 
 def _show(b: bytes, limit: int = 60) -> str:
+    """Printable text for a name or path: invalid UTF-8 and control characters
+    escaped, long ones cut in the middle."""
     text = b.decode("utf-8", "backslashreplace")
-    return text if len(text) <= limit else text[:limit] + "…"
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > limit:
+        text = text[: limit // 2] + "…" + text[-(limit // 2):]
+    return text
 
 
 # --------------------------------------------------------------------------
@@ -395,6 +401,8 @@ class _Reader:
             tok, start = self._keyword(path)
             if tok != b"contents":
                 raise self._unexpected(tok, start, path, "'contents'", (b"type", b"executable"))
+        elif tok == b")":
+            raise NarError(start, path, "missing field 'contents'")
         elif tok != b"contents":
             raise self._unexpected(tok, start, path, "'contents' or 'executable'", (b"type",))
 

@@ -224,58 +224,43 @@ def copy_tree_hashing(src, dest, algo: str = "sha256") -> tuple[Hash, int]:
 
 
 class _HashPipeline:
-    """Hashes, in a second thread, buffers handed over in NAR order.
+    """Hashes, in a second thread, the pieces of a NAR handed over in order.
 
     hashlib drops the GIL for large updates, so hashing overlaps the main
-    thread's reads and writes; on two cores that halves the wall time of a
-    big copy, whose cost is otherwise mostly SHA-256.
+    thread's reads and writes; SHA-256 is otherwise most of a big copy's
+    cost.  The queue is bounded, so memory stays bounded when reading
+    outpaces hashing.  Small trees never start the thread.
     """
 
-    def __init__(self, algo: str, buffers: int = 4, size: int = CHUNK_SIZE) -> None:
+    def __init__(self, algo: str, depth: int = 4) -> None:
         self._hasher = new_hasher(algo)
         self._algo = algo
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self.free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(buffers):
-            self.free.put(bytearray(size))
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="nar-hash", daemon=True)
-        self._thread.start()
+        self._work: queue.Queue = queue.Queue(depth)
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         update = self._hasher.update
         get = self._work.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            data, n = item
-            try:
-                if n < 0:
-                    update(data)
-                else:
-                    update(memoryview(data)[:n])
-            except BaseException as e:  # pragma: no cover - hashlib does not fail
-                self._failure = e
-            if n >= 0:
-                self.free.put(data)
+        while (data := get()) is not None:
+            update(data)
 
     def feed(self, data: bytes | bytearray) -> None:
-        """Hash ``data`` (handed over: the caller must not modify it)."""
-        self._work.put((data, -1))
+        """Hash ``data``, which is handed over: the caller must not change it."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nar-hash", daemon=True)
+            self._thread.start()
+        self._work.put(data)
 
-    def feed_buffer(self, buf: bytearray, n: int) -> None:
-        """Hash ``buf[:n]``, then return ``buf`` to ``free``."""
-        self._work.put((buf, n))
-
-    def finish(self) -> Hash:
-        self.stop()
-        if self._failure is not None:
-            raise self._failure
+    def finish(self, last: bytes | bytearray) -> Hash:
+        if self._thread is None:
+            self._hasher.update(last)
+        else:
+            self.feed(last)
+            self.stop()
         return Hash(self._algo, self._hasher.digest())
 
     def stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._work.put(None)
             self._thread.join()
 
@@ -283,6 +268,7 @@ class _HashPipeline:
 def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Hash, int]:
     pipe = _HashPipeline(algo)
     size = 0
+    # NAR structure and small files are batched so the queue sees big pieces.
     pending = bytearray()
     try:
         for ev in _walk(root):
@@ -302,7 +288,15 @@ def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Has
                 else:
                     pipe.feed(pending)
                     pending = bytearray()
-                    _stream_file(pipe, fd, fsize, writer, root, rel)
+                    remaining = fsize
+                    while remaining:
+                        chunk = os.read(fd, min(remaining, CHUNK_SIZE))
+                        if not chunk:
+                            raise _shrank(root, rel)
+                        pipe.feed(chunk)
+                        if writer is not None:
+                            writer.regular_data(chunk)
+                        remaining -= len(chunk)
                 size += fsize + len(tail)
                 pending += tail
                 if writer is not None:
@@ -315,29 +309,9 @@ def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Has
             if len(pending) >= _BATCH:
                 pipe.feed(pending)
                 pending = bytearray()
-        pipe.feed(pending)
-        return pipe.finish(), size
+        return pipe.finish(pending), size
     finally:
         pipe.stop()
-
-
-def _stream_file(pipe: _HashPipeline, fd: int, size: int, writer, root: bytes, rel: bytes) -> None:
-    free = pipe.free
-    remaining = size
-    while remaining:
-        buf = free.get()
-        view = memoryview(buf)
-        n = os.readv(fd, [view[:remaining] if remaining < len(buf) else view])
-        if not n:
-            free.put(buf)
-            raise _shrank(root, rel)
-        # Hand over before writing: the hash thread only reads the buffer,
-        # and it comes back to ``free`` only after our write is done too,
-        # since we take the next buffer only after writing this one.
-        pipe.feed_buffer(buf, n)
-        if writer is not None:
-            writer.regular_data(view[:n])
-        remaining -= n
 
 
 # --------------------------------------------------------------------------
