@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import HAVE_NIX, needs_nix, run_nix
+from conftest import needs_nix, run_nix
 from storekeeper.store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import needs_nix, nix_env, run_nix
+from conftest import needs_nix, run_nix
 from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
 

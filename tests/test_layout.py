@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from storekeeper.store.errors import StoreError

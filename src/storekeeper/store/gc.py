@@ -302,7 +302,7 @@ class GarbageCollector:
 
     def _delete(self, graph: _Graph, order: list[int], alive: set[int], opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
-        store, sd = self.store, self.store.store_dir
+        sd = self.store.store_dir
         pos = 0
         while pos < len(order):
             if result.bytes_freed > opts.max_freed:

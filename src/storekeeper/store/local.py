@@ -22,12 +22,10 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
 
 from __future__ import annotations
 
-import errno
 import grp
 import os
 import secrets
 import stat
-import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,14 +34,14 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
 from ..formats.errors import FormatError
-from ..formats.hashes import Hash, nix32_encode
+from ..formats.hashes import Hash, new_hasher
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
 from .canonicalise import canonicalise_paths
 from .db import StoreDB
 from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from .layout import LocalLayout
-from .locks import PathLocks, lock_fd
+from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, remove_tree, restore_nar
 from .temproots import TempRoots
 
@@ -445,7 +443,7 @@ class LocalStore:
         Unlike Nix 2.8, a vanished path is only invalidated with ``repair``.
         """
         report = VerifyReport()
-        from .locks import open_lock_file  # gc.lock SH: a GC must not run meanwhile
+        # gc.lock SH, as Nix does: no GC deletes anything while we look
         gc_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
         try:
             lock_fd(gc_fd, exclusive=False)
@@ -524,7 +522,6 @@ class LocalStore:
 # --- helpers ------------------------------------------------------------------
 
 def _hash_file(path: str, algo: str) -> Hash:
-    from ..formats.hashes import new_hasher
     h = new_hasher(algo)
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(1 << 20):
@@ -533,7 +530,6 @@ def _hash_file(path: str, algo: str) -> Hash:
 
 
 def _copy_stream_hashing(stream: BinaryIO, dest: str, algo: str) -> Hash:
-    from ..formats.hashes import new_hasher
     h = new_hasher(algo)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with open(fd, "wb") as f:
