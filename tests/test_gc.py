@@ -16,6 +16,7 @@ from conftest import needs_nix, run_nix
 from storekeeper.store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
+from storekeeper.store.settings import StoreSettings
 
 
 def drv_text(sd, name: str, outputs: dict[str, str], srcs: list[str]) -> bytes:
@@ -201,7 +202,9 @@ def test_path_pinned_during_gc_is_not_deleted(tmp_path):
 def _adder(root: str, seed: int, deadline: float, q) -> None:
     rng = random.Random(seed)
     errors = made = 0
-    with LocalStore(LocalLayout.chroot(root)) as s:
+    # auto-GC on every add: the fake free space is always below min-free
+    tiny = StoreSettings(min_free=1000, max_free=2000, min_free_check_interval=0)
+    with LocalStore(LocalLayout.chroot(root), settings=tiny) as s:
         shared = [s.add_text(f"shared{k}", f"shared {k}".encode()) for k in range(5)]
         n = 0
         while time.monotonic() < deadline and n < 60:
@@ -209,8 +212,13 @@ def _adder(root: str, seed: int, deadline: float, q) -> None:
             try:
                 dep = s.add_text(f"shared{rng.randrange(5)}", f"shared {rng.randrange(5)}".encode())
                 # re-adding an existing path pins it; a path referring to it must then register
-                s.add_text(f"top-{seed}-{n}", s.print_path(dep.path).encode(), [dep.path])
+                top = s.add_text(f"top-{seed}-{n}", s.print_path(dep.path).encode(), [dep.path])
+                drv = s.add_text(f"t{n % 4}.drv", drv_text(s.store_dir, f"t{n % 4}", {"out": "/nix/store/"
+                                 "00000000000000000000000000000000-t"}, [s.print_path(dep.path)]), [dep.path])
                 made += 1
+                for p in (top.path, dep.path, drv.path):  # pinned by us: nobody may take them
+                    if not (s.is_valid(p) and os.path.exists(s.real_path(p))):
+                        q.put(f"error: lost {s.print_path(p)}")
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors += 1
                 q.put(f"error: {e}")
@@ -218,8 +226,11 @@ def _adder(root: str, seed: int, deadline: float, q) -> None:
     q.put(("done", made, errors))
 
 
-def test_bounded_stress_adds_against_gc_loop(tmp_path):
+def test_bounded_stress_adds_against_gc_loop(tmp_path, monkeypatch):
     root = str(tmp_path / "a")
+    free = tmp_path / "free-space"
+    free.write_text("500")
+    monkeypatch.setenv("_NIX_TEST_FREE_SPACE_FILE", str(free))
     LocalStore(LocalLayout.chroot(root)).close()
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
@@ -238,7 +249,75 @@ def test_bounded_stress_adds_against_gc_loop(tmp_path):
     while len(done) < 3:
         r = q.get(timeout=10)
         (done if isinstance(r, tuple) else errors).append(r)
-    print(f"\nstress: {sum(d[1] for d in done)} dependent adds, {gcs} GCs, {len(errors)} errors")
+    print(f"\nstress: {sum(d[1] for d in done)} rounds (3 adds each, auto-GC before each), "
+          f"{gcs} full GCs, {len(errors)} errors / lost paths")
     assert not errors and len(done) == 3 and sum(d[2] for d in done) == 0
     with LocalStore(LocalLayout.chroot(root)) as s:
         assert s.verify(check_contents=True).ok
+
+
+def _disk_usage(path: str) -> int:
+    seen, total = set(), 0
+    for dirpath, dirs, files in os.walk(path):
+        for n in [""] + dirs + files:
+            st = os.lstat(os.path.join(dirpath, n))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def test_dry_run_bytes_are_exact_with_hard_links(tmp_path):
+    from storekeeper.store.inspect import bytes_freed_by
+    root = str(tmp_path / "a")
+    big = os.urandom(200_000)
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        live = s.add_text("live", big + b"live").path
+        dead1 = s.add_text("dead1", big + b"dead1").path
+        dead2 = s.add_text("dead2", b"x" * 50_000).path
+        os.symlink(s.print_path(live), os.path.join(s.state_dir, "gcroots", "r"))
+        # dead2's file is also linked from the pool, dead1's from a live path: only the
+        # first is freed (its pool entry goes too), the second stays
+        os.link(s.real_path(dead2), os.path.join(s.real_store_dir, ".links", "pooled"))
+        d = tmp_path / "tree"
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f").write_bytes(big)
+        tree = s.add_path(str(d)).path
+        os.link(os.path.join(s.real_path(tree), "sub", "f"), os.path.join(s.real_store_dir, ".links", "shared"))
+        os.link(os.path.join(s.real_path(tree), "sub", "f"), os.path.join(s.real_store_dir, ".links", "x2"))
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        dead = s.collect_garbage(GCOptions(action=DEAD)).paths
+        assert set(dead) == {s.print_path(p) for p in (dead1, dead2, tree)}
+        predicted, _ = bytes_freed_by(s, dead)
+        before = _disk_usage(s.real_store_dir)
+        s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        after = _disk_usage(s.real_store_dir)
+        assert predicted == before - after
+
+
+def test_roots_listing_and_why_alive(tmp_path):
+    from storekeeper.store.inspect import list_roots, why_alive
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        a = s.add_text("a", b"a").path
+        b = s.add_text("b", s.print_path(a).encode(), [a]).path
+        c = s.add_text("c", s.print_path(b).encode(), [b]).path
+        orphan = s.add_text("orphan", b"o").path
+        os.symlink(s.print_path(c), os.path.join(s.state_dir, "gcroots", "mine"))
+        home = tmp_path / "home"
+        home.mkdir()
+        os.symlink(s.print_path(b), home / "result")
+        os.makedirs(os.path.join(s.state_dir, "gcroots", "auto"))
+        os.symlink(str(home / "result"), os.path.join(s.state_dir, "gcroots", "auto", "x"))
+    before = sorted(os.listdir(os.path.join(root, "nix/store")))
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        roots = {(r.kind, r.target) for r in list_roots(s)}
+        assert ("direct", s.print_path(c)) in roots and ("indirect", s.print_path(b)) in roots
+        info = next(r for r in list_roots(s) if r.kind == "direct")
+        assert info.owner and info.closure_size == sum(s.path_info(p).nar_size for p in (a, b, c))
+        chain = why_alive(s, a)
+        # shortest chain: through the indirect root at b, not the longer one through c
+        assert [p for _, p in chain] == [s.print_path(b), s.print_path(a)]
+        assert "indirect" in chain[0][0] and chain[1][0] == "reference"
+        assert why_alive(s, orphan) is None
+    assert sorted(os.listdir(os.path.join(root, "nix/store"))) == before  # read-only

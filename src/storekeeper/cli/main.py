@@ -19,6 +19,7 @@ from ..formats.storepath import StorePath
 from ..store.errors import StoreError
 from ..store.layout import DaemonAddress, LocalLayout, parse_store_url
 from ..store.local import LocalStore
+from ..store.settings import StoreSettings
 
 
 class UsageError(Exception):
@@ -31,7 +32,7 @@ def open_store(url: str | None) -> LocalStore:
         raise UsageError(f"daemon stores ('{address.socket_path}') are not supported by this "
                          "command yet")
     assert isinstance(address, LocalLayout)
-    return LocalStore(address)
+    return LocalStore(address, settings=StoreSettings.from_nix_conf())
 
 
 def resolve_path(store: LocalStore, arg: str) -> StorePath:
@@ -177,11 +178,27 @@ def cmd_verify(store: LocalStore, args: argparse.Namespace) -> int:
 
 def cmd_gc(store: LocalStore, args: argparse.Namespace) -> int:
     from ..store.gc import DEAD, DELETE_DEAD, LIVE, GCOptions
-    action = LIVE if args.print_live else DEAD if args.print_dead else DELETE_DEAD
+    action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
+    cfg = store.settings
     opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
-                     keep_outputs=args.keep_outputs, keep_derivations=not args.no_keep_derivations)
+                     keep_outputs=args.keep_outputs or cfg.keep_outputs,
+                     keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else None
     result = store.collect_garbage(opts, log)
+    if args.dry_run:
+        from ..store.inspect import bytes_freed_by
+        disk, apparent = bytes_freed_by(store, result.paths)
+        if args.json:
+            json.dump({"action": "dry-run", "paths": result.paths, "bytesFreed": disk,
+                       "apparentBytesFreed": apparent}, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            for p in result.paths:
+                print(p)
+            print(f"would delete {len(result.paths)} store paths, freeing {disk} bytes "
+                  f"({disk / 2**20:.2f} MiB on disk, {apparent / 2**20:.2f} MiB of file contents)",
+                  file=sys.stderr)
+        return 0
     if args.json:
         json.dump({"action": action, "paths": result.paths, "bytesFreed": result.bytes_freed}, sys.stdout)
         sys.stdout.write("\n")
@@ -190,6 +207,43 @@ def cmd_gc(store: LocalStore, args: argparse.Namespace) -> int:
             print(p)
     else:
         print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
+    return 0
+
+
+def cmd_roots(store: LocalStore, args: argparse.Namespace) -> int:
+    from ..store.inspect import list_roots
+    roots = list_roots(store)
+    if args.json:
+        json.dump([r.to_json() for r in roots], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    for r in roots:
+        age = "-" if r.age_seconds is None else _age(r.age_seconds)
+        flag = "" if r.valid else "  (invalid target)"
+        print(f"{r.kind:9} {r.owner or '-':10} {age:>6} {r.closure_size / 2**20:10.2f} MiB  "
+              f"{r.link} -> {r.target}{flag}")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{int(seconds // n)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def cmd_why_alive(store: LocalStore, args: argparse.Namespace) -> int:
+    from ..store.inspect import why_alive
+    sp = _valid(store, args.path)
+    chain = why_alive(store, sp)
+    if chain is None:
+        print(f"{store.print_path(sp)} is not reachable from any root: the next GC deletes it")
+        return 1
+    (root_label, first), *rest = chain
+    print(f"{root_label}")
+    print(f"  -> {first}")
+    for kind, path in rest:
+        print(f"  -> {path}   [{kind}]")
     return 0
 
 
@@ -259,8 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-freed", type=int, metavar="BYTES")
     s.add_argument("--keep-outputs", action="store_true")
     s.add_argument("--no-keep-derivations", action="store_true")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print what would be deleted and the exact bytes it would free")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_gc)
+
+    s = sub.add_parser("roots", help="list every GC root: kind, owner, age, closure size (read-only)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_roots)
+
+    s = sub.add_parser("why-alive", help="the shortest chain from a GC root to PATH")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_why_alive)
 
     s = sub.add_parser("delete", help="delete store paths that are not alive")
     s.add_argument("paths", nargs="+", metavar="PATH")

@@ -37,6 +37,7 @@ from typing import Callable, Iterable
 from ..formats.storepath import StorePath, StorePathError
 from .errors import StoreError
 from .locks import PathLocks, lock_fd, open_lock_file
+from .graph import Graph
 from .roots import Root, RootFinder
 
 BATCH = 256
@@ -55,6 +56,10 @@ class GCOptions:
     max_freed: int = 2**64 - 1
     keep_outputs: bool = False
     keep_derivations: bool = True
+    # Auto-GC: do not queue behind a running collection, and re-check the
+    # need (free space) once the lock is held.
+    wait_for_lock: bool = True
+    only_if: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -62,49 +67,6 @@ class GCResult:
     paths: list[str] = field(default_factory=list)  # live / dead / deleted, printed form
     bytes_freed: int = 0
     messages: list[str] = field(default_factory=list)
-
-
-class _Graph:
-    """The whole reference graph as integer adjacency lists (one DB pass)."""
-
-    def __init__(self, db) -> None:
-        conn = db.conn
-        rows = conn.execute("select id, path, deriver from ValidPaths").fetchall()
-        self.path_of: dict[int, str] = {}
-        self.id_of: dict[str, int] = {}
-        deriver_of: dict[int, str] = {}
-        for i, p, d in rows:
-            self.path_of[i] = p
-            self.id_of[p] = i
-            if d:
-                deriver_of[i] = d
-        self.refs: dict[int, list[int]] = {}
-        self.referrers: dict[int, list[int]] = {}
-        for a, b in conn.execute("select referrer, reference from Refs"):
-            self.refs.setdefault(a, []).append(b)
-            self.referrers.setdefault(b, []).append(a)
-        self.deriver: dict[int, int] = {i: self.id_of[d] for i, d in deriver_of.items() if d in self.id_of}
-        self.outputs: dict[int, list[int]] = {}
-        for drv, p in conn.execute("select drv, path from DerivationOutputs"):
-            o = self.id_of.get(p)
-            if o is not None:
-                self.outputs.setdefault(drv, []).append(o)
-
-    def closure(self, start: Iterable[int], alive: set[int], keep_outputs: bool,
-                keep_derivations: bool) -> None:
-        queue = deque(i for i in start if i not in alive)
-        alive.update(queue)
-        while queue:
-            i = queue.popleft()
-            nxt = list(self.refs.get(i, ()))
-            if keep_derivations and i in self.deriver:
-                nxt.append(self.deriver[i])
-            if keep_outputs:
-                nxt.extend(self.outputs.get(i, ()))
-            for j in nxt:
-                if j not in alive:
-                    alive.add(j)
-                    queue.append(j)
 
 
 class GarbageCollector:
@@ -211,8 +173,13 @@ class GarbageCollector:
         gc_fd = open_lock_file(os.path.join(store.state_dir, "gc.lock"))
         try:
             if not lock_fd(gc_fd, exclusive=True, wait=False):
+                if not opts.wait_for_lock:
+                    result.messages.append("a garbage collection is already running")
+                    return result
                 self.log("waiting for the big garbage collector lock...")
                 lock_fd(gc_fd, exclusive=True)
+            if opts.only_if is not None and not opts.only_if():
+                return result
             self._start_server()
             finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir)
             roots: list[Root] = []
@@ -225,7 +192,7 @@ class GarbageCollector:
                 self._temp_hashes.update(r.path.hash_part for r in temp)
             roots += temp
             result.messages += finder.messages
-            graph = _Graph(store.db)
+            graph = Graph(store.db)
             sd = store.store_dir
             alive: set[int] = set()
             root_ids = [graph.id_of[p] for p in (sd.print(r.path) for r in roots) if p in graph.id_of]
@@ -254,7 +221,7 @@ class GarbageCollector:
             self._stop_server()
             os.close(gc_fd)
 
-    def _candidates(self, graph: _Graph, alive: set[int], opts: GCOptions, sd) -> set[int]:
+    def _candidates(self, graph: Graph, alive: set[int], opts: GCOptions, sd) -> set[int]:
         dead = set(graph.path_of) - alive
         if opts.action != DELETE_SPECIFIC:
             return dead
@@ -280,7 +247,7 @@ class GarbageCollector:
         return wanted
 
     @staticmethod
-    def _referrers_first(graph: _Graph, nodes: set[int]) -> list[int]:
+    def _referrers_first(graph: Graph, nodes: set[int]) -> list[int]:
         indeg = {i: 0 for i in nodes}
         for i in nodes:
             for r in graph.referrers.get(i, ()):
@@ -300,7 +267,7 @@ class GarbageCollector:
             raise StoreError("cycle in the reference graph of dead paths")
         return order
 
-    def _delete(self, graph: _Graph, order: list[int], alive: set[int], opts: GCOptions,
+    def _delete(self, graph: Graph, order: list[int], alive: set[int], opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
         sd = self.store.store_dir
         pos = 0
@@ -328,7 +295,7 @@ class GarbageCollector:
                     self._pending = set()
                     self._cond.notify_all()
 
-    def _delete_batch(self, graph: _Graph, batch: list[int], alive: set[int], result: GCResult,
+    def _delete_batch(self, graph: Graph, batch: list[int], alive: set[int], result: GCResult,
                       keep_outputs: bool, keep_derivations: bool) -> None:
         store, sd = self.store, self.store.store_dir
         locks: list[tuple[int, PathLocks]] = []
@@ -355,7 +322,7 @@ class GarbageCollector:
             for _, pl in locks:
                 pl.release()
 
-    def _invalid_entries(self, graph: _Graph, dry: bool, result: GCResult | None = None) -> list[str]:
+    def _invalid_entries(self, graph: Graph, dry: bool, result: GCResult | None = None) -> list[str]:
         """Store-dir entries that are not valid paths (leftovers, junk); deleted unless in use."""
         store, sd = self.store, self.store.store_dir
         names: list[str] = []

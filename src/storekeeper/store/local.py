@@ -26,6 +26,7 @@ import grp
 import os
 import secrets
 import stat
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, remove_tree, restore_nar
+from .settings import StoreSettings
 from .temproots import TempRoots
 
 TEMP_DIR_PREFIX = "tmp-sk-"
@@ -64,8 +66,11 @@ class VerifyReport:
 class LocalStore:
     """A local Nix store (see module docstring for the invariants it keeps)."""
 
-    def __init__(self, layout: LocalLayout, create: bool = True) -> None:
+    def __init__(self, layout: LocalLayout, create: bool = True,
+                 settings: StoreSettings | None = None) -> None:
         self.layout = layout
+        self.settings = settings or StoreSettings()
+        self._last_auto_gc_check = float("-inf")
         self.store_dir: StoreDir = layout.store_dir
         self.real_store_dir = layout.real_store_dir
         self.state_dir = layout.state_dir
@@ -272,6 +277,7 @@ class LocalStore:
             if self.is_valid(sp) and not repair:
                 return self.path_info(sp)
             self._pin_references(info.references, sp)
+            self.auto_gc()
             if os.path.lexists(real):
                 remove_tree(real)
             create(real)
@@ -433,6 +439,37 @@ class LocalStore:
         """Run the collector (see :mod:`storekeeper.store.gc` for its invariants)."""
         from .gc import GarbageCollector
         return GarbageCollector(self, log).collect(options)
+
+    def free_space(self) -> int:
+        test_file = os.environ.get("_NIX_TEST_FREE_SPACE_FILE")
+        if test_file:
+            with open(test_file) as f:
+                return int(f.read().strip())
+        st = os.statvfs(self.real_store_dir)
+        return st.f_bavail * st.f_frsize
+
+    def auto_gc(self) -> None:
+        """Collect when free space is below ``min-free``, up to ``max-free``; single-flight.
+
+        Called before new content is written.  If a collection is already
+        running (here or in another process) we do not queue behind it, and
+        the need is re-checked once the GC lock is ours.
+        """
+        s = self.settings
+        if s.min_free <= 0 or self.read_only:
+            return
+        now = time.monotonic()
+        if now - self._last_auto_gc_check < s.min_free_check_interval:
+            return
+        self._last_auto_gc_check = now
+        avail = self.free_space()
+        if avail >= s.min_free or avail >= s.max_free:
+            return
+        from .gc import DELETE_DEAD, GCOptions
+        self.collect_garbage(GCOptions(
+            action=DELETE_DEAD, max_freed=s.max_free - avail, keep_outputs=s.keep_outputs,
+            keep_derivations=s.keep_derivations, wait_for_lock=False,
+            only_if=lambda: self.free_space() < s.min_free))
 
     # --- verification ---------------------------------------------------------
 

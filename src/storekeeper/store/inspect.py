@@ -1,0 +1,142 @@
+"""Read-only answers about liveness: root listings, why a path is alive, what a GC would free.
+
+Nothing here deletes or locks anything: these run beside a GC and report a
+consistent snapshot of the DB plus what the file system shows.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import time
+from dataclasses import dataclass
+
+from ..formats.storepath import StorePath
+from .graph import Graph
+from .roots import Root, RootFinder
+
+
+@dataclass
+class RootInfo:
+    kind: str
+    link: str
+    target: str
+    owner: str | None
+    age_seconds: float | None
+    closure_size: int  # NAR bytes of the target's closure
+    valid: bool
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "link": self.link, "target": self.target, "owner": self.owner,
+                "ageSeconds": None if self.age_seconds is None else round(self.age_seconds),
+                "closureSize": self.closure_size, "valid": self.valid}
+
+
+def _owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None]:
+    if root.kind == "temp":
+        probe = os.path.join(state_dir, "temproots", root.link[len("{temp:"):-1])
+    elif root.kind == "runtime":
+        probe = "/".join(root.link.split("/")[:3])  # /proc/<pid>
+    else:
+        probe = root.link
+    try:
+        st = os.lstat(probe)
+    except OSError:
+        return None, None
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return owner, max(0.0, time.time() - st.st_mtime)
+
+
+def all_roots(store) -> list[Root]:
+    f = RootFinder(store.store_dir, store.real_store_dir, store.state_dir)
+    return list(f.permanent_roots()) + list(f.runtime_roots()) + list(f.temp_roots())
+
+
+def list_roots(store) -> list[RootInfo]:
+    graph = Graph(store.db)
+    sizes = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
+    out = []
+    for r in sorted(set(all_roots(store)), key=lambda r: (r.kind, r.link)):
+        p = store.print_path(r.path)
+        i = graph.id_of.get(p)
+        closure: set[int] = set()
+        if i is not None:
+            graph.closure([i], closure, store.settings.keep_outputs, store.settings.keep_derivations)
+        owner, age = _owner_and_age(r, store.state_dir)
+        out.append(RootInfo(r.kind, r.link, p, owner, age, sum(sizes[j] for j in closure), i is not None))
+    return out
+
+
+def why_alive(store, sp: StorePath) -> list[tuple[str, str]] | None:
+    """The shortest chain root → … → ``sp``: [(root link, root path), (edge kind, path), …]."""
+    graph = Graph(store.db)
+    target = graph.id_of.get(store.print_path(sp))
+    if target is None:
+        return None
+    roots: dict[int, str] = {}
+    for r in all_roots(store):
+        i = graph.id_of.get(store.print_path(r.path))
+        if i is not None:
+            roots.setdefault(i, f"{r.link} ({r.kind} root)")
+    s = store.settings
+    chain = graph.shortest_chain(roots, target, s.keep_outputs, s.keep_derivations)
+    if chain is None:
+        return None
+    return [(label, graph.path_of[i]) for i, label in chain]
+
+
+def bytes_freed_by(store, dead_paths: list[str]) -> tuple[int, int]:
+    """(disk bytes, apparent bytes) that deleting ``dead_paths`` would free, hard links counted.
+
+    An inode is freed when every link to it goes: the links inside the dead
+    paths, plus its ``.links`` pool entry, which the GC drops once nothing
+    else links to it.
+    """
+    pool: set[tuple[int, int]] = set()
+    links_dir = os.path.join(store.real_store_dir, ".links")
+    try:
+        with os.scandir(links_dir) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                pool.add((st.st_dev, st.st_ino))
+    except FileNotFoundError:
+        pass
+    seen: dict[tuple[int, int], list] = {}  # inode -> [links inside dead set, nlink, blocks, size]
+    disk = 0
+    for p in dead_paths:
+        real = os.path.join(store.real_store_dir, os.path.basename(p))
+        for path, st in _walk(real):
+            if stat.S_ISDIR(st.st_mode):
+                disk += st.st_blocks * 512
+                continue
+            rec = seen.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_blocks * 512, st.st_size])
+            rec[0] += 1
+    apparent = 0
+    for key, (inside, nlink, blocks, size) in seen.items():
+        if inside == nlink or (inside == nlink - 1 and key in pool):
+            disk += blocks
+            apparent += size
+    return disk, apparent
+
+
+def _walk(top: str):
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    yield top, st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                yield e.path, st
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
