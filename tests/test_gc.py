@@ -321,3 +321,73 @@ def test_roots_listing_and_why_alive(tmp_path):
         assert "indirect" in chain[0][0] and chain[1][0] == "reference"
         assert why_alive(s, orphan) is None
     assert sorted(os.listdir(os.path.join(root, "nix/store"))) == before  # read-only
+
+
+@needs_nix
+@pytest.mark.nix
+def test_real_nix_adds_while_our_gc_runs(tmp_path):
+    """Real `nix-store --add` processes while our GC loops: every add succeeds, nothing rooted is lost."""
+    root = str(tmp_path / "a")
+    LocalStore(LocalLayout.chroot(root)).close()
+    srcs = []
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        from storekeeper.formats.hashes import Hash
+        from storekeeper.formats.nar import dump_string
+        for k in range(12):
+            f = tmp_path / f"src{k}"
+            f.write_bytes(f"content {k}\n".encode() * 100)
+            expected = s.store_dir.make_fixed_output_path(f.name, True, Hash.of("sha256", dump_string(f.read_bytes())))
+            os.symlink(s.print_path(expected), os.path.join(s.state_dir, "gcroots", f"r{k}"))
+            srcs.append((str(f), s.print_path(expected)))
+        for k in range(30):
+            s.add_text(f"garbage{k}", f"g{k}".encode())
+    env_tmp = str(tmp_path)
+    script = "set -e; " + "; ".join(f"nix-store --store {root} --add {f}" for f, _ in srcs)
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=__import__("conftest").nix_env(env_tmp))
+    gcs = 0
+    while proc.poll() is None or gcs < 3:
+        with LocalStore(LocalLayout.chroot(root)) as s:
+            s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        gcs += 1
+        if gcs > 500:
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.decode().split() == [e for _, e in srcs]
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        for _, p in srcs:
+            assert s.is_valid(s.parse_path(p)) and os.path.exists(root + p)
+        assert s.verify(check_contents=True).ok
+    print(f"\n{len(srcs)} nix adds during {gcs} storekeeper GCs")
+
+
+@needs_nix
+@pytest.mark.nix
+def test_our_adds_while_real_nix_gc_runs(tmp_path):
+    """Our adds (with references to existing paths) while real `nix-store --gc` loops."""
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        base = s.add_text("base", b"base").path
+    stop = time.monotonic() + 15
+    gc = subprocess.Popen(["sh", "-c", f"while [ $(date +%s) -lt {int(time.time()) + 15} ]; do "
+                           f"nix-store --store {root} --gc >/dev/null 2>&1; done"],
+                          env=__import__("conftest").nix_env(str(tmp_path)))
+    made = []
+    try:
+        with LocalStore(LocalLayout.chroot(root)) as s:
+            k = 0
+            while time.monotonic() < stop and k < 150:
+                dep = s.add_text("base", b"base").path  # exists or is re-created; pinned either way
+                top = s.add_text(f"top{k}", s.print_path(dep).encode(), [dep]).path
+                os.symlink(s.print_path(top), os.path.join(s.state_dir, "gcroots", f"top{k}"))
+                made.append(top)
+                k += 1
+    finally:
+        gc.wait(timeout=60)
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        for top in made:
+            assert s.is_valid(top) and os.path.exists(s.real_path(top))
+        assert s.is_valid(base)
+        assert s.verify(check_contents=True).ok
+    print(f"\n{len(made)} storekeeper adds while nix-store --gc looped")
