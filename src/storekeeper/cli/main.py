@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the embedded store under the user's data dir)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    sub.add_parser("daemon", help="serve the store over the Nix worker protocol "
+                   "(see 'storekeeper daemon --help')", add_help=False)
+
     s = sub.add_parser("init", help="create the store if needed and show where it is")
     s.set_defaults(func=cmd_init)
 
@@ -339,7 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `daemon` has its own parser (it also serves as the nix-daemon drop-in)
+    store_args: list[str] = []
+    if len(argv) >= 2 and argv[0] == "--store":
+        store_args, argv = argv[:2], argv[2:]
+    elif argv and argv[0].startswith("--store="):
+        store_args, argv = ["--store", argv[0].split("=", 1)[1]], argv[1:]
+    if argv and argv[0] == "daemon":
+        from ..daemon.cli import main_daemon
+        return main_daemon(store_args + argv[1:])
+    args = build_parser().parse_args(store_args + argv)
     store = None
     try:
         if not getattr(args, "no_store", False):

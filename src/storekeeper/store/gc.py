@@ -355,6 +355,7 @@ class GarbageCollector:
             it = os.scandir(links)
         except FileNotFoundError:
             return
+        actual = unshared = 0
         with it:
             for e in it:
                 try:
@@ -362,8 +363,13 @@ class GarbageCollector:
                     if st.st_nlink == 1:
                         os.unlink(e.path)
                         result.bytes_freed += st.st_size
+                        continue
                 except FileNotFoundError:
                     continue
+                actual += st.st_size
+                unshared += (st.st_nlink - 1) * st.st_size
+        overhead = os.stat(links).st_blocks * 512
+        self.log(f"note: currently hard linking saves {(unshared - actual - overhead) / 2**20:.2f} MiB")
 
 
 SCRATCH_GRACE_SECONDS = 300

@@ -281,8 +281,13 @@ class LocalStore:
             if os.path.lexists(real):
                 remove_tree(real)
             create(real)
-            canonicalise_paths([real])
-            self.register_valid_paths([info])
+            try:
+                canonicalise_paths([real])
+                self.register_valid_paths([info])
+            except BaseException:
+                # never leave unregistered files at a path's final name
+                remove_tree(real)
+                raise
             locks.delete_on_release = True
         return self.path_info(sp)
 
@@ -352,7 +357,7 @@ class LocalStore:
         if check_sigs and not info.ca:
             narfmt.read_nar(stream, narfmt.NullSink())  # keep the stream in step
             raise BadArchive(f"cannot add path '{self.print_path(info.path)}' because it lacks "
-                             "a signature by a trusted key")
+                             "a valid signature")
         with self._temp_dir() as tmp:
             staged = os.path.join(tmp, "x")
             reader = narfmt.HashingReader(stream, info.nar_hash.algo)
@@ -422,6 +427,22 @@ class LocalStore:
             except FormatError as e:
                 raise StoreError(f"derivation '{self.print_path(drv)}': {e}") from None
 
+    def add_signatures(self, sp: StorePath, sigs: Iterable[str]) -> None:
+        """Merge signatures (``keyname:base64``) into a valid path's record."""
+        sigs = list(sigs)
+        for sig in sigs:
+            # the DB column is space-separated: whitespace would split a signature
+            if not sig or any(c.isspace() for c in sig):
+                raise StoreError(f"signature '{sig}' is empty or contains whitespace")
+        path = self.print_path(sp)
+        if not self.pin_valid(sp):
+            raise InvalidPath(f"path '{path}' is not valid")
+        with self.db.transaction():
+            info = self.db.query_info(path)
+            if info is None:
+                raise InvalidPath(f"path '{path}' is not valid")
+            self.db.set_sigs(path, set(info.sigs) | set(sigs))
+
     # --- invalidation ---------------------------------------------------------
 
     def invalidate(self, sp: StorePath) -> None:
@@ -434,6 +455,26 @@ class LocalStore:
             self.db.invalidate(path)
 
     # --- garbage collection ---------------------------------------------------
+
+    def ensure_user_dirs(self, user: str, uid: int, gid: int) -> None:
+        """``gcroots/per-user/<user>`` and ``profiles/per-user/<user>``, owned by the user.
+
+        Made by the daemon for each connecting user, as Nix does; only that user
+        (and root) can add or remove roots there.  An existing entry that is not
+        a plain directory is left alone and not trusted.
+        """
+        if self.read_only or "/" in user or user in ("", ".", ".."):
+            return
+        for top in ("gcroots", "profiles"):
+            d = os.path.join(self.state_dir, top, "per-user")
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            mine = os.path.join(d, user)
+            try:
+                os.mkdir(mine, 0o755)
+            except FileExistsError:
+                continue
+            if os.geteuid() == 0:
+                os.lchown(mine, uid, gid)
 
     def collect_garbage(self, options, log: Callable[[str], None] | None = None):
         """Run the collector (see :mod:`storekeeper.store.gc` for its invariants)."""

@@ -90,12 +90,17 @@ def _walk(root: bytes) -> Iterator[tuple]:
     if not stat.S_ISDIR(st.st_mode):
         raise _unsupported(root, b"")
 
-    # One frame per open directory: (fd, path, sorted entries, next index).
+    # One frame per open directory: [fd, path, sorted entries, next index].
+    # Iterative, so depth is not bounded by Python's recursion limit.
     stack: list[list] = []
+
+    def push(fd: int, path: bytes) -> None:
+        frame = [fd, path, [], 0]
+        stack.append(frame)  # from here on the finally clause closes fd
+        frame[2] = _entries(fd, root, path)
+
     try:
-        fd = os.open(root, _O_DIR)
-        stack.append([fd, b"", (), 0])
-        stack[-1][2] = _entries(fd, root, b"")
+        push(os.open(root, _O_DIR), b"")
         yield (_DIR, b"", NAR_MAGIC + DIRECTORY_HEADER)
         while stack:
             frame = stack[-1]
@@ -114,9 +119,7 @@ def _walk(root: bytes) -> Iterator[tuple]:
                 target = os.readlink(name, dir_fd=dfd)
                 yield (_LINK, path, entry_header(name) + symlink_node(target) + CLOSE, target)
             else:
-                cfd = os.open(name, _O_DIR, dir_fd=dfd)
-                stack.append([cfd, path, (), 0])
-                stack[-1][2] = _entries(cfd, root, path)
+                push(os.open(name, _O_DIR, dir_fd=dfd), path)
                 yield (_DIR, path, entry_header(name) + DIRECTORY_HEADER)
     finally:
         for frame in reversed(stack):

@@ -26,7 +26,9 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
+from ..formats.hashes import Hash
 from ..formats.storepath import StoreDir, StorePath, StorePathError
+from .fsutil import symlink_atomic
 from .locks import lock_fd
 
 CENSORED = "{censored}"
@@ -207,3 +209,19 @@ class RootFinder:
             sp = self._to_store_path(target)
             if sp is not None:
                 yield Root(sp, link, "runtime")
+
+
+def indirect_root_name(link: str) -> str:
+    """``gcroots/auto/<name>`` for a link: nix32 of SHA-1 of the absolute link path."""
+    return Hash.of("sha1", link.encode()).nix32
+
+
+def add_indirect_root(state_dir: str, link: str) -> str:
+    """Register ``link`` (a symlink the client made) as an indirect root; atomic, idempotent."""
+    if not link.startswith("/") or "\0" in link:
+        raise ValueError(f"indirect root '{link}' is not an absolute path")
+    auto = os.path.join(state_dir, "gcroots", "auto")
+    os.makedirs(auto, mode=0o755, exist_ok=True)
+    name = os.path.join(auto, indirect_root_name(link))
+    symlink_atomic(link, name)
+    return name

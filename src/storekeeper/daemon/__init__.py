@@ -1,0 +1,16 @@
+"""The store daemon: the Nix worker protocol (1.34) over a Unix socket or stdio.
+
+Layering: imports ``store`` and ``formats`` only.  Entry points:
+:func:`serve` (socket, one forked process per connection), :func:`serve_stdio`
+(one trusted connection on stdin/stdout) and :class:`Session` (one
+connection on any pair of streams, used by both and by tests).
+"""
+
+from .server import default_socket_path, serve, serve_stdio
+from .session import ClientOptions, NotSupported, OpError, Session
+from .trust import DaemonConfig, PeerInfo, parse_nix_conf, read_nix_conf
+
+__all__ = [
+    "ClientOptions", "DaemonConfig", "NotSupported", "OpError", "PeerInfo", "Session",
+    "default_socket_path", "parse_nix_conf", "read_nix_conf", "serve", "serve_stdio",
+]

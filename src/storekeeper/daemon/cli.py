@@ -1,0 +1,136 @@
+"""Command lines that start the daemon.
+
+* ``storekeeper daemon [--socket PATH] [--stdio] [--store URL]
+  [--trusted-users U…] [--allowed-users U…] [--config FILE]`` — :func:`main_daemon`.
+* ``storekeeper-nix-daemon`` — :func:`main_nix_daemon`, a drop-in for
+  ``nix-daemon``: the store, state and log dirs come from ``NIX_STORE_DIR``,
+  ``NIX_STATE_DIR``, ``NIX_LOG_DIR``; settings from ``$NIX_CONF_DIR/nix.conf``
+  (default ``/etc/nix``), then ``NIX_CONFIG``, then ``--option``; the socket
+  is ``NIX_DAEMON_SOCKET_PATH`` or ``$NIX_STATE_DIR/daemon-socket/socket``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import replace
+from typing import Mapping, Sequence
+
+from ..formats.errors import FormatError
+from ..store.errors import StoreError
+from ..store.layout import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
+from ..store.settings import nix_conf_path, parse_nix_conf, read_nix_conf
+from .server import default_socket_path, serve, serve_stdio
+from .trust import DaemonConfig
+
+NIX_VERSION_LINE = "nix-daemon (Nix) 2.8.0"
+
+
+def _user_list(values: list[str] | None) -> tuple[str, ...] | None:
+    if values is None:
+        return None
+    return tuple(u for v in values for u in v.replace(",", " ").split())
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="storekeeper-daemon[%(process)d]: %(message)s")
+
+
+def _local_layout(url: str | None, env: Mapping[str, str]) -> LocalLayout:
+    address = parse_store_url(url, env)
+    if isinstance(address, DaemonAddress):
+        raise StoreError(f"the daemon serves a local store, but '{url}' is a daemon socket "
+                         f"('{address.socket_path}')")
+    return address
+
+
+def main_daemon(argv: Sequence[str] | None = None) -> int:
+    """``storekeeper daemon``: serve a local store over a socket (or stdio)."""
+    p = argparse.ArgumentParser(
+        prog="storekeeper daemon",
+        description="Serve a store over the Nix worker protocol (1.34), for real Nix clients: "
+                    "NIX_REMOTE='unix://SOCKET?root=ROOT' nix-store …")
+    p.add_argument("--store", metavar="URL", help="the local store to serve (default: as for "
+                   "every storekeeper command)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="socket to listen on (default: <state dir>/daemon-socket/socket)")
+    p.add_argument("--stdio", action="store_true",
+                   help="serve one connection on stdin/stdout (the peer is trusted)")
+    p.add_argument("--config", metavar="FILE", help="read trusted-users, allowed-users, "
+                   "build-users-group, require-sigs, … from a nix.conf-style file")
+    p.add_argument("--trusted-users", action="extend", nargs="+", metavar="USER",
+                   help="users (NAME, @GROUP or *) whose connections are trusted (default: root)")
+    p.add_argument("--allowed-users", action="extend", nargs="+", metavar="USER",
+                   help="users who may connect at all (default: *)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log connections (-vv: more)")
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        layout = _local_layout(args.store, os.environ)
+        if args.config and not os.path.isfile(args.config):
+            raise StoreError(f"config file '{args.config}' does not exist")
+        config = DaemonConfig.from_nix_conf(args.config) if args.config else DaemonConfig()
+        trusted, allowed = _user_list(args.trusted_users), _user_list(args.allowed_users)
+        if trusted is not None:
+            config = replace(config, trusted_users=trusted)
+        if allowed is not None:
+            config = replace(config, allowed_users=allowed)
+        if args.stdio:
+            serve_stdio(layout, config)
+        else:
+            socket_path = args.socket or default_socket_path(layout)
+            print(f"storekeeper daemon: serving '{layout.real_store_dir}' on '{socket_path}'",
+                  file=sys.stderr)
+            serve(layout, socket_path, config)
+    except (StoreError, FormatError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_nix_daemon(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """``storekeeper-nix-daemon``: behaves like ``nix-daemon`` (see module docstring)."""
+    env = os.environ if env is None else env
+    p = argparse.ArgumentParser(prog="nix-daemon", add_help=True)
+    p.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout")
+    p.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)  # accepted, as by Nix
+    p.add_argument("--version", action="store_true", help="print the version")
+    p.add_argument("--store", metavar="URL", help="the local store to serve")
+    p.add_argument("--option", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="set a nix.conf setting")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    args = p.parse_args(argv)
+    if args.version:
+        print(NIX_VERSION_LINE)
+        return 0
+    _setup_logging(args.verbose)
+    try:
+        conf = nix_conf_path(env)
+        settings = read_nix_conf(conf)
+        if env.get("NIX_CONFIG"):
+            settings += parse_nix_conf(env["NIX_CONFIG"], "NIX_CONFIG", os.path.dirname(conf))
+        settings += [(name, value) for name, value in args.option]
+        config = DaemonConfig().with_settings(settings)
+        store_url = args.store or dict(settings).get("store") or "local"
+        layout = _local_layout(store_url, env)
+        if args.stdio:
+            serve_stdio(layout, config)
+        else:
+            serve(layout, daemon_socket_path(env), config)
+    except (StoreError, FormatError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def nix_daemon_entry() -> None:
+    """Console-script entry for ``storekeeper-nix-daemon``."""
+    sys.exit(main_nix_daemon(sys.argv[1:]))
+
+
+def daemon_entry() -> None:
+    sys.exit(main_daemon(sys.argv[1:]))

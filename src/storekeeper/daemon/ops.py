@@ -1,0 +1,683 @@
+"""The worker operations: request fields, work, response (spec §6, §7).
+
+Each handler reads its request fields from ``s.r``, calls ``s.start_work()``,
+does the work, calls ``s.stop_work()`` and writes the response fields into
+``s.w``.  Everything about errors, draining and closing is the session's job
+(see :class:`~storekeeper.daemon.session.Session`); a handler just raises.
+
+Operations that storekeeper cannot do yet (builds, GC, roots, optimise) still
+read their request in full, so the client gets a clear error and the
+connection stays usable.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
+from ..formats.hashes import ALGO_SIZES
+from ..formats.storepath import StorePath
+from ..formats.wire import (
+    EXPORT_MAGIC,
+    MAX_PATH_LEN,
+    ActivityType,
+    DerivedPath,
+    Op,
+    Verbosity,
+    WireReader,
+    WireWriter,
+    read_path_info,
+    write_path_info,
+)
+from ..store.errors import InvalidPath
+from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
+from ..store.inspect import all_roots
+from ..store.roots import CENSORED
+from ..store.roots import add_indirect_root as add_indirect_root_file
+from .session import NotSupported, OpError, Session
+
+# Build results (spec §2, BuildResult.Status)
+_ALREADY_VALID = 2
+_BUILD_MODE_REPAIR = 1
+_U32 = 0xFFFFFFFF  # fields the real daemon reads with readInt
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    name: str
+    handler: Callable[[Session], None]
+
+
+OPS: dict[int, OpEntry] = {}
+
+
+def _op(op: Op):
+    def register(fn: Callable[[Session], None]) -> Callable[[Session], None]:
+        OPS[int(op)] = OpEntry(op.name, fn)
+        return fn
+    return register
+
+
+def _not_supported(op: Op, detail: str = "") -> None:
+    raise NotSupported(f"operation {int(op)} ({op.name}) is not supported yet"
+                       + (f": {detail}" if detail else ""))
+
+
+def _invalid(s: Session, sp: StorePath) -> InvalidPath:
+    return InvalidPath(f"path '{s.sd.print(sp)}' is not valid")
+
+
+def _info_or_fail(s: Session, sp: StorePath):
+    info = s.store.query_path_info(sp)
+    if info is None:
+        raise _invalid(s, sp)
+    return info
+
+
+# --- options ------------------------------------------------------------------
+
+# Settings an untrusted client may still set (as the real daemon allows).
+_UNTRUSTED_SETTINGS = {"timeout", "repeat", "connect-timeout"}
+_SUBSTITUTER_SETTINGS = {"substituters", "extra-substituters"}
+
+
+@_op(Op.SetOptions)
+def set_options(s: Session) -> None:
+    r = s.r
+    keep_failed = r.u64("keepFailed", _U32)
+    keep_going = r.u64("keepGoing", _U32)
+    try_fallback = r.u64("tryFallback", _U32)
+    verbosity = r.u64("verbosity", _U32)
+    max_build_jobs = r.u64("maxBuildJobs", _U32)
+    max_silent_time = r.u64("maxSilentTime", _U32)
+    r.u64("useBuildHook", _U32)  # obsolete
+    verbose_build = r.u64("verboseBuild", _U32)
+    r.u64("logType", _U32)  # obsolete
+    r.u64("printBuildTrace", _U32)  # obsolete
+    build_cores = r.u64("buildCores", _U32)
+    use_substitutes = r.u64("useSubstitutes", _U32)
+    overrides = r.string_map("overrides", limit=1 << 16)
+    s.start_work()
+    o = s.options
+    o.keep_failed, o.keep_going, o.try_fallback = bool(keep_failed), bool(keep_going), bool(try_fallback)
+    o.verbosity = min(verbosity, Verbosity.VOMIT)
+    o.max_build_jobs, o.max_silent_time, o.build_cores = max_build_jobs, max_silent_time, build_cores
+    o.verbose_build = verbose_build == Verbosity.ERROR  # 0 means "verbose"
+    o.use_substitutes = bool(use_substitutes)
+    for name, value in overrides.items():
+        if s.trusted or name in _UNTRUSTED_SETTINGS or (name == "builders" and value == ""):
+            o.overrides[name] = value
+        elif name in _SUBSTITUTER_SETTINGS:
+            allowed = set(s.config.trusted_substituters) | set(s.config.substituters)
+            kept = []
+            for sub in value.split():
+                if sub in allowed:
+                    kept.append(sub)
+                else:
+                    s.warn(f"ignoring untrusted substituter '{sub}'")
+            o.overrides[name] = " ".join(kept)
+        # Anything else from an untrusted client is ignored without a word, as
+        # the real daemon does (it only logs it at debug level).
+    s.stop_work()
+
+
+# --- queries -------------------------------------------------------------------
+
+@_op(Op.IsValidPath)
+def is_valid_path(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    valid = s.store.is_valid(sp)
+    s.stop_work()
+    s.w.bool(valid)
+
+
+@_op(Op.QueryValidPaths)
+def query_valid_paths(s: Session) -> None:
+    paths = s.r.store_paths(s.sd, "paths", lax=True)
+    s.r.u64("substitute")  # no substituters: nothing to substitute
+    s.start_work()
+    valid = s.store.query_valid_paths(paths)
+    s.stop_work()
+    s.w.store_paths(s.sd, valid)
+
+
+@_op(Op.QueryPathInfo)
+def query_path_info(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    info = s.store.query_path_info(sp)
+    s.stop_work()
+    # Unknown is an answer (valid = 0), not an error: clients rely on that.
+    s.w.bool(info is not None)
+    if info is not None:
+        write_path_info(s.w, s.sd, info, with_path=False)
+
+
+@_op(Op.QueryReferrers)
+def query_referrers(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    # An invalid path has no referrers (not an error), as in Nix.
+    referrers = s.store.query_referrers(sp) if s.store.is_valid(sp) else set()
+    s.stop_work()
+    s.w.store_paths(s.sd, referrers)
+
+
+@_op(Op.QueryReferences)
+def query_references(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    refs = _info_or_fail(s, sp).references
+    s.stop_work()
+    s.w.store_paths(s.sd, refs)
+
+
+@_op(Op.QueryPathHash)
+def query_path_hash(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    h = _info_or_fail(s, sp).nar_hash
+    s.stop_work()
+    s.w.string(h.base16)
+
+
+@_op(Op.QueryDeriver)
+def query_deriver(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    deriver = _info_or_fail(s, sp).deriver
+    s.stop_work()
+    s.w.opt_store_path(s.sd, deriver)
+
+
+@_op(Op.QueryValidDerivers)
+def query_valid_derivers(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    derivers = s.store.query_valid_derivers(sp)
+    s.stop_work()
+    s.w.store_paths(s.sd, derivers)
+
+
+@_op(Op.QueryDerivationOutputMap)
+def query_derivation_output_map(s: Session) -> None:
+    drv = s.read_path("derivation path")
+    s.start_work()
+    outputs = s.store.query_derivation_outputs(drv)
+    s.stop_work()
+    s.w.string_map({name: s.sd.print(p) for name, p in sorted(outputs.items())})
+
+
+@_op(Op.QueryDerivationOutputs)
+def query_derivation_outputs(s: Session) -> None:
+    drv = s.read_path("derivation path")
+    s.start_work()
+    outputs = s.store.query_derivation_outputs(drv)
+    s.stop_work()
+    s.w.store_paths(s.sd, outputs.values())
+
+
+@_op(Op.QueryDerivationOutputNames)
+def query_derivation_output_names(s: Session) -> None:
+    drv = s.read_path("derivation path")
+    s.start_work()
+    outputs = s.store.query_derivation_outputs(drv)
+    s.stop_work()
+    s.w.strings(sorted(outputs))
+
+
+@_op(Op.QueryAllValidPaths)
+def query_all_valid_paths(s: Session) -> None:
+    s.start_work()
+    paths = s.store.query_all_valid_paths()
+    s.stop_work()
+    s.w.store_paths(s.sd, paths)
+
+
+@_op(Op.QueryPathFromHashPart)
+def query_path_from_hash_part(s: Session) -> None:
+    hash_part = s.r.string("hash part", MAX_PATH_LEN)
+    s.start_work()
+    if len(hash_part) != 32:
+        raise OpError(f"invalid hash part '{hash_part}'")
+    sp = s.store.query_path_from_hash_part(hash_part)
+    s.stop_work()
+    s.w.opt_store_path(s.sd, sp)
+
+
+# storekeeper has no substituters: every substitution query has an empty answer.
+
+@_op(Op.HasSubstitutes)
+def has_substitutes(s: Session) -> None:
+    s.read_path()
+    s.start_work()
+    s.stop_work()
+    s.w.bool(False)
+
+
+@_op(Op.QuerySubstitutablePaths)
+def query_substitutable_paths(s: Session) -> None:
+    s.r.store_paths(s.sd, "paths", lax=True)
+    s.start_work()
+    s.stop_work()
+    s.w.strings([])
+
+
+@_op(Op.QuerySubstitutablePathInfo)
+def query_substitutable_path_info(s: Session) -> None:
+    s.read_path()
+    s.start_work()
+    s.stop_work()
+    s.w.u64(0)
+
+
+@_op(Op.QuerySubstitutablePathInfos)
+def query_substitutable_path_infos(s: Session) -> None:
+    for text in s.r.string_map("paths", item_limit=MAX_PATH_LEN):
+        s.sd.parse(text, lax=True)
+    s.start_work()
+    s.stop_work()
+    s.w.u64(0)
+
+
+@_op(Op.QueryRealisation)
+def query_realisation(s: Session) -> None:
+    s.r.string("DrvOutput", MAX_PATH_LEN)
+    s.start_work()
+    s.stop_work()
+    s.w.strings([])  # no realisations are recorded (no ca-derivations)
+
+
+@_op(Op.QueryMissing)
+def query_missing(s: Session) -> None:
+    targets = [DerivedPath.parse(s.sd, t, lax=True)
+               for t in s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)]
+    s.start_work()
+    act = s.start_activity(Verbosity.DEBUG, ActivityType.UNKNOWN, "querying info about missing paths")
+    will_build, unknown = _missing(s, targets)
+    s.stop_activity(act)
+    s.stop_work()
+    s.w.store_paths(s.sd, will_build).store_paths(s.sd, ()).store_paths(s.sd, unknown)
+    s.w.u64(0).u64(0)  # downloadSize, narSize: nothing is substituted
+
+
+def _missing(s: Session, targets: list[DerivedPath]) -> tuple[set[StorePath], set[StorePath]]:
+    """What building ``targets`` would take, without substituters.
+
+    An invalid opaque path, or a derivation that is itself invalid, is
+    *unknown*.  A valid derivation with a wanted output that is not valid will
+    be *built*, and then so will the derivations it refers to that are missing
+    outputs.  (Inputs are taken from the derivation's references with all
+    their outputs: a slight over-estimate for multi-output inputs.)
+    """
+    store = s.store
+    will_build: set[StorePath] = set()
+    unknown: set[StorePath] = set()
+    seen: set[DerivedPath] = set()
+    queue = deque(targets)
+    while queue:
+        dp = queue.popleft()
+        if dp in seen:
+            continue
+        seen.add(dp)
+        if not store.is_valid(dp.path):
+            unknown.add(dp.path)
+            continue
+        if not dp.is_built or not dp.path.is_derivation:
+            continue  # (nothing to build from a non-derivation, as in Nix)
+        outputs = store.query_derivation_outputs(dp.path)
+        wanted = outputs.keys() if dp.all_outputs else dp.outputs or ()
+        if all(name in outputs and store.is_valid(outputs[name]) for name in wanted):
+            continue
+        will_build.add(dp.path)
+        for ref in sorted(store.query_references(dp.path)):
+            if ref.is_derivation and ref != dp.path:
+                queue.append(DerivedPath(ref, frozenset(), True))
+    return will_build, unknown
+
+
+# --- reading store contents -----------------------------------------------------
+
+@_op(Op.NarFromPath)
+def nar_from_path(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    chunks = iter(s.store.dump_path(sp))
+    # The first chunk is taken before STDERR_LAST so that a path whose files
+    # are gone is reported as an error, not as a broken NAR.
+    first = next(chunks, b"")
+    s.stop_work()
+    s.send(first)
+    for chunk in chunks:
+        s.send(chunk)
+
+
+@_op(Op.ExportPath)
+def export_path(s: Session) -> None:
+    sp = s.read_path()
+    s.r.u64("sign")  # obsolete: signing exports was removed
+    s.start_work()
+    info = _info_or_fail(s, sp)
+    for chunk in s.store.dump_path(sp):
+        s.write_data(chunk)
+    trailer = WireWriter()
+    trailer.u64(EXPORT_MAGIC).store_path(s.sd, sp).store_paths(s.sd, info.references)
+    trailer.opt_store_path(s.sd, info.deriver).u64(0)
+    s.write_data(trailer.take())
+    s.stop_work()
+    s.w.u64(1)
+
+
+# --- adding to the store ---------------------------------------------------------
+
+def _no_untrusted_repair(s: Session, repair: bool) -> None:
+    if repair and not s.trusted:
+        raise OpError("you are not privileged to repair paths")
+
+
+def _parse_ca_method(cam: str) -> tuple[str, str]:
+    """``text:sha256`` / ``fixed:r:ALGO`` / ``fixed:ALGO`` -> (method, algo)."""
+    if cam == "text:sha256":
+        return TEXT, "sha256"
+    if cam.startswith("fixed:r:"):
+        method, algo = RECURSIVE, cam[len("fixed:r:"):]
+    elif cam.startswith("fixed:"):
+        method, algo = FLAT, cam[len("fixed:"):]
+    else:
+        raise OpError(f"content-address method '{cam}' is not supported "
+                      "(expected text:sha256, fixed:ALGO or fixed:r:ALGO)")
+    if algo not in ALGO_SIZES:
+        raise OpError(f"unknown hash algorithm '{algo}' in content-address method '{cam}'")
+    return method, algo
+
+
+@_op(Op.AddToStore)
+def add_to_store(s: Session) -> None:
+    r = s.r
+    name = r.string("name", MAX_PATH_LEN)
+    cam = r.string("content-address method", 64)
+    refs = r.store_paths(s.sd, "references", lax=True)
+    repair = r.bool("repair")
+    payload = s.framed_payload()
+    s.start_work()
+    _no_untrusted_repair(s, repair)
+    method, algo = _parse_ca_method(cam)
+    info = s.store.add_dump(payload, name, method, algo, refs, repair)
+    payload.drain()
+    s.stop_work()
+    write_path_info(s.w, s.sd, info, with_path=True)
+
+
+@_op(Op.AddTextToStore)
+def add_text_to_store(s: Session) -> None:
+    name = s.r.string("name", MAX_PATH_LEN)
+    text = s.r.bytes("text")
+    refs = s.r.store_paths(s.sd, "references", lax=True)
+    s.start_work()
+    info = s.store.add_text(name, text, refs)
+    s.stop_work()
+    s.w.store_path(s.sd, info.path)
+
+
+def _check_sigs(s: Session, dont_check_sigs: bool) -> bool:
+    # Only a trusted client may waive signature checks (spec §11).
+    if not s.config.require_sigs:
+        return False
+    return not (dont_check_sigs and s.trusted)
+
+
+@_op(Op.AddToStoreNar)
+def add_to_store_nar(s: Session) -> None:
+    r = s.r
+    sp = r.store_path(s.sd, "path")
+    info = read_path_info(r, s.sd, path=sp)
+    repair = r.bool("repair")
+    dont_check_sigs = r.bool("dontCheckSigs")
+    payload = s.framed_payload()
+    s.start_work()
+    _no_untrusted_repair(s, repair)
+    if not s.trusted:
+        info = info.with_(ultimate=False)
+    s.store.add_nar(info, payload, repair=repair, check_sigs=_check_sigs(s, dont_check_sigs))
+    payload.drain()
+    s.stop_work()
+
+
+@_op(Op.AddMultipleToStore)
+def add_multiple_to_store(s: Session) -> None:
+    repair = s.r.bool("repair")
+    dont_check_sigs = s.r.bool("dontCheckSigs")
+    payload = s.framed_payload()
+    s.start_work()
+    _no_untrusted_repair(s, repair)
+    check_sigs = _check_sigs(s, dont_check_sigs)
+    inner = WireReader(payload)
+    for _ in range(inner.count("paths")):
+        info = read_path_info(inner, s.sd).with_(ultimate=False)
+        s.store.add_nar(info, payload, repair=repair, check_sigs=check_sigs)
+    payload.drain()
+    s.stop_work()
+
+
+@_op(Op.AddSignatures)
+def add_signatures(s: Session) -> None:
+    sp = s.read_path()
+    sigs = s.r.strings("signatures", limit=1 << 16, item_limit=4096)
+    s.start_work()
+    s.require_trusted("add signatures")
+    s.store.add_signatures(sp, sigs)
+    s.stop_work()
+    s.w.u64(1)
+
+
+# --- roots -------------------------------------------------------------------------
+
+@_op(Op.AddTempRoot)
+def add_temp_root(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    s.store.pin(sp)  # lives as long as this connection's process
+    s.stop_work()
+    s.w.u64(1)
+
+
+@_op(Op.EnsurePath)
+def ensure_path(s: Session) -> None:
+    sp = s.read_path()
+    s.start_work()
+    if not s.store.pin_valid(sp):
+        raise OpError(f"path '{s.sd.print(sp)}' does not exist and cannot be created")
+    s.stop_work()
+    s.w.u64(1)
+
+
+@_op(Op.SyncWithGC)
+def sync_with_gc(s: Session) -> None:
+    s.start_work()
+    s.stop_work()
+    s.w.u64(1)
+
+
+@_op(Op.AddIndirectRoot)
+def add_indirect_root(s: Session) -> None:
+    link = s.r.string("root path", MAX_PATH_LEN)
+    s.start_work()
+    try:
+        add_indirect_root_file(s.store.state_dir, link)
+    except ValueError as e:
+        raise OpError(str(e)) from None
+    s.stop_work()
+    s.w.u64(1)
+
+
+@_op(Op.FindRoots)
+def find_roots(s: Session) -> None:
+    s.start_work()
+    roots: dict[str, set[str]] = {}
+    for root in all_roots(s.store):
+        if not s.store.is_valid(root.path):
+            continue
+        link = root.link if s.trusted or root.kind not in ("temp", "runtime") else CENSORED
+        roots.setdefault(s.sd.print(root.path), set()).add(link)
+    s.stop_work()
+    pairs = [(link, path) for path in sorted(roots) for link in sorted(roots[path])]
+    s.w.u64(len(pairs))
+    for link, path in pairs:
+        s.w.string(link)
+        s.w.string(path)
+
+
+_GC_ACTIONS = {0: LIVE, 1: DEAD, 2: DELETE_DEAD, 3: DELETE_SPECIFIC}
+
+
+@_op(Op.CollectGarbage)
+def collect_garbage(s: Session) -> None:
+    r = s.r
+    action = r.u64("action")
+    paths = r.store_paths(s.sd, "pathsToDelete", lax=True)
+    ignore_liveness = r.bool("ignoreLiveness")
+    max_freed = r.u64("maxFreed")
+    for _ in range(3):
+        r.u64("obsolete field")
+    s.start_work()
+    if ignore_liveness:
+        raise OpError("you are not allowed to ignore liveness")
+    if action not in _GC_ACTIONS:
+        raise OpError(f"unknown garbage collector action {action}")
+    cfg = s.store.settings
+    opts = GCOptions(action=_GC_ACTIONS[action], paths=frozenset(paths), max_freed=max_freed,
+                     keep_outputs=cfg.keep_outputs, keep_derivations=cfg.keep_derivations)
+    try:
+        result = s.store.collect_garbage(opts, log=lambda m: s.log(Verbosity.INFO, m))
+    except PathInUse as e:
+        raise OpError(str(e)) from None
+    for m in result.messages:
+        s.log(Verbosity.INFO, m)
+    s.stop_work()
+    s.w.strings(result.paths)
+    s.w.u64(result.bytes_freed)
+    s.w.u64(0)
+
+
+@_op(Op.OptimiseStore)
+def optimise_store(s: Session) -> None:
+    s.start_work()
+    _not_supported(Op.OptimiseStore)
+
+
+# --- verification ---------------------------------------------------------------------
+
+@_op(Op.VerifyStore)
+def verify_store(s: Session) -> None:
+    check_contents = s.r.bool("checkContents")
+    repair = s.r.bool("repair")
+    s.start_work()
+    if repair:
+        s.require_trusted("repair paths")
+    s.log(Verbosity.INFO, "reading the Nix store...")
+    s.log(Verbosity.INFO, "checking path existence...")
+    if check_contents:
+        s.log(Verbosity.INFO, "checking link hashes...")
+        s.log(Verbosity.INFO, "checking store hashes...")
+    report = s.store.verify(check_contents=check_contents, repair=repair)
+    for message in report.repaired:
+        s.log(Verbosity.ERROR, message)
+    for message in report.errors:
+        s.log(Verbosity.ERROR, message)
+    s.stop_work()
+    s.w.bool(not report.ok)
+
+
+# --- builds (not yet) -------------------------------------------------------------------
+
+def _read_targets(s: Session) -> tuple[list[str], list[DerivedPath], int]:
+    texts = s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)
+    targets = [DerivedPath.parse(s.sd, t, lax=True) for t in texts]
+    mode = s.r.u64("buildMode", _U32)
+    return texts, targets, mode
+
+
+def _nothing_to_build(s: Session, targets: list[DerivedPath]) -> bool:
+    will_build, unknown = _missing(s, targets)
+    return not will_build and not unknown
+
+
+def _check_build_mode(s: Session, mode: int) -> None:
+    if mode == _BUILD_MODE_REPAIR and not s.trusted:
+        raise OpError("repairing is not allowed because you are not in 'trusted-users'")
+
+
+@_op(Op.BuildPaths)
+def build_paths(s: Session) -> None:
+    _, targets, mode = _read_targets(s)
+    s.start_work()
+    _check_build_mode(s, mode)
+    # Realising what is already valid needs no builder: answer that case.
+    if mode != 0:
+        _not_supported(Op.BuildPaths, "repair and check builds need a builder")
+    if not _nothing_to_build(s, targets):
+        _not_supported(Op.BuildPaths, "storekeeper cannot build derivations or "
+                       "substitute paths, and some requested paths are not valid")
+    s.stop_work()
+    s.w.u64(1)
+
+
+@_op(Op.BuildPathsWithResults)
+def build_paths_with_results(s: Session) -> None:
+    texts, targets, mode = _read_targets(s)
+    s.start_work()
+    _check_build_mode(s, mode)
+    # Only opaque, valid paths can be answered without building: a built
+    # path's result would need its realisations (derivation hashes).
+    if mode != 0:
+        _not_supported(Op.BuildPathsWithResults, "repair and check builds need a builder")
+    if any(t.is_built for t in targets) or not _nothing_to_build(s, targets):
+        _not_supported(Op.BuildPathsWithResults, "storekeeper cannot build derivations yet")
+    s.stop_work()
+    s.w.u64(len(texts))
+    for text in texts:
+        s.w.string(text).u64(_ALREADY_VALID).string("").u64(0).bool(False).u64(0).u64(0)
+        s.w.string_map({})
+
+
+@_op(Op.BuildDerivation)
+def build_derivation(s: Session) -> None:
+    r = s.r
+    s.read_path("derivation path")
+    for _ in range(r.count("derivation outputs", 1 << 16)):
+        for what in ("output name", "output path", "output hash algorithm", "output hash"):
+            r.string(what, MAX_PATH_LEN)
+    r.store_paths(s.sd, "inputSrcs", lax=True)
+    r.string("platform", MAX_PATH_LEN)
+    r.string("builder", MAX_PATH_LEN)
+    r.strings("args")
+    r.string_map("env")
+    r.u64("buildMode", _U32)
+    s.start_work()
+    _not_supported(Op.BuildDerivation)
+
+
+@_op(Op.RegisterDrvOutput)
+def register_drv_output(s: Session) -> None:
+    s.r.string("realisation")
+    s.start_work()
+    _not_supported(Op.RegisterDrvOutput, "content-addressed derivations are not supported")
+
+
+@_op(Op.AddBuildLog)
+def add_build_log(s: Session) -> None:
+    s.r.string("derivation", MAX_PATH_LEN)
+    s.framed_payload()
+    s.start_work()
+    _not_supported(Op.AddBuildLog)
+
+
+@_op(Op.ImportPaths)
+def import_paths(s: Session) -> None:
+    # The export stream would be pulled with STDERR_READ; 2.8 clients use
+    # AddToStoreNar instead.
+    s.start_work()
+    _not_supported(Op.ImportPaths, "use a client that sends AddToStoreNar (Nix 2.4 or newer)")

@@ -1,0 +1,283 @@
+"""The daemon process: a Unix socket, one forked child per connection.
+
+Invariants:
+
+* **Identity before bytes.**  Each accepted connection's peer credentials are
+  read with ``SO_PEERCRED`` in the parent; a peer that may not connect is
+  closed before a single byte is written (spec §3, §11).
+* **One process per connection.**  The child opens its own
+  :class:`LocalStore`, so its database connection and its temp roots
+  (``temproots/<child pid>``) live exactly as long as the connection; the
+  parent never holds the store open while it forks.
+* **Children are reaped** on every turn of the accept loop, and on SIGTERM or
+  SIGINT the parent stops accepting, removes its socket, asks the children to
+  stop (each finishes the operation in progress, or leaves at once when idle)
+  and kills those still running after a grace period.
+* The socket is created with mode 0666: who may connect is decided by
+  ``allowed-users``, not by file permissions.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from contextlib import suppress
+
+from ..store.layout import LocalLayout
+from ..store.local import LocalStore
+from ..store.settings import StoreSettings
+from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
+from .session import Session, error_message
+from .trust import DaemonConfig, PeerInfo
+
+log = logging.getLogger("storekeeper.daemon")
+
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_POLL_INTERVAL = 0.2
+
+
+def default_socket_path(layout: LocalLayout) -> str:
+    return os.path.join(layout.state_dir, "daemon-socket", "socket")
+
+
+def serve(layout: LocalLayout, socket_path: str | None = None,
+          config: DaemonConfig | None = None, grace: float = 10.0) -> None:
+    """Listen on ``socket_path`` and serve connections until SIGTERM/SIGINT."""
+    config = config or DaemonConfig()
+    socket_path = os.path.abspath(socket_path or default_socket_path(layout))
+    # Create the store (or fail on a broken one) before listening; closed again
+    # so that no database connection is inherited by the children.
+    LocalStore(layout).close()
+    listener, owned = _listen(socket_path)
+    server = _Server(layout, listener, config, grace)
+    try:
+        server.run()
+    finally:
+        # Stop accepting first (new clients get "connection refused" at once),
+        # then give the connections in progress their grace period.
+        listener.close()
+        if owned is not None:
+            _remove_socket(socket_path, owned)
+        server.stop_children()
+
+
+def serve_stdio(layout: LocalLayout, config: DaemonConfig | None = None) -> None:
+    """Serve one connection on stdin/stdout; its peer is trusted (as ``nix-daemon --stdio``)."""
+    # The protocol gets a private copy of stdout, and fd 1 becomes stderr, so
+    # that nothing printed by accident can corrupt the byte stream.
+    sys.stdout.flush()
+    proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[proto_out.write(view):]
+
+    try:
+        _serve_one(layout, sys.stdin.buffer, write, trusted=True, config=config or DaemonConfig(),
+                   peer=None)
+    finally:
+        proto_out.close()
+
+
+def _serve_one(layout: LocalLayout, rstream, write, *, trusted: bool, config: DaemonConfig,
+               peer: PeerInfo | None) -> None:
+    try:
+        store = LocalStore(layout, settings=StoreSettings.from_nix_conf())
+    except Exception as e:  # noqa: BLE001 -- told to the client at the handshake
+        log.error("cannot open the store: %s", error_message(e))
+        Session(None, rstream, write, trusted=trusted, config=config, peer=peer).run(  # type: ignore[arg-type]
+            startup_error=f"cannot open the store: {error_message(e)}")
+        return
+    try:
+        if peer is not None:
+            store.ensure_user_dirs(peer.user, peer.uid, peer.gid)
+        session = Session(store, rstream, write, trusted=trusted, config=config, peer=peer)
+        if threading.current_thread() is threading.main_thread():
+            stop = lambda *_: session.request_stop()  # noqa: E731
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+        session.run()
+    finally:
+        store.close()  # drops this connection's temp roots
+
+
+def _listen(path: str) -> tuple[socket.socket, tuple[int, int] | None]:
+    """The listening socket: systemd's (``LISTEN_FDS``) or a new one at ``path``.
+
+    Returns the socket and, if we created the file, its (dev, inode) so that
+    only our own socket file is removed at exit.
+    """
+    if os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid()):
+        for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)  # meant for us alone, not for our children
+        return socket.socket(fileno=3), None
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            # Never delete what is not a (stale) socket: a mistyped --socket
+            # must not cost a file.
+            raise OSError(errno.EEXIST, "exists and is not a socket", path)
+        if _is_listening(path):
+            raise OSError(errno.EADDRINUSE, "another daemon is already listening on this socket", path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        _bind(sock, path)
+        os.chmod(path, 0o666)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    st = os.lstat(path)
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _bind(sock: socket.socket, path: str) -> None:
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        sock.bind(path)
+        return
+    # Too long for sockaddr_un: bind a relative name from inside the directory.
+    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(os.path.dirname(path))
+        sock.bind(os.path.basename(path))
+    finally:
+        os.fchdir(cwd)
+        os.close(cwd)
+
+
+def _is_listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            return False  # cannot probe; assume a stale file
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _remove_socket(path: str, owned: tuple[int, int]) -> None:
+    with suppress(OSError):
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == owned:
+            os.unlink(path)
+
+
+class _Server:
+    def __init__(self, layout: LocalLayout, listener: socket.socket, config: DaemonConfig,
+                 grace: float) -> None:
+        self.layout = layout
+        self.listener = listener
+        self.config = config
+        self.grace = grace
+        self.children: set[int] = set()
+        self.stopping = False
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        self.listener.setblocking(False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        log.info("listening (pid %d)", os.getpid())
+        try:
+            while not self.stopping:
+                try:
+                    ready, _, _ = select.select([self.listener], [], [], _POLL_INTERVAL)
+                except InterruptedError:
+                    ready = []
+                self._reap()
+                if ready and not self.stopping:
+                    self._accept()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        try:
+            conn.setblocking(True)
+            peer = PeerInfo.of_socket(conn)
+            refusal = self.config.refusal(peer)
+            if refusal:
+                log.warning("refused connection: %s", refusal)
+                conn.close()
+                return
+            trusted = self.config.is_trusted(peer)
+            pid = os.fork()
+        except OSError as e:
+            log.error("cannot serve a connection: %s", e)
+            conn.close()
+            return
+        if pid == 0:
+            self._child(conn, peer, trusted)  # never returns
+        conn.close()
+        self.children.add(pid)
+        log.info("connection from %s%s: child %d", peer.describe(),
+                 " (trusted)" if trusted else "", pid)
+
+    def _child(self, conn: socket.socket, peer: PeerInfo, trusted: bool) -> None:
+        code = 1
+        try:
+            self.listener.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            with conn:
+                _serve_one(self.layout, conn.makefile("rb"), conn.sendall, trusted=trusted,
+                           config=self.config, peer=peer)
+            code = 0
+        except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
+            with suppress(BaseException):
+                log.exception("connection handler failed")
+        finally:
+            with suppress(BaseException):
+                logging.shutdown()
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+
+    def stop_children(self) -> None:
+        """Ask every child to stop; kill those still running after the grace period."""
+        for pid in list(self.children):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            if self.children:
+                time.sleep(0.05)
+        for pid in list(self.children):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.discard(pid)

@@ -1,0 +1,348 @@
+"""One client connection: the handshake, the operation loop and the log channel.
+
+A :class:`Session` keeps these invariants (spec §3, §4, §10):
+
+* **One answer per operation.**  Every operation ends with exactly one
+  ``STDERR_LAST`` (followed by the response fields) or one ``STDERR_ERROR``
+  (and no response).  Log messages go out only while an operation is working,
+  never between ``STDERR_LAST`` and the end of the response.
+* **In step, or closed.**  An error raised after the request was read in full
+  (the operation called :meth:`Session.start_work`) is reported and the
+  connection stays usable.  An error while reading the request (unknown
+  opcode, malformed field, path outside the store) is reported and the
+  connection is closed, because the daemon can no longer tell where the next
+  message starts.  So is a failure after ``STDERR_LAST`` was sent, which the
+  client could not tell from a response.
+* **Framed payloads are drained.**  A framed upload is read to its terminator
+  before an error is reported, so the client, which writes the whole payload
+  before it looks at the answer, stays in step.  If the framing itself is
+  broken the connection is closed.
+* **Nothing the client sends is trusted for authority.**  Whether the peer is
+  trusted is decided by the server from its credentials before the session
+  starts; options a client sets can only narrow what it may do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..formats.errors import FormatError
+from ..formats.storepath import StorePath
+from ..formats.wire import (
+    ERROR_RECORD_MINOR,
+    PROTOCOL_VERSION,
+    WORKER_MAGIC_1,
+    WORKER_MAGIC_2,
+    Field,
+    FramedReader,
+    Stderr,
+    Verbosity,
+    WireEOF,
+    WireError,
+    WireReader,
+    WireWriter,
+    format_version,
+    protocol_major,
+    protocol_minor,
+    write_error,
+    write_next,
+    write_result,
+    write_start_activity,
+    write_stop_activity,
+)
+from ..store.errors import StoreError
+from ..store.local import LocalStore
+from .trust import DaemonConfig, PeerInfo
+
+log = logging.getLogger("storekeeper.daemon")
+
+#: Clients older than this are refused at the handshake: the request formats
+#: of AddToStore (< 1.25), AddToStoreNar (< 1.23) and others differ, and no
+#: released Nix spoke 1.22 .. 1.31 (Nix 2.3 is 1.21, Nix 2.4 is 1.32).
+MIN_CLIENT_VERSION = 0x120
+
+
+class OpError(StoreError):
+    """An operation is refused or failed; the message is shown to the client."""
+
+
+class NotSupported(OpError):
+    """An operation storekeeper's daemon does not implement yet."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection or the transport failed."""
+
+
+class _Shutdown(BaseException):
+    """Raised out of a blocking read when the daemon is told to stop while idle."""
+
+
+@dataclass
+class ClientOptions:
+    """What the client set with SetOptions (spec §7 op 19)."""
+
+    keep_failed: bool = False
+    keep_going: bool = False
+    try_fallback: bool = False
+    verbosity: int = Verbosity.INFO
+    max_build_jobs: int = 1
+    max_silent_time: int = 0
+    verbose_build: bool = True
+    build_cores: int = 0
+    use_substitutes: bool = True
+    #: the overrides accepted for this client (trusted: all; untrusted: a few)
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+class _Input:
+    """The client's byte stream; transport errors become :class:`ClientGone`."""
+
+    def __init__(self, stream) -> None:
+        self._read = stream.read
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._read(n)
+        except OSError as e:
+            raise ClientGone(f"reading from the client: {e}") from None
+
+
+def error_message(e: BaseException) -> str:
+    if isinstance(e, (StoreError, FormatError)):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f": '{e.filename}'" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return f"unexpected error: {type(e).__name__}: {e}"
+
+
+class Session:
+    """Serves one connection until the client leaves or breaks the protocol (see module doc)."""
+
+    def __init__(self, store: LocalStore | None, rstream, write: Callable[[bytes], object], *,
+                 trusted: bool, config: DaemonConfig | None = None,
+                 peer: PeerInfo | None = None) -> None:
+        self.store: LocalStore = store  # type: ignore[assignment]  # None only with a startup error
+        self.sd = store.store_dir if store is not None else None
+        self.r = WireReader(_Input(rstream))
+        self._write = write
+        self.w = WireWriter()
+        self.trusted = trusted
+        self.config = config or DaemonConfig()
+        self.peer = peer
+        self.client_version = 0
+        self.options = ClientOptions()
+        self.framed: FramedReader | None = None
+        self.working = False
+        self.replied = False
+        self.idle = False
+        self.stop_requested = False
+        self._activity_seq = 0
+
+    @property
+    def client_minor(self) -> int:
+        return protocol_minor(self.client_version)
+
+    # --- output -----------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write bytes to the client now (after anything buffered in ``w``)."""
+        if self.w:
+            data = self.w.take() + data
+        if not data:
+            return
+        try:
+            self._write(data)
+        except OSError as e:
+            raise ClientGone(f"writing to the client: {e}") from None
+
+    def flush(self) -> None:
+        self.send(b"")
+
+    # --- the log channel ----------------------------------------------------------
+
+    def start_work(self) -> None:
+        """The request has been read in full: from now on errors keep the connection."""
+        self.working = True
+
+    def stop_work(self) -> None:
+        """End the log stream with STDERR_LAST; the response fields follow in ``w``."""
+        if not self.working or self.replied:
+            raise RuntimeError("stop_work outside an operation (daemon bug)")
+        self.w.u64(Stderr.LAST)
+        self.replied = True
+
+    def log(self, level: int, message: str) -> None:
+        """A line for the client's stderr, if its verbosity asks for that level."""
+        if level <= self.options.verbosity:
+            self._log_message(lambda w: write_next(w, message + "\n"))
+
+    def warn(self, message: str) -> None:
+        # Coloured as Nix colours it; the client strips escapes when its stderr is no tty.
+        self.log(Verbosity.WARN, f"\x1b[35;1mwarning:\x1b[0m {message}")
+
+    def start_activity(self, level: int, act_type: int, text: str,
+                       fields: Sequence[Field] = (), parent: int = 0) -> int:
+        # Unique per daemon: (pid << 32) + counter, as the real daemon numbers them.
+        self._activity_seq += 1
+        act_id = (os.getpid() << 32) + self._activity_seq - 1
+        self._log_message(lambda w: write_start_activity(w, act_id, level, act_type, text, fields, parent))
+        return act_id
+
+    def stop_activity(self, act_id: int) -> None:
+        self._log_message(lambda w: write_stop_activity(w, act_id))
+
+    def result(self, act_id: int, result_type: int, fields: Sequence[Field]) -> None:
+        self._log_message(lambda w: write_result(w, act_id, result_type, fields))
+
+    def write_data(self, data: bytes) -> None:
+        """STDERR_WRITE: data for the operation's sink on the client (ExportPath)."""
+        self._log_message(lambda w: w.u64(Stderr.WRITE).string(data))
+
+    def _log_message(self, emit: Callable[[WireWriter], object]) -> None:
+        if not self.working or self.replied:
+            # Between operations, or inside a response: never interleave.
+            # storekeeper has no background logging, so nothing is queued.
+            return
+        emit(self.w)
+        self.flush()
+
+    def _send_error(self, message: str) -> None:
+        self.w.buf.clear()  # nothing buffered may precede the error record
+        write_error(self.w, message, client_minor=self.client_minor or ERROR_RECORD_MINOR)
+        self.flush()
+
+    # --- request helpers ------------------------------------------------------------
+
+    def read_path(self, what: str = "store path") -> StorePath:
+        """A store path argument (2.8 parses these laxly; so do we)."""
+        return self.r.store_path(self.sd, what, lax=True)
+
+    def framed_payload(self) -> FramedReader:
+        """The framed stream that follows the request fields of this operation."""
+        self.framed = FramedReader(self.r)
+        return self.framed
+
+    def require_trusted(self, what: str) -> None:
+        if not self.trusted:
+            raise OpError(f"you are not privileged to {what}")
+
+    # --- the connection ---------------------------------------------------------------
+
+    def run(self, startup_error: str | None = None) -> None:
+        """Serve until the client disconnects, breaks the protocol or we are told to stop.
+
+        With ``startup_error`` (the store could not be opened) the handshake
+        ends with that error instead, and the connection is closed.
+        """
+        try:
+            if not self._handshake(startup_error):
+                return
+            while not self.stop_requested:
+                self.idle = True
+                start = self.r.offset
+                try:
+                    code = self.r.u64("operation")
+                except WireEOF:
+                    if self.r.offset != start:
+                        log.info("client sent a truncated operation code")
+                    return
+                finally:
+                    self.idle = False
+                if not self._run_op(code):
+                    return
+        except ClientGone as e:
+            log.info("%s", e)
+        except _Shutdown:
+            log.info("connection closed: the daemon is stopping")
+
+    def request_stop(self) -> None:
+        """Stop after the current operation; at once if none is in progress.
+
+        Called from a signal handler: raising is only safe while blocked waiting
+        for the next opcode, when no state can be half-changed.
+        """
+        self.stop_requested = True
+        if self.idle:
+            raise _Shutdown()
+
+    def _handshake(self, startup_error: str | None = None) -> bool:
+        try:
+            magic = self.r.u64("magic")
+        except WireEOF:
+            return False
+        if magic != WORKER_MAGIC_1:
+            # Not a Nix client: close without a byte, as the real daemon does.
+            log.info("protocol mismatch (magic %#x)", magic)
+            return False
+        self.send(WireWriter().u64(WORKER_MAGIC_2).u64(PROTOCOL_VERSION).take())
+        try:
+            self.client_version = self.r.u64("client version")
+            if protocol_minor(self.client_version) >= 14 and self.r.u64("cpu affinity flag"):
+                self.r.u64("cpu affinity")
+            if protocol_minor(self.client_version) >= 11:
+                self.r.u64("reserveSpace")
+        except WireEOF:
+            return False
+        if protocol_minor(self.client_version) >= 33:
+            self.w.string(self.config.nix_version)
+            self.flush()
+        if protocol_major(self.client_version) != protocol_major(PROTOCOL_VERSION) \
+                or self.client_version < MIN_CLIENT_VERSION:
+            self._send_error(f"the Nix client version {format_version(self.client_version)} is not "
+                             f"supported: storekeeper's daemon needs protocol "
+                             f"{format_version(MIN_CLIENT_VERSION)} (Nix 2.4) or newer")
+            return False
+        if startup_error is not None:
+            self._send_error(startup_error)
+            return False
+        self.w.u64(Stderr.LAST)
+        self.flush()
+        return True
+
+    def _run_op(self, code: int) -> bool:
+        """One operation; False when the connection must be closed."""
+        from .ops import OPS  # ops imports this module; loaded by the server before forking
+
+        self.working = self.replied = False
+        self.framed = None
+        try:
+            entry = OPS.get(code)
+            if entry is None:
+                raise WireError(f"invalid operation {code}")
+            entry.handler(self)
+            if not self.replied:
+                raise RuntimeError(f"operation {entry.name} did not answer (daemon bug)")
+            self.flush()
+            return True
+        except ClientGone:
+            raise
+        except Exception as e:  # noqa: BLE001 -- every failure is reported to the client
+            return self._fail(code, e)
+
+    def _fail(self, code: int, e: Exception) -> bool:
+        message = error_message(e)
+        framed = self.framed
+        if isinstance(e, WireEOF) and (framed is None or framed.broken):
+            log.info("client disconnected during operation %d: %s", code, e)
+            return False
+        if not isinstance(e, (StoreError, FormatError)):
+            log.exception("operation %d failed unexpectedly", code)
+        if self.replied:
+            # STDERR_LAST is out; an error now would read as response data.
+            log.warning("operation %d failed after its reply began: %s", code, message)
+            return False
+        if framed is not None and not framed.broken and not framed.finished:
+            try:
+                framed.drain()
+            except WireError:
+                pass
+        in_step = self.working and (framed is None or not framed.broken)
+        if not in_step:
+            log.info("closing the connection after a bad request (operation %d): %s", code, message)
+        self._send_error(message)
+        return in_step

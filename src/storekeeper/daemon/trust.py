@@ -1,0 +1,131 @@
+"""Who is on the other end of a daemon connection, and what they may do (spec §11).
+
+A connection's peer is identified by ``SO_PEERCRED`` (pid, uid, gid), never by
+anything the client says.  The user name is ``getpwuid(uid)`` (the decimal uid
+if there is none) and the group name ``getgrgid(gid)``.
+
+A pattern list (``trusted-users``, ``allowed-users``) matches a peer when it
+holds ``*``, the peer's user name, or ``@group`` where the group is the peer's
+primary group or lists the user as a member.  A peer is *trusted* when it
+matches ``trusted-users``; it may connect at all when it is trusted or matches
+``allowed-users``, and is not in ``build-users-group`` (build users must never
+reach the daemon).
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import socket
+import struct
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+# nix.conf syntax is the store's business; re-exported for the daemon's users.
+from ..store.settings import parse_bool, parse_nix_conf, read_nix_conf
+
+__all__ = ["DaemonConfig", "PeerInfo", "matches", "parse_nix_conf", "read_nix_conf"]
+
+_LIST_SETTINGS = {"trusted-users", "allowed-users", "substituters", "trusted-substituters"}
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """The credentials of a connected process, as the kernel reports them."""
+
+    pid: int
+    uid: int
+    gid: int
+    user: str
+    group: str | None
+
+    @classmethod
+    def from_ids(cls, pid: int, uid: int, gid: int) -> "PeerInfo":
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        try:
+            group: str | None = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = None
+        return cls(pid, uid, gid, user, group)
+
+    @classmethod
+    def of_socket(cls, sock: socket.socket) -> "PeerInfo":
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return cls.from_ids(pid, uid, gid)
+
+    def describe(self) -> str:
+        return f"user '{self.user}' (uid {self.uid}, pid {self.pid})"
+
+
+def matches(patterns: Iterable[str], peer: PeerInfo) -> bool:
+    for pat in patterns:
+        if pat == "*" or pat == peer.user:
+            return True
+        if pat.startswith("@") and len(pat) > 1:
+            if pat[1:] == peer.group:
+                return True
+            try:
+                if peer.user in grp.getgrnam(pat[1:]).gr_mem:
+                    return True
+            except KeyError:
+                pass
+    return False
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The daemon's settings that a client cannot change (nix.conf names in comments)."""
+
+    trusted_users: tuple[str, ...] = ("root",)          # trusted-users
+    allowed_users: tuple[str, ...] = ("*",)             # allowed-users
+    # Connections from this group are refused.  Empty: storekeeper runs no
+    # builds as build users yet, so there is no group to keep out by default.
+    build_users_group: str = ""                         # build-users-group
+    substituters: tuple[str, ...] = ()                  # substituters
+    trusted_substituters: tuple[str, ...] = ()          # trusted-substituters
+    # When false, untrusted clients may import unsigned, non-content-addressed
+    # paths (nix.conf ``require-sigs = false``).
+    require_sigs: bool = True                           # require-sigs
+    #: reported to clients at the handshake; clients show it (``nix store ping``)
+    nix_version: str = "2.8.0"
+
+    def is_trusted(self, peer: PeerInfo) -> bool:
+        return matches(self.trusted_users, peer)
+
+    def refusal(self, peer: PeerInfo) -> str | None:
+        """Why ``peer`` may not connect, or None if it may."""
+        if self.build_users_group and peer.group == self.build_users_group:
+            return f"{peer.describe()} is in the build users group '{self.build_users_group}'"
+        if not self.is_trusted(peer) and not matches(self.allowed_users, peer):
+            return f"{peer.describe()} is not in allowed-users"
+        return None
+
+    def with_settings(self, settings: Mapping[str, str] | Iterable[tuple[str, str]]) -> "DaemonConfig":
+        """Apply nix.conf-style settings in order (unknown names are ignored);
+        ``extra-NAME`` appends to the value ``NAME`` has at that point."""
+        pairs = settings.items() if isinstance(settings, Mapping) else settings
+        changes: dict[str, object] = {}
+        for name, value in pairs:
+            extra = name.startswith("extra-")
+            if extra:
+                name = name[len("extra-"):]
+            attr = name.replace("-", "_")
+            if name in _LIST_SETTINGS:
+                items = tuple(value.split())
+                if extra:
+                    items = tuple(changes.get(attr, getattr(self, attr))) + items  # type: ignore[arg-type]
+                changes[attr] = items
+            elif name == "build-users-group" and not extra:
+                changes[attr] = value.strip()
+            elif name == "require-sigs" and not extra:
+                changes[attr] = parse_bool(name, value)
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_nix_conf(cls, path: str, base: "DaemonConfig | None" = None) -> "DaemonConfig":
+        """Settings from a nix.conf file; a missing file means the defaults."""
+        return (base or cls()).with_settings(read_nix_conf(path))
