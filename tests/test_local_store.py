@@ -167,7 +167,7 @@ def test_nar_import_checks_content_address(store):
 def test_unsigned_import_refused_when_sigs_are_checked(store):
     nar = dump_string(b"x")
     sp = store.store_dir.make_text_path_for("unsigned", b"x")
-    with pytest.raises(BadArchive, match="lacks a signature"):
+    with pytest.raises(BadArchive, match="lacks a valid signature"):
         store.add_nar(ValidPathInfo(sp, Hash.of("sha256", nar), len(nar)), io.BytesIO(nar),
                       check_sigs=True)
 

@@ -330,7 +330,7 @@ MALFORMED = [
      + Raw(b"x\0\0\0\0\0\x07\0") + nar(b")"), "non-zero padding after file contents"),
     ("padding-in-name", nar(M, b"(", b"type", b"directory", b"entry", b"(", b"name")
      + u64(1) + Raw(b"a\0\0\0\0\0\0\x02"), "non-zero padding after entry name"),
-    ("huge-keyword", nar(M, b"(") + u64(2**40), "bytes long (limit 64)"),
+    ("huge-keyword", nar(M, b"(") + u64(2**40) + Raw(bytes(64)), "bytes long (limit 64)"),
     ("huge-contents", nar(M, b"(", b"type", b"regular", b"contents") + u64(2**63),
      "contents length 9223372036854775808 is larger"),
     ("contents-beyond-eof", nar(M, b"(", b"type", b"regular", b"contents") + u64(2**40) + Raw(b"x" * 64),

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from conftest import needs_nix, nix_env
-from storekeeper.formats.nar import Directory, NarError, Regular, Symlink, dump_node
+from storekeeper.formats.nar import MAX_DEPTH, Directory, NarError, Regular, Symlink, dump_node
 from storekeeper.store.narfs import (
     CHUNK_SIZE,
     TreeError,
@@ -26,7 +26,7 @@ from storekeeper.store.narfs import (
     remove_tree,
     restore_nar,
 )
-from test_nar import MALFORMED, TV2, TV2_SHA256, dir_trees, trees
+from test_nar import MALFORMED, TV2, TV2_SHA256, dir_trees, nested, trees
 
 
 def write_tree(path: bytes, node) -> None:
@@ -182,6 +182,25 @@ def test_big_file_matches_nix_store_dump(tmp):
     chunks = list(dump_path(tmp + b"/t"))
     assert b"".join(chunks) == theirs
     assert max(map(len, chunks)) <= CHUNK_SIZE + 512
+
+
+def test_deep_tree_beyond_recursion_limit(tmp):
+    # The walk and remove_tree are iterative; only the reader bounds depth.
+    depth = 1100
+    path = tmp + b"/t"
+    os.mkdir(path)
+    for _ in range(depth - 1):  # os.makedirs recurses too deep
+        path += b"/d"
+        os.mkdir(path)
+    open(tmp + b"/t" + b"/d" * depth, "wb").close()
+    nar = dumped(tmp + b"/t")
+    assert nar == nested(depth)
+    assert nar_hash_path(tmp + b"/t")[1] == len(nar)
+    with pytest.raises(NarError, match=f"nested deeper than {MAX_DEPTH}"):
+        restore_nar(io.BytesIO(nar), tmp + b"/r")
+    remove_tree(tmp + b"/r")
+    remove_tree(tmp + b"/t")
+    assert os.listdir(tmp) == []
 
 
 # --- big files and many files: the copy pipeline's two paths -----------------------

@@ -37,10 +37,9 @@ from .errors import StoreError
 
 #: chunk size for reading file contents
 CHUNK_SIZE = 1 << 20
-# Files up to this size are read in one go and hashed in batches with their
-# neighbours; larger ones stream through the pipeline's buffers.
+# Files up to this size are read in one go and hashed inline; larger ones
+# are read in CHUNK_SIZE chunks, hashed in the pipeline's thread.
 _SMALL_FILE = 256 << 10
-_BATCH = 1 << 20
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: if a fifo is swapped in after the type check, opening must not hang.
@@ -227,12 +226,14 @@ def copy_tree_hashing(src, dest, algo: str = "sha256") -> tuple[Hash, int]:
 
 
 class _HashPipeline:
-    """Hashes, in a second thread, the pieces of a NAR handed over in order.
+    """Hashes a NAR's pieces in order, big file chunks in a second thread.
 
-    hashlib drops the GIL for large updates, so hashing overlaps the main
-    thread's reads and writes; SHA-256 is otherwise most of a big copy's
-    cost.  The queue is bounded, so memory stays bounded when reading
-    outpaces hashing.  Small trees never start the thread.
+    hashlib drops the GIL while hashing a large buffer, so hashing a big
+    file's chunk overlaps reading and writing the next one; SHA-256 is most
+    of the cost of copying big files.  Small pieces are hashed inline once
+    the thread has caught up: handing them over costs more than it saves.
+    The queue is bounded, so memory stays bounded when reading outpaces
+    hashing.
     """
 
     def __init__(self, algo: str, depth: int = 4) -> None:
@@ -240,26 +241,32 @@ class _HashPipeline:
         self._algo = algo
         self._work: queue.Queue = queue.Queue(depth)
         self._thread: threading.Thread | None = None
+        self._busy = False
 
     def _run(self) -> None:
         update = self._hasher.update
-        get = self._work.get
-        while (data := get()) is not None:
+        work = self._work
+        while (data := work.get()) is not None:
             update(data)
+            work.task_done()
 
-    def feed(self, data: bytes | bytearray) -> None:
-        """Hash ``data``, which is handed over: the caller must not change it."""
+    def feed_chunk(self, chunk: bytes) -> None:
+        """Hash a big chunk in the thread; ``chunk`` must not change afterwards."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="nar-hash", daemon=True)
             self._thread.start()
-        self._work.put(data)
+        self._work.put(chunk)
+        self._busy = True
 
-    def finish(self, last: bytes | bytearray) -> Hash:
-        if self._thread is None:
-            self._hasher.update(last)
-        else:
-            self.feed(last)
-            self.stop()
+    def feed(self, data: bytes | bytearray) -> None:
+        """Hash ``data`` now, after everything handed over before it."""
+        if self._busy:
+            self._work.join()
+            self._busy = False
+        self._hasher.update(data)
+
+    def finish(self) -> Hash:
+        self.feed(b"")  # waits for the thread
         return Hash(self._algo, self._hasher.digest())
 
     def stop(self) -> None:
@@ -271,13 +278,11 @@ class _HashPipeline:
 def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Hash, int]:
     pipe = _HashPipeline(algo)
     size = 0
-    # NAR structure and small files are batched so the queue sees big pieces.
-    pending = bytearray()
     try:
         for ev in _walk(root):
             kind = ev[0]
             head = ev[2]
-            pending += head
+            pipe.feed(head)
             size += len(head)
             if kind == _FILE:
                 _, rel, _, fd, fsize, executable, tail = ev
@@ -285,23 +290,21 @@ def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Has
                     writer.regular_start(rel, executable, fsize)
                 if fsize <= _SMALL_FILE:
                     data = _read_exactly(fd, fsize, root, rel)
+                    pipe.feed(data)
                     if writer is not None:
                         writer.regular_data(data)
-                    pending += data
                 else:
-                    pipe.feed(pending)
-                    pending = bytearray()
                     remaining = fsize
                     while remaining:
                         chunk = os.read(fd, min(remaining, CHUNK_SIZE))
                         if not chunk:
                             raise _shrank(root, rel)
-                        pipe.feed(chunk)
+                        pipe.feed_chunk(chunk)
                         if writer is not None:
                             writer.regular_data(chunk)
                         remaining -= len(chunk)
+                pipe.feed(tail)
                 size += fsize + len(tail)
-                pending += tail
                 if writer is not None:
                     writer.regular_end()
             elif writer is not None:
@@ -309,10 +312,7 @@ def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Has
                     writer.directory(ev[1])
                 elif kind == _LINK:
                     writer.symlink(ev[1], ev[3])
-            if len(pending) >= _BATCH:
-                pipe.feed(pending)
-                pending = bytearray()
-        return pipe.finish(pending), size
+        return pipe.finish(), size
     finally:
         pipe.stop()
 
