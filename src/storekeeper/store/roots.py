@@ -8,6 +8,11 @@ What counts as a root, as Nix 2.8 counts it (spec §6.2–6.4):
   /home/u/result``) roots what its target links to, if that target is itself a
   symlink into the store; a regular file whose base name is a store path
   roots that path.
+* In a user's own directory (``gcroots/per-user/<user>``,
+  ``profiles/per-user/<user>``), an entry counts only if that user (or root)
+  owns it, and a link that does not point into the store is followed only to
+  a sibling inside the same directory (profile generations): a user cannot
+  make the GC read, or keep alive through, files elsewhere.
 * Every ``temproots/<pid>`` file whose owner is alive (it holds the flock).
 * Paths that running processes use (exe, cwd, open files, mappings,
   environment), found in ``/proc``.
@@ -68,7 +73,8 @@ class RootFinder:
         profiles = os.path.join(self.state_dir, "profiles")
         yield from self._scan(profiles, profiles, cleanup)
 
-    def _scan(self, path: str, top: str, cleanup: bool) -> Iterator[Root]:
+    def _scan(self, path: str, top: str, cleanup: bool,
+              user_dir: tuple[str, int] | None = None) -> Iterator[Root]:
         try:
             st = os.lstat(path)
         except OSError as e:
@@ -78,6 +84,11 @@ class RootFinder:
                 return
             raise
         kind = "profile" if top.endswith("/profiles") else "direct"
+        if user_dir is None and os.path.dirname(path) == os.path.join(top, "per-user"):
+            user_dir = (path, st.st_uid)  # a user's own directory: confine what it can name
+        if user_dir is not None and st.st_uid not in (user_dir[1], 0):
+            self.messages.append(f"ignoring root '{path}': not owned by the owner of '{user_dir[0]}'")
+            return
         if stat.S_ISDIR(st.st_mode):
             try:
                 names = sorted(os.listdir(path))
@@ -87,7 +98,7 @@ class RootFinder:
                     return
                 raise
             for n in names:
-                yield from self._scan(os.path.join(path, n), top, cleanup)
+                yield from self._scan(os.path.join(path, n), top, cleanup, user_dir)
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(path)
             sp = self._to_store_path(target)
@@ -95,7 +106,12 @@ class RootFinder:
                 yield Root(sp, path, kind)
                 return
             # Indirect: the target is a link elsewhere (e.g. a `result` symlink).
-            resolved = os.path.join(os.path.dirname(path), target)
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+            if user_dir is not None:
+                if os.path.dirname(resolved) != os.path.dirname(path):
+                    self.messages.append(f"ignoring root '{path}': it points outside the store")
+                    return
+                return  # a sibling in the same directory: scanned in its own right
             try:
                 tst = os.lstat(resolved)
             except OSError as e:
