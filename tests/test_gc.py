@@ -199,6 +199,49 @@ def test_path_pinned_during_gc_is_not_deleted(tmp_path):
         assert os.path.exists(s2.real_path(top)) and os.path.exists(s2.real_path(base))
 
 
+def _pin_then_hand_over(root: str, path: str, link: str, pinned, go, done) -> None:
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        s.pin(s.parse_path(path))
+        pinned.set()
+        go.wait(30)
+        os.symlink(path, link)  # the permanent root takes over…
+    done.set()  # …and the temp root is gone with the store
+
+
+def test_root_handed_over_between_the_two_root_scans_is_kept(tmp_path, monkeypatch):
+    """A process pins P, the GC does its first root scan, the process links a permanent root to
+    P and exits, the GC does its second scan: P must survive whichever scan comes first."""
+    from storekeeper.store.roots import RootFinder
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        p = s.print_path(s.add_text("handed-over", b"h").path)
+        link = os.path.join(s.state_dir, "gcroots", "handed")
+    ctx = multiprocessing.get_context("fork")
+    pinned, go, done = ctx.Event(), ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_pin_then_hand_over, args=(root, p, link, pinned, go, done))
+    proc.start()
+    assert pinned.wait(30)
+    scans: list[str] = []
+
+    def between_scans(orig, name):
+        def scan(self, *a, **kw):
+            found = list(orig(self, *a, **kw))
+            scans.append(name)
+            if len(scans) == 1:
+                go.set()
+                assert done.wait(30)
+            return iter(found)
+        return scan
+
+    monkeypatch.setattr(RootFinder, "temp_roots", between_scans(RootFinder.temp_roots, "temp"))
+    monkeypatch.setattr(RootFinder, "permanent_roots", between_scans(RootFinder.permanent_roots, "perm"))
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        assert p not in r.paths and s.is_valid(s.parse_path(p))
+        assert scans == ["temp", "perm"]
+    proc.join(30)
+
+
 def _adder(root: str, seed: int, deadline: float, q) -> None:
     rng = random.Random(seed)
     errors = made = 0
@@ -374,8 +417,12 @@ def test_our_adds_while_real_nix_gc_runs(tmp_path):
                            f"nix-store --store {root} --gc >/dev/null 2>&1; done"],
                           env=__import__("conftest").nix_env(str(tmp_path)))
     made = []
-    try:
-        with LocalStore(LocalLayout.chroot(root)) as s:
+    # The store stays open (its temp roots alive) until the Nix GCs are over:
+    # Nix 2.8 scans permanent roots before temp roots, so a path whose temp
+    # root ends between its two scans is lost even though a symlink roots it
+    # (seen here: the last `top` vanished once in three runs).
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        try:
             k = 0
             while time.monotonic() < stop and k < 150:
                 dep = s.add_text("base", b"base").path  # exists or is re-created; pinned either way
@@ -383,8 +430,8 @@ def test_our_adds_while_real_nix_gc_runs(tmp_path):
                 os.symlink(s.print_path(top), os.path.join(s.state_dir, "gcroots", f"top{k}"))
                 made.append(top)
                 k += 1
-    finally:
-        gc.wait(timeout=60)
+        finally:
+            gc.wait(timeout=60)
     with LocalStore(LocalLayout.chroot(root)) as s:
         for top in made:
             assert s.is_valid(top) and os.path.exists(s.real_path(top))

@@ -183,8 +183,17 @@ def cmd_gc(store: LocalStore, args: argparse.Namespace) -> int:
     opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
                      keep_outputs=args.keep_outputs or cfg.keep_outputs,
                      keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
-    log = (lambda m: print(m, file=sys.stderr)) if not args.json else None
-    result = store.collect_garbage(opts, log)
+    from .progress import Progress
+    bar = Progress("deleting garbage")
+    quiet = args.json or bar.enabled  # on a terminal the bar replaces the per-path lines
+
+    def log(message: str) -> None:
+        if not (quiet and message.startswith("deleting '")) and not args.json:
+            bar.log(message)
+    try:
+        result = store.collect_garbage(opts, log, bar.update)
+    finally:
+        bar.close()
     if args.dry_run:
         from ..store.inspect import bytes_freed_by
         disk, apparent = bytes_freed_by(store, result.paths)

@@ -7,6 +7,8 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
    lock wrote it to its ``temproots/<pid>`` file, which we read after taking
    the lock; any later pin reaches us through the socket and is acknowledged
    only once it is in our temp-root set.
+   Temp-root files are read before the permanent roots are scanned, so a
+   root handed over from a temp root to a symlink is never missed.
 2. The reference graph is loaded in one pass (three queries); liveness is the
    forward closure of the roots over references, plus derivers when
    ``keep-derivations`` and derivation outputs when ``keep-outputs``.
@@ -70,9 +72,12 @@ class GCResult:
 
 
 class GarbageCollector:
-    def __init__(self, store, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store, log: Callable[[str], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.store = store
         self.log = log or (lambda msg: None)
+        self.progress = progress or (lambda done, total: None)
+        self._total = 0
         self._cond = threading.Condition()
         self._temp_hashes: set[str] = set()
         self._pending: set[str] = set()
@@ -182,15 +187,17 @@ class GarbageCollector:
                 return result
             self._start_server()
             finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir)
-            roots: list[Root] = []
+            # Temp roots *before* permanent ones: a process that pins a path,
+            # links a permanent root to it and exits is then seen one way or
+            # the other.  (Nix 2.8 reads them the other way round and can lose
+            # a path handed over between its two scans.)
+            roots: list[Root] = list(finder.temp_roots(cleanup=deleting))
+            with self._cond:
+                self._temp_hashes.update(r.path.hash_part for r in roots)
             if not opts.ignore_liveness:
                 self.log("finding garbage collector roots...")
                 roots += finder.permanent_roots(cleanup=deleting)
                 roots += finder.runtime_roots()
-            temp = list(finder.temp_roots(cleanup=deleting))
-            with self._cond:
-                self._temp_hashes.update(r.path.hash_part for r in temp)
-            roots += temp
             result.messages += finder.messages
             graph = Graph(store.db)
             sd = store.store_dir
@@ -207,6 +214,7 @@ class GarbageCollector:
                 return result
             candidates = self._candidates(graph, alive, opts, sd)
             order = self._referrers_first(graph, candidates)
+            self._total = len(order)
             if opts.action == DEAD:
                 result.paths = sorted(graph.path_of[i] for i in order) + self._invalid_entries(graph, dry=True)
                 return result
@@ -318,6 +326,7 @@ class GarbageCollector:
                 real = os.path.join(store.real_store_dir, p[len(sd.path) + 1:])
                 result.bytes_freed += delete_tree(real)
                 result.paths.append(p)
+                self.progress(len(result.paths), self._total)
         finally:
             for _, pl in locks:
                 pl.release()

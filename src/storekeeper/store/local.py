@@ -27,7 +27,6 @@ import os
 import secrets
 import stat
 import time
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -44,6 +43,7 @@ from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, remove_tree, restore_nar
+from .queries import DerivedQueries
 from .settings import StoreSettings
 from .temproots import TempRoots
 
@@ -63,8 +63,12 @@ class VerifyReport:
         return not self.errors
 
 
-class LocalStore:
-    """A local Nix store (see module docstring for the invariants it keeps)."""
+class LocalStore(DerivedQueries):
+    """A local Nix store (see module docstring for the invariants it keeps).
+
+    ``path_info``, ``query_references``, ``query_closure`` and ``topo_sort``
+    come from :class:`DerivedQueries`.
+    """
 
     def __init__(self, layout: LocalLayout, create: bool = True,
                  settings: StoreSettings | None = None) -> None:
@@ -143,6 +147,11 @@ class LocalStore:
         """Validity without a pin: for answering queries only, never for relying on the path."""
         return self.db.is_valid(self.print_path(sp))
 
+    def ensure_path(self, sp: StorePath) -> None:
+        """Pin ``sp`` and make sure it is valid: there are no substituters to fetch it from."""
+        if not self.pin_valid(sp):
+            raise InvalidPath(f"path '{self.print_path(sp)}' does not exist and cannot be created")
+
     def _pin_references(self, refs: Iterable[StorePath], for_path: StorePath) -> None:
         for ref in refs:
             if ref != for_path and not self.pin_valid(ref):
@@ -153,15 +162,6 @@ class LocalStore:
 
     def query_path_info(self, sp: StorePath) -> ValidPathInfo | None:
         return self.db.query_info(self.print_path(sp))
-
-    def path_info(self, sp: StorePath) -> ValidPathInfo:
-        info = self.query_path_info(sp)
-        if info is None:
-            raise InvalidPath(f"path '{self.print_path(sp)}' is not valid")
-        return info
-
-    def query_references(self, sp: StorePath) -> set[StorePath]:
-        return set(self.path_info(sp).references)
 
     def query_referrers(self, sp: StorePath) -> set[StorePath]:
         self.path_info(sp)
@@ -184,51 +184,6 @@ class LocalStore:
 
     def query_valid_paths(self, paths: Iterable[StorePath]) -> set[StorePath]:
         return {p for p in paths if self.is_valid(p)}
-
-    def query_closure(self, paths: Iterable[StorePath], include_outputs: bool = False,
-                      include_derivers: bool = False) -> set[StorePath]:
-        """Requisites: everything reachable through references (``-q --requisites``)."""
-        seen: set[StorePath] = set()
-        queue = deque(paths)
-        while queue:
-            p = queue.popleft()
-            if p in seen:
-                continue
-            info = self.path_info(p)
-            seen.add(p)
-            queue.extend(info.references)
-            if include_outputs and p.is_derivation:
-                queue.extend(o for o in self.query_derivation_outputs(p).values() if self.is_valid(o))
-            if include_derivers and info.deriver and self.is_valid(info.deriver):
-                queue.append(info.deriver)
-        return seen
-
-    def topo_sort(self, paths: Iterable[StorePath]) -> list[StorePath]:
-        """Referrers before references within ``paths``; a cycle is an error."""
-        wanted = set(paths)
-        order: list[StorePath] = []
-        state: dict[StorePath, int] = {}  # 1 = on the stack, 2 = done
-        for start in sorted(wanted):
-            if state.get(start):
-                continue
-            stack = [(start, iter(sorted(self.path_info(start).references & wanted)))]
-            state[start] = 1
-            while stack:
-                node, it = stack[-1]
-                nxt = next(it, None)
-                if nxt is None:
-                    stack.pop()
-                    state[node] = 2
-                    order.append(node)
-                elif nxt == node or state.get(nxt) == 2:
-                    continue
-                elif state.get(nxt) == 1:
-                    raise StoreError(f"cycle detected in the references of '{self.print_path(nxt)}'")
-                else:
-                    state[nxt] = 1
-                    stack.append((nxt, iter(sorted(self.path_info(nxt).references & wanted))))
-        order.reverse()
-        return order
 
     # --- reading content ------------------------------------------------------
 
@@ -476,10 +431,11 @@ class LocalStore:
             if os.geteuid() == 0:
                 os.lchown(mine, uid, gid)
 
-    def collect_garbage(self, options, log: Callable[[str], None] | None = None):
+    def collect_garbage(self, options, log: Callable[[str], None] | None = None,
+                        progress: Callable[[int, int], None] | None = None):
         """Run the collector (see :mod:`storekeeper.store.gc` for its invariants)."""
         from .gc import GarbageCollector
-        return GarbageCollector(self, log).collect(options)
+        return GarbageCollector(self, log, progress).collect(options)
 
     def free_space(self) -> int:
         test_file = os.environ.get("_NIX_TEST_FREE_SPACE_FILE")
