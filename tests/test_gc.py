@@ -438,3 +438,25 @@ def test_our_adds_while_real_nix_gc_runs(tmp_path):
         assert s.is_valid(base)
         assert s.verify(check_contents=True).ok
     print(f"\n{len(made)} storekeeper adds while nix-store --gc looped")
+
+
+def test_delete_ignoring_liveness_still_spares_referrers_and_pins(tmp_path):
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        rooted = s.add_text("rooted", b"r").path
+        base = s.add_text("base", b"b").path
+        user = s.add_text("user", s.print_path(base).encode(), [base]).path
+        for p in (rooted, user):
+            os.symlink(s.print_path(p), os.path.join(s.state_dir, "gcroots", p.name))
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        r = s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({rooted}),
+                                        ignore_liveness=True))
+        assert r.paths == [s.print_path(rooted)]
+        with pytest.raises(PathInUse):  # `user` still refers to it
+            s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({base}),
+                                        ignore_liveness=True))
+        s.pin(user)
+        with pytest.raises(PathInUse):  # pinned by a live process (this one)
+            s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({user}),
+                                        ignore_liveness=True))
+        assert s.is_valid(base) and s.is_valid(user)

@@ -259,7 +259,8 @@ def cmd_why_alive(store: LocalStore, args: argparse.Namespace) -> int:
 def cmd_delete(store: LocalStore, args: argparse.Namespace) -> int:
     from ..store.gc import DELETE_SPECIFIC, GCOptions
     paths = frozenset(resolve_path(store, a) for a in args.paths)
-    result = store.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=paths),
+    result = store.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=paths,
+                                             ignore_liveness=args.ignore_liveness),
                                    lambda m: print(m, file=sys.stderr))
     print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
     return 0
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("delete", help="delete store paths that are not alive")
     s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--ignore-liveness", action="store_true",
+                   help="delete even if a root keeps them alive (never while other valid paths "
+                        "refer to them, nor while a process has them pinned)")
     s.set_defaults(func=cmd_delete)
 
     s = sub.add_parser("verify", help="check that valid paths exist and (optionally) are intact")
