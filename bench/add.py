@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from _nixenv import isolated_nix_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -74,12 +76,7 @@ def main() -> int:
         return 2
     sk = [sys.executable, "-m", "storekeeper.cli.main"]
     scratch = tempfile.mkdtemp(prefix="sk-bench-add-", dir=args.dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
-    env.update(HOME=os.path.join(scratch, "home"), NIX_CONF_DIR=os.path.join(scratch, "etc"),
-               NIX_REMOTE=os.path.join(scratch, "unused"))
-    os.makedirs(env["NIX_CONF_DIR"])
-    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
-        f.write("substituters =\n")
+    env = isolated_nix_env(scratch)
     try:
         src = os.path.join(scratch, "tree")
         total, files = make_tree(src, args.size_mb, args.seed)

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from _nixenv import isolated_nix_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MKSTORE = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench", "mkstore.py"))
 
@@ -64,12 +66,7 @@ def main() -> int:
         print("needs nix-store (apt-get install nix-bin) and ../shared/bench/mkstore.py", file=sys.stderr)
         return 2
     scratch = tempfile.mkdtemp(prefix="sk-bench-gc-", dir=args.dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
-    env.update(HOME=os.path.join(scratch, "home"), NIX_CONF_DIR=os.path.join(scratch, "etc"),
-               NIX_REMOTE=os.path.join(scratch, "unused"))
-    os.makedirs(env["NIX_CONF_DIR"])
-    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
-        f.write("substituters =\n")
+    env = isolated_nix_env(scratch)
     sk = [sys.executable, "-m", "storekeeper.cli.main"]
     try:
         master = os.path.join(scratch, "master")

@@ -25,18 +25,23 @@ def temp_name(directory: str, prefix: str) -> str:
     return os.path.join(directory, f"{prefix}{os.getpid()}-{secrets.token_hex(6)}")
 
 
+def write_new_file(path: str, data: bytes, mode: int) -> None:
+    """Create ``path`` (it must not exist, and is never a followed symlink) with ``data``, synced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
     directory = os.path.dirname(path) or "."
     tmp = temp_name(directory, "." + os.path.basename(path) + ".tmp-")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -40,6 +40,7 @@ from ..formats.storepath import StoreDir, StorePath, check_name
 from .canonicalise import canonicalise_paths
 from .db import StoreDB
 from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
+from .fsutil import write_new_file
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, remove_tree, restore_nar
@@ -276,7 +277,7 @@ class LocalStore(DerivedQueries):
         nar = narfmt.dump_string(text)
         info = ValidPathInfo(sp, Hash.of("sha256", nar), len(nar), refs,
                              ca=ContentAddress(TEXT, content_hash).render())
-        return self._install(info, lambda real: _write_new_file(real, text), repair)
+        return self._install(info, lambda real: write_new_file(real, text, 0o444), repair)
 
     def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
                  references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo:
@@ -578,17 +579,6 @@ def _restore_checked(reader: BinaryIO, dest: str) -> None:
         restore_nar(reader, dest)
     except narfmt.NarError as e:
         raise BadArchive(str(e)) from None
-
-
-def _write_new_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _first_uncanonical(real: str) -> str | None:

@@ -1,0 +1,15 @@
+"""Shared by the bench scripts: an environment in which real Nix never touches /nix."""
+
+from __future__ import annotations
+
+import os
+
+
+def isolated_nix_env(scratch: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
+    env.update(HOME=os.path.join(scratch, "home"), NIX_CONF_DIR=os.path.join(scratch, "etc"),
+               NIX_REMOTE=os.path.join(scratch, "unused"))
+    os.makedirs(env["NIX_CONF_DIR"], exist_ok=True)
+    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
+        f.write("substituters =\n")
+    return env
