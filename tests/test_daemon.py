@@ -949,3 +949,35 @@ def test_gc_and_roots_through_the_real_client_like_the_real_daemon(daemons, tmp_
     with ours.store() as store:
         assert store.query_all_valid_paths() == set()
         assert not os.listdir(os.path.join(store.state_dir, "gcroots", "auto"))
+
+
+def test_sd_notify_sends_one_datagram(tmp_path):
+    import socket as _socket
+    from storekeeper.daemon.sdnotify import sd_notify
+    path = str(tmp_path / "notify")
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    srv.bind(path)
+    srv.settimeout(5)
+    assert sd_notify("READY=1", {"NOTIFY_SOCKET": path})
+    assert srv.recv(100) == b"READY=1"
+    assert not sd_notify("READY=1", {})
+    srv.close()
+
+
+def test_daemon_tells_systemd_it_is_ready(tmp_path):
+    import socket as _socket
+    path = str(tmp_path / "notify")
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    srv.bind(path)
+    srv.settimeout(30)
+    env = dict(nix_env(str(tmp_path)), NOTIFY_SOCKET=path)
+    proc = subprocess.Popen(our_daemon_cmd("--store", str(tmp_path / "root"), "--socket",
+                                           str(tmp_path / "d.sock")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        msg = srv.recv(200).decode()
+        assert msg.startswith("READY=1\n") and f"MAINPID={proc.pid}" in msg
+        assert os.path.exists(tmp_path / "d.sock")  # ready means listening
+    finally:
+        stop_process(proc)
+        srv.close()

@@ -34,6 +34,7 @@ from contextlib import suppress
 from ..store.layout import LocalLayout
 from ..store.local import LocalStore
 from ..store.settings import StoreSettings
+from .sdnotify import sd_notify
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
 from .session import Session, error_message
 from .trust import DaemonConfig, PeerInfo
@@ -194,6 +195,7 @@ class _Server:
         self.listener.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info("listening (pid %d)", os.getpid())
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving the store")
         try:
             while not self.stopping:
                 try:
