@@ -460,3 +460,21 @@ def test_delete_ignoring_liveness_still_spares_referrers_and_pins(tmp_path):
             s.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=frozenset({user}),
                                         ignore_liveness=True))
         assert s.is_valid(base) and s.is_valid(user)
+
+
+def test_unregistered_entry_being_written_is_left_alone(tmp_path):
+    """A store-path-named entry whose lock is held (an add in progress) survives the junk sweep."""
+    from storekeeper.store.locks import PathLocks
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        sp = s.store_dir.make_text_path_for("in-progress", b"x")
+        real = s.real_path(sp)
+        with open(real, "wb") as f:
+            f.write(b"half-writ")
+        held = PathLocks()
+        assert held.lock([real])
+        r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        assert os.path.exists(real) and s.print_path(sp) not in r.paths
+        held.release()
+        s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        assert not os.path.exists(real)

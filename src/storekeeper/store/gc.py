@@ -346,15 +346,32 @@ class GarbageCollector:
             with self._cond:
                 if is_path is not None and is_path.hash_part in self._temp_hashes:
                     continue
-            if _in_use(full):
-                continue
-            if is_path is not None and not name.endswith(".lock"):
-                names.append(f"{sd.path}/{name}")
-            if not dry and result is not None:
+                if not dry and is_path is not None:
+                    # a pin of this hash now waits until we are done with the entry
+                    self._pending = {is_path.hash_part}
+            try:
+                if _in_use(full):
+                    continue
+                if is_path is not None and not name.endswith(".lock"):
+                    names.append(f"{sd.path}/{name}")
+                if dry or result is None:
+                    continue
                 if name.endswith(".lock"):
                     _remove_lock_file(full)
-                else:
+                    continue
+                # An adder re-creating this path holds its lock: leave the entry to it.
+                locks = PathLocks()
+                if is_path is not None and not locks.lock([full], wait=False):
+                    continue
+                try:
                     result.bytes_freed += delete_tree(full)
+                finally:
+                    locks.delete_on_release = True
+                    locks.release()
+            finally:
+                with self._cond:
+                    self._pending = set()
+                    self._cond.notify_all()
         return names
 
     def _remove_unused_links(self, result: GCResult) -> None:
