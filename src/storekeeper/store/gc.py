@@ -213,11 +213,12 @@ class GarbageCollector:
                 result.paths = sorted(graph.path_of[i] for i in alive)
                 return result
             candidates = self._candidates(graph, alive, opts, sd)
+            if opts.action == DEAD:
+                result.paths = sorted(graph.path_of[i] for i in candidates) + \
+                    self._invalid_entries(graph, dry=True)
+                return result
             order = self._referrers_first(graph, candidates)
             self._total = len(order)
-            if opts.action == DEAD:
-                result.paths = sorted(graph.path_of[i] for i in order) + self._invalid_entries(graph, dry=True)
-                return result
             self.log("deleting garbage...")
             self._delete(graph, order, alive, opts, result, keep_outputs, keep_derivations)
             if opts.action == DELETE_DEAD and result.bytes_freed <= opts.max_freed:
@@ -256,11 +257,11 @@ class GarbageCollector:
 
     @staticmethod
     def _referrers_first(graph: Graph, nodes: set[int]) -> list[int]:
-        indeg = {i: 0 for i in nodes}
+        indeg = dict.fromkeys(nodes, 0)
         for i in nodes:
-            for r in graph.referrers.get(i, ()):
-                if r in nodes and r != i:
-                    indeg[i] += 1
+            for j in graph.refs.get(i, ()):
+                if j in indeg and j != i:
+                    indeg[j] += 1
         queue = deque(sorted((i for i, d in indeg.items() if d == 0), key=graph.path_of.__getitem__))
         order = []
         while queue:

@@ -28,16 +28,30 @@ class Graph:
             if d:
                 deriver_of[i] = d
         self.refs: dict[int, list[int]] = {}
-        self.referrers: dict[int, list[int]] = {}
-        for a, b in conn.execute("select referrer, reference from Refs"):
-            self.refs.setdefault(a, []).append(b)
-            self.referrers.setdefault(b, []).append(a)
+        refs = self.refs
+        for a, b in conn.execute("select referrer, reference from Refs").fetchall():
+            if a in refs:
+                refs[a].append(b)
+            else:
+                refs[a] = [b]
+        self._referrers: dict[int, list[int]] | None = None
         self.deriver: dict[int, int] = {i: self.id_of[d] for i, d in deriver_of.items() if d in self.id_of}
         self.outputs: dict[int, list[int]] = {}
         for drv, p in conn.execute("select drv, path from DerivationOutputs"):
             o = self.id_of.get(p)
             if o is not None:
                 self.outputs.setdefault(drv, []).append(o)
+
+    @property
+    def referrers(self) -> dict[int, list[int]]:
+        """Reverse edges, built on first use (only deleting named paths needs them)."""
+        if self._referrers is None:
+            rev: dict[int, list[int]] = {}
+            for a, bs in self.refs.items():
+                for b in bs:
+                    rev.setdefault(b, []).append(a)
+            self._referrers = rev
+        return self._referrers
 
     def closure(self, start: Iterable[int], alive: set[int], keep_outputs: bool,
                 keep_derivations: bool) -> None:
