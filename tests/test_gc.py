@@ -19,11 +19,32 @@ from storekeeper.store.local import LocalStore
 from storekeeper.store.settings import StoreSettings
 
 
-def drv_text(sd, name: str, outputs: dict[str, str], srcs: list[str]) -> bytes:
-    outs = ",".join(f'("{o}","{p}","","")' for o, p in sorted(outputs.items()))
-    env = ",".join(f'("{k}","{v}")' for k, v in sorted({**outputs, "name": name}.items()))
-    ins = ",".join(f'"{s}"' for s in sorted(srcs))
-    return (f'Derive([{outs}],[],[{ins}],"x86_64-linux","/bin/sh",[],[{env}])').encode()
+def make_drv(store: LocalStore, name: str, srcs, outputs=("out", "dev")):
+    """Write a real input-addressed derivation (outputs computed as nix-instantiate does)."""
+    from storekeeper.formats.derivation import (Derivation, DerivationOutput, fill_output_paths,
+                                                print_derivation)
+    sd = store.store_dir
+    drv = Derivation(outputs={o: DerivationOutput() for o in outputs},
+                     input_srcs=frozenset(sd.print(r) for r in srcs), platform="x86_64-linux",
+                     builder="/bin/sh", args=["-c", "true"], env={"name": name, "builder": "/bin/sh",
+                                                                  "system": "x86_64-linux"})
+    drv = fill_output_paths(drv, sd, store.read_derivation)
+    drv_path = store.add_text(f"{name}.drv", print_derivation(drv), srcs).path
+    return drv_path, {o: sd.parse(d.path) for o, d in drv.outputs.items()}
+
+
+def fake_build(store: LocalStore, drv_path, out, body: bytes, refs) -> None:
+    """Register an output as a build would (content at the output path, deriver set)."""
+    from storekeeper.formats.hashes import Hash
+    from storekeeper.formats.nar import dump_string
+    from storekeeper.formats.pathinfo import ValidPathInfo
+    with open(store.real_path(out), "wb") as f:
+        f.write(body)
+    os.chmod(store.real_path(out), 0o444)
+    os.utime(store.real_path(out), (1, 1))
+    nar = dump_string(body)
+    store.register_valid_paths([ValidPathInfo(out, Hash.of("sha256", nar), len(nar), frozenset(refs),
+                                              deriver=drv_path, ultimate=True)])
 
 
 def generate(root: str, seed: int, n: int = 80, roots: int = 5) -> dict:
@@ -38,14 +59,9 @@ def generate(root: str, seed: int, n: int = 80, roots: int = 5) -> dict:
             refs = rng.sample(made, k=min(len(made), rng.choice([0, 1, 1, 2, 3])))
             body = f"path {i} " + " ".join(sd.print(r) for r in refs)
             if rng.random() < 0.3 and made:
-                out = s.add_text(f"out{i}", body.encode(), refs).path
-                unbuilt = sd.make_text_path_for(f"unbuilt{i}", b"never")
-                drv = s.add_text(f"d{i}.drv", drv_text(sd, f"d{i}", {"out": sd.print(out),
-                                 "dev": sd.print(unbuilt)}, [sd.print(r) for r in refs]), refs).path
-                with s.db.transaction() as c:
-                    c.execute("update ValidPaths set deriver = ? where path = ?",
-                              (sd.print(drv), sd.print(out)))
-                made += [out, drv]
+                drv, outs = make_drv(s, f"d{i}", refs)
+                fake_build(s, drv, outs["out"], body.encode(), refs)  # `dev` stays unbuilt
+                made += [outs["out"], drv]
             else:
                 made.append(s.add_text(f"p{i}", body.encode(), refs).path)
         state = s.state_dir
@@ -152,8 +168,7 @@ def test_pin_then_check_survives_gc_15158(tmp_path):
     """The #15158 shape: a .drv written earlier is found valid, then relied on after a GC ran."""
     root = str(tmp_path / "a")
     with LocalStore(LocalLayout.chroot(root)) as writer:
-        drv = writer.add_text("hosts.drv", drv_text(writer.store_dir, "hosts", {"out": "/nix/store/"
-                              "00000000000000000000000000000000-hosts"}, [])).path
+        drv, _ = make_drv(writer, "hosts", [])
     # the writer process is gone: its temp roots died with it
     with LocalStore(LocalLayout.chroot(root)) as s:
         assert s.pin_valid(drv)            # step 3: pinned, then found valid
@@ -256,10 +271,9 @@ def _adder(root: str, seed: int, deadline: float, q) -> None:
                 dep = s.add_text(f"shared{rng.randrange(5)}", f"shared {rng.randrange(5)}".encode())
                 # re-adding an existing path pins it; a path referring to it must then register
                 top = s.add_text(f"top-{seed}-{n}", s.print_path(dep.path).encode(), [dep.path])
-                drv = s.add_text(f"t{n % 4}.drv", drv_text(s.store_dir, f"t{n % 4}", {"out": "/nix/store/"
-                                 "00000000000000000000000000000000-t"}, [s.print_path(dep.path)]), [dep.path])
+                drv, _ = make_drv(s, f"t{n % 4}", [dep.path])
                 made += 1
-                for p in (top.path, dep.path, drv.path):  # pinned by us: nobody may take them
+                for p in (top.path, dep.path, drv):  # pinned by us: nobody may take them
                     if not (s.is_valid(p) and os.path.exists(s.real_path(p))):
                         q.put(f"error: lost {s.print_path(p)}")
             except Exception as e:  # noqa: BLE001 - counted and reported
