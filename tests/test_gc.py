@@ -492,3 +492,38 @@ def test_unregistered_entry_being_written_is_left_alone(tmp_path):
         held.release()
         s.collect_garbage(GCOptions(action=DELETE_DEAD))
         assert not os.path.exists(real)
+
+
+def test_unreadable_indirect_root_keeps_its_path_for_the_grace_period(tmp_path, monkeypatch):
+    import storekeeper.store.roots as roots_mod
+    root = str(tmp_path / "a")
+    home = tmp_path / "nfs-home"
+    home.mkdir()
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        kept = s.add_text("kept", b"k").path
+        dropped = s.add_text("dropped", b"d").path
+        os.makedirs(os.path.join(s.state_dir, "gcroots", "auto"))
+        for name, p in (("result", kept), ("result2", dropped)):
+            os.symlink(s.print_path(p), home / name)
+        other = tmp_path / "other-home"
+        other.mkdir()
+        os.symlink(s.print_path(dropped), other / "result")
+        auto = os.path.join(s.state_dir, "gcroots", "auto")
+        os.symlink(str(home / "result"), os.path.join(auto, "k"))
+        os.symlink(str(other / "result"), os.path.join(auto, "d"))
+    with LocalStore(LocalLayout.chroot(root)) as s:  # a GC sees both roots and remembers them
+        assert s.collect_garbage(GCOptions(action=DELETE_DEAD)).paths == []
+    shutil.rmtree(home)               # the NFS home is gone (unmounted, or another host's)
+    os.unlink(other / "result")       # while this owner removed their link: dropped at once
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        assert r.paths == [s.print_path(dropped)]
+        assert s.is_valid(kept) and any("cannot read indirect root" in m for m in r.messages)
+        from storekeeper.store.inspect import list_roots
+        assert [x.kind for x in list_roots(s) if x.target == s.print_path(kept)] == ["indirect-unresolved"]
+    later = time.time() + s.settings.indirect_root_grace + 60
+    monkeypatch.setattr(roots_mod.time, "time", lambda: later)
+    with LocalStore(LocalLayout.chroot(root)) as s:  # after the grace period it goes
+        r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        assert r.paths == [s.print_path(kept)]
+        assert os.listdir(os.path.join(s.state_dir, "gcroots", "auto")) == []

@@ -186,7 +186,8 @@ class GarbageCollector:
             if opts.only_if is not None and not opts.only_if():
                 return result
             self._start_server()
-            finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir)
+            finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
+                                indirect_grace=store.settings.indirect_root_grace)
             # Temp roots *before* permanent ones: a process that pins a path,
             # links a permanent root to it and exits is then seen one way or
             # the other.  (Nix 2.8 reads them the other way round and can lose

@@ -52,7 +52,8 @@ def _owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None
 
 
 def all_roots(store) -> list[Root]:
-    f = RootFinder(store.store_dir, store.real_store_dir, store.state_dir)
+    f = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
+                   indirect_grace=store.settings.indirect_root_grace)
     return list(f.permanent_roots()) + list(f.runtime_roots()) + list(f.temp_roots())
 
 

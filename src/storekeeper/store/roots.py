@@ -17,23 +17,32 @@ What counts as a root, as Nix 2.8 counts it (spec §6.2–6.4):
 * Paths that running processes use (exe, cwd, open files, mappings,
   environment), found in ``/proc``.
 
-Finding roots never deletes anything unless the caller asks (``cleanup``, used
-only by a deleting GC): then stale ``gcroots/auto`` links whose target is gone
-(ENOENT, not EACCES) and temp-root files of dead processes are removed.
+* An indirect root whose target cannot be read at all (an unmounted or
+  unreadable NFS home, another host's file system) keeps alive the store path
+  it last resolved to, for ``grace`` seconds after it was first missed (see
+  :class:`IndirectRootMemory`).  One whose target directory is readable but
+  the link is gone was removed by its owner: it is dropped at once, as Nix does.
+
+Finding roots never deletes or writes anything unless the caller asks
+(``cleanup``, used only by a deleting GC): then stale ``gcroots/auto`` links,
+expired unresolvable ones, and temp-root files of dead processes are removed,
+and what each indirect root resolved to is remembered.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 from ..formats.hashes import Hash
 from ..formats.storepath import StoreDir, StorePath, StorePathError
-from .fsutil import symlink_atomic
+from .fsutil import symlink_atomic, write_file_atomic
 from .locks import lock_fd
 
 CENSORED = "{censored}"
@@ -46,11 +55,53 @@ class Root:
     kind: str  # direct | indirect | profile | temp | runtime
 
 
+class IndirectRootMemory:
+    """``<state>/storekeeper/indirect/<auto name>``: what each indirect root last resolved to.
+
+    A record (JSON: link, store path, first-missed time or null) is written
+    atomically by a deleting GC each time it resolves the root, and
+    ``first_missed`` is set the first time the root cannot be read.  Records
+    never count as roots by themselves: they only stand in for an
+    unreadable indirect root while its ``gcroots/auto`` link exists.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "storekeeper", "indirect")
+
+    def get(self, name: str) -> dict | None:
+        try:
+            with open(os.path.join(self.dir, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) and isinstance(rec.get("path"), str) else None
+
+    def put(self, name: str, link: str, path: str, first_missed: float | None) -> None:
+        rec = {"link": link, "path": path, "first_missed": first_missed}
+        if self.get(name) == rec:
+            return
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o644)
+
+    def forget(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.dir, name))
+        except FileNotFoundError:
+            pass
+
+
+DEFAULT_INDIRECT_GRACE = 14 * 86400
+
+
 class RootFinder:
-    def __init__(self, store_dir: StoreDir, real_store_dir: str, state_dir: str) -> None:
+    def __init__(self, store_dir: StoreDir, real_store_dir: str, state_dir: str,
+                 indirect_grace: float = DEFAULT_INDIRECT_GRACE, now: float | None = None) -> None:
         self.store_dir = store_dir
         self.real_store_dir = real_store_dir
         self.state_dir = state_dir
+        self.indirect_grace = indirect_grace
+        self.now = time.time() if now is None else now
+        self.memory = IndirectRootMemory(state_dir)
         self.messages: list[str] = []
 
     # --- store path of a link target ---------------------------------------------
@@ -112,25 +163,61 @@ class RootFinder:
                     self.messages.append(f"ignoring root '{path}': it points outside the store")
                     return
                 return  # a sibling in the same directory: scanned in its own right
+            auto = os.path.dirname(path) == os.path.join(self.state_dir, "gcroots", "auto")
             try:
                 tst = os.lstat(resolved)
+                sp = self._to_store_path(os.readlink(resolved)) if stat.S_ISLNK(tst.st_mode) else None
             except OSError as e:
-                if e.errno == errno.ENOENT and cleanup and \
-                        os.path.dirname(path) == os.path.join(self.state_dir, "gcroots", "auto"):
-                    self.messages.append(f"removing stale link from '{path}' to '{target}'")
-                    os.unlink(path)
+                if auto:
+                    yield from self._unresolved(path, resolved, e, cleanup)
                 elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
                     self.messages.append(f"cannot read potential root '{resolved}'")
                 return
-            if stat.S_ISLNK(tst.st_mode):
-                sp = self._to_store_path(os.readlink(resolved))
+            if sp is not None:
+                yield Root(sp, resolved, "indirect")
+            if auto and cleanup:
+                name = os.path.basename(path)
                 if sp is not None:
-                    yield Root(sp, resolved, "indirect")
+                    self.memory.put(name, resolved, self.store_dir.print(sp), None)
+                else:
+                    self.memory.forget(name)  # its owner pointed it elsewhere
         elif stat.S_ISREG(st.st_mode):
             try:
                 yield Root(StorePath.from_base(os.path.basename(path), lax=True), path, kind)
             except StorePathError:
                 pass
+
+    def _unresolved(self, path: str, resolved: str, err: OSError, cleanup: bool) -> Iterator[Root]:
+        """An indirect root whose target could not be read (see the module docstring)."""
+        name = os.path.basename(path)
+        parent = os.path.dirname(resolved)
+        owner_removed_it = err.errno in (errno.ENOENT, errno.ENOTDIR) and os.access(parent, os.R_OK | os.X_OK)
+        rec = None if owner_removed_it else self.memory.get(name)
+        if rec is None:
+            if owner_removed_it or err.errno == errno.ENOENT:
+                if cleanup:
+                    self.messages.append(f"removing stale link from '{path}' to '{resolved}'")
+                    os.unlink(path)
+                    self.memory.forget(name)
+            else:
+                self.messages.append(f"cannot read potential root '{resolved}'")
+            return
+        first = rec.get("first_missed") or self.now
+        if self.now - first < self.indirect_grace:
+            try:
+                sp = self.store_dir.parse(rec["path"], lax=True)
+            except StorePathError:
+                return
+            self.messages.append(f"cannot read indirect root '{resolved}' ({err.strerror}); keeping "
+                                 f"'{rec['path']}' until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(first + self.indirect_grace))} UTC")
+            if cleanup and rec.get("first_missed") is None:
+                self.memory.put(name, rec["link"], rec["path"], first)
+            yield Root(sp, resolved, "indirect-unresolved")
+        elif cleanup:
+            self.messages.append(f"removing indirect root '{resolved}': unreadable since "
+                                 f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(first))} UTC")
+            os.unlink(path)
+            self.memory.forget(name)
 
     # --- temp roots ------------------------------------------------------------------
 
