@@ -91,6 +91,9 @@ class StoreSettings:
     max_free: int = 2**64 - 1
     min_free_check_interval: int = 5    # seconds
     auto_optimise_store: bool = False
+    # storekeeper's own: how long an unreadable indirect root (NFS home, other
+    # host) keeps what it last pointed at (seconds)
+    indirect_root_grace: int = 14 * 86400
     unknown: tuple[str, ...] = field(default=(), compare=False)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "StoreSettings":
