@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -51,3 +52,16 @@ def store(chroot_root):
     s = LocalStore(LocalLayout.chroot(chroot_root))
     yield s
     s.close()
+
+
+@pytest.fixture
+def shared_dir():
+    """A temp dir that other (real, unprivileged) users can traverse: pytest's
+    tmp_path is private to root."""
+    d = tempfile.mkdtemp(prefix="sk-users-", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", d], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)

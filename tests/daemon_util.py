@@ -380,3 +380,30 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 def our_daemon_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "storekeeper.daemon", *args]
+
+
+def start_daemon(kind: str, root: str, sock: str, env: dict[str, str], *args: str,
+                 log=subprocess.DEVNULL, cwd: str | None = None) -> subprocess.Popen:
+    """Our daemon (``kind="ours"``) or the real ``nix-daemon`` (``"nix"``, configured by
+    ``env``'s nix.conf) serving the chroot store ``root`` on ``sock``; returns once it
+    accepts connections.  Stop it with :func:`stop_process`.
+
+    The real daemon gets its store initialised first: Nix 2.8's connection
+    processes race to create a fresh store, so two first connections can fail
+    ("database is busy", "creating symlink …: File exists").
+    """
+    env = dict(env)
+    if kind == "ours":
+        cmd = our_daemon_cmd("--store", root, "--socket", sock, *args)
+    else:
+        subprocess.run(["nix-store", "--store", root, "--init"], env=env, check=True,
+                       capture_output=True, timeout=60)
+        cmd = ["nix-daemon", "--store", root, *args]
+        env["NIX_DAEMON_SOCKET_PATH"] = sock
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        wait_for_socket(sock, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc

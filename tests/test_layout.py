@@ -51,3 +51,15 @@ def test_unix_socket_and_errors():
         parse_store_url("s3://bucket", ENV)
     with pytest.raises(StoreError, match="unknown parameter"):
         parse_store_url("local?bogus=1", ENV)
+
+
+def test_daemon_addresses_carry_the_client_store_dir():
+    assert parse_store_url("unix:///run/sk.sock", ENV).store_dir == "/nix/store"
+    assert parse_store_url("unix:///run/sk.sock?store=/s/store&root=/r", ENV) == \
+        DaemonAddress("/run/sk.sock", "/s/store")
+    env = {"NIX_STORE_DIR": "/e/store", "NIX_STATE_DIR": "/e/state"}
+    assert parse_store_url("daemon", env) == DaemonAddress("/e/state/daemon-socket/socket", "/e/store")
+    assert parse_store_url("unix://", {**env, "NIX_DAEMON_SOCKET_PATH": "/d.sock"}) == \
+        DaemonAddress("/d.sock", "/e/store")
+    with pytest.raises(StoreError, match="must be absolute"):
+        parse_store_url("unix://relative.sock", ENV)

@@ -6,7 +6,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 
 import pytest
 
@@ -30,18 +29,6 @@ def users():
     finally:
         for n in names:
             subprocess.run(["userdel", n], capture_output=True)
-
-
-@pytest.fixture
-def shared_dir():
-    # pytest's tmp_path is private to root: the users need a path they can traverse
-    d = tempfile.mkdtemp(prefix="sk-users-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", d], capture_output=True)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def as_user(user, *cmd: str) -> subprocess.CompletedProcess:

@@ -3,6 +3,11 @@
 Output follows nix-store: store paths one a line; ``--json`` where a script
 would read a table.  Errors are one line on stderr (``error: …``) naming the
 path or argument at fault, with a non-zero exit and no traceback.
+
+Every command takes a local store or a daemon (``--store unix://SOCKET``,
+``daemon``, ``NIX_REMOTE``) and answers the same through either; the few
+that read the store's files themselves (``roots`` details, ``why-alive``,
+``gc --dry-run``) say so when given a daemon.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..formats.errors import FormatError
 from ..formats.hashes import ALGO_SIZES
@@ -21,21 +26,34 @@ from ..store.layout import DaemonAddress, LocalLayout, parse_store_url
 from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 
+if TYPE_CHECKING:
+    from ..client.remote import RemoteStore
+
+    Store = LocalStore | RemoteStore
+
 
 class UsageError(Exception):
     pass
 
 
-def open_store(url: str | None) -> LocalStore:
+def open_store(url: str | None) -> Store:
+    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
     address = parse_store_url(url)
     if isinstance(address, DaemonAddress):
-        raise UsageError(f"daemon stores ('{address.socket_path}') are not supported by this "
-                         "command yet")
+        from ..client import open_remote
+        return open_remote(address, log=lambda m: print(m, file=sys.stderr))
     assert isinstance(address, LocalLayout)
     return LocalStore(address, settings=StoreSettings.from_nix_conf())
 
 
-def resolve_path(store: LocalStore, arg: str) -> StorePath:
+def _needs_local(store: Store, what: str) -> LocalStore:
+    if not isinstance(store, LocalStore):
+        raise UsageError(f"{what} needs a local store (it reads the store's files and database "
+                         f"directly), not the daemon at '{store.socket_path}'")
+    return store
+
+
+def resolve_path(store: Store, arg: str) -> StorePath:
     """A store path from an argument: a store path, a path inside one, or a link to one."""
     sd = store.store_dir
     path = os.path.abspath(arg) if not arg.startswith("/") else os.path.normpath(arg)
@@ -50,14 +68,14 @@ def resolve_path(store: LocalStore, arg: str) -> StorePath:
     raise UsageError(f"path '{arg}' is not in the Nix store")
 
 
-def _valid(store: LocalStore, arg: str) -> StorePath:
+def _valid(store: Store, arg: str) -> StorePath:
     sp = resolve_path(store, arg)
     if not store.is_valid(sp):
         raise StoreError(f"path '{store.print_path(sp)}' is not valid")
     return sp
 
 
-def _print_paths(store: LocalStore, paths: Iterable[StorePath]) -> None:
+def _print_paths(store: Store, paths: Iterable[StorePath]) -> None:
     out = sys.stdout
     for p in paths:
         out.write(store.print_path(p) + "\n")
@@ -65,20 +83,24 @@ def _print_paths(store: LocalStore, paths: Iterable[StorePath]) -> None:
 
 # --- commands ---------------------------------------------------------------
 
-def cmd_init(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_init(store: Store, args: argparse.Namespace) -> int:
+    if not isinstance(store, LocalStore):
+        print(f"store: {store.store_dir.path} (served by the daemon at {store.socket_path}, "
+              f"Nix {store.daemon_nix_version or 'unknown'})")
+        return 0
     print(f"store: {store.store_dir.path} (files in {store.real_store_dir})")
     print(f"state: {store.state_dir}")
     return 0
 
 
-def cmd_add(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_add(store: Store, args: argparse.Namespace) -> int:
     for src in args.paths:
         info = store.add_path(src, name=args.name, recursive=not args.flat, algo=args.algo)
         print(store.print_path(info.path))
     return 0
 
 
-def cmd_add_text(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_add_text(store: Store, args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
     refs = [_valid(store, r) for r in args.ref]
     info = store.add_text(args.name, data, refs)
@@ -86,7 +108,7 @@ def cmd_add_text(store: LocalStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_query(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_query(store: Store, args: argparse.Namespace) -> int:
     paths = [_valid(store, a) for a in args.paths]
     if args.what in ("references", "referrers", "requisites"):
         result: set[StorePath] = set()
@@ -114,7 +136,7 @@ def cmd_query(store: LocalStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_path_info(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_path_info(store: Store, args: argparse.Namespace) -> int:
     paths = [_valid(store, a) for a in args.paths]
     if args.recursive:
         paths = sorted(store.query_closure(paths))
@@ -141,7 +163,7 @@ def cmd_path_info(store: LocalStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dump(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_dump(store: Store, args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     for chunk in store.dump_path(_valid(store, args.path)):
         out.write(chunk)
@@ -149,7 +171,7 @@ def cmd_dump(store: LocalStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_restore(store: LocalStore | None, args: argparse.Namespace) -> int:
+def cmd_restore(store: Store | None, args: argparse.Namespace) -> int:
     from ..formats.nar import NarError
     from ..store.narfs import remove_tree, restore_nar
     if os.path.lexists(args.dir):
@@ -163,7 +185,7 @@ def cmd_restore(store: LocalStore | None, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_verify(store: Store, args: argparse.Namespace) -> int:
     report = store.verify(check_contents=args.check_contents, repair=args.repair)
     for line in report.repaired:
         print(f"repaired: {line}", file=sys.stderr)
@@ -176,10 +198,18 @@ def cmd_verify(store: LocalStore, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_gc(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     from ..store.gc import DEAD, DELETE_DEAD, LIVE, GCOptions
     action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
-    cfg = store.settings
+    if args.dry_run:
+        _needs_local(store, "gc --dry-run (it measures the files a GC would free)")
+    if isinstance(store, LocalStore):
+        cfg = store.settings
+    elif args.keep_outputs or args.no_keep_derivations:
+        raise UsageError("through a daemon, keep-outputs and keep-derivations are the daemon's "
+                         "settings (its nix.conf)")
+    else:
+        cfg = StoreSettings()  # not sent: the daemon applies its own
     opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
                      keep_outputs=args.keep_outputs or cfg.keep_outputs,
                      keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
@@ -219,7 +249,18 @@ def cmd_gc(store: LocalStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_roots(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_roots(store: Store, args: argparse.Namespace) -> int:
+    if not isinstance(store, LocalStore):
+        # Through a daemon only links and targets are known (FindRoots).
+        pairs = [(link, store.print_path(sp)) for link, sp in store.find_roots()]
+        if args.json:
+            json.dump([{"link": link, "target": target} for link, target in pairs], sys.stdout,
+                      indent=1)
+            sys.stdout.write("\n")
+        else:
+            for link, target in pairs:
+                print(f"{link} -> {target}")
+        return 0
     from ..store.inspect import list_roots
     roots = list_roots(store)
     if args.json:
@@ -241,10 +282,11 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-def cmd_why_alive(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
     from ..store.inspect import why_alive
-    sp = _valid(store, args.path)
-    chain = why_alive(store, sp)
+    local = _needs_local(store, "why-alive")
+    sp = _valid(local, args.path)
+    chain = why_alive(local, sp)
     if chain is None:
         print(f"{store.print_path(sp)} is not reachable from any root: the next GC deletes it")
         return 1
@@ -256,7 +298,7 @@ def cmd_why_alive(store: LocalStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_delete(store: LocalStore, args: argparse.Namespace) -> int:
+def cmd_delete(store: Store, args: argparse.Namespace) -> int:
     from ..store.gc import DELETE_SPECIFIC, GCOptions
     paths = frozenset(resolve_path(store, a) for a in args.paths)
     result = store.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=paths,
@@ -264,6 +306,54 @@ def cmd_delete(store: LocalStore, args: argparse.Namespace) -> int:
                                    lambda m: print(m, file=sys.stderr))
     print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
     return 0
+
+
+# --- optimise and stats (store.optimise) ---------------------------------------
+
+def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
+    from ..store.optimise import optimise_store
+    local = _needs_local(store, "optimise")
+    log = None if args.json else (lambda m: print(m, file=sys.stderr))
+    stats = optimise_store(local, dry_run=args.dry_run, trust_link_count=args.trust_link_count, log=log)
+    if args.json:
+        json.dump(stats.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(stats.summary())
+    print(f"{stats.files_already_linked} files already linked, {stats.new_pool_entries} new pool "
+          f"entries, {stats.emlink} kept at the link limit (EMLINK)"
+          + (f", {stats.corrupt_links_removed} corrupt pool entries "
+             f"{'found' if args.dry_run else 'removed'}" if stats.corrupt_links_removed else ""),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_stats(store: Store, args: argparse.Namespace) -> int:
+    from ..store.optimise import pool_stats
+    ps = pool_stats(_needs_local(store, "stats"))
+    if args.json:
+        json.dump(ps.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"distinct contents:  {ps.distinct_contents}")
+    print(f"total references:   {ps.total_references}")
+    print(f"unused pool entries: {ps.unused_entries}")
+    print(f"bytes saved:        {ps.bytes_saved} ({ps.bytes_saved / 2**20:.2f} MiB on disk, "
+          f"{ps.apparent_bytes_saved / 2**20:.2f} MiB of file contents)")
+    return 0
+
+
+def _add_optimise_parsers(sub) -> None:
+    s = sub.add_parser("optimise", aliases=["optimize"],
+                       help="hard-link identical files through the .links pool (like nix-store --optimise)")
+    s.add_argument("--dry-run", action="store_true", help="change nothing; print what would be freed")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--trust-link-count", action="store_true",
+                   help="take files with more than one link as linked already (skip hashing them)")
+    s.set_defaults(func=cmd_optimise)
+    s = sub.add_parser("stats", help="dedup figures from the link counts in .links (read-only)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stats)
 
 
 # --- parser -----------------------------------------------------------------
@@ -351,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
+    _add_optimise_parsers(sub)
     return p
 
 
@@ -372,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             store = open_store(args.store)
         return int(args.func(store, args))
     except (StoreError, FormatError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line, even for a daemon's multi-line message
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1

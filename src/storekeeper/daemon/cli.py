@@ -61,7 +61,8 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stdio", action="store_true",
                    help="serve one connection on stdin/stdout (the peer is trusted)")
     p.add_argument("--config", metavar="FILE", help="read trusted-users, allowed-users, "
-                   "build-users-group, require-sigs, … from a nix.conf-style file")
+                   "build-users-group, require-sigs, … from a nix.conf-style file "
+                   "(default: $NIX_CONF_DIR/nix.conf, /etc/nix/nix.conf)")
     p.add_argument("--trusted-users", action="extend", nargs="+", metavar="USER",
                    help="users (NAME, @GROUP or *) whose connections are trusted (default: root)")
     p.add_argument("--allowed-users", action="extend", nargs="+", metavar="USER",
@@ -73,7 +74,9 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
         layout = _local_layout(args.store, os.environ)
         if args.config and not os.path.isfile(args.config):
             raise StoreError(f"config file '{args.config}' does not exist")
-        config = DaemonConfig.from_nix_conf(args.config) if args.config else DaemonConfig()
+        # Without --config, nix.conf (as Nix reads it): builds and the refusal
+        # of build users must agree on build-users-group.
+        config = DaemonConfig.from_nix_conf(args.config or nix_conf_path(os.environ))
         trusted, allowed = _user_list(args.trusted_users), _user_list(args.allowed_users)
         if trusted is not None:
             config = replace(config, trusted_users=trusted)

@@ -5,14 +5,14 @@ does the work, calls ``s.stop_work()`` and writes the response fields into
 ``s.w``.  Everything about errors, draining and closing is the session's job
 (see :class:`~storekeeper.daemon.session.Session`); a handler just raises.
 
-Operations that storekeeper cannot do yet (builds, GC, roots, optimise) still
-read their request in full, so the client gets a clear error and the
-connection stays usable.
+Operations that storekeeper cannot do yet still read their request in full,
+so the client gets a clear error and the connection stays usable.  The build
+operations live in :mod:`.build_ops`, imported at the end of this module so
+that they register in :data:`OPS` too.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,8 +22,6 @@ from ..formats.storepath import StorePath
 from ..formats.wire import (
     EXPORT_MAGIC,
     MAX_PATH_LEN,
-    ActivityType,
-    DerivedPath,
     Op,
     Verbosity,
     WireReader,
@@ -38,9 +36,6 @@ from ..store.roots import CENSORED
 from ..store.roots import add_indirect_root as add_indirect_root_file
 from .session import NotSupported, OpError, Session
 
-# Build results (spec §2, BuildResult.Status)
-_ALREADY_VALID = 2
-_BUILD_MODE_REPAIR = 1
 _U32 = 0xFFFFFFFF  # fields the real daemon reads with readInt
 
 
@@ -291,54 +286,6 @@ def query_realisation(s: Session) -> None:
     s.w.strings([])  # no realisations are recorded (no ca-derivations)
 
 
-@_op(Op.QueryMissing)
-def query_missing(s: Session) -> None:
-    targets = [DerivedPath.parse(s.sd, t, lax=True)
-               for t in s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)]
-    s.start_work()
-    act = s.start_activity(Verbosity.DEBUG, ActivityType.UNKNOWN, "querying info about missing paths")
-    will_build, unknown = _missing(s, targets)
-    s.stop_activity(act)
-    s.stop_work()
-    s.w.store_paths(s.sd, will_build).store_paths(s.sd, ()).store_paths(s.sd, unknown)
-    s.w.u64(0).u64(0)  # downloadSize, narSize: nothing is substituted
-
-
-def _missing(s: Session, targets: list[DerivedPath]) -> tuple[set[StorePath], set[StorePath]]:
-    """What building ``targets`` would take, without substituters.
-
-    An invalid opaque path, or a derivation that is itself invalid, is
-    *unknown*.  A valid derivation with a wanted output that is not valid will
-    be *built*, and then so will the derivations it refers to that are missing
-    outputs.  (Inputs are taken from the derivation's references with all
-    their outputs: a slight over-estimate for multi-output inputs.)
-    """
-    store = s.store
-    will_build: set[StorePath] = set()
-    unknown: set[StorePath] = set()
-    seen: set[DerivedPath] = set()
-    queue = deque(targets)
-    while queue:
-        dp = queue.popleft()
-        if dp in seen:
-            continue
-        seen.add(dp)
-        if not store.is_valid(dp.path):
-            unknown.add(dp.path)
-            continue
-        if not dp.is_built or not dp.path.is_derivation:
-            continue  # (nothing to build from a non-derivation, as in Nix)
-        outputs = store.query_derivation_outputs(dp.path)
-        wanted = outputs.keys() if dp.all_outputs else dp.outputs or ()
-        if all(name in outputs and store.is_valid(outputs[name]) for name in wanted):
-            continue
-        will_build.add(dp.path)
-        for ref in sorted(store.query_references(dp.path)):
-            if ref.is_derivation and ref != dp.path:
-                queue.append(DerivedPath(ref, frozenset(), True))
-    return will_build, unknown
-
-
 # --- reading store contents -----------------------------------------------------
 
 @_op(Op.NarFromPath)
@@ -564,8 +511,12 @@ def collect_garbage(s: Session) -> None:
 
 @_op(Op.OptimiseStore)
 def optimise_store(s: Session) -> None:
+    from ..store.optimise import optimise_store as optimise
     s.start_work()
-    _not_supported(Op.OptimiseStore)
+    stats = optimise(s.store, log=lambda m: s.log(Verbosity.ERROR, m))
+    s.log(Verbosity.INFO, stats.summary())  # Nix: "X MiB freed by hard-linking N files"
+    s.stop_work()
+    s.w.u64(1)
 
 
 # --- verification ---------------------------------------------------------------------
@@ -591,74 +542,7 @@ def verify_store(s: Session) -> None:
     s.w.bool(not report.ok)
 
 
-# --- builds (not yet) -------------------------------------------------------------------
-
-def _read_targets(s: Session) -> tuple[list[str], list[DerivedPath], int]:
-    texts = s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)
-    targets = [DerivedPath.parse(s.sd, t, lax=True) for t in texts]
-    mode = s.r.u64("buildMode", _U32)
-    return texts, targets, mode
-
-
-def _nothing_to_build(s: Session, targets: list[DerivedPath]) -> bool:
-    will_build, unknown = _missing(s, targets)
-    return not will_build and not unknown
-
-
-def _check_build_mode(s: Session, mode: int) -> None:
-    if mode == _BUILD_MODE_REPAIR and not s.trusted:
-        raise OpError("repairing is not allowed because you are not in 'trusted-users'")
-
-
-@_op(Op.BuildPaths)
-def build_paths(s: Session) -> None:
-    _, targets, mode = _read_targets(s)
-    s.start_work()
-    _check_build_mode(s, mode)
-    # Realising what is already valid needs no builder: answer that case.
-    if mode != 0:
-        _not_supported(Op.BuildPaths, "repair and check builds need a builder")
-    if not _nothing_to_build(s, targets):
-        _not_supported(Op.BuildPaths, "storekeeper cannot build derivations or "
-                       "substitute paths, and some requested paths are not valid")
-    s.stop_work()
-    s.w.u64(1)
-
-
-@_op(Op.BuildPathsWithResults)
-def build_paths_with_results(s: Session) -> None:
-    texts, targets, mode = _read_targets(s)
-    s.start_work()
-    _check_build_mode(s, mode)
-    # Only opaque, valid paths can be answered without building: a built
-    # path's result would need its realisations (derivation hashes).
-    if mode != 0:
-        _not_supported(Op.BuildPathsWithResults, "repair and check builds need a builder")
-    if any(t.is_built for t in targets) or not _nothing_to_build(s, targets):
-        _not_supported(Op.BuildPathsWithResults, "storekeeper cannot build derivations yet")
-    s.stop_work()
-    s.w.u64(len(texts))
-    for text in texts:
-        s.w.string(text).u64(_ALREADY_VALID).string("").u64(0).bool(False).u64(0).u64(0)
-        s.w.string_map({})
-
-
-@_op(Op.BuildDerivation)
-def build_derivation(s: Session) -> None:
-    r = s.r
-    s.read_path("derivation path")
-    for _ in range(r.count("derivation outputs", 1 << 16)):
-        for what in ("output name", "output path", "output hash algorithm", "output hash"):
-            r.string(what, MAX_PATH_LEN)
-    r.store_paths(s.sd, "inputSrcs", lax=True)
-    r.string("platform", MAX_PATH_LEN)
-    r.string("builder", MAX_PATH_LEN)
-    r.strings("args")
-    r.string_map("env")
-    r.u64("buildMode", _U32)
-    s.start_work()
-    _not_supported(Op.BuildDerivation)
-
+# --- builds: see build_ops (BuildPaths, BuildPathsWithResults, BuildDerivation, QueryMissing)
 
 @_op(Op.RegisterDrvOutput)
 def register_drv_output(s: Session) -> None:
@@ -681,3 +565,6 @@ def import_paths(s: Session) -> None:
     # AddToStoreNar instead.
     s.start_work()
     _not_supported(Op.ImportPaths, "use a client that sends AddToStoreNar (Nix 2.4 or newer)")
+
+
+from . import build_ops as _build_ops  # noqa: E402,F401 -- registers the build operations

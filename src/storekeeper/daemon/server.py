@@ -15,6 +15,13 @@ Invariants:
   and kills those still running after a grace period.
 * The socket is created with mode 0666: who may connect is decided by
   ``allowed-users``, not by file permissions.
+* **The database stays open while the daemon runs**, in a small keeper
+  process of its own (never in the forking parent: an SQLite connection must
+  not cross a ``fork``).  Otherwise every connection would be the last one to
+  close the database, and SQLite checkpoints and syncs the WAL on the last
+  close and rebuilds its index on the next open: a few milliseconds per
+  connection, which is most of what a short ``nix-store -q`` costs.
+* Settings (``nix.conf``) are read once at start, as by ``nix-daemon``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import threading
@@ -35,6 +43,7 @@ from ..store.layout import LocalLayout
 from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 from .sdnotify import sd_notify
+from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
 from .session import Session, error_message
 from .trust import DaemonConfig, PeerInfo
@@ -54,20 +63,25 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
     """Listen on ``socket_path`` and serve connections until SIGTERM/SIGINT."""
     config = config or DaemonConfig()
     socket_path = os.path.abspath(socket_path or default_socket_path(layout))
+    settings = StoreSettings.from_nix_conf()
     # Create the store (or fail on a broken one) before listening; closed again
     # so that no database connection is inherited by the children.
-    LocalStore(layout).close()
-    listener, owned = _listen(socket_path)
-    server = _Server(layout, listener, config, grace)
+    LocalStore(layout, settings=settings).close()
+    keeper = _DatabaseKeeper(layout)  # (forked before there is a socket it could inherit)
     try:
-        server.run()
+        listener, owned = _listen(socket_path)
+        server = _Server(layout, listener, config, grace, settings, keeper)
+        try:
+            server.run()
+        finally:
+            # Stop accepting first (new clients get "connection refused" at once),
+            # then give the connections in progress their grace period.
+            listener.close()
+            if owned is not None:
+                _remove_socket(socket_path, owned)
+            server.stop_children()
     finally:
-        # Stop accepting first (new clients get "connection refused" at once),
-        # then give the connections in progress their grace period.
-        listener.close()
-        if owned is not None:
-            _remove_socket(socket_path, owned)
-        server.stop_children()
+        keeper.stop()
 
 
 def serve_stdio(layout: LocalLayout, config: DaemonConfig | None = None) -> None:
@@ -85,15 +99,15 @@ def serve_stdio(layout: LocalLayout, config: DaemonConfig | None = None) -> None
 
     try:
         _serve_one(layout, sys.stdin.buffer, write, trusted=True, config=config or DaemonConfig(),
-                   peer=None)
+                   peer=None, settings=StoreSettings.from_nix_conf())
     finally:
         proto_out.close()
 
 
 def _serve_one(layout: LocalLayout, rstream, write, *, trusted: bool, config: DaemonConfig,
-               peer: PeerInfo | None) -> None:
+               peer: PeerInfo | None, settings: StoreSettings, create: bool = True) -> None:
     try:
-        store = LocalStore(layout, settings=StoreSettings.from_nix_conf())
+        store = LocalStore(layout, create=create, settings=settings)
     except Exception as e:  # noqa: BLE001 -- told to the client at the handshake
         log.error("cannot open the store: %s", error_message(e))
         Session(None, rstream, write, trusted=trusted, config=config, peer=peer).run(  # type: ignore[arg-type]
@@ -178,13 +192,57 @@ def _remove_socket(path: str, owned: tuple[int, int]) -> None:
             os.unlink(path)
 
 
+class _DatabaseKeeper:
+    """A child process holding the store's database open until the daemon exits (see the
+    module docstring).  It dies with the daemon: its pipe reaches end of file."""
+
+    def __init__(self, layout: LocalLayout) -> None:
+        self.pid: int | None = None
+        self._pipe: int | None = None
+        if layout.read_only:
+            return
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the keeper
+            code = 0
+            try:
+                os.close(wfd)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we go
+                conn = sqlite3.connect(os.path.join(layout.db_dir, "db.sqlite"))
+                conn.execute("select count(*) from ValidPaths").fetchall()  # maps the WAL index
+                while os.read(rfd, 1):
+                    pass
+                conn.close()
+            except BaseException:  # noqa: BLE001 -- a keeper only ever exits
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(rfd)
+        self.pid, self._pipe = pid, wfd
+
+    def close_in_child(self) -> None:
+        """In a connection process: let go of the keeper's pipe."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+
+    def stop(self) -> None:
+        self.close_in_child()
+        if self.pid is not None:
+            with suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = None
+
+
 class _Server:
     def __init__(self, layout: LocalLayout, listener: socket.socket, config: DaemonConfig,
-                 grace: float) -> None:
+                 grace: float, settings: StoreSettings, keeper: _DatabaseKeeper) -> None:
         self.layout = layout
         self.listener = listener
         self.config = config
         self.grace = grace
+        self.settings = settings
+        self.keeper = keeper
         self.children: set[int] = set()
         self.stopping = False
 
@@ -239,11 +297,13 @@ class _Server:
         code = 1
         try:
             self.listener.close()
+            self.keeper.close_in_child()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             with conn:
+                # The parent made the store: no directories to create per connection.
                 _serve_one(self.layout, conn.makefile("rb"), conn.sendall, trusted=trusted,
-                           config=self.config, peer=peer)
+                           config=self.config, peer=peer, settings=self.settings, create=False)
             code = 0
         except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
             with suppress(BaseException):

@@ -288,20 +288,20 @@ class Session:
                 self.r.u64("reserveSpace")
         except WireEOF:
             return False
+        version = WireWriter()
         if protocol_minor(self.client_version) >= 33:
-            self.w.string(self.config.nix_version)
-            self.flush()
+            version.string(self.config.nix_version)
         if protocol_major(self.client_version) != protocol_major(PROTOCOL_VERSION) \
                 or self.client_version < MIN_CLIENT_VERSION:
-            self._send_error(f"the Nix client version {format_version(self.client_version)} is not "
+            startup_error = (f"the Nix client version {format_version(self.client_version)} is not "
                              f"supported: storekeeper's daemon needs protocol "
                              f"{format_version(MIN_CLIENT_VERSION)} (Nix 2.4) or newer")
-            return False
         if startup_error is not None:
+            self.send(version.take())
             self._send_error(startup_error)
             return False
-        self.w.u64(Stderr.LAST)
-        self.flush()
+        # The version string and STDERR_LAST in one write: one wake-up of the client.
+        self.send(version.u64(Stderr.LAST).take())
         return True
 
     def _run_op(self, code: int) -> bool:

@@ -15,6 +15,7 @@ reach the daemon).
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import socket
 import struct
@@ -82,9 +83,9 @@ class DaemonConfig:
 
     trusted_users: tuple[str, ...] = ("root",)          # trusted-users
     allowed_users: tuple[str, ...] = ("*",)             # allowed-users
-    # Connections from this group are refused.  Empty: storekeeper runs no
-    # builds as build users yet, so there is no group to keep out by default.
-    build_users_group: str = ""                         # build-users-group
+    # Builds run as members of this group, and connections from it are
+    # refused.  None: Nix's default (``nixbld`` when running as root).
+    build_users_group: str | None = None                # build-users-group
     substituters: tuple[str, ...] = ()                  # substituters
     trusted_substituters: tuple[str, ...] = ()          # trusted-substituters
     # When false, untrusted clients may import unsigned, non-content-addressed
@@ -93,13 +94,21 @@ class DaemonConfig:
     #: reported to clients at the handshake; clients show it (``nix store ping``)
     nix_version: str = "2.8.0"
 
+    @property
+    def effective_build_users_group(self) -> str:
+        """The group builds run as ("" = none: builds run as the daemon's user)."""
+        if self.build_users_group is None:
+            return "nixbld" if os.geteuid() == 0 else ""
+        return self.build_users_group
+
     def is_trusted(self, peer: PeerInfo) -> bool:
         return matches(self.trusted_users, peer)
 
     def refusal(self, peer: PeerInfo) -> str | None:
         """Why ``peer`` may not connect, or None if it may."""
-        if self.build_users_group and peer.group == self.build_users_group:
-            return f"{peer.describe()} is in the build users group '{self.build_users_group}'"
+        group = self.effective_build_users_group
+        if group and peer.group == group:
+            return f"{peer.describe()} is in the build users group '{group}'"
         if not self.is_trusted(peer) and not matches(self.allowed_users, peer):
             return f"{peer.describe()} is not in allowed-users"
         return None

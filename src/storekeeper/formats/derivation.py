@@ -654,6 +654,7 @@ def hash_derivation_modulo(
     read_drv: ReadDrv,
     mask_outputs: bool,
     cache: dict | None = None,
+    drv_name: str | None = None,
 ) -> dict[str, bytes]:
     """Spec §3.3: output name → 32-byte SHA-256 digest.
 
@@ -662,9 +663,11 @@ def hash_derivation_modulo(
     each input derivation replaced by the base16 hash of the outputs used.
     Inputs are read with ``read_drv(drv_path)`` and hashed unmasked, each once:
     ``cache`` (drv path → internal record) may be shared between calls on the
-    same store dir.  Impure derivations raise FormatError.
+    same store dir.  Impure derivations raise FormatError.  ``drv_name``
+    (default ``drv.name``) names a fixed output's path; Nix takes it from the
+    ``.drv`` file name.
     """
-    return dict(_hash_modulo(drv, store_dir, read_drv, mask_outputs, cache, None).hashes)
+    return dict(_hash_modulo(drv, store_dir, read_drv, mask_outputs, cache, drv_name).hashes)
 
 
 # --- output paths -----------------------------------------------------------------

@@ -213,7 +213,8 @@ def parse_to_node(data: bytes) -> Node:
     sink = _TreeSink()
     read_nar(stream, sink)
     if stream.tell() != len(data):
-        raise NarError(stream.tell(), b"", f"{len(data) - stream.tell()} bytes of trailing data after the NAR")
+        extra = len(data) - stream.tell()
+        raise NarError(stream.tell(), b"", f"{extra} bytes of trailing data after the NAR")
     assert sink.root is not None
     return sink.root
 
@@ -429,7 +430,8 @@ class _Reader:
         size_at = self._offset
         size = self._u64(path)
         if size > MAX_CONTENTS_SIZE:
-            raise NarError(size_at, path, f"contents length {size} is larger than {MAX_CONTENTS_SIZE}")
+            raise NarError(size_at, path,
+                           f"contents length {size} is larger than {MAX_CONTENTS_SIZE}")
         sink = self._sink
         sink.regular_start(path, executable, size)
         read = self._read
@@ -481,13 +483,15 @@ class _Reader:
                 if name == prev:
                     problem = f"duplicate directory entry '{_show(name)}'"
                 else:
-                    problem = f"directory entries not sorted ('{_show(name)}' after '{_show(prev)}')"
+                    problem = (f"directory entries not sorted "
+                               f"('{_show(name)}' after '{_show(prev)}')")
                 raise NarError(start, path, problem)
             prev = name
             self._expect(b"node", path, (b"name",))
             child = prefix + name
             if depth >= MAX_DEPTH:
-                raise NarError(self._offset, child, f"directories nested deeper than {MAX_DEPTH} levels")
+                raise NarError(self._offset, child,
+                               f"directories nested deeper than {MAX_DEPTH} levels")
             self._node(child, depth + 1)
             self._expect(b")", path, (b"name", b"node"))
 

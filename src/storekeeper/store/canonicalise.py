@@ -15,14 +15,23 @@ Build outputs (``from_uid`` given) are checked *before* anything is changed:
 every entry must be owned by the build user, and no regular file may be a hard
 link to an inode outside the outputs (its link count must equal the links seen
 inside them).  That refuses ``ln /etc/shadow $out/foo`` without ever touching
-the victim.
+the victim.  Builds run as the daemon's own user skip the ownership check
+(everything is the daemon's) but keep the hard-link check.
+
+The immutable bit (``FS_IMMUTABLE_FL``, set on pool files by Nix 1.0-1.2) is
+never set by us; :func:`clear_immutable` / :func:`clear_immutable_tree` clear
+it where an old store left it, so that the GC can delete and the optimiser can
+link.  Filesystems without inode flags answer ``ENOTTY``/``EOPNOTSUPP``: that
+simply means there is no bit to clear.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -36,6 +45,85 @@ _HAVE_PROC_FD = os.path.isdir("/proc/self/fd")
 
 class CanonicaliseError(StoreError):
     pass
+
+
+# <linux/fs.h>: _IOR('f', 1, long) / _IOW('f', 2, long); the kernel reads and
+# writes an int through the pointer whatever the size encoded in the number.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
+# "no inode flags here": not an error, there is nothing to clear
+_NO_FLAGS = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
+
+
+def clear_immutable(name, dir_fd: int | None = None) -> bool:
+    """Clear ``FS_IMMUTABLE_FL`` on one entry; True if it was set (and is now clear).
+
+    The entry is opened with ``O_NOFOLLOW`` relative to ``dir_fd``: a symlink
+    (which has no flags) is never followed.  Entries we cannot open (symlinks,
+    sockets, unreadable files) and filesystems without flags give False.
+    """
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT, errno.EACCES, errno.EPERM):
+            return False
+        raise
+    try:
+        buf = bytearray(8)
+        try:
+            fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+        except OSError as e:
+            if e.errno in _NO_FLAGS:
+                return False
+            raise
+        flags = int.from_bytes(buf[:4], sys.byteorder)
+        if not flags & FS_IMMUTABLE_FL:
+            return False
+        try:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, (flags & ~FS_IMMUTABLE_FL).to_bytes(4, sys.byteorder) + bytes(4))
+        except OSError as e:
+            if e.errno in _NO_FLAGS:
+                return False
+            raise
+        return True
+    finally:
+        os.close(fd)
+
+
+def clear_immutable_tree(path) -> bool:
+    """Clear the immutable bit on ``path`` and everything below it (fd-relative,
+    never following symlinks); True if any entry had it."""
+    top = os.fsencode(path)
+    cleared = clear_immutable(top)
+    try:
+        fd = _open_dir(top, None)
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+            return cleared
+        raise
+    # one open fd per level: bounded by depth, not by the size of the tree
+    stack = [(fd, iter(_entries(fd)))]
+    try:
+        while stack:
+            dfd, it = stack[-1]
+            name = next(it, None)
+            if name is None:
+                stack.pop()
+                os.close(dfd)
+                continue
+            cleared |= clear_immutable(name, dfd)
+            try:
+                cfd = _open_dir(name, dfd)
+            except OSError as e:
+                if e.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+                    continue
+                raise
+            stack.append((cfd, iter(_entries(cfd))))
+    finally:
+        for dfd, _ in stack:
+            os.close(dfd)
+    return cleared
 
 
 @dataclass
@@ -65,7 +153,7 @@ def _check_tree(name: bytes, dir_fd: int | None, shown: str, w: _Walk) -> None:
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
         raise CanonicaliseError(f"file '{shown}' has an unsupported type")
-    if st.st_uid != w.from_uid:
+    if w.from_uid is not None and st.st_uid != w.from_uid:
         raise CanonicaliseError(f"invalid ownership on file '{shown}'")
     if stat.S_ISREG(st.st_mode):
         rec = w.inodes.setdefault((st.st_dev, st.st_ino), [st.st_nlink, 0, shown])
@@ -153,15 +241,20 @@ def _canon(name: bytes, dir_fd: int | None, shown: str, w: _Walk) -> None:
         os.close(fd)
 
 
-def canonicalise_paths(real_paths: Iterable[str], from_uid: int | None = None) -> None:
+def canonicalise_paths(real_paths: Iterable[str], from_uid: int | None = None, *,
+                       check_links: bool | None = None) -> None:
     """Bring each tree to canonical metadata (module docstring).
 
     With ``from_uid`` (a build's outputs, checked together) ownership and
     outside hard links are verified first and nothing is changed on failure.
+    ``check_links=True`` without ``from_uid`` checks the hard links only
+    (outputs of a build run as the daemon's own user).
     """
     real_paths = list(real_paths)
     w = _Walk(from_uid)
-    if from_uid is not None:
+    if check_links is None:
+        check_links = from_uid is not None
+    if check_links:
         for p in real_paths:
             _check_tree(os.fsencode(p), None, p, w)
         for nlink, seen, shown in w.inodes.values():

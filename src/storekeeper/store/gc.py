@@ -377,27 +377,12 @@ class GarbageCollector:
         return names
 
     def _remove_unused_links(self, result: GCResult) -> None:
-        links = os.path.join(self.store.real_store_dir, ".links")
+        # under the optimiser's lock protocol (see store.optimise)
+        from .optimise import remove_unused_links
         self.log("deleting unused links...")
-        try:
-            it = os.scandir(links)
-        except FileNotFoundError:
-            return
-        actual = unshared = 0
-        with it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                    if st.st_nlink == 1:
-                        os.unlink(e.path)
-                        result.bytes_freed += st.st_size
-                        continue
-                except FileNotFoundError:
-                    continue
-                actual += st.st_size
-                unshared += (st.st_nlink - 1) * st.st_size
-        overhead = os.stat(links).st_blocks * 512
-        self.log(f"note: currently hard linking saves {(unshared - actual - overhead) / 2**20:.2f} MiB")
+        freed, saving = remove_unused_links(self.store)
+        result.bytes_freed += freed
+        self.log(f"note: currently hard linking saves {saving / 2**20:.2f} MiB")
 
 
 SCRATCH_GRACE_SECONDS = 300
@@ -440,6 +425,17 @@ def delete_tree(path: str) -> int:
     Counts ``st_size`` of each non-directory with link count 1 or 2 (the second
     link assumed to be the ``.links`` copy), as Nix does.
     """
+    try:
+        return _delete_tree(path)
+    except PermissionError:
+        # an old store (Nix 1.0-1.2) may have set the immutable bit
+        from .canonicalise import clear_immutable_tree
+        if not clear_immutable_tree(path):
+            raise
+        return _delete_tree(path)
+
+
+def _delete_tree(path: str) -> int:
     freed = 0
     try:
         st = os.lstat(path)

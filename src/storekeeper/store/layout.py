@@ -63,9 +63,15 @@ class LocalLayout:
 
 @dataclass(frozen=True)
 class DaemonAddress:
-    """A store reached through a daemon socket."""
+    """A store reached through a daemon socket.
+
+    ``store_dir`` is the *client's* logical store dir (``?store=``, else
+    ``NIX_STORE_DIR``, else ``/nix/store``), as real Nix clients take it: the
+    paths the daemon sends are parsed against it.
+    """
 
     socket_path: str
+    store_dir: str = DEFAULT_STORE_DIR
 
 
 StoreAddress = LocalLayout | DaemonAddress
@@ -77,8 +83,14 @@ def default_data_root(env: Mapping[str, str]) -> str:
     return os.path.join(base, "storekeeper", "root")
 
 
+def store_dir_setting(env: Mapping[str, str], params: Mapping[str, str]) -> str:
+    """The logical store dir: ``?store=``, else ``NIX_STORE_DIR`` (or ``NIX_STORE``), else
+    ``/nix/store``."""
+    return params.get("store") or env.get("NIX_STORE_DIR") or env.get("NIX_STORE") or DEFAULT_STORE_DIR
+
+
 def _env_layout(env: Mapping[str, str], params: Mapping[str, str]) -> LocalLayout:
-    store = params.get("store") or env.get("NIX_STORE_DIR") or env.get("NIX_STORE") or DEFAULT_STORE_DIR
+    store = store_dir_setting(env, params)
     if "root" in params:
         return LocalLayout.chroot(params["root"], store_dir=store,
                                   read_only=_flag(params.get("read-only")))
@@ -119,16 +131,18 @@ def parse_store_url(url: str | None, env: Mapping[str, str] | None = None) -> St
         return LocalLayout.chroot(scheme)
     if scheme in ("local", "auto"):
         if scheme == "auto" and os.path.exists(daemon_socket_path(env)):
-            return DaemonAddress(daemon_socket_path(env))
+            return parse_store_url("daemon" + (f"?{query}" if query else ""), env)
         unknown = set(params) - _LOCAL_PARAMS
         if unknown:
             raise StoreError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}'")
         return _env_layout(env, params)
-    if scheme == "daemon":
-        return DaemonAddress(daemon_socket_path(env))
-    if scheme.startswith("unix://"):
-        path = unquote(scheme[len("unix://"):])
-        if not path.startswith("/"):
+    if scheme == "daemon" or scheme.startswith("unix://"):
+        path = unquote(scheme[len("unix://"):]) if scheme.startswith("unix://") else ""
+        if not path:
+            path = daemon_socket_path(env)
+        elif not path.startswith("/"):
             raise StoreError(f"store URL '{url}': the socket path must be absolute")
-        return DaemonAddress(path)
+        # root/real/state/log tell a Nix client where to read files itself;
+        # storekeeper's client reads everything through the socket.
+        return DaemonAddress(path, os.path.normpath(store_dir_setting(env, params)))
     raise StoreError(f"store URL '{url}' is not supported (use a path, local?…, unix://…, daemon)")

@@ -103,7 +103,9 @@ class LocalStore(DerivedQueries):
             except KeyError:
                 return
             st = os.stat(self.real_store_dir)
-            if st.st_gid != gid or stat.S_IMODE(st.st_mode) != 0o1775:
+            # A store dir already set up for builds keeps its group: builds
+            # may use another build-users-group than nixbld.
+            if stat.S_IMODE(st.st_mode) != 0o1775:
                 os.chown(self.real_store_dir, 0, gid)
                 os.chmod(self.real_store_dir, 0o1775)
 
@@ -131,6 +133,8 @@ class LocalStore(DerivedQueries):
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyStore(f"store '{self.real_store_dir}' is read-only")
+        if os.statvfs(self.real_store_dir).f_flag & os.ST_RDONLY:
+            raise ReadOnlyStore(f"store '{self.real_store_dir}' is read-only (it is on a read-only mount)")
 
     # --- roots and validity ---------------------------------------------------
 
@@ -239,6 +243,9 @@ class LocalStore(DerivedQueries):
             create(real)
             try:
                 canonicalise_paths([real])
+                if self.settings.auto_optimise_store:
+                    from .optimise import optimise_path
+                    optimise_path(self, sp, set())  # empty inode set, as Nix does
                 self.register_valid_paths([info])
             except BaseException:
                 # never leave unregistered files at a path's final name
@@ -370,10 +377,24 @@ class LocalStore(DerivedQueries):
             for info in infos:
                 if info.path.is_derivation:
                     drv = self._read_drv_file(info.path)
+                    self._check_drv_outputs(info.path, drv)
                     for name, out in drv.outputs.items():
                         if out.path:
                             self.db.add_derivation_output(ids[info.path], name, out.path)
             self.topo_sort(new)  # raises on a cycle, rolling everything back
+
+    def _check_drv_outputs(self, drv_path: StorePath, drv) -> None:
+        """A ``.drv`` is registered only with the output paths its inputs give it
+        (Nix's checkDerivationOutputs); input ``.drv``s are references, so valid."""
+        from ..formats.derivation import check_derivation_outputs
+        cache = self.__dict__.setdefault("_drv_hash_cache", {})  # .drv files never change
+
+        def read(path: str):
+            return self._read_drv_file(self.store_dir.parse(path, lax=True))
+        try:
+            check_derivation_outputs(self.print_path(drv_path), drv, self.store_dir, read, cache)
+        except FormatError as e:
+            raise StoreError(str(e)) from None
 
     def _read_drv_file(self, drv: StorePath):
         from ..formats.derivation import parse_derivation

@@ -17,9 +17,7 @@ canonicalises permissions afterwards.
 from __future__ import annotations
 
 import os
-import queue
 import stat
-import threading
 from typing import Iterator
 
 from ..formats.hashes import Hash, new_hasher
@@ -35,11 +33,12 @@ from ..formats.nar import (
 )
 from .errors import StoreError
 
-#: chunk size for reading file contents
+#: most bytes of file contents in one chunk from dump_path
 CHUNK_SIZE = 1 << 20
-# Files up to this size are read in one go and hashed inline; larger ones
-# are read in CHUNK_SIZE chunks, hashed in the pipeline's thread.
-_SMALL_FILE = 256 << 10
+# Hashing and copying read smaller chunks, which stay in the L2 cache from
+# the read through the hash to the write (a 1 GB copy on ext4 here: 1.38 s
+# against 1.70 s with 1 MiB chunks).
+_PASS_CHUNK = 256 << 10
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: if a fifo is swapped in after the type check, opening must not hang.
@@ -162,14 +161,14 @@ def _shrank(root: bytes, path: bytes) -> TreeError:
     return TreeError(f"file '{_shown(root, path)}' shrank while being read")
 
 
-def _read_exactly(fd: int, size: int, root: bytes, path: bytes) -> bytes:
-    data = os.read(fd, size)
-    while len(data) < size:
-        more = os.read(fd, size - len(data))
-        if not more:
+def _chunks(fd: int, size: int, root: bytes, path: bytes) -> Iterator[bytes]:
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, min(remaining, CHUNK_SIZE))
+        if not chunk:
             raise _shrank(root, path)
-        data += more
-    return data
+        remaining -= len(chunk)
+        yield chunk
 
 
 def _write_all(fd: int, data) -> None:
@@ -193,18 +192,13 @@ def dump_path(path) -> Iterator[bytes]:
             yield ev[2]
             continue
         _, rel, head, fd, size, _, tail = ev
+        chunks = _chunks(fd, size, root, rel)
         if size <= CHUNK_SIZE:
-            yield head + _read_exactly(fd, size, root, rel) + tail
-            continue
-        yield head
-        remaining = size
-        while remaining:
-            chunk = os.read(fd, min(remaining, CHUNK_SIZE))
-            if not chunk:
-                raise _shrank(root, rel)
-            remaining -= len(chunk)
-            yield chunk
-        yield tail
+            yield head + b"".join(chunks) + tail
+        else:
+            yield head
+            yield from chunks
+            yield tail
 
 
 def nar_hash_path(path, algo: str = "sha256") -> tuple[Hash, int]:
@@ -225,96 +219,44 @@ def copy_tree_hashing(src, dest, algo: str = "sha256") -> tuple[Hash, int]:
         writer.close()
 
 
-class _HashPipeline:
-    """Hashes a NAR's pieces in order, big file chunks in a second thread.
-
-    hashlib drops the GIL while hashing a large buffer, so hashing a big
-    file's chunk overlaps reading and writing the next one; SHA-256 is most
-    of the cost of copying big files.  Small pieces are hashed inline once
-    the thread has caught up: handing them over costs more than it saves.
-    The queue is bounded, so memory stays bounded when reading outpaces
-    hashing.
-    """
-
-    def __init__(self, algo: str, depth: int = 4) -> None:
-        self._hasher = new_hasher(algo)
-        self._algo = algo
-        self._work: queue.Queue = queue.Queue(depth)
-        self._thread: threading.Thread | None = None
-        self._busy = False
-
-    def _run(self) -> None:
-        update = self._hasher.update
-        work = self._work
-        while (data := work.get()) is not None:
-            update(data)
-            work.task_done()
-
-    def feed_chunk(self, chunk: bytes) -> None:
-        """Hash a big chunk in the thread; ``chunk`` must not change afterwards."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="nar-hash", daemon=True)
-            self._thread.start()
-        self._work.put(chunk)
-        self._busy = True
-
-    def feed(self, data: bytes | bytearray) -> None:
-        """Hash ``data`` now, after everything handed over before it."""
-        if self._busy:
-            self._work.join()
-            self._busy = False
-        self._hasher.update(data)
-
-    def finish(self) -> Hash:
-        self.feed(b"")  # waits for the thread
-        return Hash(self._algo, self._hasher.digest())
-
-    def stop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._work.put(None)
-            self._thread.join()
-
-
 def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Hash, int]:
-    pipe = _HashPipeline(algo)
+    # One thread, one reused buffer.  A second thread hashing while this one
+    # reads and writes made a 1 GB copy 1.5x faster on an idle machine but 2x
+    # slower on a busy one (the GIL holder gets preempted); the buffer spares
+    # a page-faulting allocation per chunk.
+    hasher = new_hasher(algo)
+    update = hasher.update
+    buf = memoryview(bytearray(_PASS_CHUNK))
     size = 0
-    try:
-        for ev in _walk(root):
-            kind = ev[0]
-            head = ev[2]
-            pipe.feed(head)
-            size += len(head)
-            if kind == _FILE:
-                _, rel, _, fd, fsize, executable, tail = ev
+    for ev in _walk(root):
+        kind = ev[0]
+        head = ev[2]
+        update(head)
+        size += len(head)
+        if kind == _FILE:
+            _, rel, _, fd, fsize, executable, tail = ev
+            if writer is not None:
+                writer.regular_start(rel, executable, fsize)
+            remaining = fsize
+            while remaining:
+                n = os.readv(fd, [buf[:remaining] if remaining < _PASS_CHUNK else buf])
+                if not n:
+                    raise _shrank(root, rel)
+                chunk = buf[:n]
+                update(chunk)
                 if writer is not None:
-                    writer.regular_start(rel, executable, fsize)
-                if fsize <= _SMALL_FILE:
-                    data = _read_exactly(fd, fsize, root, rel)
-                    pipe.feed(data)
-                    if writer is not None:
-                        writer.regular_data(data)
-                else:
-                    remaining = fsize
-                    while remaining:
-                        chunk = os.read(fd, min(remaining, CHUNK_SIZE))
-                        if not chunk:
-                            raise _shrank(root, rel)
-                        pipe.feed_chunk(chunk)
-                        if writer is not None:
-                            writer.regular_data(chunk)
-                        remaining -= len(chunk)
-                pipe.feed(tail)
-                size += fsize + len(tail)
-                if writer is not None:
-                    writer.regular_end()
-            elif writer is not None:
-                if kind == _DIR:
-                    writer.directory(ev[1])
-                elif kind == _LINK:
-                    writer.symlink(ev[1], ev[3])
-        return pipe.finish(), size
-    finally:
-        pipe.stop()
+                    writer.regular_data(chunk)
+                remaining -= n
+            update(tail)
+            size += fsize + len(tail)
+            if writer is not None:
+                writer.regular_end()
+        elif writer is not None:
+            if kind == _DIR:
+                writer.directory(ev[1])
+            elif kind == _LINK:
+                writer.symlink(ev[1], ev[3])
+    return Hash(algo, hasher.digest()), size
 
 
 # --------------------------------------------------------------------------
