@@ -689,8 +689,13 @@ def test_the_database_stays_open_while_the_daemon_runs(daemons, tmp_path):
         time.sleep(0.02)
     assert len(keeper) == 1  # the keeper; no connection
     db = os.path.join(d.root, "nix/var/nix/db")
-    assert any(os.path.realpath(f"/proc/{keeper[0]}/fd/{fd}") == os.path.join(db, "db.sqlite")
-               for fd in os.listdir(f"/proc/{keeper[0]}/fd"))
+
+    def keeper_has_db_open() -> bool:
+        return any(os.path.realpath(f"/proc/{keeper[0]}/fd/{fd}") == os.path.join(db, "db.sqlite")
+                   for fd in os.listdir(f"/proc/{keeper[0]}/fd"))
+    while not keeper_has_db_open() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the keeper opens it just after it was forked
+    assert keeper_has_db_open()
     for i in range(3):  # connections come and go; the WAL index stays
         c = Client.connect(d.socket).handshake()
         c.op(WireWriter().u64(8).string(f"k{i}").string("x").strings([]), 8)
