@@ -506,6 +506,82 @@ def test_gc_waits_for_an_optimiser_holding_the_pool(tmp_path):
         assert freed == len(b"orphan\n") and not os.path.exists(orphan)
 
 
+def test_gc_and_optimiser_threads_race_on_one_entry(tmp_path):
+    """Repeatedly: a path's files are deleted (the entry drops to one link) while one thread
+    links a new copy of that content and another removes unused entries.  Whatever the
+    interleaving, the new file keeps its bytes and ends up as (or on) the pool entry."""
+    root = str(tmp_path / "root")
+    src = tmp_path / "src"
+    with open_store(root) as s:
+        for it in range(40):
+            data = f"content {it}\n".encode() * 200
+            a, b = src / f"a{it}", src / f"b{it}"
+            write_tree(str(a), {"f": data})
+            write_tree(str(b), {"f": data})
+            pa = s.add_path(str(a)).path
+            optimise_path(s, pa, set())
+            pb = s.add_path(str(b)).path
+            os.chmod(s.real_path(pa), 0o755)  # "the GC" deletes pa's file
+            os.unlink(os.path.join(s.real_path(pa), "f"))
+            ts = [threading.Thread(target=optimise_path, args=(s, pb, set())),
+                  threading.Thread(target=remove_unused_links, args=(s,))]
+            random.Random(it).shuffle(ts)
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            f = os.path.join(s.real_path(pb), "f")
+            with open(f, "rb") as fh:
+                assert fh.read() == data
+            entry = os.path.join(root, "nix/store/.links", nix32_sha256(file_nar_hash(f)[0]))
+            assert os.lstat(entry).st_ino == os.lstat(f).st_ino
+    check_pool(root)
+
+
+def test_done_records_skip_unchanged_paths_and_notice_repairs(tmp_path, monkeypatch):
+    root = str(tmp_path / "root")
+    infos = make_store(root, n=4, big=0)
+    with open_store(root) as s:
+        optimise_store(s)
+        preloads = []
+        real_preload = optimise._preload
+        monkeypatch.setattr(optimise, "_preload", lambda p: preloads.append(p) or real_preload(p))
+        again = optimise_store(s)
+        # .links unchanged since the last run: not even a readdir of the pool
+        assert preloads == [] and again.files_hashed == 0 and again.files_linked == 0
+        # a "repaired" path: same contents, fresh inodes, new top dir
+        real = s.real_path(infos[1].path)
+        subprocess.run(["cp", "-a", real, real + ".new"], check=True)
+        n_files = sum(len(fs) for _, _, fs in os.walk(real + ".new"))
+        subprocess.run(["chmod", "-R", "u+w", real], check=True)
+        shutil.rmtree(real)
+        os.rename(real + ".new", real)
+        repaired = optimise_store(s)
+        assert repaired.files_linked == n_files and repaired.files_hashed == n_files
+        assert preloads  # the pool's inodes were needed for the walk
+    check_pool(root)
+    assert len({st.st_ino for st in store_files(root).values()}) == expected_distinct(root)
+
+
+@needs_nix
+def test_real_nix_optimises_through_our_daemon(tmp_path):
+    from daemon_util import start_daemon, stop_process
+    root = str(tmp_path / "root")
+    make_store(root, n=3, big=0)
+    must_link, _, freed = expected_gain(root)
+    sock = str(tmp_path / "d.sock")
+    env = nix_env(str(tmp_path))
+    proc = start_daemon("ours", root, sock, env)
+    try:
+        r = subprocess.run(["nix-store", "--store", f"unix://{sock}", "--optimise"], env=env,
+                           capture_output=True, timeout=60)
+    finally:
+        stop_process(proc)
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"{freed / 2**20:.2f} MiB freed by hard-linking {must_link} files" in r.stderr.decode()
+    assert len({st.st_ino for st in store_files(root).values()}) == expected_distinct(root)
+
+
 def test_optimisers_and_gc_race_without_losing_anything(tmp_path):
     """Two optimise processes and a GC at once, a few rounds.  Each round the GC deletes
     optimised garbage whose pool entries drop to one link, while the optimisers link new

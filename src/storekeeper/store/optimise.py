@@ -69,12 +69,11 @@ import secrets
 import stat
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from hashlib import sha256
 from stat import S_ISLNK, S_ISREG, S_IWUSR
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..formats.hashes import NIX32_ALPHABET
 from ..formats.nar import CLOSE, NAR_MAGIC, padding, regular_header, symlink_node
@@ -83,6 +82,9 @@ from .canonicalise import MTIME_STORE, clear_immutable
 from .errors import ReadOnlyStore
 from .fsutil import write_file_atomic
 from .locks import lock_fd, open_lock_file, unlock_fd
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 LINKS_DIR = ".links"
 TMP_LINK_PREFIX = ".tmp-link-"
@@ -481,6 +483,9 @@ class _Run:
         self._old_fds: list[int] = []
         self.reaper: _Reaper | None = None
         self.hasher: ThreadPoolExecutor | None = None
+        # entries vanished or were replaced under us during the run: the run
+        # does not vouch for .links in its done-records (see there)
+        self.pool_disturbed = False
 
     def links_fd(self) -> int:
         """An fd on ``.links`` (-1 in a dry run of a store without one)."""
@@ -499,6 +504,8 @@ class _Run:
                 self._open_links()
 
     def _open_links(self) -> None:
+        if self._links_fd is not None:
+            self.pool_disturbed = True
         if not self.dry:
             try:
                 os.mkdir(LINKS_DIR, 0o755, dir_fd=self.store_fd)
@@ -611,7 +618,7 @@ class _Worker:
             top = os.stat(base, dir_fd=run.store_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        return top.st_ino, top.st_ctime_ns, self._inodes
+        return top.st_ino, top.st_ctime_ns if stat.S_ISDIR(top.st_mode) else _NO_CTIME, self._inodes
 
     def _tree(self, base: str, shown: str) -> None:
         run = self.run
@@ -783,6 +790,7 @@ class _Worker:
             try:
                 pst = os.stat(h, dir_fd=lfd, follow_symlinks=False)
             except FileNotFoundError:
+                run.pool_disturbed = True
                 continue  # removed meanwhile: make the file the entry
             if pst.st_ino == st.st_ino:
                 run.inodes.add(st.st_ino)
@@ -868,6 +876,7 @@ class _Worker:
         try:
             os.link(h, tmp, src_dir_fd=lfd, dst_dir_fd=sfd, follow_symlinks=False)
         except FileNotFoundError:
+            run.pool_disturbed = True
             return _RETRY  # the entry vanished (a GC that does not take our lock)
         except OSError as e:
             if e.errno == errno.EMLINK:
@@ -883,6 +892,7 @@ class _Worker:
             except FileNotFoundError:
                 return _RETRY  # swept as junk by a GC
             if tst.st_ino != pst.st_ino:
+                run.pool_disturbed = True
                 return _RETRY  # the entry was replaced since we compared it
             # An O_PATH fd on the file being replaced: its identity now, and
             # after the rename whether its last link went (st_nlink 0).
@@ -1054,56 +1064,74 @@ def _threads(n: int | None) -> int:
 # --- done-records: paths known to be fully linked -----------------------------------
 #
 # ``<state>/optimised-paths`` remembers, per valid path, that every file of it
-# was on a pool inode after a run: (ValidPaths id, inode and ctime of the
-# path's top entry, the pool inodes).  The next run skips such a path without
-# walking it only if its row id, top inode and ctime are unchanged (it was not
-# deleted, re-added or repaired) and every recorded inode is still in
-# ``.links`` (read from d_ino): a deleted or partly deleted pool makes the
-# path be walked again and the pool rebuilt.  Losing the file only costs time.
+# was on a pool inode after a run: (ValidPaths id, inode of the path's top
+# entry and, for a directory, its ctime; the pool inodes).  The next run skips
+# such a path unwalked only if its row id and top entry are unchanged (it was
+# not deleted, re-added or repaired) and every recorded inode is still in
+# ``.links``: a deleted or partly deleted pool makes the path be walked again
+# and the pool rebuilt.  Checking that needs the pool's inodes (a readdir of
+# ``.links``), except when ``.links`` itself is unchanged (same inode and
+# ctime: no entry added or removed) since the end of the run that wrote the
+# file.  Losing the file only costs time.
 
 DONE_NAME = "optimised-paths"
-_DONE_MAGIC = b"skopt-2\n"
-# magic, record count, then the records, then all their inodes (u64 each)
-_DONE_HEAD = struct.Struct("<8sQ")
+_DONE_MAGIC = b"skopt-3\n"
+# magic, record count, .links (dev, inode, ctime) at the end of the writing
+# run (zeros: not to be trusted), the records, then all their inodes (u64 each)
+_DONE_HEAD = struct.Struct("<8sQQQq")
 _DONE_REC = struct.Struct("<32sQQqQQ")  # hash part, row id, top inode, top ctime, first, count
+_NO_CTIME = -1  # a single-file path: its ctime moves with every link to its (pool) inode
+
+_Records = dict[bytes, tuple[int, int, int, object]]
 
 
-def _load_done(state_dir: str) -> dict[bytes, tuple[int, int, int, memoryview]]:
+def _load_done(state_dir: str) -> tuple[tuple[int, int, int], _Records]:
     try:
         with open(os.path.join(state_dir, DONE_NAME), "rb") as f:
             data = f.read()
     except OSError:
-        return {}
+        return (0, 0, 0), {}
     try:
-        magic, n = _DONE_HEAD.unpack_from(data, 0)
+        magic, n, dev, ino, ctime = _DONE_HEAD.unpack_from(data, 0)
         if magic != _DONE_MAGIC:
-            return {}
+            return (0, 0, 0), {}
         start = _DONE_HEAD.size + n * _DONE_REC.size
         recs = _DONE_REC.iter_unpack(data[_DONE_HEAD.size:start])
         inodes = memoryview(data)[start:].cast("Q")
-        out = {}
-        for hp, rowid, ino, ctime, first, count in recs:
+        out: _Records = {}
+        for hp, rowid, top, top_ctime, first, count in recs:
             if first + count > len(inodes):
-                return {}  # truncated: trust none of it
-            out[hp] = (rowid, ino, ctime, inodes[first:first + count])
-        return out
+                return (0, 0, 0), {}  # truncated: trust none of it
+            out[hp] = (rowid, top, top_ctime, inodes[first:first + count])
+        return (dev, ino, ctime), out
     except (struct.error, TypeError, ValueError):
-        return {}
+        return (0, 0, 0), {}
 
 
-def _save_done(store, new: dict[bytes, tuple[int, int, int, object]], valid: dict[bytes, int]) -> None:
+def _links_id(links: str) -> tuple[int, int, int]:
+    try:
+        st = os.lstat(links)
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _save_done(store, new: _Records, valid: dict[bytes, int], trust_links: bool) -> None:
     state_dir = store.state_dir
+    links = os.path.join(store.real_store_dir, LINKS_DIR)
     lock = PoolLock(state_dir)
     try:
         # the gate serialises writers: two runs at once both keep their records
         lock_fd(lock._gate, exclusive=True)
-        merged = {hp: rec for hp, rec in _load_done(state_dir).items() if valid.get(hp) == rec[0]}
+        merged = {hp: rec for hp, rec in _load_done(state_dir)[1].items() if valid.get(hp) == rec[0]}
         merged.update(new)
-        head = [_DONE_HEAD.pack(_DONE_MAGIC, len(merged))]
+        # read after our last change to .links: any later one changes its ctime
+        dev, ino, ctime = _links_id(links) if trust_links else (0, 0, 0)
+        head = [_DONE_HEAD.pack(_DONE_MAGIC, len(merged), dev, ino, ctime)]
         inodes = array.array("Q")
-        for hp, (rowid, ino, ctime, inos) in merged.items():
-            head.append(_DONE_REC.pack(hp, rowid, ino, ctime, len(inodes), len(inos)))
-            inodes.extend(inos)
+        for hp, (rowid, top, top_ctime, inos) in merged.items():
+            head.append(_DONE_REC.pack(hp, rowid, top, top_ctime, len(inodes), len(inos)))
+            inodes.extend(inos)  # type: ignore[arg-type]
         write_file_atomic(os.path.join(state_dir, DONE_NAME), b"".join(head) + inodes.tobytes(), 0o644)
     finally:
         lock.close()
@@ -1119,19 +1147,25 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
     the pool is taken as linked (by something else) and skipped unhashed.
     ``dry_run``: change nothing, report what a run would link and free.
     ``progress(done, total)`` is called after each path; ``log`` gets warnings.
+    ``threads``: hashing threads for big files (default: the CPUs, up to 4).
     """
     if not dry_run:
         _check_writable(store)
     links = os.path.join(store.real_store_dir, LINKS_DIR)
-    inodes = _preload(links)
+    links_id, records = _load_done(store.state_dir)
+    # .links unchanged since the records were written: their inodes are all
+    # still there, no readdir of the whole pool needed to check them
+    inodes = None if links_id != (0, 0, 0) and links_id == _links_id(links) else _preload(links)
     prefix = len(store.store_dir.path) + 1
     rows = store.db.conn.execute("select id, path from ValidPaths").fetchall()
     ids = {p[prefix:prefix + 32].encode(): rowid for rowid, p in rows}
     total = OptimiseStats(dry_run=dry_run)
-    # Paths recorded as done are only looked at (one stat), never touched.
     bases = sorted(p[prefix:] for _, p in rows)
-    todo = _skip_done(store, bases, ids, inodes, total)
+    # Paths whose record holds are only looked at (one stat), never touched.
+    todo = _skip_done(store, bases, ids, records, inodes, total)
     if todo:
+        if inodes is None:
+            inodes = _preload(links)
         # Pin every path we will walk, then ask which are valid ("pin, then check").
         if not store.read_only:
             add = store.temp_roots.add
@@ -1141,14 +1175,14 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
         ids = {p[prefix:prefix + 32].encode(): rowid
                for rowid, p in store.db.conn.execute("select id, path from ValidPaths")}
         todo = [b for b in todo if b[:32].encode() in ids]
-    valid = ids
-    run = _Run(store, inodes, dry_run, trust_link_count, log)
+    run = _Run(store, inodes or set(), dry_run, trust_link_count, log)
     nthreads = _threads(threads)
-    if nthreads > 1:
+    if nthreads > 1 and todo:
+        from concurrent.futures import ThreadPoolExecutor  # (not imported for a no-op run)
         run.hasher = ThreadPoolExecutor(nthreads, thread_name_prefix="optimise-hash")
-    if not dry_run:
+    if not dry_run and todo:
         run.reaper = _Reaper()
-    done: dict[bytes, tuple[int, int, int, object]] = {}
+    done: _Records = {}
     w = _Worker(run)
     try:
         # One thread walks and links: with several, short syscalls hand the GIL
@@ -1158,15 +1192,16 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
             rec = w.path(base)
             if rec is not None:
                 hp = base[:32].encode()
-                done[hp] = (valid[hp], rec[0], rec[1], array.array("Q", rec[2]))
+                done[hp] = (ids[hp], rec[0], rec[1], array.array("Q", rec[2]))
             if progress is not None:
                 progress(len(bases) - len(todo) + n, len(bases))
     finally:
         w.close()
         run.close()
         total.merge(w.stats)
-        if not dry_run and (done or todo):
-            _save_done(store, done, valid)
+        if not dry_run and todo:
+            # a run that removed pool entries itself does not vouch for .links
+            _save_done(store, done, ids, trust_links=not (total.corrupt_links_removed or run.pool_disturbed))
     total.paths = len(bases)
     total.warnings = run.warnings
     if dry_run:
@@ -1178,10 +1213,10 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
     return total
 
 
-def _skip_done(store, bases: list[str], valid: dict[bytes, int], inodes: set[int],
-               total: OptimiseStats) -> list[str]:
-    """The paths that need a walk: all but those with a done-record that still holds."""
-    records = _load_done(store.state_dir)
+def _skip_done(store, bases: list[str], valid: dict[bytes, int], records: _Records,
+               inodes: set[int] | None, total: OptimiseStats) -> list[str]:
+    """The paths that need a walk: all but those whose done-record still holds
+    (``inodes`` None: .links is unchanged, every recorded inode is in it)."""
     if not records:
         return bases
     todo = []
@@ -1195,9 +1230,10 @@ def _skip_done(store, bases: list[str], valid: dict[bytes, int], inodes: set[int
                     st = os.stat(base, dir_fd=sfd, follow_symlinks=False)
                 except FileNotFoundError:
                     st = None
-                if (st is not None and st.st_ino == rec[1] and st.st_ctime_ns == rec[2]
-                        and inodes.issuperset(rec[3])):
-                    total.files_already_linked += len(rec[3])
+                if (st is not None and st.st_ino == rec[1]
+                        and (rec[2] == _NO_CTIME or st.st_ctime_ns == rec[2])
+                        and (inodes is None or inodes.issuperset(rec[3]))):  # type: ignore[arg-type]
+                    total.files_already_linked += len(rec[3])  # type: ignore[arg-type]
                     continue
             todo.append(base)
     finally:
