@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 
 def isolated_nix_env(scratch: str) -> dict[str, str]:
@@ -13,3 +15,13 @@ def isolated_nix_env(scratch: str) -> dict[str, str]:
     with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
         f.write("substituters =\n")
     return env
+
+
+def copy(src: str, dst: str) -> None:
+    subprocess.run(["cp", "-a", src, dst], check=True)
+
+
+def rmtree(path: str) -> None:
+    """Remove a copy of a store (its files and dirs are read-only)."""
+    subprocess.run(["chmod", "-R", "u+w", path], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)

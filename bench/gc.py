@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from _nixenv import isolated_nix_env
+from _nixenv import copy, isolated_nix_env, rmtree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MKSTORE = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench", "mkstore.py"))
@@ -42,15 +42,6 @@ def run(cmd: list[str], env: dict[str, str], stdout=subprocess.DEVNULL) -> tuple
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({p.returncode})")
     return secs, ru.ru_maxrss // 1024, out
-
-
-def copy(src: str, dst: str) -> None:
-    subprocess.run(["cp", "-a", src, dst], check=True)
-
-
-def rmtree(path: str) -> None:
-    subprocess.run(["chmod", "-R", "u+w", path], capture_output=True)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> int:

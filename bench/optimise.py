@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+from _nixenv import copy, rmtree
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MKSTORE = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench", "mkstore.py"))
 
@@ -56,15 +58,6 @@ def disk_bytes(store: str) -> int:
                 seen.add(st.st_ino)
                 total += st.st_blocks * 512
     return total
-
-
-def copy(src: str, dst: str) -> None:
-    subprocess.run(["cp", "-a", src, dst], check=True)
-
-
-def rmtree(path: str) -> None:
-    subprocess.run(["chmod", "-R", "u+w", path], capture_output=True)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> int:
