@@ -450,10 +450,11 @@ def delete_tree(path: str) -> int:
     try:
         return _delete_tree(path)
     except PermissionError:
-        # an old store (Nix 1.0-1.2) may have set the immutable bit
+        # An old store (Nix 1.0-1.2) may have set the immutable bit.  Retry even
+        # when we found none to clear: a concurrent deleter of another path
+        # sharing the inode through .links may have cleared it first.
         from .canonicalise import clear_immutable_tree
-        if not clear_immutable_tree(path):
-            raise
+        clear_immutable_tree(path)
         return _delete_tree(path)
 
 

@@ -98,6 +98,8 @@ _O_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
 _SMALL = 1 << 20
 _CHUNK = 1 << 20
 _BIG = 256 << 10  # files from this size on are hashed by the pool's threads
+_MAX_PENDING = 32  # ...with at most this many fds handed over at a time
+_HAVE_PROC_FD = os.path.isdir("/proc/self/fd")
 # errors meaning "the name is not the file we listed any more"
 _CHANGED = frozenset({errno.ENOENT, errno.EINVAL, errno.ELOOP, errno.ENXIO, errno.ENOTDIR})
 # an entry or temp link that keeps vanishing: give up on that file after this
@@ -165,15 +167,9 @@ def file_nar_hash(name, dir_fd: int | None = None,
     return (digest, fst) if digest is not None else None
 
 
-def _hash_regular(name: str, dfd: int, st: os.stat_result) -> bytes | None:
-    """Digest of a regular file's NAR, read through an fd on the inode ``st`` describes
-    (None if the name is another inode now, or the file changed while being read)."""
-    fd = os.open(name, _O_READ, dir_fd=dfd)
+def _hash_fd_and_close(fd: int, st: os.stat_result) -> bytes | None:
     try:
-        fst = os.fstat(fd)
-        if fst.st_ino != st.st_ino or fst.st_size != st.st_size or fst.st_mode != st.st_mode:
-            return None
-        return _hash_fd(fd, fst)
+        return _hash_fd(fd, st)
     finally:
         os.close(fd)
 
@@ -608,8 +604,9 @@ class _Worker:
             if st.st_ino in run.inodes and st.st_nlink > 1:
                 self.stats.files_already_linked += 1
                 self._inodes.append(st.st_ino)
-            elif self._candidate(st, shown):
-                self._batch(run.store_fd, run.real, [(base, st)], is_store_dir=True)
+            elif S_ISREG(st.st_mode) or S_ISLNK(st.st_mode):
+                self._batch(run.store_fd, run.real, [(base, st.st_ino, st if S_ISLNK(st.st_mode) else None)],
+                            is_store_dir=True)
         else:
             self._tree(base, shown)
         if not self._clean or run.dry:
@@ -656,13 +653,16 @@ class _Worker:
 
     def _dir(self, dfd: int, shown: str) -> list[str]:
         """Optimise the files of one directory; return its subdirectories."""
-        run = self.run
-        inodes, trust = run.inodes, run.trust
+        inodes = self.run.inodes
         found = self._inodes
         subdirs: list[str] = []
-        todo: list[tuple[str, os.stat_result]] = []
+        # (name, d_ino, lstat for a symlink / None for a regular file: its
+        # fstat comes with the open for hashing)
+        todo: list[tuple[str, int, os.stat_result | None]] = []
         already = 0
-        with os.scandir(dfd) as it:
+        # scandir of an fd dups it and rewinds it; the /proc name of the fd is
+        # the same directory, opened afresh (never a path that could be swapped)
+        with os.scandir(f"/proc/self/fd/{dfd}" if _HAVE_PROC_FD else dfd) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=False):  # d_type: no stat
                     subdirs.append(e.name)
@@ -673,39 +673,18 @@ class _Worker:
                     already += 1
                     found.append(ino)
                     continue
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    self._clean = False
-                    continue
-                mode = st.st_mode
-                if S_ISREG(mode):
-                    if mode & S_IWUSR:
-                        self._writable(f"{shown}/{e.name}")
-                        continue
-                elif not S_ISLNK(mode):
-                    continue  # cannot be in a valid path; Nix ignores them too
-                if trust and st.st_nlink > 1:
-                    self._trusted()
-                    continue
-                todo.append((e.name, st))
+                if e.is_file(follow_symlinks=False):
+                    todo.append((e.name, ino, None))
+                elif e.is_symlink():
+                    try:
+                        todo.append((e.name, ino, e.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        self._clean = False
+                # anything else cannot be in a valid path; Nix ignores it too
         self.stats.files_already_linked += already
         if todo:
             self._batch(dfd, shown, todo, is_store_dir=False)
         return subdirs
-
-    def _candidate(self, st: os.stat_result, shown: str) -> bool:
-        mode = st.st_mode
-        if S_ISREG(mode):
-            if mode & S_IWUSR:
-                self._writable(shown)
-                return False
-        elif not S_ISLNK(mode):
-            return False
-        if self.run.trust and st.st_nlink > 1:
-            self._trusted()
-            return False
-        return True
 
     def _writable(self, shown: str) -> None:
         self.stats.writable_skipped += 1
@@ -716,45 +695,65 @@ class _Worker:
         self.stats.files_already_linked += 1
         self._clean = False  # not known to be in the pool
 
-    def _batch(self, dfd: int, shown: str, todo: list[tuple[str, os.stat_result]],
+    def _changed(self, shown: str) -> None:
+        self.stats.changed_files += 1
+        self._clean = False
+        self.run.warn(f"file '{shown}' changed or vanished while being hashed; not linked")
+
+    def _batch(self, dfd: int, shown: str, todo: list[tuple[str, int, os.stat_result | None]],
                is_store_dir: bool) -> None:
         """Hash a directory's candidates (unlocked), then link them (locked as needed)."""
         run, stats = self.run, self.stats
-        hasher = run.hasher
-        hashed: list[tuple[str, os.stat_result, bytes | None]] = []
-        later = []
-        for name, st in todo:
+        hasher, trust = run.hasher, run.trust
+        hashed: list = []  # [name, stat, digest or a future of it]
+        pending = 0
+        for name, ino, lst in todo:
             try:
-                if S_ISLNK(st.st_mode):
+                if lst is not None:  # a symlink: its NAR is its target
+                    if trust and lst.st_nlink > 1:
+                        self._trusted()
+                        continue
                     target = os.fsencode(os.readlink(name, dir_fd=dfd))
-                    hashed.append((name, st, sha256(_NAR_MAGIC + symlink_node(target)).digest()))
+                    hashed.append([name, lst, sha256(_NAR_MAGIC + symlink_node(target)).digest()])
+                    continue
+                fd = os.open(name, _O_READ, dir_fd=dfd)
+            except OSError as e:
+                if e.errno not in _CHANGED:
+                    raise
+                self._changed(f"{shown}/{name}")
+                continue
+            handed = False
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != ino or not S_ISREG(st.st_mode):
+                    self._changed(f"{shown}/{name}")
+                elif st.st_mode & S_IWUSR:
+                    self._writable(f"{shown}/{name}")
+                elif trust and st.st_nlink > 1:
+                    self._trusted()
                 elif hasher is not None and st.st_size >= _BIG:
                     # big files are hashed by the pool's threads (reads and hashlib
                     # drop the GIL), in parallel with each other and with this loop
-                    later.append((len(hashed), hasher.submit(_hash_regular, name, dfd, st)))
-                    hashed.append((name, st, None))
+                    hashed.append([name, st, hasher.submit(_hash_fd_and_close, fd, st)])
+                    handed = True
+                    pending += 1
+                    if pending >= _MAX_PENDING:  # bound the fds handed over
+                        self._resolve(hashed)
+                        pending = 0
                 else:
-                    hashed.append((name, st, _hash_regular(name, dfd, st)))
-            except OSError as e:
-                if e.errno not in _CHANGED:
-                    raise
-                hashed.append((name, st, None))
-        for i, fut in later:
-            name, st, _ = hashed[i]
-            try:
-                hashed[i] = (name, st, fut.result())
-            except OSError as e:
-                if e.errno not in _CHANGED:
-                    raise
+                    hashed.append([name, st, _hash_fd(fd, st)])
+            finally:
+                if not handed:
+                    os.close(fd)
+        if pending:
+            self._resolve(hashed)
         dir_state = _DirState(dfd, is_store_dir)
         link = self._dry_link if run.dry else self._link
         found = self._inodes
         try:
             for name, st, digest in hashed:
                 if digest is None:
-                    stats.changed_files += 1
-                    self._clean = False
-                    run.warn(f"file '{shown}/{name}' changed or vanished while being hashed; not linked")
+                    self._changed(f"{shown}/{name}")
                     continue
                 stats.files_hashed += 1
                 stats.bytes_hashed += st.st_size
@@ -768,6 +767,12 @@ class _Worker:
                 self.lock.release()
             if not run.dry:
                 dir_state.restore()
+
+    @staticmethod
+    def _resolve(hashed: list) -> None:
+        for item in hashed:
+            if not isinstance(item[2], (bytes, type(None))):
+                item[2] = item[2].result()
 
     # --- linking one file ---
 
