@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 
 def isolated_nix_env(scratch: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
+    # Time storekeeper as installed, with its bytecode cached, not compiling
+    # its modules on every start.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    import storekeeper
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.dirname(storekeeper.__file__)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
     env.update(HOME=os.path.join(scratch, "home"), NIX_CONF_DIR=os.path.join(scratch, "etc"),
                NIX_REMOTE=os.path.join(scratch, "unused"))
     os.makedirs(env["NIX_CONF_DIR"], exist_ok=True)

@@ -71,6 +71,7 @@ def main() -> int:
             a, b, c = (os.path.join(scratch, f"{x}{r}") for x in "abc")
             for d in (a, b, c):
                 copy(master, d)
+            subprocess.run(["sync"])
             s, m, out = run(sk + ["--store", a, "gc", "--print-dead"], env, stdout=None)
             res["sk-live"].append(s); rss["sk-live"] = max(rss.get("sk-live", 0), m)
             ours = set(out.split())

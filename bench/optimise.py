@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from _nixenv import copy, rmtree
+from _nixenv import copy, isolated_nix_env, rmtree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MKSTORE = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench", "mkstore.py"))
@@ -78,12 +78,7 @@ def main() -> int:
         print("util-linux hardlink not found (apt-get install util-linux); running without it",
               file=sys.stderr)
     scratch = tempfile.mkdtemp(prefix="sk-bench-optimise-", dir=args.dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
-    env.update(HOME=os.path.join(scratch, "home"), NIX_CONF_DIR=os.path.join(scratch, "etc"),
-               NIX_REMOTE=os.path.join(scratch, "unused"))
-    os.makedirs(env["NIX_CONF_DIR"])
-    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
-        f.write("substituters =\n")
+    env = isolated_nix_env(scratch)
     sk = [sys.executable, "-m", "storekeeper.cli.main"]
     tools = ["sk", "nix"] + (["hardlink"] if hardlink else [])
     try:

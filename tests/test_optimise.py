@@ -216,7 +216,8 @@ def test_pool_names_are_nix_file_nar_hashes(tmp_path):
 
 # --- the optimiser ------------------------------------------------------------------------
 
-def test_optimise_links_duplicates_with_true_statistics(tmp_path):
+@pytest.mark.parametrize("processes", [1, 3])
+def test_optimise_links_duplicates_with_true_statistics(tmp_path, processes):
     root = str(tmp_path / "root")
     make_store(root, n=8)
     before = nar_hashes(root)
@@ -226,7 +227,7 @@ def test_optimise_links_duplicates_with_true_statistics(tmp_path):
         dry = optimise_store(s, dry_run=True)
         assert ident(store_files(root)) == ident(files_before)  # the dry run changed nothing
         assert os.listdir(os.path.join(root, "nix/store/.links")) == []
-        stats = optimise_store(s)
+        stats = optimise_store(s, processes=processes)
     assert stats.files_linked == must_link == dry.files_linked > 0
     assert stats.new_pool_entries == distinct == dry.new_pool_entries
     assert stats.bytes_freed == freed == dry.bytes_freed > 1 << 20
@@ -614,7 +615,7 @@ def test_optimisers_and_gc_race_without_losing_anything(tmp_path):
                   if os.path.lexists(os.path.join(gcroots, p.rsplit("/", 1)[1]))}
         procs = [subprocess.Popen(SK + ["--store", root, *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
-                 for args in (["gc"], ["optimise"], ["optimise"])]
+                 for args in (["gc"], ["optimise"], ["optimise", "--jobs", "2"])]
         for p in procs:
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err.decode()

@@ -314,7 +314,8 @@ def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
     from ..store.optimise import optimise_store
     local = _needs_local(store, "optimise")
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
-    stats = optimise_store(local, dry_run=args.dry_run, trust_link_count=args.trust_link_count, log=log)
+    stats = optimise_store(local, dry_run=args.dry_run, trust_link_count=args.trust_link_count, log=log,
+                           processes=args.jobs)
     if args.json:
         json.dump(stats.to_json(), sys.stdout)
         sys.stdout.write("\n")
@@ -350,6 +351,8 @@ def _add_optimise_parsers(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--trust-link-count", action="store_true",
                    help="take files with more than one link as linked already (skip hashing them)")
+    s.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help="walker processes (default: one per CPU, up to 4, for big runs)")
     s.set_defaults(func=cmd_optimise)
     s = sub.add_parser("stats", help="dedup figures from the link counts in .links (read-only)")
     s.add_argument("--json", action="store_true")

@@ -20,6 +20,8 @@ class Progress:
         self._rich: Any = None
         self._task: Any = None
         self._last = 0.0
+        self._lines: list[str] = []
+        self._flushed = time.monotonic()
         if self.enabled:
             try:
                 from rich.progress import Progress as RichProgress
@@ -48,9 +50,23 @@ class Progress:
         elif self.enabled:
             self.stream.write(f"\r\x1b[K{message}\n")
         else:
-            print(message, file=self.stream)
+            # Not a terminal: lines are written in blocks (a GC logs one per
+            # deleted path, and a write per line costs more than the unlink),
+            # at the latest a tenth of a second after they were logged.
+            self._lines.append(message)
+            now = time.monotonic()
+            if len(self._lines) >= 512 or now - self._flushed >= 0.1:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            self.stream.write("\n".join(self._lines) + "\n")
+            self._lines.clear()
+            self.stream.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
+        self.flush()
         if self._rich is not None:
             self._rich.stop()
         elif self.enabled:

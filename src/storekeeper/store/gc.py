@@ -43,7 +43,7 @@ from .locks import PathLocks, lock_fd, open_lock_file
 from .graph import Graph
 from .roots import Root, RootFinder
 
-BATCH = 256
+BATCH = 1024
 UNLINK_THREADS = 4
 LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delete-specific"
 
@@ -288,72 +288,107 @@ class GarbageCollector:
 
     def _delete_loop(self, graph: Graph, order: list[int], alive: set[int], opts: GCOptions,
                      result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
+        """Two batches in flight: the next one is invalidated while the files of
+        the previous one are unlinked.  Both stay *pending* until their files are gone."""
         sd = self.store.store_dir
         # with a byte budget, stop as soon as it is spent (Nix checks after every path)
-        batch_size = BATCH if opts.max_freed >= 2**64 - 1 else 1
+        budget = opts.max_freed < 2**64 - 1
+        batch_size = 1 if budget else BATCH
         pos = 0
-        while pos < len(order):
-            if result.bytes_freed > opts.max_freed:
-                result.messages.append(f"deleted more than {opts.max_freed} bytes; stopping")
-                return
-            batch: list[int] = []
-            with self._cond:
-                while pos < len(order) and len(batch) < batch_size:
-                    i = order[pos]
-                    pos += 1
-                    if i in alive:
-                        continue
-                    p = graph.path_of[i]
-                    if p[len(sd.path) + 1:][:32] in self._temp_hashes:
-                        graph.closure([i], alive, keep_outputs, keep_derivations)
-                        continue
-                    batch.append(i)
-                self._pending = {graph.path_of[i][len(sd.path) + 1:][:32] for i in batch}
-            try:
-                self._delete_batch(graph, batch, alive, result, keep_outputs, keep_derivations)
-            finally:
-                with self._cond:
-                    self._pending = set()
-                    self._cond.notify_all()
-
-    def _delete_batch(self, graph: Graph, batch: list[int], alive: set[int], result: GCResult,
-                      keep_outputs: bool, keep_derivations: bool) -> None:
-        store, sd = self.store, self.store.store_dir
-        locks: list[PathLocks] = []
-        go: list[int] = []
+        inflight: _Batch | None = None
         try:
-            for i in batch:
-                base = graph.path_of[i][len(sd.path) + 1:]
-                real = os.path.join(store.real_store_dir, base)
-                # Only a path someone holds a lock file for can be in use by a
-                # locker (a repair or a build); anyone who locks it later must
-                # pin it first, and that pin waits for this batch.  So the lock
-                # is taken only where a lock file exists, sparing a create and
-                # an unlink per dead path.
-                if base + ".lock" in self._lock_files:
-                    pl = PathLocks()
-                    if not pl.lock([real], wait=False):
-                        # being created or built right now: keep it and what it needs
-                        graph.closure([i], alive, keep_outputs, keep_derivations)
-                        continue
-                    pl.delete_on_release = True
-                    locks.append(pl)
-                go.append(i)
-            go = [i for i in go if i not in alive]
-            with store.db.transaction() as conn:
-                conn.executemany("delete from ValidPaths where id = ?", [(i,) for i in go])
-            # Unlinking is syscall-bound and releases the GIL: a few threads
-            # keep the file system busier than one (the rows are already gone).
-            reals = [os.path.join(store.real_store_dir, graph.path_of[i][len(sd.path) + 1:]) for i in go]
-            for i, freed in zip(go, self._unlinker.map(delete_tree, reals)):
+            while pos < len(order):
+                if result.bytes_freed > opts.max_freed:
+                    result.messages.append(f"deleted more than {opts.max_freed} bytes; stopping")
+                    return
+                batch: list[int] = []
+                with self._cond:
+                    while pos < len(order) and len(batch) < batch_size:
+                        i = order[pos]
+                        pos += 1
+                        if i in alive:
+                            continue
+                        p = graph.path_of[i]
+                        if p[len(sd.path) + 1:][:32] in self._temp_hashes:
+                            graph.closure([i], alive, keep_outputs, keep_derivations)
+                            continue
+                        batch.append(i)
+                    hashes = {graph.path_of[i][len(sd.path) + 1:][:32] for i in batch}
+                    self._pending |= hashes
+                current = _Batch(hashes)
+                try:
+                    self._start_batch(graph, batch, alive, keep_outputs, keep_derivations, current)
+                except BaseException:
+                    self._finish_batch(graph, current, result)
+                    raise
+                if inflight is not None:
+                    inflight, previous = None, inflight
+                    self._finish_batch(graph, previous, result)
+                if budget:
+                    self._finish_batch(graph, current, result)
+                else:
+                    inflight = current
+        finally:
+            if inflight is not None:
+                self._finish_batch(graph, inflight, result)
+
+    def _start_batch(self, graph: Graph, batch: list[int], alive: set[int], keep_outputs: bool,
+                     keep_derivations: bool, b: "_Batch") -> None:
+        """Lock what needs locking, invalidate (one transaction), start unlinking."""
+        store, sd = self.store, self.store.store_dir
+        go: list[int] = []
+        for i in batch:
+            base = graph.path_of[i][len(sd.path) + 1:]
+            real = os.path.join(store.real_store_dir, base)
+            # Only a path someone holds a lock file for can be in use by a
+            # locker (a repair or a build); anyone who locks it later must
+            # pin it first, and that pin waits for this batch.  So the lock
+            # is taken only where a lock file exists, sparing a create and
+            # an unlink per dead path.
+            if base + ".lock" in self._lock_files:
+                pl = PathLocks()
+                if not pl.lock([real], wait=False):
+                    # being created or built right now: keep it and what it needs
+                    graph.closure([i], alive, keep_outputs, keep_derivations)
+                    continue
+                pl.delete_on_release = True
+                b.locks.append(pl)
+            go.append(i)
+        go = [i for i in go if i not in alive]
+        if not go:
+            return
+        marks = ",".join("?" * len(go))
+        with store.db.transaction() as conn:
+            # Set-wise: the Refs rows of the batch go first, so the per-row
+            # foreign-key work on ValidPaths is only the "restrict" probe that
+            # proves nothing outside the batch still refers to these paths.
+            conn.execute(f"delete from Refs where referrer in ({marks})", go)
+            conn.execute(f"delete from ValidPaths where id in ({marks})", go)
+        # Unlinking is syscall-bound and releases the GIL: a few threads keep
+        # the file system busier than one (the rows are already gone).  One
+        # task per slice of the batch, not per path: futures cost more than
+        # unlinking a small file.
+        b.ids = go
+        reals = [os.path.join(store.real_store_dir, graph.path_of[i][len(sd.path) + 1:]) for i in go]
+        step = -(-len(reals) // UNLINK_THREADS)
+        b.futures = [self._unlinker.submit(_delete_trees, reals[k:k + step])
+                     for k in range(0, len(reals), step)]
+
+    def _finish_batch(self, graph: Graph, b: "_Batch", result: GCResult) -> None:
+        try:
+            freed = [n for f in b.futures for n in f.result()]
+            for i, n in zip(b.ids, freed):
                 p = graph.path_of[i]
                 self.log(f"deleting '{p}'")
-                result.bytes_freed += freed
+                result.bytes_freed += n
                 result.paths.append(p)
-                self.progress(len(result.paths), self._total)
+            self.progress(len(result.paths), self._total)
         finally:
-            for pl in locks:
+            for pl in b.locks:
                 pl.release()
+            with self._cond:
+                self._pending -= b.hashes
+                self._cond.notify_all()
 
     def _invalid_entries(self, graph: Graph, dry: bool, result: GCResult | None = None) -> list[str]:
         """Store-dir entries that are not valid paths (leftovers, junk); deleted unless in use."""
@@ -405,6 +440,19 @@ class GarbageCollector:
         freed, saving = remove_unused_links(self.store)
         result.bytes_freed += freed
         self.log(f"note: currently hard linking saves {saving / 2**20:.2f} MiB")
+
+
+@dataclass
+class _Batch:
+    """Dead paths invalidated together; pending (pins wait) until their files are gone."""
+    hashes: set[str]
+    ids: list[int] = field(default_factory=list)
+    futures: list = field(default_factory=list)
+    locks: list[PathLocks] = field(default_factory=list)
+
+
+def _delete_trees(paths: list[str]) -> list[int]:
+    return [delete_tree(p) for p in paths]
 
 
 SCRATCH_GRACE_SECONDS = 300

@@ -1145,14 +1145,17 @@ def _save_done(store, new: _Records, valid: dict[bytes, int], trust_links: bool)
 def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
                    progress: Callable[[int, int], None] | None = None,
                    log: Callable[[str], None] | None = None,
-                   threads: int | None = None) -> OptimiseStats:
+                   threads: int | None = None, processes: int | None = None) -> OptimiseStats:
     """``nix-store --optimise``: link every file of every valid path into the pool.
 
     ``trust_link_count``: a file with more than one link whose inode is not in
     the pool is taken as linked (by something else) and skipped unhashed.
     ``dry_run``: change nothing, report what a run would link and free.
-    ``progress(done, total)`` is called after each path; ``log`` gets warnings.
+    ``progress(done, total)`` is called after each path (after each chunk of
+    paths with several processes); ``log`` gets warnings.
     ``threads``: hashing threads for big files (default: the CPUs, up to 4).
+    ``processes``: walkers (default: the CPUs, up to 4, for a run with at least
+    ``_PARALLEL_MIN`` paths to walk; a dry run always has one).
     """
     if not dry_run:
         _check_writable(store)
@@ -1180,6 +1183,11 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
         ids = {p[prefix:prefix + 32].encode(): rowid
                for rowid, p in store.db.conn.execute("select id, path from ValidPaths")}
         todo = [b for b in todo if b[:32].encode() in ids]
+    nprocs = 1 if dry_run else processes if processes is not None else (
+        _threads(None) if len(todo) >= _PARALLEL_MIN else 1)
+    if nprocs > 1 and len(todo) > 1:
+        return _optimise_in_processes(store, todo, bases, ids, inodes or set(), trust_link_count,
+                                      progress, log, threads, min(nprocs, len(todo)), total)
     run = _Run(store, inodes or set(), dry_run, trust_link_count, log)
     nthreads = _threads(threads)
     if nthreads > 1 and todo:
@@ -1215,6 +1223,96 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
                 total.inodes_freed += 1
                 total.bytes_freed += blocks * 512
                 total.apparent_bytes_freed += size
+    return total
+
+
+# --- several walkers ---------------------------------------------------------------
+#
+# One process walks and links at about one core (the GIL: threads do not help
+# with many short syscalls).  A big run forks walkers that take chunks of paths
+# from a shared queue; the pool's lock protocol and the retries on vanished
+# entries already make concurrent optimisers safe, so walkers need nothing
+# more between them.  They inherit the parent's temp roots (its pins hold while
+# it waits for them) and never touch the database.  On an error every walker
+# finishes the chunk it is in (no temp link left behind) and takes no more.
+
+_PARALLEL_MIN = 256  # paths to walk before forking pays off
+_CHUNK_PATHS = 32
+_child: tuple | None = None  # (run, worker, stop event) in a walker process
+_fork_args: tuple | None = None  # what a walker process starts from
+
+
+def _walker_init() -> None:
+    global _child
+    store, inodes, trust, threads, stop = _fork_args  # type: ignore[misc]
+    run = _Run(store, inodes, False, trust, None)
+    nthreads = _threads(threads)
+    if nthreads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        run.hasher = ThreadPoolExecutor(nthreads, thread_name_prefix="optimise-hash")
+    run.reaper = _Reaper()
+    _child = (run, _Worker(run), stop)
+
+
+def _walk_chunk(bases: list[str]) -> tuple[OptimiseStats, dict, list[str], bool]:
+    run, w, stop = _child  # type: ignore[misc]
+    w.stats = OptimiseStats()
+    run.warnings = []
+    done: dict[str, tuple] = {}
+    if stop.is_set():
+        return w.stats, done, [], False
+    try:
+        for base in bases:
+            rec = w.path(base)
+            if rec is not None:
+                done[base] = rec
+    finally:
+        if w.lock is not None:
+            w.lock.release()
+    return w.stats, done, run.warnings, run.pool_disturbed
+
+
+def _optimise_in_processes(store, todo: list[str], bases: list[str], ids: dict[bytes, int],
+                           inodes: set[int], trust: bool, progress, log, threads: int | None,
+                           nprocs: int, total: OptimiseStats) -> OptimiseStats:
+    import multiprocessing
+    global _fork_args
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    _fork_args = (store, inodes, trust, max(1, _threads(threads) // nprocs), stop)
+    chunks = [todo[k:k + _CHUNK_PATHS] for k in range(0, len(todo), _CHUNK_PATHS)]
+    done: _Records = {}
+    warnings: list[str] = []
+    disturbed = False
+    walked = 0
+    pool = ctx.Pool(nprocs, initializer=_walker_init)
+    try:
+        try:
+            for stats, recs, warns, dist in pool.imap_unordered(_walk_chunk, chunks):
+                total.merge(stats)
+                disturbed |= dist
+                for w in warns:
+                    if len(warnings) < _MAX_WARNINGS:
+                        warnings.append(w)
+                    if log:
+                        log(f"warning: {w}")
+                for base, rec in recs.items():
+                    hp = base[:32].encode()
+                    done[hp] = (ids[hp], rec[0], rec[1], array.array("Q", rec[2]))
+                walked += _CHUNK_PATHS
+                if progress is not None:
+                    progress(len(bases) - len(todo) + min(walked, len(todo)), len(bases))
+        except BaseException:
+            stop.set()  # the walkers finish their chunks and take no more
+            raise
+        finally:
+            pool.close()
+            pool.join()
+    finally:
+        _fork_args = None
+        _save_done(store, done, ids, trust_links=not (total.corrupt_links_removed or disturbed))
+    total.paths = len(bases)
+    total.warnings = warnings
     return total
 
 
