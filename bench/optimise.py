@@ -110,7 +110,8 @@ def main() -> int:
                     if phase == "first" and r == 0:
                         if t == "sk":
                             o = json.loads(out.strip().splitlines()[-1])
-                            reported[t] = f"{o['filesLinked']} files linked, {o['bytesFreed']} bytes freed"
+                            reported[t] = (f"{o['filesLinked']} files linked, {o['bytesFreed']} bytes freed, "
+                                           f"{o['netBytesFreed']} net of .links growth")
                         elif t == "nix":
                             m = re.search(r"([\d.]+ MiB) freed by hard-linking (\d+) files", out)
                             reported[t] = f"{m.group(2)} files linked, '{m.group(1)}' reported" if m else out

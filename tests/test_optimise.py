@@ -227,7 +227,10 @@ def test_optimise_links_duplicates_with_true_statistics(tmp_path, processes):
         dry = optimise_store(s, dry_run=True)
         assert ident(store_files(root)) == ident(files_before)  # the dry run changed nothing
         assert os.listdir(os.path.join(root, "nix/store/.links")) == []
+        links_before = os.stat(os.path.join(root, "nix/store/.links")).st_blocks * 512
         stats = optimise_store(s, processes=processes)
+    assert stats.pool_dir_growth == os.stat(os.path.join(root, "nix/store/.links")).st_blocks * 512 - links_before
+    assert stats.net_bytes_freed == stats.bytes_freed - stats.pool_dir_growth
     assert stats.files_linked == must_link == dry.files_linked > 0
     assert stats.new_pool_entries == distinct == dry.new_pool_entries
     assert stats.bytes_freed == freed == dry.bytes_freed > 1 << 20

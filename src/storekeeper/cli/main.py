@@ -321,6 +321,9 @@ def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     print(stats.summary())
+    if stats.pool_dir_growth:
+        print(f"the .links directory grew by {stats.pool_dir_growth / 2**20:.2f} MiB: "
+              f"{stats.net_bytes_freed / 2**20:.2f} MiB freed net", file=sys.stderr)
     print(f"{stats.files_already_linked} files already linked, {stats.new_pool_entries} new pool "
           f"entries, {stats.emlink} kept at the link limit (EMLINK)"
           + (f", {stats.corrupt_links_removed} corrupt pool entries "

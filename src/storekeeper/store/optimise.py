@@ -33,7 +33,8 @@ Invariants:
   is and are counted.
 * **Statistics are true.**  ``bytes_freed`` counts ``st_blocks`` of inodes
   whose last link went (an ``O_PATH`` fd kept on the old inode reads
-  ``st_nlink == 0`` after the rename), not the sizes of the files relinked.
+  ``st_nlink == 0`` after the rename), not the sizes of the files relinked;
+  what ``.links`` itself grew by is reported beside it (``pool_dir_growth``).
 
 Lock protocol between optimisers and the GC's removal of unused pool entries
 (``<state>/optimise.lock`` and ``<state>/optimise.gate``, ``flock``):
@@ -218,12 +219,17 @@ class OptimiseStats:
     corrupt_links_removed: int = 0  # pool entries whose contents did not match their name
     changed_files: int = 0          # files that changed between hashing and linking: kept
     writable_skipped: int = 0
+    pool_dir_growth: int = 0        # blocks * 512 that the .links directory itself grew by
     warnings: list[str] = field(default_factory=list)
 
     def merge(self, other: "OptimiseStats") -> None:
         for k, v in asdict(other).items():
             if isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, k, getattr(self, k) + v)
+
+    @property
+    def net_bytes_freed(self) -> int:
+        return self.bytes_freed - self.pool_dir_growth
 
     def summary(self) -> str:
         """Nix's line ("X MiB freed by hard-linking N files"), with true bytes."""
@@ -234,7 +240,8 @@ class OptimiseStats:
 
     def to_json(self) -> dict:
         return {"dryRun": self.dry_run, "paths": self.paths, "filesLinked": self.files_linked,
-                "bytesFreed": self.bytes_freed, "apparentBytesFreed": self.apparent_bytes_freed,
+                "bytesFreed": self.bytes_freed, "poolDirGrowth": self.pool_dir_growth,
+                "netBytesFreed": self.net_bytes_freed, "apparentBytesFreed": self.apparent_bytes_freed,
                 "inodesFreed": self.inodes_freed, "filesAlreadyLinked": self.files_already_linked,
                 "filesHashed": self.files_hashed, "bytesHashed": self.bytes_hashed,
                 "newPoolEntries": self.new_pool_entries, "emlink": self.emlink,
@@ -1156,7 +1163,27 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
     ``threads``: hashing threads for big files (default: the CPUs, up to 4).
     ``processes``: walkers (default: the CPUs, up to 4, for a run with at least
     ``_PARALLEL_MIN`` paths to walk; a dry run always has one).
+    The ``.links`` directory's own growth during the run is reported as
+    ``pool_dir_growth`` (``net_bytes_freed`` subtracts it): a pool of many
+    entries costs blocks of its own.
     """
+    links = os.path.join(store.real_store_dir, LINKS_DIR)
+    before = _dir_bytes(links)
+    stats = _optimise(store, dry_run, trust_link_count, progress, log, threads, processes)
+    if not dry_run:
+        stats.pool_dir_growth = _dir_bytes(links) - before
+    return stats
+
+
+def _dir_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _optimise(store, dry_run: bool, trust_link_count: bool, progress, log, threads: int | None,
+              processes: int | None) -> OptimiseStats:
     if not dry_run:
         _check_writable(store)
     links = os.path.join(store.real_store_dir, LINKS_DIR)
