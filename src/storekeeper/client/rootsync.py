@@ -400,6 +400,7 @@ def add_root(store, api, link: str, sp: StorePath, paths: ClientPaths | None = N
     paths = paths or ClientPaths.from_env()
     link = os.path.abspath(link)
     target = store.print_path(sp)
+    api.unregister([])  # nothing, but a daemon that cannot register says so before we link
     if not store.pin_valid(sp):  # pinned by our connection until registered
         raise InvalidPath(f"path '{target}' is not valid")
     try:
