@@ -112,6 +112,9 @@ def test_three_steps_before_a_gc_each_one_matters(setups, tmp_path, skip):
     src = tmp_path / "src"
     with s.client() as c:
         p = {n: c.print_path(c.add_path(_dir_with_file(str(src), n)).path) for n in "abcde"}
+    if skip is None:  # a user without roots: the client creates nothing in their home
+        assert s.sk("gc", "--print-dead")[0] == 0 and s.sk("sync-roots")[0] == 0
+        assert not os.path.exists(os.path.dirname(s.paths.base))
     assert s.sk("add-root", os.path.join(s.paths.roots_dir, "a"), p["a"])[0] == 0
     result_b = str(tmp_path / "result-b")
     code, out, err = s.sk("add-root", result_b, p["b"])
@@ -202,7 +205,7 @@ def test_a_link_swapped_between_check_and_use_is_refused(setups, tmp_path, monke
             add_root(c, api, link, mine, s.paths, after_check=swap)
         assert [r for r in api.overview()["roots"] if r["kind"] == "registered"] == []
     with open(s.paths.state_file) as f:
-        assert json.load(f)["daemons"][c.url] == {}
+        assert json.load(f)["daemons"].get(c.url) is None
     # The same in the sync before a GC: the swapped entry is refused, the other one taken.
     rd = s.paths.roots_dir
     with s.client() as c:
@@ -366,3 +369,56 @@ def test_users_register_and_unregister_only_their_own_roots(shared_dir):
             assert os.listdir(auto) == []
         finally:
             stop(proc)
+
+
+# --- runtime-roots: who finds what a running program uses -----------------------------------------
+
+@pytest.mark.parametrize("mode", ["proc", "client", "both"])
+def test_runtime_roots_setting_chooses_proc_scanning_or_leases(tmp_path, mode):
+    """``proc``: the GC scans /proc and ignores client leases; ``client``: it holds what
+    clients leased and does not scan; ``both``."""
+    from storekeeper.store.gc import DELETE_DEAD, GCOptions
+    from storekeeper.store.layout import LocalLayout
+    from storekeeper.store.local import LocalStore
+    from storekeeper.store.settings import StoreSettings
+    layout = LocalLayout.custom(str(tmp_path / "store"), str(tmp_path / "state"), str(tmp_path / "log"))
+    settings = StoreSettings().with_settings([("runtime-roots", mode), ("runtime-root-lease", "60")])
+    with LocalStore(layout, settings=settings) as s:
+        used = s.print_path(s.add_path(_dir_with_file(str(tmp_path / "src"), "used")).path)
+        leased = s.print_path(s.add_text("leased", b"l").path)
+        UserRoots(s.state_dir).set_lease(os.getuid(), "elsewhere", [leased], 60)
+    holder = _holder(["sleep", "120"], cwd=used)
+    try:
+        with LocalStore(layout, settings=settings) as s:
+            deleted = set(s.collect_garbage(GCOptions(action=DELETE_DEAD)).paths)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert deleted == {"proc": {leased}, "client": {used}, "both": set()}[mode]
+
+
+def test_runtime_roots_setting_is_checked():
+    from storekeeper.store.errors import StoreError
+    from storekeeper.store.settings import StoreSettings
+    with pytest.raises(StoreError, match="'sometimes' is not one of proc, client, both"):
+        StoreSettings().with_settings([("runtime-roots", "sometimes")])
+
+
+def test_leases_expire_and_a_new_report_replaces_the_old(tmp_path):
+    ur = UserRoots(str(tmp_path))
+    ur.set_lease(1000, "hostA", ["/s/a"], 10, now=100)
+    ur.set_lease(1000, "hostB", ["/s/b"], 10, now=100)
+    ur.set_lease(1001, "hostA", ["/s/c"], 10, now=100)
+    assert {(x.uid, x.name, x.paths) for x in ur.leases(now=105)} == \
+        {(1000, "hostA", ("/s/a",)), (1000, "hostB", ("/s/b",)), (1001, "hostA", ("/s/c",))}
+    ur.set_lease(1000, "hostA", ["/s/d"], 10, now=108)     # hostA reports again
+    assert {x.paths for x in ur.leases(now=109, uid=1000)} == {("/s/d",), ("/s/b",)}
+    assert {x.paths for x in ur.leases(now=111)} == {("/s/d",)}  # the others expired
+    ur.set_lease(1000, "hostA", [], 10, now=112)            # nothing runs any more
+    assert ur.leases(now=112) == []
+    ur.set_lease(1000, "hostA", ["/s/e"], 10, now=113)
+    os.chmod(os.path.join(str(tmp_path), "storekeeper", "leases", "1000"), 0o666)
+    msgs: list[str] = []  # a file others could have written is not trusted
+    assert ur.leases(now=114, messages=msgs) == [] and "not a file written by the daemon" in msgs[0]
+    ur.set_lease(1000, "hostA", ["/s/e"], 10, now=115)       # rewritten by the daemon: trusted
+    assert [x.paths for x in ur.leases(now=116)] == [("/s/e",)]
