@@ -29,8 +29,8 @@ What counts as a root, as Nix 2.8 counts it (spec §6.2–6.4):
 
 Finding roots never deletes or writes anything unless the caller asks
 (``cleanup``, used only by a deleting GC): then stale ``gcroots/auto`` links,
-expired unresolvable ones, and temp-root files of dead processes are removed,
-and what each indirect root resolved to is remembered.
+expired unresolvable ones, temp-root files of dead processes and expired
+leases are removed, and what each indirect root resolved to is remembered.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from typing import Iterable, Iterator
 from ..formats.hashes import Hash
 from ..formats.storepath import StoreDir, StorePath, StorePathError
 from .fsutil import symlink_atomic, write_file_atomic
-from .locks import lock_fd, open_lock_file
-from .userroots import UserRoots
+from .locks import lock_fd
+from .userroots import UserRoots, open_shared_lock
 
 CENSORED = "{censored}"
 
@@ -95,7 +95,7 @@ class IndirectRootMemory:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
-        fd = open_lock_file(os.path.join(self.dir, ".lock"))
+        fd = open_shared_lock(os.path.join(self.dir, ".lock"))
         try:
             lock_fd(fd, exclusive=True)
             yield

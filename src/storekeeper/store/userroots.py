@@ -45,7 +45,7 @@ from typing import Iterable, Iterator
 
 from .errors import StoreError
 from .fsutil import write_file_atomic
-from .locks import lock_fd, open_lock_file
+from .locks import lock_fd
 
 MAX_REGISTRATIONS = 65536
 MAX_LEASES = 64
@@ -76,8 +76,16 @@ class Lease:
 
 
 def check_name(name: str, what: str = "root name") -> None:
-    if not name or "\0" in name or len(name.encode(errors="surrogateescape")) > MAX_NAME:
-        raise UserRootsError(f"invalid {what} {name[:80]!r}: empty, too long or containing NUL")
+    """One printable line: names are shown in root listings."""
+    if not name or len(name.encode(errors="surrogateescape")) > MAX_NAME \
+            or any(ord(c) < 0x20 or ord(c) == 0x7f for c in name):
+        raise UserRootsError(f"invalid {what} {name[:80]!r}: empty, too long or with control characters")
+
+
+def open_shared_lock(path: str) -> int:
+    """A lock file anyone may ``flock`` (read-only opens suffice): the daemon's user and
+    root both change these files."""
+    return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
 class UserRoots:
@@ -173,7 +181,7 @@ class UserRoots:
     def _update(self, kind: str, uid: int) -> Iterator[dict]:
         d = self._dir(kind)
         os.makedirs(d, mode=0o755, exist_ok=True)
-        lock = open_lock_file(os.path.join(d, f"{uid}.lock"))
+        lock = open_shared_lock(os.path.join(d, f"{uid}.lock"))
         try:
             lock_fd(lock, exclusive=True)
             data = self._load(kind, uid, owners={os.geteuid(), *self._trusted_owners()})
