@@ -114,28 +114,40 @@ class IndirectRootMemory:
                 rec["uids"] = old["uids"]
             self._write(name, rec)
 
-    def claim(self, name: str, link: str, uid: int, path: str | None) -> None:
-        """``uid`` added the indirect root ``link`` (``path``: what it points at now, if known)."""
+    def claim(self, auto: str, link: str, uid: int, path: str | None) -> None:
+        """Make ``auto`` (a ``gcroots/auto`` entry) point to ``link`` and record ``uid``'s claim
+        (``path``: what the link points at now, if known); one step under the lock, so a
+        release racing with it cannot remove the link it just made."""
+        name = os.path.basename(auto)
         with self._locked():
+            symlink_atomic(link, auto)
             old = self.get(name) or {}
-            uids = sorted({*(u for u in old.get("uids") or () if isinstance(u, int)), uid})
             keep = old.get("link") == link
+            uids = sorted({*(u for u in (old.get("uids") or ()) if keep and isinstance(u, int)), uid})
             rec = {"link": link, "path": path or (old.get("path") if keep else None),
                    "first_missed": old.get("first_missed") if keep and path is None else None,
                    "uids": uids}
             self._write(name, rec)
 
-    def release(self, name: str, uid: int) -> bool | None:
-        """Drop ``uid``'s claim: None if it had none, else whether claims are left."""
+    def release(self, auto: str, uid: int) -> bool:
+        """Drop ``uid``'s claim on ``auto``; the entry and its record go with the last claim.
+        False if ``uid`` had no claim."""
+        name = os.path.basename(auto)
         with self._locked():
             rec = self.get(name)
             if rec is None or uid not in (rec.get("uids") or ()):
-                return None
+                return False
             rec["uids"] = [u for u in rec["uids"] if u != uid]
             if rec["uids"]:
                 self._write(name, rec)
                 return True
-            return False
+            try:
+                if os.readlink(auto) == rec.get("link"):
+                    os.unlink(auto)
+            except OSError:
+                pass
+            self.forget(name)
+            return True
 
     def forget(self, name: str) -> None:
         try:
@@ -240,10 +252,8 @@ class RootFinder:
                 yield Root(sp, resolved, "indirect")
             if auto and cleanup:
                 name = os.path.basename(path)
-                if sp is not None:
-                    self.memory.put(name, resolved, self.store_dir.print(sp), None)
-                else:
-                    self.memory.forget(name)  # its owner pointed it elsewhere
+                # (None: its owner pointed it elsewhere; the claims stay)
+                self.memory.put(name, resolved, self.store_dir.print(sp) if sp is not None else None, None)
         elif stat.S_ISREG(st.st_mode):
             try:
                 yield Root(StorePath.from_base(os.path.basename(path), lax=True), path, kind)
@@ -275,9 +285,10 @@ class RootFinder:
                                     "uids": rec.get("uids") or []})
             when = time.strftime('%Y-%m-%d %H:%M', time.gmtime(until))
             if rec["path"] is None:
-                self.messages.append(f"cannot read indirect root '{resolved}' ({err.strerror}); it was "
-                                     f"never resolved, so it keeps nothing alive; dropped after {when} "
-                                     "UTC unless it becomes readable or its owner removes it")
+                self.messages.append(
+                    f"cannot read indirect root '{resolved}' ({err.strerror}); it never led to a "
+                    f"store path we know, so it keeps nothing alive; dropped after {when} UTC "
+                    "unless it becomes readable or its owner removes it")
                 return
             try:
                 sp = self.store_dir.parse(rec["path"], lax=True)
@@ -449,14 +460,15 @@ def add_indirect_root(state_dir: str, link: str, uid: int | None = None,
     auto = os.path.join(state_dir, "gcroots", "auto")
     os.makedirs(auto, mode=0o755, exist_ok=True)
     name = os.path.join(auto, indirect_root_name(link))
-    symlink_atomic(link, name)
-    if uid is not None:
-        path = None
-        if finder is not None:
-            try:
-                sp = finder._to_store_path(os.readlink(link))
-            except OSError:
-                sp = None
-            path = finder.store_dir.print(sp) if sp is not None else None
-        IndirectRootMemory(state_dir).claim(os.path.basename(name), link, uid, path)
+    if uid is None:
+        symlink_atomic(link, name)
+        return name
+    path = None
+    if finder is not None:
+        try:
+            sp = finder._to_store_path(os.readlink(link))
+        except OSError:
+            sp = None
+        path = finder.store_dir.print(sp) if sp is not None else None
+    IndirectRootMemory(state_dir).claim(name, link, uid, path)
     return name

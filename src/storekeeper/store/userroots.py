@@ -301,22 +301,11 @@ def unregister_roots(store, uid: int, names: Iterable[str]) -> list[str]:
     names = list(names)
     removed = UserRoots(store.state_dir).unregister(uid, names)
     memory = IndirectRootMemory(store.state_dir)
+    auto = os.path.join(store.state_dir, "gcroots", "auto")
     for name in names:
-        if not name.startswith("/") or name in removed:
-            continue
-        auto = indirect_root_name(name)
-        left = memory.release(auto, uid)
-        if left is None:
-            continue
-        if left is False:
-            link = os.path.join(store.state_dir, "gcroots", "auto", auto)
-            try:
-                if os.readlink(link) == name:
-                    os.unlink(link)
-            except OSError:
-                pass
-            memory.forget(auto)
-        removed.append(name)
+        if name.startswith("/") and name not in removed \
+                and memory.release(os.path.join(auto, indirect_root_name(name)), uid):
+            removed.append(name)
     return removed
 
 
