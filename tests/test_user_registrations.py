@@ -174,8 +174,14 @@ def test_links_outside_the_store_are_refused_and_kept(setups, tmp_path):
     os.symlink(kept, os.path.join(rd, "good"))
     with open(os.path.join(rd, "plain"), "w") as f:
         f.write(kept)                                                # not a link at all
+    if os.geteuid() == 0:  # one that is not the user's own (only root can plant it)
+        os.symlink(kept, os.path.join(rd, "planted"))
+        os.lchown(os.path.join(rd, "planted"), 4321, 4321)
     code, _, err = s.sk("sync-roots")
     assert code == 0, err
+    if os.geteuid() == 0:
+        assert f"ignoring root '{os.path.join(rd, 'planted')}': it is not yours" in err
+        os.unlink(os.path.join(rd, "planted"))
     assert "ignoring root '" + os.path.join(rd, "passwd") + "': '/etc/passwd' is not a symlink into the store" in err
     assert f"ignoring root '{os.path.join(rd, 'via-link')}': it points outside the store" in err
     assert f"ignoring '{os.path.join(rd, 'plain')}': not a symlink" in err
@@ -363,6 +369,13 @@ def test_users_register_and_unregister_only_their_own_roots(shared_dir):
             r = sk_as(alice, url, "gc", "--json")
             assert r.returncode == 0, r.stderr
             assert json.loads(r.stdout)["paths"] == [paths["pi"]]
+            # ... which is not dropped silently: listed, with when it was first missed
+            r = sk_as(bob, url, "roots", "--json")
+            unres = [x for x in json.loads(r.stdout) if x["kind"] == "indirect-unresolved"]
+            assert [(x["link"], x["target"]) for x in unres] == [(ind_link, "")]
+            assert unres[0]["firstMissed"] > 0 and unres[0]["expires"] > unres[0]["firstMissed"]
+            r = sk_as(bob, url, "roots")
+            assert f"{ind_link} -> ?  [unreadable since " in r.stdout
             # bob may drop his own claim, which removes the root
             r = sk_as(bob, url, "remove-root", ind_link)
             assert r.returncode == 0 and f"unregistered '{ind_link}'" in r.stderr

@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what would be deleted and the exact bytes it would free")
     s.add_argument("--json", action="store_true")
     s.add_argument("--no-sync-roots", action="store_true",
-                   help="through a daemon, skip the client's part (see sync-roots) before collecting")
+                   help="through a daemon, skip the client's part (see sync-roots), which a "
+                        "deleting gc runs before collecting")
     s.add_argument("--skip-step", action="append", choices=("clean", "runtime", "sync"),
                    help=argparse.SUPPRESS)  # test hook: leave out one step of sync-roots
     s.set_defaults(func=cmd_gc)
