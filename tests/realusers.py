@@ -55,7 +55,11 @@ def real_users(base: str, *tags: str):
         yield out
     finally:
         for name in made:
-            subprocess.run(["userdel", name], capture_output=True)
+            # (a daemon just stopped may still be on its way out: bounded retries)
+            for _ in range(50):
+                if subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6):
+                    break
+                time.sleep(0.1)
 
 
 def user_env(user, home: str, **extra: str) -> list[str]:

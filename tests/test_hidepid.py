@@ -51,9 +51,9 @@ def _deleted(r) -> set[str]:
 
 @needs_root_users
 def test_alices_program_survives_bobs_gc_while_her_lease_lasts(shared_dir):
-    ns = PidNamespace()
-    try:
-        with real_users(shared_dir, "d", "a", "b") as users:
+    with real_users(shared_dir, "d", "a", "b") as users:
+        ns = PidNamespace()  # (closed, killing all in it, before the users are deleted)
+        try:
             daemon, alice, bob = users["d"], users["a"], users["b"]
             proc, sock, url = start_daemon_as(
                 daemon, os.path.join(shared_dir, "srv"),
@@ -112,5 +112,5 @@ def test_alices_program_survives_bobs_gc_while_her_lease_lasts(shared_dir):
             # ... and once it has ended, bob's collection takes it
             time.sleep(max(0.0, t1 + LEASE + 0.5 - time.time()))
             assert _deleted(sk_as(bob, url, "gc", "--json", prefix=ns.prefix)) == {prog}
-    finally:
-        ns.close()
+        finally:
+            ns.close()
