@@ -149,9 +149,10 @@ def main_nix_daemon(argv: Sequence[str] | None = None, env: Mapping[str, str] | 
             return 0
         layout = _local_layout(store_url, env)
         if args.stdio:
-            # As nix-daemon --stdio with its default store ("auto"): relay to the
-            # daemon if one is listening, else serve the store here.
-            serve_stdio(layout, config, daemon_socket_path(env))
+            # As nix-daemon --stdio: a local store URL is served here; with none
+            # given (Nix's default, "auto") relay to the daemon if one is listening.
+            explicit = args.store or dict(settings).get("store")
+            serve_stdio(layout, config, daemon_socket_path(env), relay=not explicit)
         else:
             serve(layout, daemon_socket_path(env), config)
     except (StoreError, FormatError, OSError) as e:

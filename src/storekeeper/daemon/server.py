@@ -51,7 +51,7 @@ from ..formats import derivation as _derivation  # noqa: F401 -- (registering a 
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
 from . import tcpkey_ops as _tcpkey_ops  # noqa: F401 -- registers storekeeper's TCP key operations
 from .session import Session, error_message
-from .stdio import connect_unix, relay
+from .stdio import connect_unix, relay as relay_stdio
 from .tcp import SealedChannel, TcpRefused, authenticate, bound_address, listen_tcp, peer_label
 from .trust import DaemonConfig, PeerInfo
 from ..store.errors import StoreError
@@ -104,19 +104,20 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
 
 
 def serve_stdio(layout: LocalLayout | None, config: DaemonConfig | None = None,
-                socket_path: str | None = None, require_daemon: bool = False) -> None:
+                socket_path: str | None = None, require_daemon: bool = False,
+                relay: bool = True) -> None:
     """Serve one connection on stdin/stdout, as ``nix-daemon --stdio`` (e.g. under ssh).
 
     If a daemon listens on ``socket_path`` (default: ``layout``'s socket), the
     bytes are relayed to it, so the daemon sees *this* process's uid through
     ``SO_PEERCRED``: the user ssh logged in, with that user's trust and roots.
-    Otherwise (unless ``require_daemon``) the store is served here with this
-    process's own rights; the peer is the invoking user, trusted (it could
-    change the store's files itself).
+    Otherwise (unless ``require_daemon``), or with ``relay`` false, the store is
+    served here with this process's own rights; the peer is the invoking user,
+    trusted (it could change the store's files itself).
     """
     if socket_path is None and layout is not None:
         socket_path = default_socket_path(layout)
-    daemon = connect_unix(socket_path, required=require_daemon) if socket_path else None
+    daemon = connect_unix(socket_path, required=require_daemon) if socket_path and relay else None
     if daemon is None and layout is None:
         raise StoreError("--stdio needs a store to serve or a daemon socket to relay to")
     # The protocol gets a private copy of stdout, and fd 1 becomes stderr, so
@@ -126,7 +127,7 @@ def serve_stdio(layout: LocalLayout | None, config: DaemonConfig | None = None,
     os.dup2(2, 1)
     if daemon is not None:
         try:
-            relay(daemon, 0, proto_fd)
+            relay_stdio(daemon, 0, proto_fd)
         finally:
             daemon.close()
             os.close(proto_fd)
