@@ -213,6 +213,9 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
                      keep_outputs=args.keep_outputs or cfg.keep_outputs,
                      keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
+    if action == DELETE_DEAD and not isinstance(store, LocalStore) and not args.no_sync_roots:
+        from .roots_cmds import before_gc
+        before_gc(args.store, args.skip_step or ())
     from .progress import Progress
     bar = Progress("deleting garbage")
     quiet = args.json or bar.enabled  # on a terminal the bar replaces the per-path lines
@@ -250,28 +253,11 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_roots(store: Store, args: argparse.Namespace) -> int:
+    from .roots_cmds import print_root_infos, remote_roots
     if not isinstance(store, LocalStore):
-        # Through a daemon only links and targets are known (FindRoots).
-        pairs = [(link, store.print_path(sp)) for link, sp in store.find_roots()]
-        if args.json:
-            json.dump([{"link": link, "target": target} for link, target in pairs], sys.stdout,
-                      indent=1)
-            sys.stdout.write("\n")
-        else:
-            for link, target in pairs:
-                print(f"{link} -> {target}")
-        return 0
+        return remote_roots(store, args.store, args.json)
     from ..store.inspect import list_roots
-    roots = list_roots(store)
-    if args.json:
-        json.dump([r.to_json() for r in roots], sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
-    for r in roots:
-        age = "-" if r.age_seconds is None else _age(r.age_seconds)
-        flag = "" if r.valid else "  (invalid target)"
-        print(f"{r.kind:9} {r.owner or '-':10} {age:>6} {r.closure_size / 2**20:10.2f} MiB  "
-              f"{r.link} -> {r.target}{flag}")
+    print_root_infos(list_roots(store), args.json)
     return 0
 
 
@@ -420,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true",
                    help="print what would be deleted and the exact bytes it would free")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--no-sync-roots", action="store_true",
+                   help="through a daemon, skip the client's part (see sync-roots) before collecting")
+    s.add_argument("--skip-step", action="append", choices=("clean", "runtime", "sync"),
+                   help=argparse.SUPPRESS)  # test hook: leave out one step of sync-roots
     s.set_defaults(func=cmd_gc)
 
     s = sub.add_parser("roots", help="list every GC root: kind, owner, age, closure size (read-only)")
@@ -443,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
     _add_optimise_parsers(sub)
+    from .roots_cmds import add_parsers
+    add_parsers(sub)
     from .tcpkey import add_parser as _add_tcp_key_parser
     _add_tcp_key_parser(sub)
     return p

@@ -32,7 +32,7 @@ from ..formats.wire import (
 from ..store.errors import InvalidPath
 from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from ..store.inspect import all_roots
-from ..store.roots import CENSORED
+from ..store.roots import CENSORED, RootFinder
 from ..store.roots import add_indirect_root as add_indirect_root_file
 from .session import NotSupported, OpError, Session
 
@@ -452,8 +452,11 @@ def sync_with_gc(s: Session) -> None:
 def add_indirect_root(s: Session) -> None:
     link = s.r.string("root path", MAX_PATH_LEN)
     s.start_work()
+    from .user_ops import peer_uid  # (the peer claims the root: it may unregister it)
+    st = s.store
     try:
-        add_indirect_root_file(s.store.state_dir, link)
+        add_indirect_root_file(st.state_dir, link, peer_uid(s),
+                               RootFinder(st.store_dir, st.real_store_dir, st.state_dir))
     except ValueError as e:
         raise OpError(str(e)) from None
     s.stop_work()
@@ -462,12 +465,13 @@ def add_indirect_root(s: Session) -> None:
 
 @_op(Op.FindRoots)
 def find_roots(s: Session) -> None:
+    from .user_ops import may_see
     s.start_work()
     roots: dict[str, set[str]] = {}
     for root in all_roots(s.store):
         if not s.store.is_valid(root.path):
             continue
-        link = root.link if s.trusted or root.kind not in ("temp", "runtime") else CENSORED
+        link = root.link if may_see(s, root.kind, root.uid) else CENSORED
         roots.setdefault(s.sd.print(root.path), set()).add(link)
     s.stop_work()
     pairs = [(link, path) for path in sorted(roots) for link in sorted(roots[path])]
@@ -568,3 +572,4 @@ def import_paths(s: Session) -> None:
 
 
 from . import build_ops as _build_ops  # noqa: E402,F401 -- registers the build operations
+from . import user_ops as _user_ops  # noqa: E402,F401 -- registers storekeeper's own operations

@@ -109,6 +109,26 @@ class Op(enum.IntEnum):
     BuildPathsWithResults = 46
 
 
+class ExtOp(enum.IntEnum):
+    """storekeeper's own operations (per-user roots), far from Nix's numbers.
+
+    Only storekeeper's client sends them; the real nix-daemon answers an
+    unknown opcode with ``STDERR_ERROR "invalid operation N"`` and closes.
+
+    * 1000 RegisterRoots.  C: u64 n, n × (string name, string path).
+      R: strings (names refused: path not valid).
+    * 1001 UnregisterRoots.  C: strings names.  R: strings (names removed).
+    * 1002 ReportRuntimeRoots.  C: string lease name, strings paths.
+      R: u64 lease seconds (0: the daemon does not hold client reports), u64 held.
+    * 1003 ListRoots.  C: —.  R: string (JSON: settings and roots).
+    """
+
+    RegisterRoots = 1000
+    UnregisterRoots = 1001
+    ReportRuntimeRoots = 1002
+    ListRoots = 1003
+
+
 class Verbosity(enum.IntEnum):
     ERROR = 0
     WARN = 1

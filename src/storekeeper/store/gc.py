@@ -8,7 +8,9 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
    the lock; any later pin reaches us through the socket and is acknowledged
    only once it is in our temp-root set.
    Temp-root files are read before the permanent roots are scanned, so a
-   root handed over from a temp root to a symlink is never missed.
+   root handed over from a temp root to a symlink (or to a user's
+   registration or lease, which the daemon writes only after pinning) is
+   never missed.
 2. The reference graph is loaded in one pass (three queries); liveness is the
    forward closure of the roots over references, plus derivers when
    ``keep-derivations`` and derivation outputs when ``keep-outputs``.
@@ -189,7 +191,8 @@ class GarbageCollector:
                 return result
             self._start_server()
             finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
-                                indirect_grace=store.settings.indirect_root_grace)
+                                indirect_grace=store.settings.indirect_root_grace,
+                                runtime_mode=store.settings.runtime_roots)
             # Temp roots *before* permanent ones: a process that pins a path,
             # links a permanent root to it and exits is then seen one way or
             # the other.  (Nix 2.8 reads them the other way round and can lose
@@ -200,6 +203,7 @@ class GarbageCollector:
             if not opts.ignore_liveness:
                 self.log("finding garbage collector roots...")
                 roots += finder.permanent_roots(cleanup=deleting)
+                roots += finder.user_roots(cleanup=deleting)
                 roots += finder.runtime_roots()
             result.messages += finder.messages
             graph = Graph(store.db)

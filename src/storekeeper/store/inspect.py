@@ -11,6 +11,7 @@ import pwd
 import stat
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..formats.storepath import StorePath
 from .graph import Graph
@@ -21,19 +22,52 @@ from .roots import Root, RootFinder
 class RootInfo:
     kind: str
     link: str
-    target: str
+    target: str  # "" for an unreadable indirect root that never resolved
     owner: str | None
     age_seconds: float | None
     closure_size: int  # NAR bytes of the target's closure
     valid: bool
+    uid: int | None = None
+    first_missed: float | None = None  # indirect-unresolved: when it was first unreadable
+    expires: float | None = None  # lease: end; indirect-unresolved: when it is dropped
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "link": self.link, "target": self.target, "owner": self.owner,
                 "ageSeconds": None if self.age_seconds is None else round(self.age_seconds),
-                "closureSize": self.closure_size, "valid": self.valid}
+                "closureSize": self.closure_size, "valid": self.valid, "uid": self.uid,
+                "firstMissed": self.first_missed, "expires": self.expires}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RootInfo":
+        return cls(obj["kind"], obj["link"], obj["target"], obj.get("owner"), obj.get("ageSeconds"),
+                   obj.get("closureSize", 0), obj.get("valid", False), obj.get("uid"),
+                   obj.get("firstMissed"), obj.get("expires"))
+
+    def detail(self) -> str:
+        """What the kind alone does not say: when an unreadable root was first missed, when a
+        lease ends."""
+        def at(t: float) -> str:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + " UTC"
+        if self.kind == "indirect-unresolved" and self.first_missed is not None:
+            out = f"unreadable since {at(self.first_missed)}"
+            return out + (f", kept until {at(self.expires)}" if self.expires else "")
+        if self.kind == "lease" and self.expires is not None:
+            return f"lease until {at(self.expires)}"
+        return ""
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None]:
+    if root.uid is not None:
+        return _user_name(root.uid), None
+    if root.kind == "indirect-unresolved":
+        return None, None
     if root.kind == "temp":
         probe = os.path.join(state_dir, "temproots", root.link[len("{temp:"):-1])
     elif root.kind == "runtime":
@@ -51,24 +85,39 @@ def _owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None
     return owner, max(0.0, time.time() - st.st_mtime)
 
 
-def all_roots(store) -> list[Root]:
-    f = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
-                   indirect_grace=store.settings.indirect_root_grace)
-    return list(f.permanent_roots()) + list(f.runtime_roots()) + list(f.temp_roots())
+def _finder(store) -> RootFinder:
+    return RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
+                      indirect_grace=store.settings.indirect_root_grace,
+                      runtime_mode=store.settings.runtime_roots)
+
+
+def all_roots(store, finder: RootFinder | None = None) -> list[Root]:
+    f = finder or _finder(store)
+    return (list(f.permanent_roots()) + list(f.user_roots()) + list(f.runtime_roots())
+            + list(f.temp_roots()))
 
 
 def list_roots(store) -> list[RootInfo]:
+    """Every root, and the unreadable indirect roots that hold nothing (never resolved)."""
     graph = Graph(store.db)
     sizes = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
     out = []
-    for r in sorted(set(all_roots(store)), key=lambda r: (r.kind, r.link)):
+    finder = _finder(store)
+    roots = all_roots(store, finder)
+    unique = {(r, r.uid): r for r in roots}.values()
+    for r in sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0)):
         p = store.print_path(r.path)
         i = graph.id_of.get(p)
         closure: set[int] = set()
         if i is not None:
             graph.closure([i], closure, store.settings.keep_outputs, store.settings.keep_derivations)
         owner, age = _owner_and_age(r, store.state_dir)
-        out.append(RootInfo(r.kind, r.link, p, owner, age, sum(sizes[j] for j in closure), i is not None))
+        out.append(RootInfo(r.kind, r.link, p, owner, age, sum(sizes[j] for j in closure), i is not None,
+                            r.uid, r.first_missed, r.expires))
+    for u in finder.unresolved:
+        if u["path"] is None:
+            out.append(RootInfo("indirect-unresolved", u["link"], "", None, None, 0, False, None,
+                                u["first_missed"], u["kept_until"]))
     return out
 
 
@@ -141,3 +190,18 @@ def _walk(top: str):
                 yield e.path, st
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
+
+
+def roots_overview(store, uid: int, hide_link: Callable[[RootInfo], bool] = lambda r: False) -> dict:
+    """The roots and the settings that decide them, as one JSON-able dict (``storekeeper
+    roots``); ``hide_link`` says which links the asker may not see."""
+    from .roots import CENSORED
+    cfg = store.settings
+    roots = []
+    for info in list_roots(store):
+        obj = info.to_json()
+        if hide_link(info):
+            obj["link"] = CENSORED
+        roots.append(obj)
+    return {"uid": uid, "runtimeRoots": cfg.runtime_roots, "runtimeRootLease": cfg.runtime_root_lease,
+            "indirectRootGrace": cfg.indirect_root_grace, "roots": roots}

@@ -15,7 +15,11 @@ What counts as a root, as Nix 2.8 counts it (spec §6.2–6.4):
   make the GC read, or keep alive through, files elsewhere.
 * Every ``temproots/<pid>`` file whose owner is alive (it holds the flock).
 * Paths that running processes use (exe, cwd, open files, mappings,
-  environment), found in ``/proc``.
+  environment), found in ``/proc`` (:func:`scan_proc`), unless
+  ``runtime-roots = client``.
+* What users registered with the daemon, and the runtime roots their clients
+  reported while the lease lasts (unless ``runtime-roots = proc``): see
+  :mod:`storekeeper.store.userroots`.
 
 * An indirect root whose target cannot be read at all (an unmounted or
   unreadable NFS home, another host's file system) keeps alive the store path
@@ -37,13 +41,15 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 from ..formats.hashes import Hash
 from ..formats.storepath import StoreDir, StorePath, StorePathError
 from .fsutil import symlink_atomic, write_file_atomic
-from .locks import lock_fd
+from .locks import lock_fd, open_lock_file
+from .userroots import UserRoots
 
 CENSORED = "{censored}"
 
@@ -51,37 +57,85 @@ CENSORED = "{censored}"
 @dataclass(frozen=True, order=True)
 class Root:
     path: StorePath
-    link: str  # the file that makes it a root, "{temp:<pid>}", or "/proc/<pid>/…"
-    kind: str  # direct | indirect | profile | temp | runtime
+    link: str  # the file that makes it a root, "{temp:<pid>}", "/proc/<pid>/…", a user's root name
+    kind: str  # direct | indirect | indirect-unresolved | profile | temp | runtime | registered | lease
+    uid: int | None = field(default=None, compare=False)  # registered, lease: whose
+    first_missed: float | None = field(default=None, compare=False)  # indirect-unresolved
+    expires: float | None = field(default=None, compare=False)  # lease; indirect-unresolved
 
 
 class IndirectRootMemory:
-    """``<state>/storekeeper/indirect/<auto name>``: what each indirect root last resolved to.
+    """``<state>/storekeeper/indirect/<auto name>``: what each indirect root last resolved to,
+    and who added it.
 
-    A record (JSON: link, store path, first-missed time or null) is written
-    atomically by a deleting GC each time it resolves the root, and
-    ``first_missed`` is set the first time the root cannot be read.  Records
-    never count as roots by themselves: they only stand in for an
-    unreadable indirect root while its ``gcroots/auto`` link exists.
+    A record (JSON: link, store path or null, first-missed time or null,
+    ``uids``) is written atomically under ``indirect/.lock``: by a deleting GC
+    each time it resolves the root (``first_missed`` is set the first time the
+    root cannot be read), and by the daemon's AddIndirectRoot, which adds the
+    peer's uid to ``uids``.  Records never count as roots by themselves: they
+    only stand in for an unreadable indirect root while its ``gcroots/auto``
+    link exists.  A user may remove only their own claim on a root
+    (:meth:`release`); the link goes when no claim is left.
     """
 
     def __init__(self, state_dir: str) -> None:
         self.dir = os.path.join(state_dir, "storekeeper", "indirect")
 
     def get(self, name: str) -> dict | None:
+        """The record, if any; its ``path`` may be None (never resolved)."""
         try:
             with open(os.path.join(self.dir, name)) as f:
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
-        return rec if isinstance(rec, dict) and isinstance(rec.get("path"), str) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), (str, type(None))):
+            return None
+        return rec
 
-    def put(self, name: str, link: str, path: str, first_missed: float | None) -> None:
-        rec = {"link": link, "path": path, "first_missed": first_missed}
-        if self.get(name) == rec:
-            return
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
-        write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o644)
+        fd = open_lock_file(os.path.join(self.dir, ".lock"))
+        try:
+            lock_fd(fd, exclusive=True)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, name: str, rec: dict) -> None:
+        if self.get(name) != rec:
+            write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o644)
+
+    def put(self, name: str, link: str, path: str | None, first_missed: float | None) -> None:
+        with self._locked():
+            old = self.get(name) or {}
+            rec = {"link": link, "path": path, "first_missed": first_missed}
+            if isinstance(old.get("uids"), list):
+                rec["uids"] = old["uids"]
+            self._write(name, rec)
+
+    def claim(self, name: str, link: str, uid: int, path: str | None) -> None:
+        """``uid`` added the indirect root ``link`` (``path``: what it points at now, if known)."""
+        with self._locked():
+            old = self.get(name) or {}
+            uids = sorted({*(u for u in old.get("uids") or () if isinstance(u, int)), uid})
+            keep = old.get("link") == link
+            rec = {"link": link, "path": path or (old.get("path") if keep else None),
+                   "first_missed": old.get("first_missed") if keep and path is None else None,
+                   "uids": uids}
+            self._write(name, rec)
+
+    def release(self, name: str, uid: int) -> bool | None:
+        """Drop ``uid``'s claim: None if it had none, else whether claims are left."""
+        with self._locked():
+            rec = self.get(name)
+            if rec is None or uid not in (rec.get("uids") or ()):
+                return None
+            rec["uids"] = [u for u in rec["uids"] if u != uid]
+            if rec["uids"]:
+                self._write(name, rec)
+                return True
+            return False
 
     def forget(self, name: str) -> None:
         try:
@@ -93,16 +147,25 @@ class IndirectRootMemory:
 DEFAULT_INDIRECT_GRACE = 14 * 86400
 
 
+RUNTIME_MODES = ("proc", "client", "both")
+
+
 class RootFinder:
     def __init__(self, store_dir: StoreDir, real_store_dir: str, state_dir: str,
-                 indirect_grace: float = DEFAULT_INDIRECT_GRACE, now: float | None = None) -> None:
+                 indirect_grace: float = DEFAULT_INDIRECT_GRACE, now: float | None = None,
+                 runtime_mode: str = "both") -> None:
         self.store_dir = store_dir
         self.real_store_dir = real_store_dir
         self.state_dir = state_dir
         self.indirect_grace = indirect_grace
+        if runtime_mode not in RUNTIME_MODES:
+            raise ValueError(f"runtime-roots must be one of {', '.join(RUNTIME_MODES)}")
+        self.runtime_mode = runtime_mode
         self.now = time.time() if now is None else now
         self.memory = IndirectRootMemory(state_dir)
         self.messages: list[str] = []
+        #: indirect roots that could not be read and are still kept (see _unresolved)
+        self.unresolved: list[dict] = []
 
     # --- store path of a link target ---------------------------------------------
 
@@ -203,16 +266,26 @@ class RootFinder:
                 self.messages.append(f"cannot read potential root '{resolved}'")
             return
         first = rec.get("first_missed") or self.now
+        until = first + self.indirect_grace
         if self.now - first < self.indirect_grace:
+            if cleanup and rec.get("first_missed") is None:
+                self.memory.put(name, rec.get("link") or resolved, rec["path"], first)
+            self.unresolved.append({"link": resolved, "auto": path, "path": rec["path"],
+                                    "first_missed": first, "kept_until": until,
+                                    "uids": rec.get("uids") or []})
+            when = time.strftime('%Y-%m-%d %H:%M', time.gmtime(until))
+            if rec["path"] is None:
+                self.messages.append(f"cannot read indirect root '{resolved}' ({err.strerror}); it was "
+                                     f"never resolved, so it keeps nothing alive; dropped after {when} "
+                                     "UTC unless it becomes readable or its owner removes it")
+                return
             try:
                 sp = self.store_dir.parse(rec["path"], lax=True)
             except StorePathError:
                 return
             self.messages.append(f"cannot read indirect root '{resolved}' ({err.strerror}); keeping "
-                                 f"'{rec['path']}' until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(first + self.indirect_grace))} UTC")
-            if cleanup and rec.get("first_missed") is None:
-                self.memory.put(name, rec["link"], rec["path"], first)
-            yield Root(sp, resolved, "indirect-unresolved")
+                                 f"'{rec['path']}' until {when} UTC")
+            yield Root(sp, resolved, "indirect-unresolved", first_missed=first, expires=until)
         elif cleanup:
             self.messages.append(f"removing indirect root '{resolved}': unreadable since "
                                  f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(first))} UTC")
@@ -262,45 +335,12 @@ class RootFinder:
     # --- runtime roots ---------------------------------------------------------------
 
     def runtime_roots(self) -> Iterator[Root]:
-        """Store paths in use by running processes that we can see (our own under hidepid=2)."""
-        prefixes = sorted({self.store_dir.path, self.real_store_dir})
-        env_re = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in prefixes) +
-                            rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
-        maps_re = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
-        try:
-            pids = [n for n in os.listdir("/proc") if n.isdigit()]
-        except OSError:
+        """Store paths in use by running processes that we can see (our own under hidepid=2);
+        nothing with ``runtime-roots = client``."""
+        if self.runtime_mode == "client":
             return
-        found: list[tuple[str, str]] = []
-        for pid in pids:
-            base = f"/proc/{pid}"
-            try:
-                for leaf in ("exe", "cwd"):
-                    try:
-                        found.append((os.readlink(f"{base}/{leaf}"), f"{base}/{leaf}"))
-                    except OSError as e:
-                        if e.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH, errno.EPERM):
-                            raise
-                try:
-                    for fd in os.listdir(f"{base}/fd"):
-                        try:
-                            t = os.readlink(f"{base}/fd/{fd}")
-                        except OSError:
-                            continue
-                        if t.startswith("/"):
-                            found.append((t, f"{base}/fd/{fd}"))
-                except OSError:
-                    pass
-                for leaf, rx in (("maps", maps_re), ("environ", env_re)):
-                    try:
-                        with open(f"{base}/{leaf}", "rb") as f:
-                            data = f.read()
-                    except OSError:
-                        continue
-                    for m in rx.finditer(data):
-                        found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
-            except OSError:
-                continue
+        prefixes = {self.store_dir.path, self.real_store_dir}
+        found = list(scan_proc(prefixes))
         for kf in ("/proc/sys/kernel/modprobe", "/proc/sys/kernel/fbsplash",
                    "/proc/sys/kernel/poweroff_cmd"):
             try:
@@ -313,18 +353,110 @@ class RootFinder:
             if sp is not None:
                 yield Root(sp, link, "runtime")
 
+    # --- what users told the daemon --------------------------------------------------
+
+    def user_roots(self, cleanup: bool = False) -> Iterator[Root]:
+        """Registrations, and live leases unless ``runtime-roots = proc``."""
+        ur = UserRoots(self.state_dir)
+        for reg in ur.registrations(messages=self.messages):
+            sp = self._to_store_path(reg.path)
+            if sp is not None:
+                yield Root(sp, reg.name, "registered", uid=reg.uid)
+        if self.runtime_mode == "proc":
+            return
+        for lease in ur.leases(now=self.now, messages=self.messages):
+            for p in lease.paths:
+                sp = self._to_store_path(p)
+                if sp is not None:
+                    yield Root(sp, f"{{lease:{lease.name}}}", "lease", uid=lease.uid,
+                               expires=lease.expires)
+        if cleanup:
+            ur.prune_expired(self.now)
+
+
+def scan_proc(prefixes: Iterable[str], uid: int | None = None,
+              proc: str = "/proc") -> Iterator[tuple[str, str]]:
+    """(path, where) for every path under ``prefixes`` that a visible process uses: its exe,
+    cwd, open files, mappings and environment.  With ``uid``, only that user's processes
+    (as a client finds its own runtime roots: it needs no privilege, and works under
+    ``hidepid=2``, where other users' processes are invisible anyway).
+    """
+    prefixes = sorted(set(prefixes))
+    env_re = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in prefixes) +
+                        rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
+    maps_re = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
+
+    def wanted(target: str) -> bool:
+        return any(target == p or target.startswith(p + "/") for p in prefixes)
+
+    try:
+        pids = [n for n in os.listdir(proc) if n.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        base = f"{proc}/{pid}"
+        try:
+            if uid is not None and os.stat(base).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        found: list[tuple[str, str]] = []
+        for leaf in ("exe", "cwd"):
+            try:
+                found.append((os.readlink(f"{base}/{leaf}"), f"{base}/{leaf}"))
+            except OSError:
+                pass
+        try:
+            for fd in os.listdir(f"{base}/fd"):
+                try:
+                    t = os.readlink(f"{base}/fd/{fd}")
+                except OSError:
+                    continue
+                if t.startswith("/"):
+                    found.append((t, f"{base}/fd/{fd}"))
+        except OSError:
+            pass
+        for leaf, rx in (("maps", maps_re), ("environ", env_re)):
+            try:
+                with open(f"{base}/{leaf}", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            for m in rx.finditer(data):
+                found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
+        for target, where in found:
+            if target.endswith(" (deleted)"):
+                target = target[:-len(" (deleted)")]
+            if wanted(target):
+                yield target, where
+
 
 def indirect_root_name(link: str) -> str:
     """``gcroots/auto/<name>`` for a link: nix32 of SHA-1 of the absolute link path."""
     return Hash.of("sha1", link.encode()).nix32
 
 
-def add_indirect_root(state_dir: str, link: str) -> str:
-    """Register ``link`` (a symlink the client made) as an indirect root; atomic, idempotent."""
+def add_indirect_root(state_dir: str, link: str, uid: int | None = None,
+                      finder: RootFinder | None = None) -> str:
+    """Register ``link`` (a symlink the client made) as an indirect root; atomic, idempotent.
+
+    With ``uid`` the root is claimed for that user (see :class:`IndirectRootMemory`),
+    with what it points at now if ``finder`` can read it, so that it is kept
+    even if it is never readable again (until ``indirect-root-grace`` passes).
+    """
     if not link.startswith("/") or "\0" in link:
         raise ValueError(f"indirect root '{link}' is not an absolute path")
     auto = os.path.join(state_dir, "gcroots", "auto")
     os.makedirs(auto, mode=0o755, exist_ok=True)
     name = os.path.join(auto, indirect_root_name(link))
     symlink_atomic(link, name)
+    if uid is not None:
+        path = None
+        if finder is not None:
+            try:
+                sp = finder._to_store_path(os.readlink(link))
+            except OSError:
+                sp = None
+            path = finder.store_dir.print(sp) if sp is not None else None
+        IndirectRootMemory(state_dir).claim(os.path.basename(name), link, uid, path)
     return name

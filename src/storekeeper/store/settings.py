@@ -94,6 +94,10 @@ class StoreSettings:
     # storekeeper's own: how long an unreadable indirect root (NFS home, other
     # host) keeps what it last pointed at (seconds)
     indirect_root_grace: int = 14 * 86400
+    # Runtime roots: scanned in /proc by the GC ("proc", as Nix), reported by
+    # clients and held for runtime-root-lease seconds ("client"), or both.
+    runtime_roots: str = "both"
+    runtime_root_lease: int = 3600
     unknown: tuple[str, ...] = field(default=(), compare=False)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "StoreSettings":
@@ -103,6 +107,10 @@ class StoreSettings:
             attr = name.replace("-", "_")
             if attr not in _FIELDS or attr == "unknown":
                 unknown.append(name)
+            elif attr == "runtime_roots":
+                if value.strip() not in ("proc", "client", "both"):
+                    raise StoreError(f"setting '{name}': '{value}' is not one of proc, client, both")
+                changes[attr] = value.strip()
             elif isinstance(getattr(self, attr), bool):
                 changes[attr] = parse_bool(name, value)
             else:

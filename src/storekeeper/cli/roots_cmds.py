@@ -1,0 +1,128 @@
+"""The per-user roots commands: ``add-root``, ``remove-root``, ``sync-roots``, and the
+client's part of ``gc`` and ``roots`` (see :mod:`storekeeper.client.rootsync`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..store.inspect import RootInfo
+from ..store.local import LocalStore
+
+#: hidden ``--skip-step`` values: a test hook that shows what each step is for
+_STEPS = ("clean", "runtime", "sync")
+
+
+def _api(store):
+    from ..client.userroots import user_roots_api
+    return user_roots_api(store)
+
+
+def _say(lines) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def cmd_add_root(store, args: argparse.Namespace) -> int:
+    from ..client.rootsync import add_root
+    from .main import resolve_path
+    sp = resolve_path(store, args.path)
+    print(add_root(store, _api(store), args.link, sp))
+    return 0
+
+
+def cmd_remove_root(store, args: argparse.Namespace) -> int:
+    from ..client.rootsync import remove_root
+    removed = remove_root(store, _api(store), args.link)
+    if not removed:
+        print(f"note: no root of yours was registered as '{args.link}'", file=sys.stderr)
+    for name in removed:
+        print(f"unregistered '{name}'", file=sys.stderr)
+    return 0
+
+
+def sync_for(store, skip=()) -> None:
+    """Steps 1–3 (:func:`~storekeeper.client.rootsync.sync_roots`), told on stderr."""
+    from ..client.rootsync import sync_roots
+    _say(sync_roots(store, _api(store), skip=skip).lines())
+
+
+def cmd_sync_roots(store, args: argparse.Namespace) -> int:
+    sync_for(store, args.skip_step or ())
+    return 0
+
+
+def before_gc(url: str | None, skip=()) -> None:
+    """The client's steps before a daemon collects, on a connection of their own (a
+    nix-daemon closes the connection on our operations; the collection still runs)."""
+    from ..client.userroots import NotStorekeeperDaemon
+    from .main import open_store
+    store = open_store(url)
+    try:
+        sync_for(store, skip)
+    except NotStorekeeperDaemon as e:
+        print(f"note: {e}; collecting with the daemon's own roots only", file=sys.stderr)
+    finally:
+        store.close()
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + " UTC"
+
+
+def print_root_infos(infos: list[RootInfo], as_json: bool) -> None:
+    from .main import _age
+    if as_json:
+        json.dump([r.to_json() for r in infos], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    for r in infos:
+        age = "-" if r.age_seconds is None else _age(r.age_seconds)
+        flag = "" if r.valid or not r.target else "  (invalid target)"
+        detail = r.detail()
+        print(f"{r.kind:9} {r.owner or '-':10} {age:>6} {r.closure_size / 2**20:10.2f} MiB  "
+              f"{r.link} -> {r.target or '?'}{flag}" + (f"  [{detail}]" if detail else ""))
+
+
+def remote_roots(store, url: str | None, as_json: bool) -> int:
+    """Through storekeeper's daemon: every root with its kind and details (ListRoots);
+    through another daemon: links and targets (FindRoots)."""
+    from ..client.userroots import NotStorekeeperDaemon, RemoteUserRoots
+    from .main import open_store
+    try:
+        overview = RemoteUserRoots(store).overview()
+    except NotStorekeeperDaemon:
+        other = open_store(url)
+        try:
+            pairs = [(link, other.print_path(sp)) for link, sp in other.find_roots()]
+        finally:
+            other.close()
+        if as_json:
+            json.dump([{"link": link, "target": target} for link, target in pairs], sys.stdout,
+                      indent=1)
+            sys.stdout.write("\n")
+        else:
+            for link, target in pairs:
+                print(f"{link} -> {target}")
+        return 0
+    print_root_infos([RootInfo.from_json(o) for o in overview["roots"]], as_json)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("add-root", help="make LINK point to PATH's store path and register it "
+                       "with the daemon as your root (kept in ~/.local/state/storekeeper/roots)")
+    s.add_argument("link")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_add_root)
+    s = sub.add_parser("remove-root", help="unregister your root LINK (also an indirect root "
+                       "you added with a Nix client, even if LINK can no longer be read)")
+    s.add_argument("link")
+    s.set_defaults(func=cmd_remove_root)
+    s = sub.add_parser("sync-roots", help="the client's part of gc, without collecting: remove "
+                       "broken links in your roots dir, tell the daemon which roots are gone, "
+                       "report your running programs' store paths (held for the daemon's lease)")
+    s.add_argument("--skip-step", action="append", choices=_STEPS, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_sync_roots)
