@@ -14,14 +14,18 @@ and always deletes its namespaces and users.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pytest
 
@@ -63,6 +67,11 @@ class Hosts:
     b: str
 
 
+#: each "host" also gets a UTS namespace with a name of its own (clients name their
+#: runtime-root leases after their host)
+HOSTNAMES: dict[str, str] = {}
+
+
 @pytest.fixture
 def hosts():
     tag = str(os.getpid() % 100000)
@@ -78,8 +87,10 @@ def hosts():
             ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
             ip("-n", ns, "link", "set", "lo", "up")
             ip("-n", ns, "link", "set", dev, "up")
+        HOSTNAMES.update({a: "skhosta", b: "skhostb"})
         yield Hosts(a, b)
     finally:
+        HOSTNAMES.clear()
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
@@ -123,6 +134,8 @@ def run_on(ns: str, user: User | None, home: str, *argv: str, env: dict | None =
             "XDG_CONFIG_HOME": os.path.join(home, ".config"), "NIX_CONF_DIR": os.path.join(home, "etc")}
     base.update(env or {})
     cmd = ["ip", "netns", "exec", ns]
+    if ns in HOSTNAMES:
+        cmd += ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', HOSTNAMES[ns]]
     if user is not None:
         cmd += ["runuser", "-u", user.name, "--"]
     cmd += ["env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv]
@@ -132,17 +145,29 @@ def run_on(ns: str, user: User | None, home: str, *argv: str, env: dict | None =
 class DaemonOnA:
     """Our daemon in namespace A, run by root, on the store's default socket and on TCP."""
 
-    def __init__(self, hosts: Hosts, base: str, *args: str) -> None:
-        self.root = os.path.join(base, "root")
-        self.state = os.path.join(self.root, "nix/var/nix")
+    def __init__(self, hosts: Hosts, base: str, *args: str, custom: bool = False,
+                 nix_conf: str = "") -> None:
+        """A chroot store at ``base``/root, or (``custom``) a store whose store dir is real
+        here (``base``/store, as a client on host B sees it on the shared file system)."""
+        if custom:
+            self.root = self.store_dir = os.path.join(base, "store")
+            self.state = os.path.join(base, "state")
+            self.url = f"local?store={self.store_dir}&state={self.state}&log={base}/log"
+        else:
+            self.root = os.path.join(base, "root")
+            self.store_dir = "/nix/store"
+            self.state = os.path.join(self.root, "nix/var/nix")
+            self.url = self.root
         self.sock = os.path.join(self.state, "daemon-socket/socket")
         self.log_path = os.path.join(base, "daemon.log")
         self._log = open(self.log_path, "ab")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NIX_CONF_DIR": os.path.join(base, "etc-d")}
         os.makedirs(env["NIX_CONF_DIR"], exist_ok=True)
+        with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
+            f.write(nix_conf)
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", hosts.a, sys.executable, "-m", "storekeeper.daemon", "--store",
-             self.root, "--listen-tcp", f"{HOST_A}:0", "--listen-tcp", ":0", "-v", *args],
+             self.url, "--listen-tcp", f"{HOST_A}:0", "--listen-tcp", ":0", "-v", *args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             wait_for_socket(self.sock, self.proc)
@@ -171,7 +196,10 @@ def daemon_a(hosts, shared_dir):
 
 
 def tcp_url(daemon: DaemonOnA, key: str | None = None, port: int | None = None) -> str:
-    return f"tcp://{HOST_A}:{port or daemon.port}" + (f"?key={key}" if key else "")
+    params = [f"key={key}"] if key else []
+    if daemon.store_dir != "/nix/store":
+        params.append(f"store={daemon.store_dir}")
+    return f"tcp://{HOST_A}:{port or daemon.port}" + ("?" + "&".join(params) if params else "")
 
 
 def write_file(path: str, text: str, user: User, mode: int = 0o644) -> str:
@@ -263,7 +291,9 @@ def test_tcp_clients_on_another_host_are_the_users_whose_keys_they_hold(hosts, u
 
 def fake_ssh(base: str, hosts: Hosts) -> str:
     """An 'ssh' for host B: logs in to host A (10.254.77.1 only) as USER in USER@HOST, as sshd
-    would (a fresh environment), and runs the command there with the user's shell."""
+    would (a fresh environment), and runs the command there with the user's shell.  Run by
+    a user other than root it can only log in as that same user, and runs the command in
+    its own namespace (the daemon's Unix socket is on the shared file system)."""
     path = os.path.join(base, "fake-ssh")
     with open(path, "w") as f:
         f.write(f"""#!/bin/sh
@@ -272,16 +302,21 @@ dest=$1; shift
 case "$dest" in *@*) user=${{dest%@*}}; host=${{dest#*@}};; *) user=$(id -un); host=$dest;; esac
 [ "$host" = "{HOST_A}" ] || {{ echo "ssh: connect to host $host: No route to host" >&2; exit 255; }}
 echo "$user@$host" >> {base}/ssh-logins
-exec ip netns exec {hosts.a} runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME=/ \\
-    NIX_CONF_DIR={base}/etc-ssh sh -c "$*"
+if [ "$(id -u)" != 0 ]; then
+    [ "$user" = "$(id -un)" ] || {{ echo "$user@$host: Permission denied (publickey)." >&2; exit 255; }}
+    exec env -i PATH=/usr/bin:/bin HOME=/ NIX_CONF_DIR={base}/etc-ssh sh -c "$*"
+fi
+exec ip netns exec {hosts.a} unshare --uts sh -c 'hostname skhosta && exec "$@"' sh \\
+    runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME=/ NIX_CONF_DIR={base}/etc-ssh sh -c "$*"
 """)
     os.chmod(path, 0o755)
     os.makedirs(os.path.join(base, "etc-ssh"), exist_ok=True)
     return path
 
 
-def ssh_url(user: str, store: str) -> str:
-    return f"ssh-ng://{user}@{HOST_A}?remote-program={SK}%20daemon&remote-store={store}"
+def ssh_url(user: str, store: str, store_dir: str = "/nix/store") -> str:
+    url = f"ssh-ng://{user}@{HOST_A}?remote-program={SK}%20daemon&remote-store={quote(store, safe='/')}"
+    return url + (f"&store={store_dir}" if store_dir != "/nix/store" else "")
 
 
 def test_ssh_stdio_clients_are_seen_as_the_user_ssh_logged_in(hosts, users, daemon_a, shared_dir):
@@ -393,31 +428,66 @@ def _has_runtime_root_op() -> bool:
 
 @pytest.mark.skipif(not _has_runtime_root_op(),
                     reason="TODO(issue6 merge): needs the op by which a client reports its runtime "
-                           "roots (branch issue6-roots had not committed it when this was written)")
+                           "roots (branch issue6-roots)")
 @pytest.mark.parametrize("transport", ["tcp-from-B", "ssh-from-B"])
-def test_a_client_on_another_host_holds_its_runtime_roots(transport, hosts, users, daemon_a, shared_dir):
-    """alice runs a program from a store path on host B; her client's GC flow (run on B, over
-    the transport) reports it; a GC on host A by root must keep the path."""
+def test_each_host_reports_its_own_runtime_roots(transport, hosts, users, shared_dir):
+    """alice runs a program from a store path on host B.  The daemon on A (runtime-roots =
+    client) cannot see B's processes: unreported, the path is collected; once alice's client
+    on B has run its GC flow over the transport, a GC on A keeps the path, held under a lease
+    named for host B and alice's uid."""
     alice, _ = users
-    env = {"STOREKEEPER_SSH": fake_ssh(shared_dir, hosts)}
-    copy_key_to_b(issue_key_on_a(hosts, daemon_a, alice, alice.home_a), alice)
-    root_home = os.path.join(shared_dir, "home-root")
-    os.makedirs(root_home, exist_ok=True)
-    r = run_on(hosts.a, None, root_home, SK, "--store", f"unix://{daemon_a.sock}", "add-text", "prog.sh", "-")
-    prog = r.stdout.strip()
-    real = os.path.join(daemon_a.root, prog.lstrip("/"))
-    url = tcp_url(daemon_a) if transport == "tcp-from-B" else ssh_url(alice.name, daemon_a.root)
-    holder = subprocess.Popen(["ip", "netns", "exec", hosts.b, "runuser", "-u", alice.name, "--",
-                               "sh", "-c", f"exec 3<{real}; sleep 60"])
+    d = DaemonOnA(hosts, shared_dir, custom=True,
+                  nix_conf="runtime-roots = client\nruntime-root-lease = 600\n")
+    holders: list[subprocess.Popen] = []
     try:
-        time.sleep(0.5)
-        r = run_on(hosts.b, alice if transport == "tcp-from-B" else None, alice.home_b, SK,
-                   "--store", url, "gc", env=env)
+        env = {"STOREKEEPER_SSH": fake_ssh(shared_dir, hosts)}
+        copy_key_to_b(issue_key_on_a(hosts, d, alice, alice.home_a), alice)
+        root_home = os.path.join(shared_dir, "home-root")
+        os.makedirs(root_home, exist_ok=True)
+
+        def on_a(*argv: str, input: str = "") -> subprocess.CompletedProcess:
+            r = run_on(hosts.a, None, root_home, SK, "--store", f"unix://{d.sock}?store={d.store_dir}",
+                       *argv, input=input)
+            assert r.returncode == 0, r.stderr
+            return r
+
+        def alice_on_b(*argv: str) -> subprocess.CompletedProcess:
+            url = tcp_url(d) if transport == "tcp-from-B" else ssh_url(alice.name, d.url, d.store_dir)
+            return run_on(hosts.b, alice, alice.home_b, SK, "--store", url, *argv, env=env)
+
+        def hold(path: str) -> None:
+            """alice's program on host B, using ``path`` (an open file) for a minute at most."""
+            marker = os.path.join(alice.home_b, f"holding-{len(holders)}")
+            holders.append(subprocess.Popen(
+                ["ip", "netns", "exec", hosts.b, "runuser", "-u", alice.name, "--", "sh", "-c",
+                 f"exec 3<{path}; touch {marker}; exec sleep 60"], start_new_session=True))
+            deadline = time.monotonic() + 15
+            while not os.path.exists(marker):
+                assert time.monotonic() < deadline, "the holder did not start"
+                time.sleep(0.05)
+
+        def valid(path: str) -> bool:
+            return run_on(hosts.a, None, root_home, SK, "--store", f"unix://{d.sock}?store={d.store_dir}",
+                          "query", "--hash", path).returncode == 0
+
+        # Control: held on B but never reported -> collected by a GC on A.
+        control = on_a("add-text", "control.txt", "-", input="control\n").stdout.strip()
+        hold(control)
+        on_a("gc")
+        assert not valid(control)
+
+        held = on_a("add-text", "held.txt", "-", input="held\n").stdout.strip()
+        hold(held)
+        r = alice_on_b("gc")
         assert r.returncode == 0, r.stderr
-        r = run_on(hosts.a, None, root_home, SK, "--store", f"unix://{daemon_a.sock}", "gc")
-        assert r.returncode == 0, r.stderr
-        r = run_on(hosts.a, None, root_home, SK, "--store", f"unix://{daemon_a.sock}", "query", "--hash", prog)
-        assert r.returncode == 0, f"{prog} was collected while alice's program on host B used it"
+        with open(os.path.join(d.state, "storekeeper", "leases", str(alice.uid))) as f:
+            lease = json.load(f)
+        assert held in lease["skhostb"]["paths"]
+        on_a("gc")
+        assert valid(held), f"{held} was collected while alice's program on host B used it"
     finally:
-        holder.kill()
-        holder.wait()
+        for h in holders:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(h.pid, signal.SIGKILL)
+            h.wait()
+        d.stop()
