@@ -297,8 +297,16 @@ def fake_ssh(base: str, hosts: Hosts) -> str:
     path = os.path.join(base, "fake-ssh")
     with open(path, "w") as f:
         f.write(f"""#!/bin/sh
-while [ $# -gt 0 ]; do case "$1" in --) shift; break;; -i|-p|-o|-F|-l) shift 2;; *) shift;; esac; done
-dest=$1; shift
+# like OpenSSH: options before and after the destination, then the command
+dest=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --) shift; [ -n "$dest" ] || {{ dest=$1; shift; }}; break;;
+        -i|-p|-o|-F|-l) shift 2;;
+        -*) shift;;
+        *) [ -n "$dest" ] && break; dest=$1; shift;;
+    esac
+done
 case "$dest" in *@*) user=${{dest%@*}}; host=${{dest#*@}};; *) user=$(id -un); host=$dest;; esac
 [ "$host" = "{HOST_A}" ] || {{ echo "ssh: connect to host $host: No route to host" >&2; exit 255; }}
 echo "$user@$host" >> {base}/ssh-logins
@@ -311,6 +319,9 @@ exec ip netns exec {hosts.a} unshare --uts sh -c 'hostname skhosta && exec "$@"'
 """)
     os.chmod(path, 0o755)
     os.makedirs(os.path.join(base, "etc-ssh"), exist_ok=True)
+    logins = os.path.join(base, "ssh-logins")
+    open(logins, "a").close()
+    os.chmod(logins, 0o666)  # (also written when a user runs it)
     return path
 
 
@@ -491,3 +502,30 @@ def test_each_host_reports_its_own_runtime_roots(transport, hosts, users, shared
                 os.killpg(h.pid, signal.SIGKILL)
             h.wait()
         d.stop()
+
+
+@pytest.mark.skipif(shutil.which("nix-store") is None, reason="real Nix (nix-bin) not installed")
+@pytest.mark.nix
+def test_real_nix_over_ssh_ng_reaches_the_daemon_as_the_ssh_user(hosts, users, daemon_a, shared_dir):
+    """Real Nix 2.8's ssh-ng client (``ssh HOST -x -a 'PROGRAM --stdio --store …'``) with
+    ``storekeeper-nix-daemon`` as the remote program: relayed, seen as alice, untrusted."""
+    alice, _ = users
+    bindir = os.path.join(shared_dir, "bin")
+    os.mkdir(bindir)
+    os.symlink(fake_ssh(shared_dir, hosts), os.path.join(bindir, "ssh"))
+    url = (f"ssh-ng://{alice.name}@{HOST_A}?remote-program={os.path.dirname(SK)}/storekeeper-nix-daemon"
+           f"&remote-store=unix://{daemon_a.sock}")
+    src = write_file(os.path.join(alice.home_b, "via-nix.txt"), "real nix over ssh-ng\n", alice)
+    env = {"PATH": f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin", "XDG_CACHE_HOME": f"{alice.home_b}/.cache",
+           "NIX_STATE_DIR": f"{alice.home_b}/nixstate", "NIX_LOG_DIR": f"{alice.home_b}/nixlog"}
+    r = run_on(hosts.b, alice, alice.home_b, "nix-store", "--store", url, "--add", src, env=env)
+    assert r.returncode == 0, r.stderr
+    path = r.stdout.strip()
+    r = run_on(hosts.b, alice, alice.home_b, "nix-store", "--store", url, "-q", "--hash", path, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("sha256:"), r.stderr
+    r = run_on(hosts.b, alice, alice.home_b, "nix-store", "--store", url, "--verify", "--repair", env=env)
+    assert r.returncode != 0 and "not privileged" in r.stderr
+    assert re.search(rf"connection from user '{alice.name}' \(uid {alice.uid}, pid \d+\): child",
+                     daemon_a.log())
+    with open(os.path.join(shared_dir, "ssh-logins")) as f:
+        assert f.read().split() == [f"{alice.name}@{HOST_A}"] * 3
