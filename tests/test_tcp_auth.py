@@ -442,3 +442,20 @@ def test_stdio_relays_to_a_running_daemon_and_serves_itself_without_one(tmp_path
         log.close()
     text = (tmp_path / "daemon.log").read_text()
     assert re.search(rf"connection from user '{ME}' \(uid {os.geteuid()}, pid \d+\): child", text)
+
+
+def test_a_silent_tcp_peer_does_not_hold_up_others(daemon, tmp_path):
+    key = my_key(daemon, str(tmp_path / "key"))
+    silent = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(3)]
+    half = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    half.sendall(tcpauth.hello(ME, b"\0" * 32)[:12])  # a hello cut short
+    try:
+        start = time.monotonic()
+        with open_remote(parse_store_url(daemon.url(key)), **QUIET) as tcp:
+            assert not tcp.is_valid(tcp.parse_path("/nix/store/00000000000000000000000000000000-x"))
+        assert time.monotonic() - start < 5  # the daemon's auth timeout is 10 s
+        with RemoteStore(daemon.sock, **QUIET) as unix:
+            unix.add_text("still-serving.txt", b"x")
+    finally:
+        for s in (*silent, half):
+            s.close()
