@@ -8,10 +8,10 @@ The daemons here serve a store whose store dir is real on this machine
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,12 +20,14 @@ import pytest
 
 from conftest import HAVE_NIX, nix_env
 from daemon_util import start_daemon, stop_process
+from realusers import as_user, needs_root_users, real_users, sk_as, start_daemon_as, stop
 from storekeeper.cli.main import main
 from storekeeper.client import RemoteStore
 from storekeeper.client.rootsync import (ClientPaths, RootRefused, add_root, read_entries,
                                          open_roots_dir, sync_roots)
-from storekeeper.client.userroots import NotStorekeeperDaemon, RemoteUserRoots
+from storekeeper.client.userroots import RemoteUserRoots
 from storekeeper.store.fsutil import symlink_atomic
+from storekeeper.store.userroots import UserRoots
 
 
 #: the CLI as its console script would run it
@@ -110,6 +112,9 @@ def test_three_steps_before_a_gc_each_one_matters(setups, tmp_path, skip):
     src = tmp_path / "src"
     with s.client() as c:
         p = {n: c.print_path(c.add_path(_dir_with_file(str(src), n)).path) for n in "abcde"}
+    if skip is None:  # a user without roots: the client creates nothing in their home
+        assert s.sk("gc", "--print-dead")[0] == 0 and s.sk("sync-roots")[0] == 0
+        assert not os.path.exists(os.path.dirname(s.paths.base))
     assert s.sk("add-root", os.path.join(s.paths.roots_dir, "a"), p["a"])[0] == 0
     result_b = str(tmp_path / "result-b")
     code, out, err = s.sk("add-root", result_b, p["b"])
@@ -200,7 +205,7 @@ def test_a_link_swapped_between_check_and_use_is_refused(setups, tmp_path, monke
             add_root(c, api, link, mine, s.paths, after_check=swap)
         assert [r for r in api.overview()["roots"] if r["kind"] == "registered"] == []
     with open(s.paths.state_file) as f:
-        assert json.load(f)["daemons"][c.url] == {}
+        assert json.load(f)["daemons"].get(c.url) is None
     # The same in the sync before a GC: the swapped entry is refused, the other one taken.
     rd = s.paths.roots_dir
     with s.client() as c:
@@ -275,3 +280,145 @@ def test_unreadable_indirect_root_is_kept_shown_and_dropped_after_its_age(setups
     code, out, err = s.sk("gc", "--json")
     assert json.loads(out)["paths"] == [p["aged"]], err
     assert os.listdir(os.path.join(s.base, "state", "gcroots", "auto")) == []
+
+
+# --- real users: each touches only their own roots ------------------------------------------------
+
+_RAW = """
+import json, sys
+from storekeeper.client import RemoteStore
+from storekeeper.client.userroots import RemoteUserRoots
+from storekeeper.formats.wire import Op, WireWriter
+sock, store_dir, action, *args = sys.argv[1:]
+with RemoteStore(sock, store_dir, log=lambda m: None, timeout=30) as c:
+    api = RemoteUserRoots(c)
+    if action == "unregister":
+        print(json.dumps(api.unregister(args)))
+    elif action == "register":
+        print(json.dumps(api.register([(args[0], c.parse_path(args[1]))])))
+    elif action == "add-indirect":
+        with c._exchange(WireWriter().u64(Op.AddIndirectRoot).string(args[0])) as r:
+            r.u64()
+"""
+
+
+@needs_root_users
+def test_users_register_and_unregister_only_their_own_roots(shared_dir):
+    with real_users(shared_dir, "d", "a", "b") as users:
+        daemon, alice, bob = users["d"], users["a"], users["b"]
+        proc, sock, url = start_daemon_as(daemon, os.path.join(shared_dir, "srv"),
+                                          "runtime-roots = client\n")
+        store_dir = url.split("?store=")[1]
+        try:
+            def raw(user, *args):
+                r = as_user(user, [sys.executable, "-c", _RAW, sock, store_dir, *args])
+                assert r.returncode == 0, r.stderr
+                return json.loads(r.stdout) if r.stdout.strip() else None
+
+            paths = {}
+            for tag, user in (("pa", alice), ("pb", bob), ("pi", bob)):
+                d = os.path.join(user.home, tag)
+                assert as_user(user, ["mkdir", d]).returncode == 0
+                assert as_user(user, ["sh", "-c", f"echo {tag} > {d}/data"]).returncode == 0
+                r = sk_as(user, url, "add", d)
+                assert r.returncode == 0, r.stderr
+                paths[tag] = r.stdout.strip()
+            bob_link = os.path.join(bob.home, "result")
+            r = sk_as(bob, url, "add-root", bob_link, paths["pb"])
+            assert r.returncode == 0, r.stderr
+            r = sk_as(alice, url, "add-root", os.path.join(alice.home, "mine"), paths["pa"])
+            assert r.returncode == 0, r.stderr
+            bob_name = f"{socket.gethostname()}:{bob_link}"
+            # bob's client made its roots dir (0700) and record in his home; the daemon's
+            # registrations are per uid, in its state dir, written by the daemon's user
+            assert os.stat(os.path.join(bob.home, ".local/state/storekeeper/roots")).st_mode & 0o777 == 0o700
+            state = os.path.join(shared_dir, "srv", "state")
+            regs = UserRoots(state).registrations()
+            assert {(r.uid, r.path) for r in regs} == {(bob.pw_uid, paths["pb"]), (alice.pw_uid, paths["pa"])}
+            st = os.stat(os.path.join(state, "storekeeper", "registrations", str(bob.pw_uid)))
+            assert st.st_uid == daemon.pw_uid and st.st_mode & 0o777 == 0o600
+
+            # alice tries to drop bob's registration, and to take his name
+            assert raw(alice, "unregister", bob_name, bob_link) == []
+            assert raw(alice, "register", bob_name, paths["pa"]) == []
+            assert raw(alice, "unregister", bob_name) == [bob_name]  # her own entry of that name
+            regs = UserRoots(state).registrations()
+            assert [(r.uid, r.name, r.path) for r in regs if r.uid == bob.pw_uid] == \
+                [(bob.pw_uid, bob_name, paths["pb"])]
+            # ... or the indirect root bob added (as a Nix client does)
+            ind_link = os.path.join(bob.home, "result-i")
+            assert as_user(bob, ["ln", "-s", paths["pi"], ind_link]).returncode == 0
+            raw(bob, "add-indirect", ind_link)
+            r = sk_as(alice, url, "remove-root", ind_link)
+            assert r.returncode == 0 and "no root of yours" in r.stderr
+            auto = os.path.join(state, "gcroots", "auto")
+            assert [os.readlink(os.path.join(auto, n)) for n in os.listdir(auto)] == [ind_link]
+            # alice sees bob's registration, but not its name
+            r = sk_as(alice, url, "roots", "--json")
+            regs = {x["target"]: x for x in json.loads(r.stdout) if x["kind"] == "registered"}
+            assert regs[paths["pb"]]["link"] == "{censored}" and regs[paths["pb"]]["owner"] == bob.pw_name
+            assert regs[paths["pa"]]["link"].endswith(":" + os.path.join(alice.home, "mine"))
+            # a collection keeps both users' registered roots; the daemon could not read
+            # bob's home, so his indirect root never resolved and holds nothing
+            r = sk_as(alice, url, "gc", "--json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["paths"] == [paths["pi"]]
+            # bob may drop his own claim, which removes the root
+            r = sk_as(bob, url, "remove-root", ind_link)
+            assert r.returncode == 0 and f"unregistered '{ind_link}'" in r.stderr
+            assert os.listdir(auto) == []
+        finally:
+            stop(proc)
+
+
+# --- runtime-roots: who finds what a running program uses -----------------------------------------
+
+@pytest.mark.parametrize("mode", ["proc", "client", "both"])
+def test_runtime_roots_setting_chooses_proc_scanning_or_leases(tmp_path, mode):
+    """``proc``: the GC scans /proc and ignores client leases; ``client``: it holds what
+    clients leased and does not scan; ``both``."""
+    from storekeeper.store.gc import DELETE_DEAD, GCOptions
+    from storekeeper.store.layout import LocalLayout
+    from storekeeper.store.local import LocalStore
+    from storekeeper.store.settings import StoreSettings
+    layout = LocalLayout.custom(str(tmp_path / "store"), str(tmp_path / "state"), str(tmp_path / "log"))
+    settings = StoreSettings().with_settings([("runtime-roots", mode), ("runtime-root-lease", "60")])
+    with LocalStore(layout, settings=settings) as s:
+        used = s.print_path(s.add_path(_dir_with_file(str(tmp_path / "src"), "used")).path)
+        leased = s.print_path(s.add_text("leased", b"l").path)
+        UserRoots(s.state_dir).set_lease(os.getuid(), "elsewhere", [leased], 60)
+    holder = _holder(["sleep", "120"], cwd=used)
+    try:
+        with LocalStore(layout, settings=settings) as s:
+            deleted = set(s.collect_garbage(GCOptions(action=DELETE_DEAD)).paths)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert deleted == {"proc": {leased}, "client": {used}, "both": set()}[mode]
+
+
+def test_runtime_roots_setting_is_checked():
+    from storekeeper.store.errors import StoreError
+    from storekeeper.store.settings import StoreSettings
+    with pytest.raises(StoreError, match="'sometimes' is not one of proc, client, both"):
+        StoreSettings().with_settings([("runtime-roots", "sometimes")])
+
+
+def test_leases_expire_and_a_new_report_replaces_the_old(tmp_path):
+    ur = UserRoots(str(tmp_path))
+    ur.set_lease(1000, "hostA", ["/s/a"], 10, now=100)
+    ur.set_lease(1000, "hostB", ["/s/b"], 10, now=100)
+    ur.set_lease(1001, "hostA", ["/s/c"], 10, now=100)
+    assert {(x.uid, x.name, x.paths) for x in ur.leases(now=105)} == \
+        {(1000, "hostA", ("/s/a",)), (1000, "hostB", ("/s/b",)), (1001, "hostA", ("/s/c",))}
+    ur.set_lease(1000, "hostA", ["/s/d"], 10, now=108)     # hostA reports again
+    assert {x.paths for x in ur.leases(now=109, uid=1000)} == {("/s/d",), ("/s/b",)}
+    assert {x.paths for x in ur.leases(now=111)} == {("/s/d",)}  # the others expired
+    ur.set_lease(1000, "hostA", [], 10, now=112)            # nothing runs any more
+    assert ur.leases(now=112) == []
+    ur.set_lease(1000, "hostA", ["/s/e"], 10, now=113)
+    os.chmod(os.path.join(str(tmp_path), "storekeeper", "leases", "1000"), 0o666)
+    msgs: list[str] = []  # a file others could have written is not trusted
+    assert ur.leases(now=114, messages=msgs) == [] and "not a file written by the daemon" in msgs[0]
+    ur.set_lease(1000, "hostA", ["/s/e"], 10, now=115)       # rewritten by the daemon: trusted
+    assert [x.paths for x in ur.leases(now=116)] == [("/s/e",)]

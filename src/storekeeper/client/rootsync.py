@@ -286,6 +286,7 @@ def registered_record(paths: ClientPaths) -> Iterator[dict]:
             data = {"version": 1, "daemons": {}}
         before = json.dumps(data, sort_keys=True)
         yield data
+        data["daemons"] = {u: r for u, r in data["daemons"].items() if r}
         after = json.dumps(data, sort_keys=True)
         if after != before:
             write_file_atomic(paths.state_file, after.encode(), mode=0o600)
@@ -295,6 +296,14 @@ def registered_record(paths: ClientPaths) -> Iterator[dict]:
 
 def _mine(data: dict, url: str) -> dict[str, str]:
     return data["daemons"].setdefault(url, {})
+
+
+def _known(paths: ClientPaths, url: str) -> dict[str, str]:
+    """What the record says is registered with ``url`` (nothing is created to find out)."""
+    if not os.path.exists(paths.state_file):
+        return {}
+    with registered_record(paths) as data:
+        return dict(data["daemons"].get(url) or {})
 
 
 # --- runtime roots (step 2) ----------------------------------------------------------------
@@ -344,8 +353,7 @@ def sync_roots(store, api, paths: ClientPaths | None = None, *, skip: Iterable[s
         if "sync" not in skip:
             present = {f"{host}:{e.link}": e for e in entries if e.state == OK}
             unknown_names = {f"{host}:{e.link}" for e in entries if e.state == UNKNOWN}
-            with registered_record(paths) as data:
-                known = dict(_mine(data, url))
+            known = _known(paths, url)
             # All present roots, not only new ones: the daemon may have lost its state.
             new = dict(present)
             gone = [n for n in known if n.startswith(host + ":") and n not in present
@@ -439,8 +447,9 @@ def remove_root(store, api, link: str, paths: ClientPaths | None = None) -> list
     link = os.path.abspath(link)
     name = f"{host_name()}:{link}"
     removed = api.unregister([name, link])
-    with registered_record(paths) as data:
-        _mine(data, store_url(store)).pop(name, None)
+    if name in _known(paths, store_url(store)):
+        with registered_record(paths) as data:
+            _mine(data, store_url(store)).pop(name, None)
     for p in (os.path.join(paths.roots_dir, indirect_root_name(link)), link):
         try:
             if stat.S_ISLNK(os.lstat(p).st_mode):
