@@ -26,7 +26,6 @@ from storekeeper.client import DaemonError, RemoteStore, open_remote
 from storekeeper.client.keys import issue_tcp_key, revoke_tcp_key, save_tcp_key
 from storekeeper.client.transports import SshTransport, default_tcp_key_path
 from storekeeper.formats import tcpauth
-from storekeeper.formats.errors import FormatError
 from storekeeper.formats.wire import WORKER_MAGIC_1, WireEOF, WireReader, WireWriter
 from storekeeper.store.errors import StoreError
 from storekeeper.store.layout import SshAddress, TcpAddress, parse_store_url
