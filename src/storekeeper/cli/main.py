@@ -353,8 +353,9 @@ def _add_optimise_parsers(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="storekeeper", description="A Nix-compatible package store.")
     p.add_argument("--store", metavar="URL", help="store URL: DIR (chroot root), local?root=DIR, "
-                   "local?store=S&state=T&log=L, unix://SOCKET, daemon (default: $NIX_REMOTE, "
-                   "else the embedded store under the user's data dir)")
+                   "local?store=S&state=T&log=L, unix://SOCKET, daemon, ssh-ng://[USER@]HOST, "
+                   "tcp://HOST:PORT (default: $NIX_REMOTE, else the embedded store under the "
+                   "user's data dir)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("daemon", help="serve the store over the Nix worker protocol "
@@ -441,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimise_parsers(sub)
     from .roots_cmds import add_parsers
     add_parsers(sub)
+    from .tcpkey import add_parser as _add_tcp_key_parser
+    _add_tcp_key_parser(sub)
     return p
 
 

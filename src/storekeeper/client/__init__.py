@@ -1,17 +1,18 @@
-"""storekeeper's client: the store API over a daemon socket (Nix worker protocol 1.34).
+"""storekeeper's client: the store API over a daemon (Nix worker protocol 1.34).
 
 Layering: beside :mod:`storekeeper.daemon`; imports ``store`` and ``formats``
 only.  :func:`open_remote` turns a :class:`~storekeeper.store.layout.DaemonAddress`
-into a connected :class:`RemoteStore`.
+(a Unix socket, ``ssh-ng://`` or ``tcp://``) into a connected :class:`RemoteStore`.
 """
 
 from ..store.layout import DaemonAddress
 from .remote import ConnectionLost, DaemonError, RemoteStore, client_store_dir
+from .transports import transport_for
 
 
 def open_remote(address: DaemonAddress, **kw) -> RemoteStore:
     """Connect to the daemon at ``address`` with the client store dir it names."""
-    return RemoteStore(address.socket_path, address.store_dir, **kw)
+    return RemoteStore(transport_for(address), address.store_dir, **kw)
 
 
 __all__ = ["ConnectionLost", "DaemonError", "RemoteStore", "client_store_dir", "open_remote"]

@@ -1,4 +1,5 @@
-"""RemoteStore: the store API over the Nix worker protocol 1.34 (a daemon's Unix socket).
+"""RemoteStore: the store API over the Nix worker protocol 1.34 (a daemon's Unix socket,
+or a daemon on another host through one of :mod:`.transports`).
 
 It talks to storekeeper's daemon and to the real ``nix-daemon`` alike, and
 answers like :class:`~storekeeper.store.local.LocalStore` wherever the
@@ -70,6 +71,7 @@ from ..store.layout import store_dir_setting
 from ..store.local import VerifyReport
 from ..store.narfs import dump_path as dump_tree
 from ..store.queries import DerivedQueries
+from .transports import Transport, UnixTransport
 
 #: The oldest daemon we talk to: 1.32 is Nix 2.4, the first with the request
 #: forms used here (AddToStore 1.25+, framed AddToStoreNar, Error records).
@@ -211,7 +213,8 @@ def _ca_method(method: str, algo: str) -> str:
 
 
 class RemoteStore(DerivedQueries):
-    """A store served by a daemon over ``socket_path`` (see module docstring).
+    """A store served by a daemon over ``socket_path`` or a :class:`Transport` (see module
+    docstring).
 
     ``log`` receives the daemon's log lines (default: printed on stderr);
     ``verbosity`` is sent to the daemon as the client's log level;
@@ -220,10 +223,12 @@ class RemoteStore(DerivedQueries):
 
     read_only = False
 
-    def __init__(self, socket_path: str, store_dir: StoreDir | str | None = None, *,
+    def __init__(self, socket_path: str | Transport, store_dir: StoreDir | str | None = None, *,
                  log: LogFn | None = None, verbosity: int = Verbosity.INFO,
                  timeout: float | None = None) -> None:
-        self.socket_path = socket_path
+        self.transport = UnixTransport(socket_path) if isinstance(socket_path, str) else socket_path
+        #: the daemon's socket (or, for a daemon on another host, its URL), for messages
+        self.socket_path = self.transport.where
         if store_dir is None:
             store_dir = client_store_dir()
         self.store_dir: StoreDir = store_dir if isinstance(store_dir, StoreDir) else StoreDir(store_dir)
@@ -238,19 +243,12 @@ class RemoteStore(DerivedQueries):
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket_path}"
+        return self.transport.url
 
     # --- the connection ---------------------------------------------------------
 
     def _connect(self, timeout: float | None) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError as e:
-            sock.close()
-            raise StoreError(f"cannot connect to the daemon at '{self.socket_path}': "
-                             f"{e.strerror or e}") from None
+        sock = self.transport.open(timeout)  # (a StoreError says why it cannot)
         self._sock = sock
         self._rfile = sock.makefile("rb", buffering=_CHUNK)
         self.r = WireReader(self._rfile)
@@ -261,6 +259,7 @@ class RemoteStore(DerivedQueries):
             why = str(e) if isinstance(e, StoreError) else (
                 "the daemon closed the connection (is this user in its allowed-users?)"
                 if isinstance(e, (WireError, ConnectionResetError)) else (e.strerror or str(e)))
+            why = self.transport.failure() or why
             raise ConnectionLost(f"cannot open connection to remote store '{self.url}': {why}") from None
 
     def _handshake(self) -> None:
@@ -322,6 +321,7 @@ class RemoteStore(DerivedQueries):
                 self._rfile.close()
             finally:
                 sock.close()
+                self.transport.close()
 
     def __enter__(self) -> "RemoteStore":
         return self
@@ -337,6 +337,7 @@ class RemoteStore(DerivedQueries):
             why = str(e)
         else:
             why = getattr(e, "strerror", None) or str(e)
+        why = self.transport.failure() or why
         return ConnectionLost(f"connection to the daemon at '{self.socket_path}' lost: {why}")
 
     # --- one operation --------------------------------------------------------------

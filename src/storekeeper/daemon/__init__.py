@@ -1,9 +1,10 @@
-"""The store daemon: the Nix worker protocol (1.34) over a Unix socket or stdio.
+"""The store daemon: the Nix worker protocol (1.34) over a Unix socket, TCP or stdio.
 
 Layering: imports ``store`` and ``formats`` only.  Entry points:
-:func:`serve` (socket, one forked process per connection), :func:`serve_stdio`
-(one trusted connection on stdin/stdout) and :class:`Session` (one
-connection on any pair of streams, used by both and by tests).
+:func:`serve` (Unix socket and optional TCP listeners, one forked process per
+connection), :func:`serve_stdio` (one connection on stdin/stdout: relayed to
+the running daemon, else served as the invoking user) and :class:`Session`
+(one connection on any pair of streams, used by all and by tests).
 """
 
 from .server import default_socket_path, serve, serve_stdio

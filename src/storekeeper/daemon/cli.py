@@ -1,7 +1,10 @@
 """Command lines that start the daemon.
 
-* ``storekeeper daemon [--socket PATH] [--stdio] [--store URL]
+* ``storekeeper daemon [--socket PATH] [--stdio] [--listen-tcp HOST:PORT] [--store URL]
   [--trusted-users U…] [--allowed-users U…] [--config FILE]`` — :func:`main_daemon`.
+  With ``--stdio`` it relays to the daemon listening on the store's socket (or
+  ``--socket``, or a ``daemon``/``unix://`` store URL) if there is one, else
+  serves the store itself (see :func:`serve_stdio`).
 * ``storekeeper-nix-daemon`` — :func:`main_nix_daemon`, a drop-in for
   ``nix-daemon``: the store, state and log dirs come from ``NIX_STORE_DIR``,
   ``NIX_STATE_DIR``, ``NIX_LOG_DIR``; settings from ``$NIX_CONF_DIR/nix.conf``
@@ -23,6 +26,7 @@ from ..store.errors import StoreError
 from ..store.layout import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
 from ..store.settings import nix_conf_path, parse_nix_conf, read_nix_conf
 from .server import default_socket_path, serve, serve_stdio
+from .tcp import parse_listen_address
 from .trust import DaemonConfig
 
 NIX_VERSION_LINE = "nix-daemon (Nix) 2.8.0"
@@ -43,8 +47,8 @@ def _setup_logging(verbose: int) -> None:
 def _local_layout(url: str | None, env: Mapping[str, str]) -> LocalLayout:
     address = parse_store_url(url, env)
     if isinstance(address, DaemonAddress):
-        raise StoreError(f"the daemon serves a local store, but '{url}' is a daemon socket "
-                         f"('{address.socket_path}')")
+        raise StoreError(f"the daemon serves a local store, but '{url}' is a daemon "
+                         + (f"socket ('{address.socket_path}')" if address.socket_path else "elsewhere"))
     return address
 
 
@@ -59,7 +63,12 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--socket", metavar="PATH",
                    help="socket to listen on (default: <state dir>/daemon-socket/socket)")
     p.add_argument("--stdio", action="store_true",
-                   help="serve one connection on stdin/stdout (the peer is trusted)")
+                   help="serve one connection on stdin/stdout (for ssh): relayed to the daemon "
+                        "on the store's socket when one is running (it sees this user), else "
+                        "served here with this user's rights")
+    p.add_argument("--listen-tcp", action="append", default=[], metavar="HOST:PORT",
+                   help="also accept TCP connections, authenticated with keys from "
+                        "'storekeeper tcp-key issue' (HOST defaults to 127.0.0.1; repeatable)")
     p.add_argument("--config", metavar="FILE", help="read trusted-users, allowed-users, "
                    "build-users-group, require-sigs, … from a nix.conf-style file "
                    "(default: $NIX_CONF_DIR/nix.conf, /etc/nix/nix.conf)")
@@ -71,7 +80,16 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        layout = _local_layout(args.store, os.environ)
+        if args.stdio and args.listen_tcp:
+            raise StoreError("--stdio and --listen-tcp do not go together")
+        tcp = [parse_listen_address(a) for a in args.listen_tcp]
+        address = parse_store_url(args.store, os.environ)
+        if args.stdio and isinstance(address, DaemonAddress):
+            if type(address) is not DaemonAddress:
+                raise StoreError(f"--stdio relays to a daemon's Unix socket, not to '{args.store}'")
+            layout = None
+        else:
+            layout = _local_layout(args.store, os.environ)
         if args.config and not os.path.isfile(args.config):
             raise StoreError(f"config file '{args.config}' does not exist")
         # Without --config, nix.conf (as Nix reads it): builds and the refusal
@@ -83,12 +101,18 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
         if allowed is not None:
             config = replace(config, allowed_users=allowed)
         if args.stdio:
-            serve_stdio(layout, config)
+            if layout is None:
+                serve_stdio(None, config, address.socket_path, require_daemon=True)  # type: ignore[union-attr]
+            else:
+                serve_stdio(layout, config, args.socket, require_daemon=args.socket is not None)
         else:
+            assert layout is not None
             socket_path = args.socket or default_socket_path(layout)
             print(f"storekeeper daemon: serving '{layout.real_store_dir}' on '{socket_path}'",
                   file=sys.stderr)
-            serve(layout, socket_path, config)
+            serve(layout, socket_path, config, tcp=tcp,
+                  on_listening=lambda where: print(f"storekeeper daemon: listening on tcp {where}",
+                                                   file=sys.stderr, flush=True))
     except (StoreError, FormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -119,9 +143,16 @@ def main_nix_daemon(argv: Sequence[str] | None = None, env: Mapping[str, str] | 
         settings += [(name, value) for name, value in args.option]
         config = DaemonConfig().with_settings(settings)
         store_url = args.store or dict(settings).get("store") or "local"
+        address = parse_store_url(store_url, env)
+        if args.stdio and type(address) is DaemonAddress:
+            serve_stdio(None, config, address.socket_path, require_daemon=True)
+            return 0
         layout = _local_layout(store_url, env)
         if args.stdio:
-            serve_stdio(layout, config)
+            # As nix-daemon --stdio: a local store URL is served here; with none
+            # given (Nix's default, "auto") relay to the daemon if one is listening.
+            explicit = args.store or dict(settings).get("store")
+            serve_stdio(layout, config, daemon_socket_path(env), relay=not explicit)
         else:
             serve(layout, daemon_socket_path(env), config)
     except (StoreError, FormatError, OSError) as e:

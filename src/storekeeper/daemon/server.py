@@ -15,6 +15,9 @@ Invariants:
   and kills those still running after a grace period.
 * The socket is created with mode 0666: who may connect is decided by
   ``allowed-users``, not by file permissions.
+* **TCP listeners** (``--listen-tcp``, off by default) are served by the same
+  loop; a TCP connection's process first authenticates its peer
+  (:mod:`.tcp`), which then has the identity and the checks of a Unix peer.
 * **The database stays open while the daemon runs**, in a small keeper
   process of its own (never in the forking parent: an SQLite connection must
   not cross a ``fork``).  Otherwise every connection would be the last one to
@@ -38,6 +41,7 @@ import sys
 import threading
 import time
 from contextlib import suppress
+from typing import Callable, Sequence
 
 from ..store.layout import LocalLayout
 from ..store.local import LocalStore
@@ -45,8 +49,13 @@ from ..store.settings import StoreSettings
 from .sdnotify import sd_notify
 from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
+from . import tcpkey_ops as _tcpkey_ops  # noqa: F401 -- registers storekeeper's TCP key operations
 from .session import Session, error_message
+from .stdio import connect_unix, relay as relay_stdio
+from .tcp import SealedChannel, TcpRefused, authenticate, bound_address, listen_tcp, peer_label
 from .trust import DaemonConfig, PeerInfo
+from ..store.errors import StoreError
+from ..store.tcpkeys import TcpKeys
 
 log = logging.getLogger("storekeeper.daemon")
 
@@ -59,8 +68,11 @@ def default_socket_path(layout: LocalLayout) -> str:
 
 
 def serve(layout: LocalLayout, socket_path: str | None = None,
-          config: DaemonConfig | None = None, grace: float = 10.0) -> None:
-    """Listen on ``socket_path`` and serve connections until SIGTERM/SIGINT."""
+          config: DaemonConfig | None = None, grace: float = 10.0,
+          tcp: Sequence[tuple[str, int]] = (),
+          on_listening: Callable[[str], object] | None = None) -> None:
+    """Listen on ``socket_path`` (and the ``tcp`` addresses) and serve connections until
+    SIGTERM/SIGINT.  ``on_listening`` is told each bound TCP address ("host:port")."""
     config = config or DaemonConfig()
     socket_path = os.path.abspath(socket_path or default_socket_path(layout))
     settings = StoreSettings.from_nix_conf()
@@ -70,13 +82,20 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
     keeper = _DatabaseKeeper(layout)  # (forked before there is a socket it could inherit)
     try:
         listener, owned = _listen(socket_path)
-        server = _Server(layout, listener, config, grace, settings, keeper)
+        tcp_listeners: list[socket.socket] = []
+        server = _Server(layout, listener, config, grace, settings, keeper, tcp_listeners)
         try:
+            for host, port in tcp:
+                tcp_listeners.append(listen_tcp(host, port))
+                if on_listening is not None:
+                    on_listening(bound_address(tcp_listeners[-1]))
             server.run()
         finally:
             # Stop accepting first (new clients get "connection refused" at once),
             # then give the connections in progress their grace period.
             listener.close()
+            for t in tcp_listeners:
+                t.close()
             if owned is not None:
                 _remove_socket(socket_path, owned)
             server.stop_children()
@@ -84,22 +103,47 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
         keeper.stop()
 
 
-def serve_stdio(layout: LocalLayout, config: DaemonConfig | None = None) -> None:
-    """Serve one connection on stdin/stdout; its peer is trusted (as ``nix-daemon --stdio``)."""
+def serve_stdio(layout: LocalLayout | None, config: DaemonConfig | None = None,
+                socket_path: str | None = None, require_daemon: bool = False,
+                relay: bool = True) -> None:
+    """Serve one connection on stdin/stdout, as ``nix-daemon --stdio`` (e.g. under ssh).
+
+    If a daemon listens on ``socket_path`` (default: ``layout``'s socket), the
+    bytes are relayed to it, so the daemon sees *this* process's uid through
+    ``SO_PEERCRED``: the user ssh logged in, with that user's trust and roots.
+    Otherwise (unless ``require_daemon``), or with ``relay`` false, the store is
+    served here with this process's own rights; the peer is the invoking user,
+    trusted (it could change the store's files itself).
+    """
+    if socket_path is None and layout is not None:
+        socket_path = default_socket_path(layout)
+    daemon = connect_unix(socket_path, required=require_daemon) if socket_path and relay else None
+    if daemon is None and layout is None:
+        raise StoreError("--stdio needs a store to serve or a daemon socket to relay to")
     # The protocol gets a private copy of stdout, and fd 1 becomes stderr, so
     # that nothing printed by accident can corrupt the byte stream.
     sys.stdout.flush()
-    proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    proto_fd = os.dup(1)
     os.dup2(2, 1)
+    if daemon is not None:
+        try:
+            relay_stdio(daemon, 0, proto_fd)
+        finally:
+            daemon.close()
+            os.close(proto_fd)
+        return
+    assert layout is not None
+    proto_out = os.fdopen(proto_fd, "wb", buffering=0)
 
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[proto_out.write(view):]
 
+    me = PeerInfo.from_ids(os.getpid(), os.getuid(), os.getgid(), via="stdio")
     try:
         _serve_one(layout, sys.stdin.buffer, write, trusted=True, config=config or DaemonConfig(),
-                   peer=None, settings=StoreSettings.from_nix_conf())
+                   peer=me, settings=StoreSettings.from_nix_conf())
     finally:
         proto_out.close()
 
@@ -115,7 +159,10 @@ def _serve_one(layout: LocalLayout, rstream, write, *, trusted: bool, config: Da
         return
     try:
         if peer is not None:
-            store.ensure_user_dirs(peer.user, peer.uid, peer.gid)
+            try:
+                store.ensure_user_dirs(peer.user, peer.uid, peer.gid)
+            except OSError as e:  # (e.g. --stdio as a user who may not write the state dir)
+                log.warning("cannot make the per-user dirs of %s: %s", peer.describe(), error_message(e))
         session = Session(store, rstream, write, trusted=trusted, config=config, peer=peer)
         if threading.current_thread() is threading.main_thread():
             stop = lambda *_: session.request_stop()  # noqa: E731
@@ -236,9 +283,11 @@ class _DatabaseKeeper:
 
 class _Server:
     def __init__(self, layout: LocalLayout, listener: socket.socket, config: DaemonConfig,
-                 grace: float, settings: StoreSettings, keeper: _DatabaseKeeper) -> None:
+                 grace: float, settings: StoreSettings, keeper: _DatabaseKeeper,
+                 tcp_listeners: list[socket.socket] | None = None) -> None:
         self.layout = layout
         self.listener = listener
+        self.tcp_listeners = tcp_listeners if tcp_listeners is not None else []
         self.config = config
         self.grace = grace
         self.settings = settings
@@ -250,19 +299,26 @@ class _Server:
         self.stopping = True
 
     def run(self) -> None:
-        self.listener.setblocking(False)
+        for sock in (self.listener, *self.tcp_listeners):
+            sock.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info("listening (pid %d)", os.getpid())
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving the store")
         try:
             while not self.stopping:
                 try:
-                    ready, _, _ = select.select([self.listener], [], [], _POLL_INTERVAL)
+                    ready, _, _ = select.select([self.listener, *self.tcp_listeners], [], [],
+                                                _POLL_INTERVAL)
                 except InterruptedError:
                     ready = []
                 self._reap()
-                if ready and not self.stopping:
-                    self._accept()
+                for sock in ready:
+                    if self.stopping:
+                        break
+                    if sock is self.listener:
+                        self._accept()
+                    else:
+                        self._accept_tcp(sock)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -293,17 +349,43 @@ class _Server:
         log.info("connection from %s%s: child %d", peer.describe(),
                  " (trusted)" if trusted else "", pid)
 
-    def _child(self, conn: socket.socket, peer: PeerInfo, trusted: bool) -> None:
+    def _accept_tcp(self, listener: socket.socket) -> None:
+        try:
+            conn, addr = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        label = peer_label(addr)
+        try:
+            conn.setblocking(True)
+            pid = os.fork()
+        except OSError as e:
+            log.error("cannot serve a TCP connection: %s", e)
+            conn.close()
+            return
+        if pid == 0:
+            self._child(conn, None, False, tcp_label=label)  # never returns
+        conn.close()
+        self.children.add(pid)
+        log.info("TCP connection from %s: child %d", label, pid)
+
+    def _child(self, conn: socket.socket, peer: PeerInfo | None, trusted: bool,
+               tcp_label: str | None = None) -> None:
         code = 1
         try:
-            self.listener.close()
+            for sock in (self.listener, *self.tcp_listeners):
+                sock.close()
             self.keeper.close_in_child()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             with conn:
-                # The parent made the store: no directories to create per connection.
-                _serve_one(self.layout, conn.makefile("rb"), conn.sendall, trusted=trusted,
-                           config=self.config, peer=peer, settings=self.settings, create=False)
+                rfile = conn.makefile("rb")
+                write = conn.sendall
+                if tcp_label is not None:
+                    peer, trusted, rfile, write = self._authenticate(conn, rfile, tcp_label)
+                if peer is not None:
+                    # The parent made the store: no directories to create per connection.
+                    _serve_one(self.layout, rfile, write, trusted=trusted,
+                               config=self.config, peer=peer, settings=self.settings, create=False)
             code = 0
         except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
             with suppress(BaseException):
@@ -312,6 +394,20 @@ class _Server:
             with suppress(BaseException):
                 logging.shutdown()
             os._exit(code)
+
+    def _authenticate(self, conn: socket.socket, rfile, label: str):
+        """(peer, trusted, read stream, write) of a TCP connection; peer None if refused."""
+        try:
+            peer, k_in, k_out = authenticate(conn, rfile, label, TcpKeys(self.layout.state_dir),
+                                             self.config)
+        except TcpRefused as e:
+            log.warning("%s", e)
+            return None, False, rfile, conn.sendall
+        trusted = self.config.is_trusted(peer)
+        log.info("TCP connection from %s authenticated as %s%s", label, peer.describe(),
+                 " (trusted)" if trusted else "")
+        channel = SealedChannel(conn, rfile, k_in, k_out)
+        return peer, trusted, channel, channel.write
 
     def _reap(self) -> None:
         while self.children:

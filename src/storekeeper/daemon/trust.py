@@ -2,7 +2,10 @@
 
 A connection's peer is identified by ``SO_PEERCRED`` (pid, uid, gid), never by
 anything the client says.  The user name is ``getpwuid(uid)`` (the decimal uid
-if there is none) and the group name ``getgrgid(gid)``.
+if there is none) and the group name ``getgrgid(gid)``.  A TCP peer has no
+kernel credentials: it proves it holds the key the daemon issued to a local
+user (``daemon.tcp``) and then has exactly that user's uid, primary gid and
+names, with ``pid`` 0 (unknown); ``via`` says which transport vouched.
 
 A pattern list (``trusted-users``, ``allowed-users``) matches a peer when it
 holds ``*``, the peer's user name, or ``@group`` where the group is the peer's
@@ -39,9 +42,15 @@ class PeerInfo:
     gid: int
     user: str
     group: str | None
+    #: how the identity was established: "unix" (SO_PEERCRED), "tcp" (a key the daemon
+    #: issued), "stdio" (``daemon --stdio`` serving the store itself: the invoking user)
+    via: str = "unix"
+    #: the remote address of a TCP peer ("host:port"); None for local peers
+    host: str | None = None
 
     @classmethod
-    def from_ids(cls, pid: int, uid: int, gid: int) -> "PeerInfo":
+    def from_ids(cls, pid: int, uid: int, gid: int, via: str = "unix",
+                 host: str | None = None) -> "PeerInfo":
         try:
             user = pwd.getpwuid(uid).pw_name
         except KeyError:
@@ -50,7 +59,7 @@ class PeerInfo:
             group: str | None = grp.getgrgid(gid).gr_name
         except KeyError:
             group = None
-        return cls(pid, uid, gid, user, group)
+        return cls(pid, uid, gid, user, group, via, host)
 
     @classmethod
     def of_socket(cls, sock: socket.socket) -> "PeerInfo":
@@ -58,7 +67,14 @@ class PeerInfo:
         pid, uid, gid = struct.unpack("3i", raw)
         return cls.from_ids(pid, uid, gid)
 
+    @property
+    def kernel_attested(self) -> bool:
+        """The kernel vouches for this identity (a local peer, not a key)."""
+        return self.via in ("unix", "stdio")
+
     def describe(self) -> str:
+        if self.host is not None:
+            return f"user '{self.user}' (uid {self.uid}, {self.via} from {self.host})"
         return f"user '{self.user}' (uid {self.uid}, pid {self.pid})"
 
 

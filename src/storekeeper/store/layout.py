@@ -10,7 +10,9 @@ Two layouts exist, as in Nix:
   files live in ``DIR/nix/store``, state in ``DIR/nix/var/nix``.
 
 Store URLs are spelled as Nix spells them (``local``, ``local?…``, a bare
-absolute path, ``unix://SOCKET``, ``daemon``, ``auto``).  With nothing given
+absolute path, ``unix://SOCKET``, ``daemon``, ``auto``), plus the daemon on
+another host: ``ssh-ng://[USER@]HOST[:PORT]`` (also ``ssh://``: both run
+``daemon --stdio`` there) and ``tcp://HOST:PORT`` (storekeeper's own).  With nothing given
 the embedded default store is a chroot root under the user's data dir; the
 machine's ``/nix/store`` is only ever used when asked for (``--store /`` or
 ``local``).
@@ -72,6 +74,39 @@ class DaemonAddress:
 
     socket_path: str
     store_dir: str = DEFAULT_STORE_DIR
+
+
+@dataclass(frozen=True)
+class SshAddress(DaemonAddress):
+    """A daemon on another host, reached by running ``REMOTE_PROGRAM --stdio`` there over ssh
+    (``socket_path`` is unused).  ``remote_store`` is passed as ``--store``."""
+
+    host: str = ""
+    user: str | None = None
+    port: int | None = None
+    remote_program: str = "storekeeper daemon"
+    remote_store: str | None = None
+    ssh_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        return f"ssh-ng://{who}{self.host}" + (f":{self.port}" if self.port else "")
+
+
+@dataclass(frozen=True)
+class TcpAddress(DaemonAddress):
+    """A storekeeper daemon's TCP listener; ``key_file`` holds the key it issued
+    (None: the default, ``$XDG_CONFIG_HOME/storekeeper/tcp-key``).  ``socket_path`` is unused."""
+
+    host: str = ""
+    port: int = 0
+    key_file: str | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
 
 
 StoreAddress = LocalLayout | DaemonAddress
@@ -145,4 +180,65 @@ def parse_store_url(url: str | None, env: Mapping[str, str] | None = None) -> St
         # root/real/state/log tell a Nix client where to read files itself;
         # storekeeper's client reads everything through the socket.
         return DaemonAddress(path, os.path.normpath(store_dir_setting(env, params)))
-    raise StoreError(f"store URL '{url}' is not supported (use a path, local?…, unix://…, daemon)")
+    for prefix in ("ssh-ng://", "ssh://"):
+        if scheme.startswith(prefix):
+            return _ssh_address(url, scheme[len(prefix):], params, env)
+    if scheme.startswith("tcp://"):
+        return _tcp_address(url, scheme[len("tcp://"):], params, env)
+    raise StoreError(f"store URL '{url}' is not supported (use a path, local?…, unix://…, daemon, "
+                     f"ssh-ng://…, tcp://…)")
+
+
+def _host_port(url: str, authority: str, port_required: bool) -> tuple[str, int | None]:
+    host, port = authority, ""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise StoreError(f"store URL '{url}': unbalanced '[' in the host")
+        host, rest = authority[1:end], authority[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise StoreError(f"store URL '{url}': unexpected '{rest}' after the host")
+        port = rest[1:]
+    elif ":" in authority:
+        host, _, port = authority.rpartition(":")
+    # A host that starts with '-' would be an option to ssh; whitespace would split it.
+    if not host or host.startswith("-") or any(c.isspace() or c in "/?#@" for c in host):
+        raise StoreError(f"store URL '{url}': '{host}' is not a host name")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise StoreError(f"store URL '{url}': '{port}' is not a port number")
+        return host, int(port)
+    if port_required:
+        raise StoreError(f"store URL '{url}': a port is needed (tcp://HOST:PORT)")
+    return host, None
+
+
+_SSH_PARAMS = {"remote-program", "remote-store", "ssh-key", "store"}
+
+
+def _ssh_address(url: str, authority: str, params: Mapping[str, str],
+                 env: Mapping[str, str]) -> SshAddress:
+    unknown = set(params) - _SSH_PARAMS
+    if unknown:
+        raise StoreError(f"store URL '{url}': parameter '{sorted(unknown)[0]}' is not supported "
+                         f"(known: {', '.join(sorted(_SSH_PARAMS))})")
+    user, at, rest = authority.rpartition("@")
+    if at and (not user or user.startswith("-") or any(c.isspace() or c in "/:" for c in user)):
+        raise StoreError(f"store URL '{url}': '{user}' is not a user name")
+    host, port = _host_port(url, unquote(rest), port_required=False)
+    program = params.get("remote-program") or "storekeeper daemon"
+    return SshAddress("", os.path.normpath(store_dir_setting(env, params)), host=host,
+                      user=unquote(user) if at else None, port=port, remote_program=program,
+                      remote_store=params.get("remote-store") or None,
+                      ssh_key=params.get("ssh-key") or None)
+
+
+def _tcp_address(url: str, authority: str, params: Mapping[str, str],
+                 env: Mapping[str, str]) -> TcpAddress:
+    unknown = set(params) - {"key", "store"}
+    if unknown:
+        raise StoreError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}' (known: key, store)")
+    host, port = _host_port(url, unquote(authority), port_required=True)
+    assert port is not None
+    return TcpAddress("", os.path.normpath(store_dir_setting(env, params)), host=host, port=port,
+                      key_file=params.get("key") or None)

@@ -1,0 +1,33 @@
+"""The client's side of storekeeper's TCP key operations (``daemon.tcpkey_ops``)."""
+
+from __future__ import annotations
+
+import os
+
+from ..formats.wire import WireWriter
+from ..store.fsutil import write_file_atomic
+from ..store.tcpkeys import KEY_BYTES, format_key_file
+from .remote import RemoteStore
+
+ISSUE_TCP_KEY = 1100
+REVOKE_TCP_KEY = 1101
+
+
+def issue_tcp_key(store: RemoteStore) -> tuple[str, int, bytes]:
+    """A new key for the user this connection belongs to: (user, uid, key)."""
+    with store._exchange(WireWriter().u64(ISSUE_TCP_KEY)) as r:
+        user = r.string("user name", 256)
+        uid = r.u64("uid")
+        key = r.bytes("key", KEY_BYTES)
+    return user, uid, key
+
+
+def revoke_tcp_key(store: RemoteStore) -> bool:
+    with store._exchange(WireWriter().u64(REVOKE_TCP_KEY)) as r:
+        return r.bool("revoked")
+
+
+def save_tcp_key(path: str, user: str, key: bytes, comment: str = "") -> None:
+    """Write a key file readable by its owner only (its directory made 0700 if new)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    write_file_atomic(path, format_key_file(user, key, comment), 0o600)
