@@ -627,7 +627,7 @@ def test_builds_survive_concurrent_gc_and_optimise(area_factory):
         optimise_store = None
     stop = threading.Event()
     counts = {"gc": 0, "optimise": 0, "deleted": 0, "builds": 0}
-    errors: list[BaseException] = []
+    errors: list[str] = []
 
     def collector() -> None:
         # A fresh store object each time: the optimiser pins every path it
@@ -641,8 +641,9 @@ def test_builds_survive_concurrent_gc_and_optimise(area_factory):
                     with a.local_store() as store:
                         optimise_store(store)
                     counts["optimise"] += 1
-        except BaseException as e:  # noqa: BLE001 -- reported by the test
-            errors.append(e)
+        except BaseException:  # noqa: BLE001 -- reported by the test
+            import traceback
+            errors.append(traceback.format_exc())
 
     salt = secrets.token_hex(4)
 
@@ -673,7 +674,7 @@ def test_builds_survive_concurrent_gc_and_optimise(area_factory):
         t.join(120)
     stop.set()
     gc.join(60)
-    assert not errors, errors
+    assert not errors, "\n".join(errors)
     counts["builds"] = sum(1 for p in results.values() if p.returncode == 0)
     print(f"\nbuilds ok: {counts['builds']}/{n}, GC runs: {counts['gc']}, paths deleted: "
           f"{counts['deleted']}, optimise runs: {counts['optimise']}")

@@ -527,3 +527,78 @@ def test_unreadable_indirect_root_keeps_its_path_for_the_grace_period(tmp_path, 
         r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
         assert r.paths == [s.print_path(kept)]
         assert os.listdir(os.path.join(s.state_dir, "gcroots", "auto")) == []
+
+
+def test_temp_roots_file_removed_by_its_exiting_owner_while_the_gc_looks(tmp_path, monkeypatch):
+    """The owner unlinks its file and then unlocks it as it exits; a GC that opened the
+    file just before finds it gone when it cleans up, and must carry on."""
+    from storekeeper.formats.storepath import StoreDir
+    from storekeeper.store import roots
+    from storekeeper.store.temproots import TempRoots
+    state = tmp_path / "state"
+    os.makedirs(state / "temproots")
+
+    class Owner(TempRoots):
+        file_path = property(lambda self: str(state / "temproots" / "4194999"))
+
+    owner = Owner(str(state))
+    owner.add("/nix/store/" + "a" * 32 + "-x")
+    real_lock = roots.lock_fd
+
+    def owner_exits_first(fd, exclusive, wait=True):
+        owner.close()
+        return real_lock(fd, exclusive=exclusive, wait=wait)
+
+    monkeypatch.setattr(roots, "lock_fd", owner_exits_first)
+    finder = roots.RootFinder(StoreDir("/nix/store"), str(tmp_path / "store"), str(state))
+    assert list(finder.temp_roots(cleanup=True)) == []
+    assert not os.path.exists(owner.file_path)
+
+
+def _pin_acknowledged_then_pause(root: str, path: str, gc_running, acked, go) -> None:
+    from storekeeper.store.temproots import TempRoots
+    real = TempRoots._tell_running_gc
+
+    def tell_then_pause(self, p: str) -> bool:
+        ok = real(self, p)
+        if ok:
+            acked.set()
+            go.wait(30)  # the acknowledging GC ends and the next one runs meanwhile
+        return ok
+
+    TempRoots._tell_running_gc = tell_then_pause
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        gc_running.wait(30)
+        s.pin(s.parse_path(path))
+        go.wait(30)
+
+
+def test_root_acknowledged_by_a_gc_that_ends_is_seen_by_the_next_one(tmp_path):
+    """A pin acknowledged through the gc-socket is in the temp-roots file before the
+    acknowledgement: the next GC, which starts as soon as this one releases gc.lock, reads it."""
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        kept = s.add_text("kept", b"in use").path
+        doomed = s.add_text("doomed", b"bye").path
+        kept_path = s.print_path(kept)
+    # forked before any GC: a child must not inherit the GC's lock on gc.lock
+    ctx = multiprocessing.get_context("fork")
+    gc_running, acked, go = ctx.Event(), ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_pin_acknowledged_then_pause, args=(root, kept_path, gc_running, acked, go))
+    p.start()
+
+    def hook(msg: str) -> None:
+        if msg == "deleting garbage...":
+            gc_running.set()
+            assert acked.wait(30)
+
+    try:
+        with LocalStore(LocalLayout.chroot(root)) as gc_store:
+            first = gc_store.collect_garbage(GCOptions(action=DELETE_DEAD), log=hook)
+            assert first.paths == [gc_store.print_path(doomed)]
+            second = gc_store.collect_garbage(GCOptions(action=DELETE_DEAD))
+            assert second.paths == []
+            assert gc_store.is_valid(kept) and os.path.exists(gc_store.real_path(kept))
+    finally:
+        go.set()
+        p.join(30)

@@ -328,7 +328,10 @@ class RootFinder:
                     # Its owner is gone: the roots are dead.
                     if cleanup:
                         self.messages.append(f"removing stale temporary roots file '{p}'")
-                        os.unlink(p)
+                        try:
+                            os.unlink(p)
+                        except FileNotFoundError:
+                            pass  # its owner removed it as it exited (then unlocked it)
                         os.write(fd, b"d")
                     continue
                 data = b""

@@ -7,12 +7,14 @@ Invariants:
   the process.  A file whose lock can be taken belongs to a dead process.
 * A file found non-empty right after we created and locked it was declared
   stale by a GC between our open and our lock: start over.
-* A root is added by taking ``gc.lock`` SH *without blocking*.  If that works
-  no GC is running and any later GC will read our file, so appending is
-  enough.  If it fails a GC holds ``gc.lock`` EX and has already read the
-  files: the path is sent to its ``gc-socket/socket`` and we wait for the
-  ``1`` acknowledgement before going on; the path is appended to the file as
-  well, for the GCs after this one.
+* A root is added by appending it to the file *first*, then taking
+  ``gc.lock`` SH *without blocking*.  If that works no GC is running, and any
+  later GC reads the file after taking the lock, so it sees the root.  If it
+  fails a GC holds ``gc.lock`` EX and may have read the files before our
+  append: the path is sent to its ``gc-socket/socket`` and we wait for the
+  ``1`` acknowledgement before going on.  (Appending only after the
+  acknowledgement, as Nix 2.8 does, loses the root when that GC ends and the
+  next one reads the files in between.)
 * After a ``fork`` the child owns nothing: it makes its own file on first use.
 """
 
@@ -79,15 +81,12 @@ class TempRoots:
             return
         if self._gc_lock_fd is None:
             self._gc_lock_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
+        os.write(fd, path.encode() + b"\0")
         while True:
             if lock_fd(self._gc_lock_fd, exclusive=False, wait=False):
-                try:
-                    os.write(fd, path.encode() + b"\0")
-                finally:
-                    unlock_fd(self._gc_lock_fd)
+                unlock_fd(self._gc_lock_fd)
                 break
             if self._tell_running_gc(path):
-                os.write(fd, path.encode() + b"\0")
                 break
         self._added.add(path)
 
