@@ -235,8 +235,8 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
                        "apparentBytesFreed": apparent}, sys.stdout)
             sys.stdout.write("\n")
         else:
-            for p in result.paths:
-                print(p)
+            if result.paths:
+                sys.stdout.write("\n".join(result.paths) + "\n")
             print(f"would delete {len(result.paths)} store paths, freeing {disk} bytes "
                   f"({disk / 2**20:.2f} MiB on disk, {apparent / 2**20:.2f} MiB of file contents)",
                   file=sys.stderr)
@@ -245,8 +245,8 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
         json.dump({"action": action, "paths": result.paths, "bytesFreed": result.bytes_freed}, sys.stdout)
         sys.stdout.write("\n")
     elif action in (LIVE, DEAD):
-        for p in result.paths:
-            print(p)
+        if result.paths:
+            sys.stdout.write("\n".join(result.paths) + "\n")
     else:
         print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
     return 0
