@@ -64,7 +64,7 @@ def main() -> int:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, args.mkstore, master, "--paths", str(args.paths), "--seed",
                         str(args.seed), "--quiet", *args.mkstore_args], check=True, env=env)
-        print(f"generated {args.paths} paths in {time.perf_counter() - t0:.0f}s")
+        print(f"generated {args.paths} paths in {time.perf_counter() - t0:.0f}s", flush=True)
         res: dict[str, list[float]] = {k: [] for k in ("sk-live", "nix-live", "sk-gc", "nix-gc", "rm")}
         rss: dict[str, int] = {}
         for r in range(args.runs):
@@ -86,9 +86,14 @@ def main() -> int:
             res["sk-gc"].append(s); rss["sk-gc"] = max(rss.get("sk-gc", 0), m)
             s, m, _ = run(["nix-store", "--store", b, "--gc"], env)
             res["nix-gc"].append(s); rss["nix-gc"] = max(rss.get("nix-gc", 0), m)
-            s, _, _ = run(["rm", "-rf", *dead_real], env)
+            # (through xargs: 50 000 paths do not fit on one command line)
+            listing = os.path.join(scratch, "dead.list")
+            with open(listing, "wb") as f:
+                f.write(b"\0".join(p.encode() for p in dead_real))
+            s, _, _ = run(["sh", "-c", 'xargs -0 rm -rf < "$0"', listing], env)
             res["rm"].append(s)
-            print(f"run {r}: dead {len(ours)}; " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items()))
+            print(f"run {r}: dead {len(ours)}; " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items()),
+                  flush=True)
             for d in (a, b, c):
                 rmtree(d)
         med = {k: statistics.median(v) for k, v in res.items()}

@@ -86,7 +86,7 @@ def main() -> int:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, args.mkstore, master, "--paths", str(args.paths), "--seed",
                         str(args.seed), "--quiet", *args.mkstore_args], check=True, env=env)
-        print(f"generated {args.paths} paths in {time.perf_counter() - t0:.0f}s")
+        print(f"generated {args.paths} paths in {time.perf_counter() - t0:.0f}s", flush=True)
         before = disk_bytes(os.path.join(master, "nix", "store"))
         wall = {f"{t}-{k}": [] for t in tools for k in ("first", "second")}
         cpu = {k: [] for k in wall}
