@@ -361,13 +361,19 @@ class GarbageCollector:
         go = [i for i in go if i not in alive]
         if not go:
             return
-        marks = ",".join("?" * len(go))
         with store.db.transaction() as conn:
             # Set-wise: the Refs rows of the batch go first, so the per-row
             # foreign-key work on ValidPaths is only the "restrict" probe that
             # proves nothing outside the batch still refers to these paths.
-            conn.execute(f"delete from Refs where referrer in ({marks})", go)
-            conn.execute(f"delete from ValidPaths where id in ({marks})", go)
+            # (Slices stay under old SQLite's limit of 999 parameters.)
+            for k in range(0, len(go), 900):
+                part = go[k:k + 900]
+                marks = ",".join("?" * len(part))
+                conn.execute(f"delete from Refs where referrer in ({marks})", part)
+            for k in range(0, len(go), 900):
+                part = go[k:k + 900]
+                marks = ",".join("?" * len(part))
+                conn.execute(f"delete from ValidPaths where id in ({marks})", part)
         # Unlinking is syscall-bound and releases the GIL: a few threads keep
         # the file system busier than one (the rows are already gone).  One
         # task per slice of the batch, not per path: futures cost more than
