@@ -409,9 +409,8 @@ def test_failed_uploads_register_nothing(backend, store):
         assert check.add_dump(io.BytesIO(nar), "ct-half", RECURSIVE).path == sp
 
 
+@pytest.mark.parametrize("backend", ["ours", "nix"], indirect=True)  # a daemon's behaviour
 def test_daemon_errors_keep_the_connection(backend, store):
-    if backend.kind == "local":
-        pytest.skip("a daemon's behaviour")
     with pytest.raises(DaemonError, match="not allowed to ignore liveness"):
         store.collect_garbage(GCOptions(action=DEAD, ignore_liveness=True))
     assert store.add_text("ct-after-error", b"fine").path
