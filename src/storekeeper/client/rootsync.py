@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from ..formats.storepath import StoreDir, StorePath, StorePathError
 from ..store.errors import InvalidPath, StoreError
-from ..store.fsutil import symlink_atomic, write_file_atomic
+from ..store.fsutil import open_private_dir, symlink_atomic, write_file_atomic
 from ..store.roots import indirect_root_name, scan_proc
 
 STEPS = ("clean", "runtime", "sync")
@@ -145,21 +145,13 @@ def open_roots_dir(paths: ClientPaths, create: bool = False) -> int | None:
     the user's own or that others may write to."""
     if create:
         os.makedirs(paths.base, mode=0o700, exist_ok=True)
-        try:
-            os.mkdir(paths.roots_dir, 0o700)
-        except FileExistsError:
-            pass
     try:
-        fd = os.open(paths.roots_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        fd, bad = open_private_dir(paths.roots_dir, create, os.getuid(), 0o022)
     except OSError as e:
         raise StoreError(f"cannot open the roots dir '{paths.roots_dir}': {e.strerror}") from None
-    st = os.fstat(fd)
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        os.close(fd)
+    if bad is not None:
         raise StoreError(f"the roots dir '{paths.roots_dir}' is not yours alone (owner uid "
-                         f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): refusing to use it")
+                         f"{bad.st_uid}, mode {stat.S_IMODE(bad.st_mode):o}): refusing to use it")
     return fd
 
 

@@ -21,6 +21,26 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def open_private_dir(path: str, create: bool, uid: int, forbidden_mode: int) -> tuple[int | None, os.stat_result | None]:
+    """(fd, None) on directory ``path``, never reached through a symlink, if ``uid``
+    owns it and none of ``forbidden_mode`` is set; (None, stat) if not, the fd
+    closed; (None, None) if it does not exist.  ``create`` makes it (0700) first."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None
+    st = os.fstat(fd)
+    if st.st_uid != uid or st.st_mode & forbidden_mode:
+        os.close(fd)
+        return None, st
+    return fd, None
+
+
 def temp_name(directory: str, prefix: str) -> str:
     return os.path.join(directory, f"{prefix}{os.getpid()}-{secrets.token_hex(6)}")
 

@@ -366,14 +366,10 @@ class GarbageCollector:
             # foreign-key work on ValidPaths is only the "restrict" probe that
             # proves nothing outside the batch still refers to these paths.
             # (Slices stay under old SQLite's limit of 999 parameters.)
-            for k in range(0, len(go), 900):
-                part = go[k:k + 900]
-                marks = ",".join("?" * len(part))
-                conn.execute(f"delete from Refs where referrer in ({marks})", part)
-            for k in range(0, len(go), 900):
-                part = go[k:k + 900]
-                marks = ",".join("?" * len(part))
-                conn.execute(f"delete from ValidPaths where id in ({marks})", part)
+            for sql in ("delete from Refs where referrer in ({})", "delete from ValidPaths where id in ({})"):
+                for k in range(0, len(go), 900):
+                    part = go[k:k + 900]
+                    conn.execute(sql.format(",".join("?" * len(part))), part)
         # Unlinking is syscall-bound and releases the GIL: a few threads keep
         # the file system busier than one (the rows are already gone).  One
         # task per slice of the batch, not per path: futures cost more than

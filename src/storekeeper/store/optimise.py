@@ -1149,6 +1149,18 @@ def _save_done(store, new: _Records, valid: dict[bytes, int], trust_links: bool)
         lock.close()
 
 
+def _record(done: _Records, ids: dict[bytes, int], base: str, rec: tuple) -> None:
+    """Add a walked path's done-record ((top inode, top ctime, pool inodes) from the walk)."""
+    hp = base[:32].encode()
+    done[hp] = (ids[hp], rec[0], rec[1], array.array("Q", rec[2]))
+
+
+def _save_run(store, done: _Records, ids: dict[bytes, int], total: OptimiseStats,
+              disturbed: bool) -> None:
+    # a run that removed pool entries itself (or saw them vanish) does not vouch for .links
+    _save_done(store, done, ids, trust_links=not (total.corrupt_links_removed or disturbed))
+
+
 def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
                    progress: Callable[[int, int], None] | None = None,
                    log: Callable[[str], None] | None = None,
@@ -1231,8 +1243,7 @@ def _optimise(store, dry_run: bool, trust_link_count: bool, progress, log, threa
         for n, base in enumerate(todo, 1):
             rec = w.path(base)
             if rec is not None:
-                hp = base[:32].encode()
-                done[hp] = (ids[hp], rec[0], rec[1], array.array("Q", rec[2]))
+                _record(done, ids, base, rec)
             if progress is not None:
                 progress(len(bases) - len(todo) + n, len(bases))
     finally:
@@ -1240,8 +1251,7 @@ def _optimise(store, dry_run: bool, trust_link_count: bool, progress, log, threa
         run.close()
         total.merge(w.stats)
         if not dry_run and todo:
-            # a run that removed pool entries itself does not vouch for .links
-            _save_done(store, done, ids, trust_links=not (total.corrupt_links_removed or run.pool_disturbed))
+            _save_run(store, done, ids, total, run.pool_disturbed)
     total.paths = len(bases)
     total.warnings = run.warnings
     if dry_run:
@@ -1324,8 +1334,7 @@ def _optimise_in_processes(store, todo: list[str], bases: list[str], ids: dict[b
                     if log:
                         log(f"warning: {w}")
                 for base, rec in recs.items():
-                    hp = base[:32].encode()
-                    done[hp] = (ids[hp], rec[0], rec[1], array.array("Q", rec[2]))
+                    _record(done, ids, base, rec)
                 walked += _CHUNK_PATHS
                 if progress is not None:
                     progress(len(bases) - len(todo) + min(walked, len(todo)), len(bases))
@@ -1337,7 +1346,7 @@ def _optimise_in_processes(store, todo: list[str], bases: list[str], ids: dict[b
             pool.join()
     finally:
         _fork_args = None
-        _save_done(store, done, ids, trust_links=not (total.corrupt_links_removed or disturbed))
+        _save_run(store, done, ids, total, disturbed)
     total.paths = len(bases)
     total.warnings = warnings
     return total

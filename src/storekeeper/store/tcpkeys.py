@@ -18,7 +18,7 @@ import secrets
 import stat
 
 from .errors import StoreError
-from .fsutil import write_file_atomic
+from .fsutil import open_private_dir, write_file_atomic
 
 KEY_BYTES = 32
 
@@ -116,18 +116,8 @@ class TcpKeys:
         self.dir = os.path.join(state_dir, self.DIR)
 
     def _open_dir(self, create: bool) -> int | None:
-        if create:
-            try:
-                os.mkdir(self.dir, 0o700)
-            except FileExistsError:
-                pass
-        try:
-            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            os.close(fd)
+        fd, bad = open_private_dir(self.dir, create, os.geteuid(), 0o077)
+        if bad is not None:
             raise StoreError(f"'{self.dir}' must be a directory of mode 0700 owned by the daemon's "
                              f"user (uid {os.geteuid()}); TCP keys are disabled until it is")
         return fd
