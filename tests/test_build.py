@@ -50,7 +50,7 @@ from storekeeper.store.buildlog import LineSplitter, log_path, read_build_log
 from storekeeper.store.gc import DELETE_DEAD, GCOptions
 from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
-from storekeeper.store.narfs import remove_tree
+from storekeeper.fs import remove_tree
 
 SYSTEM = this_system()
 NIX_CMD = ["--extra-experimental-features", "nix-command"]

@@ -26,9 +26,9 @@ from storekeeper.store.narfs import (
     copy_tree_hashing,
     dump_path,
     nar_hash_path,
-    remove_tree,
     restore_nar,
 )
+from storekeeper.fs import remove_tree
 from test_nar import MALFORMED, TV2, TV2_SHA256, dir_trees, nested, trees
 
 

@@ -22,14 +22,8 @@ from conftest import needs_nix, nix_env, run_nix
 from storekeeper.formats.hashes import nix32_encode
 from storekeeper.formats.nar import dump_string
 from storekeeper.store import canonicalise, optimise
-from storekeeper.store.canonicalise import (
-    FS_IMMUTABLE_FL,
-    FS_IOC_GETFLAGS,
-    FS_IOC_SETFLAGS,
-    CanonicaliseError,
-    canonicalise_paths,
-    clear_immutable,
-)
+from storekeeper.fs.openat import FS_IMMUTABLE_FL, FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, clear_immutable
+from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
 from storekeeper.store.errors import ReadOnlyStore
 from storekeeper.store.gc import DELETE_DEAD, DELETE_SPECIFIC, GCOptions
 from storekeeper.store.layout import LocalLayout
@@ -852,7 +846,7 @@ def test_symlink_swapped_in_during_canonicalisation_is_not_followed(tmp_path, mo
         real = canonicalise._open_nofollow
 
         def hooked_open(name, dir_fd):
-            if name == b"g":
+            if os.fsencode(name) == b"g":
                 swap(target)  # between the directory listing and our open
             return real(name, dir_fd)
         monkeypatch.setattr(canonicalise, "_open_nofollow", hooked_open)

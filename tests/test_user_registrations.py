@@ -26,7 +26,7 @@ from storekeeper.client import RemoteStore
 from storekeeper.client.rootsync import (ClientPaths, RootRefused, add_root, read_entries,
                                          open_roots_dir, sync_roots)
 from storekeeper.client.userroots import RemoteUserRoots
-from storekeeper.store.fsutil import symlink_atomic
+from storekeeper.fs.atomic import symlink_atomic
 from storekeeper.store.userroots import UserRoots
 
 

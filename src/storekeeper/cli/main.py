@@ -173,7 +173,8 @@ def cmd_dump(store: Store, args: argparse.Namespace) -> int:
 
 def cmd_restore(store: Store | None, args: argparse.Namespace) -> int:
     from ..formats.nar import NarError
-    from ..store.narfs import remove_tree, restore_nar
+    from ..fs import remove_tree
+    from ..store.narfs import restore_nar
     if os.path.lexists(args.dir):
         raise UsageError(f"'{args.dir}' already exists")
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..formats.wire import WireWriter
-from ..store.fsutil import write_file_atomic
+from ..fs.atomic import write_file_atomic
 from ..store.tcpkeys import KEY_BYTES, format_key_file
 from .remote import RemoteStore
 

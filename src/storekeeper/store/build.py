@@ -81,7 +81,8 @@ from .buildusers import BuildUser, BuildUserError, UserPool
 from .canonicalise import canonicalise_paths
 from .errors import StoreError
 from .locks import PathLocks
-from .narfs import dump_path, remove_tree, restore_nar
+from ..fs import remove_tree
+from .narfs import dump_path, restore_nar
 from .settings import nix_conf_path, parse_bool, parse_nix_conf, read_nix_conf
 
 # --- results ------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..formats.hashes import Hash
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir
 from .errors import ReadOnlyStore, StoreError
-from .fsutil import write_file_atomic
+from ..fs.atomic import write_file_atomic
 from .locks import lock_fd, open_lock_file, unlock_fd
 
 SCHEMA_VERSION = 10

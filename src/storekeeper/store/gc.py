@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from .. import fs
 from ..formats.storepath import StorePath, StorePathError
 from .errors import StoreError
 from .locks import PathLocks, lock_fd, open_lock_file
@@ -483,79 +483,27 @@ def _in_use(path: str) -> bool:
 
 
 def _remove_lock_file(path: str) -> None:
+    """Remove a ``.lock`` entry nobody holds; a squatter (a directory, a link) goes too."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
     except OSError:
+        fs.remove_tree(path)  # not a lock file at all: nobody can hold it
         return
     try:
-        if lock_fd(fd, exclusive=True, wait=False):
-            os.unlink(path)
+        if lock_fd(fd, exclusive=True, wait=False) and fs.kind_of(os.fstat(fd).st_mode) == fs.REG:
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, IsADirectoryError):
+                return  # swapped meanwhile: the next collection looks again
             os.write(fd, b"d")
     finally:
         os.close(fd)
 
 
 def delete_tree(path: str) -> int:
-    """Delete a file tree that may be read-only; return the bytes Nix would count as freed.
-
-    Counts ``st_size`` of each non-directory with link count 1 or 2 (the second
-    link assumed to be the ``.links`` copy), as Nix does.
-    """
-    try:
-        return _delete_tree(path)
-    except PermissionError:
-        # An old store (Nix 1.0-1.2) may have set the immutable bit.  Retry even
-        # when we found none to clear: a concurrent deleter of another path
-        # sharing the inode through .links may have cleared it first.
-        from .canonicalise import clear_immutable_tree
-        clear_immutable_tree(path)
-        return _delete_tree(path)
-
-
-def _delete_tree(path: str) -> int:
-    freed = 0
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        if st.st_nlink <= 2:
-            freed += st.st_size
-        _unlink_retry(path)
-        return freed
-    stack = [(path, False)]
-    while stack:
-        d, done = stack.pop()
-        if done:
-            _rmdir_retry(d)
-            continue
-        if not os.access(d, os.W_OK | os.X_OK | os.R_OK):
-            os.chmod(d, 0o700)
-        stack.append((d, True))
-        with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, False))
-                else:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                        if st.st_nlink <= 2:
-                            freed += st.st_size
-                        os.unlink(e.path)
-                    except FileNotFoundError:
-                        pass
-    return freed
-
-
-def _unlink_retry(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _rmdir_retry(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
+    """Delete a store entry (a file tree that may be read-only, and that a build
+    user may be changing under us); return the bytes Nix would count as freed.
+    See :func:`storekeeper.fs.remove_tree`."""
+    return fs.remove_tree(path)

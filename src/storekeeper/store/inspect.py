@@ -11,8 +11,9 @@ import pwd
 import stat
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
+from .. import fs
 from ..formats.storepath import StorePath
 from .graph import Graph
 from .roots import Root, RootFinder
@@ -149,17 +150,21 @@ def bytes_freed_by(store, dead_paths: list[str]) -> tuple[int, int]:
     pool: set[tuple[int, int]] = set()
     links_dir = os.path.join(store.real_store_dir, ".links")
     try:
-        with os.scandir(links_dir) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                pool.add((st.st_dev, st.st_ino))
+        lfd = fs.open_dir(links_dir)
     except FileNotFoundError:
         pass
+    else:
+        try:
+            dev = os.fstat(lfd).st_dev  # (pool entries are files on the pool's own device)
+            with os.scandir(lfd) as it:
+                pool.update((dev, e.inode()) for e in it)
+        finally:
+            os.close(lfd)
     seen: dict[tuple[int, int], list] = {}  # inode -> [links inside dead set, nlink, blocks, size]
     disk = 0
     for p in dead_paths:
         real = os.path.join(store.real_store_dir, os.path.basename(p))
-        for path, st in _walk(real):
+        for st in _lstats(real):
             if stat.S_ISDIR(st.st_mode):
                 disk += st.st_blocks * 512
                 continue
@@ -173,23 +178,14 @@ def bytes_freed_by(store, dead_paths: list[str]) -> tuple[int, int]:
     return disk, apparent
 
 
-def _walk(top: str):
+def _lstats(top: str) -> Iterator[os.stat_result]:
+    """lstat of every entry of the tree at ``top`` (none if it is gone)."""
     try:
-        st = os.lstat(top)
+        for ev, node in fs.walk(top):
+            if ev != fs.LEAVE:
+                yield node.lstat()
     except FileNotFoundError:
         return
-    yield top, st
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                yield e.path, st
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
 
 
 def roots_overview(store, uid: int, hide_link: Callable[[RootInfo], bool] = lambda r: False) -> dict:

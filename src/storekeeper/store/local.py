@@ -31,19 +31,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from .. import fs
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
 from ..formats.errors import FormatError
 from ..formats.hashes import Hash, new_hasher
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
+from ..fs import remove_tree
+from ..fs.atomic import write_new_file
 from .canonicalise import canonicalise_paths
 from .db import StoreDB
 from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
-from .fsutil import write_new_file
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
-from .narfs import copy_tree_hashing, dump_path, nar_hash_path, remove_tree, restore_nar
+from .narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
+from .optimise import open_pool
 from .queries import DerivedQueries
 from .settings import StoreSettings
 from .temproots import TempRoots
@@ -558,21 +561,26 @@ class LocalStore(DerivedQueries):
     def _verify_links(self, repair: bool, report: VerifyReport) -> None:
         links = os.path.join(self.real_store_dir, ".links")
         try:
-            names = os.listdir(links)
+            lfd = open_pool(None, links)
         except FileNotFoundError:
             return
-        for name in names:
-            p = os.path.join(links, name)
-            try:
-                h, _ = nar_hash_path(p)
-            except (OSError, FormatError):
-                continue
-            if h.nix32 != name:
-                if repair:
-                    os.unlink(p)
-                    report.repaired.append(f"link '{p}' was corrupt and was removed")
-                else:
-                    report.errors.append(f"link '{p}' was modified! expected hash '{name}', got '{h.nix32}'")
+        try:
+            with os.scandir(lfd) as it:
+                names = [e.name for e in it]
+            for name in names:
+                p = os.path.join(links, name)
+                try:
+                    h, _ = nar_hash_path(fs.proc_fd(lfd) + "/" + name)
+                except (OSError, FormatError):
+                    continue
+                if h.nix32 != name:
+                    if repair:
+                        os.unlink(name, dir_fd=lfd)
+                        report.repaired.append(f"link '{p}' was corrupt and was removed")
+                    else:
+                        report.errors.append(f"link '{p}' was modified! expected hash '{name}', got '{h.nix32}'")
+        finally:
+            os.close(lfd)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -604,13 +612,11 @@ def _restore_checked(reader: BinaryIO, dest: str) -> None:
 
 def _first_uncanonical(real: str) -> str | None:
     """The first file under ``real`` whose metadata is not canonical, if any."""
-    candidates: Iterable[str] = [real]
-    if os.path.isdir(real) and not os.path.islink(real):
-        candidates = (os.path.join(d, n) for d, dirs, files in os.walk(real)
-                      for n in [""] + dirs + files)
-    for p in candidates:
-        st = os.lstat(p)
+    for ev, node in fs.walk(real):
+        if ev == fs.LEAVE:
+            continue
+        st = node.lstat()
         perm = stat.S_IMODE(st.st_mode)
-        if int(st.st_mtime) != 1 or (not stat.S_ISLNK(st.st_mode) and perm not in (0o444, 0o555)):
-            return p.rstrip("/")
+        if int(st.st_mtime) != 1 or (node.kind != fs.LNK and perm not in (0o444, 0o555)):
+            return node.show(real)
     return None

@@ -31,6 +31,7 @@ from ..formats.nar import (
     regular_trailer,
     symlink_node,
 )
+from .. import fs
 from .errors import StoreError
 
 #: most bytes of file contents in one chunk from dump_path
@@ -40,11 +41,10 @@ CHUNK_SIZE = 1 << 20
 # against 1.70 s with 1 MiB chunks).
 _PASS_CHUNK = 256 << 10
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = fs.O_DIR
 # O_NONBLOCK: if a fifo is swapped in after the type check, opening must not hang.
-_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_O_FILE = fs.O_FILE
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH = getattr(os, "O_PATH", 0)
 
 
 class TreeError(StoreError):
@@ -75,72 +75,26 @@ def _walk(root: bytes) -> Iterator[tuple]:
       exactly ``size`` bytes from ``fd`` (closed when the walk resumes) and
       emits them between ``head`` and ``tail``.
 
-    ``path`` is relative to ``root`` (``b""`` for the root itself).
+    ``path`` is relative to ``root`` (``b""`` for the root itself).  The
+    traversal is :func:`storekeeper.fs.walk` in sorted (raw byte) order.
     """
-    st = os.lstat(root)
-    if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(root)
-        yield (_LINK, b"", NAR_MAGIC + symlink_node(target), target)
-        return
-    if stat.S_ISREG(st.st_mode):
-        yield from _file(root, None, root, b"", NAR_MAGIC, b"")
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise _unsupported(root, b"")
-
-    # One frame per open directory: [fd, path, sorted entries, next index].
-    # Iterative, so depth is not bounded by Python's recursion limit.
-    stack: list[list] = []
-
-    def push(fd: int, path: bytes) -> None:
-        frame = [fd, path, [], 0]
-        stack.append(frame)  # from here on the finally clause closes fd
-        frame[2] = _entries(fd, root, path)
-
-    try:
-        push(os.open(root, _O_DIR), b"")
-        yield (_DIR, b"", NAR_MAGIC + DIRECTORY_HEADER)
-        while stack:
-            frame = stack[-1]
-            dfd, dpath, entries, i = frame
-            if i == len(entries):
-                stack.pop()
-                os.close(dfd)
-                yield (_END, dpath, CLOSE + CLOSE if stack else CLOSE)
-                continue
-            frame[3] = i + 1
-            name, kind = entries[i]
-            path = dpath + b"/" + name if dpath else name
-            if kind == _FILE:
-                yield from _file(name, dfd, root, path, entry_header(name), CLOSE)
-            elif kind == _LINK:
-                target = os.readlink(name, dir_fd=dfd)
-                yield (_LINK, path, entry_header(name) + symlink_node(target) + CLOSE, target)
+    for ev, node in fs.walk(root, sort=True):
+        path = os.fsencode(node.path)
+        top = not path
+        if ev == fs.ENTER:
+            yield (_DIR, path, (NAR_MAGIC if top else entry_header(os.fsencode(node.name)))
+                   + DIRECTORY_HEADER)
+        elif ev == fs.LEAVE:
+            yield (_END, path, CLOSE if top else CLOSE + CLOSE)
+        else:
+            prefix, suffix = (NAR_MAGIC, b"") if top else (entry_header(os.fsencode(node.name)), CLOSE)
+            if node.kind == fs.REG:
+                yield from _file(node.name, node.parent_fd, root, path, prefix, suffix)
+            elif node.kind == fs.LNK:
+                target = os.fsencode(os.readlink(node.name, dir_fd=node.parent_fd))
+                yield (_LINK, path, prefix + symlink_node(target) + suffix, target)
             else:
-                push(os.open(name, _O_DIR, dir_fd=dfd), path)
-                yield (_DIR, path, entry_header(name) + DIRECTORY_HEADER)
-    finally:
-        for frame in reversed(stack):
-            os.close(frame[0])
-
-
-def _entries(dfd: int, root: bytes, dpath: bytes) -> list[tuple[bytes, int]]:
-    out = []
-    with os.scandir(dfd) as it:
-        # d_type answers these without a stat call on most filesystems.
-        for e in it:
-            if e.is_file(follow_symlinks=False):
-                kind = _FILE
-            elif e.is_dir(follow_symlinks=False):
-                kind = _DIR
-            elif e.is_symlink():
-                kind = _LINK
-            else:
-                name = os.fsencode(e.name)
-                raise _unsupported(root, dpath + b"/" + name if dpath else name)
-            out.append((os.fsencode(e.name), kind))
-    out.sort()
-    return out
+                raise _unsupported(root, path)
 
 
 def _file(name: bytes, dfd: int | None, root: bytes, path: bytes, prefix: bytes, suffix: bytes):
@@ -169,14 +123,6 @@ def _chunks(fd: int, size: int, root: bytes, path: bytes) -> Iterator[bytes]:
             raise _shrank(root, path)
         remaining -= len(chunk)
         yield chunk
-
-
-def _write_all(fd: int, data) -> None:
-    n = os.write(fd, data)
-    if n < len(data):
-        view = memoryview(data)
-        while n < len(view):
-            n += os.write(fd, view[n:])
 
 
 # --------------------------------------------------------------------------
@@ -294,7 +240,7 @@ class _TreeWriter:
         self._fd = os.open(name, _O_CREATE, 0o777 if executable else 0o666, dir_fd=dfd)
 
     def regular_data(self, chunk) -> None:
-        _write_all(self._fd, chunk)
+        fs.write_all(self._fd, chunk)
 
     def regular_end(self) -> None:
         fd, self._fd = self._fd, -1
@@ -321,63 +267,3 @@ def restore_nar(stream, dest) -> None:
         read_nar(stream, writer)
     finally:
         writer.close()
-
-
-def remove_tree(path) -> None:
-    """Delete ``path`` and everything below it, making read-only directories
-    (store content is 0444/0555) writable as needed.  A missing path is fine;
-    symlinks are removed, never followed."""
-    top = os.fsencode(path)
-    try:
-        st = os.lstat(top)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(top)
-        return
-    # (fd, names left to delete, name of this directory in its parent)
-    stack: list[tuple[int, list, bytes | str]] = []
-    try:
-        fd = _open_dir_writable(top, None)
-        stack.append((fd, os.listdir(fd), top))
-        while stack:
-            dfd, names, own = stack[-1]
-            if not names:
-                stack.pop()
-                os.close(dfd)
-                os.rmdir(own, dir_fd=stack[-1][0] if stack else None)
-                continue
-            name = names.pop()
-            try:
-                os.unlink(name, dir_fd=dfd)
-            except IsADirectoryError:
-                cfd = _open_dir_writable(name, dfd)
-                stack.append((cfd, os.listdir(cfd), name))
-            except FileNotFoundError:
-                pass
-    finally:
-        for fd, _, _ in reversed(stack):
-            os.close(fd)
-
-
-def _open_dir_writable(name, dir_fd: int | None) -> int:
-    try:
-        fd = os.open(name, _O_DIR, dir_fd=dir_fd)
-    except PermissionError:
-        if not _O_PATH:
-            raise
-        # Not even readable (say 0111 or 0000): grant ourselves access through
-        # an O_PATH handle, so that a symlink swapped in is not followed.
-        pfd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
-        finally:
-            os.close(pfd)
-        fd = os.open(name, _O_DIR, dir_fd=dir_fd)
-    try:
-        if os.fstat(fd).st_mode & 0o700 != 0o700:
-            os.fchmod(fd, 0o700)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd

@@ -79,9 +79,11 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from ..formats.hashes import NIX32_ALPHABET
 from ..formats.nar import CLOSE, NAR_MAGIC, padding, regular_header, symlink_node
 from ..formats.storepath import StorePath
-from .canonicalise import MTIME_STORE, clear_immutable
-from .errors import ReadOnlyStore
-from .fsutil import write_file_atomic
+from .. import fs
+from ..fs import clear_immutable
+from .canonicalise import MTIME_STORE
+from .errors import ReadOnlyStore, StoreError
+from ..fs.atomic import write_file_atomic
 from .locks import lock_fd, open_lock_file, unlock_fd
 
 if TYPE_CHECKING:
@@ -100,7 +102,6 @@ _SMALL = 1 << 20
 _CHUNK = 1 << 20
 _BIG = 256 << 10  # files from this size on are hashed by the pool's threads
 _MAX_PENDING = 32  # ...with at most this many fds handed over at a time
-_HAVE_PROC_FD = os.path.isdir("/proc/self/fd")
 # errors meaning "the name is not the file we listed any more"
 _CHANGED = frozenset({errno.ENOENT, errno.EINVAL, errno.ELOOP, errno.ENXIO, errno.ENOTDIR})
 # an entry or temp link that keeps vanishing: give up on that file after this
@@ -271,25 +272,28 @@ def pool_stats(store) -> PoolStats:
     links = os.path.join(store.real_store_dir, LINKS_DIR)
     ps = PoolStats()
     try:
-        it = os.scandir(links)
+        lfd = open_pool(None, links)
     except FileNotFoundError:
         return ps
     unshared = actual = unshared_a = actual_a = 0
-    with it:
-        for e in it:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            ps.distinct_contents += 1
-            ps.total_references += st.st_nlink - 1
-            ps.unused_entries += st.st_nlink == 1
-            disk = st.st_blocks * 512
-            unshared += (st.st_nlink - 1) * disk
-            actual += disk
-            unshared_a += (st.st_nlink - 1) * st.st_size
-            actual_a += st.st_size
-    overhead = os.stat(links).st_blocks * 512
+    try:
+        with os.scandir(lfd) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                ps.distinct_contents += 1
+                ps.total_references += st.st_nlink - 1
+                ps.unused_entries += st.st_nlink == 1
+                disk = st.st_blocks * 512
+                unshared += (st.st_nlink - 1) * disk
+                actual += disk
+                unshared_a += (st.st_nlink - 1) * st.st_size
+                actual_a += st.st_size
+        overhead = os.fstat(lfd).st_blocks * 512
+    finally:
+        os.close(lfd)
     ps.bytes_saved = unshared - actual - overhead
     ps.apparent_bytes_saved = unshared_a - actual_a - overhead
     return ps
@@ -340,6 +344,20 @@ class PoolLock:
         os.close(self._gate)
 
 
+def open_pool(store_fd: int | None, name: str = LINKS_DIR) -> int:
+    """Open the ``.links`` pool; it must be ours.  Build users may create entries in
+    the store dir: a ``.links`` one of them made first would let them swap pool
+    files (and so the contents of every path linked to them) at will."""
+    fd = os.open(name, _O_DIR, dir_fd=store_fd)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        shown = name if store_fd is None else LINKS_DIR
+        raise StoreError(f"refusing to use the pool '{shown}': it is owned by uid {st.st_uid} "
+                         f"(mode {st.st_mode & 0o7777:o}), not by the store's owner; remove it")
+    return fd
+
+
 def remove_unused_links(store, log: Callable[[str], None] | None = None) -> tuple[int, int]:
     """The GC's last step: unlink pool entries with link count 1, under the lock protocol.
 
@@ -348,7 +366,7 @@ def remove_unused_links(store, log: Callable[[str], None] | None = None) -> tupl
     """
     links = os.path.join(store.real_store_dir, LINKS_DIR)
     try:
-        lfd = os.open(links, _O_DIR)
+        lfd = open_pool(None, links)
     except FileNotFoundError:
         return 0, 0
     try:
@@ -410,10 +428,14 @@ def _check_writable(store) -> None:
 def _preload(links: str) -> set[int]:
     """Inode numbers of the pool (d_ino from readdir: no stat per entry)."""
     try:
-        with os.scandir(links) as it:
-            return {e.inode() for e in it}
+        fd = open_pool(None, links)
     except FileNotFoundError:
         return set()
+    try:
+        with os.scandir(fd) as it:
+            return {e.inode() for e in it}
+    finally:
+        os.close(fd)
 
 
 class _Reaper:
@@ -515,7 +537,7 @@ class _Run:
             except FileExistsError:
                 pass
         try:
-            fd = os.open(LINKS_DIR, _O_DIR, dir_fd=self.store_fd)
+            fd = open_pool(self.store_fd)
         except FileNotFoundError:
             if not self.dry:
                 raise
@@ -625,73 +647,39 @@ class _Worker:
         return top.st_ino, top.st_ctime_ns if stat.S_ISDIR(top.st_mode) else _NO_CTIME, self._inodes
 
     def _tree(self, base: str, shown: str) -> None:
-        run = self.run
-        fd = os.open(base, _O_DIR, dir_fd=run.store_fd)
-        # one open fd per level: bounded by depth, not by the size of the path
-        stack: list[tuple[int, str, list[str]]] = []
-        try:
-            stack.append((fd, shown, self._dir(fd, shown)))
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            while stack:
-                dfd, dshown, subdirs = stack[-1]
-                if not subdirs:
-                    stack.pop()
-                    os.close(dfd)
-                    continue
-                name = subdirs.pop()
-                try:
-                    cfd = os.open(name, _O_DIR, dir_fd=dfd)
-                except (FileNotFoundError, NotADirectoryError):
-                    self._kept()
-                    continue
-                cshown = f"{dshown}/{name}"
-                try:
-                    csub = self._dir(cfd, cshown)
-                except BaseException:
-                    os.close(cfd)
-                    raise
-                stack.append((cfd, cshown, csub))
-        finally:
-            for dfd, _, _ in stack:
-                os.close(dfd)
-
-    def _dir(self, dfd: int, shown: str) -> list[str]:
-        """Optimise the files of one directory; return its subdirectories."""
-        inodes = self.run.inodes
-        found = self._inodes
-        subdirs: list[str] = []
-        # (name, d_ino, lstat for a symlink / None for a regular file: its
-        # fstat comes with the open for hashing)
+        # one batch per directory: the walker yields a directory's files together
+        d: fs.Node | None = None
         todo: list[tuple[str, int, os.stat_result | None]] = []
-        already = 0
-        # scandir of an fd dups it and rewinds it; the /proc name of the fd is
-        # the same directory, opened afresh (never a path that could be swapped)
-        with os.scandir(f"/proc/self/fd/{dfd}" if _HAVE_PROC_FD else dfd) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):  # d_type: no stat
-                    subdirs.append(e.name)
-                    continue
-                ino = e.inode()
-                if ino in inodes:
-                    # d_ino is a pool inode: linked already (Nix skips these unread too)
-                    already += 1
-                    found.append(ino)
-                    continue
-                if e.is_file(follow_symlinks=False):
-                    todo.append((e.name, ino, None))
-                elif e.is_symlink():
-                    try:
-                        todo.append((e.name, ino, e.stat(follow_symlinks=False)))
-                    except FileNotFoundError:
-                        self._clean = False
-                # anything else cannot be in a valid path; Nix ignores it too
-        self.stats.files_already_linked += already
-        if todo:
-            self._batch(dfd, shown, todo, is_store_dir=False)
-        return subdirs
+        for ev, node in fs.walk(base, self.run.store_fd):
+            if ev == fs.ENTRY:
+                if d is not None and node.parent_fd == d.fd:
+                    self._entry(node, todo)
+                else:
+                    self._kept()  # a subdirectory swapped for something else mid-walk
+                continue
+            if d is not None and todo:
+                self._batch(d.fd, d.show(shown), todo, is_store_dir=False)  # type: ignore[arg-type]
+                todo = []
+            d = node if ev == fs.ENTER else None
+
+    def _entry(self, node: fs.Node, todo: list[tuple[str, int, os.stat_result | None]]) -> None:
+        e = node.entry
+        if e is None:  # swapped for a file or a link after listing
+            self._kept()
+            return
+        ino = e.inode()
+        if ino in self.run.inodes:
+            # d_ino is a pool inode: linked already (Nix skips these unread too)
+            self.stats.files_already_linked += 1
+            self._inodes.append(ino)
+        elif node.kind == fs.REG:
+            todo.append((e.name, ino, None))
+        elif node.kind == fs.LNK:
+            try:
+                todo.append((e.name, ino, e.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                self._clean = False
+        # anything else cannot be in a valid path; Nix ignores it too
 
     def _writable(self, shown: str) -> None:
         self.stats.writable_skipped += 1

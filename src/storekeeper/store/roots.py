@@ -45,9 +45,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from .. import fs
 from ..formats.hashes import Hash
 from ..formats.storepath import StoreDir, StorePath, StorePathError
-from .fsutil import symlink_atomic, write_file_atomic
+from ..fs.atomic import symlink_atomic, write_file_atomic
 from .locks import lock_fd
 from .userroots import UserRoots, open_shared_lock
 
@@ -195,70 +196,84 @@ class RootFinder:
 
     def permanent_roots(self, cleanup: bool = False) -> Iterator[Root]:
         gcroots = os.path.join(self.state_dir, "gcroots")
-        yield from self._scan(gcroots, gcroots, cleanup)
+        yield from self._scan(gcroots, cleanup)
         profiles = os.path.join(self.state_dir, "profiles")
-        yield from self._scan(profiles, profiles, cleanup)
+        yield from self._scan(profiles, cleanup)
 
-    def _scan(self, path: str, top: str, cleanup: bool,
-              user_dir: tuple[str, int] | None = None) -> Iterator[Root]:
-        try:
-            st = os.lstat(path)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
-                if e.errno != errno.ENOENT:
-                    self.messages.append(f"cannot read potential root '{path}'")
-                return
-            raise
+    def _scan(self, top: str, cleanup: bool) -> Iterator[Root]:
+        """The roots under ``top`` (``gcroots`` or ``profiles``), walked fd-relative
+        (a user's own ``per-user/<name>`` dir can be changed under us: nothing in it
+        is followed).  Inside a user's dir only entries that user (or root) owns count."""
         kind = "profile" if top.endswith("/profiles") else "direct"
-        if user_dir is None and os.path.dirname(path) == os.path.join(top, "per-user"):
-            user_dir = (path, st.st_uid)  # a user's own directory: confine what it can name
-        if user_dir is not None and st.st_uid not in (user_dir[1], 0):
-            self.messages.append(f"ignoring root '{path}': not owned by the owner of '{user_dir[0]}'")
-            return
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                names = sorted(os.listdir(path))
-            except OSError as e:
-                if e.errno in (errno.EACCES, errno.ENOENT, errno.ENOTDIR):
-                    self.messages.append(f"cannot read potential root '{path}'")
-                    return
+        owners: dict[str, tuple[str, int]] = {}  # per-user/<name> -> (its path, its owner)
+
+        def unreadable(node: fs.Node, err: OSError) -> None:
+            self.messages.append(f"cannot read potential root '{node.show(top)}'")
+
+        try:
+            for ev, node in fs.walk(top, sort=True, on_error=unreadable):
+                if ev == fs.LEAVE:
+                    continue
+                path = node.show(top)
+                try:
+                    st = node.lstat()
+                except FileNotFoundError:
+                    continue
+                parts = node.path.split("/", 2)
+                user_dir = None
+                if parts[0] == "per-user" and len(parts) >= 2:
+                    if len(parts) == 2:  # a user's own directory: confine what it can name
+                        owners[parts[1]] = (path, st.st_uid)
+                    user_dir = owners.get(parts[1])
+                if user_dir is not None and st.st_uid not in (user_dir[1], 0):
+                    self.messages.append(f"ignoring root '{path}': not owned by the owner of '{user_dir[0]}'")
+                    node.prune = True
+                    continue
+                if ev == fs.ENTER:
+                    continue
+                if node.kind == fs.LNK:
+                    target = os.readlink(node.name, dir_fd=node.parent_fd)
+                    yield from self._link_root(path, target, kind, cleanup, user_dir)
+                elif node.kind == fs.REG:
+                    try:
+                        yield Root(StorePath.from_base(os.path.basename(path), lax=True), path, kind)
+                    except StorePathError:
+                        pass
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
                 raise
-            for n in names:
-                yield from self._scan(os.path.join(path, n), top, cleanup, user_dir)
-        elif stat.S_ISLNK(st.st_mode):
-            target = os.readlink(path)
-            sp = self._to_store_path(target)
-            if sp is not None:
-                yield Root(sp, path, kind)
+            if e.errno != errno.ENOENT:
+                self.messages.append(f"cannot read potential root '{top}'")
+
+    def _link_root(self, path: str, target: str, kind: str, cleanup: bool,
+                   user_dir: tuple[str, int] | None) -> Iterator[Root]:
+        sp = self._to_store_path(target)
+        if sp is not None:
+            yield Root(sp, path, kind)
+            return
+        # Indirect: the target is a link elsewhere (e.g. a `result` symlink).
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        if user_dir is not None:
+            if os.path.dirname(resolved) != os.path.dirname(path):
+                self.messages.append(f"ignoring root '{path}': it points outside the store")
                 return
-            # Indirect: the target is a link elsewhere (e.g. a `result` symlink).
-            resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
-            if user_dir is not None:
-                if os.path.dirname(resolved) != os.path.dirname(path):
-                    self.messages.append(f"ignoring root '{path}': it points outside the store")
-                    return
-                return  # a sibling in the same directory: scanned in its own right
-            auto = os.path.dirname(path) == os.path.join(self.state_dir, "gcroots", "auto")
-            try:
-                tst = os.lstat(resolved)
-                sp = self._to_store_path(os.readlink(resolved)) if stat.S_ISLNK(tst.st_mode) else None
-            except OSError as e:
-                if auto:
-                    yield from self._unresolved(path, resolved, e, cleanup)
-                elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    self.messages.append(f"cannot read potential root '{resolved}'")
-                return
-            if sp is not None:
-                yield Root(sp, resolved, "indirect")
-            if auto and cleanup:
-                name = os.path.basename(path)
-                # (None: its owner pointed it elsewhere; the claims stay)
-                self.memory.put(name, resolved, self.store_dir.print(sp) if sp is not None else None, None)
-        elif stat.S_ISREG(st.st_mode):
-            try:
-                yield Root(StorePath.from_base(os.path.basename(path), lax=True), path, kind)
-            except StorePathError:
-                pass
+            return  # a sibling in the same directory: scanned in its own right
+        auto = os.path.dirname(path) == os.path.join(self.state_dir, "gcroots", "auto")
+        try:
+            tst = os.lstat(resolved)
+            sp = self._to_store_path(os.readlink(resolved)) if stat.S_ISLNK(tst.st_mode) else None
+        except OSError as e:
+            if auto:
+                yield from self._unresolved(path, resolved, e, cleanup)
+            elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                self.messages.append(f"cannot read potential root '{resolved}'")
+            return
+        if sp is not None:
+            yield Root(sp, resolved, "indirect")
+        if auto and cleanup:
+            name = os.path.basename(path)
+            # (None: its owner pointed it elsewhere; the claims stay)
+            self.memory.put(name, resolved, self.store_dir.print(sp) if sp is not None else None, None)
 
     def _unresolved(self, path: str, resolved: str, err: OSError, cleanup: bool) -> Iterator[Root]:
         """An indirect root whose target could not be read (see the module docstring)."""

@@ -18,7 +18,7 @@ import secrets
 import stat
 
 from .errors import StoreError
-from .fsutil import open_private_dir, write_file_atomic
+from ..fs.atomic import open_private_dir, write_file_atomic
 
 KEY_BYTES = 32
 

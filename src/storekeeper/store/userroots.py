@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .errors import StoreError
-from .fsutil import write_file_atomic
+from ..fs.atomic import write_file_atomic
 from .locks import lock_fd
 
 MAX_REGISTRATIONS = 65536
