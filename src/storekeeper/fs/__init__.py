@@ -52,7 +52,7 @@ from .openat import (
     write_all,
 )
 from .tree import remove_tree
-from .walk import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, Node, kind_of, walk
+from .walker import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, Node, kind_of, walk
 
 __all__ = [
     "DIR", "ENTER", "ENTRY", "FS_IMMUTABLE_FL", "HAVE_PROC_FD", "LEAVE", "LNK", "Node", "OTHER",

@@ -6,7 +6,7 @@ import errno
 import os
 
 from .openat import clear_immutable, split_top
-from .walk import DIR, ENTER, ENTRY, walk
+from .walker import DIR, ENTER, ENTRY, walk
 
 # A tree that keeps growing while we delete it (someone with write access
 # adding entries) is given up on after this many re-walks of one directory.

@@ -81,6 +81,7 @@ from .buildusers import BuildUser, BuildUserError, UserPool
 from .canonicalise import canonicalise_paths
 from .errors import StoreError
 from .locks import PathLocks
+from .. import fs
 from ..fs import remove_tree
 from .narfs import dump_path, restore_nar
 from .settings import nix_conf_path, parse_bool, parse_nix_conf, read_nix_conf
@@ -889,7 +890,11 @@ class Builder:
             args = [_rewrite_str(a, self._input_rewrites(g, scratch)) for a in drv.args]
             if user is not None:
                 user.kill_processes()
-                os.chown(tmpdir, user.uid, user.gid)
+                fd = fs.open_dir(tmpdir)  # ours (0700) until this chown
+                try:
+                    os.fchown(fd, user.uid, user.gid)
+                finally:
+                    os.close(fd)
                 self._store_dir_for(user)
             check = g.mode == BuildMode.CHECK
             text = f"{'checking outputs of' if check else 'building'} '{printed}'"
@@ -932,6 +937,27 @@ class Builder:
                 remove_tree(tmpdir)
             raise
 
+    def _keep_build_dir(self, run: _Run) -> None:
+        """keep-failed: leave the build dir readable.  The builder owned it and
+        could have replaced it (its entry in sticky /tmp is the build user's):
+        change only a directory of the builder's, through the fd we checked."""
+        try:
+            fd = fs.open_dir(run.tmpdir)
+        except OSError:
+            self.logger.log(Verbosity.ERROR, f"note: build directory '{run.tmpdir}' was replaced "
+                                             "by the builder; not kept")
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_uid not in (os.geteuid(), run.user.uid if run.user is not None else -1):
+                self.logger.log(Verbosity.ERROR, f"note: build directory '{run.tmpdir}' was "
+                                                 "replaced by the builder; not kept")
+                return
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+        self.logger.log(Verbosity.ERROR, f"note: keeping build directory '{run.tmpdir}'")
+
     def _make_build_dir(self, drv_name: str) -> str:
         base = self.settings.build_dir or os.environ.get("TMPDIR") or "/tmp"
         for n in range(1 << 20):
@@ -945,11 +971,14 @@ class Builder:
 
     def _store_dir_for(self, user: BuildUser) -> None:
         """Builders create their outputs in the store: it must be ``root:<group>`` 01775."""
-        real = self.store.real_store_dir
-        st = os.stat(real)
-        if st.st_gid != user.gid or (st.st_mode & 0o7777) != 0o1775:
-            os.chown(real, -1, user.gid)
-            os.chmod(real, 0o1775)
+        fd = fs.open_dir(self.store.real_store_dir)
+        try:
+            st = os.fstat(fd)
+            if st.st_gid != user.gid or (st.st_mode & 0o7777) != 0o1775:
+                os.fchown(fd, -1, user.gid)
+                os.fchmod(fd, 0o1775)
+        finally:
+            os.close(fd)
 
     def _input_rewrites(self, g: _DrvGoal, scratch: dict[str, StorePath]) -> dict[str, str]:
         return {g.outputs[o].hash_part: p.hash_part for o, p in scratch.items() if p != g.outputs[o]}
@@ -1149,8 +1178,7 @@ class Builder:
             if succeeded or not self.settings.keep_failed:
                 remove_tree(run.tmpdir)
             else:
-                os.chmod(run.tmpdir, 0o755)
-                self.logger.log(Verbosity.ERROR, f"note: keeping build directory '{run.tmpdir}'")
+                self._keep_build_dir(run)
         finally:
             if run.user is not None:
                 run.user.release()

@@ -105,12 +105,16 @@ class LocalStore(DerivedQueries):
                 gid = grp.getgrnam("nixbld").gr_gid
             except KeyError:
                 return
-            st = os.stat(self.real_store_dir)
-            # A store dir already set up for builds keeps its group: builds
-            # may use another build-users-group than nixbld.
-            if stat.S_IMODE(st.st_mode) != 0o1775:
-                os.chown(self.real_store_dir, 0, gid)
-                os.chmod(self.real_store_dir, 0o1775)
+            fd = fs.open_dir(self.real_store_dir)
+            try:
+                st = os.fstat(fd)
+                # A store dir already set up for builds keeps its group: builds
+                # may use another build-users-group than nixbld.
+                if stat.S_IMODE(st.st_mode) != 0o1775:
+                    os.fchown(fd, 0, gid)
+                    os.fchmod(fd, 0o1775)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         self.temp_roots.close()

@@ -1,0 +1,287 @@
+"""The file-system layer: the one walker and the one deleter, and every consumer of them
+facing a directory swapped for a symlink at the worst moment (after its parent was
+listed, before it is opened)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storekeeper import fs
+from storekeeper.fs import walker as walk_mod
+from storekeeper.store import locks
+from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
+from storekeeper.store.inspect import _lstats
+from storekeeper.store.layout import LocalLayout
+from storekeeper.store.local import LocalStore, _first_uncanonical
+from storekeeper.store.locks import PathLocks
+from storekeeper.store.narfs import TreeError, dump_path
+from storekeeper.store.roots import RootFinder
+
+
+def make_tree(top: str, spec: dict) -> None:
+    os.mkdir(top)
+    for name, v in spec.items():
+        p = os.path.join(top, name)
+        if isinstance(v, dict):
+            make_tree(p, v)
+        elif isinstance(v, tuple):  # ("link", target)
+            os.symlink(v[1], p)
+        else:
+            with open(p, "wb") as f:
+                f.write(v)
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """A directory the walk must never reach, with a file whose mode must not change."""
+    d = tmp_path / "victim"
+    d.mkdir()
+    (d / "secret").write_bytes(b"secret")
+    os.chmod(d / "secret", 0o600)
+    os.chmod(d, 0o700)
+    yield str(d)
+    assert (d / "secret").read_bytes() == b"secret"
+    st_ = os.stat(d / "secret")
+    assert stat.S_IMODE(st_.st_mode) == 0o600 and st_.st_mtime != 1
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+
+
+@pytest.fixture
+def swap_after_listing(monkeypatch):
+    """swap(parent, name, target): right after the walker lists ``parent``, replace
+    ``parent/name`` (a directory) with a symlink to ``target``."""
+    plan: dict[tuple[int, int], tuple[str, str]] = {}
+    done: list[str] = []
+    real_list = walk_mod._list
+
+    def hooked(fd, sort):
+        entries = real_list(fd, sort)
+        st_ = os.fstat(fd)
+        if (st_.st_dev, st_.st_ino) in plan:
+            path, target = plan.pop((st_.st_dev, st_.st_ino))
+            os.rename(path, path + ".moved")
+            os.symlink(target, path)
+            done.append(path)
+        return entries
+
+    monkeypatch.setattr(walk_mod, "_list", hooked)
+
+    def swap(parent: str, name: str, target: str) -> list[str]:
+        st_ = os.stat(parent)
+        plan[(st_.st_dev, st_.st_ino)] = (os.path.join(parent, name), target)
+        return done
+    return swap
+
+
+TREE = {"a": b"file a", "sub": {"x": b"x", "deeper": {"y": b"y"}}, "z": b"zzz"}
+
+
+def test_walk_events_and_orders(tmp_path):
+    top = str(tmp_path / "t")
+    make_tree(top, {"b": b"1", "a": {"c": b"2"}, "l": ("link", "/nonexistent"), "\xe9": b"3"})
+    events = [(ev, n.path, n.kind) for ev, n in fs.walk(top, sort=True)]
+    assert events == [(fs.ENTER, "", fs.DIR), (fs.ENTER, "a", fs.DIR), (fs.ENTRY, "a/c", fs.REG),
+                      (fs.LEAVE, "a", fs.DIR), (fs.ENTRY, "b", fs.REG), (fs.ENTRY, "l", fs.LNK),
+                      (fs.ENTRY, "\xe9", fs.REG), (fs.LEAVE, "", fs.DIR)]
+    # unsorted: a directory's files before its subdirectories
+    kinds = [n.kind for ev, n in fs.walk(top) if ev != fs.LEAVE and n.depth == 1]
+    assert kinds == sorted(kinds, key=lambda k: k == fs.DIR)
+    # a file top, a symlink top (never followed), a missing top
+    assert [(ev, n.kind) for ev, n in fs.walk(os.path.join(top, "b"))] == [(fs.ENTRY, fs.REG)]
+    assert [(ev, n.kind) for ev, n in fs.walk(os.path.join(top, "l"))] == [(fs.ENTRY, fs.LNK)]
+    with pytest.raises(FileNotFoundError):
+        list(fs.walk(os.path.join(top, "missing")))
+
+
+def test_walk_prune_and_on_error(tmp_path):
+    top = str(tmp_path / "t")
+    make_tree(top, {"skip": {"inner": b"x"}, "keep": {"inner": b"y"}})
+    seen = []
+    for ev, n in fs.walk(top, sort=True):
+        if ev == fs.ENTER and n.path == "skip":
+            n.prune = True
+        if ev == fs.ENTRY:
+            seen.append(n.path)
+    assert seen == ["keep/inner"]
+    errors = []
+    gen = fs.walk(top, sort=True, on_error=lambda n, e: errors.append((n.path, e.errno)))
+    for ev, n in gen:
+        if ev == fs.ENTER and n.path == "":
+            os.chmod(os.path.join(top, "keep"), 0)
+    if os.geteuid() != 0:  # root reads a 0000 directory anyway
+        assert errors and errors[0][0] == "keep"
+
+
+@given(st.recursive(st.binary(max_size=8), lambda kids: st.dictionaries(
+    st.text(alphabet="abcxyz", min_size=1, max_size=3), kids, max_size=4), max_leaves=12))
+@settings(max_examples=40, deadline=None)
+def test_remove_tree_removes_read_only_trees_and_counts_bytes(tmp_path_factory, spec):
+    base = tmp_path_factory.mktemp("rm")
+    top = str(base / "t")
+    if isinstance(spec, dict):
+        make_tree(top, spec)
+    else:
+        with open(top, "wb") as f:
+            f.write(spec)
+    size = sum(n.lstat().st_size for ev, n in fs.walk(top) if ev == fs.ENTRY)
+    for ev, n in fs.walk(top):  # store-like modes: nothing writable
+        if ev != fs.LEAVE:
+            os.chmod(fs.proc_fd(n.fd) if n.fd is not None else os.path.join(top, n.path) if n.path else top,
+                     0o555 if n.kind == fs.DIR else 0o444)
+    assert fs.remove_tree(top) == size
+    assert not os.path.lexists(top)
+    assert fs.remove_tree(top) == 0  # a missing tree is fine
+
+
+def test_remove_tree_of_an_unreadable_directory(tmp_path):
+    top = str(tmp_path / "t")
+    make_tree(top, {"d": {"f": b"x"}})
+    os.chmod(os.path.join(top, "d"), 0)
+    os.chmod(top, 0o111)
+    fs.remove_tree(top)
+    assert not os.path.lexists(top)
+
+
+def test_remove_tree_never_follows_a_symlink_swapped_in(tmp_path, victim, swap_after_listing):
+    top = str(tmp_path / "t")
+    make_tree(top, TREE)
+    done = swap_after_listing(top, "sub", victim)
+    fs.remove_tree(top)
+    assert done and not os.path.lexists(top)
+
+
+def test_remove_tree_takes_entries_added_while_it_walks(tmp_path, monkeypatch):
+    top = str(tmp_path / "t")
+    make_tree(top, {"d": {"f": b"x"}})
+    real_list = walk_mod._list
+    added = []
+
+    def hooked(fd, sort):
+        entries = real_list(fd, sort)
+        if not added:
+            os.mkdir(os.path.join(top, "late"))
+            open(os.path.join(top, "late", "g"), "w").close()
+            added.append(1)
+        return entries
+    monkeypatch.setattr(walk_mod, "_list", hooked)
+    fs.remove_tree(top)
+    assert added and not os.path.lexists(top)
+
+
+def test_canonicalise_never_follows_a_symlink_swapped_in(tmp_path, victim, swap_after_listing):
+    top = str(tmp_path / "t")
+    make_tree(top, TREE)
+    done = swap_after_listing(top, "sub", victim)
+    canonicalise_paths([top])
+    assert done and os.path.islink(os.path.join(top, "sub"))
+    assert os.lstat(os.path.join(top, "sub")).st_mtime == 1
+
+
+def test_canonicalise_refuses_a_hard_link_added_after_the_check(tmp_path, monkeypatch):
+    """Issue 11, attack 4 in-process: a link to an outside file appears in a
+    world-writable output directory between the check pass and the change pass."""
+    victim = tmp_path / "shadow"
+    victim.write_bytes(b"secret")
+    os.chmod(victim, 0o600)
+    top = str(tmp_path / "out")
+    make_tree(top, {"pub": {"f": b"x"}, "g": b"y"})
+    os.chmod(os.path.join(top, "pub"), 0o777)
+    from storekeeper.store import canonicalise
+    real_check = canonicalise._check_tree
+
+    def check_then_race(p, w):
+        real_check(p, w)
+        os.link(victim, os.path.join(top, "pub", "planted"))
+    monkeypatch.setattr(canonicalise, "_check_tree", check_then_race)
+    with pytest.raises(CanonicaliseError, match="hard link to a file outside"):
+        canonicalise_paths([top], check_links=True)
+    st_ = os.stat(victim)
+    assert stat.S_IMODE(st_.st_mode) == 0o600 and st_.st_mtime != 1
+
+
+def test_nar_dump_never_follows_a_symlink_swapped_in(tmp_path, victim, swap_after_listing):
+    top = str(tmp_path / "t")
+    make_tree(top, TREE)
+    done = swap_after_listing(top, "sub", victim)
+    try:
+        nar = b"".join(dump_path(top))
+    except (TreeError, OSError):
+        return  # refusing is fine too; following is not
+    assert done and b"secret" not in nar and victim.encode() in nar  # the link, as a link
+
+
+def test_sizes_and_uncanonical_scan_never_follow_a_symlink_swapped_in(tmp_path, victim, swap_after_listing):
+    top = str(tmp_path / "t")
+    make_tree(top, TREE)
+    inode = os.stat(os.path.join(victim, "secret")).st_ino
+    swap_after_listing(top, "sub", victim)
+    assert inode not in {s.st_ino for s in _lstats(top)}
+    make_tree(str(tmp_path / "u"), TREE)
+    canonicalise_paths([str(tmp_path / "u")])
+    swap_after_listing(str(tmp_path / "u"), "sub", victim)
+    assert "secret" not in (_first_uncanonical(str(tmp_path / "u")) or "")
+
+
+def test_roots_scan_never_follows_a_symlink_swapped_in(tmp_path, swap_after_listing):
+    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    try:
+        info = store.add_text("kept.txt", b"kept")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        os.symlink(store.print_path(info.path), outside / "r")  # a root, if it were followed
+        user_dir = os.path.join(store.state_dir, "gcroots", "per-user", "someone")
+        os.makedirs(os.path.join(user_dir, "sub"))
+        swap_after_listing(user_dir, "sub", str(outside))
+        roots = list(RootFinder(store.store_dir, store.real_store_dir, store.state_dir).permanent_roots())
+        assert not any(r.path == info.path for r in roots)
+    finally:
+        store.close()
+
+
+# --- lock squatting (issue 11, attack 8, in-process) --------------------------------------
+
+def test_path_locks_remove_a_directory_or_symlink_squatting_the_lock_name(tmp_path):
+    target = str(tmp_path / "abc-path")
+    os.mkdir(target + ".lock")
+    open(os.path.join(target + ".lock", "inner"), "w").close()
+    with PathLocks() as pl:
+        assert pl.lock([target])
+        assert os.path.isfile(target + ".lock")
+        pl.delete_on_release = True
+    outside = tmp_path / "outside"
+    outside.write_text("keep")
+    os.symlink(outside, target + ".lock")
+    with PathLocks() as pl:
+        assert pl.lock([target])
+        assert not os.path.islink(target + ".lock")
+    assert outside.read_text() == "keep"
+
+
+def test_path_locks_unlink_a_leftover_non_empty_lock_file(tmp_path, monkeypatch):
+    target = str(tmp_path / "abc-path")
+    with open(target + ".lock", "w") as f:
+        f.write("d")  # no owner will ever unlink it for us
+    result = []
+    t = threading.Thread(target=lambda: result.append(PathLocks().lock([target])), daemon=True)
+    t.start()
+    t.join(10)
+    assert result == [True], "the lock loop spun on a leftover lock file"
+
+
+def test_path_locks_give_up_on_a_lock_name_that_keeps_being_replaced(tmp_path, monkeypatch):
+    target = str(tmp_path / "abc-path")
+    real_open = os.open
+
+    def always_a_dir(path, flags, mode=0o777, *, dir_fd=None):
+        if str(path).endswith(".lock"):
+            os.makedirs(path, exist_ok=True)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+    monkeypatch.setattr(locks.os, "open", always_a_dir)
+    with pytest.raises(locks.StoreError, match="keeps replacing it"):
+        PathLocks().lock([target])
