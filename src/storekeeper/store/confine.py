@@ -73,8 +73,10 @@ process may have threads (GC socket, optimiser), and Python documents
 ``preexec_fn`` as unsafe with threads (a child may deadlock before exec).
 The environment goes through the memfd because Python's locale coercion
 adds ``LC_CTYPE=C.UTF-8`` to its own environment.  Cost: one interpreter
-start plus ``import ctypes`` per build (measured ~15 ms, see the report in
-``docs/ARCHITECTURE.md``); ``filter-syscalls = false`` turns all of it off.
+start plus ``import ctypes`` per build: median 17.8 vs 2.9 ms for a trivial build
+without build users, 25.7 vs 9.8 ms with them (N=30, ``bench/confine_overhead.py``),
+i.e. ~15 ms.  ``filter-syscalls = false`` turns NNP and the filter off (the sweep
+stays: it is not about syscalls).
 """
 
 from __future__ import annotations
@@ -84,7 +86,6 @@ import functools
 import marshal
 import os
 import re
-import signal
 import stat
 import struct
 import sys
