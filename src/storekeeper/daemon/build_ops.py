@@ -19,6 +19,7 @@ shape the real daemon answers:
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 from dataclasses import replace
@@ -46,7 +47,11 @@ def build_settings(s: Session) -> BuildSettings:
                  cores=o.build_cores or base.cores)
     # Only a trusted client's overrides reach here beyond 'timeout' (SetOptions
     # filters them); a trusted client may choose anything, as with Nix.
-    return st.with_settings(o.overrides.items())
+    st = st.with_settings(o.overrides.items())
+    # Without build users a builder runs as the daemon's own uid: only for a client
+    # that could change the store anyway (store.confine, self_build_refusal).
+    own = s.peer is not None and s.peer.uid == os.geteuid()
+    return replace(st, client_may_build_as_daemon=s.trusted or own)
 
 
 def _interrupted(s: Session):

@@ -78,6 +78,7 @@ from ..formats.storepath import StorePath, output_path_name
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from .buildlog import BuildLogFile, LineSplitter
 from .buildusers import BuildUser, BuildUserError, UserPool
+from . import confine
 from .canonicalise import canonicalise_paths
 from .errors import StoreError
 from .locks import PathLocks
@@ -191,6 +192,13 @@ class BuildSettings:
     system_features: tuple[str, ...] = field(default_factory=_default_features)
     #: where build dirs are made; None: ``$TMPDIR`` or ``/tmp``, as Nix 2.8
     build_dir: str | None = None
+    #: NO_NEW_PRIVS and a seccomp filter (no setuid/setgid files, no xattrs) for every
+    #: builder (:mod:`~storekeeper.store.confine`); false: neither, as Nix 2.8
+    filter_syscalls: bool = True
+    #: not a nix.conf setting: whether this client may have a builder run as the daemon's
+    #: own user (no build users).  The daemon sets it per connection (trusted, or the
+    #: daemon's own uid); the local CLI on its own store keeps the default.
+    client_may_build_as_daemon: bool = True
 
     @property
     def group(self) -> str:
@@ -250,7 +258,7 @@ _ALIASES = {"build-max-jobs": "max-jobs", "build-cores": "cores", "build-timeout
             "build-max-silent-time": "max-silent-time", "build-max-log-size": "max-log-size",
             "build-keep-log": "keep-build-log", "build-compress-log": "compress-build-log",
             "build-use-sandbox": "sandbox", "build-extra-platforms": "extra-platforms"}
-_BUILD_FIELDS = set(BuildSettings.__dataclass_fields__)
+_BUILD_FIELDS = set(BuildSettings.__dataclass_fields__) - {"client_may_build_as_daemon"}
 
 
 # --- logging ------------------------------------------------------------------
@@ -337,7 +345,13 @@ def build_refusal(store, settings: BuildSettings) -> str | None:
                 f"(this store's '{store.store_dir.path}' is kept in '{store.real_store_dir}')")
     if store.read_only:
         return "the store is read-only"
-    return None
+    if settings.filter_syscalls and confine.native_arch() is None:
+        return (f"storekeeper has no seccomp filter for '{os.uname().machine}' "
+                "(set 'filter-syscalls = false' to build without one)")
+    # Without build users the builder runs as the daemon's own uid (confine.py says
+    # what that allows): only for clients that could change the store anyway.
+    as_daemon = not (settings.group and os.geteuid() == 0)
+    return confine.self_build_refusal(as_daemon, settings.client_may_build_as_daemon)
 
 
 
@@ -890,6 +904,15 @@ class Builder:
             args = [_rewrite_str(a, self._input_rewrites(g, scratch)) for a in drv.args]
             if user is not None:
                 user.kill_processes()
+                # (confine.py) what the build user left in shared places goes: now,
+                # and after the build, once its processes are killed again
+                real_sd = store.real_store_dir
+                dirs = confine.sweep_dirs(real_sd, os.path.dirname(tmpdir))
+                confine.sweep(user.uid, dirs, keep=lambda d, n, s: confine.kept_by_keep_failed(
+                    d, n, s, real_sd))
+                keep = confine.keep_paths([tmpdir, *(store.real_path(p) for p in
+                                                     {*scratch.values(), *g.outputs.values()})])
+                user.before_release.append(lambda: confine.sweep(user.uid, dirs, keep=keep))
                 fd = fs.open_dir(tmpdir)  # ours (0700) until this chown
                 try:
                     os.fchown(fd, user.uid, user.gid)
@@ -916,12 +939,21 @@ class Builder:
             rfd, wfd = os.pipe()
             run.fd = rfd
             os.set_blocking(rfd, False)
+            spec_fd = None
             try:
                 kwargs = {}
                 if user is not None:
                     kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+                argv = [os.path.basename(drv.builder), *args]
+                if st.filter_syscalls:
+                    # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
+                    # builder (confine.py says why not preexec_fn, and what it costs)
+                    popen_args, spec_fd = confine.confined_argv(drv.builder, argv, env,
+                                                                confine.host_filter())
+                    kwargs.update(args=popen_args, env={}, pass_fds=(spec_fd,))
+                else:
+                    kwargs.update(args=argv, executable=drv.builder, env=env)
                 run.proc = subprocess.Popen(
-                    [os.path.basename(drv.builder), *args], executable=drv.builder, env=env,
                     cwd=tmpdir, stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, close_fds=True,
                     start_new_session=True, umask=0o022, **kwargs)
             except OSError as e:
@@ -932,6 +964,8 @@ class Builder:
                     log_file.write(run.exec_error.encode() + b"\n")
             finally:
                 os.close(wfd)
+                if spec_fd is not None:
+                    os.close(spec_fd)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)

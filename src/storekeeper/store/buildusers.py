@@ -50,12 +50,28 @@ class BuildUser:
     groups: tuple[int, ...]
     lock_path: str
     _fd: int | None = field(default=None, repr=False)
+    #: run when the build is over, after every process of the uid has been killed
+    #: and before the uid is unlocked (the sweep of :mod:`~storekeeper.store.confine`)
+    before_release: list[Callable[[], object]] = field(default_factory=list, repr=False)
 
     def kill_processes(self) -> None:
         kill_user(self.uid)
 
     def release(self) -> None:
-        if self._fd is not None:
+        """Give the user back; never raises (it runs in cleanup paths).  A failed
+        ``before_release`` step is left for the sweep before the uid's next build."""
+        if self._fd is None:
+            return
+        try:
+            if self.before_release:
+                self.kill_processes()
+                for step in self.before_release:
+                    step()
+                self.kill_processes()  # anything started from a file the sweep removed
+        except Exception:  # noqa: BLE001 -- best effort, see above
+            pass
+        finally:
+            self.before_release = []
             os.close(self._fd)  # drops the flock
             self._fd = None
 
