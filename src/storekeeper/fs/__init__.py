@@ -43,6 +43,7 @@ from .openat import (
     chmod_fd,
     chown_fd,
     clear_immutable,
+    entries,
     open_dir,
     open_dir_forcing_access,
     open_handle,
@@ -56,7 +57,7 @@ from .walker import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, Node, kind_of, wa
 
 __all__ = [
     "DIR", "ENTER", "ENTRY", "FS_IMMUTABLE_FL", "HAVE_PROC_FD", "LEAVE", "LNK", "Node", "OTHER",
-    "O_DIR", "O_FILE", "O_HANDLE", "O_PATH", "REG", "chmod_fd", "chown_fd", "clear_immutable",
+    "O_DIR", "O_FILE", "O_HANDLE", "O_PATH", "REG", "chmod_fd", "chown_fd", "clear_immutable", "entries",
     "kind_of", "open_dir", "open_dir_forcing_access", "open_handle", "proc_fd", "remove_tree",
     "set_mtime_fd", "split_top", "walk", "write_all",
 ]

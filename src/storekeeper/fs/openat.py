@@ -31,6 +31,14 @@ def open_dir(name, dir_fd: int | None = None) -> int:
     return os.open(name, O_DIR, dir_fd=dir_fd)
 
 
+def entries(dir_fd: int) -> list[os.DirEntry]:
+    """The entries of the directory open at ``dir_fd`` (one directory, not a tree;
+    ``d_type``/``d_ino`` come free, and an entry's ``stat()`` is an ``fstatat`` on
+    ``dir_fd``, so keep it open while you use them)."""
+    with os.scandir(dir_fd) as it:
+        return list(it)
+
+
 def open_handle(name, dir_fd: int | None = None) -> int:
     """An ``O_PATH`` fd on the entry itself (a symlink is not followed)."""
     return os.open(name, O_HANDLE, dir_fd=dir_fd)

@@ -156,8 +156,7 @@ def bytes_freed_by(store, dead_paths: list[str]) -> tuple[int, int]:
     else:
         try:
             dev = os.fstat(lfd).st_dev  # (pool entries are files on the pool's own device)
-            with os.scandir(lfd) as it:
-                pool.update((dev, e.inode()) for e in it)
+            pool.update((dev, e.inode()) for e in fs.entries(lfd))
         finally:
             os.close(lfd)
     seen: dict[tuple[int, int], list] = {}  # inode -> [links inside dead set, nlink, blocks, size]

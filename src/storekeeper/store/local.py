@@ -569,9 +569,7 @@ class LocalStore(DerivedQueries):
         except FileNotFoundError:
             return
         try:
-            with os.scandir(lfd) as it:
-                names = [e.name for e in it]
-            for name in names:
+            for name in [e.name for e in fs.entries(lfd)]:
                 p = os.path.join(links, name)
                 try:
                     h, _ = nar_hash_path(fs.proc_fd(lfd) + "/" + name)

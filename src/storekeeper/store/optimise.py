@@ -277,20 +277,19 @@ def pool_stats(store) -> PoolStats:
         return ps
     unshared = actual = unshared_a = actual_a = 0
     try:
-        with os.scandir(lfd) as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                ps.distinct_contents += 1
-                ps.total_references += st.st_nlink - 1
-                ps.unused_entries += st.st_nlink == 1
-                disk = st.st_blocks * 512
-                unshared += (st.st_nlink - 1) * disk
-                actual += disk
-                unshared_a += (st.st_nlink - 1) * st.st_size
-                actual_a += st.st_size
+        for e in fs.entries(lfd):
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            ps.distinct_contents += 1
+            ps.total_references += st.st_nlink - 1
+            ps.unused_entries += st.st_nlink == 1
+            disk = st.st_blocks * 512
+            unshared += (st.st_nlink - 1) * disk
+            actual += disk
+            unshared_a += (st.st_nlink - 1) * st.st_size
+            actual_a += st.st_size
         overhead = os.fstat(lfd).st_blocks * 512
     finally:
         os.close(lfd)
@@ -372,17 +371,16 @@ def remove_unused_links(store, log: Callable[[str], None] | None = None) -> tupl
     try:
         candidates: list[str] = []
         unshared = actual = 0
-        with os.scandir(lfd) as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if st.st_nlink == 1:
-                    candidates.append(e.name)
-                else:
-                    actual += st.st_size
-                    unshared += (st.st_nlink - 1) * st.st_size
+        for e in fs.entries(lfd):
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_nlink == 1:
+                candidates.append(e.name)
+            else:
+                actual += st.st_size
+                unshared += (st.st_nlink - 1) * st.st_size
         freed = 0
         if candidates:
             lock = PoolLock(store.state_dir)
@@ -432,8 +430,7 @@ def _preload(links: str) -> set[int]:
     except FileNotFoundError:
         return set()
     try:
-        with os.scandir(fd) as it:
-            return {e.inode() for e in it}
+        return {e.inode() for e in fs.entries(fd)}
     finally:
         os.close(fd)
 
