@@ -32,7 +32,9 @@ from storekeeper.formats.wire import (
 )
 
 SD = StoreDir("/nix/store")
-CAPTURES = "/work/shared/spec/wire-captures"
+#: ../shared beside the checkout (tests never name a machine's absolute path)
+SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+CAPTURES = os.path.join(SHARED, "spec", "wire-captures")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
