@@ -65,3 +65,20 @@ def shared_dir():
     finally:
         subprocess.run(["chmod", "-R", "u+w", d], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- test tiers -----------------------------------------------------------------------------
+# `pytest -m "not slow"` is the fast tier (formats, unit and single-process store tests):
+# anything that needs real Nix or root, or starts daemons, real users or namespaces, is slow.
+_SLOW_MODULES = {
+    "test_attacks_fs", "test_build", "test_build_confine", "test_cli_daemon", "test_daemon",
+    "test_daemon_users", "test_hidepid", "test_interop_nix", "test_multihost", "test_tcp_auth",
+    "test_user_registrations",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.module.__name__ in _SLOW_MODULES or item.get_closest_marker("nix")
+                or item.get_closest_marker("root")):
+            item.add_marker(pytest.mark.slow)
