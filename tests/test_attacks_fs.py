@@ -143,11 +143,13 @@ def test_gc_of_junk_never_follows_a_directory_swapped_for_a_symlink(area_factory
 
 
 def test_keep_failed_never_chmods_what_the_builder_put_in_place_of_its_build_dir(area_factory, build_users):
-    """Item 2: an untrusted client sets keep-failed; the builder replaces its build dir
-    with a symlink to a root-only file and fails.  Keeping the build dir must not chmod
-    the target.  (Nix 2.8 chmods the build dir by path here too: same hole.)"""
+    """Item 2: keep-failed is on (an untrusted client may no longer set it, see the
+    settings table: here the daemon's nix.conf sets it); the builder replaces its build
+    dir with a symlink to a root-only file and fails.  Keeping the build dir must not
+    chmod the target.  (Nix 2.8 chmods the build dir by path here too, and lets any
+    client set keep-failed: same hole.)"""
     group, _ = build_users
-    a = area_factory(conf=f"build-users-group = {group}\n")
+    a = area_factory(conf=f"build-users-group = {group}\nkeep-failed = true\n")
     a.start("ours")
     victim = os.path.join(a.base, "shadow")
     with open(victim, "w") as f:
