@@ -312,7 +312,7 @@ def test_links_missing_or_partly_deleted_is_rebuilt(tmp_path, monkeypatch):
         optimise_store(s)
         assert sorted(os.listdir(links)) == names
         # .links deleted in the middle of a run
-        real_new_entry = optimise._Worker._new_entry
+        real_new_entry = optimise.worker._Worker._new_entry
         state = {"n": 0}
 
         def new_entry(self, *a):
@@ -320,7 +320,7 @@ def test_links_missing_or_partly_deleted_is_rebuilt(tmp_path, monkeypatch):
             if state["n"] == 3:
                 shutil.rmtree(links)
             return real_new_entry(self, *a)
-        monkeypatch.setattr(optimise._Worker, "_new_entry", new_entry)
+        monkeypatch.setattr(optimise.worker._Worker, "_new_entry", new_entry)
         shutil.rmtree(links)
         optimise_store(s, threads=1)
         assert state["n"] > 3
@@ -379,7 +379,7 @@ def test_emlink_keeps_the_file_and_counts(tmp_path, monkeypatch):
             raise OSError(errno.EMLINK, "Too many links")
         return real_link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd,
                          follow_symlinks=follow_symlinks)
-    monkeypatch.setattr(optimise.os, "link", link)
+    monkeypatch.setattr(optimise.worker.os, "link", link)
     with open_store(root) as s:
         stats = optimise_store(s)
     must_link, _, _ = expected_gain(root)
@@ -415,8 +415,8 @@ def test_entry_or_temp_link_vanishing_is_retried(tmp_path, monkeypatch, what):
             hits["n"] += 1
             os.unlink(src, dir_fd=src_dir_fd)  # swept as junk
         return real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-    monkeypatch.setattr(optimise.os, "link", link)
-    monkeypatch.setattr(optimise.os, "rename", rename)
+    monkeypatch.setattr(optimise.worker.os, "link", link)
+    monkeypatch.setattr(optimise.worker.os, "rename", rename)
     with open_store(root) as s:
         stats = optimise_store(s, threads=1)
     assert hits["n"] == 3
@@ -542,8 +542,8 @@ def test_done_records_skip_unchanged_paths_and_notice_repairs(tmp_path, monkeypa
     with open_store(root) as s:
         optimise_store(s)
         preloads = []
-        real_preload = optimise._preload
-        monkeypatch.setattr(optimise, "_preload", lambda p: preloads.append(p) or real_preload(p))
+        real_preload = optimise.driver._preload
+        monkeypatch.setattr(optimise.driver, "_preload", lambda p: preloads.append(p) or real_preload(p))
         again = optimise_store(s)
         # .links unchanged since the last run: not even a readdir of the pool
         assert preloads == [] and again.files_hashed == 0 and again.files_linked == 0

@@ -1,0 +1,676 @@
+"""The optimiser proper: one run's shared state and the per-path walker that links files
+(the invariants are the package docstring's)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import queue
+import secrets
+import stat
+import threading
+from hashlib import sha256
+from stat import S_ISLNK, S_ISREG, S_IWUSR
+from typing import TYPE_CHECKING, Callable
+
+from ... import fs
+from ...formats.nar import symlink_node
+from ...fs import clear_immutable
+from ..errors import ReadOnlyStore
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+from .hashing import (
+    _BIG,
+    _CHANGED,
+    _CHUNK,
+    _MAX_PENDING,
+    _MAX_WARNINGS,
+    _MTIME_NS,
+    _NAR_MAGIC,
+    _O_DIR,
+    _O_PATH,
+    _O_READ,
+    _RETRIES,
+    LINKS_DIR,
+    TMP_LINK_PREFIX,
+    _hash_fd,
+    _hash_fd_and_close,
+    file_nar_hash,
+    nix32_sha256,
+)
+from .pool import OptimiseStats, PoolLock, _unlink_clearing, open_pool
+from .records import _NO_CTIME
+
+# --- the optimiser --------------------------------------------------------------------
+
+def _check_writable(store) -> None:
+    store._check_writable()  # read-only=true, or a read-only mount
+    if os.statvfs(store.real_store_dir).f_flag & os.ST_RDONLY:  # (a store not doing the check)
+        raise ReadOnlyStore(f"store '{store.real_store_dir}' is read-only (it is on a read-only mount)")
+
+
+def _preload(links: str) -> set[int]:
+    """Inode numbers of the pool (d_ino from readdir: no stat per entry)."""
+    try:
+        fd = open_pool(None, links)
+    except FileNotFoundError:
+        return set()
+    try:
+        return {e.inode() for e in fs.entries(fd)}
+    finally:
+        os.close(fd)
+
+
+class _Reaper:
+    """Closes the last fds on released inodes in background threads.
+
+    Freeing an inode's blocks happens at its last close and can wait on the
+    device (ext4 mounted with ``discard`` discards synchronously): that is
+    most of a first run's wall time.  Workers hand over fds in batches and
+    several closers overlap those waits while the workers go on.  Batches
+    and queue are bounded, so open fds stay far below RLIMIT_NOFILE.
+    """
+
+    BATCH = 16
+
+    def __init__(self, nthreads: int = 4, depth: int = 4) -> None:
+        self._q: queue.Queue[list[int] | None] = queue.Queue(depth)
+        self._threads = [threading.Thread(target=self._loop, name=f"optimise-close-{i}", daemon=True)
+                         for i in range(nthreads)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            fds = self._q.get()
+            if fds is None:
+                return
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def hand_over(self, fds: list[int]) -> None:
+        self._q.put(fds)
+
+    def join(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
+
+
+class _Run:
+    """State shared by the worker threads of one run."""
+
+    def __init__(self, store, inodes: set[int], dry_run: bool, trust_link_count: bool,
+                 log: Callable[[str], None] | None) -> None:
+        self.store = store
+        self.real = store.real_store_dir
+        self.links = os.path.join(self.real, LINKS_DIR)
+        self.inodes = inodes        # pool inodes (set.add / `in` are atomic under the GIL)
+        self.verified: set[int] = set()  # pool inodes byte-compared with a file this run
+        self.dry = dry_run
+        self.trust = trust_link_count
+        self._log = log
+        self.mutex = threading.Lock()
+        self.warnings: list[str] = []
+        self.tmp_prefix = f"{TMP_LINK_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self.counter = itertools.count()
+        # dry run: entries that would be created (hash name -> inode) and, per
+        # inode, [names that would be replaced, nlink, blocks, size]
+        self.vpool: dict[str, int] = {}
+        self.replaced: dict[int, list[int]] = {}
+        self.vremoved: set[str] = set()  # corrupt entries a real run would have removed
+        self.store_fd = os.open(self.real, _O_DIR)
+        self._links_fd: int | None = None
+        # fds on .links dirs replaced during the run: closed only at the end,
+        # since another thread may still be using one (a reused fd number
+        # would point a link() at the wrong directory)
+        self._old_fds: list[int] = []
+        self.reaper: _Reaper | None = None
+        self.hasher: ThreadPoolExecutor | None = None
+        # entries vanished or were replaced under us during the run: the run
+        # does not vouch for .links in its done-records (see there)
+        self.pool_disturbed = False
+
+    def links_fd(self) -> int:
+        """An fd on ``.links`` (-1 in a dry run of a store without one)."""
+        fd = self._links_fd
+        if fd is not None:
+            return fd
+        with self.mutex:
+            if self._links_fd is None:
+                self._open_links()
+            return self._links_fd  # type: ignore[return-value]
+
+    def reopen_links(self, stale: int) -> None:
+        """``.links`` was deleted under us: make a new one (unless another thread did)."""
+        with self.mutex:
+            if self._links_fd == stale:
+                self._open_links()
+
+    def _open_links(self) -> None:
+        if self._links_fd is not None:
+            self.pool_disturbed = True
+        if not self.dry:
+            try:
+                os.mkdir(LINKS_DIR, 0o755, dir_fd=self.store_fd)
+            except FileExistsError:
+                pass
+        try:
+            fd = open_pool(self.store_fd)
+        except FileNotFoundError:
+            if not self.dry:
+                raise
+            fd = -1  # dry run without a pool: every lookup misses
+        if fd >= 0:
+            self._old_fds.append(fd)
+        self._links_fd = fd
+
+    def warn(self, msg: str) -> None:
+        with self.mutex:
+            if len(self.warnings) < _MAX_WARNINGS:
+                self.warnings.append(msg)
+            if self._log:
+                self._log(f"warning: {msg}")
+
+    def close(self) -> None:
+        if self.hasher is not None:
+            self.hasher.shutdown()
+            self.hasher = None
+        if self.reaper is not None:
+            self.reaper.join()
+            self.reaper = None
+        os.close(self.store_fd)
+        for fd in self._old_fds:
+            os.close(fd)
+        self._old_fds = []
+        self._links_fd = None
+
+
+_RETRY = object()  # an outcome meaning "look the pool entry up again"
+_EXISTS = object()  # the pool already has an entry for this hash
+
+
+class _Worker:
+    """One thread's share of a run: its own stats, lock fds and fds to close.
+
+    Per file the outcome is the pool inode the name ends up on, or None if it
+    stays as it is (EMLINK, ENOSPC, a mismatch, a change under us).
+    """
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.stats = OptimiseStats(dry_run=run.dry)
+        self.lock: PoolLock | None = None
+        self._to_close: list[int] = []
+        # the path being walked: pool inodes of its files, and whether every
+        # file ended up on one (then the path is recorded as done)
+        self._inodes: list[int] = []
+        self._clean = True
+
+    def _close_later(self, fd: int) -> None:
+        reaper = self.run.reaper
+        if reaper is None:
+            os.close(fd)
+            return
+        self._to_close.append(fd)
+        if len(self._to_close) >= reaper.BATCH:
+            reaper.hand_over(self._to_close)
+            self._to_close = []
+
+    def close(self) -> None:
+        fds, self._to_close = self._to_close, []
+        for fd in fds:
+            os.close(fd)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock.close()
+            self.lock = None
+
+    def _hold(self) -> None:
+        if self.lock is None:
+            self.lock = PoolLock(self.run.store.state_dir)
+        if not self.lock.held:
+            self.lock.acquire_shared()
+
+    def _kept(self) -> None:
+        self._clean = False
+
+    # --- walking ---
+
+    def path(self, base: str) -> tuple[int, int, list[int]] | None:
+        """Optimise one store path; if every file is now on a pool inode, return
+        (top inode, top ctime, those inodes) for the done-record."""
+        run = self.run
+        self._inodes = []
+        self._clean = True
+        try:
+            st = os.stat(base, dir_fd=run.store_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # valid but missing: verify's business, not ours
+        shown = os.path.join(run.real, base)
+        if not stat.S_ISDIR(st.st_mode):
+            if st.st_ino in run.inodes and st.st_nlink > 1:
+                self.stats.files_already_linked += 1
+                self._inodes.append(st.st_ino)
+            elif S_ISREG(st.st_mode) or S_ISLNK(st.st_mode):
+                self._batch(run.store_fd, run.real, [(base, st.st_ino, st if S_ISLNK(st.st_mode) else None)],
+                            is_store_dir=True)
+        else:
+            self._tree(base, shown)
+        if not self._clean or run.dry:
+            return None
+        try:
+            top = os.stat(base, dir_fd=run.store_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return top.st_ino, top.st_ctime_ns if stat.S_ISDIR(top.st_mode) else _NO_CTIME, self._inodes
+
+    def _tree(self, base: str, shown: str) -> None:
+        # one batch per directory: the walker yields a directory's files together
+        d: fs.Node | None = None
+        todo: list[tuple[str, int, os.stat_result | None]] = []
+        for ev, node in fs.walk(base, self.run.store_fd):
+            if ev == fs.ENTRY:
+                if d is not None and node.parent_fd == d.fd:
+                    self._entry(node, todo)
+                else:
+                    self._kept()  # a subdirectory swapped for something else mid-walk
+                continue
+            if d is not None and todo:
+                self._batch(d.fd, d.show(shown), todo, is_store_dir=False)  # type: ignore[arg-type]
+                todo = []
+            d = node if ev == fs.ENTER else None
+
+    def _entry(self, node: fs.Node, todo: list[tuple[str, int, os.stat_result | None]]) -> None:
+        e = node.entry
+        if e is None:  # swapped for a file or a link after listing
+            self._kept()
+            return
+        ino = e.inode()
+        if ino in self.run.inodes:
+            # d_ino is a pool inode: linked already (Nix skips these unread too)
+            self.stats.files_already_linked += 1
+            self._inodes.append(ino)
+        elif node.kind == fs.REG:
+            todo.append((e.name, ino, None))
+        elif node.kind == fs.LNK:
+            try:
+                todo.append((e.name, ino, e.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                self._clean = False
+        # anything else cannot be in a valid path; Nix ignores it too
+
+    def _writable(self, shown: str) -> None:
+        self.stats.writable_skipped += 1
+        self._clean = False
+        self.run.warn(f"skipping suspicious writable file '{shown}'")
+
+    def _trusted(self) -> None:
+        self.stats.files_already_linked += 1
+        self._clean = False  # not known to be in the pool
+
+    def _changed(self, shown: str) -> None:
+        self.stats.changed_files += 1
+        self._clean = False
+        self.run.warn(f"file '{shown}' changed or vanished while being hashed; not linked")
+
+    def _batch(self, dfd: int, shown: str, todo: list[tuple[str, int, os.stat_result | None]],
+               is_store_dir: bool) -> None:
+        """Hash a directory's candidates (unlocked), then link them (locked as needed)."""
+        run, stats = self.run, self.stats
+        hasher, trust = run.hasher, run.trust
+        hashed: list = []  # [name, stat, digest or a future of it]
+        pending = 0
+        for name, ino, lst in todo:
+            try:
+                if lst is not None:  # a symlink: its NAR is its target
+                    if trust and lst.st_nlink > 1:
+                        self._trusted()
+                        continue
+                    target = os.fsencode(os.readlink(name, dir_fd=dfd))
+                    hashed.append([name, lst, sha256(_NAR_MAGIC + symlink_node(target)).digest()])
+                    continue
+                fd = os.open(name, _O_READ, dir_fd=dfd)
+            except OSError as e:
+                if e.errno not in _CHANGED:
+                    raise
+                self._changed(f"{shown}/{name}")
+                continue
+            handed = False
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != ino or not S_ISREG(st.st_mode):
+                    self._changed(f"{shown}/{name}")
+                elif st.st_mode & S_IWUSR:
+                    self._writable(f"{shown}/{name}")
+                elif trust and st.st_nlink > 1:
+                    self._trusted()
+                elif hasher is not None and st.st_size >= _BIG:
+                    # big files are hashed by the pool's threads (reads and hashlib
+                    # drop the GIL), in parallel with each other and with this loop
+                    hashed.append([name, st, hasher.submit(_hash_fd_and_close, fd, st)])
+                    handed = True
+                    pending += 1
+                    if pending >= _MAX_PENDING:  # bound the fds handed over
+                        self._resolve(hashed)
+                        pending = 0
+                else:
+                    hashed.append([name, st, _hash_fd(fd, st)])
+            finally:
+                if not handed:
+                    os.close(fd)
+        if pending:
+            self._resolve(hashed)
+        dir_state = _DirState(dfd, is_store_dir)
+        link = self._dry_link if run.dry else self._link
+        found = self._inodes
+        try:
+            for name, st, digest in hashed:
+                if digest is None:
+                    self._changed(f"{shown}/{name}")
+                    continue
+                stats.files_hashed += 1
+                stats.bytes_hashed += st.st_size
+                ino = link(dfd, shown, name, st, nix32_sha256(digest), dir_state)
+                if ino is None:
+                    self._clean = False
+                else:
+                    found.append(ino)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            if not run.dry:
+                dir_state.restore()
+
+    @staticmethod
+    def _resolve(hashed: list) -> None:
+        for item in hashed:
+            if not isinstance(item[2], (bytes, type(None))):
+                item[2] = item[2].result()
+
+    # --- linking one file ---
+
+    def _link(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str,
+              dir_state: "_DirState") -> int | None:
+        run, stats = self.run, self.stats
+        for _ in range(_RETRIES):
+            lfd = run.links_fd()
+            # Try to make the file the entry first: no lookup (and no lock) needed
+            # for the common case of a content seen for the first time.
+            out = self._new_entry(dfd, name, st, h, lfd)
+            if out is not _EXISTS:
+                if out is _RETRY:
+                    continue
+                return out  # type: ignore[return-value]
+            if not (self.lock and self.lock.held):
+                # From this lookup until the rename the entry must not be GC'd
+                # (module docstring).
+                self._hold()
+            try:
+                pst = os.stat(h, dir_fd=lfd, follow_symlinks=False)
+            except FileNotFoundError:
+                run.pool_disturbed = True
+                continue  # removed meanwhile: make the file the entry
+            if pst.st_ino == st.st_ino:
+                run.inodes.add(st.st_ino)
+                stats.files_already_linked += 1
+                return st.st_ino
+            if pst.st_ino not in run.verified:
+                if not self._same_contents(dfd, shown, name, st, h, lfd, pst):
+                    return None
+                run.verified.add(pst.st_ino)
+            out = self._replace(dfd, shown, name, st, h, lfd, pst, dir_state)
+            if out is not _RETRY:
+                return out  # type: ignore[return-value]
+        run.warn(f"gave up linking '{shown}/{name}': its pool entry kept changing")
+        return None
+
+    def _new_entry(self, dfd: int, name: str, st: os.stat_result, h: str, lfd: int):
+        """Make the file itself the pool entry (``_EXISTS`` if there is one)."""
+        run, stats = self.run, self.stats
+        try:
+            os.link(name, h, src_dir_fd=dfd, dst_dir_fd=lfd, follow_symlinks=False)
+        except FileExistsError:
+            return _EXISTS
+        except FileNotFoundError:
+            if os.fstat(lfd).st_nlink == 0:
+                run.reopen_links(lfd)  # .links was deleted under us: rebuild it
+                return _RETRY
+            return None  # the file itself is gone
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                stats.enospc += 1  # ext4's dir index is full: this content stays unshared
+                return None
+            if e.errno == errno.EMLINK:
+                stats.emlink += 1
+                return None
+            if e.errno == errno.EPERM and (clear_immutable(name, dfd) | clear_immutable(".", lfd)):
+                return _RETRY
+            raise
+        run.inodes.add(st.st_ino)
+        run.verified.add(st.st_ino)
+        stats.new_pool_entries += 1
+        return st.st_ino
+
+    def _same_contents(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str,
+                       lfd: int, pst: os.stat_result) -> bool:
+        """Byte comparison before the first link to an entry; on a mismatch nothing is linked."""
+        run, stats = self.run, self.stats
+        if (stat.S_IFMT(pst.st_mode) == stat.S_IFMT(st.st_mode) and pst.st_size == st.st_size
+                and (pst.st_mode ^ st.st_mode) & stat.S_IXUSR == 0  # part of the NAR too
+                and _equal(name, dfd, st, h, lfd, pst)):
+            return True
+        # Which side is wrong?  The entry's name is its hash: re-hash it.
+        try:
+            got = file_nar_hash(h, lfd)
+        except FileNotFoundError:
+            return False  # gone already; the next file with this content recreates it
+        if got is None or nix32_sha256(got[0]) != h:
+            stats.corrupt_links_removed += 1
+            if run.dry:
+                with run.mutex:
+                    run.vremoved.add(h)
+                run.warn(f"pool entry '{run.links}/{h}' is corrupt (its contents do not match its "
+                         "name); a real run removes it")
+                return False
+            run.warn(f"removing corrupted link '{run.links}/{h}' (its contents do not match its name; "
+                     "'nix-store --verify --check-contents' finds any path already linked to it)")
+            try:
+                if os.stat(h, dir_fd=lfd, follow_symlinks=False).st_ino == pst.st_ino:
+                    _unlink_clearing(h, lfd)
+            except FileNotFoundError:
+                pass
+            run.inodes.discard(pst.st_ino)
+        else:
+            stats.changed_files += 1
+            run.warn(f"file '{shown}/{name}' changed since it was hashed; not linked")
+        return False
+
+    def _replace(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str, lfd: int,
+                 pst: os.stat_result, dir_state: "_DirState"):
+        """link the entry to a temp name in the store, rename that over the file."""
+        run, stats = self.run, self.stats
+        tmp = f"{run.tmp_prefix}{next(run.counter)}"
+        sfd = run.store_fd
+        try:
+            os.link(h, tmp, src_dir_fd=lfd, dst_dir_fd=sfd, follow_symlinks=False)
+        except FileNotFoundError:
+            run.pool_disturbed = True
+            return _RETRY  # the entry vanished (a GC that does not take our lock)
+        except OSError as e:
+            if e.errno == errno.EMLINK:
+                stats.emlink += 1
+                return None
+            if e.errno == errno.EPERM and clear_immutable(h, lfd):
+                return _RETRY
+            raise
+        renamed = False
+        try:
+            try:
+                tst = os.stat(tmp, dir_fd=sfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return _RETRY  # swept as junk by a GC
+            if tst.st_ino != pst.st_ino:
+                run.pool_disturbed = True
+                return _RETRY  # the entry was replaced since we compared it
+            # An O_PATH fd on the file being replaced: its identity now, and
+            # after the rename whether its last link went (st_nlink 0).
+            ffd = os.open(name, _O_PATH, dir_fd=dfd)
+            freed = False
+            try:
+                fst = os.fstat(ffd)
+                if (fst.st_ino, fst.st_size, fst.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
+                    stats.changed_files += 1
+                    run.warn(f"file '{shown}/{name}' changed since it was hashed; not linked")
+                    return None
+                if fst.st_ino == tst.st_ino:
+                    stats.files_already_linked += 1
+                    return fst.st_ino
+                if not dir_state.rename(tmp, sfd, name):
+                    return _RETRY  # the temp link was swept by a GC
+                try:
+                    # rename onto a name that already is this inode does nothing
+                    os.unlink(tmp, dir_fd=sfd)
+                    renamed = True
+                    stats.files_already_linked += 1
+                    return pst.st_ino
+                except FileNotFoundError:
+                    renamed = True
+                stats.files_linked += 1
+                run.inodes.add(pst.st_ino)
+                if os.fstat(ffd).st_nlink == 0:
+                    freed = True
+                    stats.inodes_freed += 1
+                    stats.bytes_freed += fst.st_blocks * 512
+                    stats.apparent_bytes_freed += fst.st_size
+                return pst.st_ino
+            finally:
+                if freed:
+                    self._close_later(ffd)  # the blocks are released at this close
+                else:
+                    os.close(ffd)
+        finally:
+            if not renamed:
+                try:
+                    os.unlink(tmp, dir_fd=sfd)
+                except FileNotFoundError:
+                    pass
+
+    def _dry_link(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str,
+                  dir_state: "_DirState") -> int | None:
+        run, stats = self.run, self.stats
+        lfd = run.links_fd()
+        pst = None
+        if lfd >= 0 and h not in run.vremoved:
+            try:
+                pst = os.stat(h, dir_fd=lfd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+        with run.mutex:
+            target = pst.st_ino if pst is not None else run.vpool.get(h)
+            if target is None:
+                run.vpool[h] = st.st_ino
+                run.inodes.add(st.st_ino)
+                stats.new_pool_entries += 1
+                return st.st_ino
+        if target == st.st_ino:
+            stats.files_already_linked += 1
+            return target
+        if pst is not None and pst.st_ino not in run.verified:
+            if not self._same_contents(dfd, shown, name, st, h, lfd, pst):
+                return None
+            run.verified.add(pst.st_ino)
+        stats.files_linked += 1
+        with run.mutex:
+            rec = run.replaced.setdefault(st.st_ino, [0, st.st_nlink, st.st_blocks, st.st_size])
+            rec[0] += 1
+        return target
+
+
+class _DirState:
+    """A directory whose entries are being replaced: made writable only if a rename
+    is refused, and put back to canonical mode and mtime afterwards."""
+
+    def __init__(self, dfd: int, is_store_dir: bool) -> None:
+        self.dfd = dfd
+        self.is_store_dir = is_store_dir  # the store dir's own metadata is not ours to touch
+        self.touched = False
+        self.chmodded = False
+
+    def rename(self, tmp: str, sfd: int, name: str) -> bool:
+        """rename; False if the temp link vanished (swept by a GC)."""
+        for attempt in range(3):
+            try:
+                os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=self.dfd)
+                self.touched = True
+                return True
+            except FileNotFoundError:
+                return False
+            except PermissionError as e:
+                if attempt == 2 or self.is_store_dir:
+                    raise
+                if e.errno == errno.EACCES:
+                    # not root (or no CAP_DAC_OVERRIDE): u+w for the rename only
+                    os.fchmod(self.dfd, 0o755)
+                    self.chmodded = True
+                    self.touched = True
+                elif not (clear_immutable(name, self.dfd) | clear_immutable(".", self.dfd)
+                          | clear_immutable(tmp, sfd)):
+                    raise
+        return False  # pragma: no cover
+
+    def restore(self) -> None:
+        if self.is_store_dir or not self.touched:
+            return
+        if self.chmodded:
+            os.fchmod(self.dfd, 0o555)
+        os.utime(self.dfd, ns=(os.fstat(self.dfd).st_atime_ns, _MTIME_NS))
+
+
+def _equal(name: str, dfd: int, st: os.stat_result, h: str, lfd: int, pst: os.stat_result) -> bool:
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return os.readlink(name, dir_fd=dfd) == os.readlink(h, dir_fd=lfd)
+        except OSError:
+            return False
+    try:
+        a = os.open(name, _O_READ, dir_fd=dfd)
+    except OSError:
+        return False
+    try:
+        try:
+            b = os.open(h, _O_READ, dir_fd=lfd)
+        except OSError:
+            return False
+        try:
+            if os.fstat(a).st_ino != st.st_ino or os.fstat(b).st_ino != pst.st_ino:
+                return False
+            left = st.st_size
+            while left:
+                n = min(left, _CHUNK)
+                x, y = _read_n(a, n), _read_n(b, n)
+                if x != y or len(x) != n:
+                    return False
+                left -= n
+            return not os.read(a, 1) and not os.read(b, 1)
+        finally:
+            os.close(b)
+    finally:
+        os.close(a)
+
+
+def _read_n(fd: int, n: int) -> bytes:
+    data = os.read(fd, n)
+    while len(data) < n:
+        more = os.read(fd, n - len(data))
+        if not more:
+            break
+        data += more
+    return data
