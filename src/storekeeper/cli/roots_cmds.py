@@ -9,7 +9,6 @@ import sys
 import time
 
 from ..store.inspect import RootInfo
-from ..store.local import LocalStore
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
 _STEPS = ("clean", "runtime", "sync")

@@ -85,6 +85,7 @@ from .locks import PathLocks
 from .. import fs
 from ..fs import remove_tree
 from .narfs import dump_path, restore_nar
+from .optimise import optimise_path
 from .settings import nix_conf_path, parse_bool, parse_nix_conf, read_nix_conf
 
 # --- results ------------------------------------------------------------------
@@ -1440,10 +1441,6 @@ class Builder:
             return
         hook = getattr(self.store, "_auto_optimise", None)
         if hook is None:
-            try:
-                from .optimise import optimise_path
-            except ImportError:
-                return
             hook = lambda sp: optimise_path(self.store, sp)  # noqa: E731
         for sp in paths:
             hook(sp)

@@ -36,13 +36,14 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 from .. import fs
 from ..formats.storepath import StorePath, StorePathError
 from .errors import StoreError
 from .locks import PathLocks, lock_fd, open_lock_file
 from .graph import Graph
+from .optimise import remove_unused_links
 from .roots import Root, RootFinder
 
 BATCH = 1024
@@ -441,7 +442,6 @@ class GarbageCollector:
 
     def _remove_unused_links(self, result: GCResult) -> None:
         # under the optimiser's lock protocol (see store.optimise)
-        from .optimise import remove_unused_links
         self.log("deleting unused links...")
         freed, saving = remove_unused_links(self.store)
         result.bytes_freed += freed

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from .. import fs
 from ..formats.storepath import StorePath
 from .graph import Graph
-from .roots import Root, RootFinder
+from .roots import CENSORED, Root, RootFinder
 
 
 @dataclass
@@ -190,7 +190,6 @@ def _lstats(top: str) -> Iterator[os.stat_result]:
 def roots_overview(store, uid: int, hide_link: Callable[[RootInfo], bool] = lambda r: False) -> dict:
     """The roots and the settings that decide them, as one JSON-able dict (``storekeeper
     roots``); ``hide_link`` says which links the asker may not see."""
-    from .roots import CENSORED
     cfg = store.settings
     roots = []
     for info in list_roots(store):

@@ -33,6 +33,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .. import fs
 from ..formats import nar as narfmt
+from ..formats.derivation import check_derivation_outputs, parse_derivation
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
 from ..formats.errors import FormatError
 from ..formats.hashes import Hash, new_hasher
@@ -46,7 +47,8 @@ from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
-from .optimise import open_pool
+from .gc import DELETE_DEAD, GarbageCollector, GCOptions
+from .optimise import open_pool, optimise_path
 from .queries import DerivedQueries
 from .settings import StoreSettings
 from .temproots import TempRoots
@@ -251,7 +253,6 @@ class LocalStore(DerivedQueries):
             try:
                 canonicalise_paths([real])
                 if self.settings.auto_optimise_store:
-                    from .optimise import optimise_path
                     optimise_path(self, sp, set())  # empty inode set, as Nix does
                 self.register_valid_paths([info])
             except BaseException:
@@ -393,7 +394,6 @@ class LocalStore(DerivedQueries):
     def _check_drv_outputs(self, drv_path: StorePath, drv) -> None:
         """A ``.drv`` is registered only with the output paths its inputs give it
         (Nix's checkDerivationOutputs); input ``.drv``s are references, so valid."""
-        from ..formats.derivation import check_derivation_outputs
         cache = self.__dict__.setdefault("_drv_hash_cache", {})  # .drv files never change
 
         def read(path: str):
@@ -404,7 +404,6 @@ class LocalStore(DerivedQueries):
             raise StoreError(str(e)) from None
 
     def _read_drv_file(self, drv: StorePath):
-        from ..formats.derivation import parse_derivation
         with open(self.real_path(drv), "rb") as f:
             try:
                 return parse_derivation(f.read(), self.store_dir)
@@ -463,7 +462,6 @@ class LocalStore(DerivedQueries):
     def collect_garbage(self, options, log: Callable[[str], None] | None = None,
                         progress: Callable[[int, int], None] | None = None):
         """Run the collector (see :mod:`storekeeper.store.gc` for its invariants)."""
-        from .gc import GarbageCollector
         return GarbageCollector(self, log, progress).collect(options)
 
     def free_space(self) -> int:
@@ -491,7 +489,6 @@ class LocalStore(DerivedQueries):
         avail = self.free_space()
         if avail >= s.min_free or avail >= s.max_free:
             return
-        from .gc import DELETE_DEAD, GCOptions
         self.collect_garbage(GCOptions(
             action=DELETE_DEAD, max_freed=s.max_free - avail, keep_outputs=s.keep_outputs,
             keep_derivations=s.keep_derivations, wait_for_lock=False,
