@@ -16,75 +16,26 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from .. import __version__
 from ..formats.errors import FormatError
 from ..formats.hashes import ALGO_SIZES
-from ..formats.storepath import StorePath
 from ..store.errors import StoreError
-from ..store.layout import DaemonAddress, LocalLayout, parse_store_url
-from ..store.local import LocalStore
-from ..store.settings import StoreSettings
+from .common import UsageError, is_local, needs_local, open_store, print_paths, resolve_path, valid
 
 if TYPE_CHECKING:
     from ..client.remote import RemoteStore
+    from ..formats.storepath import StorePath
+    from ..store.local import LocalStore
 
     Store = LocalStore | RemoteStore
-
-
-class UsageError(Exception):
-    pass
-
-
-def open_store(url: str | None) -> Store:
-    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
-    address = parse_store_url(url)
-    if isinstance(address, DaemonAddress):
-        from ..client import open_remote
-        return open_remote(address, log=lambda m: print(m, file=sys.stderr))
-    assert isinstance(address, LocalLayout)
-    return LocalStore(address, settings=StoreSettings.from_nix_conf())
-
-
-def _needs_local(store: Store, what: str) -> LocalStore:
-    if not isinstance(store, LocalStore):
-        raise UsageError(f"{what} needs a local store (it reads the store's files and database "
-                         f"directly), not the daemon at '{store.socket_path}'")
-    return store
-
-
-def resolve_path(store: Store, arg: str) -> StorePath:
-    """A store path from an argument: a store path, a path inside one, or a link to one."""
-    sd = store.store_dir
-    path = os.path.abspath(arg) if not arg.startswith("/") else os.path.normpath(arg)
-    for _ in range(40):
-        if sd.is_in_store(path):
-            sp, _rest = sd.split(path)
-            return sp
-        if not os.path.islink(path):
-            break
-        target = os.readlink(path)
-        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
-    raise UsageError(f"path '{arg}' is not in the Nix store")
-
-
-def _valid(store: Store, arg: str) -> StorePath:
-    sp = resolve_path(store, arg)
-    if not store.is_valid(sp):
-        raise StoreError(f"path '{store.print_path(sp)}' is not valid")
-    return sp
-
-
-def _print_paths(store: Store, paths: Iterable[StorePath]) -> None:
-    out = sys.stdout
-    for p in paths:
-        out.write(store.print_path(p) + "\n")
 
 
 # --- commands ---------------------------------------------------------------
 
 def cmd_init(store: Store, args: argparse.Namespace) -> int:
-    if not isinstance(store, LocalStore):
+    if not is_local(store):
         print(f"store: {store.store_dir.path} (served by the daemon at {store.socket_path}, "
               f"Nix {store.daemon_nix_version or 'unknown'})")
         return 0
@@ -102,23 +53,23 @@ def cmd_add(store: Store, args: argparse.Namespace) -> int:
 
 def cmd_add_text(store: Store, args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
-    refs = [_valid(store, r) for r in args.ref]
+    refs = [valid(store, r) for r in args.ref]
     info = store.add_text(args.name, data, refs)
     print(store.print_path(info.path))
     return 0
 
 
 def cmd_query(store: Store, args: argparse.Namespace) -> int:
-    paths = [_valid(store, a) for a in args.paths]
+    paths = [valid(store, a) for a in args.paths]
     if args.what in ("references", "referrers", "requisites"):
         result: set[StorePath] = set()
         if args.what == "requisites":
             result = store.query_closure(paths, include_outputs=args.include_outputs)
-            _print_paths(store, reversed(store.topo_sort(result)))
+            print_paths(store, reversed(store.topo_sort(result)))
             return 0
         for p in paths:
             result |= store.query_references(p) if args.what == "references" else store.query_referrers(p)
-        _print_paths(store, sorted(result))
+        print_paths(store, sorted(result))
         return 0
     for p in paths:
         info = store.path_info(p)
@@ -130,14 +81,14 @@ def cmd_query(store: Store, args: argparse.Namespace) -> int:
             print(store.print_path(info.deriver) if info.deriver else "unknown-deriver")
         elif args.what == "outputs":
             if p.is_derivation:
-                _print_paths(store, store.query_derivation_outputs(p).values())
+                print_paths(store, store.query_derivation_outputs(p).values())
             else:
                 print(store.print_path(p))
     return 0
 
 
 def cmd_path_info(store: Store, args: argparse.Namespace) -> int:
-    paths = [_valid(store, a) for a in args.paths]
+    paths = [valid(store, a) for a in args.paths]
     if args.recursive:
         paths = sorted(store.query_closure(paths))
     else:
@@ -165,7 +116,7 @@ def cmd_path_info(store: Store, args: argparse.Namespace) -> int:
 
 def cmd_dump(store: Store, args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
-    for chunk in store.dump_path(_valid(store, args.path)):
+    for chunk in store.dump_path(valid(store, args.path)):
         out.write(chunk)
     out.flush()
     return 0
@@ -203,18 +154,19 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     from ..store.gc import DEAD, DELETE_DEAD, LIVE, GCOptions
     action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
     if args.dry_run:
-        _needs_local(store, "gc --dry-run (it measures the files a GC would free)")
-    if isinstance(store, LocalStore):
+        needs_local(store, "gc --dry-run (it measures the files a GC would free)")
+    if is_local(store):
         cfg = store.settings
     elif args.keep_outputs or args.no_keep_derivations:
         raise UsageError("through a daemon, keep-outputs and keep-derivations are the daemon's "
                          "settings (its nix.conf)")
     else:
+        from ..store.settings import StoreSettings
         cfg = StoreSettings()  # not sent: the daemon applies its own
     opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
                      keep_outputs=args.keep_outputs or cfg.keep_outputs,
                      keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
-    if action == DELETE_DEAD and not isinstance(store, LocalStore) and not args.no_sync_roots:
+    if action == DELETE_DEAD and not is_local(store) and not args.no_sync_roots:
         from .roots_cmds import before_gc
         before_gc(args.store, args.skip_step or ())
     from .progress import Progress
@@ -255,24 +207,17 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
 
 def cmd_roots(store: Store, args: argparse.Namespace) -> int:
     from .roots_cmds import print_root_infos, remote_roots
-    if not isinstance(store, LocalStore):
+    if not is_local(store):
         return remote_roots(store, args.store, args.json)
     from ..store.inspect import list_roots
     print_root_infos(list_roots(store), args.json)
     return 0
 
 
-def _age(seconds: float) -> str:
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n:
-            return f"{int(seconds // n)}{unit}"
-    return f"{int(seconds)}s"
-
-
 def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
     from ..store.inspect import why_alive
-    local = _needs_local(store, "why-alive")
-    sp = _valid(local, args.path)
+    local = needs_local(store, "why-alive")
+    sp = valid(local, args.path)
     chain = why_alive(local, sp)
     if chain is None:
         print(f"{store.print_path(sp)} is not reachable from any root: the next GC deletes it")
@@ -299,7 +244,7 @@ def cmd_delete(store: Store, args: argparse.Namespace) -> int:
 
 def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
     from ..store.optimise import optimise_store
-    local = _needs_local(store, "optimise")
+    local = needs_local(store, "optimise")
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     stats = optimise_store(local, dry_run=args.dry_run, trust_link_count=args.trust_link_count, log=log,
                            processes=args.jobs)
@@ -321,7 +266,7 @@ def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
 
 def cmd_stats(store: Store, args: argparse.Namespace) -> int:
     from ..store.optimise import pool_stats
-    ps = pool_stats(_needs_local(store, "stats"))
+    ps = pool_stats(needs_local(store, "stats"))
     if args.json:
         json.dump(ps.to_json(), sys.stdout)
         sys.stdout.write("\n")
@@ -357,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "local?store=S&state=T&log=L, unix://SOCKET, daemon, ssh-ng://[USER@]HOST, "
                    "tcp://HOST:PORT (default: $NIX_REMOTE, else the embedded store under the "
                    "user's data dir)")
+    p.add_argument("--version", action="version", version=f"storekeeper {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("daemon", help="serve the store over the Nix worker protocol "

@@ -9,6 +9,7 @@ import sys
 import time
 
 from ..store.inspect import RootInfo
+from .common import age, open_store, resolve_path
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
 _STEPS = ("clean", "runtime", "sync")
@@ -26,7 +27,6 @@ def _say(lines) -> None:
 
 def cmd_add_root(store, args: argparse.Namespace) -> int:
     from ..client.rootsync import add_root
-    from .main import resolve_path
     sp = resolve_path(store, args.path)
     print(add_root(store, _api(store), args.link, sp))
     return 0
@@ -57,7 +57,6 @@ def before_gc(url: str | None, skip=()) -> None:
     """The client's steps before a daemon collects, on a connection of their own (a
     nix-daemon closes the connection on our operations; the collection still runs)."""
     from ..client.userroots import NotStorekeeperDaemon
-    from .main import open_store
     store = open_store(url)
     try:
         sync_for(store, skip)
@@ -72,16 +71,15 @@ def _when(t: float | None) -> str:
 
 
 def print_root_infos(infos: list[RootInfo], as_json: bool) -> None:
-    from .main import _age
     if as_json:
         json.dump([r.to_json() for r in infos], sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
     for r in infos:
-        age = "-" if r.age_seconds is None else _age(r.age_seconds)
+        shown_age = "-" if r.age_seconds is None else age(r.age_seconds)
         flag = "" if r.valid or not r.target else "  (invalid target)"
         detail = r.detail()
-        print(f"{r.kind:9} {r.owner or '-':10} {age:>6} {r.closure_size / 2**20:10.2f} MiB  "
+        print(f"{r.kind:9} {r.owner or '-':10} {shown_age:>6} {r.closure_size / 2**20:10.2f} MiB  "
               f"{r.link} -> {r.target or '?'}{flag}" + (f"  [{detail}]" if detail else ""))
 
 
@@ -89,7 +87,6 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
     """Through storekeeper's daemon: every root with its kind and details (ListRoots);
     through another daemon: links and targets (FindRoots)."""
     from ..client.userroots import NotStorekeeperDaemon, RemoteUserRoots
-    from .main import open_store
     try:
         overview = RemoteUserRoots(store).overview()
     except NotStorekeeperDaemon:

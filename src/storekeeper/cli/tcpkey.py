@@ -11,12 +11,13 @@ import argparse
 import socket
 import sys
 
+from .common import UsageError
+
 
 def cmd_tcp_key(store, args: argparse.Namespace) -> int:
     from ..client.keys import issue_tcp_key, revoke_tcp_key, save_tcp_key
     from ..client.remote import RemoteStore
     from ..client.transports import default_tcp_key_path
-    from .main import UsageError
     if not isinstance(store, RemoteStore):
         raise UsageError("tcp-key asks the daemon, which keeps the keys: use --store daemon "
                          "or --store unix://SOCKET on the daemon's host")

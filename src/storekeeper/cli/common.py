@@ -1,0 +1,84 @@
+"""What the CLI's commands share: opening a store, naming paths, one-line errors.
+
+Heavy modules (the store, the client) are imported when a command needs them, so
+``storekeeper --help`` and ``--version`` start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Iterable
+
+from ..formats.storepath import StorePath
+from ..store.errors import StoreError
+
+if TYPE_CHECKING:
+    from ..client.remote import RemoteStore
+    from ..store.local import LocalStore
+
+    Store = LocalStore | RemoteStore
+
+
+class UsageError(Exception):
+    pass
+
+
+def open_store(url: str | None) -> Store:
+    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
+    from ..store.layout import DaemonAddress, LocalLayout, parse_store_url
+    from ..store.local import LocalStore
+    from ..store.settings import StoreSettings
+    address = parse_store_url(url)
+    if isinstance(address, DaemonAddress):
+        from ..client import open_remote
+        return open_remote(address, log=lambda m: print(m, file=sys.stderr))
+    assert isinstance(address, LocalLayout)
+    return LocalStore(address, settings=StoreSettings.from_nix_conf())
+
+
+def is_local(store: Store) -> bool:
+    from ..store.local import LocalStore
+    return isinstance(store, LocalStore)
+
+
+def needs_local(store: Store, what: str) -> LocalStore:
+    if not is_local(store):
+        raise UsageError(f"{what} needs a local store (it reads the store's files and database "
+                         f"directly), not the daemon at '{store.socket_path}'")
+    return store
+
+
+def resolve_path(store: Store, arg: str) -> StorePath:
+    """A store path from an argument: a store path, a path inside one, or a link to one."""
+    sd = store.store_dir
+    path = os.path.abspath(arg) if not arg.startswith("/") else os.path.normpath(arg)
+    for _ in range(40):
+        if sd.is_in_store(path):
+            sp, _rest = sd.split(path)
+            return sp
+        if not os.path.islink(path):
+            break
+        target = os.readlink(path)
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    raise UsageError(f"path '{arg}' is not in the Nix store")
+
+
+def valid(store: Store, arg: str) -> StorePath:
+    sp = resolve_path(store, arg)
+    if not store.is_valid(sp):
+        raise StoreError(f"path '{store.print_path(sp)}' is not valid")
+    return sp
+
+
+def print_paths(store: Store, paths: Iterable[StorePath]) -> None:
+    out = sys.stdout
+    for p in paths:
+        out.write(store.print_path(p) + "\n")
+
+
+def age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{int(seconds // n)}{unit}"
+    return f"{int(seconds)}s"
