@@ -74,19 +74,20 @@ def test_dump_restore_round_trip(sk, tmp_path):
     assert (tmp_path / "out" / "x").read_bytes() == b"x\n"
     r = subprocess.run([sys.executable, "-m", "storekeeper.cli.main", "restore", str(tmp_path / "bad")],
                        input=nar[:-3], capture_output=True)
-    assert r.returncode == 1 and r.stderr.decode().count("\n") == 1
+    assert r.returncode == 65 and r.stderr.decode().count("\n") == 1
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("query", "--hash", "/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-missing"), "is not valid"),
-    (("query", "--hash", "/etc/passwd"), "'/etc/passwd' is not in the Nix store"),
-    (("add", "/does/not/exist"), "/does/not/exist"),
-    (("add", "--name", "bad name", "/etc/hostname"), "forbidden character"),
+@pytest.mark.parametrize("args,needle,exit_code", [
+    (("query", "--hash", "/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-missing"), "is not valid", 3),
+    (("query", "--hash", "/etc/passwd"), "'/etc/passwd' is not in the Nix store", 2),
+    (("add", "/does/not/exist"), "/does/not/exist", 74),
+    (("add", "--name", "bad name", "/etc/hostname"), "forbidden character", 65),
 ])
-def test_errors_are_one_line(sk, args, needle):
+def test_errors_are_one_line(sk, args, needle, exit_code):
+    """One line each, with the exit code of its kind (storekeeper.errors)."""
     code, out, err = sk(*args)
-    assert code == 1 and out == ""
+    assert code == exit_code and out == "", err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
     assert "Traceback" not in err
 

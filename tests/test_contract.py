@@ -29,7 +29,7 @@ from storekeeper.formats.hashes import Hash
 from storekeeper.formats.nar import Directory, Regular, Symlink, dump_node, dump_string
 from storekeeper.formats.pathinfo import ValidPathInfo
 from storekeeper.formats.storepath import StoreDir
-from storekeeper.store.errors import InvalidPath, StoreError
+from storekeeper.errors import InvalidPath, StoreError
 from storekeeper.store.gc import DEAD, DELETE_SPECIFIC, LIVE, GCOptions
 from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore

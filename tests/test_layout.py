@@ -1,6 +1,6 @@
 import pytest
 
-from storekeeper.store.errors import StoreError
+from storekeeper.errors import StoreError
 from storekeeper.store.layout import DaemonAddress, LocalLayout, parse_store_url
 
 ENV = {"HOME": "/home/u"}

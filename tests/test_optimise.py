@@ -24,7 +24,7 @@ from storekeeper.formats.nar import dump_string
 from storekeeper.store import canonicalise, optimise
 from storekeeper.fs.openat import FS_IMMUTABLE_FL, FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, clear_immutable
 from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
-from storekeeper.store.errors import ReadOnlyStore
+from storekeeper.errors import ReadOnlyStore
 from storekeeper.store.gc import DELETE_DEAD, DELETE_SPECIFIC, GCOptions
 from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
@@ -855,7 +855,7 @@ def test_read_only_store_reads_and_refuses_writes(tmp_path):
         assert s.verify(check_contents=True).ok
     url = f"local?root={root}&read-only=true"
     r = sk(["--store", url, "optimise"], check=False)
-    assert r.returncode == 1 and "is read-only" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 4 and "is read-only" in r.stderr and "Traceback" not in r.stderr
     assert sk(["--store", url, "stats"]).returncode == 0
     assert os.listdir(os.path.join(root, "nix/store/.links")) == []
 
@@ -879,7 +879,7 @@ def test_read_only_bind_mount(tmp_path):
     if r.returncode == 77 or "unshare failed" in r.stderr:
         pytest.skip(f"cannot make a read-only bind mount here: {r.stderr.strip()[:200]}")
     out = r.stdout
-    assert "optimise=1" in out and "add=1" in out, (out, r.stderr)
+    assert "optimise=4" in out and "add=4" in out, (out, r.stderr)  # refused: read-only
     assert "stats=0" in out and "verify=0" in out and "q=0" in out, (out, r.stderr)
     assert r.stderr.count("is read-only") >= 2 and "Traceback" not in r.stderr, r.stderr
     assert os.listdir(os.path.join(root, "nix/store/.links")) == []

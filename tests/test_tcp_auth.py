@@ -27,7 +27,7 @@ from storekeeper.client.keys import issue_tcp_key, revoke_tcp_key, save_tcp_key
 from storekeeper.client.transports import SshTransport, default_tcp_key_path
 from storekeeper.formats import tcpauth
 from storekeeper.formats.wire import WORKER_MAGIC_1, WireEOF, WireReader, WireWriter
-from storekeeper.store.errors import StoreError
+from storekeeper.errors import StoreError
 from storekeeper.store.layout import SshAddress, TcpAddress, parse_store_url
 from storekeeper.store.tcpkeys import TcpKeys, format_key_file, parse_key_file, read_key_file
 

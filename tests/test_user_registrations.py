@@ -411,7 +411,7 @@ def test_runtime_roots_setting_chooses_proc_scanning_or_leases(tmp_path, mode):
 
 
 def test_runtime_roots_setting_is_checked():
-    from storekeeper.store.errors import StoreError
+    from storekeeper.errors import StoreError
     from storekeeper.store.settings import StoreSettings
     with pytest.raises(StoreError, match="'sometimes' is not one of proc, client, both"):
         StoreSettings().with_settings([("runtime-roots", "sometimes")])

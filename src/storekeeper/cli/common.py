@@ -11,17 +11,13 @@ import sys
 from typing import TYPE_CHECKING, Iterable
 
 from ..formats.storepath import StorePath
-from ..store.errors import StoreError
+from ..errors import InvalidPath, UsageError
 
 if TYPE_CHECKING:
     from ..client.remote import RemoteStore
     from ..store.local import LocalStore
 
     Store = LocalStore | RemoteStore
-
-
-class UsageError(Exception):
-    pass
 
 
 def open_store(url: str | None) -> Store:
@@ -67,7 +63,7 @@ def resolve_path(store: Store, arg: str) -> StorePath:
 def valid(store: Store, arg: str) -> StorePath:
     sp = resolve_path(store, arg)
     if not store.is_valid(sp):
-        raise StoreError(f"path '{store.print_path(sp)}' is not valid")
+        raise InvalidPath(f"path '{store.print_path(sp)}' is not valid")
     return sp
 
 

@@ -2,7 +2,8 @@
 
 Output follows nix-store: store paths one a line; ``--json`` where a script
 would read a table.  Errors are one line on stderr (``error: …``) naming the
-path or argument at fault, with a non-zero exit and no traceback.
+path or argument at fault, with no traceback and the exit code of its kind (``storekeeper.errors``: usage 2,
+not found 3, refused 4, conflict 5, bad input 65, I/O 74, anything else 1).
 
 Every command takes a local store or a daemon (``--store unix://SOCKET``,
 ``daemon``, ``NIX_REMOTE``) and answers the same through either; the few
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 from .. import __version__
 from ..formats.errors import FormatError
 from ..formats.hashes import ALGO_SIZES
-from ..store.errors import StoreError
+from ..errors import EXIT_IO, StorekeeperError
 from .common import UsageError, is_local, needs_local, open_store, print_paths, resolve_path, valid
 
 if TYPE_CHECKING:
@@ -411,16 +412,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "no_store", False):
             store = open_store(args.store)
         return int(args.func(store, args))
-    except (StoreError, FormatError, UsageError) as e:
-        # one line, even for a daemon's multi-line message
+    except (StorekeeperError, FormatError) as e:
+        # one line, even for a daemon's multi-line message; the exit code says what kind
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        return 1
+        return e.exit_code
     except BrokenPipeError:
         return 1
     except OSError as e:
         where = f" '{e.filename}':" if e.filename else ""
         print(f"error:{where} {e.strerror or e}", file=sys.stderr)
-        return 1
+        return EXIT_IO
     except KeyboardInterrupt:
         return 130
     finally:

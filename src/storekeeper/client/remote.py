@@ -65,7 +65,7 @@ from ..formats.wire import (
     read_stderr_message,
     write_path_info,
 )
-from ..store.errors import BadArchive, InvalidPath, StoreError
+from ..errors import BadArchive, InvalidPath, StoreError
 from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ..store.layout import store_dir_setting
 from ..store.local import VerifyReport

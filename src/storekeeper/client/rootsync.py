@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
 from ..formats.storepath import StoreDir, StorePath, StorePathError
-from ..store.errors import InvalidPath, StoreError
+from ..errors import InvalidPath, StoreError
 from ..fs.atomic import open_private_dir, symlink_atomic, write_file_atomic
 from ..store.roots import indirect_root_name, scan_proc
 

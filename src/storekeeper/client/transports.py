@@ -31,7 +31,7 @@ from typing import Mapping
 from ..formats import tcpauth
 from ..formats.errors import FormatError
 from ..formats.wire import WireEOF, WireReader
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.layout import DaemonAddress, SshAddress, TcpAddress
 from ..store.tcpkeys import read_key_file
 

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from ..formats.storepath import StorePath
 from ..formats.wire import ExtOp, WireReader, WireWriter
 from ..store import userroots
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.inspect import roots_overview
 from ..store.local import LocalStore
 from .remote import DaemonError, RemoteStore

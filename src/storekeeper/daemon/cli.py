@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Mapping, Sequence
 
 from ..formats.errors import FormatError
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.layout import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
 from ..store.settings import nix_conf_path, parse_nix_conf, read_nix_conf
 from .server import default_socket_path, serve, serve_stdio

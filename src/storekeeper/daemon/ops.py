@@ -29,7 +29,7 @@ from ..formats.wire import (
     read_path_info,
     write_path_info,
 )
-from ..store.errors import InvalidPath
+from ..errors import InvalidPath
 from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from ..store.inspect import all_roots
 from ..store.roots import CENSORED, RootFinder

@@ -54,7 +54,7 @@ from .session import Session, error_message
 from .stdio import connect_unix, relay as relay_stdio
 from .tcp import SealedChannel, TcpRefused, authenticate, bound_address, listen_tcp, peer_label
 from .trust import DaemonConfig, PeerInfo
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.tcpkeys import TcpKeys
 
 log = logging.getLogger("storekeeper.daemon")

@@ -53,7 +53,7 @@ from ..formats.wire import (
     write_start_activity,
     write_stop_activity,
 )
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.local import LocalStore
 from .trust import DaemonConfig, PeerInfo
 

@@ -14,7 +14,7 @@ import socket
 import threading
 from contextlib import suppress
 
-from ..store.errors import StoreError
+from ..errors import StoreError
 
 _CHUNK = 1 << 16
 _SUN_PATH_MAX = 107

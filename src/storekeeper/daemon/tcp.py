@@ -31,7 +31,7 @@ import socket
 from ..formats import tcpauth
 from ..formats.errors import FormatError
 from ..formats.wire import WORKER_MAGIC_1, WireReader
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.tcpkeys import TcpKeys
 from .trust import DaemonConfig, PeerInfo
 

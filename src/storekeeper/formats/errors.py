@@ -3,3 +3,5 @@
 
 class FormatError(ValueError):
     """Input does not follow a Nix format; the message says what and where."""
+
+    exit_code = 65  # sysexits EX_DATAERR (see storekeeper.errors)

@@ -80,7 +80,7 @@ from .buildlog import BuildLogFile, LineSplitter
 from .buildusers import BuildUser, BuildUserError, UserPool
 from . import confine
 from .canonicalise import canonicalise_paths
-from .errors import StoreError
+from ..errors import StoreError
 from .locks import PathLocks
 from .. import fs
 from ..fs import remove_tree

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import StoreError
+from ..errors import StoreError
 from .locks import lock_fd, open_lock_file
 
 

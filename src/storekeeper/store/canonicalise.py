@@ -34,7 +34,7 @@ from typing import Iterable
 
 from .. import fs
 from ..fs import ENTER, ENTRY, LNK, REG
-from .errors import StoreError
+from ..errors import StoreError
 
 MTIME_STORE = 1
 _MTIME_NS = MTIME_STORE * 10**9

@@ -40,7 +40,7 @@ from typing import Callable
 
 from .. import fs
 from ..formats.storepath import StorePath, StorePathError
-from .errors import StoreError
+from ..errors import PathInUse, StoreError
 from .locks import PathLocks, lock_fd, open_lock_file
 from .graph import Graph
 from .optimise import remove_unused_links
@@ -49,10 +49,6 @@ from .roots import Root, RootFinder
 BATCH = 1024
 UNLINK_THREADS = 4
 LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delete-specific"
-
-
-class PathInUse(StoreError):
-    pass
 
 
 @dataclass

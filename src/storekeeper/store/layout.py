@@ -26,7 +26,7 @@ from typing import Mapping
 from urllib.parse import parse_qsl, unquote
 
 from ..formats.storepath import DEFAULT_STORE_DIR, StoreDir
-from .errors import StoreError
+from ..errors import StoreError
 
 DEFAULT_STATE_DIR = "/nix/var/nix"
 DEFAULT_LOG_DIR = "/nix/var/log/nix"

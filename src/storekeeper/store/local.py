@@ -43,7 +43,7 @@ from ..fs import remove_tree
 from ..fs.atomic import write_new_file
 from .canonicalise import canonicalise_paths
 from .db import StoreDB
-from .errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
+from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar

@@ -25,7 +25,7 @@ import stat
 from typing import Iterable
 
 from .. import fs
-from .errors import StoreError
+from ..errors import StoreError
 
 # How often a lock file may be found squatted or stale in a row before we give up.
 _MAX_ATTEMPTS = 64

@@ -32,7 +32,7 @@ from ..formats.nar import (
     symlink_node,
 )
 from .. import fs
-from .errors import StoreError
+from ..errors import StoreError
 
 #: most bytes of file contents in one chunk from dump_path
 CHUNK_SIZE = 1 << 20

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath
-from .errors import InvalidPath, StoreError
+from ..errors import InvalidPath, StoreError
 
 
 class DerivedQueries:

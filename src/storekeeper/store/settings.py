@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping
 
-from .errors import StoreError
+from ..errors import StoreError
 
 _MAX_INCLUDE_DEPTH = 8
 

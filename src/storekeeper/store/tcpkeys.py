@@ -17,7 +17,7 @@ import os
 import secrets
 import stat
 
-from .errors import StoreError
+from ..errors import StoreError
 from ..fs.atomic import open_private_dir, write_file_atomic
 
 KEY_BYTES = 32

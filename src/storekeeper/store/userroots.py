@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .errors import StoreError
+from ..errors import StoreError
 from ..fs.atomic import write_file_atomic
 from .locks import lock_fd
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ... import fs
 from ...fs import clear_immutable
-from ..errors import StoreError
+from ...errors import StoreError
 from ..locks import lock_fd, open_lock_file, unlock_fd
 
 if TYPE_CHECKING:

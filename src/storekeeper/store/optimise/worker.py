@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from ... import fs
 from ...formats.nar import symlink_node
 from ...fs import clear_immutable
-from ..errors import ReadOnlyStore
+from ...errors import ReadOnlyStore
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
