@@ -21,32 +21,20 @@ from __future__ import annotations
 import json
 import select
 import socket
-from dataclasses import replace
 
 from ..formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ..formats.errors import FormatError
 from ..formats.wire import MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
 from ..store.build import (BuildError, Builder, BuildMode, BuildResult, BuildSettings, build_refusal,
                            format_error, query_missing)
-from .ops import _U32, _op
+from .ops import _U32, _op, build_base
 from .session import OpError, Session
 
 
 def build_settings(s: Session) -> BuildSettings:
-    """nix.conf, then the daemon's build-users-group, then what the client set."""
-    base = getattr(s, "_build_settings", None)
-    if base is None:
-        base = BuildSettings.from_nix_conf()
-        if s.config.build_users_group is not None:
-            base = replace(base, build_users_group=s.config.build_users_group)
-        s._build_settings = base  # type: ignore[attr-defined]
-    o = s.options
-    st = replace(base, keep_failed=o.keep_failed, keep_going=o.keep_going,
-                 max_jobs=o.max_build_jobs, max_silent_time=o.max_silent_time,
-                 cores=o.build_cores or base.cores)
-    # Only a trusted client's overrides reach here beyond 'timeout' (SetOptions
-    # filters them); a trusted client may choose anything, as with Nix.
-    return st.with_settings(o.overrides.items())
+    """The daemon's build settings with what the client set (SetOptions: the fields and
+    overrides the settings table lets this client set; a trusted client, anything)."""
+    return build_base(s).with_settings(s.options.overrides.items())
 
 
 def _interrupted(s: Session):

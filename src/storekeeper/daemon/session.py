@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
@@ -53,6 +56,7 @@ from ..formats.wire import (
     write_start_activity,
     write_stop_activity,
 )
+from ..store.build import BuildSettings
 from ..store.errors import StoreError
 from ..store.local import LocalStore
 from .trust import DaemonConfig, PeerInfo
@@ -79,6 +83,14 @@ class ClientGone(Exception):
 
 class _Shutdown(BaseException):
     """Raised out of a blocking read when the daemon is told to stop while idle."""
+
+
+class _IdleTimeout(BaseException):
+    """Raised out of a blocking read when the client sent nothing for ``idle-timeout``."""
+
+
+#: log output kept for a client that does not read while output must not block
+MAX_DEFERRED = 1 << 20
 
 
 @dataclass
@@ -125,7 +137,7 @@ class Session:
 
     def __init__(self, store: LocalStore | None, rstream, write: Callable[[bytes], object], *,
                  trusted: bool, config: DaemonConfig | None = None,
-                 peer: PeerInfo | None = None) -> None:
+                 peer: PeerInfo | None = None, build: BuildSettings | None = None) -> None:
         self.store: LocalStore = store  # type: ignore[assignment]  # None only with a startup error
         self.sd = store.store_dir if store is not None else None
         self.r = WireReader(_Input(rstream))
@@ -134,6 +146,8 @@ class Session:
         self.trusted = trusted
         self.config = config or DaemonConfig()
         self.peer = peer
+        #: the daemon's own build settings (None: nix.conf, read when first needed)
+        self.build_base = build
         self.client_version = 0
         self.options = ClientOptions()
         self.framed: FramedReader | None = None
@@ -142,6 +156,10 @@ class Session:
         self.idle = False
         self.stop_requested = False
         self._activity_seq = 0
+        self._idle_timer = False
+        self._deferred: bytearray | None = None
+        self._deferred_dropped = 0
+        self._logged_once: set[str] = set()
 
     @property
     def client_minor(self) -> int:
@@ -208,8 +226,58 @@ class Session:
             # Between operations, or inside a response: never interleave.
             # storekeeper has no background logging, so nothing is queued.
             return
+        if self._deferred is not None:
+            w = WireWriter()
+            emit(w)
+            self._defer(w.take())
+            return
         emit(self.w)
         self.flush()
+
+    @contextmanager
+    def output_never_blocks(self) -> Iterator[None]:
+        """While this lasts (e.g. a GC holding ``gc.lock``), log messages never wait for the
+        client: they are sent only as far as the socket takes them at once, the rest is
+        kept (at most :data:`MAX_DEFERRED` bytes; later messages are dropped and counted)
+        and sent when this ends, before the operation's answer."""
+        if self._deferred is not None:
+            yield
+            return
+        self.flush()
+        self._deferred, self._deferred_dropped = bytearray(), 0
+        try:
+            yield
+        finally:
+            pending, dropped = self._deferred, self._deferred_dropped
+            self._deferred = None
+            self.w.buf[:0] = pending  # ahead of anything written since
+            if dropped:
+                self.log(Verbosity.ERROR, f"({dropped} progress messages were dropped: "
+                                          f"the client did not read them in time)")
+
+    def _defer(self, data: bytes) -> None:
+        assert self._deferred is not None
+        if len(self._deferred) + len(data) > MAX_DEFERRED:
+            self._deferred_dropped += 1
+        else:
+            self._deferred += data
+        sock = getattr(self._write, "__self__", None)
+        if self._deferred and isinstance(sock, socket.socket):
+            try:
+                sent = sock.send(self._deferred, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                raise ClientGone(f"writing to the client: {e}") from None
+            del self._deferred[:sent]
+
+    def log_once(self, key: str, message: str) -> None:
+        """Log ``message`` in the daemon's log the first time ``key`` comes up in this
+        connection (a client hitting a limit over and over is reported once)."""
+        if key not in self._logged_once:
+            self._logged_once.add(key)
+            who = self.peer.describe() if self.peer is not None else "the client"
+            log.warning("%s: %s", who, message)
 
     def _send_error(self, message: str) -> None:
         self.w.buf.clear()  # nothing buffered may precede the error record
@@ -240,10 +308,17 @@ class Session:
         ends with that error instead, and the connection is closed.
         """
         try:
-            if not self._handshake(startup_error):
-                return
+            self.idle = True  # (nothing to undo until the handshake is over)
+            self._arm_idle_timer()
+            try:
+                if not self._handshake(startup_error):
+                    return
+            finally:
+                self.idle = False
+                self._disarm_idle_timer()
             while not self.stop_requested:
                 self.idle = True
+                self._arm_idle_timer()
                 start = self.r.offset
                 try:
                     code = self.r.u64("operation")
@@ -253,12 +328,41 @@ class Session:
                     return
                 finally:
                     self.idle = False
-                if not self._run_op(code):
-                    return
+                    self._disarm_idle_timer()
+                self.r.budget = self.config.max_request_size or None
+                try:
+                    if not self._run_op(code):
+                        return
+                finally:
+                    self.r.budget = None
         except ClientGone as e:
             log.info("%s", e)
+        except _IdleTimeout:
+            self.log_once("idle", f"closing the connection: no request for "
+                                  f"{self.config.idle_timeout} s (idle-timeout)")
         except _Shutdown:
             log.info("connection closed: the daemon is stopping")
+        finally:
+            self._disarm_idle_timer()
+
+    def use_idle_timer(self) -> None:
+        """Close the connection when the client sends no request for ``idle-timeout``
+        seconds (this process's SIGALRM: only for a session in a process of its own)."""
+        if self.config.idle_timeout:
+            self._idle_timer = True
+            signal.signal(signal.SIGALRM, self._on_idle_timer)
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer:
+            signal.setitimer(signal.ITIMER_REAL, self.config.idle_timeout)
+
+    def _disarm_idle_timer(self) -> None:
+        if self._idle_timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _on_idle_timer(self, signum: int, frame: object) -> None:
+        if self.idle:  # blocked waiting for a request: nothing is half-done
+            raise _IdleTimeout()
 
     def request_stop(self) -> None:
         """Stop after the current operation; at once if none is in progress.
