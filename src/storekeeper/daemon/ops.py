@@ -13,6 +13,7 @@ that they register in :data:`OPS` too.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -20,7 +21,7 @@ from ..config.nixconf import SettingError
 from ..config.settings import client_may_set, lookup
 
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
-from ..formats.hashes import ALGO_SIZES
+from ..formats.hashes import ALGO_SIZES, NIX32_ALPHABET
 from ..formats.storepath import StorePath
 from ..formats.wire import (
     EXPORT_MAGIC,
@@ -36,11 +37,12 @@ from ..store.build import BuildSettings
 from ..store.errors import InvalidPath, StoreError
 from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from ..store.inspect import all_roots
-from ..store.roots import CENSORED, RootFinder
+from ..store.roots import CENSORED, RootFinder, read_link_as
 from ..store.roots import add_indirect_root as add_indirect_root_file
 from .session import NotSupported, OpError, Session
 
 _U32 = 0xFFFFFFFF  # fields the real daemon reads with readInt
+NIX32_CHARS = frozenset(NIX32_ALPHABET)
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ def query_all_valid_paths(s: Session) -> None:
 def query_path_from_hash_part(s: Session) -> None:
     hash_part = s.r.string("hash part", MAX_PATH_LEN)
     s.start_work()
-    if len(hash_part) != 32:
+    if len(hash_part) != 32 or not NIX32_CHARS.issuperset(hash_part):
         raise OpError(f"invalid hash part '{hash_part}'")
     sp = s.store.query_path_from_hash_part(hash_part)
     s.stop_work()
@@ -491,9 +493,18 @@ def add_indirect_root(s: Session) -> None:
     s.start_work()
     from .user_ops import peer_uid  # (the peer claims the root: it may unregister it)
     st = s.store
+    peer = s.peer
+    read_link = None
+    if peer is not None:
+        # What the link points at is read with the peer's rights, never the daemon's.
+        try:
+            groups = os.getgrouplist(peer.user, peer.gid)
+        except (KeyError, OSError):
+            groups = [peer.gid]
+        read_link = lambda p: read_link_as(p, peer.uid, peer.gid, groups)  # noqa: E731
     try:
         add_indirect_root_file(st.state_dir, link, peer_uid(s),
-                               RootFinder(st.store_dir, st.real_store_dir, st.state_dir))
+                               RootFinder(st.store_dir, st.real_store_dir, st.state_dir), read_link)
     except ValueError as e:
         raise OpError(str(e)) from None
     s.stop_work()
@@ -539,7 +550,10 @@ def collect_garbage(s: Session) -> None:
     opts = GCOptions(action=_GC_ACTIONS[action], paths=frozenset(paths), max_freed=max_freed,
                      keep_outputs=cfg.keep_outputs, keep_derivations=cfg.keep_derivations)
     try:
-        result = s.store.collect_garbage(opts, log=lambda m: s.log(Verbosity.INFO, m))
+        # The collector holds gc.lock (and a pending batch) while it logs: a client that
+        # stops reading must never hold it up, so nothing here waits for the client.
+        with s.output_never_blocks():
+            result = s.store.collect_garbage(opts, log=lambda m: s.log(Verbosity.INFO, m))
     except PathInUse as e:
         raise OpError(str(e)) from None
     for m in result.messages:
@@ -554,7 +568,8 @@ def collect_garbage(s: Session) -> None:
 def optimise_store(s: Session) -> None:
     from ..store.optimise import optimise_store as optimise
     s.start_work()
-    stats = optimise(s.store, log=lambda m: s.log(Verbosity.ERROR, m))
+    with s.output_never_blocks():  # (the optimiser holds path locks while it logs)
+        stats = optimise(s.store, log=lambda m: s.log(Verbosity.ERROR, m))
     s.log(Verbosity.INFO, stats.summary())  # Nix: "X MiB freed by hard-linking N files"
     s.stop_work()
     s.w.u64(1)

@@ -126,6 +126,10 @@ class _Input:
 def error_message(e: BaseException) -> str:
     if isinstance(e, (StoreError, FormatError)):
         return str(e)
+    if isinstance(e, UnicodeError):
+        # Strings arrive as bytes (kept with surrogateescape); one that is not UTF-8 cannot
+        # be used where text is needed (a database key, a file's contents).
+        return "a string in the request is not valid UTF-8, and this operation needs text"
     if isinstance(e, OSError):
         where = f": '{e.filename}'" if e.filename else ""
         return f"{e.strerror or e}{where}"
@@ -434,7 +438,7 @@ class Session:
         if isinstance(e, WireEOF) and (framed is None or framed.broken):
             log.info("client disconnected during operation %d: %s", code, e)
             return False
-        if not isinstance(e, (StoreError, FormatError)):
+        if not isinstance(e, (StoreError, FormatError, UnicodeError)):
             log.exception("operation %d failed unexpectedly", code)
         if self.replied:
             # STDERR_LAST is out; an error now would read as response data.
