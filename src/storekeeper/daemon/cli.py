@@ -105,6 +105,9 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
         pairs = read_nix_conf(args.config or nix_conf_path(os.environ))
         _report_unknown(pairs)
         config = DaemonConfig().with_settings(pairs)
+        # --config FILE is the whole configuration: the store and builds obey it too.
+        store_settings = StoreSettings().with_settings(pairs) if args.config else None
+        build = BuildSettings().with_settings(pairs) if args.config else None
         trusted, allowed = _user_list(args.trusted_users), _user_list(args.allowed_users)
         if trusted is not None:
             config = replace(config, trusted_users=trusted)
@@ -114,13 +117,14 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
             if layout is None:
                 serve_stdio(None, config, address.socket_path, require_daemon=True)  # type: ignore[union-attr]
             else:
-                serve_stdio(layout, config, args.socket, require_daemon=args.socket is not None)
+                serve_stdio(layout, config, args.socket, require_daemon=args.socket is not None,
+                            settings=store_settings, build=build)
         else:
             assert layout is not None
             socket_path = args.socket or default_socket_path(layout)
             print(f"storekeeper daemon: serving '{layout.real_store_dir}' on '{socket_path}'",
                   file=sys.stderr)
-            serve(layout, socket_path, config, tcp=tcp,
+            serve(layout, socket_path, config, tcp=tcp, settings=store_settings, build=build,
                   on_listening=lambda where: print(f"storekeeper daemon: listening on tcp {where}",
                                                    file=sys.stderr, flush=True))
     except (StoreError, FormatError, SettingError, OSError) as e:

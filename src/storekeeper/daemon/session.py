@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -41,6 +43,7 @@ from ..formats.wire import (
     WORKER_MAGIC_2,
     Field,
     FramedReader,
+    RequestTooLarge,
     Stderr,
     Verbosity,
     WireEOF,
@@ -453,4 +456,23 @@ class Session:
         if not in_step:
             log.info("closing the connection after a bad request (operation %d): %s", code, message)
         self._send_error(message)
+        if isinstance(e, RequestTooLarge):
+            self.log_once("request-size", message)
+            self._discard_input()
         return in_step
+
+    def _discard_input(self, quiet: float = 0.5, most: float = 10.0) -> None:
+        """Read and drop what the client still sends (the rest of a request too large to
+        keep), so that it finishes writing and reads our error instead of a broken pipe;
+        until it is quiet for ``quiet`` seconds, at most ``most`` seconds."""
+        sock = getattr(self._write, "__self__", None)
+        if not isinstance(sock, socket.socket):
+            return
+        deadline = time.monotonic() + most
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([sock], [], [], quiet)
+                if not ready or not sock.recv(1 << 16):
+                    return
+        except OSError:
+            return
