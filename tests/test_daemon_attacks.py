@@ -107,7 +107,9 @@ elif action == "gc-no-read":  # start a GC, never read its output
     raw.sendall(w.take())
     time.sleep(0.5)
     raw.recv(64)
-    raw.sendall(WireWriter().u64(Op.CollectGarbage).u64(2).u64(0).u64(0).u64(0).u64(0).u64(0).u64(0).take())
+    # delete dead, no paths given, liveness kept, no byte limit, three obsolete fields
+    raw.sendall(WireWriter().u64(Op.CollectGarbage).u64(2).u64(0).u64(0).u64((1 << 64) - 1)
+                .u64(0).u64(0).u64(0).take())
     print("started", flush=True)
     time.sleep(float(args[0]))
 """
@@ -217,6 +219,7 @@ def test_attack7_a_gc_client_that_stops_reading_wedges_nobody(setup):
     with d.client() as c:
         for i in range(1500):
             c.add_text(f"dead-{i}", f"garbage {i}".encode())
+    time.sleep(2)  # (that connection's process, and its temp roots, are gone)
     attacker = spawn_as(alice, [sys.executable, "-c", RAW, d.sock, "gc-no-read", "60"],
                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                         start_new_session=True)
@@ -228,6 +231,7 @@ def test_attack7_a_gc_client_that_stops_reading_wedges_nobody(setup):
         took = time.monotonic() - start
         assert r.returncode == 0, r.stderr
         assert took < 30, f"bob's GC took {took:.1f} s"
+        assert json.loads(r.stdout)["paths"] == []  # alice's collection took them all
         with d.client() as c:
             c.add_text("after", b"still works")
             assert c.verify_store() is not None if hasattr(c, "verify_store") else True
