@@ -30,6 +30,7 @@ from urllib.parse import quote
 import pytest
 
 from daemon_util import stop_process, wait_for_socket
+from storekeeper.daemon.tcp import NOT_AUTHENTICATED
 from storekeeper.store.tcpkeys import read_key_file
 from test_tcp_auth import wait_for_line
 
@@ -271,10 +272,11 @@ def test_tcp_clients_on_another_host_are_the_users_whose_keys_they_hold(hosts, u
         assert r.returncode != 0
         return r.stderr
     alice_key_hex = read_key_file(key_a, alice.uid)[1].hex()
-    assert "no TCP key has been issued to user '%s'" % bob.name in bob_with(bob.name, alice_key_hex)
+    # the same answer whether the user has no key or a different one (the log says which)
+    assert NOT_AUTHENTICATED in bob_with(bob.name, alice_key_hex)
     issue_key_on_a(hosts, daemon_a, bob, bob.home_a)
-    assert f"bad proof for user '{bob.name}'" in bob_with(bob.name, alice_key_hex)
-    assert f"bad proof for user '{alice.name}'" in bob_with(alice.name, "ab" * 32)
+    assert NOT_AUTHENTICATED in bob_with(bob.name, alice_key_hex)
+    assert NOT_AUTHENTICATED in bob_with(alice.name, "ab" * 32)
     # a copy of alice's key file left readable by others: bob's client will not use it
     careless = os.path.join(shared_dir, "alice-key-copy")
     shutil.copyfile(key_a, careless)

@@ -265,7 +265,16 @@ def test_unreadable_indirect_root_is_kept_shown_and_dropped_after_its_age(setups
         r = subprocess.run(["nix-store", "-r", path, "--add-root", str(home / n), "--indirect"],
                            env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-    shutil.rmtree(home)  # the home is gone; the daemon cannot tell whether the links are
+    # The home was on another file system (an NFS mount): the records say so ...
+    ind = os.path.join(s.base, "state", "storekeeper", "indirect")
+    for name in os.listdir(ind):
+        if not name.startswith("."):
+            with open(os.path.join(ind, name)) as f:
+                rec = json.load(f)
+            rec["dev"] = os.stat(tmp_path).st_dev + 1
+            with open(os.path.join(ind, name), "w") as f:
+                json.dump(rec, f)
+    shutil.rmtree(home)  # ... and is gone (unmounted); the daemon cannot tell whether the links are
     t0 = time.time()
     code, out, err = s.sk("gc", "--json")
     assert code == 0 and json.loads(out)["paths"] == [], err
@@ -435,3 +444,24 @@ def test_leases_expire_and_a_new_report_replaces_the_old(tmp_path):
     assert ur.leases(now=114, messages=msgs) == [] and "not a file written by the daemon" in msgs[0]
     ur.set_lease(1000, "hostA", ["/s/e"], 10, now=115)       # rewritten by the daemon: trusted
     assert [x.paths for x in ur.leases(now=116)] == [("/s/e",)]
+
+
+def test_a_root_whose_directory_was_removed_is_dropped_at_once(setups, tmp_path):
+    """``nix-build --no-out-link`` makes its root in a temp dir and removes the dir: the
+    link is definitely gone (its directory vanished from a file system that is still
+    there), so the path is not kept for indirect-root-grace (it was kept 14 days)."""
+    s = setups(conf="runtime-roots = client\n")
+    tmp = tmp_path / "nix-build-123"
+    tmp.mkdir()
+    with s.client() as c:
+        path = c.print_path(c.add_text("no-out-link", b"x").path)
+    env = dict(s.env, NIX_REMOTE=f"unix://{s.sock}", NIX_STORE_DIR=s.store_dir)
+    r = subprocess.run(["nix-store", "-r", path, "--add-root", str(tmp / "result"), "--indirect"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    code, out, err = s.sk("gc", "--json")
+    assert json.loads(out)["paths"] == [], err  # alive while the link is there
+    shutil.rmtree(tmp)
+    code, out, err = s.sk("gc", "--json")
+    assert code == 0 and json.loads(out)["paths"] == [path], err
+    assert os.listdir(os.path.join(s.base, "state", "gcroots", "auto")) == []

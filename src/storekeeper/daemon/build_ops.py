@@ -29,27 +29,16 @@ from ..formats.errors import FormatError
 from ..formats.wire import MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
 from ..store.build import (BuildError, Builder, BuildMode, BuildResult, BuildSettings, build_refusal,
                            format_error, query_missing)
-from .ops import _U32, _op
+from .ops import _U32, _op, build_base
 from .session import OpError, Session
 
 
 def build_settings(s: Session) -> BuildSettings:
-    """nix.conf, then the daemon's build-users-group, then what the client set."""
-    base = getattr(s, "_build_settings", None)
-    if base is None:
-        base = BuildSettings.from_nix_conf()
-        if s.config.build_users_group is not None:
-            base = replace(base, build_users_group=s.config.build_users_group)
-        s._build_settings = base  # type: ignore[attr-defined]
-    o = s.options
-    st = replace(base, keep_failed=o.keep_failed, keep_going=o.keep_going,
-                 max_jobs=o.max_build_jobs, max_silent_time=o.max_silent_time,
-                 cores=o.build_cores or base.cores)
-    # Only a trusted client's overrides reach here beyond 'timeout' (SetOptions
-    # filters them); a trusted client may choose anything, as with Nix.
-    st = st.with_settings(o.overrides.items())
+    """The daemon's build settings with what the client set (SetOptions: the fields and
+    overrides the settings table lets this client set; a trusted client, anything)."""
+    st = build_base(s).with_settings(s.options.overrides.items())
     # Without build users a builder runs as the daemon's own uid: only for a client
-    # that could change the store anyway (store.confine, self_build_refusal).
+    # that could change the store anyway (store.confine, build_refusal).
     own = s.peer is not None and s.peer.uid == os.geteuid()
     return replace(st, client_may_build_as_daemon=s.trusted or own)
 

@@ -21,10 +21,13 @@ import sys
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+from ..config.nixconf import SettingError
 from ..formats.errors import FormatError
 from ..errors import StoreError
 from ..store.layout import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
-from ..store.settings import nix_conf_path, parse_nix_conf, read_nix_conf
+from ..config.settings import unknown_names
+from ..store.build import BuildSettings
+from ..store.settings import StoreSettings, environment_settings, nix_conf_path, read_nix_conf
 from .server import default_socket_path, serve, serve_stdio
 from .tcp import parse_listen_address
 from .trust import DaemonConfig
@@ -42,6 +45,11 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="storekeeper-daemon[%(process)d]: %(message)s")
+
+
+def _report_unknown(pairs: Sequence[tuple[str, str]]) -> None:
+    for name in dict.fromkeys(unknown_names(pairs)):
+        print(f"warning: unknown setting '{name}'", file=sys.stderr)
 
 
 def _local_layout(url: str | None, env: Mapping[str, str]) -> LocalLayout:
@@ -94,7 +102,12 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
             raise StoreError(f"config file '{args.config}' does not exist")
         # Without --config, nix.conf (as Nix reads it): builds and the refusal
         # of build users must agree on build-users-group.
-        config = DaemonConfig.from_nix_conf(args.config or nix_conf_path(os.environ))
+        pairs = read_nix_conf(args.config or nix_conf_path(os.environ))
+        _report_unknown(pairs)
+        config = DaemonConfig().with_settings(pairs)
+        # --config FILE is the whole configuration: the store and builds obey it too.
+        store_settings = StoreSettings().with_settings(pairs) if args.config else None
+        build = BuildSettings().with_settings(pairs) if args.config else None
         trusted, allowed = _user_list(args.trusted_users), _user_list(args.allowed_users)
         if trusted is not None:
             config = replace(config, trusted_users=trusted)
@@ -104,16 +117,17 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
             if layout is None:
                 serve_stdio(None, config, address.socket_path, require_daemon=True)  # type: ignore[union-attr]
             else:
-                serve_stdio(layout, config, args.socket, require_daemon=args.socket is not None)
+                serve_stdio(layout, config, args.socket, require_daemon=args.socket is not None,
+                            settings=store_settings, build=build)
         else:
             assert layout is not None
             socket_path = args.socket or default_socket_path(layout)
             print(f"storekeeper daemon: serving '{layout.real_store_dir}' on '{socket_path}'",
                   file=sys.stderr)
-            serve(layout, socket_path, config, tcp=tcp,
+            serve(layout, socket_path, config, tcp=tcp, settings=store_settings, build=build,
                   on_listening=lambda where: print(f"storekeeper daemon: listening on tcp {where}",
                                                    file=sys.stderr, flush=True))
-    except (StoreError, FormatError, OSError) as e:
+    except (StoreError, FormatError, SettingError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -136,12 +150,14 @@ def main_nix_daemon(argv: Sequence[str] | None = None, env: Mapping[str, str] | 
         return 0
     _setup_logging(args.verbose)
     try:
-        conf = nix_conf_path(env)
-        settings = read_nix_conf(conf)
-        if env.get("NIX_CONFIG"):
-            settings += parse_nix_conf(env["NIX_CONFIG"], "NIX_CONFIG", os.path.dirname(conf))
+        # nix.conf, NIX_CONFIG, then --option: one list, applied by every view
+        # through the settings table (config.settings).
+        settings = environment_settings(env)
         settings += [(name, value) for name, value in args.option]
+        _report_unknown(settings)
         config = DaemonConfig().with_settings(settings)
+        store_settings = StoreSettings().with_settings(settings)
+        build = BuildSettings().with_settings(settings)
         store_url = args.store or dict(settings).get("store") or "local"
         address = parse_store_url(store_url, env)
         if args.stdio and type(address) is DaemonAddress:
@@ -152,10 +168,11 @@ def main_nix_daemon(argv: Sequence[str] | None = None, env: Mapping[str, str] | 
             # As nix-daemon --stdio: a local store URL is served here; with none
             # given (Nix's default, "auto") relay to the daemon if one is listening.
             explicit = args.store or dict(settings).get("store")
-            serve_stdio(layout, config, daemon_socket_path(env), relay=not explicit)
+            serve_stdio(layout, config, daemon_socket_path(env), relay=not explicit,
+                        settings=store_settings, build=build)
         else:
-            serve(layout, daemon_socket_path(env), config)
-    except (StoreError, FormatError, OSError) as e:
+            serve(layout, daemon_socket_path(env), config, settings=store_settings, build=build)
+    except (StoreError, FormatError, SettingError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -13,11 +13,15 @@ that they register in :data:`OPS` too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..config.nixconf import SettingError
+from ..config.settings import client_may_set, lookup
+
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
-from ..formats.hashes import ALGO_SIZES
+from ..formats.hashes import ALGO_SIZES, NIX32_ALPHABET
 from ..formats.storepath import StorePath
 from ..formats.wire import (
     EXPORT_MAGIC,
@@ -29,14 +33,16 @@ from ..formats.wire import (
     read_path_info,
     write_path_info,
 )
-from ..errors import InvalidPath
+from ..errors import InvalidPath, StoreError
+from ..store.build import BuildSettings
 from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from ..store.inspect import all_roots
-from ..store.roots import CENSORED, RootFinder
+from ..store.roots import CENSORED, RootFinder, read_link_as
 from ..store.roots import add_indirect_root as add_indirect_root_file
 from .session import NotSupported, OpError, Session
 
 _U32 = 0xFFFFFFFF  # fields the real daemon reads with readInt
+NIX32_CHARS = frozenset(NIX32_ALPHABET)
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,13 @@ def _info_or_fail(s: Session, sp: StorePath):
 
 # --- options ------------------------------------------------------------------
 
-# Settings an untrusted client may still set (as the real daemon allows).
-_UNTRUSTED_SETTINGS = {"timeout", "repeat", "connect-timeout"}
-_SUBSTITUTER_SETTINGS = {"substituters", "extra-substituters"}
-
-
 @_op(Op.SetOptions)
 def set_options(s: Session) -> None:
+    """The fixed fields and the overrides go through one rule, the settings table's
+    (``config.settings.client_may_set``): a trusted client may set anything; an
+    untrusted one only what the table allows, e.g. ``timeout`` only lower than the
+    daemon's.  What is refused is ignored, as by the real daemon (which only logs it at
+    debug level), with a warning when the client asked for a real change."""
     r = s.r
     keep_failed = r.u64("keepFailed", _U32)
     keep_going = r.u64("keepGoing", _U32)
@@ -96,26 +102,59 @@ def set_options(s: Session) -> None:
     overrides = r.string_map("overrides", limit=1 << 16)
     s.start_work()
     o = s.options
-    o.keep_failed, o.keep_going, o.try_fallback = bool(keep_failed), bool(keep_going), bool(try_fallback)
+    o.try_fallback = bool(try_fallback)
     o.verbosity = min(verbosity, Verbosity.VOMIT)
-    o.max_build_jobs, o.max_silent_time, o.build_cores = max_build_jobs, max_silent_time, build_cores
     o.verbose_build = verbose_build == Verbosity.ERROR  # 0 means "verbose"
     o.use_substitutes = bool(use_substitutes)
-    for name, value in overrides.items():
-        if s.trusted or name in _UNTRUSTED_SETTINGS or (name == "builders" and value == ""):
-            o.overrides[name] = value
-        elif name in _SUBSTITUTER_SETTINGS:
-            allowed = set(s.config.trusted_substituters) | set(s.config.substituters)
-            kept = []
-            for sub in value.split():
-                if sub in allowed:
-                    kept.append(sub)
-                else:
-                    s.warn(f"ignoring untrusted substituter '{sub}'")
-            o.overrides[name] = " ".join(kept)
-        # Anything else from an untrusted client is ignored without a word, as
-        # the real daemon does (it only logs it at debug level).
+    fixed = [("keep-failed", "true" if keep_failed else "false"),
+             ("keep-going", "true" if keep_going else "false"),
+             ("max-jobs", str(max_build_jobs)), ("max-silent-time", str(max_silent_time)),
+             ("cores", str(build_cores))]
+    base = build_base(s)
+    o.overrides = {}
+    for name, value in [*fixed, *overrides.items()]:
+        setting, _ = lookup(name)
+        accepted = client_may_set(name, value, s.trusted, lambda n: s.config.value_of(n, base),
+                                  s.warn)
+        if accepted is None:
+            if setting is not None and name not in _FIXED_DEFAULTS_QUIET \
+                    and _differs(setting, value, s.config.value_of(setting.name, base)):
+                s.warn(f"ignoring setting '{name}': only trusted users may set it "
+                       f"(to this value) on this daemon")
+            continue
+        o.overrides[name] = accepted
+    try:
+        applied = base.with_settings(o.overrides.items())
+    except StoreError as e:
+        o.overrides = {}
+        raise OpError(str(e)) from None
+    o.keep_failed, o.keep_going = applied.keep_failed, applied.keep_going
+    o.max_build_jobs, o.max_silent_time = applied.max_jobs, applied.max_silent_time
+    o.build_cores = applied.cores
     s.stop_work()
+
+
+#: fixed fields every Nix client sends with its own defaults: no warning when refused
+_FIXED_DEFAULTS_QUIET = {"max-jobs", "max-silent-time", "cores", "keep-going"}
+
+
+def _differs(setting, value: str, current) -> bool:
+    try:
+        return setting.parse(setting.name, value) != current
+    except SettingError:
+        return True
+
+
+def build_base(s: Session) -> BuildSettings:
+    """The daemon's own build settings: given at start, else nix.conf (read once per
+    connection), with the daemon's build-users-group."""
+    base = s.build_base
+    if base is None:
+        base = BuildSettings.from_nix_conf()
+        if s.config.build_users_group is not None:
+            base = replace(base, build_users_group=s.config.build_users_group)
+        s.build_base = base
+    return base
 
 
 # --- queries -------------------------------------------------------------------
@@ -236,7 +275,7 @@ def query_all_valid_paths(s: Session) -> None:
 def query_path_from_hash_part(s: Session) -> None:
     hash_part = s.r.string("hash part", MAX_PATH_LEN)
     s.start_work()
-    if len(hash_part) != 32:
+    if len(hash_part) != 32 or not NIX32_CHARS.issuperset(hash_part):
         raise OpError(f"invalid hash part '{hash_part}'")
     sp = s.store.query_path_from_hash_part(hash_part)
     s.stop_work()
@@ -454,9 +493,18 @@ def add_indirect_root(s: Session) -> None:
     s.start_work()
     from .user_ops import peer_uid  # (the peer claims the root: it may unregister it)
     st = s.store
+    peer = s.peer
+    read_link = None
+    if peer is not None:
+        # What the link points at is read with the peer's rights, never the daemon's.
+        try:
+            groups = os.getgrouplist(peer.user, peer.gid)
+        except (KeyError, OSError):
+            groups = [peer.gid]
+        read_link = lambda p: read_link_as(p, peer.uid, peer.gid, groups)  # noqa: E731
     try:
         add_indirect_root_file(st.state_dir, link, peer_uid(s),
-                               RootFinder(st.store_dir, st.real_store_dir, st.state_dir))
+                               RootFinder(st.store_dir, st.real_store_dir, st.state_dir), read_link)
     except ValueError as e:
         raise OpError(str(e)) from None
     s.stop_work()
@@ -502,7 +550,10 @@ def collect_garbage(s: Session) -> None:
     opts = GCOptions(action=_GC_ACTIONS[action], paths=frozenset(paths), max_freed=max_freed,
                      keep_outputs=cfg.keep_outputs, keep_derivations=cfg.keep_derivations)
     try:
-        result = s.store.collect_garbage(opts, log=lambda m: s.log(Verbosity.INFO, m))
+        # The collector holds gc.lock (and a pending batch) while it logs: a client that
+        # stops reading must never hold it up, so nothing here waits for the client.
+        with s.output_never_blocks():
+            result = s.store.collect_garbage(opts, log=lambda m: s.log(Verbosity.INFO, m))
     except PathInUse as e:
         raise OpError(str(e)) from None
     for m in result.messages:
@@ -517,7 +568,8 @@ def collect_garbage(s: Session) -> None:
 def optimise_store(s: Session) -> None:
     from ..store.optimise import optimise_store as optimise
     s.start_work()
-    stats = optimise(s.store, log=lambda m: s.log(Verbosity.ERROR, m))
+    with s.output_never_blocks():  # (the optimiser holds path locks while it logs)
+        stats = optimise(s.store, log=lambda m: s.log(Verbosity.ERROR, m))
     s.log(Verbosity.INFO, stats.summary())  # Nix: "X MiB freed by hard-linking N files"
     s.stop_work()
     s.w.u64(1)

@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 
 from ..store.layout import LocalLayout
 from ..store.local import LocalStore
+from ..store.build import BuildSettings
 from ..store.settings import StoreSettings
 from .sdnotify import sd_notify
 from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
@@ -61,6 +62,9 @@ log = logging.getLogger("storekeeper.daemon")
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _POLL_INTERVAL = 0.2
+_REFUSAL_DEADLINE = 5.0   # seconds a refused peer has to take its error
+_MAX_REFUSERS = 16        # refusal children at once; beyond that: closed silently
+_LOG_QUIET = 60.0         # a uid's refusals are logged at most once per this many seconds
 
 
 def default_socket_path(layout: LocalLayout) -> str:
@@ -70,12 +74,14 @@ def default_socket_path(layout: LocalLayout) -> str:
 def serve(layout: LocalLayout, socket_path: str | None = None,
           config: DaemonConfig | None = None, grace: float = 10.0,
           tcp: Sequence[tuple[str, int]] = (),
-          on_listening: Callable[[str], object] | None = None) -> None:
+          on_listening: Callable[[str], object] | None = None,
+          settings: StoreSettings | None = None, build: BuildSettings | None = None) -> None:
     """Listen on ``socket_path`` (and the ``tcp`` addresses) and serve connections until
-    SIGTERM/SIGINT.  ``on_listening`` is told each bound TCP address ("host:port")."""
+    SIGTERM/SIGINT.  ``on_listening`` is told each bound TCP address ("host:port").
+    ``settings`` and ``build``: the store's and the builds' settings (default: nix.conf)."""
     config = config or DaemonConfig()
     socket_path = os.path.abspath(socket_path or default_socket_path(layout))
-    settings = StoreSettings.from_nix_conf()
+    settings = settings or StoreSettings.from_nix_conf()
     # Create the store (or fail on a broken one) before listening; closed again
     # so that no database connection is inherited by the children.
     LocalStore(layout, settings=settings).close()
@@ -83,7 +89,7 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
     try:
         listener, owned = _listen(socket_path)
         tcp_listeners: list[socket.socket] = []
-        server = _Server(layout, listener, config, grace, settings, keeper, tcp_listeners)
+        server = _Server(layout, listener, config, grace, settings, keeper, tcp_listeners, build)
         try:
             for host, port in tcp:
                 tcp_listeners.append(listen_tcp(host, port))
@@ -105,7 +111,8 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
 
 def serve_stdio(layout: LocalLayout | None, config: DaemonConfig | None = None,
                 socket_path: str | None = None, require_daemon: bool = False,
-                relay: bool = True) -> None:
+                relay: bool = True, settings: StoreSettings | None = None,
+                build: BuildSettings | None = None) -> None:
     """Serve one connection on stdin/stdout, as ``nix-daemon --stdio`` (e.g. under ssh).
 
     If a daemon listens on ``socket_path`` (default: ``layout``'s socket), the
@@ -143,13 +150,14 @@ def serve_stdio(layout: LocalLayout | None, config: DaemonConfig | None = None,
     me = PeerInfo.from_ids(os.getpid(), os.getuid(), os.getgid(), via="stdio")
     try:
         _serve_one(layout, sys.stdin.buffer, write, trusted=True, config=config or DaemonConfig(),
-                   peer=me, settings=StoreSettings.from_nix_conf())
+                   peer=me, settings=settings or StoreSettings.from_nix_conf(), build=build)
     finally:
         proto_out.close()
 
 
 def _serve_one(layout: LocalLayout, rstream, write, *, trusted: bool, config: DaemonConfig,
-               peer: PeerInfo | None, settings: StoreSettings, create: bool = True) -> None:
+               peer: PeerInfo | None, settings: StoreSettings, create: bool = True,
+               build: BuildSettings | None = None) -> None:
     try:
         store = LocalStore(layout, create=create, settings=settings)
     except Exception as e:  # noqa: BLE001 -- told to the client at the handshake
@@ -163,11 +171,13 @@ def _serve_one(layout: LocalLayout, rstream, write, *, trusted: bool, config: Da
                 store.ensure_user_dirs(peer.user, peer.uid, peer.gid)
             except OSError as e:  # (e.g. --stdio as a user who may not write the state dir)
                 log.warning("cannot make the per-user dirs of %s: %s", peer.describe(), error_message(e))
-        session = Session(store, rstream, write, trusted=trusted, config=config, peer=peer)
+        session = Session(store, rstream, write, trusted=trusted, config=config, peer=peer,
+                          build=build)
         if threading.current_thread() is threading.main_thread():
             stop = lambda *_: session.request_stop()  # noqa: E731
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
+            session.use_idle_timer()
         session.run()
     finally:
         store.close()  # drops this connection's temp roots
@@ -282,17 +292,35 @@ class _DatabaseKeeper:
 
 
 class _Server:
+    """The accept loop (see the module docstring).
+
+    Connection limits (``max-connections``, ``max-connections-per-user``): the
+    parent knows each child's uid (``children``: pid -> uid, None for a TCP
+    connection, whose user is known only after it authenticates; those count
+    towards the total and, together, towards one per-user budget).  An
+    extra connection is answered by a short-lived *refusal* child that
+    completes the handshake with a one-line error (what a Nix client shows),
+    under a hard deadline of :data:`_REFUSAL_DEADLINE`; at most
+    :data:`_MAX_REFUSERS` of those run at once, beyond that the connection is
+    closed without a word.  A refusal is logged once per uid per
+    :data:`_LOG_QUIET` seconds, with the number refused since the last log.
+    """
+
     def __init__(self, layout: LocalLayout, listener: socket.socket, config: DaemonConfig,
                  grace: float, settings: StoreSettings, keeper: _DatabaseKeeper,
-                 tcp_listeners: list[socket.socket] | None = None) -> None:
+                 tcp_listeners: list[socket.socket] | None = None,
+                 build: BuildSettings | None = None) -> None:
         self.layout = layout
         self.listener = listener
         self.tcp_listeners = tcp_listeners if tcp_listeners is not None else []
         self.config = config
         self.grace = grace
         self.settings = settings
+        self.build = build
         self.keeper = keeper
-        self.children: set[int] = set()
+        self.children: dict[int, int | None] = {}
+        self.refusers: set[int] = set()
+        self._refused_log: dict[int | None, tuple[float, int]] = {}
         self.stopping = False
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -323,6 +351,58 @@ class _Server:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _over_limit(self, uid: int | None) -> str | None:
+        """Why one more connection of ``uid`` (None: an unauthenticated TCP peer) is refused."""
+        total, per_user = self.config.max_connections, self.config.max_connections_per_user
+        if total and len(self.children) >= total:
+            return f"the daemon is serving its limit of {total} connections (max-connections)"
+        if per_user and sum(1 for u in self.children.values() if u == uid) >= per_user:
+            who = "unauthenticated TCP peers" if uid is None else "you"
+            return (f"too many connections: {who} already have {per_user} open "
+                    f"(max-connections-per-user)")
+        return None
+
+    def _log_refusal(self, uid: int | None, what: str, reason: str) -> None:
+        now = time.monotonic()
+        last, count = self._refused_log.get(uid, (-_LOG_QUIET, 0))
+        if now - last >= _LOG_QUIET:
+            more = f" ({count} more refused since the last report)" if count else ""
+            log.warning("refused connection from %s: %s%s", what, reason, more)
+            self._refused_log[uid] = (now, 0)
+        else:
+            self._refused_log[uid] = (last, count + 1)
+
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        """Tell the peer ``reason`` in a handshake of its own, in a short-lived child."""
+        if len(self.refusers) >= _MAX_REFUSERS:
+            conn.close()
+            return
+        try:
+            pid = os.fork()
+        except OSError:
+            conn.close()
+            return
+        if pid == 0:
+            code = 1
+            try:
+                for sock in (self.listener, *self.tcp_listeners):
+                    sock.close()
+                self.keeper.close_in_child()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the deadline kills us
+                signal.setitimer(signal.ITIMER_REAL, _REFUSAL_DEADLINE)
+                with conn:
+                    Session(None, conn.makefile("rb"), conn.sendall, trusted=False,
+                            config=self.config).run(startup_error=reason)
+                code = 0
+            except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
+                pass
+            finally:
+                os._exit(code)
+        conn.close()
+        self.refusers.add(pid)
+
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
@@ -336,6 +416,11 @@ class _Server:
                 log.warning("refused connection: %s", refusal)
                 conn.close()
                 return
+            limit = self._over_limit(peer.uid)
+            if limit:
+                self._log_refusal(peer.uid, peer.describe(), limit)
+                self._refuse(conn, limit)
+                return
             trusted = self.config.is_trusted(peer)
             pid = os.fork()
         except OSError as e:
@@ -345,7 +430,7 @@ class _Server:
         if pid == 0:
             self._child(conn, peer, trusted)  # never returns
         conn.close()
-        self.children.add(pid)
+        self.children[pid] = peer.uid
         log.info("connection from %s%s: child %d", peer.describe(),
                  " (trusted)" if trusted else "", pid)
 
@@ -355,6 +440,12 @@ class _Server:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         label = peer_label(addr)
+        limit = self._over_limit(None)
+        if limit:
+            # Before authentication there is no one to tell in a way they could trust.
+            self._log_refusal(None, f"TCP {label}", limit)
+            conn.close()
+            return
         try:
             conn.setblocking(True)
             pid = os.fork()
@@ -365,7 +456,7 @@ class _Server:
         if pid == 0:
             self._child(conn, None, False, tcp_label=label)  # never returns
         conn.close()
-        self.children.add(pid)
+        self.children[pid] = None
         log.info("TCP connection from %s: child %d", label, pid)
 
     def _child(self, conn: socket.socket, peer: PeerInfo | None, trusted: bool,
@@ -385,7 +476,8 @@ class _Server:
                 if peer is not None:
                     # The parent made the store: no directories to create per connection.
                     _serve_one(self.layout, rfile, write, trusted=trusted,
-                               config=self.config, peer=peer, settings=self.settings, create=False)
+                               config=self.config, peer=peer, settings=self.settings, create=False,
+                               build=self.build)
             code = 0
         except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
             with suppress(BaseException):
@@ -410,19 +502,21 @@ class _Server:
         return peer, trusted, channel, channel.write
 
     def _reap(self) -> None:
-        while self.children:
+        while self.children or self.refusers:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 self.children.clear()
+                self.refusers.clear()
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
+            self.children.pop(pid, None)
+            self.refusers.discard(pid)
 
     def stop_children(self) -> None:
         """Ask every child to stop; kill those still running after the grace period."""
-        for pid in list(self.children):
+        for pid in list(self.children) + list(self.refusers):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
@@ -430,12 +524,13 @@ class _Server:
             self._reap()
             if self.children:
                 time.sleep(0.05)
-        for pid in list(self.children):
+        for pid in list(self.children) + list(self.refusers):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        while self.children:
+        while self.children or self.refusers:
             try:
                 pid, _ = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            self.children.discard(pid)
+            self.children.pop(pid, None)
+            self.refusers.discard(pid)

@@ -26,8 +26,13 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
@@ -38,6 +43,7 @@ from ..formats.wire import (
     WORKER_MAGIC_2,
     Field,
     FramedReader,
+    RequestTooLarge,
     Stderr,
     Verbosity,
     WireEOF,
@@ -54,6 +60,7 @@ from ..formats.wire import (
     write_stop_activity,
 )
 from ..errors import StoreError
+from ..store.build import BuildSettings
 from ..store.local import LocalStore
 from .trust import DaemonConfig, PeerInfo
 
@@ -79,6 +86,14 @@ class ClientGone(Exception):
 
 class _Shutdown(BaseException):
     """Raised out of a blocking read when the daemon is told to stop while idle."""
+
+
+class _IdleTimeout(BaseException):
+    """Raised out of a blocking read when the client sent nothing for ``idle-timeout``."""
+
+
+#: log output kept for a client that does not read while output must not block
+MAX_DEFERRED = 1 << 20
 
 
 @dataclass
@@ -114,6 +129,10 @@ class _Input:
 def error_message(e: BaseException) -> str:
     if isinstance(e, (StoreError, FormatError)):
         return str(e)
+    if isinstance(e, UnicodeError):
+        # Strings arrive as bytes (kept with surrogateescape); one that is not UTF-8 cannot
+        # be used where text is needed (a database key, a file's contents).
+        return "a string in the request is not valid UTF-8, and this operation needs text"
     if isinstance(e, OSError):
         where = f": '{e.filename}'" if e.filename else ""
         return f"{e.strerror or e}{where}"
@@ -125,7 +144,7 @@ class Session:
 
     def __init__(self, store: LocalStore | None, rstream, write: Callable[[bytes], object], *,
                  trusted: bool, config: DaemonConfig | None = None,
-                 peer: PeerInfo | None = None) -> None:
+                 peer: PeerInfo | None = None, build: BuildSettings | None = None) -> None:
         self.store: LocalStore = store  # type: ignore[assignment]  # None only with a startup error
         self.sd = store.store_dir if store is not None else None
         self.r = WireReader(_Input(rstream))
@@ -134,6 +153,8 @@ class Session:
         self.trusted = trusted
         self.config = config or DaemonConfig()
         self.peer = peer
+        #: the daemon's own build settings (None: nix.conf, read when first needed)
+        self.build_base = build
         self.client_version = 0
         self.options = ClientOptions()
         self.framed: FramedReader | None = None
@@ -142,6 +163,10 @@ class Session:
         self.idle = False
         self.stop_requested = False
         self._activity_seq = 0
+        self._idle_timer = False
+        self._deferred: bytearray | None = None
+        self._deferred_dropped = 0
+        self._logged_once: set[str] = set()
 
     @property
     def client_minor(self) -> int:
@@ -208,8 +233,58 @@ class Session:
             # Between operations, or inside a response: never interleave.
             # storekeeper has no background logging, so nothing is queued.
             return
+        if self._deferred is not None:
+            w = WireWriter()
+            emit(w)
+            self._defer(w.take())
+            return
         emit(self.w)
         self.flush()
+
+    @contextmanager
+    def output_never_blocks(self) -> Iterator[None]:
+        """While this lasts (e.g. a GC holding ``gc.lock``), log messages never wait for the
+        client: they are sent only as far as the socket takes them at once, the rest is
+        kept (at most :data:`MAX_DEFERRED` bytes; later messages are dropped and counted)
+        and sent when this ends, before the operation's answer."""
+        if self._deferred is not None:
+            yield
+            return
+        self.flush()
+        self._deferred, self._deferred_dropped = bytearray(), 0
+        try:
+            yield
+        finally:
+            pending, dropped = self._deferred, self._deferred_dropped
+            self._deferred = None
+            self.w.buf[:0] = pending  # ahead of anything written since
+            if dropped:
+                self.log(Verbosity.ERROR, f"({dropped} progress messages were dropped: "
+                                          f"the client did not read them in time)")
+
+    def _defer(self, data: bytes) -> None:
+        assert self._deferred is not None
+        if len(self._deferred) + len(data) > MAX_DEFERRED:
+            self._deferred_dropped += 1
+        else:
+            self._deferred += data
+        sock = getattr(self._write, "__self__", None)
+        if self._deferred and isinstance(sock, socket.socket):
+            try:
+                sent = sock.send(self._deferred, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                raise ClientGone(f"writing to the client: {e}") from None
+            del self._deferred[:sent]
+
+    def log_once(self, key: str, message: str) -> None:
+        """Log ``message`` in the daemon's log the first time ``key`` comes up in this
+        connection (a client hitting a limit over and over is reported once)."""
+        if key not in self._logged_once:
+            self._logged_once.add(key)
+            who = self.peer.describe() if self.peer is not None else "the client"
+            log.warning("%s: %s", who, message)
 
     def _send_error(self, message: str) -> None:
         self.w.buf.clear()  # nothing buffered may precede the error record
@@ -240,10 +315,17 @@ class Session:
         ends with that error instead, and the connection is closed.
         """
         try:
-            if not self._handshake(startup_error):
-                return
+            self.idle = True  # (nothing to undo until the handshake is over)
+            self._arm_idle_timer()
+            try:
+                if not self._handshake(startup_error):
+                    return
+            finally:
+                self.idle = False
+                self._disarm_idle_timer()
             while not self.stop_requested:
                 self.idle = True
+                self._arm_idle_timer()
                 start = self.r.offset
                 try:
                     code = self.r.u64("operation")
@@ -253,12 +335,41 @@ class Session:
                     return
                 finally:
                     self.idle = False
-                if not self._run_op(code):
-                    return
+                    self._disarm_idle_timer()
+                self.r.budget = self.config.max_request_size or None
+                try:
+                    if not self._run_op(code):
+                        return
+                finally:
+                    self.r.budget = None
         except ClientGone as e:
             log.info("%s", e)
+        except _IdleTimeout:
+            self.log_once("idle", f"closing the connection: no request for "
+                                  f"{self.config.idle_timeout} s (idle-timeout)")
         except _Shutdown:
             log.info("connection closed: the daemon is stopping")
+        finally:
+            self._disarm_idle_timer()
+
+    def use_idle_timer(self) -> None:
+        """Close the connection when the client sends no request for ``idle-timeout``
+        seconds (this process's SIGALRM: only for a session in a process of its own)."""
+        if self.config.idle_timeout:
+            self._idle_timer = True
+            signal.signal(signal.SIGALRM, self._on_idle_timer)
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer:
+            signal.setitimer(signal.ITIMER_REAL, self.config.idle_timeout)
+
+    def _disarm_idle_timer(self) -> None:
+        if self._idle_timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _on_idle_timer(self, signum: int, frame: object) -> None:
+        if self.idle:  # blocked waiting for a request: nothing is half-done
+            raise _IdleTimeout()
 
     def request_stop(self) -> None:
         """Stop after the current operation; at once if none is in progress.
@@ -330,7 +441,7 @@ class Session:
         if isinstance(e, WireEOF) and (framed is None or framed.broken):
             log.info("client disconnected during operation %d: %s", code, e)
             return False
-        if not isinstance(e, (StoreError, FormatError)):
+        if not isinstance(e, (StoreError, FormatError, UnicodeError)):
             log.exception("operation %d failed unexpectedly", code)
         if self.replied:
             # STDERR_LAST is out; an error now would read as response data.
@@ -345,4 +456,23 @@ class Session:
         if not in_step:
             log.info("closing the connection after a bad request (operation %d): %s", code, message)
         self._send_error(message)
+        if isinstance(e, RequestTooLarge):
+            self.log_once("request-size", message)
+            self._discard_input()
         return in_step
+
+    def _discard_input(self, quiet: float = 0.5, most: float = 10.0) -> None:
+        """Read and drop what the client still sends (the rest of a request too large to
+        keep), so that it finishes writing and reads our error instead of a broken pipe;
+        until it is quiet for ``quiet`` seconds, at most ``most`` seconds."""
+        sock = getattr(self._write, "__self__", None)
+        if not isinstance(sock, socket.socket):
+            return
+        deadline = time.monotonic() + most
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([sock], [], [], quiet)
+                if not ready or not sock.recv(1 << 16):
+                    return
+        except OSError:
+            return

@@ -14,8 +14,12 @@ Invariants:
   primary gid, names; pid unknown), and ``allowed-users``, ``trusted-users``
   and ``build-users-group`` apply to it unchanged.  A peer that fails is told
   why in one line and closed.
-* **Authentication runs in the connection's own process**, bounded by
-  :data:`AUTH_TIMEOUT`, so a slow or silent peer never stalls the accept loop.
+* **Authentication runs in the connection's own process**, bounded as a whole
+  by ``auth-timeout`` (a peer sending one byte at a time gains nothing), so a
+  slow or silent peer never stalls the accept loop.
+* **Refusals do not tell which user names exist**: an unknown user, a user
+  without a key and a wrong proof get the same answer after the same work
+  (a proof is always computed and compared); the daemon's log has the reason.
 * **Everything after it is sealed** (tagged frames, per-direction keys): a
   byte changed or injected on the way ends the connection instead of
   reaching the session.
@@ -26,7 +30,9 @@ from __future__ import annotations
 import logging
 import pwd
 import secrets
+import signal
 import socket
+import threading
 
 from ..formats import tcpauth
 from ..formats.errors import FormatError
@@ -89,14 +95,47 @@ def peer_label(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _AuthDeadline(BaseException):
+    """The whole authentication took longer than ``auth-timeout``."""
+
+
+def _on_deadline(signum: int, frame: object) -> None:
+    raise _AuthDeadline()
+
+
 def authenticate(conn: socket.socket, rfile, label: str, keys: TcpKeys,
                  config: DaemonConfig) -> tuple[PeerInfo, bytes, bytes]:
     """Run the daemon's side of the exchange on ``conn`` (reading through ``rfile``).
 
     Returns the peer and the (client-to-daemon, daemon-to-client) sealing keys,
-    or raises :class:`TcpRefused` after telling the peer why.
+    or raises :class:`TcpRefused` after telling the peer why.  The whole exchange
+    must end within ``auth-timeout`` seconds (a timer for all of it, not per read:
+    this process's SIGALRM, so only in a connection process of its own).
     """
-    conn.settimeout(AUTH_TIMEOUT)
+    limit = config.auth_timeout or AUTH_TIMEOUT
+    conn.settimeout(limit)
+    armed = threading.current_thread() is threading.main_thread()
+    if armed:
+        previous = signal.signal(signal.SIGALRM, _on_deadline)
+        signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        return _authenticate(conn, rfile, label, keys, config)
+    except _AuthDeadline:
+        raise TcpRefused(f"authentication from {label} failed: not done within {limit:g} s "
+                         f"(auth-timeout)") from None
+    finally:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+#: what a peer is told for an unknown user, a user without a key and a wrong key alike,
+#: so that refusals do not tell which user names exist (the log has the reason)
+NOT_AUTHENTICATED = "authentication failed: unknown user, or not the key the daemon issued to it"
+
+
+def _authenticate(conn: socket.socket, rfile, label: str, keys: TcpKeys,
+                  config: DaemonConfig) -> tuple[PeerInfo, bytes, bytes]:
     r = WireReader(rfile)
     try:
         magic = r.u64("auth magic")
@@ -110,10 +149,10 @@ def authenticate(conn: socket.socket, rfile, label: str, keys: TcpKeys,
     except (FormatError, OSError) as e:
         raise TcpRefused(f"authentication from {label} failed: {e}") from None
     t = tcpauth.transcript(user, cnonce, snonce)
-    peer, key, reason = None, None, None
+    peer, key, reason, told = None, None, None, NOT_AUTHENTICATED
     try:
         pw = pwd.getpwnam(user)
-    except KeyError:
+    except (KeyError, ValueError):
         reason = f"unknown user '{user}'"
     else:
         peer = PeerInfo.from_ids(0, pw.pw_uid, pw.pw_gid, via="tcp", host=label)
@@ -121,19 +160,23 @@ def authenticate(conn: socket.socket, rfile, label: str, keys: TcpKeys,
             key = keys.lookup(pw.pw_uid, peer.user)
         except (StoreError, OSError) as e:
             log.error("TCP keys: %s", e)
-            reason = "TCP keys are unavailable on this daemon (see its log)"
+            reason = told = "TCP keys are unavailable on this daemon (see its log)"
         else:
             if key is None:
-                reason = (f"no TCP key has been issued to user '{user}' (run 'storekeeper "
-                          f"tcp-key issue' as {user} on the daemon's host)")
-            elif not tcpauth.proofs_equal(proof, tcpauth.client_proof(key, t)):
-                reason = (f"bad proof for user '{user}': the key is not the one the daemon "
-                          f"issued (revoked or reissued?)")
-            else:
-                reason = config.refusal(peer)
+                reason = f"no TCP key has been issued to user '{user}'"
+    # The same work whether or not there is a key: a proof is always checked.
+    expected = tcpauth.client_proof(key if key is not None else _DUMMY_KEY, t)
+    if reason is None:
+        if not tcpauth.proofs_equal(proof, expected):
+            reason = f"bad proof for user '{user}': not the key the daemon issued (revoked or reissued?)"
+        else:
+            assert peer is not None
+            reason = told = config.refusal(peer)
+    else:
+        tcpauth.proofs_equal(proof, expected)
     try:
         if reason is not None:
-            conn.sendall(tcpauth.verdict_refused(reason))
+            conn.sendall(tcpauth.verdict_refused(told or reason))
             raise TcpRefused(f"refused {label} as '{user}': {reason}")
         assert peer is not None and key is not None
         conn.sendall(tcpauth.verdict_ok(tcpauth.server_proof(key, t)))
@@ -142,6 +185,9 @@ def authenticate(conn: socket.socket, rfile, label: str, keys: TcpKeys,
     conn.settimeout(None)
     c2s, s2c = tcpauth.session_keys(key, t)
     return peer, c2s, s2c
+
+
+_DUMMY_KEY = secrets.token_bytes(tcpauth.KEY_LEN)
 
 
 class SealedChannel:

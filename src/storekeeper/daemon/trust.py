@@ -22,15 +22,16 @@ import os
 import pwd
 import socket
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-# nix.conf syntax is the store's business; re-exported for the daemon's users.
-from ..store.settings import parse_bool, parse_nix_conf, read_nix_conf
+from ..config import settings as settings_table
+# nix.conf syntax; re-exported for the daemon's users.
+from ..store.settings import apply_settings, parse_nix_conf, read_nix_conf
 
 __all__ = ["DaemonConfig", "PeerInfo", "matches", "parse_nix_conf", "read_nix_conf"]
 
-_LIST_SETTINGS = {"trusted-users", "allowed-users", "substituters", "trusted-substituters"}
+_d = settings_table.default_of
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,22 @@ def matches(patterns: Iterable[str], peer: PeerInfo) -> bool:
 class DaemonConfig:
     """The daemon's settings that a client cannot change (nix.conf names in comments)."""
 
-    trusted_users: tuple[str, ...] = ("root",)          # trusted-users
-    allowed_users: tuple[str, ...] = ("*",)             # allowed-users
+    trusted_users: tuple[str, ...] = field(default_factory=_d("trusted-users"))
+    allowed_users: tuple[str, ...] = field(default_factory=_d("allowed-users"))
     # Builds run as members of this group, and connections from it are
     # refused.  None: Nix's default (``nixbld`` when running as root).
-    build_users_group: str | None = None                # build-users-group
-    substituters: tuple[str, ...] = ()                  # substituters
-    trusted_substituters: tuple[str, ...] = ()          # trusted-substituters
+    build_users_group: str | None = None
+    substituters: tuple[str, ...] = field(default_factory=_d("substituters"))
+    trusted_substituters: tuple[str, ...] = field(default_factory=_d("trusted-substituters"))
     # When false, untrusted clients may import unsigned, non-content-addressed
     # paths (nix.conf ``require-sigs = false``).
-    require_sigs: bool = True                           # require-sigs
+    require_sigs: bool = field(default_factory=_d("require-sigs"))
+    # Limits on what users may make the daemon do (0: none); see config.settings.
+    max_connections: int = field(default_factory=_d("max-connections"))
+    max_connections_per_user: int = field(default_factory=_d("max-connections-per-user"))
+    idle_timeout: int = field(default_factory=_d("idle-timeout"))
+    auth_timeout: int = field(default_factory=_d("auth-timeout"))
+    max_request_size: int = field(default_factory=_d("max-request-size"))
     #: reported to clients at the handshake; clients show it (``nix store ping``)
     nix_version: str = "2.8.0"
 
@@ -130,25 +137,18 @@ class DaemonConfig:
         return None
 
     def with_settings(self, settings: Mapping[str, str] | Iterable[tuple[str, str]]) -> "DaemonConfig":
-        """Apply nix.conf-style settings in order (unknown names are ignored);
-        ``extra-NAME`` appends to the value ``NAME`` has at that point."""
-        pairs = settings.items() if isinstance(settings, Mapping) else settings
-        changes: dict[str, object] = {}
-        for name, value in pairs:
-            extra = name.startswith("extra-")
-            if extra:
-                name = name[len("extra-"):]
-            attr = name.replace("-", "_")
-            if name in _LIST_SETTINGS:
-                items = tuple(value.split())
-                if extra:
-                    items = tuple(changes.get(attr, getattr(self, attr))) + items  # type: ignore[arg-type]
-                changes[attr] = items
-            elif name == "build-users-group" and not extra:
-                changes[attr] = value.strip()
-            elif name == "require-sigs" and not extra:
-                changes[attr] = parse_bool(name, value)
-        return replace(self, **changes)  # type: ignore[arg-type]
+        """Apply nix.conf-style settings in order through the settings table (names the
+        daemon does not use are ignored); ``extra-NAME`` appends to ``NAME``."""
+        return apply_settings(self, settings_table.DAEMON, settings)
+
+    def value_of(self, name: str, build: "object | None" = None):
+        """The daemon's own value of setting ``name`` (a daemon or, given ``build``,
+        a build setting); what untrusted clients are measured against."""
+        setting = settings_table.SETTINGS[name]
+        for view in (self, build):
+            if view is not None and hasattr(view, setting.attr):
+                return getattr(view, setting.attr)
+        return setting.default_value()
 
     @classmethod
     def from_nix_conf(cls, path: str, base: "DaemonConfig | None" = None) -> "DaemonConfig":

@@ -56,7 +56,11 @@ def register_roots(s: Session) -> None:
         name = s.r.string("root name", MAX_NAME)
         entries.append((name, s.read_path()))
     s.start_work()
-    refused = userroots.register_roots(s.store, peer_uid(s), entries)
+    try:
+        refused = userroots.register_roots(s.store, peer_uid(s), entries)
+    except userroots.RegistrationLimit as e:
+        s.log_once("registrations", str(e))
+        raise
     s.stop_work()
     s.w.strings(refused)
 
@@ -65,7 +69,7 @@ def register_roots(s: Session) -> None:
 def unregister_roots(s: Session) -> None:
     names = s.r.strings("root names", MAX_REGISTRATIONS, MAX_NAME)
     s.start_work()
-    removed = userroots.unregister_roots(s.store, peer_uid(s), names)
+    removed = userroots.unregister_roots(s.store, peer_uid(s), names, trusted=s.trusted)
     s.stop_work()
     s.w.strings(removed)
 

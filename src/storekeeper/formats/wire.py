@@ -179,6 +179,8 @@ ERROR_RECORD_MINOR = 26
 MAX_STRING_LEN = 64 << 20
 MAX_PATH_LEN = 4096
 MAX_LIST_LEN = 1 << 24
+#: what a string costs a request's budget besides its bytes (the objects holding it)
+STRING_OVERHEAD = 32
 MAX_FRAME_LEN = 64 << 20
 _READ_CHUNK = 1 << 20
 _ZEROS = bytes(8)
@@ -190,6 +192,10 @@ class WireError(FormatError):
 
 class WireEOF(WireError):
     """The stream ended in the middle of (or instead of) a value."""
+
+
+class RequestTooLarge(WireError):
+    """A request's fields go over the reader's budget (the daemon's max-request-size)."""
 
 
 # --- encoding -----------------------------------------------------------------
@@ -276,11 +282,14 @@ class WireReader:
     :class:`WireEOF`.
     """
 
-    __slots__ = ("_read", "offset")
+    __slots__ = ("_read", "offset", "budget")
 
     def __init__(self, stream) -> None:
         self._read = stream.read
         self.offset = 0
+        #: bytes that strings may still take (None: no limit); each string costs its
+        #: length plus :data:`STRING_OVERHEAD`, charged before it is read
+        self.budget: int | None = None
 
     def read_exact(self, n: int, what: str = "data") -> bytes:
         if n == 0:
@@ -318,6 +327,11 @@ class WireReader:
         n = self.u64(f"length of {what}")
         if n > limit:
             raise WireError(f"{what} at byte {start} is {n} bytes long (limit {limit})")
+        if self.budget is not None:
+            self.budget -= n + STRING_OVERHEAD
+            if self.budget < 0:
+                raise RequestTooLarge(f"the request is too large: {what} at byte {start} goes "
+                                      f"over the daemon's limit on request size (max-request-size)")
         padded = n + (-n % 8)
         data = self.read_exact(padded, what)
         if padded != n and data[n:] != _ZEROS[: padded - n]:

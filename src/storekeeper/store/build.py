@@ -60,7 +60,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from ..formats.contentaddress import FLAT, RECURSIVE, ContentAddress
@@ -83,10 +83,14 @@ from .canonicalise import canonicalise_paths
 from ..errors import StoreError
 from .locks import PathLocks
 from .. import fs
+from ..config import settings as settings_table
+from ..config.settings import this_system  # noqa: F401 -- re-exported
 from ..fs import remove_tree
 from .narfs import dump_path, restore_nar
 from .optimise import optimise_path
-from .settings import nix_conf_path, parse_bool, parse_nix_conf, read_nix_conf
+from .settings import apply_settings, environment_settings
+
+_d = settings_table.default_of
 
 # --- results ------------------------------------------------------------------
 
@@ -154,48 +158,32 @@ class BuildError(StoreError):
 # --- settings -----------------------------------------------------------------
 
 
-def this_system() -> str:
-    machine = os.uname().machine
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    return f"{machine}-{os.uname().sysname.lower()}"
-
-
-def _default_features() -> tuple[str, ...]:
-    features = ["benchmark", "big-parallel", "nixos-test"]
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        features.append("kvm")
-    return tuple(sorted(features))
-
-
-def _default_extra_platforms() -> tuple[str, ...]:
-    return ("i686-linux",) if this_system() == "x86_64-linux" else ()
-
-
 @dataclass(frozen=True)
 class BuildSettings:
-    """What builds obey (nix.conf names with '-' for '_'); see :meth:`with_settings`."""
+    """What builds obey (nix.conf names with '-' for '_'); defaults, parsing and
+    meaning are in :mod:`storekeeper.config.settings`."""
 
     #: None: Nix's default, ``nixbld`` when the daemon runs as root, else none
     build_users_group: str | None = None
-    max_jobs: int = 1
-    cores: int = os.cpu_count() or 1
-    timeout: int = 0                    # seconds, 0: none
-    max_silent_time: int = 0            # seconds, 0: none
-    keep_failed: bool = False
-    keep_going: bool = False
-    sandbox: bool = False
-    compress_build_log: bool = True
-    keep_build_log: bool = True
-    log_lines: int = 10
-    max_log_size: int = 0               # bytes, 0: unlimited
-    system: str = field(default_factory=this_system)
-    extra_platforms: tuple[str, ...] = field(default_factory=_default_extra_platforms)
-    system_features: tuple[str, ...] = field(default_factory=_default_features)
+    max_jobs: int = field(default_factory=_d("max-jobs"))
+    cores: int = field(default_factory=_d("cores"))
+    timeout: int = field(default_factory=_d("timeout"))                  # seconds, 0: none
+    max_silent_time: int = field(default_factory=_d("max-silent-time"))  # seconds, 0: none
+    keep_failed: bool = field(default_factory=_d("keep-failed"))
+    keep_going: bool = field(default_factory=_d("keep-going"))
+    sandbox: bool = field(default_factory=_d("sandbox"))
+    compress_build_log: bool = field(default_factory=_d("compress-build-log"))
+    keep_build_log: bool = field(default_factory=_d("keep-build-log"))
+    log_lines: int = field(default_factory=_d("log-lines"))
+    max_log_size: int = field(default_factory=_d("max-log-size"))        # bytes, 0: unlimited
+    system: str = field(default_factory=_d("system"))
+    extra_platforms: tuple[str, ...] = field(default_factory=_d("extra-platforms"))
+    system_features: tuple[str, ...] = field(default_factory=_d("system-features"))
     #: where build dirs are made; None: ``$TMPDIR`` or ``/tmp``, as Nix 2.8
-    build_dir: str | None = None
+    build_dir: str | None = field(default_factory=_d("build-dir"))
     #: NO_NEW_PRIVS and a seccomp filter (no setuid/setgid files, no xattrs) for every
     #: builder (:mod:`~storekeeper.store.confine`); false: neither, as Nix 2.8
-    filter_syscalls: bool = True
+    filter_syscalls: bool = field(default_factory=_d("filter-syscalls"))
     #: not a nix.conf setting: whether this client may have a builder run as the daemon's
     #: own user (no build users).  The daemon sets it per connection (trusted, or the
     #: daemon's own uid); the local CLI on its own store keeps the default.
@@ -206,60 +194,15 @@ class BuildSettings:
         """The effective build users group ("" = build as the daemon's own user)."""
         if self.build_users_group is None:
             return "nixbld" if os.geteuid() == 0 else ""
-        return self.build_users_group
+        return self.build_users_group or ""
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "BuildSettings":
         """Apply nix.conf-style settings in order; names builds do not use are ignored."""
-        changes: dict[str, object] = {}
-        for name, value in pairs:
-            extra = name.startswith("extra-")
-            base = name[len("extra-"):] if extra else name
-            base = _ALIASES.get(base, base)
-            attr = base.replace("-", "_")
-            if attr not in _BUILD_FIELDS:
-                continue
-            current = changes.get(attr, getattr(self, attr))
-            if attr == "build_users_group":
-                changes[attr] = value.strip()
-            elif attr == "sandbox":
-                changes[attr] = value.strip() not in ("false", "0", "no")
-            elif isinstance(current, bool):
-                changes[attr] = parse_bool(name, value)
-            elif isinstance(current, tuple):
-                items = tuple(value.split())
-                changes[attr] = (tuple(current) + items) if extra else items
-            elif attr == "build_dir":
-                changes[attr] = value.strip() or None
-            elif isinstance(current, int):
-                v = value.strip()
-                if attr == "max_jobs" and v == "auto":
-                    changes[attr] = os.cpu_count() or 1
-                elif attr == "cores" and v in ("0", ""):
-                    changes[attr] = os.cpu_count() or 1
-                else:
-                    try:
-                        changes[attr] = int(v)
-                    except ValueError:
-                        raise StoreError(f"setting '{name}': '{value}' is not an integer") from None
-            elif isinstance(current, str):
-                changes[attr] = value.strip()
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return apply_settings(self, settings_table.BUILD, pairs)
 
     @classmethod
     def from_nix_conf(cls, env: Mapping[str, str] | None = None) -> "BuildSettings":
-        env = os.environ if env is None else env
-        path = nix_conf_path(env)
-        pairs = read_nix_conf(path)
-        if env.get("NIX_CONFIG"):
-            pairs += parse_nix_conf(env["NIX_CONFIG"], "NIX_CONFIG", os.path.dirname(path))
-        return cls().with_settings(pairs)
-
-
-_ALIASES = {"build-max-jobs": "max-jobs", "build-cores": "cores", "build-timeout": "timeout",
-            "build-max-silent-time": "max-silent-time", "build-max-log-size": "max-log-size",
-            "build-keep-log": "keep-build-log", "build-compress-log": "compress-build-log",
-            "build-use-sandbox": "sandbox", "build-extra-platforms": "extra-platforms"}
-_BUILD_FIELDS = set(BuildSettings.__dataclass_fields__) - {"client_may_build_as_daemon"}
+        return cls().with_settings(environment_settings(env))
 
 
 # --- logging ------------------------------------------------------------------

@@ -29,7 +29,7 @@ Invariants:
 * Files are trusted only if they and their directory are owned by the state
   dir's owner or root and are not writable by group or others; anything else,
   or a file that does not parse, is reported and ignored (never deleted).
-* Bounded per uid: :data:`MAX_REGISTRATIONS` names, :data:`MAX_LEASES` lease
+* Bounded per uid: ``max-root-registrations`` names (at most :data:`MAX_REGISTRATIONS`), :data:`MAX_LEASES` lease
   names, :data:`MAX_LEASE_PATHS` paths per lease.
 """
 
@@ -57,6 +57,10 @@ REGISTRATIONS, LEASES = "registrations", "leases"
 
 class UserRootsError(StoreError):
     """A request about per-user roots that is refused (too many, a bad name)."""
+
+
+class RegistrationLimit(UserRootsError):
+    """A user has as many registered roots as ``max-root-registrations`` allows."""
 
 
 @dataclass(frozen=True)
@@ -200,16 +204,21 @@ class UserRoots:
         finally:
             os.close(lock)
 
-    def register(self, uid: int, entries: dict[str, str], now: float | None = None) -> None:
+    def register(self, uid: int, entries: dict[str, str], now: float | None = None,
+                 limit: int = MAX_REGISTRATIONS) -> None:
         """Record ``entries`` (name -> printed store path) for ``uid``; the caller pinned
-        and checked every path first."""
+        and checked every path first.  ``limit``: names per uid (the setting
+        ``max-root-registrations``; never more than :data:`MAX_REGISTRATIONS`)."""
         for name in entries:
             check_name(name)
         now = time.time() if now is None else now
+        limit = min(limit or MAX_REGISTRATIONS, MAX_REGISTRATIONS)
         with self._update(REGISTRATIONS, uid) as data:
             new = sum(1 for n in entries if n not in data)
-            if len(data) + new > MAX_REGISTRATIONS:
-                raise UserRootsError(f"too many registered roots (limit {MAX_REGISTRATIONS} per user)")
+            if len(data) + new > limit:
+                raise RegistrationLimit(f"too many registered roots: you have {len(data)}, this "
+                                        f"adds {new}, and the daemon keeps at most {limit} per "
+                                        f"user (max-root-registrations)")
             for name, path in entries.items():
                 old = data.get(name)
                 if not (isinstance(old, dict) and old.get("path") == path):
@@ -289,22 +298,26 @@ def register_roots(store, uid: int, entries: Iterable[tuple[str, object]]) -> li
             ok[name] = store.print_path(sp)
         else:
             refused.append(name)
-    UserRoots(store.state_dir).register(uid, ok)
+    UserRoots(store.state_dir).register(uid, ok, limit=store.settings.max_root_registrations)
     return refused
 
 
-def unregister_roots(store, uid: int, names: Iterable[str]) -> list[str]:
+def unregister_roots(store, uid: int, names: Iterable[str], trusted: bool = False) -> list[str]:
     """Drop ``uid``'s registrations named ``names``, and its claims on the indirect roots
     (AddIndirectRoot) whose link is one of ``names``; an indirect root goes with its last
-    claim, readable or not.  Returns what was removed."""
-    from .roots import IndirectRootMemory, indirect_root_name
+    claim, readable or not.  A claim nobody made (an entry older than the claims) is
+    dropped only for the link's owner or a ``trusted`` peer (see
+    :class:`~storekeeper.store.roots.IndirectRootMemory`).  Returns what was removed."""
+    from .roots import IndirectRootMemory, indirect_root_name, link_owner
     names = list(names)
     removed = UserRoots(store.state_dir).unregister(uid, names)
     memory = IndirectRootMemory(store.state_dir)
     auto = os.path.join(store.state_dir, "gcroots", "auto")
     for name in names:
-        if name.startswith("/") and name not in removed \
-                and memory.release(os.path.join(auto, indirect_root_name(name)), uid):
+        if not name.startswith("/") or name in removed:
+            continue
+        owner = trusted or uid == 0 or link_owner(name) == uid
+        if memory.release(os.path.join(auto, indirect_root_name(name)), uid, name, owner):
             removed.append(name)
     return removed
 

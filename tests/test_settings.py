@@ -1,0 +1,130 @@
+"""The one settings table (storekeeper.config.settings): every view and SetOptions obey it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import fields
+
+import pytest
+
+from storekeeper.config import SETTINGS, SettingError, lookup
+from storekeeper.config.settings import ALWAYS, BUILD, DAEMON, EMPTY, LOWER, NEVER, STORE, \
+    TRUSTED_SUBSTITUTERS, client_may_set
+from storekeeper.daemon import DaemonConfig, Session
+from storekeeper.daemon.build_ops import build_settings
+from storekeeper.formats.wire import WireWriter
+from storekeeper.store.build import BuildSettings
+from storekeeper.errors import StoreError
+from storekeeper.store.layout import LocalLayout
+from storekeeper.store.local import LocalStore
+from storekeeper.store.settings import StoreSettings
+
+VIEWS = {STORE: StoreSettings, BUILD: BuildSettings, DAEMON: DaemonConfig}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_every_setting_parses_its_default_and_its_view_starts_there(name):
+    s = SETTINGS[name]
+    value = s.default_value()
+    assert s.client in (NEVER, ALWAYS, EMPTY, LOWER, TRUSTED_SUBSTITUTERS)
+    for component in s.components:
+        view = VIEWS[component]()
+        assert hasattr(view, s.attr), f"{component} view has no '{s.attr}'"
+        if name != "build-users-group":  # (the views keep None: "Nix's default, decided when used")
+            assert getattr(view, s.attr) == value
+        # the view applies its own default unchanged
+        assert getattr(view.with_settings([(name, s.default_text())]), s.attr) == value
+    for alias in s.aliases:
+        assert lookup(alias)[0] is s
+
+
+def test_every_field_of_every_view_is_in_the_table():
+    known = {s.attr for s in SETTINGS.values()}
+    for cls in VIEWS.values():
+        for f in fields(cls):
+            # (client_may_build_as_daemon: set per connection by the daemon, never from nix.conf)
+            assert f.name in known | {"unknown", "nix_version", "client_may_build_as_daemon"}, \
+                f"{cls.__name__}.{f.name}"
+
+
+def test_bad_values_are_one_line_errors_and_unknown_names_are_kept():
+    for view in (StoreSettings(), BuildSettings(), DaemonConfig()):
+        with pytest.raises(StoreError, match="setting 'max-jobs': 'many' is not an integer|"
+                                             "setting 'min-free': 'x' is not a size|"
+                                             "setting 'max-connections': 'x' is not an integer"):
+            view.with_settings([("max-jobs", "many"), ("min-free", "x"), ("max-connections", "x")])
+    s = StoreSettings().with_settings([("no-such-thing", "1"), ("keep-outputs", "true"), ("sandbox", "true")])
+    assert s.unknown == ("no-such-thing",) and s.keep_outputs
+    assert BuildSettings().with_settings([("extra-system-features", "gpu")]).system_features[-1] == "gpu"
+    with pytest.raises(SettingError):
+        SETTINGS["runtime-roots"].parse("runtime-roots", "sometimes")
+
+
+def test_untrusted_rules():
+    daemon = {"max-jobs": 2, "cores": 4, "timeout": 0, "max-silent-time": 600,
+              "trusted-substituters": ("https://ok",), "substituters": ()}
+    warnings: list[str] = []
+
+    def may(name, value, trusted=False):
+        return client_may_set(name, value, trusted, daemon.__getitem__, warnings.append)
+    assert may("max-jobs", "1") == "1" and may("max-jobs", "3") is None
+    assert may("cores", "4") == "4" and may("cores", "8") is None
+    assert may("timeout", "5") == "5"                 # the daemon has none: any limit is lower
+    assert may("max-silent-time", "0") is None        # 0 would lift the daemon's limit
+    assert may("max-silent-time", "60") == "60"
+    assert may("keep-failed", "true") is None and may("keep-failed", "true", trusted=True) == "true"
+    assert may("sandbox", "false") is None and may("allowed-users", "*") is None
+    assert may("builders", "") == "" and may("builders", "ssh://x") is None
+    assert may("substituters", "https://ok http://bad") == "https://ok"
+    assert warnings == ["ignoring untrusted substituter 'http://bad'"]
+    assert may("repeat", "2") == "2" and may("no-such-setting", "1") is None
+
+
+def _session_after(store, request: bytes, trusted: bool, config: DaemonConfig) -> Session:
+    """Run a real session over a socketpair on ``request`` and return it (to inspect)."""
+    ours, theirs = socket.socketpair()
+    session = Session(store, ours.makefile("rb"), ours.sendall, trusted=trusted, config=config,
+                      build=BuildSettings(max_jobs=2, cores=2, max_silent_time=600))
+    def serve() -> None:
+        try:
+            session.run()
+        finally:
+            ours.shutdown(socket.SHUT_RDWR)  # (the session's reader still holds the fd)
+            ours.close()
+    t = threading.Thread(target=serve)
+    t.start()
+    theirs.settimeout(20)
+    theirs.sendall(request)
+    theirs.shutdown(socket.SHUT_WR)
+    while theirs.recv(65536):
+        pass
+    t.join(20)
+    theirs.close()
+    return session
+
+
+def test_untrusted_set_options_cannot_set_what_the_table_forbids(tmp_path):
+    """Over the wire: the fixed fields (keepFailed, maxBuildJobs, maxSilentTime, buildCores)
+    and the overrides of an untrusted client go through the table; a trusted one's do not."""
+    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    try:
+        w = WireWriter().u64(0x6E697863).u64(0x122).u64(0).u64(0).u64(19)
+        # keepFailed, keepGoing, tryFallback, verbosity, maxBuildJobs, maxSilentTime,
+        # useBuildHook, verboseBuild, logType, printBuildTrace, buildCores, useSubstitutes
+        for v in (1, 1, 0, 3, 64, 0, 1, 0, 0, 0, 64, 1):
+            w.u64(v)
+        request = w.string_map({"sandbox": "false", "timeout": "7", "max-log-size": "1",
+                                "allowed-users": "*", "build-users-group": ""}).take()
+        config = DaemonConfig(build_users_group="")
+        s = _session_after(store, request, trusted=False, config=config)
+        b = build_settings(s)
+        assert (b.keep_failed, b.max_jobs, b.cores, b.max_silent_time) == (False, 2, 2, 600)
+        assert b.keep_going and b.timeout == 7 and b.max_log_size == 0
+        assert set(s.options.overrides) == {"keep-going", "timeout"}
+        s = _session_after(store, request, trusted=True, config=config)
+        b = build_settings(s)
+        assert (b.keep_failed, b.max_jobs, b.cores, b.max_silent_time) == (True, 64, 64, 0)
+        assert b.max_log_size == 1
+    finally:
+        store.close()
