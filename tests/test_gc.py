@@ -495,7 +495,7 @@ def test_unregistered_entry_being_written_is_left_alone(tmp_path):
 
 
 def test_unreadable_indirect_root_keeps_its_path_for_the_grace_period(tmp_path, monkeypatch):
-    import storekeeper.store.roots as roots_mod
+    import storekeeper.store.roots.finder as roots_mod
     root = str(tmp_path / "a")
     home = tmp_path / "nfs-home"
     home.mkdir()
@@ -533,7 +533,7 @@ def test_temp_roots_file_removed_by_its_exiting_owner_while_the_gc_looks(tmp_pat
     """The owner unlinks its file and then unlocks it as it exits; a GC that opened the
     file just before finds it gone when it cleans up, and must carry on."""
     from storekeeper.formats.storepath import StoreDir
-    from storekeeper.store import roots
+    from storekeeper.store.roots import finder as roots
     from storekeeper.store.temproots import TempRoots
     state = tmp_path / "state"
     os.makedirs(state / "temproots")

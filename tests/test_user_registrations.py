@@ -27,7 +27,7 @@ from storekeeper.client.rootsync import (ClientPaths, RootRefused, add_root, rea
                                          open_roots_dir, sync_roots)
 from storekeeper.client.userroots import RemoteUserRoots
 from storekeeper.fs.atomic import symlink_atomic
-from storekeeper.store.userroots import UserRoots
+from storekeeper.store.roots.registrations import UserRoots
 
 
 #: the CLI as its console script would run it

@@ -36,7 +36,7 @@ The flow (:func:`sync_roots`, run by ``storekeeper gc`` before collecting):
 
 1. remove broken links in the roots dir;
 2. find runtime roots as this user (own processes' exe, cwd, fds, maps,
-   environ: :func:`~storekeeper.store.roots.scan_proc`; works under
+   environ: :func:`~storekeeper.fs.proc.scan_proc`; works under
    ``hidepid=2``);
 3. register the roots present (again: the daemon may have lost its state;
    it is idempotent); unregister registered roots that
@@ -59,7 +59,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 from ..formats.storepath import StoreDir, StorePath, StorePathError
 from ..errors import InvalidPath, StoreError
 from ..fs.atomic import open_private_dir, symlink_atomic, write_file_atomic
-from ..store.roots import indirect_root_name, scan_proc
+from ..formats.gcroots import indirect_root_name
+from ..fs.proc import scan_proc
 
 STEPS = ("clean", "runtime", "sync")
 OK, BROKEN, REFUSED, UNKNOWN = "ok", "broken", "refused", "unknown"

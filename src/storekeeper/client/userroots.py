@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 from ..formats.storepath import StorePath
 from ..formats.wire import ExtOp, WireReader, WireWriter
-from ..store import userroots
+from ..store.roots import registrations as userroots
 from ..errors import StoreError
 from ..store.inspect import roots_overview
 from ..store.local import LocalStore

@@ -10,7 +10,7 @@ The daemon never opens the files that root names stand for: a name is the
 client's label, the store path is what counts.  Every path is pinned (temp
 root of this connection) and checked valid before it is recorded, so the
 runtime roots a client reports are held while its connection lives and
-then for the lease (``runtime-root-lease``); see :mod:`storekeeper.store.userroots`.
+then for the lease (``runtime-root-lease``); see :mod:`storekeeper.store.roots.registrations`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import os
 
 from ..formats.wire import MAX_PATH_LEN, ExtOp
 from ..store.inspect import roots_overview
-from ..store import userroots
-from ..store.userroots import MAX_NAME, MAX_REGISTRATIONS
+from ..store.roots import registrations as userroots
+from ..store.roots.registrations import MAX_NAME, MAX_REGISTRATIONS
 from .ops import OPS, OpEntry
 from .session import Session
 

@@ -63,6 +63,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
+from .. import fs
+from ..config import settings as settings_table
+from ..config.settings import this_system  # noqa: F401 -- re-exported
+from ..errors import StoreError
 from ..formats.contentaddress import FLAT, RECURSIVE, ContentAddress
 from ..formats.derivation import (
     Derivation,
@@ -76,16 +80,12 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.refscan import RefScanner
 from ..formats.storepath import StorePath, output_path_name
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
+from ..fs import remove_tree
+from . import confine
 from .buildlog import BuildLogFile, LineSplitter
 from .buildusers import BuildUser, BuildUserError, UserPool
-from . import confine
 from .canonicalise import canonicalise_paths
-from ..errors import StoreError
 from .locks import PathLocks
-from .. import fs
-from ..config import settings as settings_table
-from ..config.settings import this_system  # noqa: F401 -- re-exported
-from ..fs import remove_tree
 from .narfs import dump_path, restore_nar
 from .optimise import optimise_path
 from .settings import apply_settings, environment_settings

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .. import fs
-from ..fs import ENTER, ENTRY, LNK, REG
 from ..errors import StoreError
+from ..fs import ENTER, ENTRY, LNK, REG
 
 MTIME_STORE = 1
 _MTIME_NS = MTIME_STORE * 10**9

@@ -28,10 +28,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+from ..errors import ReadOnlyStore, StoreError
 from ..formats.hashes import Hash
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir
-from ..errors import ReadOnlyStore, StoreError
 from ..fs.atomic import write_file_atomic
 from .locks import lock_fd, open_lock_file, unlock_fd
 

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import fs
-from ..formats.storepath import StorePath, StorePathError
 from ..errors import PathInUse, StoreError
-from .locks import PathLocks, lock_fd, open_lock_file
+from ..formats.storepath import StorePath, StorePathError
 from .graph import Graph
+from .locks import PathLocks, lock_fd, open_lock_file
 from .optimise import remove_unused_links
 from .roots import Root, RootFinder
 

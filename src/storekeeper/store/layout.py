@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import parse_qsl, unquote
 
-from ..formats.storepath import DEFAULT_STORE_DIR, StoreDir
 from ..errors import StoreError
+from ..formats.storepath import DEFAULT_STORE_DIR, StoreDir
 
 DEFAULT_STATE_DIR = "/nix/var/nix"
 DEFAULT_LOG_DIR = "/nix/var/log/nix"

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .. import fs
+from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from ..formats import nar as narfmt
-from ..formats.derivation import check_derivation_outputs, parse_derivation
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
+from ..formats.derivation import check_derivation_outputs, parse_derivation
 from ..formats.errors import FormatError
 from ..formats.hashes import Hash, new_hasher
 from ..formats.pathinfo import ValidPathInfo
@@ -43,11 +44,10 @@ from ..fs import remove_tree
 from ..fs.atomic import write_new_file
 from .canonicalise import canonicalise_paths
 from .db import StoreDB
-from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
+from .gc import DELETE_DEAD, GarbageCollector, GCOptions
 from .layout import LocalLayout
 from .locks import PathLocks, lock_fd, open_lock_file
 from .narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
-from .gc import DELETE_DEAD, GarbageCollector, GCOptions
 from .optimise import open_pool, optimise_path
 from .queries import DerivedQueries
 from .settings import StoreSettings

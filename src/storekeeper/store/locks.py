@@ -70,6 +70,12 @@ def is_leftover(path: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+def open_shared_lock(path: str) -> int:
+    """A lock file anyone may ``flock`` (read-only opens suffice): the daemon's user and
+    root both change these files."""
+    return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
 def lock_fd(fd: int, exclusive: bool = True, wait: bool = True) -> bool:
     """flock the fd; with ``wait=False`` return False instead of blocking."""
     op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH

@@ -20,6 +20,8 @@ import os
 import stat
 from typing import Iterator
 
+from .. import fs
+from ..errors import StoreError
 from ..formats.hashes import Hash, new_hasher
 from ..formats.nar import (
     CLOSE,
@@ -31,8 +33,6 @@ from ..formats.nar import (
     regular_trailer,
     symlink_node,
 )
-from .. import fs
-from ..errors import StoreError
 
 #: most bytes of file contents in one chunk from dump_path
 CHUNK_SIZE = 1 << 20

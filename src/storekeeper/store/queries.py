@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable
 
+from ..errors import InvalidPath, StoreError
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath
-from ..errors import InvalidPath, StoreError
 
 
 class DerivedQueries:

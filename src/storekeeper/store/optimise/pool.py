@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ... import fs
-from ...fs import clear_immutable
 from ...errors import StoreError
+from ...fs import clear_immutable
 from ..locks import lock_fd, open_lock_file, unlock_fd
 
 if TYPE_CHECKING:

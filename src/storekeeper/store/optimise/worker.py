@@ -15,9 +15,9 @@ from stat import S_ISLNK, S_ISREG, S_IWUSR
 from typing import TYPE_CHECKING, Callable
 
 from ... import fs
+from ...errors import ReadOnlyStore
 from ...formats.nar import symlink_node
 from ...fs import clear_immutable
-from ...errors import ReadOnlyStore
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor

@@ -43,9 +43,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from ..errors import StoreError
-from ..fs.atomic import write_file_atomic
-from .locks import lock_fd
+from ...errors import StoreError
+from ...formats.gcroots import indirect_root_name
+from ...formats.storepath import StorePathError
+from ...fs.atomic import write_file_atomic
+from ..locks import lock_fd, open_shared_lock
+from .indirect import IndirectRootMemory, link_owner
 
 MAX_REGISTRATIONS = 65536
 MAX_LEASES = 64
@@ -84,12 +87,6 @@ def check_name(name: str, what: str = "root name") -> None:
     if not name or len(name.encode(errors="surrogateescape")) > MAX_NAME \
             or any(ord(c) < 0x20 or ord(c) == 0x7f for c in name):
         raise UserRootsError(f"invalid {what} {name[:80]!r}: empty, too long or with control characters")
-
-
-def open_shared_lock(path: str) -> int:
-    """A lock file anyone may ``flock`` (read-only opens suffice): the daemon's user and
-    root both change these files."""
-    return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
 class UserRoots:
@@ -308,7 +305,6 @@ def unregister_roots(store, uid: int, names: Iterable[str], trusted: bool = Fals
     claim, readable or not.  A claim nobody made (an entry older than the claims) is
     dropped only for the link's owner or a ``trusted`` peer (see
     :class:`~storekeeper.store.roots.IndirectRootMemory`).  Returns what was removed."""
-    from .roots import IndirectRootMemory, indirect_root_name, link_owner
     names = list(names)
     removed = UserRoots(store.state_dir).unregister(uid, names)
     memory = IndirectRootMemory(store.state_dir)
@@ -326,7 +322,6 @@ def report_runtime_roots(store, uid: int, lease_name: str, paths: Iterable[str])
     """Hold the valid ``paths`` (printed) for ``uid``: pinned for the life of this process
     (a daemon connection), and under lease ``lease_name`` for ``runtime-root-lease``
     seconds unless ``runtime-roots = proc``.  Returns (lease seconds, paths held)."""
-    from ..formats.storepath import StorePathError
     check_name(lease_name, "lease name")
     held = []
     for text in paths:
