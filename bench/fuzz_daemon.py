@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CAPTURES = os.path.join(HERE, "..", "..", "shared", "spec", "wire-captures")
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from storekeeper.daemon import build_ops  # noqa: E402
+from storekeeper.daemon.ops import build as build_ops  # noqa: E402
 from storekeeper.daemon.session import Session  # noqa: E402
 from storekeeper.daemon.trust import DaemonConfig, PeerInfo  # noqa: E402
 from storekeeper.formats.wire import WORKER_MAGIC_1, WireWriter  # noqa: E402

@@ -435,7 +435,7 @@ def test_every_command_answers_the_same_over_each_transport(transport, hosts, us
 
 def _has_runtime_root_op() -> bool:
     from storekeeper.daemon import server  # noqa: F401 -- loads every op module
-    from storekeeper.daemon.ops import OPS
+    from storekeeper.daemon.registry import OPS
     return any("runtime" in e.name.lower() for e in OPS.values())
 
 

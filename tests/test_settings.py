@@ -12,7 +12,7 @@ from storekeeper.config import SETTINGS, SettingError, lookup
 from storekeeper.config.settings import ALWAYS, BUILD, DAEMON, EMPTY, LOWER, NEVER, STORE, \
     TRUSTED_SUBSTITUTERS, client_may_set
 from storekeeper.daemon import DaemonConfig, Session
-from storekeeper.daemon.build_ops import build_settings
+from storekeeper.daemon.ops.build import build_settings
 from storekeeper.formats.wire import WireWriter
 from storekeeper.store.build import BuildSettings
 from storekeeper.errors import StoreError

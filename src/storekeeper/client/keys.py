@@ -1,21 +1,19 @@
-"""The client's side of storekeeper's TCP key operations (``daemon.tcpkey_ops``)."""
+"""The client's side of storekeeper's TCP key operations (``daemon.ops.tcp_keys``)."""
 
 from __future__ import annotations
 
 import os
 
-from ..formats.wire import WireWriter
+from ..formats.wire import ExtOp, WireWriter
 from ..fs.atomic import write_file_atomic
 from ..store.tcpkeys import KEY_BYTES, format_key_file
 from .remote import RemoteStore
 
-ISSUE_TCP_KEY = 1100
-REVOKE_TCP_KEY = 1101
 
 
 def issue_tcp_key(store: RemoteStore) -> tuple[str, int, bytes]:
     """A new key for the user this connection belongs to: (user, uid, key)."""
-    with store._exchange(WireWriter().u64(ISSUE_TCP_KEY)) as r:
+    with store._exchange(WireWriter().u64(ExtOp.IssueTcpKey)) as r:
         user = r.string("user name", 256)
         uid = r.u64("uid")
         key = r.bytes("key", KEY_BYTES)
@@ -23,7 +21,7 @@ def issue_tcp_key(store: RemoteStore) -> tuple[str, int, bytes]:
 
 
 def revoke_tcp_key(store: RemoteStore) -> bool:
-    with store._exchange(WireWriter().u64(REVOKE_TCP_KEY)) as r:
+    with store._exchange(WireWriter().u64(ExtOp.RevokeTcpKey)) as r:
         return r.bool("revoked")
 
 

@@ -7,8 +7,9 @@ the running daemon, else served as the invoking user) and :class:`Session`
 (one connection on any pair of streams, used by all and by tests).
 """
 
+from .errors import NotSupported, OpError
 from .server import default_socket_path, serve, serve_stdio
-from .session import ClientOptions, NotSupported, OpError, Session
+from .session import ClientOptions, Session
 from .trust import DaemonConfig, PeerInfo, parse_nix_conf, read_nix_conf
 
 __all__ = [

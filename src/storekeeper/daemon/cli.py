@@ -22,11 +22,11 @@ from dataclasses import replace
 from typing import Mapping, Sequence
 
 from ..config.nixconf import SettingError
-from ..formats.errors import FormatError
-from ..errors import StoreError
-from ..store.layout import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
 from ..config.settings import unknown_names
+from ..errors import StoreError
+from ..formats.errors import FormatError
 from ..store.build import BuildSettings
+from ..store.layout import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
 from ..store.settings import StoreSettings, environment_settings, nix_conf_path, read_nix_conf
 from .server import default_socket_path, serve, serve_stdio
 from .tcp import parse_listen_address

@@ -43,20 +43,20 @@ import time
 from contextlib import suppress
 from typing import Callable, Sequence
 
+from ..errors import StoreError
+from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
+from ..store.build import BuildSettings
 from ..store.layout import LocalLayout
 from ..store.local import LocalStore
-from ..store.build import BuildSettings
 from ..store.settings import StoreSettings
-from .sdnotify import sd_notify
-from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
+from ..store.tcpkeys import TcpKeys
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
-from . import tcpkey_ops as _tcpkey_ops  # noqa: F401 -- registers storekeeper's TCP key operations
+from .sdnotify import sd_notify
 from .session import Session, error_message
-from .stdio import connect_unix, relay as relay_stdio
+from .stdio import connect_unix
+from .stdio import relay as relay_stdio
 from .tcp import SealedChannel, TcpRefused, authenticate, bound_address, listen_tcp, peer_label
 from .trust import DaemonConfig, PeerInfo
-from ..errors import StoreError
-from ..store.tcpkeys import TcpKeys
 
 log = logging.getLogger("storekeeper.daemon")
 

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from ..errors import StoreError
 from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
 from ..formats.wire import (
@@ -59,9 +60,10 @@ from ..formats.wire import (
     write_start_activity,
     write_stop_activity,
 )
-from ..errors import StoreError
 from ..store.build import BuildSettings
 from ..store.local import LocalStore
+from .errors import NotSupported, OpError  # noqa: F401 -- re-exported
+from .registry import OPS
 from .trust import DaemonConfig, PeerInfo
 
 log = logging.getLogger("storekeeper.daemon")
@@ -70,14 +72,6 @@ log = logging.getLogger("storekeeper.daemon")
 #: of AddToStore (< 1.25), AddToStoreNar (< 1.23) and others differ, and no
 #: released Nix spoke 1.22 .. 1.31 (Nix 2.3 is 1.21, Nix 2.4 is 1.32).
 MIN_CLIENT_VERSION = 0x120
-
-
-class OpError(StoreError):
-    """An operation is refused or failed; the message is shown to the client."""
-
-
-class NotSupported(OpError):
-    """An operation storekeeper's daemon does not implement yet."""
 
 
 class ClientGone(Exception):
@@ -417,8 +411,6 @@ class Session:
 
     def _run_op(self, code: int) -> bool:
         """One operation; False when the connection must be closed."""
-        from .ops import OPS  # ops imports this module; loaded by the server before forking
-
         self.working = self.replied = False
         self.framed = None
         try:

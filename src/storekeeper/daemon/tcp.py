@@ -34,10 +34,10 @@ import signal
 import socket
 import threading
 
+from ..errors import StoreError
 from ..formats import tcpauth
 from ..formats.errors import FormatError
 from ..formats.wire import WORKER_MAGIC_1, WireReader
-from ..errors import StoreError
 from ..store.tcpkeys import TcpKeys
 from .trust import DaemonConfig, PeerInfo
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..config import settings as settings_table
+
 # nix.conf syntax; re-exported for the daemon's users.
 from ..store.settings import apply_settings, parse_nix_conf, read_nix_conf
 

@@ -121,12 +121,16 @@ class ExtOp(enum.IntEnum):
     * 1002 ReportRuntimeRoots.  C: string lease name, strings paths.
       R: u64 lease seconds (0: the daemon does not hold client reports), u64 held.
     * 1003 ListRoots.  C: —.  R: string (JSON: settings and roots).
+    * 1100 IssueTcpKey.  C: —.  R: string user, u64 uid, string key (32 bytes).
+    * 1101 RevokeTcpKey.  C: —.  R: u64 1 if a key was revoked, else 0.
     """
 
     RegisterRoots = 1000
     UnregisterRoots = 1001
     ReportRuntimeRoots = 1002
     ListRoots = 1003
+    IssueTcpKey = 1100
+    RevokeTcpKey = 1101
 
 
 class Verbosity(enum.IntEnum):

@@ -24,13 +24,23 @@ import select
 import socket
 from dataclasses import replace
 
-from ..formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
-from ..formats.errors import FormatError
-from ..formats.wire import MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
-from ..store.build import (BuildError, Builder, BuildMode, BuildResult, BuildSettings, build_refusal,
-                           format_error, query_missing)
-from .ops import _U32, _op, build_base
-from .session import OpError, Session
+from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
+from ...formats.errors import FormatError
+from ...formats.wire import MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
+from ...store.build import (
+    Builder,
+    BuildError,
+    BuildMode,
+    BuildResult,
+    BuildSettings,
+    build_refusal,
+    format_error,
+    query_missing,
+)
+from ..errors import OpError
+from ..registry import U32, op
+from ..session import Session
+from .options import build_base
 
 
 def build_settings(s: Session) -> BuildSettings:
@@ -71,7 +81,7 @@ def _builder(s: Session, settings: BuildSettings | None = None) -> Builder:
 def _read_targets(s: Session) -> tuple[list[str], list[DerivedPath], BuildMode]:
     texts = s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)
     targets = [DerivedPath.parse(s.sd, t, lax=True) for t in texts]
-    mode = s.r.u64("buildMode", _U32)
+    mode = s.r.u64("buildMode", U32)
     try:
         return texts, targets, BuildMode(mode)
     except ValueError:
@@ -108,7 +118,7 @@ def _run(s: Session, fn):
         raise OpError(str(e)) from None
 
 
-@_op(Op.BuildPaths)
+@op(Op.BuildPaths)
 def build_paths(s: Session) -> None:
     _, targets, mode = _read_targets(s)
     s.start_work()
@@ -127,7 +137,7 @@ def build_paths(s: Session) -> None:
     s.w.u64(1)
 
 
-@_op(Op.BuildPathsWithResults)
+@op(Op.BuildPathsWithResults)
 def build_paths_with_results(s: Session) -> None:
     texts, targets, mode = _read_targets(s)
     s.start_work()
@@ -140,7 +150,7 @@ def build_paths_with_results(s: Session) -> None:
         _write_result(s, s.w, r)
 
 
-@_op(Op.BuildDerivation)
+@op(Op.BuildDerivation)
 def build_derivation(s: Session) -> None:
     r = s.r
     drv_path = s.read_path("derivation path")
@@ -155,7 +165,7 @@ def build_derivation(s: Session) -> None:
     builder = r.string("builder", MAX_PATH_LEN)
     args = r.strings("args")
     env = r.string_map("env")
-    mode = r.u64("buildMode", _U32)
+    mode = r.u64("buildMode", U32)
     s.start_work()
     if not drv_path.is_derivation:
         raise OpError(f"'{s.sd.print(drv_path)}' is not a derivation path")
@@ -184,7 +194,7 @@ def build_derivation(s: Session) -> None:
     _write_result(s, s.w, result)
 
 
-@_op(Op.QueryMissing)
+@op(Op.QueryMissing)
 def query_missing_op(s: Session) -> None:
     targets = [DerivedPath.parse(s.sd, t, lax=True)
                for t in s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)]

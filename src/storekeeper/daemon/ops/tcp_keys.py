@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 
-from ..store.tcpkeys import TcpKeys
-from .ops import OPS, OpEntry
-from .session import OpError, Session
+from ...formats.wire import ExtOp
+from ...store.tcpkeys import TcpKeys
+from ..errors import OpError
+from ..registry import op
+from ..session import Session
 
 log = logging.getLogger("storekeeper.daemon")
-
-ISSUE_TCP_KEY = 1100
-REVOKE_TCP_KEY = 1101
-
 
 def _local_peer(s: Session, what: str):
     peer = s.peer
@@ -31,6 +29,7 @@ def _local_peer(s: Session, what: str):
     return peer
 
 
+@op(ExtOp.IssueTcpKey)
 def issue_tcp_key(s: Session) -> None:
     s.start_work()
     peer = _local_peer(s, "issuing a TCP key")
@@ -40,6 +39,7 @@ def issue_tcp_key(s: Session) -> None:
     s.w.string(peer.user).u64(peer.uid).string(key)
 
 
+@op(ExtOp.RevokeTcpKey)
 def revoke_tcp_key(s: Session) -> None:
     s.start_work()
     peer = _local_peer(s, "revoking a TCP key")
@@ -49,6 +49,3 @@ def revoke_tcp_key(s: Session) -> None:
     s.stop_work()
     s.w.u64(1 if revoked else 0)
 
-
-OPS[ISSUE_TCP_KEY] = OpEntry("IssueTcpKey", issue_tcp_key)
-OPS[REVOKE_TCP_KEY] = OpEntry("RevokeTcpKey", revoke_tcp_key)

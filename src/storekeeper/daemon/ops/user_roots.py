@@ -18,19 +18,12 @@ from __future__ import annotations
 import json
 import os
 
-from ..formats.wire import MAX_PATH_LEN, ExtOp
-from ..store.inspect import roots_overview
-from ..store.roots import registrations as userroots
-from ..store.roots.registrations import MAX_NAME, MAX_REGISTRATIONS
-from .ops import OPS, OpEntry
-from .session import Session
-
-
-def _ext(op: ExtOp):
-    def register(fn):
-        OPS[int(op)] = OpEntry(op.name, fn)
-        return fn
-    return register
+from ...formats.wire import MAX_PATH_LEN, ExtOp
+from ...store.inspect import roots_overview
+from ...store.roots import registrations as userroots
+from ...store.roots.registrations import MAX_NAME, MAX_REGISTRATIONS
+from ..registry import op
+from ..session import Session
 
 
 def peer_uid(s: Session) -> int:
@@ -49,7 +42,7 @@ def may_see(s: Session, kind: str, uid: int | None) -> bool:
     return True
 
 
-@_ext(ExtOp.RegisterRoots)
+@op(ExtOp.RegisterRoots)
 def register_roots(s: Session) -> None:
     entries = []
     for _ in range(s.r.count("roots", MAX_REGISTRATIONS)):
@@ -65,7 +58,7 @@ def register_roots(s: Session) -> None:
     s.w.strings(refused)
 
 
-@_ext(ExtOp.UnregisterRoots)
+@op(ExtOp.UnregisterRoots)
 def unregister_roots(s: Session) -> None:
     names = s.r.strings("root names", MAX_REGISTRATIONS, MAX_NAME)
     s.start_work()
@@ -74,7 +67,7 @@ def unregister_roots(s: Session) -> None:
     s.w.strings(removed)
 
 
-@_ext(ExtOp.ReportRuntimeRoots)
+@op(ExtOp.ReportRuntimeRoots)
 def report_runtime_roots(s: Session) -> None:
     lease_name = s.r.string("lease name", MAX_NAME)
     paths = s.r.strings("runtime roots", item_limit=MAX_PATH_LEN)
@@ -85,7 +78,7 @@ def report_runtime_roots(s: Session) -> None:
     s.w.u64(held)
 
 
-@_ext(ExtOp.ListRoots)
+@op(ExtOp.ListRoots)
 def list_roots(s: Session) -> None:
     s.start_work()
     out = roots_overview(s.store, peer_uid(s), lambda r: not may_see(s, r.kind, r.uid))
