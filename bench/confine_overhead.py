@@ -20,7 +20,7 @@ import time
 from storekeeper.formats.derivation import (Derivation, DerivationOutput, derivation_store_path,
                                             fill_output_paths, print_derivation)
 from storekeeper.store.build import Builder, BuildSettings, this_system
-from storekeeper.store.layout import LocalLayout
+from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 
 

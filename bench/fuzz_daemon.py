@@ -38,7 +38,7 @@ from storekeeper.daemon.session import Session  # noqa: E402
 from storekeeper.daemon.trust import DaemonConfig, PeerInfo  # noqa: E402
 from storekeeper.formats.wire import WORKER_MAGIC_1, WireWriter  # noqa: E402
 from storekeeper.errors import StoreError  # noqa: E402
-from storekeeper.store.layout import LocalLayout  # noqa: E402
+from storekeeper.formats.url import LocalLayout  # noqa: E402
 from storekeeper.store.local import LocalStore  # noqa: E402
 from storekeeper.daemon import server as _server  # noqa: E402,F401 -- registers every op
 

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from storekeeper.store.layout import LocalLayout
+from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 
 HAVE_NIX = shutil.which("nix-store") is not None

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
-
 from daemon_util import wait_for_socket
 
 needs_root_users = pytest.mark.skipif(

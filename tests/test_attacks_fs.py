@@ -16,11 +16,11 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import needs_nix
-from storekeeper import fs
 from realusers import PATH, needs_root_users, real_users, spawn_as
 from test_build import area_factory, build_users, drv_expr  # noqa: F401 -- fixtures
+
+from storekeeper import fs
 
 pytestmark = [needs_nix, needs_root_users, pytest.mark.nix, pytest.mark.root]
 

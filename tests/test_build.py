@@ -24,10 +24,18 @@ import threading
 import time
 
 import pytest
-
 from conftest import needs_nix
-from daemon_util import (Client, decode, load_capture, our_daemon_cmd, stop_process, strip_ansi,
-                         wait_for_socket)
+from daemon_util import (
+    Client,
+    decode,
+    load_capture,
+    our_daemon_cmd,
+    stop_process,
+    strip_ansi,
+    wait_for_socket,
+)
+
+from storekeeper.api import DELETE_DEAD, GCOptions
 from storekeeper.formats.derivation import (
     Derivation,
     DerivationOutput,
@@ -36,7 +44,9 @@ from storekeeper.formats.derivation import (
     print_derivation,
 )
 from storekeeper.formats.storepath import StoreDir
+from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import DerivedPath, WireWriter
+from storekeeper.fs import remove_tree
 from storekeeper.store.build import (
     Builder,
     BuildMode,
@@ -47,10 +57,7 @@ from storekeeper.store.build import (
     this_system,
 )
 from storekeeper.store.buildlog import LineSplitter, log_path, read_build_log
-from storekeeper.store.gc import DELETE_DEAD, GCOptions
-from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
-from storekeeper.fs import remove_tree
 
 SYSTEM = this_system()
 NIX_CMD = ["--extra-experimental-features", "nix-command"]
@@ -368,8 +375,9 @@ def test_untrusted_clients_cannot_build_input_addressed_basic_derivations(tmp_pa
     root = str(tmp_path / "root")
     store = LocalStore(LocalLayout.chroot(root))
     try:
-        from storekeeper.daemon import Session
         import socket
+
+        from storekeeper.daemon import Session
         sd = store.store_dir
         drv_path, drv = _basic_drv(sd, "rb", "echo rb > $out")
         w = WireWriter().u64(0x6E697863).u64(0x122).u64(0).u64(0)

@@ -17,11 +17,10 @@ import sqlite3
 import subprocess
 
 import pytest
-
 from conftest import needs_nix
+from daemon_util import strip_ansi
 from realusers import PATH, needs_root_users, real_users, start_daemon_as, stop
 from test_build import area_factory, build_users, drv_expr  # noqa: F401 -- fixtures
-from daemon_util import strip_ansi
 
 pytestmark = [needs_nix, pytest.mark.nix]
 

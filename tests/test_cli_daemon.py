@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import HAVE_NIX, nix_env
 from daemon_util import start_daemon, stop_process
+
 from storekeeper.cli.main import main
 
 HELLO = "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt"

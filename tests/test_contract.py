@@ -20,20 +20,20 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import HAVE_NIX, nix_env
 from daemon_util import start_daemon, stop_process
+
+from storekeeper.api import DEAD, DELETE_SPECIFIC, LIVE, GCOptions, Store
 from storekeeper.client import DaemonError, RemoteStore
+from storekeeper.errors import InvalidPath, StoreError
 from storekeeper.formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
 from storekeeper.formats.hashes import Hash
 from storekeeper.formats.nar import Directory, Regular, Symlink, dump_node, dump_string
 from storekeeper.formats.pathinfo import ValidPathInfo
 from storekeeper.formats.storepath import StoreDir
-from storekeeper.errors import InvalidPath, StoreError
-from storekeeper.store.gc import DEAD, DELETE_SPECIFIC, LIVE, GCOptions
-from storekeeper.store.layout import LocalLayout
+from storekeeper.formats.url import LocalLayout
+from storekeeper.fs.narfs import dump_path as dump_tree
 from storekeeper.store.local import LocalStore
-from storekeeper.store.narfs import dump_path as dump_tree
 
 SD = StoreDir("/nix/store")
 BAD = SD.parse("/nix/store/00000000000000000000000000000000-nothing-here")
@@ -68,7 +68,7 @@ class Backend:
         self.kind, self.root, self.socket, self.proc = kind, root, socket, proc
         self.log: list[str] = []
 
-    def open(self):
+    def open(self) -> Store:
         if self.kind == "local":
             return LocalStore(LocalLayout.chroot(self.root))
         return RemoteStore(self.socket, SD, timeout=TIMEOUT, log=self.log.append)
@@ -94,10 +94,23 @@ def backend(request, tmp_path_factory):
 
 
 @pytest.fixture
-def store(backend):
+def store(backend) -> Store:
     s = backend.open()
     yield s
     s.close()
+
+
+def test_every_backend_implements_the_contract(store):
+    """The suite below is written against ``storekeeper.api.Store``; each backend must
+    have every method of it, with the protocol's parameters."""
+    import inspect
+    assert isinstance(store, Store)
+    for name, member in inspect.getmembers(Store, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        want = list(inspect.signature(member).parameters)
+        got = list(inspect.signature(getattr(store, name)).parameters)
+        assert got[:len(want) - 1] == want[1:], (name, got, want)  # (want[0] is self)
 
 
 def eventually(check, timeout: float = 15.0, interval: float = 0.05):

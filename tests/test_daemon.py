@@ -23,9 +23,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import needs_nix, nix_env
-from daemon_util import (strip_ansi, 
+from daemon_util import (
     CAPTURES,
     SD,
     Client,
@@ -36,14 +35,17 @@ from daemon_util import (strip_ansi,
     read_log,
     start_daemon,
     stop_process,
+    strip_ansi,
     wait_for_socket,
 )
+
 from storekeeper.daemon import DaemonConfig, PeerInfo, Session, default_socket_path, parse_nix_conf
 from storekeeper.daemon.cli import NIX_VERSION_LINE, main_daemon, main_nix_daemon
 from storekeeper.daemon.trust import matches
 from storekeeper.formats.hashes import Hash
 from storekeeper.formats.nar import dump_string
 from storekeeper.formats.pathinfo import ValidPathInfo
+from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import (
     Stderr,
     WireReader,
@@ -52,7 +54,6 @@ from storekeeper.formats.wire import (
     read_stderr_message,
     write_path_info,
 )
-from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
 
 HELLO = "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt"
@@ -981,6 +982,7 @@ def test_gc_and_roots_through_the_real_client_like_the_real_daemon(daemons, tmp_
 
 def test_sd_notify_sends_one_datagram(tmp_path):
     import socket as _socket
+
     from storekeeper.daemon.sdnotify import sd_notify
     path = str(tmp_path / "notify")
     srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)

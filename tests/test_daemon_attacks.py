@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import nix_env
 from daemon_util import start_daemon, stop_process
 from realusers import SK, as_user, needs_root_users, real_users, spawn_as
+
 from storekeeper.client import RemoteStore
 from storekeeper.store.roots import indirect_root_name
 

@@ -14,9 +14,9 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import HAVE_NIX, nix_env
 from daemon_util import start_daemon, stop_process
+
 from storekeeper.client import RemoteStore
 
 pytestmark = [

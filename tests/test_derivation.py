@@ -11,7 +11,8 @@ import shutil
 from dataclasses import dataclass, replace
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from storekeeper.formats.derivation import (
     Derivation,

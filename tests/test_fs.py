@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storekeeper import fs
+from storekeeper.formats.url import LocalLayout
 from storekeeper.fs import walker as walk_mod
+from storekeeper.fs.narfs import TreeError, dump_path
 from storekeeper.store import locks
 from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
 from storekeeper.store.inspect import _lstats
-from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore, _first_uncanonical
 from storekeeper.store.locks import PathLocks
-from storekeeper.store.narfs import TreeError, dump_path
 from storekeeper.store.roots import RootFinder
 
 

@@ -11,18 +11,23 @@ import sys
 import time
 
 import pytest
-
 from conftest import needs_nix, run_nix
-from storekeeper.store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
-from storekeeper.store.layout import LocalLayout
+
+from storekeeper.api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions
+from storekeeper.errors import PathInUse
+from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 from storekeeper.store.settings import StoreSettings
 
 
 def make_drv(store: LocalStore, name: str, srcs, outputs=("out", "dev")):
     """Write a real input-addressed derivation (outputs computed as nix-instantiate does)."""
-    from storekeeper.formats.derivation import (Derivation, DerivationOutput, fill_output_paths,
-                                                print_derivation)
+    from storekeeper.formats.derivation import (
+        Derivation,
+        DerivationOutput,
+        fill_output_paths,
+        print_derivation,
+    )
     sd = store.store_dir
     drv = Derivation(outputs={o: DerivationOutput() for o in outputs},
                      input_srcs=frozenset(sd.print(r) for r in srcs), platform="x86_64-linux",

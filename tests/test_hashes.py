@@ -2,11 +2,18 @@ import base64
 import hashlib
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from storekeeper.formats.errors import FormatError
-from storekeeper.formats.hashes import (ALGO_SIZES, Hash, compress_hash, nix32_decode,
-                                        nix32_encode, nix32_len)
+from storekeeper.formats.hashes import (
+    ALGO_SIZES,
+    Hash,
+    compress_hash,
+    nix32_decode,
+    nix32_encode,
+    nix32_len,
+)
 
 
 def reference_nix32(h: bytes) -> str:

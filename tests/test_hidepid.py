@@ -13,7 +13,15 @@ import os
 import sys
 import time
 
-from realusers import PidNamespace, as_user, needs_root_users, real_users, sk_as, spawn_as, start_daemon_as
+from realusers import (
+    PidNamespace,
+    as_user,
+    needs_root_users,
+    real_users,
+    sk_as,
+    spawn_as,
+    start_daemon_as,
+)
 
 LEASE = 20
 

@@ -6,10 +6,11 @@ import os
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import needs_nix, run_nix
-from storekeeper.store.layout import LocalLayout
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 
 pytestmark = [needs_nix, pytest.mark.nix]

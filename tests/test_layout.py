@@ -1,7 +1,6 @@
 import pytest
 
-from storekeeper.errors import StoreError
-from storekeeper.store.layout import DaemonAddress, LocalLayout, parse_store_url
+from storekeeper.formats.url import DaemonAddress, LocalLayout, StoreUrlError, parse_store_url
 
 ENV = {"HOME": "/home/u"}
 
@@ -47,9 +46,9 @@ def test_slash_is_the_real_store():
 
 def test_unix_socket_and_errors():
     assert parse_store_url("unix:///run/sk.sock", ENV) == DaemonAddress("/run/sk.sock")
-    with pytest.raises(StoreError, match="not supported"):
+    with pytest.raises(StoreUrlError, match="not supported"):
         parse_store_url("s3://bucket", ENV)
-    with pytest.raises(StoreError, match="unknown parameter"):
+    with pytest.raises(StoreUrlError, match="unknown parameter"):
         parse_store_url("local?bogus=1", ENV)
 
 
@@ -61,5 +60,5 @@ def test_daemon_addresses_carry_the_client_store_dir():
     assert parse_store_url("daemon", env) == DaemonAddress("/e/state/daemon-socket/socket", "/e/store")
     assert parse_store_url("unix://", {**env, "NIX_DAEMON_SOCKET_PATH": "/d.sock"}) == \
         DaemonAddress("/d.sock", "/e/store")
-    with pytest.raises(StoreError, match="must be absolute"):
+    with pytest.raises(StoreUrlError, match="must be absolute"):
         parse_store_url("unix://relative.sock", ENV)

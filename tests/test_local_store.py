@@ -11,11 +11,11 @@ import threading
 
 import pytest
 
+from storekeeper.errors import BadArchive, InvalidPath, StoreError
 from storekeeper.formats.hashes import Hash
 from storekeeper.formats.nar import dump_string
 from storekeeper.formats.pathinfo import ValidPathInfo
-from storekeeper.errors import BadArchive, InvalidPath, StoreError
-from storekeeper.store.layout import LocalLayout
+from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 from storekeeper.store.locks import lock_fd, open_lock_file
 

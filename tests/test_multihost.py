@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import pytest
-
 from daemon_util import stop_process, wait_for_socket
-from storekeeper.daemon.tcp import NOT_AUTHENTICATED
-from storekeeper.store.tcpkeys import read_key_file
 from test_tcp_auth import wait_for_line
+
+from storekeeper.daemon.tcp import NOT_AUTHENTICATED
+from storekeeper.fs.private import read_key_file
 
 HOST_A, HOST_B = "10.254.77.1", "10.254.77.2"
 SK = os.path.join(os.path.dirname(sys.executable), "storekeeper")

@@ -7,7 +7,8 @@ import io
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storekeeper.formats.errors import FormatError
 from storekeeper.formats.hashes import Hash

@@ -13,14 +13,23 @@ import subprocess
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import needs_nix, nix_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_nar import MALFORMED, TV2, TV2_SHA256, dir_trees, nested, trees
+
 from storekeeper.formats.hashes import Hash
 from storekeeper.formats.nar import (
-    MAX_DEPTH, Directory, NarError, Regular, Symlink, dump_node, nar_str,
+    MAX_DEPTH,
+    Directory,
+    NarError,
+    Regular,
+    Symlink,
+    dump_node,
+    nar_str,
 )
-from storekeeper.store.narfs import (
+from storekeeper.fs import remove_tree
+from storekeeper.fs.narfs import (
     CHUNK_SIZE,
     TreeError,
     copy_tree_hashing,
@@ -28,8 +37,6 @@ from storekeeper.store.narfs import (
     nar_hash_path,
     restore_nar,
 )
-from storekeeper.fs import remove_tree
-from test_nar import MALFORMED, TV2, TV2_SHA256, dir_trees, nested, trees
 
 
 def write_tree(path: bytes, node) -> None:

@@ -14,21 +14,20 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-
 from conftest import needs_nix, nix_env, run_nix
+
+from storekeeper.api import DELETE_DEAD, DELETE_SPECIFIC, GCOptions
+from storekeeper.errors import ReadOnlyStore
 from storekeeper.formats.hashes import nix32_encode
 from storekeeper.formats.nar import dump_string
-from storekeeper.store import canonicalise, optimise
+from storekeeper.formats.url import LocalLayout
+from storekeeper.fs.narfs import nar_hash_path
 from storekeeper.fs.openat import FS_IMMUTABLE_FL, FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, clear_immutable
+from storekeeper.store import canonicalise, optimise
 from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
-from storekeeper.errors import ReadOnlyStore
-from storekeeper.store.gc import DELETE_DEAD, DELETE_SPECIFIC, GCOptions
-from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
-from storekeeper.store.narfs import nar_hash_path
 from storekeeper.store.optimise import (
     PoolLock,
     file_nar_hash,

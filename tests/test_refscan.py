@@ -1,9 +1,10 @@
 import random
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from storekeeper.formats.refscan import RefScanner, scan_references
 from storekeeper.formats.hashes import NIX32_ALPHABET
+from storekeeper.formats.refscan import RefScanner, scan_references
 
 HASHES = ["".join(random.Random(i).choice(NIX32_ALPHABET) for _ in range(32)) for i in range(8)]
 

@@ -9,14 +9,23 @@ from dataclasses import fields
 import pytest
 
 from storekeeper.config import SETTINGS, SettingError, lookup
-from storekeeper.config.settings import ALWAYS, BUILD, DAEMON, EMPTY, LOWER, NEVER, STORE, \
-    TRUSTED_SUBSTITUTERS, client_may_set
+from storekeeper.config.settings import (
+    ALWAYS,
+    BUILD,
+    DAEMON,
+    EMPTY,
+    LOWER,
+    NEVER,
+    STORE,
+    TRUSTED_SUBSTITUTERS,
+    client_may_set,
+)
 from storekeeper.daemon import DaemonConfig, Session
 from storekeeper.daemon.ops.build import build_settings
+from storekeeper.errors import StoreError
+from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import WireWriter
 from storekeeper.store.build import BuildSettings
-from storekeeper.errors import StoreError
-from storekeeper.store.layout import LocalLayout
 from storekeeper.store.local import LocalStore
 from storekeeper.store.settings import StoreSettings
 

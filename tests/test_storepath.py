@@ -1,7 +1,8 @@
 import string
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from storekeeper.formats.contentaddress import ContentAddress
 from storekeeper.formats.hashes import Hash

@@ -19,18 +19,21 @@ import threading
 import time
 
 import pytest
-
 from conftest import nix_env
 from daemon_util import start_daemon, stop_process
+
 from storekeeper.client import DaemonError, RemoteStore, open_remote
 from storekeeper.client.keys import issue_tcp_key, revoke_tcp_key, save_tcp_key
 from storekeeper.client.transports import SshTransport, default_tcp_key_path
-from storekeeper.formats import tcpauth
 from storekeeper.daemon.tcp import NOT_AUTHENTICATED
-from storekeeper.formats.wire import WORKER_MAGIC_1, WireEOF, WireReader, WireWriter
 from storekeeper.errors import StoreError
-from storekeeper.store.layout import SshAddress, TcpAddress, parse_store_url
-from storekeeper.store.tcpkeys import TcpKeys, format_key_file, parse_key_file, read_key_file
+from storekeeper.formats import tcpauth
+from storekeeper.formats.errors import FormatError
+from storekeeper.formats.tcpauth import format_key_file, parse_key_file
+from storekeeper.formats.url import SshAddress, TcpAddress, parse_store_url
+from storekeeper.formats.wire import WORKER_MAGIC_1, WireEOF, WireReader, WireWriter
+from storekeeper.fs.private import read_key_file
+from storekeeper.store.tcpkeys import TcpKeys
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
 QUIET = {"log": lambda m: None, "timeout": 30}
@@ -94,7 +97,7 @@ def test_key_files_parse_strictly():
                      (b"user alice\nkey " + b"zz" * 32 + b"\n", "64 hex digits"),
                      (b"user alice\nkey " + key.hex().encode() + b"\nport 1\n", "unexpected 'port 1'"),
                      (b"\xff\xfe", "not text")]:
-        with pytest.raises(StoreError, match=why):
+        with pytest.raises(FormatError, match=why):
             parse_key_file(bad, "f")
 
 

@@ -17,18 +17,22 @@ import sys
 import time
 
 import pytest
-
 from conftest import HAVE_NIX, nix_env
 from daemon_util import start_daemon, stop_process
 from realusers import as_user, needs_root_users, real_users, sk_as, start_daemon_as, stop
-from storekeeper.cli.main import main
+
 from storekeeper.client import RemoteStore
-from storekeeper.client.rootsync import (ClientPaths, RootRefused, add_root, read_entries,
-                                         open_roots_dir, sync_roots)
+from storekeeper.client.rootsync import (
+    ClientPaths,
+    RootRefused,
+    add_root,
+    open_roots_dir,
+    read_entries,
+    sync_roots,
+)
 from storekeeper.client.userroots import RemoteUserRoots
 from storekeeper.fs.atomic import symlink_atomic
 from storekeeper.store.roots.registrations import UserRoots
-
 
 #: the CLI as its console script would run it
 SK = [sys.executable, "-c", "import sys; from storekeeper.cli.main import main; sys.exit(main())"]
@@ -399,8 +403,8 @@ def test_users_register_and_unregister_only_their_own_roots(shared_dir):
 def test_runtime_roots_setting_chooses_proc_scanning_or_leases(tmp_path, mode):
     """``proc``: the GC scans /proc and ignores client leases; ``client``: it holds what
     clients leased and does not scan; ``both``."""
-    from storekeeper.store.gc import DELETE_DEAD, GCOptions
-    from storekeeper.store.layout import LocalLayout
+    from storekeeper.api import DELETE_DEAD, GCOptions
+    from storekeeper.formats.url import LocalLayout
     from storekeeper.store.local import LocalStore
     from storekeeper.store.settings import StoreSettings
     layout = LocalLayout.custom(str(tmp_path / "store"), str(tmp_path / "state"), str(tmp_path / "log"))

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from storekeeper.store.gc import DELETE_DEAD, GCOptions
-from storekeeper.store.layout import LocalLayout
+from storekeeper.api import DELETE_DEAD, GCOptions
+from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 from storekeeper.store.roots import RootFinder
 

@@ -6,9 +6,10 @@ import io
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from daemon_util import CAPTURES, SD, load_capture
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from storekeeper.formats.errors import FormatError
 from storekeeper.formats.hashes import Hash
 from storekeeper.formats.pathinfo import ValidPathInfo

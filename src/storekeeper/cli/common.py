@@ -10,8 +10,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Iterable
 
-from ..formats.storepath import StorePath
 from ..errors import InvalidPath, UsageError
+from ..formats.storepath import StorePath
 
 if TYPE_CHECKING:
     from ..client.remote import RemoteStore
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def open_store(url: str | None) -> Store:
     """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
-    from ..store.layout import DaemonAddress, LocalLayout, parse_store_url
+    from ..formats.url import DaemonAddress, LocalLayout, parse_store_url
     from ..store.local import LocalStore
     from ..store.settings import StoreSettings
     address = parse_store_url(url)

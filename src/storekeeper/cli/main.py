@@ -20,9 +20,9 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from .. import __version__
+from ..errors import EXIT_IO, StorekeeperError
 from ..formats.errors import FormatError
 from ..formats.hashes import ALGO_SIZES
-from ..errors import EXIT_IO, StorekeeperError
 from .common import UsageError, is_local, needs_local, open_store, print_paths, resolve_path, valid
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def cmd_dump(store: Store, args: argparse.Namespace) -> int:
 def cmd_restore(store: Store | None, args: argparse.Namespace) -> int:
     from ..formats.nar import NarError
     from ..fs import remove_tree
-    from ..store.narfs import restore_nar
+    from ..fs.narfs import restore_nar
     if os.path.lexists(args.dir):
         raise UsageError(f"'{args.dir}' already exists")
     try:
@@ -152,7 +152,7 @@ def cmd_verify(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(store: Store, args: argparse.Namespace) -> int:
-    from ..store.gc import DEAD, DELETE_DEAD, LIVE, GCOptions
+    from ..api import DEAD, DELETE_DEAD, LIVE, GCOptions
     action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
     if args.dry_run:
         needs_local(store, "gc --dry-run (it measures the files a GC would free)")
@@ -232,7 +232,7 @@ def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_delete(store: Store, args: argparse.Namespace) -> int:
-    from ..store.gc import DELETE_SPECIFIC, GCOptions
+    from ..api import DELETE_SPECIFIC, GCOptions
     paths = frozenset(resolve_path(store, a) for a in args.paths)
     result = store.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=paths,
                                              ignore_liveness=args.ignore_liveness),

@@ -9,14 +9,13 @@ import sys
 import time
 
 from ..store.inspect import RootInfo
-from .common import age, open_store, resolve_path
+from .common import age, is_local, open_store, resolve_path
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
 _STEPS = ("clean", "runtime", "sync")
 
 
 def _api(store):
-    from ..client.userroots import user_roots_api
     return user_roots_api(store)
 
 
@@ -122,3 +121,10 @@ def add_parsers(sub) -> None:
                        "report your running programs' store paths (held for the daemon's lease)")
     s.add_argument("--skip-step", action="append", choices=_STEPS, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_sync_roots)
+
+
+def user_roots_api(store):
+    """The calling user's roots: through storekeeper's daemon, or on a local store directly."""
+    from ..client.userroots import RemoteUserRoots
+    from ..store.inspect import LocalUserRoots
+    return LocalUserRoots(store) if is_local(store) else RemoteUserRoots(store)

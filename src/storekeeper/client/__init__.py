@@ -1,11 +1,11 @@
 """storekeeper's client: the store API over a daemon (Nix worker protocol 1.34).
 
 Layering: beside :mod:`storekeeper.daemon`; imports ``store`` and ``formats``
-only.  :func:`open_remote` turns a :class:`~storekeeper.store.layout.DaemonAddress`
+only.  :func:`open_remote` turns a :class:`~storekeeper.formats.url.DaemonAddress`
 (a Unix socket, ``ssh-ng://`` or ``tcp://``) into a connected :class:`RemoteStore`.
 """
 
-from ..store.layout import DaemonAddress
+from ..formats.url import DaemonAddress
 from .remote import ConnectionLost, DaemonError, RemoteStore, client_store_dir
 from .transports import transport_for
 

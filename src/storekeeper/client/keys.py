@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
+from ..formats.tcpauth import KEY_BYTES, format_key_file
 from ..formats.wire import ExtOp, WireWriter
 from ..fs.atomic import write_file_atomic
-from ..store.tcpkeys import KEY_BYTES, format_key_file
 from .remote import RemoteStore
-
 
 
 def issue_tcp_key(store: RemoteStore) -> tuple[str, int, bytes]:

@@ -41,11 +41,23 @@ import time
 from contextlib import contextmanager
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from ..api import (
+    DEAD,
+    DELETE_DEAD,
+    DELETE_SPECIFIC,
+    LIVE,
+    DerivedQueries,
+    GCOptions,
+    GCResult,
+    VerifyReport,
+)
+from ..errors import BadArchive, InvalidPath, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
 from ..formats.errors import FormatError
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
+from ..formats.url import store_dir_setting
 from ..formats.wire import (
     PROTOCOL_VERSION,
     WORKER_MAGIC_1,
@@ -65,12 +77,7 @@ from ..formats.wire import (
     read_stderr_message,
     write_path_info,
 )
-from ..errors import BadArchive, InvalidPath, StoreError
-from ..store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
-from ..store.layout import store_dir_setting
-from ..store.local import VerifyReport
-from ..store.narfs import dump_path as dump_tree
-from ..store.queries import DerivedQueries
+from ..fs.narfs import dump_path as dump_tree
 from .transports import Transport, UnixTransport
 
 #: The oldest daemon we talk to: 1.32 is Nix 2.4, the first with the request

@@ -56,10 +56,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
-from ..formats.storepath import StoreDir, StorePath, StorePathError
 from ..errors import InvalidPath, StoreError
-from ..fs.atomic import open_private_dir, symlink_atomic, write_file_atomic
 from ..formats.gcroots import indirect_root_name
+from ..formats.storepath import StoreDir, StorePath, StorePathError
+from ..fs.atomic import open_private_dir, symlink_atomic, write_file_atomic
 from ..fs.proc import scan_proc
 
 STEPS = ("clean", "runtime", "sync")

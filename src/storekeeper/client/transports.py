@@ -28,12 +28,12 @@ import threading
 from contextlib import suppress
 from typing import Mapping
 
+from ..errors import StoreError
 from ..formats import tcpauth
 from ..formats.errors import FormatError
+from ..formats.url import DaemonAddress, SshAddress, TcpAddress
 from ..formats.wire import WireEOF, WireReader
-from ..errors import StoreError
-from ..store.layout import DaemonAddress, SshAddress, TcpAddress
-from ..store.tcpkeys import read_key_file
+from ..fs.private import read_key_file
 
 _CHUNK = 1 << 16
 _AUTH_TIMEOUT = 30.0

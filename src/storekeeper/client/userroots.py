@@ -1,5 +1,6 @@
 """Per-user roots as a client asks for them: over storekeeper's daemon (its own
-operations, :class:`~storekeeper.formats.wire.ExtOp`) or, on a local store, directly.
+operations, :class:`~storekeeper.formats.wire.ExtOp`); on a local store
+:class:`storekeeper.store.roots.registrations.LocalUserRoots` answers the same.
 
 Both answer the same four requests for the calling user: register roots,
 unregister them, report runtime roots (held for the daemon's lease), list the
@@ -10,16 +11,12 @@ N`` and closes the connection, which becomes :class:`NotStorekeeperDaemon`.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+from ..errors import StoreError
 from ..formats.storepath import StorePath
 from ..formats.wire import ExtOp, WireReader, WireWriter
-from ..store.roots import registrations as userroots
-from ..errors import StoreError
-from ..store.inspect import roots_overview
-from ..store.local import LocalStore
 from .remote import DaemonError, RemoteStore
 
 
@@ -67,27 +64,3 @@ class RemoteUserRoots:
     def overview(self) -> dict:
         with self._exchange(WireWriter().u64(ExtOp.ListRoots), ExtOp.ListRoots) as r:
             return json.loads(r.string("roots", 1 << 30))
-
-
-class LocalUserRoots:
-    """The same requests on a local store, for the user running this process."""
-
-    def __init__(self, store: LocalStore) -> None:
-        self.store = store
-        self.uid = os.getuid()
-
-    def register(self, entries: Iterable[tuple[str, StorePath]]) -> list[str]:
-        return userroots.register_roots(self.store, self.uid, entries)
-
-    def unregister(self, names: Iterable[str]) -> list[str]:
-        return userroots.unregister_roots(self.store, self.uid, names)
-
-    def report_runtime(self, lease_name: str, paths: Iterable[str]) -> tuple[int, int]:
-        return userroots.report_runtime_roots(self.store, self.uid, lease_name, paths)
-
-    def overview(self) -> dict:
-        return roots_overview(self.store, self.uid)
-
-
-def user_roots_api(store) -> RemoteUserRoots | LocalUserRoots:
-    return LocalUserRoots(store) if isinstance(store, LocalStore) else RemoteUserRoots(store)

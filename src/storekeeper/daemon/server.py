@@ -45,8 +45,8 @@ from typing import Callable, Sequence
 
 from ..errors import StoreError
 from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
+from ..formats.url import LocalLayout
 from ..store.build import BuildSettings
-from ..store.layout import LocalLayout
 from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 from ..store.tcpkeys import TcpKeys

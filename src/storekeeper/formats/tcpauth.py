@@ -184,3 +184,48 @@ class Opener:
             raise AuthError(f"sealed frame {self._seq} does not verify (changed on the way)")
         self._seq += 1
         return data
+
+
+# --- key files ---------------------------------------------------------------------
+# A key file, on the daemon's side and the client's alike, is text:
+#
+#     # a comment
+#     user alice
+#     key <64 hex digits: 32 random bytes>
+
+KEY_BYTES = 32
+
+
+def format_key_file(user: str, key: bytes, comment: str = "") -> bytes:
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines += [f"user {user}", f"key {key.hex()}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def parse_key_file(text: bytes, where: str) -> tuple[str, bytes]:
+    """(user, key) from a key file's bytes; a clear error for anything else."""
+    user = key = None
+    try:
+        lines = text.decode().splitlines()
+    except UnicodeDecodeError:
+        raise AuthError(f"key file '{where}' is not text") from None
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.partition(" ")
+        value = value.strip()
+        if name == "user" and value and user is None:
+            user = value
+        elif name == "key" and key is None:
+            try:
+                key = bytes.fromhex(value)
+            except ValueError:
+                key = b""
+            if len(key) != KEY_BYTES:
+                raise AuthError(f"key file '{where}' line {n}: the key must be {KEY_BYTES * 2} hex digits")
+        else:
+            raise AuthError(f"key file '{where}' line {n}: unexpected '{line[:40]}'")
+    if user is None or key is None:
+        raise AuthError(f"key file '{where}' needs a 'user' and a 'key' line")
+    return user, key

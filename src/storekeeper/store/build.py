@@ -81,12 +81,12 @@ from ..formats.refscan import RefScanner
 from ..formats.storepath import StorePath, output_path_name
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
+from ..fs.narfs import dump_path, restore_nar
 from . import confine
 from .buildlog import BuildLogFile, LineSplitter
 from .buildusers import BuildUser, BuildUserError, UserPool
 from .canonicalise import canonicalise_paths
 from .locks import PathLocks
-from .narfs import dump_path, restore_nar
 from .optimise import optimise_path
 from .settings import apply_settings, environment_settings
 

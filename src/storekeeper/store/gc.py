@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import fs
+from ..api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ..errors import PathInUse, StoreError
 from ..formats.storepath import StorePath, StorePathError
 from .graph import Graph
@@ -48,28 +49,6 @@ from .roots import Root, RootFinder
 
 BATCH = 1024
 UNLINK_THREADS = 4
-LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delete-specific"
-
-
-@dataclass
-class GCOptions:
-    action: str = DELETE_DEAD
-    paths: frozenset[StorePath] = frozenset()
-    ignore_liveness: bool = False
-    max_freed: int = 2**64 - 1
-    keep_outputs: bool = False
-    keep_derivations: bool = True
-    # Auto-GC: do not queue behind a running collection, and re-check the
-    # need (free space) once the lock is held.
-    wait_for_lock: bool = True
-    only_if: Callable[[], bool] | None = None
-
-
-@dataclass
-class GCResult:
-    paths: list[str] = field(default_factory=list)  # live / dead / deleted, printed form
-    bytes_freed: int = 0
-    messages: list[str] = field(default_factory=list)
 
 
 class GarbageCollector:

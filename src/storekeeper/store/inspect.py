@@ -11,12 +11,12 @@ import pwd
 import stat
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import fs
 from ..formats.storepath import StorePath
 from .graph import Graph
-from .roots import CENSORED, Root, RootFinder
+from .roots import CENSORED, Root, RootFinder, registrations
 
 
 @dataclass
@@ -199,3 +199,23 @@ def roots_overview(store, uid: int, hide_link: Callable[[RootInfo], bool] = lamb
         roots.append(obj)
     return {"uid": uid, "runtimeRoots": cfg.runtime_roots, "runtimeRootLease": cfg.runtime_root_lease,
             "indirectRootGrace": cfg.indirect_root_grace, "roots": roots}
+
+
+class LocalUserRoots:
+    """The same requests on a local store, for the user running this process."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.uid = os.getuid()
+
+    def register(self, entries: Iterable[tuple[str, StorePath]]) -> list[str]:
+        return registrations.register_roots(self.store, self.uid, entries)
+
+    def unregister(self, names: Iterable[str]) -> list[str]:
+        return registrations.unregister_roots(self.store, self.uid, names)
+
+    def report_runtime(self, lease_name: str, paths: Iterable[str]) -> tuple[int, int]:
+        return registrations.report_runtime_roots(self.store, self.uid, lease_name, paths)
+
+    def overview(self) -> dict:
+        return roots_overview(self.store, self.uid)

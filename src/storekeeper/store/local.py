@@ -28,10 +28,10 @@ import secrets
 import stat
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .. import fs
+from ..api import DELETE_DEAD, DerivedQueries, GCOptions, VerifyReport
 from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
@@ -40,33 +40,19 @@ from ..formats.errors import FormatError
 from ..formats.hashes import Hash, new_hasher
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
+from ..formats.url import LocalLayout
 from ..fs import remove_tree
 from ..fs.atomic import write_new_file
+from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
 from .db import StoreDB
-from .gc import DELETE_DEAD, GarbageCollector, GCOptions
-from .layout import LocalLayout
+from .gc import GarbageCollector
 from .locks import PathLocks, lock_fd, open_lock_file
-from .narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .optimise import open_pool, optimise_path
-from .queries import DerivedQueries
 from .settings import StoreSettings
 from .temproots import TempRoots
 
 TEMP_DIR_PREFIX = "tmp-sk-"
-
-
-@dataclass
-class VerifyReport:
-    """What ``verify`` found: ``errors`` stay errors until repaired."""
-
-    checked: int = 0
-    errors: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
 
 
 class LocalStore(DerivedQueries):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 
+from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions
+from ...errors import PathInUse
 from ...formats.wire import (
     MAX_PATH_LEN,
     Op,
     Verbosity,
 )
-from ...store.gc import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, PathInUse
 from ...store.inspect import all_roots
 from ...store.optimise import optimise_store as run_optimiser
 from ...store.roots import CENSORED, RootFinder, read_link_as

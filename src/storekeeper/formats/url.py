@@ -1,4 +1,6 @@
-"""Where a store lives: logical store dir, physical store dir, state and log dirs.
+"""Store URLs, and where a store lives: logical store dir, physical store dir, state and
+log dirs (values only: nothing here opens a file; ``auto`` asks a ``socket_exists``
+the caller may pass).
 
 Two layouts exist, as in Nix:
 
@@ -22,11 +24,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import parse_qsl, unquote
 
-from ..errors import StoreError
-from ..formats.storepath import DEFAULT_STORE_DIR, StoreDir
+from .errors import FormatError
+from .storepath import DEFAULT_STORE_DIR, StoreDir
+
+
+class StoreUrlError(FormatError):
+    """A store URL that does not parse (a usage error at the command line)."""
+
+    exit_code = 2
 
 DEFAULT_STATE_DIR = "/nix/var/nix"
 DEFAULT_LOG_DIR = "/nix/var/log/nix"
@@ -149,7 +157,8 @@ def daemon_socket_path(env: Mapping[str, str]) -> str:
 _LOCAL_PARAMS = {"root", "store", "state", "log", "real", "read-only"}
 
 
-def parse_store_url(url: str | None, env: Mapping[str, str] | None = None) -> StoreAddress:
+def parse_store_url(url: str | None, env: Mapping[str, str] | None = None,
+                    socket_exists: Callable[[str], bool] = os.path.exists) -> StoreAddress:
     """Resolve ``--store URL`` (or ``NIX_REMOTE``, or nothing) to a store address."""
     env = os.environ if env is None else env
     if url is None or url == "":
@@ -162,21 +171,21 @@ def parse_store_url(url: str | None, env: Mapping[str, str] | None = None) -> St
     params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
     if scheme.startswith("/"):
         if query:
-            raise StoreError(f"store URL '{url}': a bare path takes no parameters")
+            raise StoreUrlError(f"store URL '{url}': a bare path takes no parameters")
         return LocalLayout.chroot(scheme)
     if scheme in ("local", "auto"):
-        if scheme == "auto" and os.path.exists(daemon_socket_path(env)):
-            return parse_store_url("daemon" + (f"?{query}" if query else ""), env)
+        if scheme == "auto" and socket_exists(daemon_socket_path(env)):
+            return parse_store_url("daemon" + (f"?{query}" if query else ""), env, socket_exists)
         unknown = set(params) - _LOCAL_PARAMS
         if unknown:
-            raise StoreError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}'")
+            raise StoreUrlError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}'")
         return _env_layout(env, params)
     if scheme == "daemon" or scheme.startswith("unix://"):
         path = unquote(scheme[len("unix://"):]) if scheme.startswith("unix://") else ""
         if not path:
             path = daemon_socket_path(env)
         elif not path.startswith("/"):
-            raise StoreError(f"store URL '{url}': the socket path must be absolute")
+            raise StoreUrlError(f"store URL '{url}': the socket path must be absolute")
         # root/real/state/log tell a Nix client where to read files itself;
         # storekeeper's client reads everything through the socket.
         return DaemonAddress(path, os.path.normpath(store_dir_setting(env, params)))
@@ -185,7 +194,7 @@ def parse_store_url(url: str | None, env: Mapping[str, str] | None = None) -> St
             return _ssh_address(url, scheme[len(prefix):], params, env)
     if scheme.startswith("tcp://"):
         return _tcp_address(url, scheme[len("tcp://"):], params, env)
-    raise StoreError(f"store URL '{url}' is not supported (use a path, local?…, unix://…, daemon, "
+    raise StoreUrlError(f"store URL '{url}' is not supported (use a path, local?…, unix://…, daemon, "
                      f"ssh-ng://…, tcp://…)")
 
 
@@ -194,22 +203,22 @@ def _host_port(url: str, authority: str, port_required: bool) -> tuple[str, int 
     if authority.startswith("["):
         end = authority.find("]")
         if end < 0:
-            raise StoreError(f"store URL '{url}': unbalanced '[' in the host")
+            raise StoreUrlError(f"store URL '{url}': unbalanced '[' in the host")
         host, rest = authority[1:end], authority[end + 1:]
         if rest and not rest.startswith(":"):
-            raise StoreError(f"store URL '{url}': unexpected '{rest}' after the host")
+            raise StoreUrlError(f"store URL '{url}': unexpected '{rest}' after the host")
         port = rest[1:]
     elif ":" in authority:
         host, _, port = authority.rpartition(":")
     # A host that starts with '-' would be an option to ssh; whitespace would split it.
     if not host or host.startswith("-") or any(c.isspace() or c in "/?#@" for c in host):
-        raise StoreError(f"store URL '{url}': '{host}' is not a host name")
+        raise StoreUrlError(f"store URL '{url}': '{host}' is not a host name")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise StoreError(f"store URL '{url}': '{port}' is not a port number")
+            raise StoreUrlError(f"store URL '{url}': '{port}' is not a port number")
         return host, int(port)
     if port_required:
-        raise StoreError(f"store URL '{url}': a port is needed (tcp://HOST:PORT)")
+        raise StoreUrlError(f"store URL '{url}': a port is needed (tcp://HOST:PORT)")
     return host, None
 
 
@@ -220,11 +229,11 @@ def _ssh_address(url: str, authority: str, params: Mapping[str, str],
                  env: Mapping[str, str]) -> SshAddress:
     unknown = set(params) - _SSH_PARAMS
     if unknown:
-        raise StoreError(f"store URL '{url}': parameter '{sorted(unknown)[0]}' is not supported "
+        raise StoreUrlError(f"store URL '{url}': parameter '{sorted(unknown)[0]}' is not supported "
                          f"(known: {', '.join(sorted(_SSH_PARAMS))})")
     user, at, rest = authority.rpartition("@")
     if at and (not user or user.startswith("-") or any(c.isspace() or c in "/:" for c in user)):
-        raise StoreError(f"store URL '{url}': '{user}' is not a user name")
+        raise StoreUrlError(f"store URL '{url}': '{user}' is not a user name")
     host, port = _host_port(url, unquote(rest), port_required=False)
     program = params.get("remote-program") or "storekeeper daemon"
     return SshAddress("", os.path.normpath(store_dir_setting(env, params)), host=host,
@@ -237,7 +246,7 @@ def _tcp_address(url: str, authority: str, params: Mapping[str, str],
                  env: Mapping[str, str]) -> TcpAddress:
     unknown = set(params) - {"key", "store"}
     if unknown:
-        raise StoreError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}' (known: key, store)")
+        raise StoreUrlError(f"store URL '{url}': unknown parameter '{sorted(unknown)[0]}' (known: key, store)")
     host, port = _host_port(url, unquote(authority), port_required=True)
     assert port is not None
     return TcpAddress("", os.path.normpath(store_dir_setting(env, params)), host=host, port=port,

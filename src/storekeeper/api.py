@@ -1,0 +1,189 @@
+"""The store contract: what every store answers (a local store, a daemon's), its value
+types, and the queries derived from the primitive ones.
+
+:class:`Store` is the protocol :class:`storekeeper.store.local.LocalStore` and
+:class:`storekeeper.client.remote.RemoteStore` both implement; ``tests/test_contract.py``
+runs one suite over every implementation.  Errors are :mod:`storekeeper.errors`'s.
+The client layer depends on this module and :mod:`storekeeper.formats` only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+from .errors import InvalidPath, StoreError
+from .formats.pathinfo import ValidPathInfo
+from .formats.storepath import StoreDir, StorePath
+
+#: GC actions (Nix's GCAction, by name)
+LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delete-specific"
+
+
+@dataclass
+class GCOptions:
+    action: str = DELETE_DEAD
+    paths: frozenset[StorePath] = frozenset()
+    ignore_liveness: bool = False
+    max_freed: int = 2**64 - 1
+    keep_outputs: bool = False
+    keep_derivations: bool = True
+    # Auto-GC: do not queue behind a running collection, and re-check the
+    # need (free space) once the lock is held.
+    wait_for_lock: bool = True
+    only_if: Callable[[], bool] | None = None
+
+
+@dataclass
+class GCResult:
+    paths: list[str] = field(default_factory=list)  # live / dead / deleted, printed form
+    bytes_freed: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: ``errors`` stay errors until repaired."""
+
+    checked: int = 0
+    errors: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What a store answers, wherever it is.  Paths are :class:`StorePath` values of
+    ``store_dir``; an invalid path is ``None`` from ``query_path_info`` and
+    :class:`~storekeeper.errors.InvalidPath` from everything that needs it valid."""
+
+    store_dir: StoreDir
+
+    def close(self) -> None: ...
+    def print_path(self, sp: StorePath) -> str: ...
+    def parse_path(self, path: str) -> StorePath: ...
+
+    # validity, pinned: a path found valid after ``pin`` stays so while we hold it
+    def pin(self, sp: StorePath) -> None: ...
+    def pin_valid(self, sp: StorePath) -> bool: ...
+    def is_valid(self, sp: StorePath) -> bool: ...
+    def ensure_path(self, sp: StorePath) -> None: ...
+
+    # metadata
+    def query_path_info(self, sp: StorePath) -> ValidPathInfo | None: ...
+    def query_valid_paths(self, paths: Iterable[StorePath]) -> set[StorePath]: ...
+    def query_referrers(self, sp: StorePath) -> set[StorePath]: ...
+    def query_valid_derivers(self, sp: StorePath) -> set[StorePath]: ...
+    def query_derivation_outputs(self, drv: StorePath) -> dict[str, StorePath]: ...
+    def query_all_valid_paths(self) -> set[StorePath]: ...
+    def query_path_from_hash_part(self, hash_part: str) -> StorePath | None: ...
+
+    # contents
+    def dump_path(self, sp: StorePath) -> Iterator[bytes]: ...
+    def read_derivation(self, drv: StorePath): ...
+
+    # adding
+    def add_path(self, src: str, name: str | None = None, recursive: bool = True,
+                 algo: str = "sha256", references: Iterable[StorePath] = (),
+                 repair: bool = False) -> ValidPathInfo: ...
+    def add_text(self, name: str, text: bytes, references: Iterable[StorePath] = (),
+                 repair: bool = False) -> ValidPathInfo: ...
+    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+                 references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo: ...
+    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+                check_sigs: bool = False) -> ValidPathInfo: ...
+    def add_signatures(self, sp: StorePath, sigs: Iterable[str]) -> None: ...
+
+    # upkeep
+    def collect_garbage(self, options: GCOptions, log: Callable[[str], None] | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> GCResult: ...
+    def verify(self, check_contents: bool = False, repair: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> VerifyReport: ...
+
+    # derived (DerivedQueries)
+    def path_info(self, sp: StorePath) -> ValidPathInfo: ...
+    def query_references(self, sp: StorePath) -> set[StorePath]: ...
+    def query_closure(self, paths: Iterable[StorePath], include_outputs: bool = False,
+                      include_derivers: bool = False) -> set[StorePath]: ...
+    def topo_sort(self, paths: Iterable[StorePath]) -> list[StorePath]: ...
+
+
+class DerivedQueries:
+    """Answers built on ``query_path_info`` and friends (see module docstring)."""
+
+    def path_info(self, sp: StorePath) -> ValidPathInfo:
+        """The info of a valid path; :class:`InvalidPath` otherwise."""
+        info = self.query_path_info(sp)  # type: ignore[attr-defined]
+        if info is None:
+            raise InvalidPath(f"path '{self.store_dir.print(sp)}' is not valid")  # type: ignore[attr-defined]
+        return info
+
+    def query_references(self, sp: StorePath) -> set[StorePath]:
+        return set(self.path_info(sp).references)
+
+    def query_closure(self, paths: Iterable[StorePath], include_outputs: bool = False,
+                      include_derivers: bool = False) -> set[StorePath]:
+        """Requisites: everything reachable through references (``-q --requisites``).
+
+        Every start path must be valid; ``include_outputs`` adds the valid
+        outputs of derivations met on the way, ``include_derivers`` the valid
+        derivers of the paths met.
+        """
+        seen: set[StorePath] = set()
+        queue = deque(paths)
+        while queue:
+            p = queue.popleft()
+            if p in seen:
+                continue
+            info = self.path_info(p)
+            seen.add(p)
+            queue.extend(info.references)
+            if include_outputs and p.is_derivation:
+                queue.extend(o for o in self.query_derivation_outputs(p).values()  # type: ignore[attr-defined]
+                             if self.is_valid(o))  # type: ignore[attr-defined]
+            if include_derivers and info.deriver and self.is_valid(info.deriver):  # type: ignore[attr-defined]
+                queue.append(info.deriver)
+        return seen
+
+    def topo_sort(self, paths: Iterable[StorePath]) -> list[StorePath]:
+        """Referrers before references within ``paths``; a cycle is an error.
+
+        Deterministic: ties are broken by path order, so every store gives the
+        same order for the same graph.
+        """
+        wanted = set(paths)
+        refs: dict[StorePath, list[StorePath]] = {}
+
+        def references(p: StorePath) -> list[StorePath]:
+            if p not in refs:
+                refs[p] = sorted(self.path_info(p).references & wanted)
+            return refs[p]
+
+        order: list[StorePath] = []
+        state: dict[StorePath, int] = {}  # 1 = on the stack, 2 = done
+        for start in sorted(wanted):
+            if state.get(start):
+                continue
+            stack = [(start, iter(references(start)))]
+            state[start] = 1
+            while stack:
+                node, it = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    stack.pop()
+                    state[node] = 2
+                    order.append(node)
+                elif nxt == node or state.get(nxt) == 2:
+                    continue
+                elif state.get(nxt) == 1:
+                    raise StoreError(f"cycle detected in the references of "
+                                     f"'{self.store_dir.print(nxt)}'")  # type: ignore[attr-defined]
+                else:
+                    state[nxt] = 1
+                    stack.append((nxt, iter(references(nxt))))
+        order.reverse()
+        return order
