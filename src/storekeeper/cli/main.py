@@ -182,7 +182,7 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.dry_run:
-        from ..store.inspect import bytes_freed_by
+        from ..store.gc.inspect import bytes_freed_by
         disk, apparent = bytes_freed_by(store, result.paths)
         if args.json:
             json.dump({"action": "dry-run", "paths": result.paths, "bytesFreed": disk,
@@ -210,13 +210,13 @@ def cmd_roots(store: Store, args: argparse.Namespace) -> int:
     from .roots_cmds import print_root_infos, remote_roots
     if not is_local(store):
         return remote_roots(store, args.store, args.json)
-    from ..store.inspect import list_roots
+    from ..store.gc.inspect import list_roots
     print_root_infos(list_roots(store), args.json)
     return 0
 
 
 def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
-    from ..store.inspect import why_alive
+    from ..store.gc.inspect import why_alive
     local = needs_local(store, "why-alive")
     sp = valid(local, args.path)
     chain = why_alive(local, sp)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from ..store.inspect import RootInfo
+from ..store.gc.inspect import RootInfo
 from .common import age, is_local, open_store, resolve_path
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
@@ -126,5 +126,5 @@ def add_parsers(sub) -> None:
 def user_roots_api(store):
     """The calling user's roots: through storekeeper's daemon, or on a local store directly."""
     from ..client.userroots import RemoteUserRoots
-    from ..store.inspect import LocalUserRoots
+    from ..store.gc.inspect import LocalUserRoots
     return LocalUserRoots(store) if is_local(store) else RemoteUserRoots(store)
