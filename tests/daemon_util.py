@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from storekeeper.formats.storepath import StoreDir
 from storekeeper.formats.wire import (
+    PROTOCOL_1_34,
     PROTOCOL_VERSION,
     WORKER_MAGIC_1,
     WORKER_MAGIC_2,
@@ -232,12 +233,20 @@ class Conversation:
 def decode(c2s: bytes, s2c: bytes) -> Conversation:
     c, s = WireReader(io.BytesIO(c2s)), WireReader(io.BytesIO(s2c))
     assert c.u64() == WORKER_MAGIC_1
-    assert s.u64() == WORKER_MAGIC_2 and s.u64() == PROTOCOL_VERSION
-    assert c.u64() == PROTOCOL_VERSION
+    assert s.u64() == WORKER_MAGIC_2
+    daemon_version = s.u64()
+    assert daemon_version in (PROTOCOL_1_34, PROTOCOL_VERSION)  # (real 2.8, or ours)
+    client_version = c.u64()
+    minor = min(daemon_version, client_version) & 0xFF
+    if minor >= 38:
+        c.strings()
+        s.strings()
     if c.u64():
         c.u64()
     c.u64()
     version = s.string()
+    if minor >= 35:
+        s.u64()  # trust
     ok, _ = read_log(s)
     assert ok
     exchanges: list[Exchange] = []
@@ -322,12 +331,22 @@ class Client:
     def send(self, w: WireWriter | bytes) -> None:
         self.sock.sendall(w.take() if isinstance(w, WireWriter) else w)
 
-    def handshake(self, set_options: bool = True) -> "Client":
-        self.send(WireWriter().u64(WORKER_MAGIC_1))
+    def handshake(self, set_options: bool = True, version: int = PROTOCOL_1_34,
+                  features: tuple[str, ...] = ()) -> "Client":
+        """As a client announcing ``version`` (default: Nix 2.8's 1.34) would; at 1.38
+        offering ``features`` (those both sides offered end up in ``self.features``)."""
+        self.send(WireWriter().u64(WORKER_MAGIC_1).u64(version))
         assert self.r.u64() == WORKER_MAGIC_2
-        assert self.r.u64() == PROTOCOL_VERSION
-        self.send(WireWriter().u64(PROTOCOL_VERSION).u64(0).u64(0))
+        self.daemon_version = self.r.u64()
+        assert self.daemon_version in (PROTOCOL_1_34, PROTOCOL_VERSION)  # (real 2.8, or ours)
+        self.minor = min(version, self.daemon_version) & 0xFF
+        self.features: set[str] = set()
+        if self.minor >= 38:
+            self.send(WireWriter().strings(list(features)))
+            self.features = set(self.r.strings()) & set(features)
+        self.send(WireWriter().u64(0).u64(0))
         self.version = self.r.string()
+        self.trust = self.r.u64() if self.minor >= 35 else None
         ok, msgs = read_log(self.r)
         if not ok:
             raise DaemonError(msgs[-1].payload.message)

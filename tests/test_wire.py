@@ -16,6 +16,7 @@ from storekeeper.formats.pathinfo import ValidPathInfo
 from storekeeper.formats.storepath import StorePath
 from storekeeper.formats.wire import (
     MAX_PATH_LEN,
+    PROTOCOL_1_34,
     PROTOCOL_VERSION,
     WORKER_MAGIC_1,
     WORKER_MAGIC_2,
@@ -61,7 +62,7 @@ class Trickle:
 def test_constants_match_the_spec_bytes():
     assert WireWriter().u64(WORKER_MAGIC_1).take() == b"cxin\0\0\0\0"
     assert WireWriter().u64(WORKER_MAGIC_2).take() == b"oixd\0\0\0\0"
-    assert PROTOCOL_VERSION == (1 << 8) | 34
+    assert PROTOCOL_VERSION == (1 << 8) | 38
     assert WireWriter().u64(Stderr.LAST).take() == bytes.fromhex("73746c6100000000")
 
 
@@ -303,7 +304,7 @@ def test_every_capture_server_stream_starts_with_the_handshake():
     for name in names:
         c2s, s2c = load_capture(name)
         r = reader(s2c)
-        assert (r.u64(), r.u64(), r.string()) == (WORKER_MAGIC_2, PROTOCOL_VERSION, "2.8.0")
+        assert (r.u64(), r.u64(), r.string()) == (WORKER_MAGIC_2, PROTOCOL_1_34, "2.8.0")  # (real Nix 2.8 conversations)
         assert read_stderr_message(r).kind is Stderr.LAST
         c = reader(c2s)
-        assert (c.u64(), c.u64(), c.u64(), c.u64()) == (WORKER_MAGIC_1, PROTOCOL_VERSION, 0, 0)
+        assert (c.u64(), c.u64(), c.u64(), c.u64()) == (WORKER_MAGIC_1, PROTOCOL_1_34, 0, 0)

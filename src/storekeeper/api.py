@@ -25,6 +25,13 @@ LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delet
 class GCOptions:
     action: str = DELETE_DEAD
     paths: frozenset[StorePath] = frozenset()
+    #: ``paths`` is the set to act on for every action, not only DELETE_SPECIFIC: an
+    #: empty set is then nothing at all (``nix store delete --skip-alive``: DELETE_DEAD
+    #: of the given paths, those alive skipped).  False: LIVE, DEAD, DELETE_DEAD act
+    #: on the whole store.
+    specific: bool = False
+    #: also act on the (transitive) referrers of ``paths`` (``--also-referrers``)
+    delete_referrers: bool = False
     ignore_liveness: bool = False
     max_freed: int = 2**64 - 1
     keep_outputs: bool = False

@@ -59,7 +59,14 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
 from ..formats.url import store_dir_setting
 from ..formats.wire import (
+    FEATURE_DELETE_DEAD_SPECIFIC,
+    FEATURES_MINOR,
+    MAX_FEATURE_LEN,
+    MAX_FEATURES,
+    PROTOCOL_1_34,
     PROTOCOL_VERSION,
+    SUPPORTED_FEATURES,
+    TRUST_MINOR,
     WORKER_MAGIC_1,
     WORKER_MAGIC_2,
     FramedWriter,
@@ -274,9 +281,20 @@ class RemoteStore(DerivedQueries):
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.daemon_version = 0
+        #: the version spoken: min(the daemon's, ours)
+        self.version = 0
+        #: the 1.38 features both sides offered
+        self.features: frozenset[str] = frozenset()
+        #: the daemon's word on our trust (1.35: 1 trusted, 2 not; 0 unknown or older daemon)
+        self.trust = 0
         #: the daemon's Nix version string (``nix store ping``), "" before 1.33
         self.daemon_nix_version = ""
         self._connect(timeout)
+
+    @property
+    def minor(self) -> int:
+        """The negotiated minor version."""
+        return protocol_minor(self.version)
 
     @property
     def url(self) -> str:
@@ -308,10 +326,20 @@ class RemoteStore(DerivedQueries):
             raise StoreError(f"the daemon speaks protocol {format_version(version)}; storekeeper "
                              f"needs {format_version(MIN_DAEMON_VERSION)} (Nix 2.4) or newer")
         self.daemon_version = version
+        # Every versioned field below, and in the operations, is decided on this.
+        self.version = min(version, PROTOCOL_VERSION)
+        hello = WireWriter().u64(PROTOCOL_VERSION)
+        if self.minor >= FEATURES_MINOR:
+            # Our list first, then the daemon's; both sides use the intersection.
+            self._send(hello.strings(sorted(SUPPORTED_FEATURES)).take())
+            theirs = self.r.strings("daemon features", MAX_FEATURES, MAX_FEATURE_LEN)
+            self.features = frozenset(theirs) & SUPPORTED_FEATURES
         # cpu affinity: none; reserveSpace: no (both obsolete)
-        self._send(WireWriter().u64(PROTOCOL_VERSION).u64(0).u64(0).take())
-        if protocol_minor(version) >= 33:
+        self._send(hello.u64(0).u64(0).take())
+        if self.minor >= 33:
             self.daemon_nix_version = self.r.string("daemon version", 1024)
+        if self.minor >= TRUST_MINOR:
+            self.trust = self.r.u64("trust")
         self._read_log(self._log, None)  # start-up messages, then LAST (or the daemon's error)
         with self._exchange(self._set_options_request()):
             pass
@@ -424,7 +452,7 @@ class RemoteStore(DerivedQueries):
         trailing newline.
         """
         while True:
-            msg = read_stderr_message(self.r)
+            msg = read_stderr_message(self.r, self.minor or PROTOCOL_1_34 & 0xFF)
             kind = msg.kind
             if kind is Stderr.LAST:
                 return
@@ -664,9 +692,23 @@ class RemoteStore(DerivedQueries):
                         progress: Callable[[int, int], None] | None = None) -> GCResult:
         """CollectGarbage.  The daemon's own settings decide ``keep-outputs`` and
         ``keep-derivations``; ``progress`` is not reported over the protocol."""
-        request = (WireWriter().u64(Op.CollectGarbage).u64(_GC_ACTIONS[options.action])
-                   .store_paths(self.store_dir, options.paths).bool(options.ignore_liveness)
-                   .u64(min(options.max_freed, 2**64 - 1)).u64(0).u64(0).u64(0))
+        request = WireWriter().u64(Op.CollectGarbage).u64(_GC_ACTIONS[options.action])
+        specific = options.specific or options.action == DELETE_SPECIFIC
+        if FEATURE_DELETE_DEAD_SPECIFIC in self.features:
+            # GCPaths: tag 1 whole store, or tag 0, the paths, deleteReferrers
+            if specific:
+                request.u64(0).store_paths(self.store_dir, options.paths)
+                request.bool(options.delete_referrers)
+            else:
+                request.u64(1)
+        else:
+            if options.delete_referrers or (specific and options.action != DELETE_SPECIFIC):
+                raise StoreError("the daemon does not support garbage collecting a specific set "
+                                 "of paths or deleting referrers (it lacks the protocol feature "
+                                 f"'{FEATURE_DELETE_DEAD_SPECIFIC}')")
+            request.store_paths(self.store_dir, options.paths)
+        request.bool(options.ignore_liveness).u64(min(options.max_freed, 2**64 - 1))
+        request.u64(0).u64(0).u64(0)
         with self._exchange(request, on_line=log) as r:
             result = GCResult(paths=r.strings("paths"), bytes_freed=r.u64("bytes freed"))
             r.u64("obsolete")

@@ -9,6 +9,11 @@ Invariants:
   :class:`LocalStore`, so its database connection and its temp roots
   (``temproots/<child pid>``) live exactly as long as the connection; the
   parent never holds the store open while it forks.
+* **Each connection opens the store afresh, as nix-daemon does**, creating
+  what is missing: a store whose directories or database were removed (and
+  re-created, empty) under a running daemon is initialised by the next
+  connection.  Connections that find the same new store at once initialise it
+  one after the other (:meth:`StoreDB._initialise`).
 * **Children are reaped** on every turn of the accept loop, and on SIGTERM or
   SIGINT the parent stops accepting, removes its socket, asks the children to
   stop (each finishes the operation in progress, or leaves at once when idle)
@@ -251,7 +256,13 @@ def _remove_socket(path: str, owned: tuple[int, int]) -> None:
 
 class _DatabaseKeeper:
     """A child process holding the store's database open until the daemon exits (see the
-    module docstring).  It dies with the daemon: its pipe reaches end of file."""
+    module docstring).  It dies with the daemon: its pipe reaches end of file.
+
+    The database may be removed and re-created under the running daemon (a test
+    harness wiping the store): every :data:`_KEEPER_CHECK` seconds the keeper
+    looks whether ``db.sqlite`` is still the file it holds, and if not lets go of
+    the old one and holds the new one once it is initialised (``db/schema``
+    exists; it never creates a database itself)."""
 
     def __init__(self, layout: LocalLayout) -> None:
         self.pid: int | None = None
@@ -265,11 +276,7 @@ class _DatabaseKeeper:
             try:
                 os.close(wfd)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we go
-                conn = sqlite3.connect(os.path.join(layout.db_dir, "db.sqlite"))
-                conn.execute("select count(*) from ValidPaths").fetchall()  # maps the WAL index
-                while os.read(rfd, 1):
-                    pass
-                conn.close()
+                _keep(layout.db_dir, rfd)
             except BaseException:  # noqa: BLE001 -- a keeper only ever exits
                 code = 1
             finally:
@@ -289,6 +296,44 @@ class _DatabaseKeeper:
             with suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
             self.pid = None
+
+
+_KEEPER_CHECK = 1.0
+
+
+def _keep(db_dir: str, pipe: int) -> None:
+    """The keeper's loop (see :class:`_DatabaseKeeper`): until ``pipe`` reaches EOF."""
+    db = os.path.join(db_dir, "db.sqlite")
+    conn: sqlite3.Connection | None = None
+    held: tuple[int, int] | None = None
+    try:
+        while True:
+            try:
+                st = os.stat(db)
+                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except OSError:
+                current = None
+            if current != held:
+                if conn is not None:
+                    conn.close()
+                    conn, held = None, None
+                if current is not None and os.path.exists(os.path.join(db_dir, "schema")):
+                    c = None
+                    try:
+                        c = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=5.0)
+                        c.execute("select count(*) from ValidPaths").fetchall()  # maps the WAL index
+                        conn, held, c = c, current, None
+                    except sqlite3.Error:
+                        pass  # (not ready yet: tried again next time)
+                    finally:
+                        if c is not None:
+                            c.close()
+            ready, _, _ = select.select([pipe], [], [], _KEEPER_CHECK)
+            if ready and not os.read(pipe, 1):
+                return
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 class _Server:
@@ -475,9 +520,8 @@ class _Server:
                 if tcp_label is not None:
                     peer, trusted, rfile, write = self._authenticate(conn, rfile, tcp_label)
                 if peer is not None:
-                    # The parent made the store: no directories to create per connection.
                     _serve_one(self.layout, rfile, write, trusted=trusted,
-                               config=self.config, peer=peer, settings=self.settings, create=False,
+                               config=self.config, peer=peer, settings=self.settings,
                                build=self.build)
             code = 0
         except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop

@@ -39,13 +39,19 @@ from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
 from ..formats.wire import (
     ERROR_RECORD_MINOR,
+    FEATURES_MINOR,
+    MAX_FEATURE_LEN,
+    MAX_FEATURES,
     PROTOCOL_VERSION,
+    SUPPORTED_FEATURES,
+    TRUST_MINOR,
     WORKER_MAGIC_1,
     WORKER_MAGIC_2,
     Field,
     FramedReader,
     RequestTooLarge,
     Stderr,
+    Trust,
     Verbosity,
     WireEOF,
     WireError,
@@ -149,7 +155,11 @@ class Session:
         self.peer = peer
         #: the daemon's own build settings (None: nix.conf, read when first needed)
         self.build_base = build
+        #: what the client announced, and the version spoken: min(theirs, ours)
         self.client_version = 0
+        self.version = 0
+        #: the 1.38 features both sides offered (empty below 1.38)
+        self.features: frozenset[str] = frozenset()
         self.options = ClientOptions()
         self.framed: FramedReader | None = None
         self.working = False
@@ -163,8 +173,12 @@ class Session:
         self._logged_once: set[str] = set()
 
     @property
-    def client_minor(self) -> int:
-        return protocol_minor(self.client_version)
+    def minor(self) -> int:
+        """The negotiated minor version: every versioned field is decided on this."""
+        return protocol_minor(self.version)
+
+    def has_feature(self, name: str) -> bool:
+        return name in self.features
 
     # --- output -----------------------------------------------------------------
 
@@ -282,7 +296,7 @@ class Session:
 
     def _send_error(self, message: str) -> None:
         self.w.buf.clear()  # nothing buffered may precede the error record
-        write_error(self.w, message, client_minor=self.client_minor or ERROR_RECORD_MINOR)
+        write_error(self.w, message, client_minor=self.minor or ERROR_RECORD_MINOR)
         self.flush()
 
     # --- request helpers ------------------------------------------------------------
@@ -376,6 +390,8 @@ class Session:
             raise _Shutdown()
 
     def _handshake(self, startup_error: str | None = None) -> bool:
+        """Versions, (at 1.38) feature sets, then our version string, (at 1.35) the trust
+        flag and the start-up log.  Every choice is made on the negotiated version."""
         try:
             magic = self.r.u64("magic")
         except WireEOF:
@@ -387,20 +403,36 @@ class Session:
         self.send(WireWriter().u64(WORKER_MAGIC_2).u64(PROTOCOL_VERSION).take())
         try:
             self.client_version = self.r.u64("client version")
-            if protocol_minor(self.client_version) >= 14 and self.r.u64("cpu affinity flag"):
+            refused = (protocol_major(self.client_version) != protocol_major(PROTOCOL_VERSION)
+                       or self.client_version < MIN_CLIENT_VERSION)
+            # (a refused client gets a version too: the error record's shape depends on it)
+            self.version = min(self.client_version, PROTOCOL_VERSION)
+            if not refused and self.minor >= FEATURES_MINOR:
+                # The client writes its list first; we read it, then send ours.
+                theirs = self.r.strings("client features", MAX_FEATURES, MAX_FEATURE_LEN)
+                ours = sorted(SUPPORTED_FEATURES)
+                self.send(WireWriter().strings(ours).take())
+                self.features = frozenset(theirs) & SUPPORTED_FEATURES
+            if self.minor >= 14 and self.r.u64("cpu affinity flag"):
                 self.r.u64("cpu affinity")
-            if protocol_minor(self.client_version) >= 11:
+            if self.minor >= 11:
                 self.r.u64("reserveSpace")
         except WireEOF:
             return False
+        except WireError as e:  # (a feature list too long to be real)
+            log.info("closing the connection: bad handshake: %s", e)
+            return False
         version = WireWriter()
-        if protocol_minor(self.client_version) >= 33:
+        if self.minor >= 33:
             version.string(self.config.nix_version)
-        if protocol_major(self.client_version) != protocol_major(PROTOCOL_VERSION) \
-                or self.client_version < MIN_CLIENT_VERSION:
+        if refused:
             startup_error = (f"the Nix client version {format_version(self.client_version)} is not "
                              f"supported: storekeeper's daemon needs protocol "
                              f"{format_version(MIN_CLIENT_VERSION)} (Nix 2.4) or newer")
+        if self.minor >= TRUST_MINOR:
+            # Nix sends the flag even before an error; a refused connection learns nothing.
+            version.u64(Trust.UNKNOWN if startup_error is not None
+                        else Trust.TRUSTED if self.trusted else Trust.NOT_TRUSTED)
         if startup_error is not None:
             self.send(version.take())
             self._send_error(startup_error)

@@ -34,7 +34,34 @@ from .storepath import StoreDir, StorePath
 
 WORKER_MAGIC_1 = 0x6E697863  # client -> daemon, "cxin"
 WORKER_MAGIC_2 = 0x6478696F  # daemon -> client, "oixd"
-PROTOCOL_VERSION = 0x122  # 1.34: Nix 2.8.0 .. 2.14
+PROTOCOL_VERSION = 0x126  # 1.38: Nix 2.24 .. 2.35 (with feature sets)
+#: the version Nix 2.8.0 .. 2.14 speak (and the newest without a trust flag)
+PROTOCOL_1_34 = 0x122
+
+# The first minor version of each change after 1.34 (protocol-1.35-plus.md §3).
+# Every test is made on the *negotiated* version, min(ours, theirs).
+TRUST_MINOR = 35          # the daemon ends the handshake with a trust flag
+ADD_PERM_ROOT_MINOR = 36  # op 47 AddPermRoot
+CPU_TIMES_MINOR = 37      # BuildResult carries cpuUser, cpuSystem
+FEATURES_MINOR = 38       # feature sets exchanged in the handshake
+
+#: the feature names of 1.38 (2.35) that change the wire
+FEATURE_DELETE_DEAD_SPECIFIC = "delete-dead-specific-referrers"
+FEATURE_REALISATION_PATH = "realisation-with-path-not-hash"
+FEATURE_DISABLE_SET_OPTIONS = "disable-set-options"
+#: the features storekeeper implements (offered by its daemon and its client)
+SUPPORTED_FEATURES = frozenset({FEATURE_DELETE_DEAD_SPECIFIC})
+#: feature lists longer than this (or names longer than MAX_FEATURE_LEN) are refused
+MAX_FEATURES = 1024
+MAX_FEATURE_LEN = 1024
+
+
+class Trust(enum.IntEnum):
+    """The 1.35 trust flag."""
+
+    UNKNOWN = 0
+    TRUSTED = 1
+    NOT_TRUSTED = 2
 EXPORT_MAGIC = 0x4558494E  # "NIXE": follows the NAR in the export format
 
 
@@ -64,7 +91,7 @@ class Stderr(enum.IntEnum):
 
 
 class Op(enum.IntEnum):
-    """Worker operations (opcodes) of protocol 1.34."""
+    """Worker operations (opcodes) of protocol 1.38."""
 
     IsValidPath = 1
     HasSubstitutes = 3
@@ -107,6 +134,7 @@ class Op(enum.IntEnum):
     AddMultipleToStore = 44
     AddBuildLog = 45
     BuildPathsWithResults = 46
+    AddPermRoot = 47  # 1.36
 
 
 class ExtOp(enum.IntEnum):

@@ -140,6 +140,9 @@ class BuildResult:
     is_non_deterministic: bool = False
     start_time: int = 0
     stop_time: int = 0
+    #: CPU time of the build in microseconds (None: not measured; protocol 1.37)
+    cpu_user: int | None = None
+    cpu_system: int | None = None
     built_outputs: dict[str, StorePath] = field(default_factory=dict)
     output_hashes: dict[str, bytes] = field(default_factory=dict)
     #: False for failures that are only a consequence (cancelled, nothing to
@@ -149,6 +152,22 @@ class BuildResult:
     @property
     def success(self) -> bool:
         return self.status in _SUCCESS
+
+
+def _wait_with_times(proc) -> tuple[int, tuple[int | None, int | None]]:
+    """The builder's exit status and its CPU times in microseconds (user, system; its
+    waited-for descendants included), or (None, None) when they cannot be had."""
+    if proc is None:
+        return 1, (None, None)
+    if proc.returncode is None:
+        try:
+            _, st, ru = os.wait4(proc.pid, 0)
+        except ChildProcessError:
+            pass
+        else:
+            proc.returncode = os.waitstatus_to_exitcode(st)
+            return proc.returncode, (int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6))
+    return proc.wait(), (None, None)
 
 
 class BuildError(StoreError):
@@ -1083,7 +1102,7 @@ class Builder:
             # EOF may come from a builder that merely closed its output: like
             # Nix, kill whatever is left of its session, then take the status.
             self._kill(run)
-            status = run.proc.wait() if run.proc is not None else 1
+            status, cpu = _wait_with_times(run.proc)
             if run.fd is not None:
                 try:
                     while data := os.read(run.fd, 1 << 16):
@@ -1108,10 +1127,11 @@ class Builder:
                     raise _Failure(self._failure_status(g), self._builder_failed(run, status))
                 result = self._register_outputs(run)
                 result.start_time, result.stop_time, result.times_built = start, stop, 1
+                result.cpu_user, result.cpu_system = cpu
                 succeeded = True
             except _Failure as f:
                 result = BuildResult(f.status, str(f), times_built=1, start_time=start,
-                                     stop_time=stop,
+                                     stop_time=stop, cpu_user=cpu[0], cpu_system=cpu[1],
                                      is_non_deterministic=f.status == BuildStatus.NOT_DETERMINISTIC,
                                      own_error=not cancelled)
             except (StoreError, FormatError, OSError) as e:

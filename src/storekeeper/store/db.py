@@ -106,6 +106,9 @@ class StoreDB:
         if version > SCHEMA_VERSION:
             raise StoreError(f"current Nix store schema is version {version}, "
                              f"but I only support {SCHEMA_VERSION}")
+        if version == 0:
+            self._initialise()
+            return
         self.conn = self._connect(os.path.join(db_dir, "db.sqlite"))
         if version < SCHEMA_VERSION:
             self._init_or_migrate(version)
@@ -133,6 +136,44 @@ class StoreDB:
             return int(text or b"0")
         except ValueError:
             raise StoreError(f"'{self.db_dir}/schema' is corrupt") from None
+
+    def _initialise(self, patience: float = 60.0) -> None:
+        """Create a new database: race-safe between processes that open a brand-new (or
+        just re-created) store at once.
+
+        The creators queue on a ``flock`` of the db directory itself (no file of our
+        own beside Nix's), not on the big lock: each already holds the big lock
+        shared, so none could ever upgrade it to exclusive while another waits.  A
+        real Nix initialising the same store holds the big lock exclusively, so we
+        never get here during its work.  An SQLite "busy" while the new database is
+        set up (the WAL switch needs it alone) is retried, for at most ``patience``
+        seconds."""
+        dir_fd = os.open(self.db_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            lock_fd(dir_fd, exclusive=True)
+            deadline = time.monotonic() + patience
+            while True:
+                conn = None
+                try:
+                    conn = self._connect(os.path.join(self.db_dir, "db.sqlite"))
+                    if self._read_schema_version() == 0:  # (another did it meanwhile)
+                        self.conn = conn
+                        with self.transaction():
+                            for stmt in SCHEMA_SQL:
+                                conn.execute(stmt)
+                        write_file_atomic(os.path.join(self.db_dir, "schema"),
+                                          str(SCHEMA_VERSION).encode(), mode=0o644)
+                    self.conn = conn
+                    return
+                except sqlite3.OperationalError as e:
+                    if conn is not None:
+                        conn.close()
+                    if ("locked" not in str(e) and "busy" not in str(e)) \
+                            or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01 + random.random() * 0.05)
+        finally:
+            os.close(dir_fd)  # (releases the flock)
 
     def _init_or_migrate(self, version: int) -> None:
         # Schema changes need the big lock exclusively: upgrade, then re-read,

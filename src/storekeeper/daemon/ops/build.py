@@ -26,7 +26,7 @@ from dataclasses import replace
 
 from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ...formats.errors import FormatError
-from ...formats.wire import MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
+from ...formats.wire import CPU_TIMES_MINOR, MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
 from ...store.build import (
     Builder,
     BuildError,
@@ -107,8 +107,16 @@ def _built_outputs(s: Session, r: BuildResult) -> dict[str, str]:
 
 
 def _write_result(s: Session, w: WireWriter, r: BuildResult) -> None:
+    # (timesBuilt .. stopTime are [>= 29], builtOutputs [>= 28]: always, since 1.32)
     w.u64(int(r.status)).string(r.error_msg).u64(r.times_built).bool(r.is_non_deterministic)
-    w.u64(r.start_time).u64(r.stop_time).string_map(_built_outputs(s, r))
+    w.u64(r.start_time).u64(r.stop_time)
+    if s.minor >= CPU_TIMES_MINOR:
+        for t in (r.cpu_user, r.cpu_system):  # optional microseconds: tag 0 absent, 1 + i64
+            if t is None:
+                w.u64(0)
+            else:
+                w.u64(1).u64(t & 0xFFFFFFFFFFFFFFFF)
+    w.string_map(_built_outputs(s, r))
 
 
 def _run(s: Session, fn):

@@ -193,18 +193,22 @@ class GarbageCollector:
             graph.closure(pinned, alive, keep_outputs, keep_derivations)
 
             if opts.action == LIVE:
-                result.paths = sorted(graph.path_of[i] for i in alive)
+                live = alive
+                if opts.specific:
+                    live = alive & {graph.id_of[p] for p in map(sd.print, opts.paths) if p in graph.id_of}
+                result.paths = sorted(graph.path_of[i] for i in live)
                 return result
             candidates = self._candidates(graph, alive, opts, sd)
             if opts.action == DEAD:
                 result.paths = sorted(graph.path_of[i] for i in candidates) + \
-                    self._invalid_entries(graph, dry=True)
+                    ([] if opts.specific else self._invalid_entries(graph, dry=True))
                 return result
             order = self._referrers_first(graph, candidates)
             self._total = len(order)
             self.log("deleting garbage...")
             self._delete(graph, order, alive, opts, result, keep_outputs, keep_derivations)
-            if opts.action == DELETE_DEAD and result.bytes_freed <= opts.max_freed:
+            if opts.action == DELETE_DEAD and not opts.specific \
+                    and result.bytes_freed <= opts.max_freed:
                 self._invalid_entries(graph, dry=False, result=result)
             if deleting:
                 self._remove_unused_links(result)
@@ -215,7 +219,7 @@ class GarbageCollector:
 
     def _candidates(self, graph: Graph, alive: set[int], opts: GCOptions, sd) -> set[int]:
         dead = set(graph.path_of) - alive
-        if opts.action != DELETE_SPECIFIC:
+        if opts.action != DELETE_SPECIFIC and not opts.specific:
             return dead
         wanted: set[int] = set()
         for sp in opts.paths:
@@ -224,6 +228,25 @@ class GarbageCollector:
             if i is None:
                 continue  # not valid: nothing to do
             wanted.add(i)
+        if opts.delete_referrers:
+            stack = list(wanted)
+            while stack:
+                for r in graph.referrers.get(stack.pop(), ()):
+                    if r not in wanted:
+                        wanted.add(r)
+                        stack.append(r)
+        if opts.action != DELETE_SPECIFIC:
+            # The dead part of the set: those dead paths all of whose referrers go too
+            # (an alive path, or one a kept path refers to, is skipped, not an error).
+            keep = wanted & dead
+            changed = True
+            while changed:
+                changed = False
+                for i in list(keep):
+                    if any(r != i and r not in keep for r in graph.referrers.get(i, ())):
+                        keep.discard(i)
+                        changed = True
+            return keep
         for i in wanted:
             # deletable only if dead and every (transitive) referrer is deleted with it
             stack, seen = [i], {i}

@@ -43,10 +43,13 @@ from .indirect import (
                        IndirectRootMemory,
                        add_indirect_root,
                        link_owner,
+                       make_perm_link,
+                       make_perm_link_as,
                        read_link_as,
 )
 
 __all__ = [
     "CENSORED", "DEFAULT_INDIRECT_GRACE", "RUNTIME_MODES", "UNCLAIMED", "IndirectRootMemory", "Root",
-    "RootFinder", "add_indirect_root", "indirect_root_name", "link_owner", "read_link_as",
+    "RootFinder", "add_indirect_root", "indirect_root_name", "link_owner", "make_perm_link",
+    "make_perm_link_as", "read_link_as",
 ]

@@ -278,3 +278,75 @@ def add_indirect_root(state_dir: str, link: str, uid: int | None = None,
         path = finder.store_dir.print(sp) if sp is not None else None
     IndirectRootMemory(state_dir).claim(name, link, uid, path)
     return name
+
+
+def make_perm_link(link: str, target: str, store_prefixes: tuple[str, ...]) -> None:
+    """Point the symlink ``link`` at ``target`` (a store path), atomically: as Nix's
+    ``addPermRoot``, something already at ``link`` is replaced only if it is a symlink
+    into the store (``store_prefixes``: the store dir and its real location)."""
+    try:
+        st = os.lstat(link)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        old = os.readlink(link) if stat.S_ISLNK(st.st_mode) else None
+        if old is None or not any(old.startswith(p + "/") for p in store_prefixes):
+            raise FileExistsError(errno.EEXIST, "already exists and is not a symlink into the store",
+                                  link)
+    symlink_atomic(target, link)
+
+
+def make_perm_link_as(link: str, target: str, store_prefixes: tuple[str, ...],
+                      uid: int, gid: int, groups: list[int], timeout: float = 5.0) -> None:
+    """:func:`make_perm_link` with the rights of ``uid``/``gid``/``groups`` (a short-lived
+    child that drops to them; here when we are not root or ``uid`` is root): a user
+    makes roots only where they may write.  Errors are raised as :class:`OSError`."""
+    if os.geteuid() != 0 or uid == 0:
+        make_perm_link(link, target, store_prefixes)
+        return
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, make the link, report, exit
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            make_perm_link(link, target, store_prefixes)
+            code = 0
+        except OSError as e:
+            with _suppress_all():
+                os.write(wfd, f"{e.errno or 0}\0{e.strerror or e}".encode()[:4096])
+        except BaseException:  # noqa: BLE001 -- reported as a failure
+            pass
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    data = b""
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([rfd], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)  # (a hung file system)
+                break
+            chunk = os.read(rfd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(rfd)
+        _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return
+    num, _, text = data.decode(errors="replace").partition("\0")
+    raise OSError(int(num) if num.isdigit() else errno.EIO, text or "cannot create the link", link)
+
+
+@contextmanager
+def _suppress_all() -> Iterator[None]:
+    try:
+        yield
+    except BaseException:  # noqa: BLE001
+        pass
