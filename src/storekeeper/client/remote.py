@@ -469,7 +469,7 @@ class RemoteStore(DerivedQueries):
 
     def query_path_info(self, sp: StorePath) -> ValidPathInfo | None:
         with self._exchange(self._simple(Op.QueryPathInfo, sp)) as r:
-            if not r.bool("valid"):
+            if not r.boolean("valid"):
                 return None
             return read_path_info(r, self.store_dir, path=sp, lax=True)
 
@@ -565,7 +565,7 @@ class RemoteStore(DerivedQueries):
         check_name(name)
         references = set(references)
         request = (WireWriter().u64(Op.AddToStore).string(name).string(cam)
-                   .store_paths(self.store_dir, references).bool(repair))
+                   .store_paths(self.store_dir, references).boolean(repair))
         try:
             with self._exchange(request, payload) as r:
                 return read_path_info(r, self.store_dir, lax=True)
@@ -614,7 +614,7 @@ class RemoteStore(DerivedQueries):
         """
         request = WireWriter().u64(Op.AddToStoreNar)
         write_path_info(request, self.store_dir, info, with_path=True)
-        request.bool(repair).bool(not check_sigs)
+        request.boolean(repair).boolean(not check_sigs)
         with self._exchange(request, _nar_from(stream)):
             pass
         return self.path_info(info.path)
@@ -635,7 +635,7 @@ class RemoteStore(DerivedQueries):
         """CollectGarbage.  The daemon's own settings decide ``keep-outputs`` and
         ``keep-derivations``; ``progress`` is not reported over the protocol."""
         request = (WireWriter().u64(Op.CollectGarbage).u64(_GC_ACTIONS[options.action])
-                   .store_paths(self.store_dir, options.paths).bool(options.ignore_liveness)
+                   .store_paths(self.store_dir, options.paths).boolean(options.ignore_liveness)
                    .u64(min(options.max_freed, 2**64 - 1)).u64(0).u64(0).u64(0))
         with self._exchange(request, on_line=log) as r:
             result = GCResult(paths=r.strings("paths"), bytes_freed=r.u64("bytes freed"))
@@ -650,7 +650,7 @@ class RemoteStore(DerivedQueries):
         report's ``errors`` (or ``repaired``, when repairing fixed them all)."""
         report = VerifyReport(checked=len(self.query_all_valid_paths()))
         lines: list[str] = []
-        with self._exchange(WireWriter().u64(Op.VerifyStore).bool(check_contents).bool(repair),
+        with self._exchange(WireWriter().u64(Op.VerifyStore).boolean(check_contents).boolean(repair),
                             on_line=lines.append) as r:
             errors_found = r.u64("errors found") != 0
         findings = [line for line in lines if line not in _VERIFY_PROGRESS]

@@ -32,7 +32,7 @@ import enum
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple, TypeVar
 
 from .errors import FormatError
 from .hashes import ALGO_SIZES, Hash
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 ReadDrv = Callable[[str], "Derivation"]
+_T = TypeVar("_T")
 
 class DerivationParseError(FormatError):
     """A ``.drv`` text is malformed; ``offset`` is the byte where parsing stopped."""
@@ -265,7 +266,7 @@ class _Parser:
             if not escaped:
                 raise self.fail("backslash in a string Nix writes unescaped", at + body.index(b"\\"))
 
-            def unescape(e: re.Match) -> bytes:
+            def unescape(e: re.Match[bytes]) -> bytes:
                 repl = _UNESCAPE.get(e.group(1))
                 if repl is None:
                     raise self.fail("non-canonical escape sequence", at + e.start())
@@ -274,10 +275,10 @@ class _Parser:
             body = _ESCAPE.sub(unescape, body)
         return _decode(body)
 
-    def list_of(self, item: Callable[[], object]) -> list:
+    def list_of(self, item: Callable[[], _T]) -> list[_T]:
         """``[item,item,...]``; the items are returned in file order."""
         self.expect(b"[")
-        items = []
+        items: list[_T] = []
         if self.peek(b"]"):
             self.pos += 1
             return items
@@ -552,6 +553,11 @@ class _DrvHash(NamedTuple):
     deferred: bool
 
 
+#: hashDerivationModulo results by ``.drv`` path, shared between calls by a caller
+#: that evaluates many derivations (start with an empty dict)
+DrvHashCache = dict[str, _DrvHash]
+
+
 def _name_from_drv_path(drv_path: str) -> str:
     # Nix names a derivation read from the store after its file, not env["name"].
     base = drv_path.rsplit("/", 1)[-1]
@@ -570,7 +576,7 @@ def _hash_one(
     drv_name: str,
     store_dir: StoreDir,
     mask_outputs: bool,
-    cache: dict,
+    cache: DrvHashCache,
 ) -> _DrvHash:
     """hashDerivationModulo of ``drv`` once every input's hash is in ``cache``."""
     kind = derivation_type(drv)
@@ -597,7 +603,7 @@ def _hash_one(
     return _DrvHash({name: digest for name in drv.outputs}, deferred)
 
 
-def _fill_cache(drv: Derivation, store_dir: StoreDir, read_drv: ReadDrv, cache: dict) -> None:
+def _fill_cache(drv: Derivation, store_dir: StoreDir, read_drv: ReadDrv, cache: DrvHashCache) -> None:
     """Put the unmasked hash of every input derivation ``drv`` needs into ``cache``.
 
     Iterative post-order walk: real derivation graphs are deeper than Python's
@@ -639,7 +645,7 @@ def _hash_modulo(
     store_dir: StoreDir,
     read_drv: ReadDrv,
     mask_outputs: bool,
-    cache: dict | None,
+    cache: DrvHashCache | None,
     drv_name: str | None,
 ) -> _DrvHash:
     cache = {} if cache is None else cache
@@ -653,7 +659,7 @@ def hash_derivation_modulo(
     store_dir: StoreDir,
     read_drv: ReadDrv,
     mask_outputs: bool,
-    cache: dict | None = None,
+    cache: DrvHashCache | None = None,
     drv_name: str | None = None,
 ) -> dict[str, bytes]:
     """Spec §3.3: output name → 32-byte SHA-256 digest.
@@ -677,7 +683,7 @@ def derivation_output_paths(
     drv: Derivation,
     store_dir: StoreDir,
     read_drv: ReadDrv,
-    cache: dict | None = None,
+    cache: DrvHashCache | None = None,
     drv_name: str | None = None,
 ) -> dict[str, StorePath | None]:
     """The output paths ``drv`` must have (None where not statically known).
@@ -705,7 +711,7 @@ def fill_output_paths(
     drv: Derivation,
     store_dir: StoreDir,
     read_drv: ReadDrv,
-    cache: dict | None = None,
+    cache: DrvHashCache | None = None,
 ) -> Derivation:
     """What ``derivationStrict`` does once it knows the inputs (spec §3.4).
 
@@ -731,10 +737,11 @@ def fill_output_paths(
         env[out] = ""
     staged = replace(drv, outputs={o: DerivationOutput() for o in drv.outputs}, env=env)
     paths = derivation_output_paths(staged, store_dir, read_drv, cache)
-    if any(p is None for p in paths.values()):
+    known = {out: sp for out, sp in paths.items() if sp is not None}
+    if len(known) != len(paths):
         return staged
-    outputs = {}
-    for out, sp in paths.items():
+    outputs: dict[str, DerivationOutput] = {}
+    for out, sp in known.items():
         printed = store_dir.print(sp)
         outputs[out] = DerivationOutput(printed)
         env[out] = printed
@@ -787,7 +794,7 @@ def check_derivation_outputs(
     drv: Derivation,
     store_dir: StoreDir,
     read_drv: ReadDrv,
-    cache: dict | None = None,
+    cache: DrvHashCache | None = None,
 ) -> None:
     """Re-verify output paths as LocalStore does when registering a ``.drv``.
 

@@ -56,19 +56,23 @@ class LocalLayout:
         return os.path.join(self.state_dir, "db")
 
     @classmethod
-    def chroot(cls, root: str, store_dir: str = DEFAULT_STORE_DIR, **kw: object) -> "LocalLayout":
+    def chroot(cls, root: str, store_dir: str = DEFAULT_STORE_DIR,
+               read_only: bool = False) -> "LocalLayout":
         root = os.path.abspath(root)
         sd = StoreDir(store_dir)
-        join = lambda p: os.path.normpath(root + p) if root != "/" else p  # noqa: E731
+
+        def join(p: str) -> str:
+            return os.path.normpath(root + p) if root != "/" else p
+
         return cls(sd, join(sd.path), join(DEFAULT_STATE_DIR), join(DEFAULT_LOG_DIR),
-                   root=root, **kw)  # type: ignore[arg-type]
+                   root=root, read_only=read_only)
 
     @classmethod
     def custom(cls, store_dir: str, state_dir: str, log_dir: str, real_store_dir: str | None = None,
-               **kw: object) -> "LocalLayout":
+               read_only: bool = False) -> "LocalLayout":
         sd = StoreDir(os.path.normpath(store_dir))
         return cls(sd, os.path.abspath(real_store_dir or sd.path), os.path.abspath(state_dir),
-                   os.path.abspath(log_dir), **kw)  # type: ignore[arg-type]
+                   os.path.abspath(log_dir), read_only=read_only)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .errors import FormatError
 from .hashes import ALGO_SIZES, Hash
 from .pathinfo import ValidPathInfo
 from .storepath import StoreDir, StorePath
+from .streams import Readable
 
 # --- constants (spec §2) ------------------------------------------------------
 
@@ -244,7 +245,7 @@ class WireWriter:
         self.buf += u64_bytes(int(value))
         return self
 
-    def bool(self, value: bool) -> "WireWriter":
+    def boolean(self, value: bool) -> "WireWriter":
         return self.u64(1 if value else 0)
 
     def string(self, data: bytes | str) -> "WireWriter":
@@ -288,7 +289,7 @@ class WireReader:
 
     __slots__ = ("_read", "offset", "budget")
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: Readable) -> None:
         self._read = stream.read
         self.offset = 0
         #: bytes that strings may still take (None: no limit); each string costs its
@@ -319,7 +320,7 @@ class WireReader:
             raise WireError(f"{what} at byte {start}: value {value} is too large (limit {max_value})")
         return value
 
-    def bool(self, what: str = "boolean") -> bool:
+    def boolean(self, what: str = "boolean") -> bool:
         start = self.offset
         value = int.from_bytes(self.read_exact(8, what), "little")
         if value > 1:
@@ -515,7 +516,7 @@ def read_path_info(r: WireReader, store_dir: StoreDir, path: StorePath | None = 
     references = frozenset(r.store_paths(store_dir, "references", lax))
     registration_time = r.u64("registrationTime")
     nar_size = r.u64("narSize")
-    ultimate = r.bool("ultimate")
+    ultimate = r.boolean("ultimate")
     sigs = frozenset(r.strings("sigs", item_limit=4096))
     ca = r.string("ca", 1024)
     return ValidPathInfo(path, nar_hash, nar_size, references, deriver,
@@ -531,7 +532,7 @@ def write_path_info(w: WireWriter, store_dir: StoreDir, info: ValidPathInfo,
     # narHash algorithm a store records; anything else keeps its prefix.
     w.string(info.nar_hash.base16 if info.nar_hash.algo == "sha256" else info.nar_hash.typed())
     w.store_paths(store_dir, info.references)
-    w.u64(info.registration_time).u64(info.nar_size).bool(info.ultimate)
+    w.u64(info.registration_time).u64(info.nar_size).boolean(info.ultimate)
     w.strings(sorted(info.sigs))
     return w.string(info.ca or "")
 

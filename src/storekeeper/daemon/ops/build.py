@@ -107,7 +107,7 @@ def _built_outputs(s: Session, r: BuildResult) -> dict[str, str]:
 
 
 def _write_result(s: Session, w: WireWriter, r: BuildResult) -> None:
-    w.u64(int(r.status)).string(r.error_msg).u64(r.times_built).bool(r.is_non_deterministic)
+    w.u64(int(r.status)).string(r.error_msg).u64(r.times_built).boolean(r.is_non_deterministic)
     w.u64(r.start_time).u64(r.stop_time).string_map(_built_outputs(s, r))
 
 

@@ -100,7 +100,7 @@ def collect_garbage(s: Session) -> None:
     r = s.r
     action = r.u64("action")
     paths = r.store_paths(s.sd, "pathsToDelete", lax=True)
-    ignore_liveness = r.bool("ignoreLiveness")
+    ignore_liveness = r.boolean("ignoreLiveness")
     max_freed = r.u64("maxFreed")
     for _ in range(3):
         r.u64("obsolete field")
