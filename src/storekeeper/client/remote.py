@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..api import (
     DEAD,
@@ -57,6 +57,7 @@ from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
 from ..formats.errors import FormatError
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
+from ..formats.streams import Readable
 from ..formats.url import store_dir_setting
 from ..formats.wire import (
     PROTOCOL_VERSION,
@@ -64,6 +65,7 @@ from ..formats.wire import (
     WORKER_MAGIC_2,
     FramedWriter,
     Op,
+    RemoteError,
     ResultType,
     Stderr,
     Verbosity,
@@ -165,7 +167,7 @@ class _Upload(threading.Thread):
 class _Tee:
     """A readable stream that hands every byte read through it to ``write`` as well."""
 
-    def __init__(self, stream, write: Callable[[bytes], object]) -> None:
+    def __init__(self, stream: Readable, write: Callable[[bytes], object]) -> None:
         self._read = stream.read
         self._write = write
 
@@ -176,7 +178,7 @@ class _Tee:
         return data
 
 
-def _nar_from(stream) -> Callable[[Callable[[bytes], object]], None]:
+def _nar_from(stream: Readable) -> Callable[[Callable[[bytes], object]], None]:
     """A payload of exactly the NAR at the head of ``stream`` (checked on the way)."""
     def produce(write: Callable[[bytes], object]) -> None:
         try:
@@ -186,7 +188,7 @@ def _nar_from(stream) -> Callable[[Callable[[bytes], object]], None]:
     return produce
 
 
-def _rest_of(stream) -> Callable[[Callable[[bytes], object]], None]:
+def _rest_of(stream: Readable) -> Callable[[Callable[[bytes], object]], None]:
     def produce(write: Callable[[bytes], object]) -> None:
         while chunk := stream.read(_CHUNK):
             write(chunk)
@@ -399,23 +401,31 @@ class RemoteStore(DerivedQueries):
             if kind is Stderr.LAST:
                 return
             if kind is Stderr.NEXT:
-                text: str = msg.payload  # type: ignore[assignment]
+                text = msg.payload
+                assert isinstance(text, str)
                 on_line(strip_ansi(text[:-1] if text.endswith("\n") else text))
             elif kind is Stderr.ERROR:
                 err = msg.payload
-                raise DaemonError(strip_ansi(err.message), [strip_ansi(t) for t in err.traces])  # type: ignore[union-attr]
+                assert isinstance(err, RemoteError)
+                raise DaemonError(strip_ansi(err.message), [strip_ansi(t) for t in err.traces])
             elif kind is Stderr.START_ACTIVITY:
-                _id, level, _type, text, _fields, _parent = msg.payload  # type: ignore[misc]
+                act = msg.payload
+                assert isinstance(act, tuple) and len(act) == 6
+                _id, level, _type, text, _fields, _parent = act
                 if text and level <= self.verbosity:
                     on_line(strip_ansi(text) + "...")
             elif kind is Stderr.RESULT:
-                _id, rtype, fields = msg.payload  # type: ignore[misc]
+                res = msg.payload
+                assert isinstance(res, tuple) and len(res) == 3
+                _id, rtype, fields = res
                 if rtype == ResultType.BUILD_LOG_LINE and fields and isinstance(fields[0], str):
                     on_line(strip_ansi(fields[0]))
             elif kind is Stderr.WRITE:
                 if sink is None:
                     raise WireError("the daemon sent data (STDERR_WRITE) to an operation without a sink")
-                sink(msg.payload)  # type: ignore[arg-type]
+                data = msg.payload
+                assert isinstance(data, bytes)
+                sink(data)
             elif kind is Stderr.READ:
                 # Only ImportPaths pulls data this way, and we never send it.
                 raise WireError("the daemon asked for data (STDERR_READ) that no operation offers")
@@ -597,14 +607,14 @@ class RemoteStore(DerivedQueries):
         """``builtins.toFile`` / ``.drv`` writing: a text path with references."""
         return self._add_to_store(name, "text:sha256", references, repair, _chunks([bytes(text)]))
 
-    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+    def add_dump(self, stream: Readable, name: str, method: str, algo: str = "sha256",
                  references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo:
         """Add from a dump: the NAR at the head of ``stream`` (``recursive``) or the rest of
         ``stream`` (``flat``/``text``)."""
         payload = _nar_from(stream) if method == RECURSIVE else _rest_of(stream)
         return self._add_to_store(name, _ca_method(method, algo), references, repair, payload)
 
-    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+    def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
                 check_sigs: bool = False) -> ValidPathInfo:
         """Import a path from its NAR and metadata (AddToStoreNar).
 

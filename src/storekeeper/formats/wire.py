@@ -685,7 +685,14 @@ class StderrMessage:
     """
 
     kind: Stderr
-    payload: object = None
+    payload: StderrPayload = None
+
+
+#: START_ACTIVITY's payload: (id, level, type, text, fields, parent)
+ActivityStart = tuple[int, int, int, str, list[Field], int]
+#: RESULT's payload: (id, type, fields)
+ActivityResult = tuple[int, int, list[Field]]
+StderrPayload = str | bytes | int | RemoteError | ActivityStart | ActivityResult | None
 
 
 def read_stderr_message(r: WireReader,
@@ -706,7 +713,7 @@ def read_stderr_message(r: WireReader,
     if kind is Stderr.ERROR:
         return StderrMessage(kind, read_error(r, client_minor))
     if kind is Stderr.START_ACTIVITY:
-        act = (r.u64("activity id"), r.u64("activity level"), r.u64("activity type"),
+        act: ActivityStart = (r.u64("activity id"), r.u64("activity level"), r.u64("activity type"),
                r.string("activity text"), read_fields(r), r.u64("parent activity"))
         return StderrMessage(kind, act)
     if kind is Stderr.STOP_ACTIVITY:

@@ -28,7 +28,7 @@ import secrets
 import stat
 import time
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import fs
 from ..api import DELETE_DEAD, DerivedQueries, GCOptions, VerifyReport
@@ -40,6 +40,7 @@ from ..formats.errors import FormatError
 from ..formats.hashes import Hash, new_hasher
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
+from ..formats.streams import Readable
 from ..formats.url import LocalLayout
 from ..fs import remove_tree
 from ..fs.atomic import write_new_file
@@ -280,7 +281,7 @@ class LocalStore(DerivedQueries):
                              ca=ContentAddress(TEXT, content_hash).render())
         return self._install(info, lambda real: write_new_file(real, text, 0o444), repair)
 
-    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+    def add_dump(self, stream: Readable, name: str, method: str, algo: str = "sha256",
                  references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo:
         """Add from a dump: a NAR (``recursive``) or the file's bytes (``flat``/``text``)."""
         check_name(name)
@@ -303,7 +304,7 @@ class LocalStore(DerivedQueries):
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
-    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+    def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
                 check_sigs: bool = False) -> ValidPathInfo:
         """Import a path from its NAR and metadata (``--import``, copying, the daemon).
 
@@ -578,7 +579,7 @@ def _hash_file(path: str, algo: str) -> Hash:
     return Hash(algo, h.digest())
 
 
-def _copy_stream_hashing(stream: BinaryIO, dest: str, algo: str) -> Hash:
+def _copy_stream_hashing(stream: Readable, dest: str, algo: str) -> Hash:
     h = new_hasher(algo)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with open(fd, "wb") as f:
@@ -588,7 +589,7 @@ def _copy_stream_hashing(stream: BinaryIO, dest: str, algo: str) -> Hash:
     return Hash(algo, h.digest())
 
 
-def _restore_checked(reader: BinaryIO, dest: str) -> None:
+def _restore_checked(reader: Readable, dest: str) -> None:
     try:
         restore_nar(reader, dest)
     except narfmt.NarError as e:
