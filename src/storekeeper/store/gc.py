@@ -302,7 +302,7 @@ class GarbageCollector:
                     self._finish_batch(graph, current, result)
                     raise
                 if inflight is not None:
-                    inflight, previous = None, inflight
+                    previous, inflight = inflight, None
                     self._finish_batch(graph, previous, result)
                 if budget:
                     self._finish_batch(graph, current, result)

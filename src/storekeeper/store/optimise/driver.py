@@ -237,8 +237,8 @@ def _skip_done(store, bases: list[str], valid: dict[bytes, int], records: _Recor
                     st = None
                 if (st is not None and st.st_ino == rec[1]
                         and (rec[2] == _NO_CTIME or st.st_ctime_ns == rec[2])
-                        and (inodes is None or inodes.issuperset(rec[3]))):  # type: ignore[arg-type]
-                    total.files_already_linked += len(rec[3])  # type: ignore[arg-type]
+                        and (inodes is None or inodes.issuperset(rec[3]))):
+                    total.files_already_linked += len(rec[3])
                     continue
             todo.append(base)
     finally:

@@ -378,11 +378,11 @@ class _Worker:
                     continue
                 stats.files_hashed += 1
                 stats.bytes_hashed += st.st_size
-                ino = link(dfd, shown, name, st, nix32_sha256(digest), dir_state)
-                if ino is None:
+                linked = link(dfd, shown, name, st, nix32_sha256(digest), dir_state)
+                if linked is None:
                     self._clean = False
                 else:
-                    found.append(ino)
+                    found.append(linked)
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -408,7 +408,7 @@ class _Worker:
             if out is not _EXISTS:
                 if out is _RETRY:
                     continue
-                return out  # type: ignore[return-value]
+                return out
             if not (self.lock and self.lock.held):
                 # From this lookup until the rename the entry must not be GC'd
                 # (module docstring).
@@ -428,7 +428,7 @@ class _Worker:
                 run.verified.add(pst.st_ino)
             out = self._replace(dfd, shown, name, st, h, lfd, pst, dir_state)
             if out is not _RETRY:
-                return out  # type: ignore[return-value]
+                return out
         run.warn(f"gave up linking '{shown}/{name}': its pool entry kept changing")
         return None
 
