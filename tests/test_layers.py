@@ -86,7 +86,7 @@ def graph():
             if root != "storekeeper":
                 continue  # a late stdlib or optional import is no cycle and no layer break
             edges[mod].add(target)
-            if not top and not mod.startswith(LAZY_OK):
+            if not top and not any(mod == p or mod.startswith(p + ".") for p in LAZY_OK):
                 lazy.append(f"{mod}:{line} imports {target} inside a function")
     return mods, edges, lazy
 

@@ -1154,7 +1154,7 @@ class Builder:
                 if path != g.outputs[name]:
                     remove_tree(store.real_path(path))
             if not succeeded:
-                for name, path in g.outputs.items():
+                for path in g.outputs.values():
                     if not store.is_valid(path) and not self.settings.keep_failed:
                         remove_tree(store.real_path(path))
             if succeeded or not self.settings.keep_failed:
@@ -1339,7 +1339,7 @@ class Builder:
                 todo.extend(new_refs[p] if p in new_refs else self.store.path_info(p).references)
             return seen
 
-        for name, info in sorted(infos.items()):
+        for _name, info in sorted(infos.items()):
             for attr, allowed, requisites in self._REFERENCE_RULES:
                 if attr not in drv.env:
                     continue

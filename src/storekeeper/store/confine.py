@@ -171,23 +171,23 @@ class _Asm:
     """A label assembler for classic BPF (jumps are forward and resolved at the end)."""
 
     def __init__(self) -> None:
-        self.ins: list[tuple[int, object, object, int]] = []
+        self.ins: list[tuple[int, int | str, int | str, int]] = []
         self.labels: dict[str, int] = {}
 
     def label(self, name: str) -> None:
         assert name not in self.labels
         self.labels[name] = len(self.ins)
 
-    def op(self, code: int, k: int = 0, jt: object = 0, jf: object = 0) -> None:
+    def op(self, code: int, k: int = 0, jt: int | str = 0, jf: int | str = 0) -> None:
         self.ins.append((code, jt, jf, k & 0xFFFFFFFF))
 
     def assemble(self) -> bytes:
         out = bytearray()
         for pc, (code, jt, jf, k) in enumerate(self.ins):
-            def rel(target: object) -> int:
+            def rel(target: int | str, pc: int = pc) -> int:
                 if isinstance(target, int):
                     return target
-                off = self.labels[target] - pc - 1  # type: ignore[index]
+                off = self.labels[target] - pc - 1
                 if not 0 <= off <= 255:
                     raise ConfineError(f"BPF jump to {target} out of range ({off})")
                 return off
@@ -210,7 +210,7 @@ def build_filter(machine: str | None = None) -> bytes:
     for arch, table, _ in abis:
         a.op(JEQ_K, arch, jt=f"abi_{table}", jf=0)
     a.op(RET_K, RET_KILL_PROCESS)
-    for arch, table, mask in abis:
+    for _arch, table, mask in abis:
         a.label(f"abi_{table}")
         a.op(LD_W_ABS, _NR)
         if mask is not None:

@@ -96,7 +96,7 @@ def _optimise(store, dry_run: bool, trust_link_count: bool, progress, log, threa
     run = _Run(store, inodes or set(), dry_run, trust_link_count, log)
     nthreads = _threads(threads)
     if nthreads > 1 and todo:
-        from concurrent.futures import ThreadPoolExecutor  # (not imported for a no-op run)
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 -- not for a no-op run
         run.hasher = ThreadPoolExecutor(nthreads, thread_name_prefix="optimise-hash")
     if not dry_run and todo:
         run.reaper = _Reaper()
@@ -151,7 +151,7 @@ def _walker_init() -> None:
     run = _Run(store, inodes, False, trust, None)
     nthreads = _threads(threads)
     if nthreads > 1:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 -- only when threaded
         run.hasher = ThreadPoolExecutor(nthreads, thread_name_prefix="optimise-hash")
     run.reaper = _Reaper()
     _child = (run, _Worker(run), stop)
@@ -178,7 +178,7 @@ def _walk_chunk(bases: list[str]) -> tuple[OptimiseStats, dict, list[str], bool]
 def _optimise_in_processes(store, todo: list[str], bases: list[str], ids: dict[bytes, int],
                            inodes: set[int], trust: bool, progress, log, threads: int | None,
                            nprocs: int, total: OptimiseStats) -> OptimiseStats:
-    import multiprocessing
+    import multiprocessing  # noqa: PLC0415 -- costly, and only for a multi-process run
     global _fork_args
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
