@@ -11,10 +11,10 @@ import sys
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import InvalidPath, UsageError
-from ..formats.storepath import StorePath
 
 if TYPE_CHECKING:
     from ..client.remote import RemoteStore
+    from ..formats.storepath import StorePath
     from ..store.local import LocalStore
 
     Store = LocalStore | RemoteStore
