@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import grp
 import os
-import secrets
 import stat
 import time
 from contextlib import contextmanager
@@ -204,7 +203,7 @@ class LocalStore(DerivedQueries):
     def _temp_dir(self) -> Iterator[str]:
         """A private, locked scratch dir inside the store (same file system: rename works)."""
         self._check_writable()
-        path = os.path.join(self.real_store_dir, f"{TEMP_DIR_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        path = os.path.join(self.real_store_dir, f"{TEMP_DIR_PREFIX}{os.getpid()}-{os.urandom(8).hex()}")
         os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
