@@ -74,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{what}", dest="what", action="store_const", const=what)
     s.add_argument("--include-outputs", action="store_true")
     s.add_argument("paths", nargs="+", metavar="PATH")
-    s.set_defaults(func="paths.cmd_query")
+    s.set_defaults(func="paths.cmd_query", queries_only=True)
 
     s = sub.add_parser("path-info", help="show path metadata")
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--json", action="store_true")
     s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
     s.add_argument("-S", "--closure-size", action="store_true")
-    s.set_defaults(func="paths.cmd_path_info")
+    s.set_defaults(func="paths.cmd_path_info", queries_only=True)
 
     s = sub.add_parser("dump", help="write the NAR of a store path to stdout")
     s.add_argument("path")
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = None
     try:
         if not getattr(args, "no_store", False):
-            store = open_store(args.store)
+            store = open_store(args.store, getattr(args, "queries_only", False))
         return int(command(store, args))
     except (StorekeeperError, FormatError) as e:
         # one line, even for a daemon's multi-line message; the exit code says what kind
