@@ -336,7 +336,7 @@ class LocalStore(StoreReader):
 
     def collect_garbage(self, options, log: Callable[[str], None] | None = None,
                         progress: Callable[[int, int], None] | None = None):
-        """Run the collector (see :mod:`storekeeper.store.gc` for its invariants)."""
+        """Run the collector (see :mod:`storekeeper.store.gc.collector` for its invariants)."""
         return GarbageCollector(self, log, progress).collect(options)
 
     def free_space(self) -> int:

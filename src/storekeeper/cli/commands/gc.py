@@ -44,7 +44,7 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.dry_run:
-        from ...store.inspect import bytes_freed_by
+        from ...store.gc.inspect import bytes_freed_by
         disk, apparent = bytes_freed_by(store, result.paths)
         if args.json:
             json.dump({"action": "dry-run", "paths": result.paths, "bytesFreed": disk,
@@ -69,7 +69,7 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
-    from ...store.inspect import why_alive
+    from ...store.gc.inspect import why_alive
     local = needs_local(store, "why-alive")
     sp = valid(local, args.path)
     chain = why_alive(local, sp)

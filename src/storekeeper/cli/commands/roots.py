@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..common import age, is_local, open_store, resolve_path
 
 if TYPE_CHECKING:
-    from ...store.inspect import RootInfo
+    from ...store.gc.inspect import RootInfo
     from ..common import Store
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
@@ -73,7 +73,7 @@ def before_gc(url: str | None, skip=()) -> None:
 def cmd_roots(store: Store, args: argparse.Namespace) -> int:
     if not is_local(store):
         return remote_roots(store, args.store, args.json)
-    from ...store.inspect import list_roots
+    from ...store.gc.inspect import list_roots
     print_root_infos(list_roots(store), args.json)
     return 0
 
@@ -99,7 +99,7 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
     """Through storekeeper's daemon: every root with its kind and details (ListRoots);
     through another daemon: links and targets (FindRoots)."""
     from ...client.userroots import NotStorekeeperDaemon, RemoteUserRoots
-    from ...store.inspect import RootInfo
+    from ...store.gc.inspect import RootInfo
     try:
         overview = RemoteUserRoots(store).overview()
     except NotStorekeeperDaemon:
@@ -123,5 +123,5 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
 def user_roots_api(store):
     """The calling user's roots: through storekeeper's daemon, or on a local store directly."""
     from ...client.userroots import RemoteUserRoots
-    from ...store.inspect import LocalUserRoots
+    from ...store.gc.inspect import LocalUserRoots
     return LocalUserRoots(store) if is_local(store) else RemoteUserRoots(store)
