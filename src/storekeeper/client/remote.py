@@ -54,6 +54,7 @@ from ..api import (
 from ..errors import BadArchive, InvalidPath, PathInUse, Refused, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
+from ..formats.derivation import parse_derivation
 from ..formats.errors import FormatError
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
@@ -578,7 +579,6 @@ class RemoteStore(DerivedQueries):
         return _read_spool(spool)
 
     def read_derivation(self, drv: StorePath):  # -> Derivation
-        from ..formats.derivation import parse_derivation
         node = narfmt.parse_to_node(b"".join(self.dump_path(drv)))
         if not isinstance(node, narfmt.Regular):
             raise StoreError(f"derivation '{self.print_path(drv)}' is not a regular file")
