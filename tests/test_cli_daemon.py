@@ -118,13 +118,13 @@ def test_daemon_url_from_nix_remote_and_local_only_commands(stores, tmp_path, mo
     assert code == 0 and "served by the daemon" in out and "2.8.0" in out
     for args in (["why-alive", HELLO], ["gc", "--dry-run"]):
         code, out, err = sk(*args, store=None)
-        assert code == 1 and "needs a local store" in err and err.count("\n") == 1
+        assert code == 2 and "needs a local store" in err and err.count("\n") == 1  # usage
     code, _, err = sk("gc", "--keep-outputs", store=None)
-    assert code == 1 and "daemon's settings" in err
+    assert code == 2 and "daemon's settings" in err
     code, out, _ = sk("roots", "--json", store=None)
     assert code == 0 and json.loads(out) == []
     code, _, err = sk("delete", "--ignore-liveness", HELLO, store=None)
-    assert code == 1 and "not allowed to ignore liveness" in err
+    assert code == 4 and "not allowed to ignore liveness" in err  # refused, told by the message
     monkeypatch.setenv("NIX_REMOTE", f"unix://{tmp_path}/no-such.sock")
     code, _, err = sk("query", "--hash", HELLO, store=None)
     assert code == 1 and "cannot connect to the daemon" in err
@@ -171,7 +171,7 @@ def test_a_custom_store_dir_through_daemons(tmp_path, capsys, monkeypatch):
             assert main(["--store", client, "query", "--size", path]) == 0
             got.append((path, capsys.readouterr().out))
             # Without ?store= the client expects /nix/store and refuses the daemon's paths.
-            assert main(["--store", f"unix://{sock}", "query", "--hash", path]) == 1
+            assert main(["--store", f"unix://{sock}", "query", "--hash", path]) == 2
             assert "not in the Nix store" in capsys.readouterr().err
         finally:
             stop_process(proc)

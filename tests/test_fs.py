@@ -18,7 +18,7 @@ from storekeeper.fs import walker as walk_mod
 from storekeeper.fs.narfs import TreeError, dump_path
 from storekeeper.store import locks
 from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
-from storekeeper.store.inspect import _lstats
+from storekeeper.store.gc.inspect import _lstats
 from storekeeper.store.local import LocalStore, _first_uncanonical
 from storekeeper.store.locks import PathLocks
 from storekeeper.store.roots import RootFinder

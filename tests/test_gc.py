@@ -330,7 +330,7 @@ def _disk_usage(path: str) -> int:
 
 
 def test_dry_run_bytes_are_exact_with_hard_links(tmp_path):
-    from storekeeper.store.inspect import bytes_freed_by
+    from storekeeper.store.gc.inspect import bytes_freed_by
     root = str(tmp_path / "a")
     big = os.urandom(200_000)
     with LocalStore(LocalLayout.chroot(root)) as s:
@@ -358,7 +358,7 @@ def test_dry_run_bytes_are_exact_with_hard_links(tmp_path):
 
 
 def test_roots_listing_and_why_alive(tmp_path):
-    from storekeeper.store.inspect import list_roots, why_alive
+    from storekeeper.store.gc.inspect import list_roots, why_alive
     root = str(tmp_path / "a")
     with LocalStore(LocalLayout.chroot(root)) as s:
         a = s.add_text("a", b"a").path
@@ -524,7 +524,7 @@ def test_unreadable_indirect_root_keeps_its_path_for_the_grace_period(tmp_path, 
         r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
         assert r.paths == [s.print_path(dropped)]
         assert s.is_valid(kept) and any("cannot read indirect root" in m for m in r.messages)
-        from storekeeper.store.inspect import list_roots
+        from storekeeper.store.gc.inspect import list_roots
         assert [x.kind for x in list_roots(s) if x.target == s.print_path(kept)] == ["indirect-unresolved"]
     later = time.time() + s.settings.indirect_root_grace + 60
     monkeypatch.setattr(roots_mod.time, "time", lambda: later)

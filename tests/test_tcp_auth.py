@@ -157,7 +157,7 @@ def test_store_urls_for_other_hosts():
                      ("tcp://host", "a port is needed"),
                      ("tcp://host:99999", "not a port number"),
                      ("tcp://host:1?secret=1", "unknown parameter")]:
-        with pytest.raises(StoreError, match=why):
+        with pytest.raises(FormatError, match=why):
             parse_store_url(url, {})
 
 

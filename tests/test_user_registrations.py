@@ -195,7 +195,7 @@ def test_links_outside_the_store_are_refused_and_kept(setups, tmp_path):
         regs = [r for r in RemoteUserRoots(c).overview()["roots"] if r["kind"] == "registered"]
     assert [(r["link"].split(":", 1)[1], r["target"]) for r in regs] == [(os.path.join(rd, "good"), kept)]
     code, _, err = s.sk("add-root", str(tmp_path / "r"), "/etc/passwd")
-    assert code == 1 and "not in the Nix store" in err and err.count("\n") == 1
+    assert code == 2 and "not in the Nix store" in err and err.count("\n") == 1
     assert not os.path.lexists(tmp_path / "r")
 
 

@@ -11,31 +11,40 @@ import sys
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import InvalidPath, UsageError
-from ..formats.storepath import StorePath
 
 if TYPE_CHECKING:
     from ..client.remote import RemoteStore
+    from ..formats.storepath import StorePath
     from ..store.local import LocalStore
+    from ..store.reader import StoreReader
 
-    Store = LocalStore | RemoteStore
+    Store = LocalStore | StoreReader | RemoteStore
 
 
-def open_store(url: str | None) -> Store:
-    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
+def open_store(url: str | None, queries_only: bool = False) -> Store:
+    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's.
+
+    ``queries_only``: a local store is opened as a :class:`StoreReader` (the same
+    store, opened the same way, for commands that only query it), which spares the
+    import of the collector, the optimiser and the NAR and derivation code.
+    """
     from ..formats.url import DaemonAddress, LocalLayout, parse_store_url
-    from ..store.local import LocalStore
     from ..store.settings import StoreSettings
     address = parse_store_url(url)
     if isinstance(address, DaemonAddress):
         from ..client import open_remote
         return open_remote(address, log=lambda m: print(m, file=sys.stderr))
     assert isinstance(address, LocalLayout)
+    if queries_only:
+        from ..store.reader import StoreReader
+        return StoreReader(address, settings=StoreSettings.from_nix_conf())
+    from ..store.local import LocalStore
     return LocalStore(address, settings=StoreSettings.from_nix_conf())
 
 
 def is_local(store: Store) -> bool:
-    from ..store.local import LocalStore
-    return isinstance(store, LocalStore)
+    from ..store.reader import StoreReader
+    return isinstance(store, StoreReader)
 
 
 def needs_local(store: Store, what: str) -> LocalStore:

@@ -51,7 +51,7 @@ from ..api import (
     GCResult,
     VerifyReport,
 )
-from ..errors import BadArchive, InvalidPath, StoreError
+from ..errors import BadArchive, InvalidPath, PathInUse, Refused, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
 from ..formats.derivation import Derivation, parse_derivation
@@ -111,6 +111,36 @@ class DaemonError(StoreError):
 
 class ConnectionLost(DaemonError):
     """The connection to the daemon failed or fell out of step; it is closed."""
+
+
+class DaemonInvalidPath(DaemonError, InvalidPath):
+    pass
+
+
+class DaemonPathInUse(DaemonError, PathInUse):
+    pass
+
+
+class DaemonRefused(DaemonError, Refused):
+    pass
+
+
+# The protocol carries an error's message, not its kind: the kinds that matter to a
+# caller (and to the CLI's exit code) are told by the messages both daemons use.
+_KINDS: list[tuple[re.Pattern[str], type[DaemonError]]] = [
+    (re.compile(r"^path '[^']*' is not valid"), DaemonInvalidPath),
+    (re.compile(r"since it is still alive|is in use"), DaemonPathInUse),
+    (re.compile(r"not allowed to|is read-only|lacks a valid signature|not trusted|refus"),
+     DaemonRefused),
+]
+
+
+def daemon_error(message: str, traces: Iterable[str] = ()) -> DaemonError:
+    """The :class:`DaemonError` (of the kind its message tells) for a daemon's error."""
+    for pattern, cls in _KINDS:
+        if pattern.search(message):
+            return cls(message, traces)
+    return DaemonError(message, traces)
 
 
 def strip_ansi(text: str) -> str:
@@ -408,7 +438,7 @@ class RemoteStore(DerivedQueries):
             elif kind is Stderr.ERROR:
                 err = msg.payload
                 assert isinstance(err, RemoteError)
-                raise DaemonError(strip_ansi(err.message), [strip_ansi(t) for t in err.traces])
+                raise daemon_error(strip_ansi(err.message), [strip_ansi(t) for t in err.traces])
             elif kind is Stderr.START_ACTIVITY:
                 act = msg.payload
                 assert isinstance(act, tuple) and len(act) == 6

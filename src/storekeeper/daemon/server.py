@@ -385,11 +385,7 @@ class _Server:
         if pid == 0:
             code = 1
             try:
-                for sock in (self.listener, *self.tcp_listeners):
-                    sock.close()
-                self.keeper.close_in_child()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                self._enter_child()
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the deadline kills us
                 signal.setitimer(signal.ITIMER_REAL, _REFUSAL_DEADLINE)
                 with conn:
@@ -459,15 +455,20 @@ class _Server:
         self.children[pid] = None
         log.info("TCP connection from %s: child %d", label, pid)
 
+    def _enter_child(self) -> None:
+        """In a forked connection process: drop the parent's listeners and database, and
+        die of the signals the parent handles."""
+        for sock in (self.listener, *self.tcp_listeners):
+            sock.close()
+        self.keeper.close_in_child()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     def _child(self, conn: socket.socket, peer: PeerInfo | None, trusted: bool,
                tcp_label: str | None = None) -> None:
         code = 1
         try:
-            for sock in (self.listener, *self.tcp_listeners):
-                sock.close()
-            self.keeper.close_in_child()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self._enter_child()
             with conn:
                 rfile = conn.makefile("rb")
                 write = conn.sendall

@@ -1,8 +1,10 @@
 """Store paths: ``<storeDir>/<hashPart>-<name>`` and how Nix computes them.
 
-Parsing is strict by default (what we ever write); ``lax=True`` accepts the
-2.8 form, which does not check the ``-`` after the hash part and allows the
-names ``.`` and ``..``.  See spec §1.
+Parsing is strict by default (what we ever write); ``lax=True`` also accepts
+the names ``.`` and ``..`` (and names starting ``.-``/``..-``), as 2.8 does.
+Unlike 2.8, the ``-`` after the hash part is required in both modes: 2.8
+takes any character there (``<hash>/x`` or ``<hash>Xfoo`` parse), which lets
+a name that is no store path's be taken for one.  See spec §1.
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ class StorePath:
 
     @classmethod
     def from_base(cls, base: str, lax: bool = False) -> "StorePath":
-        if len(base) < HASH_LEN + 2 - (1 if lax else 0):
+        if len(base) < HASH_LEN + 2:
             raise StorePathError(f"{base!r} is too short to be a store path")
         hash_part = base[:HASH_LEN]
         if not _HASH_CHARS.issuperset(hash_part):
             raise StorePathError(f"{base!r} does not start with a nix32 hash")
-        if not lax and base[HASH_LEN] != "-":
+        if base[HASH_LEN] != "-":
             raise StorePathError(f"{base!r} has no '-' after its hash part")
         check_name(base[HASH_LEN + 1 :], lax=lax)
         return cls(base)

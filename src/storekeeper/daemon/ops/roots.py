@@ -12,7 +12,7 @@ from ...formats.wire import (
     Op,
     Verbosity,
 )
-from ...store.inspect import all_roots
+from ...store.gc.inspect import all_roots
 from ...store.optimise import optimise_store as run_optimiser
 from ...store.roots import CENSORED, RootFinder, read_link_as
 from ...store.roots import add_indirect_root as add_indirect_root_file

@@ -19,7 +19,7 @@ import json
 import os
 
 from ...formats.wire import MAX_PATH_LEN, ExtOp
-from ...store.inspect import roots_overview
+from ...store.gc.inspect import roots_overview
 from ...store.roots import registrations as userroots
 from ...store.roots.registrations import MAX_NAME, MAX_REGISTRATIONS
 from ..registry import op

@@ -7,7 +7,6 @@ import errno
 import itertools
 import os
 import queue
-import secrets
 import stat
 import threading
 from hashlib import sha256
@@ -119,7 +118,7 @@ class _Run:
         self._log = log
         self.mutex = threading.Lock()
         self.warnings: list[str] = []
-        self.tmp_prefix = f"{TMP_LINK_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self.tmp_prefix = f"{TMP_LINK_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-"
         self.counter = itertools.count()
         # dry run: entries that would be created (hash name -> inode) and, per
         # inode, [names that would be replaced, nlink, blocks, size]

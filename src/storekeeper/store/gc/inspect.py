@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from .. import fs
-from ..formats.storepath import StorePath
+from ... import fs
+from ...formats.storepath import StorePath
+from ..roots import CENSORED, Root, RootFinder, registrations
 from .graph import Graph
-from .roots import CENSORED, Root, RootFinder, registrations
 
 
 @dataclass

@@ -38,14 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import fs
-from ..api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
-from ..errors import PathInUse, StoreError
-from ..formats.storepath import StorePath, StorePathError
+from ... import fs
+from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
+from ...errors import PathInUse, StoreError
+from ...formats.storepath import StorePath, StorePathError
+from ..locks import PathLocks, lock_fd, open_lock_file
+from ..optimise import remove_unused_links
+from ..roots import Root, RootFinder
 from .graph import Graph
-from .locks import PathLocks, lock_fd, open_lock_file
-from .optimise import remove_unused_links
-from .roots import Root, RootFinder
 
 BATCH = 1024
 UNLINK_THREADS = 4
