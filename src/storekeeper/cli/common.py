@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Literal, cast, overload
 
 from ..errors import InvalidPath, UsageError
 
@@ -18,10 +18,17 @@ if TYPE_CHECKING:
     from ..store.local import LocalStore
     from ..store.reader import StoreReader
 
-    Store = LocalStore | StoreReader | RemoteStore
+    #: what a command is given: a local store or a daemon's
+    Store = LocalStore | RemoteStore
+    #: what a queries-only command is given (``queries_only=True`` in its parser)
+    QueryStore = StoreReader | RemoteStore
 
 
-def open_store(url: str | None, queries_only: bool = False) -> Store:
+@overload
+def open_store(url: str | None, queries_only: Literal[False] = False) -> Store: ...
+@overload
+def open_store(url: str | None, queries_only: bool) -> Store | QueryStore: ...
+def open_store(url: str | None, queries_only: bool = False) -> Store | QueryStore:
     """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's.
 
     ``queries_only``: a local store is opened as a :class:`StoreReader` (the same
@@ -42,16 +49,28 @@ def open_store(url: str | None, queries_only: bool = False) -> Store:
     return LocalStore(address, settings=StoreSettings.from_nix_conf())
 
 
-def is_local(store: Store) -> bool:
+def is_local(store: Store | QueryStore) -> bool:
+    """A store on this machine's files (checked without importing the client)."""
     from ..store.reader import StoreReader
     return isinstance(store, StoreReader)
 
 
+def local_of(store: Store) -> LocalStore | None:
+    """The local store a command was given, or None for a daemon's."""
+    return cast("LocalStore", store) if is_local(store) else None
+
+
+def daemon_of(store: Store | QueryStore) -> RemoteStore | None:
+    """The daemon's store a command was given, or None for a local one."""
+    return None if is_local(store) else cast("RemoteStore", store)
+
+
 def needs_local(store: Store, what: str) -> LocalStore:
-    if not is_local(store):
+    local = local_of(store)
+    if local is None:
         raise UsageError(f"{what} needs a local store (it reads the store's files and database "
-                         f"directly), not the daemon at '{store.socket_path}'")
-    return store
+                         f"directly), not the daemon at '{cast('RemoteStore', store).socket_path}'")
+    return local
 
 
 def resolve_path(store: Store, arg: str) -> StorePath:

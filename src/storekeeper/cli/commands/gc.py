@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, is_local, needs_local, resolve_path, valid
+from ..common import UsageError, is_local, local_of, needs_local, resolve_path, valid
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -18,8 +18,9 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
     if args.dry_run:
         needs_local(store, "gc --dry-run (it measures the files a GC would free)")
-    if is_local(store):
-        cfg = store.settings
+    local = local_of(store)
+    if local is not None:
+        cfg = local.settings
     elif args.keep_outputs or args.no_keep_derivations:
         raise UsageError("through a daemon, keep-outputs and keep-derivations are the daemon's "
                          "settings (its nix.conf)")

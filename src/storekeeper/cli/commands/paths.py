@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, is_local, print_paths, valid
+from ..common import UsageError, daemon_of, needs_local, print_paths, valid
 
 if TYPE_CHECKING:
     from ...formats.storepath import StorePath
@@ -17,12 +17,14 @@ if TYPE_CHECKING:
 
 
 def cmd_init(store: Store, args: argparse.Namespace) -> int:
-    if not is_local(store):
-        print(f"store: {store.store_dir.path} (served by the daemon at {store.socket_path}, "
-              f"Nix {store.daemon_nix_version or 'unknown'})")
+    remote = daemon_of(store)
+    if remote is not None:
+        print(f"store: {remote.store_dir.path} (served by the daemon at {remote.socket_path}, "
+              f"Nix {remote.daemon_nix_version or 'unknown'})")
         return 0
-    print(f"store: {store.store_dir.path} (files in {store.real_store_dir})")
-    print(f"state: {store.state_dir}")
+    local = needs_local(store, "init")
+    print(f"store: {local.store_dir.path} (files in {local.real_store_dir})")
+    print(f"state: {local.state_dir}")
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..common import age, is_local, open_store, resolve_path
+from ..common import UsageError, age, daemon_of, is_local, open_store, resolve_path
 
 if TYPE_CHECKING:
     from ...store.gc.inspect import RootInfo
@@ -103,7 +103,9 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
     try:
         overview = RemoteUserRoots(store).overview()
     except NotStorekeeperDaemon:
-        other = open_store(url)
+        other = daemon_of(open_store(url))  # (it was a daemon a moment ago)
+        if other is None:
+            raise UsageError(f"store '{url}' is no longer a daemon's") from None
         try:
             pairs = [(link, other.print_path(sp)) for link, sp in other.find_roots()]
         finally:
