@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 from .hashing import _MAX_WARNINGS, _O_DIR, LINKS_DIR
 from .pool import OptimiseStats
 from .records import _NO_CTIME, _links_id, _load_done, _record, _Records, _save_run
-from .worker import _check_writable, _preload, _Reaper, _Run, _Worker
+from .run import _check_writable, _preload, _Reaper, _Run
+from .worker import _Worker
 
 # --- entry points ---------------------------------------------------------------------
 
