@@ -137,3 +137,17 @@ def test_version_and_help_import_no_store(args):
     loaded = r.stdout.splitlines()[-1].split()
     assert not [m for m in loaded if m.split(".")[1] in ("store", "client", "daemon", "build")], loaded
     assert "storekeeper.cli.commands" not in " ".join(loaded)
+
+
+def test_one_command_parser_parses_as_the_full_one():
+    """main builds only the named command's parser (cold start): same parse, same help."""
+    from storekeeper.cli.main import COMMANDS, build_parser, named_command
+    assert named_command(["--store", "x", "query", "--hash", "p"]) == "query"
+    assert named_command(["--store=x", "gc"]) == "gc"
+    assert named_command(["-h", "query"]) is None and named_command(["quer"]) is None
+    argv = ["--store", "s", "query", "--hash", "/nix/store/p"]
+    assert vars(build_parser("query").parse_args(argv)) == vars(build_parser().parse_args(argv))
+    for name in COMMANDS:
+        if name != "daemon":
+            assert (build_parser(name)._subparsers._group_actions[0].choices[name].format_help()
+                    == build_parser()._subparsers._group_actions[0].choices[name].format_help())
