@@ -7,13 +7,14 @@ import shutil
 import subprocess
 import sys
 
+import storekeeper
+
 
 def isolated_nix_env(scratch: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
     # Time storekeeper as installed, with its bytecode cached, not compiling
     # its modules on every start.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    import storekeeper
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.dirname(storekeeper.__file__)],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     env.update(HOME=os.path.join(scratch, "home"), NIX_CONF_DIR=os.path.join(scratch, "etc"),

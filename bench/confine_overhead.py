@@ -17,10 +17,14 @@ import sys
 import tempfile
 import time
 
-from storekeeper.formats.derivation import (Derivation, DerivationOutput, derivation_store_path,
-                                            fill_output_paths, print_derivation)
-from storekeeper.store.build import Builder, BuildSettings, this_system
+from storekeeper.formats.derivation import (
+    Derivation,
+    DerivationOutput,
+    derivation_store_path,
+    fill_output_paths,
+)
 from storekeeper.formats.url import LocalLayout
+from storekeeper.store.build import Builder, BuildSettings, this_system
 from storekeeper.store.local import LocalStore
 
 

@@ -33,14 +33,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CAPTURES = os.path.join(HERE, "..", "..", "shared", "spec", "wire-captures")
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
+from storekeeper.daemon import server as _server  # noqa: E402,F401 -- registers every op
 from storekeeper.daemon.ops import build as build_ops  # noqa: E402
 from storekeeper.daemon.session import Session  # noqa: E402
 from storekeeper.daemon.trust import DaemonConfig, PeerInfo  # noqa: E402
-from storekeeper.formats.wire import WORKER_MAGIC_1, WireWriter  # noqa: E402
 from storekeeper.errors import StoreError  # noqa: E402
 from storekeeper.formats.url import LocalLayout  # noqa: E402
+from storekeeper.formats.wire import WORKER_MAGIC_1, WireWriter  # noqa: E402
 from storekeeper.store.local import LocalStore  # noqa: E402
-from storekeeper.daemon import server as _server  # noqa: E402,F401 -- registers every op
 
 
 class _NoBuilds:

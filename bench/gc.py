@@ -73,19 +73,23 @@ def main() -> int:
                 copy(master, d)
             subprocess.run(["sync"])
             s, m, out = run(sk + ["--store", a, "gc", "--print-dead"], env, stdout=None)
-            res["sk-live"].append(s); rss["sk-live"] = max(rss.get("sk-live", 0), m)
+            res["sk-live"].append(s)
+            rss["sk-live"] = max(rss.get("sk-live", 0), m)
             ours = set(out.split())
             s, m, out = run(["nix-store", "--store", b, "--gc", "--print-dead"], env, stdout=None)
-            res["nix-live"].append(s); rss["nix-live"] = max(rss.get("nix-live", 0), m)
+            res["nix-live"].append(s)
+            rss["nix-live"] = max(rss.get("nix-live", 0), m)
             theirs = set(out.split())
             if ours != theirs:
                 print(f"DEAD SETS DIFFER: ours {len(ours)}, nix {len(theirs)}", file=sys.stderr)
                 return 1
             dead_real = [os.path.join(c, p.decode().lstrip("/")) for p in sorted(ours)]
             s, m, _ = run(sk + ["--store", a, "gc"], env)
-            res["sk-gc"].append(s); rss["sk-gc"] = max(rss.get("sk-gc", 0), m)
+            res["sk-gc"].append(s)
+            rss["sk-gc"] = max(rss.get("sk-gc", 0), m)
             s, m, _ = run(["nix-store", "--store", b, "--gc"], env)
-            res["nix-gc"].append(s); rss["nix-gc"] = max(rss.get("nix-gc", 0), m)
+            res["nix-gc"].append(s)
+            rss["nix-gc"] = max(rss.get("nix-gc", 0), m)
             # (through xargs: 50 000 paths do not fit on one command line)
             listing = os.path.join(scratch, "dead.list")
             with open(listing, "wb") as f:

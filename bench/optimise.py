@@ -136,7 +136,7 @@ def main() -> int:
             if hardlink:
                 line += f", ours/hardlink {med[f'sk-{phase}'] / med[f'hardlink-{phase}']:.2f}x"
             print(line)
-            print(f"  cpu (user+sys): " + ", ".join(f"{t} {mcpu[f'{t}-{phase}']:.2f}s" for t in tools))
+            print("  cpu (user+sys): " + ", ".join(f"{t} {mcpu[f'{t}-{phase}']:.2f}s" for t in tools))
         for t in tools:
             print(f"saved by {t}: {saved[t]} bytes ({saved[t] / 2**20:.2f} MiB on disk); "
                   f"it reported: {reported.get(t, '?')}")

@@ -109,7 +109,7 @@ def read_request(r: WireReader, op: int) -> dict:
     if op == 30:
         return {"paths": r.string_map()}
     if op == 7:
-        return {"name": r.string(), "cam": r.string(), "refs": r.strings(), "repair": r.bool(),
+        return {"name": r.string(), "cam": r.string(), "refs": r.strings(), "repair": r.boolean(),
                 "payload": _framed(r)}
     if op == 8:
         return {"name": r.string(), "text": r.string(), "refs": r.strings()}
@@ -117,9 +117,9 @@ def read_request(r: WireReader, op: int) -> dict:
         return {"path": r.string(), "sign": r.u64()}
     if op == 39:
         info = read_path_info(r, SD)
-        return {"info": info, "repair": r.bool(), "dontCheckSigs": r.bool(), "payload": _framed(r)}
+        return {"info": info, "repair": r.boolean(), "dontCheckSigs": r.boolean(), "payload": _framed(r)}
     if op == 44:
-        d = {"repair": r.bool(), "dontCheckSigs": r.bool()}
+        d = {"repair": r.boolean(), "dontCheckSigs": r.boolean()}
         inner = WireReader(io.BytesIO(_framed(r)))
         items: list | str = []
         try:
@@ -134,11 +134,11 @@ def read_request(r: WireReader, op: int) -> dict:
     if op == 40:
         return {"targets": r.strings()}
     if op == 35:
-        return {"checkContents": r.bool(), "repair": r.bool()}
+        return {"checkContents": r.boolean(), "repair": r.boolean()}
     if op == 37:
         return {"path": r.string(), "sigs": r.strings()}
     if op == 20:
-        return {"action": r.u64(), "paths": r.strings(), "ignoreLiveness": r.bool(),
+        return {"action": r.u64(), "paths": r.strings(), "ignoreLiveness": r.boolean(),
                 "maxFreed": r.u64(), "obsolete": [r.u64(), r.u64(), r.u64()]}
     if op == 45:
         return {"drv": r.string(), "log": _framed(r)}
@@ -172,7 +172,7 @@ def read_response(r: WireReader, op: int):
         found = r.u64()
         return (found, r.string(), r.strings(), r.u64(), r.u64()) if found else (found,)
     if op == 26:
-        if not r.bool():
+        if not r.boolean():
             return {"valid": False}
         placeholder = SD.parse("/nix/store/00000000000000000000000000000000-x")
         d = _info_dict(read_path_info(r, SD, path=placeholder))
@@ -190,12 +190,12 @@ def read_response(r: WireReader, op: int):
     if op == 38:
         return _nar(r)
     if op == 46:
-        return [(r.string(), r.u64(), r.string(), r.u64(), r.bool(), r.u64(), r.u64(), r.string_map())
+        return [(r.string(), r.u64(), r.string(), r.u64(), r.boolean(), r.u64(), r.u64(), r.string_map())
                 for _ in range(r.u64())]
     if op == 14:
         return [(r.string(), r.string()) for _ in range(r.u64())]
     if op == 36:
-        return (r.u64(), r.string(), r.u64(), r.bool(), r.u64(), r.u64(), r.string_map())
+        return (r.u64(), r.string(), r.u64(), r.boolean(), r.u64(), r.u64(), r.string_map())
     if op == 20:
         return (r.strings(), r.u64(), r.u64())
     raise ValueError(f"no response decoder for op {op}")

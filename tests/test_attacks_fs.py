@@ -45,7 +45,7 @@ def nix_as(a, user, *argv: str, timeout: float = 120, wait: bool = True):
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
-        raise AssertionError(f"{argv} did not finish in {timeout} s: {err}")
+        raise AssertionError(f"{argv} did not finish in {timeout} s: {err}") from None
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 

@@ -36,6 +36,7 @@ from daemon_util import (
 )
 
 from storekeeper.api import DELETE_DEAD, GCOptions
+from storekeeper.errors import InvalidPath
 from storekeeper.formats.derivation import (
     Derivation,
     DerivationOutput,
@@ -739,7 +740,7 @@ def test_query_missing_follows_input_derivations(tmp_path):
                                 sd, lambda p: dep)
         # an input source that is not valid cannot be registered; query_missing still reports
         # it as unknown when asked about a drv that names it
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidPath):
             store.add_text("top.drv", print_derivation(top),
                            [dep_path, sd.parse(next(iter(top.input_srcs)))])
         top2 = fill_output_paths(Derivation(outputs={"out": DerivationOutput()},

@@ -119,3 +119,35 @@ def test_default_store_is_under_the_data_dir(tmp_path):
     assert r.returncode == 0, r.stderr
     assert str(tmp_path / "data" / "storekeeper" / "root" / "nix" / "store") in r.stdout
     assert os.path.isfile(tmp_path / "data" / "storekeeper" / "root" / "nix/var/nix/db/db.sqlite")
+
+
+def test_add_algo_choices_are_the_hash_algorithms():
+    from storekeeper.cli.main import HASH_ALGOS
+    from storekeeper.formats.hashes import ALGO_SIZES
+    assert HASH_ALGOS == tuple(sorted(ALGO_SIZES))
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["query", "--help"]])
+def test_version_and_help_import_no_store(args):
+    """Cold start (bench/startup.py): the parser alone, neither the store nor the client."""
+    code = ("import sys; from storekeeper.cli.main import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(m for m in sys.modules if m.startswith('storekeeper.')))")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    loaded = r.stdout.splitlines()[-1].split()
+    assert not [m for m in loaded if m.split(".")[1] in ("store", "client", "daemon", "build")], loaded
+    assert "storekeeper.cli.commands" not in " ".join(loaded)
+
+
+def test_one_command_parser_parses_as_the_full_one():
+    """main builds only the named command's parser (cold start): same parse, same help."""
+    from storekeeper.cli.main import COMMANDS, build_parser, named_command
+    assert named_command(["--store", "x", "query", "--hash", "p"]) == "query"
+    assert named_command(["--store=x", "gc"]) == "gc"
+    assert named_command(["-h", "query"]) is None and named_command(["quer"]) is None
+    argv = ["--store", "s", "query", "--hash", "/nix/store/p"]
+    assert vars(build_parser("query").parse_args(argv)) == vars(build_parser().parse_args(argv))
+    for name in COMMANDS:
+        if name != "daemon":
+            assert (build_parser(name)._subparsers._group_actions[0].choices[name].format_help()
+                    == build_parser()._subparsers._group_actions[0].choices[name].format_help())

@@ -231,7 +231,7 @@ def test_unsupported_ops_answer_and_keep_the_connection(mem_store):
                  .string_map({"out": Y}).u64(0).take())
     requests = (WireWriter().u64(34).take() + is_valid + basic_drv + is_valid
                 + WireWriter().u64(45).string("x.drv").raw(frame(b"log line\n" * 1000, 100)).take()
-                + WireWriter().u64(20).u64(1).strings([]).bool(False).u64(2**64 - 1).u64(0).u64(0).u64(0)
+                + WireWriter().u64(20).u64(1).strings([]).boolean(False).u64(2**64 - 1).u64(0).u64(0).u64(0)
                 .take()
                 + WireWriter().u64(12).string("/tmp/result").take() + WireWriter().u64(14).take()
                 + WireWriter().u64(9).strings([Y]).u64(0).take() + is_valid)
@@ -298,12 +298,12 @@ def test_add_errors_drain_the_frames_and_keep_the_connection(mem_store):
     wrong = ValidPathInfo(SD.parse("/nix/store/00000000000000000000000000000000-w"),
                           Hash.of("sha256", b"not the nar"), len(nar))
     bad_nar = (WireWriter().u64(39).raw(write_path_info(WireWriter(), SD, wrong, True).take())
-               .bool(False).bool(True).raw(frame(nar, 7)).take())
-    bad_method = WireWriter().u64(7).string("x").string("fixed:r:blake3").strings([]).bool(False) \
+               .boolean(False).boolean(True).raw(frame(nar, 7)).take())
+    bad_method = WireWriter().u64(7).string("x").string("fixed:r:blake3").strings([]).boolean(False) \
         .raw(frame(nar, 5)).take()
-    garbage_nar = WireWriter().u64(7).string("x").string("fixed:r:sha256").strings([]).bool(False) \
+    garbage_nar = WireWriter().u64(7).string("x").string("fixed:r:sha256").strings([]).boolean(False) \
         .raw(frame(b"not a NAR at all" * 5, 3)).take()
-    truncated_multi = WireWriter().u64(44).bool(False).bool(True).raw(frame(
+    truncated_multi = WireWriter().u64(44).boolean(False).boolean(True).raw(frame(
         WireWriter().u64(2).take() + write_path_info(WireWriter(), SD, wrong, True).take() + nar[:40])).take()
     ok_text = WireWriter().u64(8).string("t.txt").string("text").strings([]).take()
     conv = converse(mem_store, bad_nar + bad_method + garbage_nar + truncated_multi + ok_text)
@@ -323,11 +323,11 @@ def test_untrusted_restrictions(mem_store):
     info = ValidPathInfo(SD.parse("/nix/store/11111111111111111111111111111111-u"),
                          Hash.of("sha256", nar), len(nar), ultimate=True)
     import_req = (WireWriter().u64(39).raw(write_path_info(WireWriter(), SD, info, True).take())
-                  .bool(False).bool(True).raw(frame(nar)).take())
+                  .boolean(False).boolean(True).raw(frame(nar)).take())
     requests = (import_req
                 + WireWriter().u64(37).string(HELLO).strings(["k-1:c2ln"]).take()
-                + WireWriter().u64(35).bool(False).bool(True).take()
-                + WireWriter().u64(7).string("r").string("fixed:r:sha256").strings([]).bool(True)
+                + WireWriter().u64(35).boolean(False).boolean(True).take()
+                + WireWriter().u64(7).string("r").string("fixed:r:sha256").strings([]).boolean(True)
                 .raw(frame(nar)).take()
                 + WireWriter().u64(9).strings([HELLO]).u64(1).take()
                 + WireWriter().u64(8).string("ok.txt").string("fine").strings([HELLO]).take())
@@ -350,7 +350,7 @@ def test_untrusted_restrictions(mem_store):
     mem_store2_path = SD.parse("/nix/store/22222222222222222222222222222222-u")
     info2 = info.with_(path=mem_store2_path)
     req2 = (WireWriter().u64(39).raw(write_path_info(WireWriter(), SD, info2, True).take())
-            .bool(False).bool(False).raw(frame(nar)).take())
+            .boolean(False).boolean(False).raw(frame(nar)).take())
     conv = converse(mem_store, req2, trusted=False, config=relaxed)
     assert conv.exchanges[1].ok and not mem_store.path_info(mem_store2_path).ultimate
 
@@ -653,7 +653,7 @@ def test_client_vanishing_mid_nar_registers_nothing(daemons, tmp_path):
                          Hash.of("sha256", nar), len(nar))
     c = Client.connect(d.socket).handshake()
     c.send(WireWriter().u64(39).raw(write_path_info(WireWriter(), SD, info, True).take())
-           .bool(False).bool(True).raw(frame(nar)[:50_000]))
+           .boolean(False).boolean(True).raw(frame(nar)[:50_000]))
     time.sleep(0.2)
     c.close()
     store_dir = os.path.join(d.root, "nix/store")
@@ -720,7 +720,7 @@ def test_sigterm_lets_a_busy_connection_finish_its_operation(daemons):
     info = ValidPathInfo(SD.parse("/nix/store/44444444444444444444444444444444-late"),
                          Hash.of("sha256", nar), len(nar))
     request = (WireWriter().u64(39).raw(write_path_info(WireWriter(), SD, info, True).take())
-               .bool(False).bool(True).take() + frame(nar, 4096))
+               .boolean(False).boolean(True).take() + frame(nar, 4096))
     c = Client.connect(d.socket).handshake()
     c.send(request[:20_000])
     time.sleep(0.3)  # the child is now inside AddToStoreNar

@@ -392,7 +392,7 @@ def test_output_kinds():
     o = DerivationOutput("", "r:sha512", "00" * 64)
     assert o.is_fixed and o.recursive and o.algo == "sha512" and o.fixed_hash().digest == bytes(64)
     with pytest.raises(FormatError):
-        DerivationOutput("", "", "abc").kind
+        _ = DerivationOutput("", "", "abc").kind
     assert derivation_type(Derivation(outputs={"a": DerivationOutput("", "sha256"),
                                                "b": DerivationOutput("", "r:sha256")})) \
         is DerivationType.CA_FLOATING
@@ -888,7 +888,7 @@ def test_nix_written_drvs_pass_output_check(nix_drvs):
             return parse_derivation(f.read(), SD)
 
     cache: dict = {}
-    for key, (path, data) in nix_drvs["files"].items():
+    for path, data in nix_drvs["files"].values():
         check_derivation_outputs(path, parse_derivation(data, SD), SD, read, cache)
 
 

@@ -90,7 +90,7 @@ def test_nix_verifies_and_queries_a_store_we_wrote(tmp_path):
         for p in paths.values():
             sp = s.parse_path(p)
             info = s.path_info(sp)
-            q = lambda *a: run_nix(["nix-store", "--store", root, "-q", *a, p],  # noqa: E731
+            q = lambda *a, p=p: run_nix(["nix-store", "--store", root, "-q", *a, p],  # noqa: E731
                                    str(tmp_path)).stdout.decode().split()
             assert q("--hash") == [info.nar_hash.typed("nix32")]
             assert q("--size") == [str(info.nar_size)]
@@ -126,7 +126,7 @@ def test_we_verify_and_query_a_store_nix_wrote(tmp_path):
         for p in (added, fixed, ref, drv):
             sp = s.parse_path(p)
             info = s.path_info(sp)
-            q = lambda *a: run_nix(["nix-store", "--store", root, "-q", *a, p],  # noqa: E731
+            q = lambda *a, p=p: run_nix(["nix-store", "--store", root, "-q", *a, p],  # noqa: E731
                                    tmp).stdout.decode().split()
             assert q("--hash") == [info.nar_hash.typed("nix32")]
             assert q("--size") == [str(info.nar_size)]

@@ -30,6 +30,10 @@ OPTIONAL = {"rich", "boto3", "botocore", "zstandard", "cryptography", "ctypes"}
 LAZY_OK = ("storekeeper.cli", "storekeeper.__main__")
 
 
+def _lazy_ok(mod: str) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in LAZY_OK)
+
+
 def modules() -> dict[str, str]:
     out = {}
     for d, _dirs, files in os.walk(SRC):
@@ -86,7 +90,7 @@ def graph():
             if root != "storekeeper":
                 continue  # a late stdlib or optional import is no cycle and no layer break
             edges[mod].add(target)
-            if not top and not mod.startswith(LAZY_OK):
+            if not top and not _lazy_ok(mod):
                 lazy.append(f"{mod}:{line} imports {target} inside a function")
     return mods, edges, lazy
 

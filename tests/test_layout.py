@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from storekeeper.formats.url import DaemonAddress, LocalLayout, StoreUrlError, parse_store_url
 
@@ -62,3 +64,13 @@ def test_daemon_addresses_carry_the_client_store_dir():
         DaemonAddress("/d.sock", "/e/store")
     with pytest.raises(StoreUrlError, match="must be absolute"):
         parse_store_url("unix://relative.sock", ENV)
+
+
+@given(st.text(alphabet="%&=+aZ09 é€\U0001f600-_/;0123456789abcdefABCDEFgG", max_size=16))
+def test_query_decoding_is_urllib_parse(s):
+    """formats.url decodes ?query by hand (cold start): exactly as urllib.parse does."""
+    import urllib.parse
+
+    from storekeeper.formats.url import parse_qsl, unquote
+    assert unquote(s) == urllib.parse.unquote(s)
+    assert parse_qsl(s) == urllib.parse.parse_qsl(s, keep_blank_values=True)

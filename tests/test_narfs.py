@@ -326,7 +326,7 @@ def _read_only_tree(root: bytes) -> None:
         b"noread": Directory({b"i": Regular(False, b"")}),
         b"nothing": Directory({b"j": Regular(False, b"")}),
     }))
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for f in filenames:
             if not os.path.islink(os.path.join(dirpath, f)):
                 os.chmod(os.path.join(dirpath, f), 0o444)

@@ -289,10 +289,10 @@ def gc_request(c: Sim, action: int, paths, delete_referrers: bool = False, whole
         if whole:
             w.u64(1)
         else:
-            w.u64(0).strings(paths).bool(delete_referrers)
+            w.u64(0).strings(paths).boolean(delete_referrers)
     else:
         w.strings(paths)
-    return w.bool(False).u64(2**64 - 1).u64(0).u64(0).u64(0)
+    return w.boolean(False).u64(2**64 - 1).u64(0).u64(0).u64(0)
 
 
 def gc_reply(c: Sim) -> list[str]:
@@ -347,8 +347,8 @@ def test_simulated_modern_clients_complete_the_common_ops(store, kind):
         assert c.r.u64() == 0
         info = hello_info()
         w = WireWriter().u64(39).string(HELLO).string("").string(info.nar_hash.digest.hex())
-        w.strings([]).u64(0).u64(info.nar_size).bool(False).strings([]).string(HELLO_CA)
-        c.op(w.bool(False).bool(True).raw(frame(HELLO_NAR)))  # AddToStoreNar (framed NAR)
+        w.strings([]).u64(0).u64(info.nar_size).boolean(False).strings([]).string(HELLO_CA)
+        c.op(w.boolean(False).boolean(True).raw(frame(HELLO_NAR)))  # AddToStoreNar (framed NAR)
         c.op(WireWriter().u64(1).string(HELLO))
         assert c.r.u64() == 1
         c.op(WireWriter().u64(26).string(HELLO))  # QueryPathInfo

@@ -73,10 +73,10 @@ def test_strings_are_padded_and_the_empty_string_is_eight_zeros():
 
 
 def test_bools_are_strict():
-    assert reader((1).to_bytes(8, "little")).bool() is True
-    assert reader(bytes(8)).bool() is False
+    assert reader((1).to_bytes(8, "little")).boolean() is True
+    assert reader(bytes(8)).boolean() is False
     with pytest.raises(WireError, match="expected a boolean"):
-        reader((2).to_bytes(8, "little")).bool("repair")
+        reader((2).to_bytes(8, "little")).boolean("repair")
 
 
 def test_non_zero_padding_is_refused():
@@ -129,10 +129,10 @@ def test_store_paths_are_parsed_against_the_store_dir():
        mapping=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=5),
        step=st.integers(1, 9))
 def test_round_trips(u, b, data, items, mapping, step):
-    enc = WireWriter().u64(u).bool(b).string(data).strings(items).string_map(mapping).take()
+    enc = WireWriter().u64(u).boolean(b).string(data).strings(items).string_map(mapping).take()
     assert len(enc) % 8 == 0
     r = WireReader(Trickle(enc, step))
-    assert (r.u64(), r.bool(), r.bytes(), r.strings(), r.string_map()) == (u, b, data, items, mapping)
+    assert (r.u64(), r.boolean(), r.bytes(), r.strings(), r.string_map()) == (u, b, data, items, mapping)
     assert r.offset == len(enc)
 
 
@@ -225,7 +225,7 @@ def test_path_info_matches_a_captured_reply():
         Hash.parse("sha256:1c37d01af40be2e80691de3cc3df44377a699afbb17c68f080964b2fd071fc13"),
         120, registration_time=1795317863,
         ca="fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw")
-    reply = WireWriter().u64(Stderr.LAST).bool(True).take() + \
+    reply = WireWriter().u64(Stderr.LAST).boolean(True).take() + \
         write_path_info(WireWriter(), SD, info, with_path=False).take()
     assert s2c.endswith(reply)
 
@@ -233,7 +233,7 @@ def test_path_info_matches_a_captured_reply():
 def test_nar_hash_accepts_any_encoding():
     h = Hash.parse("sha256:1c37d01af40be2e80691de3cc3df44377a699afbb17c68f080964b2fd071fc13")
     for text in (h.base16, h.typed("base16"), h.typed("nix32"), h.sri):
-        data = WireWriter().string("").string(text).strings([]).u64(0).u64(1).bool(False) \
+        data = WireWriter().string("").string(text).strings([]).u64(0).u64(1).boolean(False) \
             .strings([]).string("").take()
         assert read_path_info(reader(data), SD, path=StorePath("0" * 32 + "-x")).nar_hash == h
     bad = WireWriter().string("").string("nothex").strings([]).take()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 from .errors import InvalidPath, StoreError
 from .formats.pathinfo import ValidPathInfo
 from .formats.storepath import StoreDir, StorePath
+from .formats.streams import Readable
 
 #: GC actions (Nix's GCAction, by name)
 LIVE, DEAD, DELETE_DEAD, DELETE_SPECIFIC = "live", "dead", "delete-dead", "delete-specific"
@@ -99,9 +100,9 @@ class Store(Protocol):
                  repair: bool = False) -> ValidPathInfo: ...
     def add_text(self, name: str, text: bytes, references: Iterable[StorePath] = (),
                  repair: bool = False) -> ValidPathInfo: ...
-    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+    def add_dump(self, stream: Readable, name: str, method: str, algo: str = "sha256",
                  references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo: ...
-    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+    def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
                 check_sigs: bool = False) -> ValidPathInfo: ...
     def add_signatures(self, sp: StorePath, sigs: Iterable[str]) -> None: ...
 

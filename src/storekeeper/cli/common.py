@@ -8,41 +8,69 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Literal, cast, overload
 
 from ..errors import InvalidPath, UsageError
-from ..formats.storepath import StorePath
 
 if TYPE_CHECKING:
     from ..client.remote import RemoteStore
+    from ..formats.storepath import StorePath
     from ..store.local import LocalStore
+    from ..store.reader import StoreReader
 
+    #: what a command is given: a local store or a daemon's
     Store = LocalStore | RemoteStore
+    #: what a queries-only command is given (``queries_only=True`` in its parser)
+    QueryStore = StoreReader | RemoteStore
 
 
-def open_store(url: str | None) -> Store:
-    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
+@overload
+def open_store(url: str | None, queries_only: Literal[False] = False) -> Store: ...
+@overload
+def open_store(url: str | None, queries_only: bool) -> Store | QueryStore: ...
+def open_store(url: str | None, queries_only: bool = False) -> Store | QueryStore:
+    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's.
+
+    ``queries_only``: a local store is opened as a :class:`StoreReader` (the same
+    store, opened the same way, for commands that only query it), which spares the
+    import of the collector, the optimiser and the NAR and derivation code.
+    """
     from ..formats.url import DaemonAddress, LocalLayout, parse_store_url
-    from ..store.local import LocalStore
     from ..store.settings import StoreSettings
     address = parse_store_url(url)
     if isinstance(address, DaemonAddress):
         from ..client import open_remote
         return open_remote(address, log=lambda m: print(m, file=sys.stderr))
     assert isinstance(address, LocalLayout)
+    if queries_only:
+        from ..store.reader import StoreReader
+        return StoreReader(address, settings=StoreSettings.from_nix_conf())
+    from ..store.local import LocalStore
     return LocalStore(address, settings=StoreSettings.from_nix_conf())
 
 
-def is_local(store: Store) -> bool:
-    from ..store.local import LocalStore
-    return isinstance(store, LocalStore)
+def is_local(store: Store | QueryStore) -> bool:
+    """A store on this machine's files (checked without importing the client)."""
+    from ..store.reader import StoreReader
+    return isinstance(store, StoreReader)
+
+
+def local_of(store: Store) -> LocalStore | None:
+    """The local store a command was given, or None for a daemon's."""
+    return cast("LocalStore", store) if is_local(store) else None
+
+
+def daemon_of(store: Store | QueryStore) -> RemoteStore | None:
+    """The daemon's store a command was given, or None for a local one."""
+    return None if is_local(store) else cast("RemoteStore", store)
 
 
 def needs_local(store: Store, what: str) -> LocalStore:
-    if not is_local(store):
+    local = local_of(store)
+    if local is None:
         raise UsageError(f"{what} needs a local store (it reads the store's files and database "
-                         f"directly), not the daemon at '{store.socket_path}'")
-    return store
+                         f"directly), not the daemon at '{cast('RemoteStore', store).socket_path}'")
+    return local
 
 
 def resolve_path(store: Store, arg: str) -> StorePath:

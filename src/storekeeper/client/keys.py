@@ -21,7 +21,7 @@ def issue_tcp_key(store: RemoteStore) -> tuple[str, int, bytes]:
 
 def revoke_tcp_key(store: RemoteStore) -> bool:
     with store._exchange(WireWriter().u64(ExtOp.RevokeTcpKey)) as r:
-        return r.bool("revoked")
+        return r.boolean("revoked")
 
 
 def save_tcp_key(path: str, user: str, key: bytes, comment: str = "") -> None:

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..api import (
     DEAD,
@@ -54,9 +54,11 @@ from ..api import (
 from ..errors import BadArchive, InvalidPath, PathInUse, Refused, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
+from ..formats.derivation import Derivation, parse_derivation
 from ..formats.errors import FormatError
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath, check_name
+from ..formats.streams import Readable
 from ..formats.url import store_dir_setting
 from ..formats.wire import (
     FEATURE_DELETE_DEAD_SPECIFIC,
@@ -71,6 +73,7 @@ from ..formats.wire import (
     WORKER_MAGIC_2,
     FramedWriter,
     Op,
+    RemoteError,
     ResultType,
     Stderr,
     Verbosity,
@@ -202,7 +205,7 @@ class _Upload(threading.Thread):
 class _Tee:
     """A readable stream that hands every byte read through it to ``write`` as well."""
 
-    def __init__(self, stream, write: Callable[[bytes], object]) -> None:
+    def __init__(self, stream: Readable, write: Callable[[bytes], object]) -> None:
         self._read = stream.read
         self._write = write
 
@@ -213,7 +216,7 @@ class _Tee:
         return data
 
 
-def _nar_from(stream) -> Callable[[Callable[[bytes], object]], None]:
+def _nar_from(stream: Readable) -> Callable[[Callable[[bytes], object]], None]:
     """A payload of exactly the NAR at the head of ``stream`` (checked on the way)."""
     def produce(write: Callable[[bytes], object]) -> None:
         try:
@@ -223,7 +226,7 @@ def _nar_from(stream) -> Callable[[Callable[[bytes], object]], None]:
     return produce
 
 
-def _rest_of(stream) -> Callable[[Callable[[bytes], object]], None]:
+def _rest_of(stream: Readable) -> Callable[[Callable[[bytes], object]], None]:
     def produce(write: Callable[[bytes], object]) -> None:
         while chunk := stream.read(_CHUNK):
             write(chunk)
@@ -457,23 +460,31 @@ class RemoteStore(DerivedQueries):
             if kind is Stderr.LAST:
                 return
             if kind is Stderr.NEXT:
-                text: str = msg.payload  # type: ignore[assignment]
+                text = msg.payload
+                assert isinstance(text, str)
                 on_line(strip_ansi(text[:-1] if text.endswith("\n") else text))
             elif kind is Stderr.ERROR:
                 err = msg.payload
-                raise daemon_error(strip_ansi(err.message), [strip_ansi(t) for t in err.traces])  # type: ignore[union-attr]
+                assert isinstance(err, RemoteError)
+                raise daemon_error(strip_ansi(err.message), [strip_ansi(t) for t in err.traces])
             elif kind is Stderr.START_ACTIVITY:
-                _id, level, _type, text, _fields, _parent = msg.payload  # type: ignore[misc]
+                act = msg.payload
+                assert isinstance(act, tuple) and len(act) == 6
+                _id, level, _type, text, _fields, _parent = act
                 if text and level <= self.verbosity:
                     on_line(strip_ansi(text) + "...")
             elif kind is Stderr.RESULT:
-                _id, rtype, fields = msg.payload  # type: ignore[misc]
+                res = msg.payload
+                assert isinstance(res, tuple) and len(res) == 3
+                _id, rtype, fields = res
                 if rtype == ResultType.BUILD_LOG_LINE and fields and isinstance(fields[0], str):
                     on_line(strip_ansi(fields[0]))
             elif kind is Stderr.WRITE:
                 if sink is None:
                     raise WireError("the daemon sent data (STDERR_WRITE) to an operation without a sink")
-                sink(msg.payload)  # type: ignore[arg-type]
+                data = msg.payload
+                assert isinstance(data, bytes)
+                sink(data)
             elif kind is Stderr.READ:
                 # Only ImportPaths pulls data this way, and we never send it.
                 raise WireError("the daemon asked for data (STDERR_READ) that no operation offers")
@@ -527,7 +538,7 @@ class RemoteStore(DerivedQueries):
 
     def query_path_info(self, sp: StorePath) -> ValidPathInfo | None:
         with self._exchange(self._simple(Op.QueryPathInfo, sp)) as r:
-            if not r.bool("valid"):
+            if not r.boolean("valid"):
                 return None
             return read_path_info(r, self.store_dir, path=sp, lax=True)
 
@@ -605,8 +616,7 @@ class RemoteStore(DerivedQueries):
             raise
         return _read_spool(spool)
 
-    def read_derivation(self, drv: StorePath):  # -> Derivation
-        from ..formats.derivation import parse_derivation
+    def read_derivation(self, drv: StorePath) -> Derivation:
         node = narfmt.parse_to_node(b"".join(self.dump_path(drv)))
         if not isinstance(node, narfmt.Regular):
             raise StoreError(f"derivation '{self.print_path(drv)}' is not a regular file")
@@ -623,7 +633,7 @@ class RemoteStore(DerivedQueries):
         check_name(name)
         references = set(references)
         request = (WireWriter().u64(Op.AddToStore).string(name).string(cam)
-                   .store_paths(self.store_dir, references).bool(repair))
+                   .store_paths(self.store_dir, references).boolean(repair))
         try:
             with self._exchange(request, payload) as r:
                 return read_path_info(r, self.store_dir, lax=True)
@@ -655,14 +665,14 @@ class RemoteStore(DerivedQueries):
         """``builtins.toFile`` / ``.drv`` writing: a text path with references."""
         return self._add_to_store(name, "text:sha256", references, repair, _chunks([bytes(text)]))
 
-    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+    def add_dump(self, stream: Readable, name: str, method: str, algo: str = "sha256",
                  references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo:
         """Add from a dump: the NAR at the head of ``stream`` (``recursive``) or the rest of
         ``stream`` (``flat``/``text``)."""
         payload = _nar_from(stream) if method == RECURSIVE else _rest_of(stream)
         return self._add_to_store(name, _ca_method(method, algo), references, repair, payload)
 
-    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+    def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
                 check_sigs: bool = False) -> ValidPathInfo:
         """Import a path from its NAR and metadata (AddToStoreNar).
 
@@ -672,7 +682,7 @@ class RemoteStore(DerivedQueries):
         """
         request = WireWriter().u64(Op.AddToStoreNar)
         write_path_info(request, self.store_dir, info, with_path=True)
-        request.bool(repair).bool(not check_sigs)
+        request.boolean(repair).boolean(not check_sigs)
         with self._exchange(request, _nar_from(stream)):
             pass
         return self.path_info(info.path)
@@ -698,7 +708,7 @@ class RemoteStore(DerivedQueries):
             # GCPaths: tag 1 whole store, or tag 0, the paths, deleteReferrers
             if specific:
                 request.u64(0).store_paths(self.store_dir, options.paths)
-                request.bool(options.delete_referrers)
+                request.boolean(options.delete_referrers)
             else:
                 request.u64(1)
         else:
@@ -707,7 +717,7 @@ class RemoteStore(DerivedQueries):
                                  "of paths or deleting referrers (it lacks the protocol feature "
                                  f"'{FEATURE_DELETE_DEAD_SPECIFIC}')")
             request.store_paths(self.store_dir, options.paths)
-        request.bool(options.ignore_liveness).u64(min(options.max_freed, 2**64 - 1))
+        request.boolean(options.ignore_liveness).u64(min(options.max_freed, 2**64 - 1))
         request.u64(0).u64(0).u64(0)
         with self._exchange(request, on_line=log) as r:
             result = GCResult(paths=r.strings("paths"), bytes_freed=r.u64("bytes freed"))
@@ -722,7 +732,7 @@ class RemoteStore(DerivedQueries):
         report's ``errors`` (or ``repaired``, when repairing fixed them all)."""
         report = VerifyReport(checked=len(self.query_all_valid_paths()))
         lines: list[str] = []
-        with self._exchange(WireWriter().u64(Op.VerifyStore).bool(check_contents).bool(repair),
+        with self._exchange(WireWriter().u64(Op.VerifyStore).boolean(check_contents).boolean(repair),
                             on_line=lines.append) as r:
             errors_found = r.u64("errors found") != 0
         findings = [line for line in lines if line not in _VERIFY_PROGRESS]

@@ -335,7 +335,8 @@ def sync_roots(store, api, paths: ClientPaths | None = None, *, skip: Iterable[s
         # 1. broken links
         if "clean" not in skip:
             for e in entries:
-                if e.state == BROKEN and _remove_if_same(dir_fd, e.file):
+                # (entries are only read, and so only broken, when the roots dir opened)
+                if e.state == BROKEN and dir_fd is not None and _remove_if_same(dir_fd, e.file):
                     report.removed.append(os.path.join(paths.roots_dir, e.file))
             entries = [e for e in entries if e.state != BROKEN]
         report.refused = [e.why for e in entries if e.state in (REFUSED, UNKNOWN)]
@@ -356,6 +357,7 @@ def sync_roots(store, api, paths: ClientPaths | None = None, *, skip: Iterable[s
             if after_check is not None:
                 after_check(list(new.values()))
             if new:
+                assert dir_fd is not None  # present entries were read from it
                 _register(store, api, paths, url, new, dir_fd, report)
                 report.registered = [n for n in report.registered if known.get(n) != new[n].path]
             if drop:
@@ -375,7 +377,8 @@ def sync_roots(store, api, paths: ClientPaths | None = None, *, skip: Iterable[s
 def _register(store, api, paths: ClientPaths, url: str, new: dict[str, Entry], dir_fd: int,
               report: SyncReport) -> None:
     with registered_record(paths) as data:  # first the record (see the module docstring)
-        _mine(data, url).update({n: e.path for n, e in new.items()})
+        # (OK entries, the only ones in ``new``, always hold a path)
+        _mine(data, url).update({n: e.path for n, e in new.items() if e.path is not None})
     refused = set(api.register([(n, store.store_dir.parse(e.path, lax=True)) for n, e in new.items()]))
     changed = [n for n, e in new.items()
                if n not in refused and not unchanged(e, dir_fd, paths.roots_dir, store.store_dir)]

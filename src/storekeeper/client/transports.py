@@ -26,7 +26,7 @@ import socket
 import subprocess
 import threading
 from contextlib import suppress
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 from ..errors import StoreError
 from ..formats import tcpauth
@@ -113,7 +113,8 @@ class SshTransport(Transport):
         cmd = self.command()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._proc = subprocess.Popen(cmd, stdin=theirs, stdout=theirs, close_fds=True)
+            self._proc = subprocess.Popen(cmd, stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                          close_fds=True)
         except OSError as e:
             ours.close()
             raise StoreError(f"cannot run '{cmd[0]}' to reach {self.url}: {e.strerror or e}") from None
@@ -154,7 +155,7 @@ class TcpTransport(Transport):
         self.key_file = address.key_file or default_tcp_key_path(env)
         self.url = self.where = address.url
         self._tcp: socket.socket | None = None
-        self._rfile = None
+        self._rfile: BinaryIO | None = None
         self._local: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._failure: str | None = None

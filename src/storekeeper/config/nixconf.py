@@ -43,7 +43,8 @@ def parse_nix_conf(text: str, origin: str = "<nix.conf>", base_dir: str | None =
             except FileNotFoundError:
                 if tokens[0] == "!include":
                     continue
-                raise SettingError(f"{origin}:{lineno}: file '{path}' included from here does not exist")
+                raise SettingError(f"{origin}:{lineno}: file '{path}' included from here does not exist") \
+                    from None
             parse_nix_conf(inner, path, os.path.dirname(path), settings, depth + 1)
             continue
         if len(tokens) < 2 or tokens[1] != "=":

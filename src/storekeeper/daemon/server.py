@@ -167,7 +167,7 @@ def _serve_one(layout: LocalLayout, rstream, write, *, trusted: bool, config: Da
         store = LocalStore(layout, create=create, settings=settings)
     except Exception as e:  # noqa: BLE001 -- told to the client at the handshake
         log.error("cannot open the store: %s", error_message(e))
-        Session(None, rstream, write, trusted=trusted, config=config, peer=peer).run(  # type: ignore[arg-type]
+        Session(None, rstream, write, trusted=trusted, config=config, peer=peer).run(
             startup_error=f"cannot open the store: {error_message(e)}")
         return
     try:

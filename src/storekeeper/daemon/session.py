@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import StoreError
 from ..formats.errors import FormatError
-from ..formats.storepath import StorePath
+from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import (
     ERROR_RECORD_MINOR,
     FEATURES_MINOR,
@@ -145,8 +145,10 @@ class Session:
     def __init__(self, store: LocalStore | None, rstream, write: Callable[[bytes], object], *,
                  trusted: bool, config: DaemonConfig | None = None,
                  peer: PeerInfo | None = None, build: BuildSettings | None = None) -> None:
-        self.store: LocalStore = store  # type: ignore[assignment]  # None only with a startup error
-        self.sd = store.store_dir if store is not None else None
+        # Both None only with a startup error: the handshake then ends with that error and
+        # no operation runs, so operations may take them as set.
+        self.store: LocalStore = store  # type: ignore[assignment]
+        self.sd: StoreDir = store.store_dir if store is not None else None  # type: ignore[assignment]
         self.r = WireReader(_Input(rstream))
         self._write = write
         self.w = WireWriter()

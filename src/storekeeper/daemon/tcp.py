@@ -149,7 +149,10 @@ def _authenticate(conn: socket.socket, rfile, label: str, keys: TcpKeys,
     except (FormatError, OSError) as e:
         raise TcpRefused(f"authentication from {label} failed: {e}") from None
     t = tcpauth.transcript(user, cnonce, snonce)
-    peer, key, reason, told = None, None, None, NOT_AUTHENTICATED
+    peer: PeerInfo | None = None
+    key: bytes | None = None
+    reason: str | None = None  # why the client is refused (for the log)
+    told: str | None = NOT_AUTHENTICATED  # what it is told (None: the reason)
     try:
         pw = pwd.getpwnam(user)
     except (KeyError, ValueError):

@@ -29,6 +29,7 @@ from typing import Protocol, Union
 
 from .errors import FormatError
 from .hashes import Hash, new_hasher
+from .streams import Readable
 
 MAX_KEYWORD_LEN = 64
 MAX_NAME_LEN = 255
@@ -301,7 +302,7 @@ _FIELDS = (b"type", b"executable", b"contents", b"target", b"entry", b"name", b"
 _ENCODED = {t: nar_str(t) for t in (b"(", b")", b"type", b"contents", b"target", b"name", b"node")}
 
 
-def read_nar(stream, sink: NarSink) -> None:
+def read_nar(stream: Readable, sink: NarSink) -> None:
     """Read one NAR from ``stream`` (anything with ``read(n)``; short reads are
     fine), feeding its nodes to ``sink``.  Reads exactly the NAR's bytes.
     Raises NarError on the first deviation from the canonical form; the
@@ -312,7 +313,7 @@ def read_nar(stream, sink: NarSink) -> None:
 class _Reader:
     __slots__ = ("_read", "_sink", "_offset")
 
-    def __init__(self, stream, sink: NarSink) -> None:
+    def __init__(self, stream: Readable, sink: NarSink) -> None:
         self._read = stream.read
         self._sink = sink
         self._offset = 0
@@ -503,7 +504,7 @@ class _Reader:
 class HashingReader:
     """Wraps a stream; hashes and counts every byte read through it."""
 
-    def __init__(self, stream, algo: str = "sha256") -> None:
+    def __init__(self, stream: Readable, algo: str = "sha256") -> None:
         self._stream = stream
         self._hasher = new_hasher(algo)
         self.algo = algo
@@ -520,7 +521,7 @@ class HashingReader:
         return Hash(self.algo, self._hasher.digest())
 
 
-def nar_digest(stream, algo: str = "sha256") -> tuple[Hash, int]:
+def nar_digest(stream: Readable, algo: str = "sha256") -> tuple[Hash, int]:
     """Validate the NAR at the head of ``stream`` without unpacking it and
     return its hash and size."""
     reader = HashingReader(stream, algo)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -66,7 +65,3 @@ class RegistrationRecord:
 
 def render_registrations(records: Iterable[RegistrationRecord]) -> str:
     return "".join(r.render() for r in records)
-
-
-def dumps_json(objs: Any) -> str:
-    return json.dumps(objs, separators=(",", ":"))

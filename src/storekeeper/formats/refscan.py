@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from .storepath import HASH_LEN, NIX32_ALPHABET
+from .hashes import NIX32_ALPHABET
+from .storepath import HASH_LEN
 
 # Runs of nix32 characters long enough to hold a hash part.
 _RUN = re.compile(b"[" + NIX32_ALPHABET.encode() + b"]{%d,}" % HASH_LEN)

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 
 from .errors import FormatError
+from .streams import Readable
 from .wire import WireEOF, WireReader, WireWriter, string_bytes
 
 CLIENT_MAGIC = 0x31687475616B7331  # "1skauth1" little-endian: not a Nix magic
@@ -161,7 +162,7 @@ class Sealer:
 class Opener:
     """Reads and checks the frames of one direction from a stream with ``read(n)``."""
 
-    def __init__(self, key: bytes, stream) -> None:
+    def __init__(self, key: bytes, stream: Readable) -> None:
         self._key = key
         self._seq = 0
         self._r = WireReader(stream)

@@ -23,9 +23,9 @@ machine's ``/nix/store`` is only ever used when asked for (``--store /`` or
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
-from urllib.parse import parse_qsl, unquote
 
 from .errors import FormatError
 from .storepath import DEFAULT_STORE_DIR, StoreDir
@@ -35,6 +35,49 @@ class StoreUrlError(FormatError):
     """A store URL that does not parse (a usage error at the command line)."""
 
     exit_code = 2
+
+
+# --- percent-decoding: urllib.parse's unquote and parse_qsl, spelt out (importing
+# urllib.parse, and ipaddress with it, cost ~1.8 ms of every command's start) ---------
+
+_ASCII_RUN = re.compile("([\x00-\x7f]+)")
+_HEX = frozenset("0123456789ABCDEFabcdef")
+
+
+def _unquote_ascii(run: str) -> str:
+    parts = run.split("%")
+    out = bytearray(parts[0].encode("ascii"))
+    for part in parts[1:]:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            out.append(int(part[:2], 16))
+            out += part[2:].encode("ascii")
+        else:
+            out += b"%" + part.encode("ascii")
+    return out.decode("utf-8", "replace")
+
+
+def unquote(s: str) -> str:
+    """``urllib.parse.unquote``: ``%XX`` escapes decoded as UTF-8 (bad bytes become U+FFFD)."""
+    if "%" not in s:
+        return s
+    bits = _ASCII_RUN.split(s)
+    out = [bits[0]]
+    for i in range(1, len(bits), 2):
+        out.append(_unquote_ascii(bits[i]))
+        out.append(bits[i + 1])
+    return "".join(out)
+
+
+def parse_qsl(query: str) -> list[tuple[str, str]]:
+    """``urllib.parse.parse_qsl(query, keep_blank_values=True)``: ``&``-separated
+    ``name=value`` pairs, ``+`` for a space, percent-decoded; a bare ``name`` has value ''."""
+    pairs = []
+    for item in query.split("&"):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        pairs.append((unquote(name.replace("+", " ")), unquote(value.replace("+", " "))))
+    return pairs
 
 DEFAULT_STATE_DIR = "/nix/var/nix"
 DEFAULT_LOG_DIR = "/nix/var/log/nix"
@@ -56,19 +99,23 @@ class LocalLayout:
         return os.path.join(self.state_dir, "db")
 
     @classmethod
-    def chroot(cls, root: str, store_dir: str = DEFAULT_STORE_DIR, **kw: object) -> "LocalLayout":
+    def chroot(cls, root: str, store_dir: str = DEFAULT_STORE_DIR,
+               read_only: bool = False) -> "LocalLayout":
         root = os.path.abspath(root)
         sd = StoreDir(store_dir)
-        join = lambda p: os.path.normpath(root + p) if root != "/" else p  # noqa: E731
+
+        def join(p: str) -> str:
+            return os.path.normpath(root + p) if root != "/" else p
+
         return cls(sd, join(sd.path), join(DEFAULT_STATE_DIR), join(DEFAULT_LOG_DIR),
-                   root=root, **kw)  # type: ignore[arg-type]
+                   root=root, read_only=read_only)
 
     @classmethod
     def custom(cls, store_dir: str, state_dir: str, log_dir: str, real_store_dir: str | None = None,
-               **kw: object) -> "LocalLayout":
+               read_only: bool = False) -> "LocalLayout":
         sd = StoreDir(os.path.normpath(store_dir))
         return cls(sd, os.path.abspath(real_store_dir or sd.path), os.path.abspath(state_dir),
-                   os.path.abspath(log_dir), **kw)  # type: ignore[arg-type]
+                   os.path.abspath(log_dir), read_only=read_only)
 
 
 @dataclass(frozen=True)
@@ -168,7 +215,7 @@ def parse_store_url(url: str | None, env: Mapping[str, str] | None = None,
                 return _env_layout(env, {})
             return LocalLayout.chroot(default_data_root(env))
     scheme, _, query = url.partition("?")
-    params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    params = dict(parse_qsl(query)) if query else {}
     if scheme.startswith("/"):
         if query:
             raise StoreUrlError(f"store URL '{url}': a bare path takes no parameters")

@@ -29,6 +29,7 @@ from .errors import FormatError
 from .hashes import ALGO_SIZES, Hash
 from .pathinfo import ValidPathInfo
 from .storepath import StoreDir, StorePath
+from .streams import Readable
 
 # --- constants (spec §2) ------------------------------------------------------
 
@@ -272,7 +273,7 @@ class WireWriter:
         self.buf += u64_bytes(int(value))
         return self
 
-    def bool(self, value: bool) -> "WireWriter":
+    def boolean(self, value: bool) -> "WireWriter":
         return self.u64(1 if value else 0)
 
     def string(self, data: bytes | str) -> "WireWriter":
@@ -316,7 +317,7 @@ class WireReader:
 
     __slots__ = ("_read", "offset", "budget")
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: Readable) -> None:
         self._read = stream.read
         self.offset = 0
         #: bytes that strings may still take (None: no limit); each string costs its
@@ -347,7 +348,7 @@ class WireReader:
             raise WireError(f"{what} at byte {start}: value {value} is too large (limit {max_value})")
         return value
 
-    def bool(self, what: str = "boolean") -> bool:
+    def boolean(self, what: str = "boolean") -> bool:
         start = self.offset
         value = int.from_bytes(self.read_exact(8, what), "little")
         if value > 1:
@@ -543,7 +544,7 @@ def read_path_info(r: WireReader, store_dir: StoreDir, path: StorePath | None = 
     references = frozenset(r.store_paths(store_dir, "references", lax))
     registration_time = r.u64("registrationTime")
     nar_size = r.u64("narSize")
-    ultimate = r.bool("ultimate")
+    ultimate = r.boolean("ultimate")
     sigs = frozenset(r.strings("sigs", item_limit=4096))
     ca = r.string("ca", 1024)
     return ValidPathInfo(path, nar_hash, nar_size, references, deriver,
@@ -559,7 +560,7 @@ def write_path_info(w: WireWriter, store_dir: StoreDir, info: ValidPathInfo,
     # narHash algorithm a store records; anything else keeps its prefix.
     w.string(info.nar_hash.base16 if info.nar_hash.algo == "sha256" else info.nar_hash.typed())
     w.store_paths(store_dir, info.references)
-    w.u64(info.registration_time).u64(info.nar_size).bool(info.ultimate)
+    w.u64(info.registration_time).u64(info.nar_size).boolean(info.ultimate)
     w.strings(sorted(info.sigs))
     return w.string(info.ca or "")
 
@@ -712,7 +713,14 @@ class StderrMessage:
     """
 
     kind: Stderr
-    payload: object = None
+    payload: StderrPayload = None
+
+
+#: START_ACTIVITY's payload: (id, level, type, text, fields, parent)
+ActivityStart = tuple[int, int, int, str, list[Field], int]
+#: RESULT's payload: (id, type, fields)
+ActivityResult = tuple[int, int, list[Field]]
+StderrPayload = str | bytes | int | RemoteError | ActivityStart | ActivityResult | None
 
 
 def read_stderr_message(r: WireReader,
@@ -733,7 +741,7 @@ def read_stderr_message(r: WireReader,
     if kind is Stderr.ERROR:
         return StderrMessage(kind, read_error(r, client_minor))
     if kind is Stderr.START_ACTIVITY:
-        act = (r.u64("activity id"), r.u64("activity level"), r.u64("activity type"),
+        act: ActivityStart = (r.u64("activity id"), r.u64("activity level"), r.u64("activity type"),
                r.string("activity text"), read_fields(r), r.u64("parent activity"))
         return StderrMessage(kind, act)
     if kind is Stderr.STOP_ACTIVITY:

@@ -8,7 +8,6 @@ the new content, never a mix.
 from __future__ import annotations
 
 import os
-import secrets
 
 
 def fsync_dir(path: str) -> None:
@@ -42,7 +41,7 @@ def open_private_dir(path: str, create: bool, uid: int, forbidden_mode: int) -> 
 
 
 def temp_name(directory: str, prefix: str) -> str:
-    return os.path.join(directory, f"{prefix}{os.getpid()}-{secrets.token_hex(6)}")
+    return os.path.join(directory, f"{prefix}{os.getpid()}-{os.urandom(6).hex()}")
 
 
 def write_new_file(path: str, data: bytes, mode: int) -> None:

@@ -33,6 +33,7 @@ from ..formats.nar import (
     regular_trailer,
     symlink_node,
 )
+from ..formats.streams import Readable
 
 #: most bytes of file contents in one chunk from dump_path
 CHUNK_SIZE = 1 << 20
@@ -216,7 +217,7 @@ class _TreeWriter:
     NAR order is pre-order, so a node's parent is always on that chain.
     """
 
-    def __init__(self, dest) -> None:
+    def __init__(self, dest: str | bytes) -> None:
         self._dest = os.fsencode(dest)
         self._dirs: list[tuple[bytes, int]] = []
         self._fd = -1
@@ -258,7 +259,7 @@ class _TreeWriter:
             os.close(self._dirs.pop()[1])
 
 
-def restore_nar(stream, dest) -> None:
+def restore_nar(stream: Readable, dest: str | bytes) -> None:
     """Unpack the NAR read from ``stream`` (strictly, exactly its bytes) at
     ``dest``, which must not exist.  On error ``dest`` may hold a partial
     tree; remove it with ``remove_tree``."""

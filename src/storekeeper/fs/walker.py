@@ -144,14 +144,14 @@ def walk(top, dir_fd: int | None = None, *, sort: bool = False, force_access: bo
                 d.fd = None
                 continue
             frame[2] = i + 1
-            e = entries[i]
-            child = Node(e.name, f"{d.path}/{e.name}" if d.path else e.name, d.fd,
-                         _entry_kind(e), e, d.depth + 1)
+            entry = entries[i]
+            child = Node(entry.name, f"{d.path}/{entry.name}" if d.path else entry.name, d.fd,
+                         _entry_kind(entry), entry, d.depth + 1)
             if child.kind != DIR:
                 yield ENTRY, child
                 continue
             try:
-                child.fd = opener(e.name, d.fd)
+                child.fd = opener(entry.name, d.fd)
             except OSError as err:
                 if err.errno == errno.ENOENT:
                     continue
@@ -161,7 +161,8 @@ def walk(top, dir_fd: int | None = None, *, sort: bool = False, force_access: bo
                     on_error(child, err)
                     continue
                 try:  # swapped after listing: report what is there now
-                    child.kind = kind_of(os.stat(e.name, dir_fd=d.fd, follow_symlinks=False).st_mode)
+                    child.kind = kind_of(os.stat(entry.name, dir_fd=d.fd,
+                                                 follow_symlinks=False).st_mode)
                 except FileNotFoundError:
                     continue
                 child.entry = None

@@ -381,15 +381,15 @@ class _Goal:
         return self.result is not None and not self.result.success
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _PathGoal(_Goal):
-    path: StorePath | None = None
+    path: StorePath
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _DrvGoal(_Goal):
-    drv_path: StorePath | None = None
-    drv: Derivation | None = None
+    drv_path: StorePath
+    drv: Derivation | None = None  # read when the goal is first expanded
     basic: bool = False                       # from BuildDerivation: no input drvs to realise
     wanted: set[str] | None = field(default_factory=set)  # None: all outputs
     mode: BuildMode = BuildMode.NORMAL
@@ -638,6 +638,7 @@ class Builder:
 
     def _output_hashes(self, g: _DrvGoal) -> dict[str, bytes]:
         if not g.hashes:
+            assert g.drv is not None  # _evaluate read it
             def read(path: str) -> Derivation:
                 return self.store.read_derivation(self.sd.parse(path, lax=True))
             g.hashes = hash_derivation_modulo(g.drv, self.sd, read, True, self._hash_cache,
@@ -904,21 +905,24 @@ class Builder:
             os.set_blocking(rfd, False)
             spec_fd = None
             try:
-                kwargs = {}
-                if user is not None:
-                    kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+                # (None, (): Popen's defaults, as when not given)
+                uid, gid, groups = (user.uid, user.gid, list(user.groups)) if user is not None \
+                    else (None, None, None)
                 argv = [os.path.basename(drv.builder), *args]
+                executable: str | None = drv.builder
+                child_env = env
+                pass_fds: tuple[int, ...] = ()
                 if st.filter_syscalls:
                     # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
                     # builder (confine.py says why not preexec_fn, and what it costs)
-                    popen_args, spec_fd = confine.confined_argv(drv.builder, argv, env,
-                                                                confine.host_filter())
-                    kwargs.update(args=popen_args, env={}, pass_fds=(spec_fd,))
-                else:
-                    kwargs.update(args=argv, executable=drv.builder, env=env)
+                    argv, spec_fd = confine.confined_argv(drv.builder, argv, env,
+                                                          confine.host_filter())
+                    executable, child_env, pass_fds = None, {}, (spec_fd,)
                 run.proc = subprocess.Popen(
+                    argv, executable=executable, env=child_env, pass_fds=pass_fds,
+                    user=uid, group=gid, extra_groups=groups,
                     cwd=tmpdir, stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, close_fds=True,
-                    start_new_session=True, umask=0o022, **kwargs)
+                    start_new_session=True, umask=0o022)
             except OSError as e:
                 # Nix's child reports this in the log and exits 1
                 run.exec_error = f"executing '{drv.builder}': {e.strerror}"
@@ -1170,7 +1174,7 @@ class Builder:
                 if path != g.outputs[name]:
                     remove_tree(store.real_path(path))
             if not succeeded:
-                for name, path in g.outputs.items():
+                for path in g.outputs.values():
                     if not store.is_valid(path) and not self.settings.keep_failed:
                         remove_tree(store.real_path(path))
             if succeeded or not self.settings.keep_failed:
@@ -1355,7 +1359,7 @@ class Builder:
                 todo.extend(new_refs[p] if p in new_refs else self.store.path_info(p).references)
             return seen
 
-        for name, info in sorted(infos.items()):
+        for _name, info in sorted(infos.items()):
             for attr, allowed, requisites in self._REFERENCE_RULES:
                 if attr not in drv.env:
                     continue

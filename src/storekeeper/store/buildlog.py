@@ -16,7 +16,7 @@ import bz2
 import os
 import re
 from collections import deque
-from typing import Callable
+from typing import BinaryIO, Callable
 
 
 def log_path(log_dir: str, drv_base: str, compressed: bool) -> str:
@@ -85,7 +85,7 @@ class BuildLogFile:
         # garbled by sharing the file: each build writes a fresh inode and
         # renames it into place when done.
         self._tmp = f"{self.path}.tmp-{os.getpid()}-{id(self):x}"
-        self._f = open(self._tmp, "wb")
+        self._f: BinaryIO | None = open(self._tmp, "wb")
         self._z = bz2.BZ2Compressor() if compressed else None
 
     def write(self, data: bytes) -> None:

@@ -149,7 +149,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
 }
 
 #: host machine -> [(audit arch, syscall table, mask applied to the number)]
-_ABIS = {
+_ABIS: dict[str, list[tuple[int, str, int | None]]] = {
     "x86_64": [(AUDIT_ARCH_X86_64, "x86_64", ~X32_SYSCALL_BIT & 0xFFFFFFFF),
                (AUDIT_ARCH_I386, "i386", None)],
     "aarch64": [(AUDIT_ARCH_AARCH64, "aarch64", None)],
@@ -171,23 +171,23 @@ class _Asm:
     """A label assembler for classic BPF (jumps are forward and resolved at the end)."""
 
     def __init__(self) -> None:
-        self.ins: list[tuple[int, object, object, int]] = []
+        self.ins: list[tuple[int, int | str, int | str, int]] = []
         self.labels: dict[str, int] = {}
 
     def label(self, name: str) -> None:
         assert name not in self.labels
         self.labels[name] = len(self.ins)
 
-    def op(self, code: int, k: int = 0, jt: object = 0, jf: object = 0) -> None:
+    def op(self, code: int, k: int = 0, jt: int | str = 0, jf: int | str = 0) -> None:
         self.ins.append((code, jt, jf, k & 0xFFFFFFFF))
 
     def assemble(self) -> bytes:
         out = bytearray()
         for pc, (code, jt, jf, k) in enumerate(self.ins):
-            def rel(target: object) -> int:
+            def rel(target: int | str, pc: int = pc) -> int:
                 if isinstance(target, int):
                     return target
-                off = self.labels[target] - pc - 1  # type: ignore[index]
+                off = self.labels[target] - pc - 1
                 if not 0 <= off <= 255:
                     raise ConfineError(f"BPF jump to {target} out of range ({off})")
                 return off
@@ -210,19 +210,20 @@ def build_filter(machine: str | None = None) -> bytes:
     for arch, table, _ in abis:
         a.op(JEQ_K, arch, jt=f"abi_{table}", jf=0)
     a.op(RET_K, RET_KILL_PROCESS)
-    for arch, table, mask in abis:
+    for _arch, table, mask in abis:
         a.label(f"abi_{table}")
         a.op(LD_W_ABS, _NR)
         if mask is not None:
             a.op(AND_K, mask)
-        blocks: list[tuple[str, tuple]] = []
+        # (label, the flags argument of a call that may create a file, the mode argument)
+        blocks: list[tuple[str, int | None, int]] = []
         for name, nr in sorted(SYSCALLS[table].items(), key=lambda kv: kv[1]):
             if name in _MODE_CALLS:
-                target, block = f"{table}_{name}", ("mode", _MODE_CALLS[name])
-                blocks.append((target, block))
+                target = f"{table}_{name}"
+                blocks.append((target, None, _MODE_CALLS[name]))
             elif name in _CREATE_CALLS:
-                target, block = f"{table}_{name}", ("create", *_CREATE_CALLS[name])
-                blocks.append((target, block))
+                target = f"{table}_{name}"
+                blocks.append((target, *_CREATE_CALLS[name]))
             elif name in _ENOTSUP_CALLS:
                 target = "enotsup"
             elif name in _ENOSYS_CALLS:
@@ -231,14 +232,11 @@ def build_filter(machine: str | None = None) -> bytes:
                 raise AssertionError(name)
             a.op(JEQ_K, nr, jt=target, jf=0)
         a.op(RET_K, RET_ALLOW)
-        for target, block in blocks:
+        for target, flags_arg, mode_arg in blocks:
             a.label(target)
-            if block[0] == "create":
-                a.op(LD_W_ABS, _arg_lo(block[1]))
+            if flags_arg is not None:
+                a.op(LD_W_ABS, _arg_lo(flags_arg))
                 a.op(JSET_K, CREATE_FLAGS, jt=0, jf="allow")
-                mode_arg = block[2]
-            else:
-                mode_arg = block[1]
             a.op(LD_W_ABS, _arg_lo(mode_arg))
             a.op(JSET_K, SETID_BITS, jt="eperm", jf="allow")
     a.label("allow")

@@ -22,16 +22,14 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
 
 from __future__ import annotations
 
-import grp
 import os
-import secrets
 import stat
 import time
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import fs
-from ..api import DELETE_DEAD, DerivedQueries, GCOptions, VerifyReport
+from ..api import DELETE_DEAD, GCOptions, VerifyReport
 from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
@@ -39,91 +37,31 @@ from ..formats.derivation import check_derivation_outputs, parse_derivation
 from ..formats.errors import FormatError
 from ..formats.hashes import Hash, new_hasher
 from ..formats.pathinfo import ValidPathInfo
-from ..formats.storepath import StoreDir, StorePath, check_name
-from ..formats.url import LocalLayout
+from ..formats.storepath import StorePath, check_name
+from ..formats.streams import Readable
 from ..fs import remove_tree
 from ..fs.atomic import write_new_file
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
-from .db import StoreDB
 from .gc import GarbageCollector
 from .locks import PathLocks, lock_fd, open_lock_file
 from .optimise import open_pool, optimise_path
-from .settings import StoreSettings
-from .temproots import TempRoots
+from .reader import StoreReader
 
 TEMP_DIR_PREFIX = "tmp-sk-"
 
 
-class LocalStore(DerivedQueries):
+class LocalStore(StoreReader):
     """A local Nix store (see module docstring for the invariants it keeps).
 
+    Opening, validity and the metadata queries come from :class:`StoreReader`;
     ``path_info``, ``query_references``, ``query_closure`` and ``topo_sort``
-    come from :class:`DerivedQueries`.
+    from :class:`DerivedQueries`.
     """
 
-    def __init__(self, layout: LocalLayout, create: bool = True,
-                 settings: StoreSettings | None = None) -> None:
-        self.layout = layout
-        self.settings = settings or StoreSettings()
-        self._last_auto_gc_check = float("-inf")
-        self.store_dir: StoreDir = layout.store_dir
-        self.real_store_dir = layout.real_store_dir
-        self.state_dir = layout.state_dir
-        self.read_only = layout.read_only
-        if not self.read_only and create:
-            self._create_dirs()
-        elif not os.path.isdir(os.path.join(layout.db_dir)):
-            raise StoreError(f"no store at '{layout.real_store_dir}' (state dir '{layout.state_dir}')")
-        self.db = StoreDB(layout.db_dir, self.store_dir, create=create, read_only=self.read_only)
-        self.temp_roots = TempRoots(self.state_dir)
+    _last_auto_gc_check = float("-inf")  # monotonic time of the last auto-GC check
 
-    # --- set-up -------------------------------------------------------------
-
-    def _create_dirs(self) -> None:
-        for d in (self.real_store_dir, os.path.join(self.real_store_dir, ".links"),
-                  self.layout.db_dir, os.path.join(self.state_dir, "gcroots"),
-                  os.path.join(self.state_dir, "profiles"), os.path.join(self.state_dir, "temproots"),
-                  self.layout.log_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
-        if os.geteuid() == 0:
-            # As Nix does when it runs as root with build users: the store dir
-            # is root:<build group>, sticky and group-writable.
-            try:
-                gid = grp.getgrnam("nixbld").gr_gid
-            except KeyError:
-                return
-            fd = fs.open_dir(self.real_store_dir)
-            try:
-                st = os.fstat(fd)
-                # A store dir already set up for builds keeps its group: builds
-                # may use another build-users-group than nixbld.
-                if stat.S_IMODE(st.st_mode) != 0o1775:
-                    os.fchown(fd, 0, gid)
-                    os.fchmod(fd, 0o1775)
-            finally:
-                os.close(fd)
-
-    def close(self) -> None:
-        self.temp_roots.close()
-        self.db.close()
-
-    def __enter__(self) -> "LocalStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- names ----------------------------------------------------------------
-
-    def print_path(self, sp: StorePath) -> str:
-        return self.store_dir.print(sp)
-
-    def parse_path(self, path: str) -> StorePath:
-        return self.store_dir.parse(path)
-
-    def real_path(self, sp: StorePath) -> str:
-        return os.path.join(self.real_store_dir, sp.base)
+    # --- checks ----------------------------------------------------------------
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -131,59 +69,11 @@ class LocalStore(DerivedQueries):
         if os.statvfs(self.real_store_dir).f_flag & os.ST_RDONLY:
             raise ReadOnlyStore(f"store '{self.real_store_dir}' is read-only (it is on a read-only mount)")
 
-    # --- roots and validity ---------------------------------------------------
-
-    def pin(self, sp: StorePath) -> None:
-        """Take a temp root on ``sp`` for the life of this process (or daemon connection)."""
-        if not self.read_only:
-            self.temp_roots.add(self.print_path(sp))
-
-    def pin_valid(self, sp: StorePath) -> bool:
-        """Pin ``sp``, *then* check validity: the one safe way to rely on a path being valid."""
-        self.pin(sp)
-        return self.db.is_valid(self.print_path(sp))
-
-    def is_valid(self, sp: StorePath) -> bool:
-        """Validity without a pin: for answering queries only, never for relying on the path."""
-        return self.db.is_valid(self.print_path(sp))
-
-    def ensure_path(self, sp: StorePath) -> None:
-        """Pin ``sp`` and make sure it is valid: there are no substituters to fetch it from."""
-        if not self.pin_valid(sp):
-            raise InvalidPath(f"path '{self.print_path(sp)}' does not exist and cannot be created")
-
     def _pin_references(self, refs: Iterable[StorePath], for_path: StorePath) -> None:
         for ref in refs:
             if ref != for_path and not self.pin_valid(ref):
                 raise InvalidPath(f"cannot add '{self.print_path(for_path)}': its reference "
                                   f"'{self.print_path(ref)}' is not valid")
-
-    # --- queries --------------------------------------------------------------
-
-    def query_path_info(self, sp: StorePath) -> ValidPathInfo | None:
-        return self.db.query_info(self.print_path(sp))
-
-    def query_referrers(self, sp: StorePath) -> set[StorePath]:
-        self.path_info(sp)
-        return {self.store_dir.parse(p, lax=True) for p in self.db.referrers(self.print_path(sp))}
-
-    def query_valid_derivers(self, sp: StorePath) -> set[StorePath]:
-        return {self.store_dir.parse(p, lax=True) for p in self.db.valid_derivers(self.print_path(sp))}
-
-    def query_derivation_outputs(self, drv: StorePath) -> dict[str, StorePath]:
-        self.path_info(drv)
-        return {name: self.store_dir.parse(p, lax=True)
-                for name, p in self.db.derivation_outputs(self.print_path(drv)).items()}
-
-    def query_all_valid_paths(self) -> set[StorePath]:
-        return {self.store_dir.parse(p, lax=True) for p in self.db.all_valid_paths()}
-
-    def query_path_from_hash_part(self, hash_part: str) -> StorePath | None:
-        p = self.db.path_from_hash_part(hash_part)
-        return self.store_dir.parse(p, lax=True) if p else None
-
-    def query_valid_paths(self, paths: Iterable[StorePath]) -> set[StorePath]:
-        return {p for p in paths if self.is_valid(p)}
 
     # --- reading content ------------------------------------------------------
 
@@ -204,7 +94,7 @@ class LocalStore(DerivedQueries):
     def _temp_dir(self) -> Iterator[str]:
         """A private, locked scratch dir inside the store (same file system: rename works)."""
         self._check_writable()
-        path = os.path.join(self.real_store_dir, f"{TEMP_DIR_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        path = os.path.join(self.real_store_dir, f"{TEMP_DIR_PREFIX}{os.getpid()}-{os.urandom(8).hex()}")
         os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -280,7 +170,7 @@ class LocalStore(DerivedQueries):
                              ca=ContentAddress(TEXT, content_hash).render())
         return self._install(info, lambda real: write_new_file(real, text, 0o444), repair)
 
-    def add_dump(self, stream: BinaryIO, name: str, method: str, algo: str = "sha256",
+    def add_dump(self, stream: Readable, name: str, method: str, algo: str = "sha256",
                  references: Iterable[StorePath] = (), repair: bool = False) -> ValidPathInfo:
         """Add from a dump: a NAR (``recursive``) or the file's bytes (``flat``/``text``)."""
         check_name(name)
@@ -303,7 +193,7 @@ class LocalStore(DerivedQueries):
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
-    def add_nar(self, info: ValidPathInfo, stream: BinaryIO, repair: bool = False,
+    def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
                 check_sigs: bool = False) -> ValidPathInfo:
         """Import a path from its NAR and metadata (``--import``, copying, the daemon).
 
@@ -578,7 +468,7 @@ def _hash_file(path: str, algo: str) -> Hash:
     return Hash(algo, h.digest())
 
 
-def _copy_stream_hashing(stream: BinaryIO, dest: str, algo: str) -> Hash:
+def _copy_stream_hashing(stream: Readable, dest: str, algo: str) -> Hash:
     h = new_hasher(algo)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with open(fd, "wb") as f:
@@ -588,7 +478,7 @@ def _copy_stream_hashing(stream: BinaryIO, dest: str, algo: str) -> Hash:
     return Hash(algo, h.digest())
 
 
-def _restore_checked(reader: BinaryIO, dest: str) -> None:
+def _restore_checked(reader: Readable, dest: str) -> None:
     try:
         restore_nar(reader, dest)
     except narfmt.NarError as e:

@@ -45,7 +45,7 @@ def add_to_store(s: Session) -> None:
     name = r.string("name", MAX_PATH_LEN)
     cam = r.string("content-address method", 64)
     refs = r.store_paths(s.sd, "references", lax=True)
-    repair = r.bool("repair")
+    repair = r.boolean("repair")
     payload = s.framed_payload()
     s.start_work()
     _no_untrusted_repair(s, repair)
@@ -79,8 +79,8 @@ def add_to_store_nar(s: Session) -> None:
     r = s.r
     sp = r.store_path(s.sd, "path")
     info = read_path_info(r, s.sd, path=sp)
-    repair = r.bool("repair")
-    dont_check_sigs = r.bool("dontCheckSigs")
+    repair = r.boolean("repair")
+    dont_check_sigs = r.boolean("dontCheckSigs")
     payload = s.framed_payload()
     s.start_work()
     _no_untrusted_repair(s, repair)
@@ -93,8 +93,8 @@ def add_to_store_nar(s: Session) -> None:
 
 @op(Op.AddMultipleToStore)
 def add_multiple_to_store(s: Session) -> None:
-    repair = s.r.bool("repair")
-    dont_check_sigs = s.r.bool("dontCheckSigs")
+    repair = s.r.boolean("repair")
+    dont_check_sigs = s.r.boolean("dontCheckSigs")
     payload = s.framed_payload()
     s.start_work()
     _no_untrusted_repair(s, repair)

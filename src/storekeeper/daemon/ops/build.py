@@ -108,7 +108,7 @@ def _built_outputs(s: Session, r: BuildResult) -> dict[str, str]:
 
 def _write_result(s: Session, w: WireWriter, r: BuildResult) -> None:
     # (timesBuilt .. stopTime are [>= 29], builtOutputs [>= 28]: always, since 1.32)
-    w.u64(int(r.status)).string(r.error_msg).u64(r.times_built).bool(r.is_non_deterministic)
+    w.u64(int(r.status)).string(r.error_msg).u64(r.times_built).boolean(r.is_non_deterministic)
     w.u64(r.start_time).u64(r.stop_time)
     if s.minor >= CPU_TIMES_MINOR:
         for t in (r.cpu_user, r.cpu_system):  # optional microseconds: tag 0 absent, 1 + i64

@@ -21,7 +21,7 @@ def is_valid_path(s: Session) -> None:
     s.start_work()
     valid = s.store.is_valid(sp)
     s.stop_work()
-    s.w.bool(valid)
+    s.w.boolean(valid)
 
 
 @op(Op.QueryValidPaths)
@@ -41,7 +41,7 @@ def query_path_info(s: Session) -> None:
     info = s.store.query_path_info(sp)
     s.stop_work()
     # Unknown is an answer (valid = 0), not an error: clients rely on that.
-    s.w.bool(info is not None)
+    s.w.boolean(info is not None)
     if info is not None:
         write_path_info(s.w, s.sd, info, with_path=False)
 
@@ -145,7 +145,7 @@ def has_substitutes(s: Session) -> None:
     s.read_path()
     s.start_work()
     s.stop_work()
-    s.w.bool(False)
+    s.w.boolean(False)
 
 
 @op(Op.QuerySubstitutablePaths)

@@ -168,13 +168,13 @@ def collect_garbage(s: Session) -> None:
         specific = tag == 0
         paths = r.store_paths(s.sd, "pathsToDelete", lax=True) if specific else []
         if specific:
-            delete_referrers = r.bool("deleteReferrers")
+            delete_referrers = r.boolean("deleteReferrers")
     else:
         paths = r.store_paths(s.sd, "pathsToDelete", lax=True)
         # (before the feature, a set given with another action than deleteSpecific is
         # refused below for deleteDead and means the whole store for the others)
         specific = action == 3
-    ignore_liveness = r.bool("ignoreLiveness")
+    ignore_liveness = r.boolean("ignoreLiveness")
     max_freed = r.u64("maxFreed")
     for _ in range(3):
         r.u64("obsolete field")

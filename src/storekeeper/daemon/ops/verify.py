@@ -15,8 +15,8 @@ from ..session import Session
 
 @op(Op.VerifyStore)
 def verify_store(s: Session) -> None:
-    check_contents = s.r.bool("checkContents")
-    repair = s.r.bool("repair")
+    check_contents = s.r.boolean("checkContents")
+    repair = s.r.boolean("repair")
     s.start_work()
     if repair:
         s.require_trusted("repair paths")
@@ -31,7 +31,7 @@ def verify_store(s: Session) -> None:
     for message in report.errors:
         s.log(Verbosity.ERROR, message)
     s.stop_work()
-    s.w.bool(not report.ok)
+    s.w.boolean(not report.ok)
 
 
 # --- builds: see ops.build (BuildPaths, BuildPathsWithResults, BuildDerivation, QueryMissing)

@@ -42,10 +42,10 @@ from ... import fs
 from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ...errors import PathInUse, StoreError
 from ...formats.storepath import StorePath, StorePathError
-from .graph import Graph
 from ..locks import PathLocks, lock_fd, open_lock_file
 from ..optimise import remove_unused_links
 from ..roots import Root, RootFinder
+from .graph import Graph
 
 BATCH = 1024
 UNLINK_THREADS = 4
@@ -325,7 +325,7 @@ class GarbageCollector:
                     self._finish_batch(graph, current, result)
                     raise
                 if inflight is not None:
-                    inflight, previous = None, inflight
+                    previous, inflight = inflight, None
                     self._finish_batch(graph, previous, result)
                 if budget:
                     self._finish_batch(graph, current, result)

@@ -82,7 +82,7 @@ class Graph:
                        keep_derivations: bool) -> list[tuple[int, str]] | None:
         """Breadth-first from every root: [(root, root link), (next, edge kind), …, (target, kind)]."""
         parent: dict[int, tuple[int | None, str]] = {}
-        queue = deque()
+        queue: deque[int] = deque()
         for r, link in sorted(roots.items(), key=lambda kv: kv[1]):
             if r not in parent:
                 parent[r] = (None, link)

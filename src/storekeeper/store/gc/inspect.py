@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Iterator
 
 from ... import fs
 from ...formats.storepath import StorePath
-from .graph import Graph
 from ..roots import CENSORED, Root, RootFinder, registrations
+from .graph import Graph
 
 
 @dataclass

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 from .hashing import _MAX_WARNINGS, _O_DIR, LINKS_DIR
 from .pool import OptimiseStats
 from .records import _NO_CTIME, _links_id, _load_done, _record, _Records, _save_run
-from .worker import _check_writable, _preload, _Reaper, _Run, _Worker
+from .run import _check_writable, _preload, _Reaper, _Run
+from .worker import _Worker
 
 # --- entry points ---------------------------------------------------------------------
 
@@ -96,7 +97,7 @@ def _optimise(store, dry_run: bool, trust_link_count: bool, progress, log, threa
     run = _Run(store, inodes or set(), dry_run, trust_link_count, log)
     nthreads = _threads(threads)
     if nthreads > 1 and todo:
-        from concurrent.futures import ThreadPoolExecutor  # (not imported for a no-op run)
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 -- not for a no-op run
         run.hasher = ThreadPoolExecutor(nthreads, thread_name_prefix="optimise-hash")
     if not dry_run and todo:
         run.reaper = _Reaper()
@@ -151,7 +152,7 @@ def _walker_init() -> None:
     run = _Run(store, inodes, False, trust, None)
     nthreads = _threads(threads)
     if nthreads > 1:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 -- only when threaded
         run.hasher = ThreadPoolExecutor(nthreads, thread_name_prefix="optimise-hash")
     run.reaper = _Reaper()
     _child = (run, _Worker(run), stop)
@@ -178,7 +179,7 @@ def _walk_chunk(bases: list[str]) -> tuple[OptimiseStats, dict, list[str], bool]
 def _optimise_in_processes(store, todo: list[str], bases: list[str], ids: dict[bytes, int],
                            inodes: set[int], trust: bool, progress, log, threads: int | None,
                            nprocs: int, total: OptimiseStats) -> OptimiseStats:
-    import multiprocessing
+    import multiprocessing  # noqa: PLC0415 -- costly, and only for a multi-process run
     global _fork_args
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
@@ -237,8 +238,8 @@ def _skip_done(store, bases: list[str], valid: dict[bytes, int], records: _Recor
                     st = None
                 if (st is not None and st.st_ino == rec[1]
                         and (rec[2] == _NO_CTIME or st.st_ctime_ns == rec[2])
-                        and (inodes is None or inodes.issuperset(rec[3]))):  # type: ignore[arg-type]
-                    total.files_already_linked += len(rec[3])  # type: ignore[arg-type]
+                        and (inodes is None or inodes.issuperset(rec[3]))):
+                    total.files_already_linked += len(rec[3])
                     continue
             todo.append(base)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import array
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ...fs.atomic import write_file_atomic
 from ..locks import lock_fd
@@ -37,7 +37,8 @@ _DONE_HEAD = struct.Struct("<8sQQQq")
 _DONE_REC = struct.Struct("<32sQQqQQ")  # hash part, row id, top inode, top ctime, first, count
 _NO_CTIME = -1  # a single-file path: its ctime moves with every link to its (pool) inode
 
-_Records = dict[bytes, tuple[int, int, int, object]]
+#: path hash -> (rowid, top inode, top ctime, the pool inodes it links to)
+_Records = dict[bytes, tuple[int, int, int, Sequence[int]]]
 
 
 def _load_done(state_dir: str) -> tuple[tuple[int, int, int], _Records]:
@@ -86,7 +87,7 @@ def _save_done(store, new: _Records, valid: dict[bytes, int], trust_links: bool)
         inodes = array.array("Q")
         for hp, (rowid, top, top_ctime, inos) in merged.items():
             head.append(_DONE_REC.pack(hp, rowid, top, top_ctime, len(inodes), len(inos)))
-            inodes.extend(inos)  # type: ignore[arg-type]
+            inodes.extend(inos)
         write_file_atomic(os.path.join(state_dir, DONE_NAME), b"".join(head) + inodes.tobytes(), 0o644)
     finally:
         lock.close()

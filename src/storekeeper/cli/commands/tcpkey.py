@@ -11,13 +11,13 @@ import argparse
 import socket
 import sys
 
-from .common import UsageError
+from ..common import UsageError
 
 
 def cmd_tcp_key(store, args: argparse.Namespace) -> int:
-    from ..client.keys import issue_tcp_key, revoke_tcp_key, save_tcp_key
-    from ..client.remote import RemoteStore
-    from ..client.transports import default_tcp_key_path
+    from ...client.keys import issue_tcp_key, revoke_tcp_key, save_tcp_key
+    from ...client.remote import RemoteStore
+    from ...client.transports import default_tcp_key_path
     if not isinstance(store, RemoteStore):
         raise UsageError("tcp-key asks the daemon, which keeps the keys: use --store daemon "
                          "or --store unix://SOCKET on the daemon's host")
@@ -35,12 +35,3 @@ def cmd_tcp_key(store, args: argparse.Namespace) -> int:
           f"'{path}' to ~/.config/storekeeper/tcp-key (mode 0600) on the hosts you connect from",
           file=sys.stderr)
     return 0
-
-
-def add_parser(sub) -> None:
-    s = sub.add_parser("tcp-key", help="issue or revoke your key for the daemon's TCP listener "
-                       "(ask the daemon on its own host)")
-    s.add_argument("action", choices=["issue", "revoke"])
-    s.add_argument("--output", metavar="FILE", help="where to write the key (default: "
-                   "$XDG_CONFIG_HOME/storekeeper/tcp-key, i.e. ~/.config/storekeeper/tcp-key)")
-    s.set_defaults(func=cmd_tcp_key)

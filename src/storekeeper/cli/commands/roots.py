@@ -1,5 +1,6 @@
-"""The per-user roots commands: ``add-root``, ``remove-root``, ``sync-roots``, and the
-client's part of ``gc`` and ``roots`` (see :mod:`storekeeper.client.rootsync`)."""
+"""GC roots: ``roots`` (every root, read-only) and the per-user roots commands
+``add-root``, ``remove-root``, ``sync-roots``, with the client's part of ``gc`` (see
+:mod:`storekeeper.client.rootsync`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from ..store.gc.inspect import RootInfo
-from .common import age, is_local, open_store, resolve_path
+from ..common import UsageError, age, daemon_of, is_local, open_store, resolve_path
+
+if TYPE_CHECKING:
+    from ...store.gc.inspect import RootInfo
+    from ..common import Store
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
 _STEPS = ("clean", "runtime", "sync")
@@ -25,14 +30,14 @@ def _say(lines) -> None:
 
 
 def cmd_add_root(store, args: argparse.Namespace) -> int:
-    from ..client.rootsync import add_root
+    from ...client.rootsync import add_root
     sp = resolve_path(store, args.path)
     print(add_root(store, _api(store), args.link, sp))
     return 0
 
 
 def cmd_remove_root(store, args: argparse.Namespace) -> int:
-    from ..client.rootsync import remove_root
+    from ...client.rootsync import remove_root
     removed = remove_root(store, _api(store), args.link)
     if not removed:
         print(f"note: no root of yours was registered as '{args.link}'", file=sys.stderr)
@@ -43,7 +48,7 @@ def cmd_remove_root(store, args: argparse.Namespace) -> int:
 
 def sync_for(store, skip=()) -> None:
     """Steps 1–3 (:func:`~storekeeper.client.rootsync.sync_roots`), told on stderr."""
-    from ..client.rootsync import sync_roots
+    from ...client.rootsync import sync_roots
     _say(sync_roots(store, _api(store), skip=skip).lines())
 
 
@@ -55,7 +60,7 @@ def cmd_sync_roots(store, args: argparse.Namespace) -> int:
 def before_gc(url: str | None, skip=()) -> None:
     """The client's steps before a daemon collects, on a connection of their own (a
     nix-daemon closes the connection on our operations; the collection still runs)."""
-    from ..client.userroots import NotStorekeeperDaemon
+    from ...client.userroots import NotStorekeeperDaemon
     store = open_store(url)
     try:
         sync_for(store, skip)
@@ -63,6 +68,14 @@ def before_gc(url: str | None, skip=()) -> None:
         print(f"note: {e}; collecting with the daemon's own roots only", file=sys.stderr)
     finally:
         store.close()
+
+
+def cmd_roots(store: Store, args: argparse.Namespace) -> int:
+    if not is_local(store):
+        return remote_roots(store, args.store, args.json)
+    from ...store.gc.inspect import list_roots
+    print_root_infos(list_roots(store), args.json)
+    return 0
 
 
 def _when(t: float | None) -> str:
@@ -85,11 +98,14 @@ def print_root_infos(infos: list[RootInfo], as_json: bool) -> None:
 def remote_roots(store, url: str | None, as_json: bool) -> int:
     """Through storekeeper's daemon: every root with its kind and details (ListRoots);
     through another daemon: links and targets (FindRoots)."""
-    from ..client.userroots import NotStorekeeperDaemon, RemoteUserRoots
+    from ...client.userroots import NotStorekeeperDaemon, RemoteUserRoots
+    from ...store.gc.inspect import RootInfo
     try:
         overview = RemoteUserRoots(store).overview()
     except NotStorekeeperDaemon:
-        other = open_store(url)
+        other = daemon_of(open_store(url))  # (it was a daemon a moment ago)
+        if other is None:
+            raise UsageError(f"store '{url}' is no longer a daemon's") from None
         try:
             pairs = [(link, other.print_path(sp)) for link, sp in other.find_roots()]
         finally:
@@ -106,25 +122,8 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    s = sub.add_parser("add-root", help="make LINK point to PATH's store path and register it "
-                       "with the daemon as your root (kept in ~/.local/state/storekeeper/roots)")
-    s.add_argument("link")
-    s.add_argument("path")
-    s.set_defaults(func=cmd_add_root)
-    s = sub.add_parser("remove-root", help="unregister your root LINK (also an indirect root "
-                       "you added with a Nix client, even if LINK can no longer be read)")
-    s.add_argument("link")
-    s.set_defaults(func=cmd_remove_root)
-    s = sub.add_parser("sync-roots", help="the client's part of gc, without collecting: remove "
-                       "broken links in your roots dir, tell the daemon which roots are gone, "
-                       "report your running programs' store paths (held for the daemon's lease)")
-    s.add_argument("--skip-step", action="append", choices=_STEPS, help=argparse.SUPPRESS)
-    s.set_defaults(func=cmd_sync_roots)
-
-
 def user_roots_api(store):
     """The calling user's roots: through storekeeper's daemon, or on a local store directly."""
-    from ..client.userroots import RemoteUserRoots
-    from ..store.gc.inspect import LocalUserRoots
+    from ...client.userroots import RemoteUserRoots
+    from ...store.gc.inspect import LocalUserRoots
     return LocalUserRoots(store) if is_local(store) else RemoteUserRoots(store)

@@ -1,0 +1,97 @@
+"""Garbage collection: ``gc``, ``delete``, ``why-alive``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from ..common import UsageError, is_local, local_of, needs_local, resolve_path, valid
+
+if TYPE_CHECKING:
+    from ..common import Store
+
+
+def cmd_gc(store: Store, args: argparse.Namespace) -> int:
+    from ...api import DEAD, DELETE_DEAD, LIVE, GCOptions
+    action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
+    if args.dry_run:
+        needs_local(store, "gc --dry-run (it measures the files a GC would free)")
+    local = local_of(store)
+    if local is not None:
+        cfg = local.settings
+    elif args.keep_outputs or args.no_keep_derivations:
+        raise UsageError("through a daemon, keep-outputs and keep-derivations are the daemon's "
+                         "settings (its nix.conf)")
+    else:
+        from ...store.settings import StoreSettings
+        cfg = StoreSettings()  # not sent: the daemon applies its own
+    opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
+                     keep_outputs=args.keep_outputs or cfg.keep_outputs,
+                     keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
+    if action == DELETE_DEAD and not is_local(store) and not args.no_sync_roots:
+        from .roots import before_gc
+        before_gc(args.store, args.skip_step or ())
+    from ..progress import Progress
+    bar = Progress("deleting garbage")
+    quiet = args.json or bar.enabled  # on a terminal the bar replaces the per-path lines
+
+    def log(message: str) -> None:
+        if not (quiet and message.startswith("deleting '")) and not args.json:
+            bar.log(message)
+    try:
+        result = store.collect_garbage(opts, log, bar.update)
+    finally:
+        bar.close()
+    if args.dry_run:
+        from ...store.gc.inspect import bytes_freed_by
+        disk, apparent = bytes_freed_by(store, result.paths)
+        if args.json:
+            json.dump({"action": "dry-run", "paths": result.paths, "bytesFreed": disk,
+                       "apparentBytesFreed": apparent}, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            if result.paths:
+                sys.stdout.write("\n".join(result.paths) + "\n")
+            print(f"would delete {len(result.paths)} store paths, freeing {disk} bytes "
+                  f"({disk / 2**20:.2f} MiB on disk, {apparent / 2**20:.2f} MiB of file contents)",
+                  file=sys.stderr)
+        return 0
+    if args.json:
+        json.dump({"action": action, "paths": result.paths, "bytesFreed": result.bytes_freed}, sys.stdout)
+        sys.stdout.write("\n")
+    elif action in (LIVE, DEAD):
+        if result.paths:
+            sys.stdout.write("\n".join(result.paths) + "\n")
+    else:
+        print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
+    return 0
+
+
+def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
+    from ...store.gc.inspect import why_alive
+    local = needs_local(store, "why-alive")
+    sp = valid(local, args.path)
+    chain = why_alive(local, sp)
+    if chain is None:
+        print(f"{store.print_path(sp)} is not reachable from any root: the next GC deletes it")
+        return 1
+    (root_label, first), *rest = chain
+    print(f"{root_label}")
+    print(f"  -> {first}")
+    for kind, path in rest:
+        print(f"  -> {path}   [{kind}]")
+    return 0
+
+
+def cmd_delete(store: Store, args: argparse.Namespace) -> int:
+    from ...api import DELETE_SPECIFIC, GCOptions
+    paths = frozenset(resolve_path(store, a) for a in args.paths)
+    result = store.collect_garbage(GCOptions(action=DELETE_SPECIFIC, paths=paths,
+                                             ignore_liveness=args.ignore_liveness),
+                                   lambda m: print(m, file=sys.stderr))
+    print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
+    return 0
+
+

@@ -1,0 +1,138 @@
+"""Store contents: ``init``, ``add``, ``add-text``, ``query``, ``path-info``, ``dump``,
+``restore``, ``verify``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from ..common import UsageError, daemon_of, needs_local, print_paths, valid
+
+if TYPE_CHECKING:
+    from ...formats.storepath import StorePath
+    from ..common import Store
+
+
+def cmd_init(store: Store, args: argparse.Namespace) -> int:
+    remote = daemon_of(store)
+    if remote is not None:
+        print(f"store: {remote.store_dir.path} (served by the daemon at {remote.socket_path}, "
+              f"Nix {remote.daemon_nix_version or 'unknown'})")
+        return 0
+    local = needs_local(store, "init")
+    print(f"store: {local.store_dir.path} (files in {local.real_store_dir})")
+    print(f"state: {local.state_dir}")
+    return 0
+
+
+def cmd_add(store: Store, args: argparse.Namespace) -> int:
+    for src in args.paths:
+        info = store.add_path(src, name=args.name, recursive=not args.flat, algo=args.algo)
+        print(store.print_path(info.path))
+    return 0
+
+
+def cmd_add_text(store: Store, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    refs = [valid(store, r) for r in args.ref]
+    info = store.add_text(args.name, data, refs)
+    print(store.print_path(info.path))
+    return 0
+
+
+def cmd_query(store: Store, args: argparse.Namespace) -> int:
+    paths = [valid(store, a) for a in args.paths]
+    if args.what in ("references", "referrers", "requisites"):
+        result: set[StorePath] = set()
+        if args.what == "requisites":
+            result = store.query_closure(paths, include_outputs=args.include_outputs)
+            print_paths(store, reversed(store.topo_sort(result)))
+            return 0
+        for p in paths:
+            result |= store.query_references(p) if args.what == "references" else store.query_referrers(p)
+        print_paths(store, sorted(result))
+        return 0
+    for p in paths:
+        info = store.path_info(p)
+        if args.what == "hash":
+            print(info.nar_hash.typed("nix32"))
+        elif args.what == "size":
+            print(info.nar_size)
+        elif args.what == "deriver":
+            print(store.print_path(info.deriver) if info.deriver else "unknown-deriver")
+        elif args.what == "outputs":
+            if p.is_derivation:
+                print_paths(store, store.query_derivation_outputs(p).values())
+            else:
+                print(store.print_path(p))
+    return 0
+
+
+def cmd_path_info(store: Store, args: argparse.Namespace) -> int:
+    paths = [valid(store, a) for a in args.paths]
+    if args.recursive:
+        paths = sorted(store.query_closure(paths))
+    else:
+        paths = sorted(set(paths))
+    infos = [store.path_info(p) for p in paths]
+    if args.json:
+        import json  # only for --json: off the query path (cold start)
+
+        objs = []
+        for info in infos:
+            closure = None
+            if args.closure_size:
+                closure = sum(store.path_info(q).nar_size for q in store.query_closure([info.path]))
+            objs.append(info.to_json(store.store_dir, closure))
+        json.dump(objs, sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+        return 0
+    width = max((len(store.print_path(i.path)) for i in infos), default=0)
+    for info in infos:
+        line = store.print_path(info.path).ljust(width)
+        line += f"\t{info.nar_size:>12}"
+        if args.closure_size:
+            line += f"\t{sum(store.path_info(q).nar_size for q in store.query_closure([info.path])):>12}"
+        print(line)
+    return 0
+
+
+def cmd_dump(store: Store, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    for chunk in store.dump_path(valid(store, args.path)):
+        out.write(chunk)
+    out.flush()
+    return 0
+
+
+def cmd_restore(store: Store | None, args: argparse.Namespace) -> int:
+    from ...formats.nar import NarError
+    from ...fs import remove_tree
+    from ...fs.narfs import restore_nar
+    if os.path.lexists(args.dir):
+        raise UsageError(f"'{args.dir}' already exists")
+    try:
+        restore_nar(sys.stdin.buffer, args.dir)
+    except NarError:
+        if os.path.lexists(args.dir):
+            remove_tree(args.dir)
+        raise
+    return 0
+
+
+def cmd_verify(store: Store, args: argparse.Namespace) -> int:
+    report = store.verify(check_contents=args.check_contents, repair=args.repair)
+    for line in report.repaired:
+        print(f"repaired: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"error: {line}", file=sys.stderr)
+    if args.json:
+        import json  # only for --json: off the query path (cold start)
+
+        json.dump({"checked": report.checked, "errors": report.errors,
+                   "repaired": report.repaired}, sys.stdout)
+        sys.stdout.write("\n")
+    return 0 if report.ok else 1
+
