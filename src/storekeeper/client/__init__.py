@@ -1,4 +1,4 @@
-"""storekeeper's client: the store API over a daemon (Nix worker protocol 1.34).
+"""storekeeper's client: the store API over a daemon (Nix worker protocol 1.38, 1.34 against Nix 2.8).
 
 Layering: beside :mod:`storekeeper.daemon`; imports ``store`` and ``formats``
 only.  :func:`open_remote` turns a :class:`~storekeeper.formats.url.DaemonAddress`

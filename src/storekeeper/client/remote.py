@@ -1,4 +1,5 @@
-"""RemoteStore: the store API over the Nix worker protocol 1.34 (a daemon's Unix socket,
+"""RemoteStore: the store API over the Nix worker protocol (1.38, or what an older
+daemon speaks, e.g. Nix 2.8's 1.34; a daemon's Unix socket,
 or a daemon on another host through one of :mod:`.transports`).
 
 It talks to storekeeper's daemon and to the real ``nix-daemon`` alike, and

@@ -1,4 +1,4 @@
-"""The store daemon: the Nix worker protocol (1.34) over a Unix socket, TCP or stdio.
+"""The store daemon: the Nix worker protocol (1.32 .. 1.38) over a Unix socket, TCP or stdio.
 
 Layering: imports ``store`` and ``formats`` only.  Entry points:
 :func:`serve` (Unix socket and optional TCP listeners, one forked process per

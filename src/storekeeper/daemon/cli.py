@@ -64,7 +64,7 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
     """``storekeeper daemon``: serve a local store over a socket (or stdio)."""
     p = argparse.ArgumentParser(
         prog="storekeeper daemon",
-        description="Serve a store over the Nix worker protocol (1.34), for real Nix clients: "
+        description="Serve a store over the Nix worker protocol (up to 1.38), for real Nix clients: "
                     "NIX_REMOTE='unix://SOCKET?root=ROOT' nix-store …")
     p.add_argument("--store", metavar="URL", help="the local store to serve (default: as for "
                    "every storekeeper command)")
