@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import needs_nix, nix_env
-from test_build import area_factory  # noqa: F401 -- (a fixture)
 from daemon_util import DaemonError, read_log, start_daemon, stop_process
+from test_build import area_factory  # noqa: F401 -- (a fixture)
 
 from storekeeper.api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, GCOptions
 from storekeeper.client.remote import RemoteStore

@@ -26,7 +26,15 @@ from dataclasses import replace
 
 from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ...formats.errors import FormatError
-from ...formats.wire import CPU_TIMES_MINOR, MAX_PATH_LEN, ActivityType, DerivedPath, Op, Verbosity, WireWriter
+from ...formats.wire import (
+    CPU_TIMES_MINOR,
+    MAX_PATH_LEN,
+    ActivityType,
+    DerivedPath,
+    Op,
+    Verbosity,
+    WireWriter,
+)
 from ...store.build import (
     Builder,
     BuildError,
