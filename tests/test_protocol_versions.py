@@ -444,7 +444,7 @@ def test_store_wiped_under_a_running_daemon(area_factory):
         wipe(a.store, a.state)
         results: list[object] = [None] * 4
 
-        def one(i: int) -> None:
+        def one(i: int, results: list[object] = results) -> None:
             try:
                 results[i] = run("nix-store", "--add", src)
             except BaseException as e:  # noqa: BLE001
