@@ -6,7 +6,8 @@ only.  :func:`open_remote` turns a :class:`~storekeeper.formats.url.DaemonAddres
 """
 
 from ..formats.url import DaemonAddress
-from .remote import ConnectionLost, DaemonError, RemoteStore, client_store_dir
+from .errors import ConnectionLost, DaemonError
+from .remote import RemoteStore, client_store_dir
 from .transports import transport_for
 
 

@@ -32,7 +32,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import re
 import socket
 import stat
 import sys
@@ -52,7 +51,7 @@ from ..api import (
     GCResult,
     VerifyReport,
 )
-from ..errors import BadArchive, InvalidPath, PathInUse, Refused, StoreError
+from ..errors import InvalidPath, StoreError
 from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT
 from ..formats.derivation import Derivation, parse_derivation
@@ -72,7 +71,6 @@ from ..formats.wire import (
     TRUST_MINOR,
     WORKER_MAGIC_1,
     WORKER_MAGIC_2,
-    FramedWriter,
     Op,
     RemoteError,
     ResultType,
@@ -89,70 +87,25 @@ from ..formats.wire import (
     write_path_info,
 )
 from ..fs.narfs import dump_path as dump_tree
-from .transports import Transport, UnixTransport
 
 #: The oldest daemon we talk to: 1.32 is Nix 2.4, the first with the request
 #: forms used here (AddToStore 1.25+, framed AddToStoreNar, Error records).
+from .errors import ConnectionLost, DaemonError, daemon_error, strip_ansi
+from .transports import Transport, UnixTransport
+from .upload import _chunks, _file_chunks, _nar_from, _read_spool, _rest_of, _Tee, _Upload
+
 MIN_DAEMON_VERSION = 0x120
 
 _GC_ACTIONS = {LIVE: 0, DEAD: 1, DELETE_DEAD: 2, DELETE_SPECIFIC: 3}
 _CHUNK = 1 << 16
 _SPOOL_MAX = 8 << 20  # NARs larger than this are spooled to a temp file
 _CLOSE_WAIT = 5.0  # seconds close() waits for the daemon to hang up
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # What the daemon says while verifying that is progress, not a finding.
 _VERIFY_PROGRESS = {"reading the Nix store...", "checking path existence...",
                     "checking link hashes...", "checking store hashes..."}
 
 LogFn = Callable[[str], None]
-
-
-class DaemonError(StoreError):
-    """The daemon answered an operation with ``STDERR_ERROR``; the message is the daemon's
-    (colour codes removed), ``traces`` its error traces."""
-
-    def __init__(self, message: str, traces: Iterable[str] = ()) -> None:
-        super().__init__(message)
-        self.traces = list(traces)
-
-
-class ConnectionLost(DaemonError):
-    """The connection to the daemon failed or fell out of step; it is closed."""
-
-
-class DaemonInvalidPath(DaemonError, InvalidPath):
-    pass
-
-
-class DaemonPathInUse(DaemonError, PathInUse):
-    pass
-
-
-class DaemonRefused(DaemonError, Refused):
-    pass
-
-
-# The protocol carries an error's message, not its kind: the kinds that matter to a
-# caller (and to the CLI's exit code) are told by the messages both daemons use.
-_KINDS: list[tuple[re.Pattern[str], type[DaemonError]]] = [
-    (re.compile(r"^path '[^']*' is not valid"), DaemonInvalidPath),
-    (re.compile(r"since it is still alive|is in use"), DaemonPathInUse),
-    (re.compile(r"not allowed to|is read-only|lacks a valid signature|not trusted|refus"),
-     DaemonRefused),
-]
-
-
-def daemon_error(message: str, traces: Iterable[str] = ()) -> DaemonError:
-    """The :class:`DaemonError` (of the kind its message tells) for a daemon's error."""
-    for pattern, cls in _KINDS:
-        if pattern.search(message):
-            return cls(message, traces)
-    return DaemonError(message, traces)
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
 
 
 def _stderr_log(message: str) -> None:
@@ -162,89 +115,6 @@ def _stderr_log(message: str) -> None:
 def client_store_dir(env=None) -> StoreDir:
     """The store dir a client assumes when no URL names one (see ``store_dir_setting``)."""
     return StoreDir(os.path.normpath(store_dir_setting(os.environ if env is None else env, {})))
-
-
-class _SendFailed(Exception):
-    """Writing to the socket failed: the connection is gone (the reader finds out too)."""
-
-
-class _Upload(threading.Thread):
-    """Writes one framed payload while the caller reads the daemon's log channel."""
-
-    def __init__(self, sock: socket.socket, produce: Callable[[Callable[[bytes], object]], None]) -> None:
-        super().__init__(name="storekeeper-upload", daemon=True)
-        self._sock = sock
-        self._produce = produce
-        self.error: BaseException | None = None  # the payload source failed
-
-    def _send(self, data: bytes) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as e:
-            raise _SendFailed(str(e)) from None
-
-    def run(self) -> None:
-        framed = FramedWriter(self._send, _CHUNK)
-        try:
-            self._produce(framed.write)
-        except _SendFailed:
-            return
-        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread
-            self.error = e
-            # See the module docstring: drop the connection, never end the frames.
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        try:
-            framed.close()
-        except _SendFailed:
-            pass
-
-
-class _Tee:
-    """A readable stream that hands every byte read through it to ``write`` as well."""
-
-    def __init__(self, stream: Readable, write: Callable[[bytes], object]) -> None:
-        self._read = stream.read
-        self._write = write
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._read(n)
-        if data:
-            self._write(data)
-        return data
-
-
-def _nar_from(stream: Readable) -> Callable[[Callable[[bytes], object]], None]:
-    """A payload of exactly the NAR at the head of ``stream`` (checked on the way)."""
-    def produce(write: Callable[[bytes], object]) -> None:
-        try:
-            narfmt.read_nar(_Tee(stream, write), narfmt.NullSink())
-        except narfmt.NarError as e:
-            raise BadArchive(str(e)) from None
-    return produce
-
-
-def _rest_of(stream: Readable) -> Callable[[Callable[[bytes], object]], None]:
-    def produce(write: Callable[[bytes], object]) -> None:
-        while chunk := stream.read(_CHUNK):
-            write(chunk)
-    return produce
-
-
-def _chunks(chunks: Iterable[bytes]) -> Callable[[Callable[[bytes], object]], None]:
-    def produce(write: Callable[[bytes], object]) -> None:
-        for chunk in chunks:
-            write(chunk)
-    return produce
-
-
-def _file_chunks(path: str) -> Iterator[bytes]:
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
-            yield chunk
 
 
 def _ca_method(method: str, algo: str) -> str:
@@ -745,9 +615,3 @@ class RemoteStore(DerivedQueries):
             for line in findings:
                 self._log(line)
         return report
-
-
-def _read_spool(spool) -> Iterator[bytes]:
-    with spool:
-        while chunk := spool.read(1 << 20):
-            yield chunk

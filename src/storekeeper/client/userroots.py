@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 from ..errors import StoreError
 from ..formats.storepath import StorePath
 from ..formats.wire import ExtOp, WireReader, WireWriter
-from .remote import DaemonError, RemoteStore
+from .errors import DaemonError
+from .remote import RemoteStore
 
 
 class NotStorekeeperDaemon(StoreError):
