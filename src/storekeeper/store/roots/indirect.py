@@ -198,31 +198,28 @@ def link_owner(path: str) -> int | None:
     return st.st_uid if stat.S_ISLNK(st.st_mode) else None
 
 
-def read_link_as(path: str, uid: int, gid: int, groups: list[int], timeout: float = 5.0) -> str | None:
-    """What the symlink ``path`` points at, read with the rights of ``uid``/``gid``/``groups``
-    (a short-lived child that drops to them), or None if that user cannot read it.
-
-    A root daemon must not read, on a user's behalf, what the user could not read
-    (a link in someone else's private directory).  Not root, or for root: read here.
-    """
-    if os.geteuid() != 0 or uid == 0:
-        try:
-            return os.readlink(path)
-        except (OSError, ValueError):
-            return None
+def _as_user(action: Callable[[], bytes], uid: int, gid: int, groups: list[int], limit: int,
+             timeout: float) -> tuple[bool, bytes]:
+    """Run ``action`` in a short-lived child that drops to ``uid``/``gid``/``groups`` and
+    write what it returns back (at most ``limit`` bytes): (it succeeded, its bytes).
+    An ``OSError`` comes back as ``errno\0message`` with success False; a child that
+    hangs (a dead file system) is killed after ``timeout`` seconds."""
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: drop to the user, read, report, exit
+    if pid == 0:  # the child: drop to the user, act, report, exit
         code = 1
         try:
             os.close(rfd)
             os.setgroups(groups)
             os.setgid(gid)
             os.setuid(uid)
-            target = os.fsencode(os.readlink(path))
-            os.write(wfd, target[:65536])
+            out = action()
+            os.write(wfd, out[:limit])
             code = 0
-        except BaseException:  # noqa: BLE001 -- an unreadable link is an answer too
+        except OSError as e:
+            with _suppress_all():
+                os.write(wfd, f"{e.errno or 0}\0{e.strerror or e}".encode()[:limit])
+        except BaseException:  # noqa: BLE001 -- reported as a failure
             pass
         finally:
             os._exit(code)
@@ -242,9 +239,23 @@ def read_link_as(path: str, uid: int, gid: int, groups: list[int], timeout: floa
     finally:
         os.close(rfd)
         _, status = os.waitpid(pid, 0)
-    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-        return None
-    return os.fsdecode(data)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, data
+
+
+def read_link_as(path: str, uid: int, gid: int, groups: list[int], timeout: float = 5.0) -> str | None:
+    """What the symlink ``path`` points at, read with the rights of ``uid``/``gid``/``groups``
+    (a short-lived child that drops to them), or None if that user cannot read it.
+
+    A root daemon must not read, on a user's behalf, what the user could not read
+    (a link in someone else's private directory).  Not root, or for root: read here.
+    """
+    if os.geteuid() != 0 or uid == 0:
+        try:
+            return os.readlink(path)
+        except (OSError, ValueError):
+            return None
+    ok, data = _as_user(lambda: os.fsencode(os.readlink(path)), uid, gid, groups, 65536, timeout)
+    return os.fsdecode(data) if ok else None
 
 
 def add_indirect_root(state_dir: str, link: str, uid: int | None = None,
@@ -304,41 +315,12 @@ def make_perm_link_as(link: str, target: str, store_prefixes: tuple[str, ...],
     if os.geteuid() != 0 or uid == 0:
         make_perm_link(link, target, store_prefixes)
         return
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to the user, make the link, report, exit
-        code = 1
-        try:
-            os.close(rfd)
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            make_perm_link(link, target, store_prefixes)
-            code = 0
-        except OSError as e:
-            with _suppress_all():
-                os.write(wfd, f"{e.errno or 0}\0{e.strerror or e}".encode()[:4096])
-        except BaseException:  # noqa: BLE001 -- reported as a failure
-            pass
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    data = b""
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([rfd], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)  # (a hung file system)
-                break
-            chunk = os.read(rfd, 4096)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(rfd)
-        _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+
+    def make() -> bytes:
+        make_perm_link(link, target, store_prefixes)
+        return b""
+    ok, data = _as_user(make, uid, gid, groups, 4096, timeout)
+    if ok:
         return
     num, _, text = data.decode(errors="replace").partition("\0")
     raise OSError(int(num) if num.isdigit() else errno.EIO, text or "cannot create the link", link)
