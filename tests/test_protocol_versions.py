@@ -409,10 +409,21 @@ def test_our_client_falls_back_to_1_34_against_nix_2_8(tmp_path):
 # --- a store wiped and re-created under a running daemon ---------------------------------------
 
 def wipe(*dirs: str) -> None:
-    """As Nix's test scripts do: rm -rf the store and state dirs; mkdir them again."""
+    """As Nix's test scripts do: rm -rf the store and state dirs; mkdir them again.
+
+    A connection still being served (e.g. the start-up probe of ``wait_for_socket``) may
+    be initialising the store meanwhile, as it would under nix-daemon: remove again until
+    the rm -rf and the mkdir are ours."""
     for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
+        for _ in range(100):
+            shutil.rmtree(d, ignore_errors=True)
+            try:
+                os.makedirs(d)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise AssertionError(f"cannot wipe {d}: something keeps re-creating it")
 
 
 @needs_nix
