@@ -155,6 +155,9 @@ class Session:
         self.trusted = trusted
         self.config = config or DaemonConfig()
         self.peer = peer
+        if store is not None:
+            store.info_log = lambda m: self.log(Verbosity.INFO, m)
+            store.output_guard = self.output_never_blocks
         #: the daemon's own build settings (None: nix.conf, read when first needed)
         self.build_base = build
         #: what the client announced, and the version spoken: min(theirs, ours)
