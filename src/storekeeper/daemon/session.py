@@ -155,6 +155,11 @@ class Session:
         self.trusted = trusted
         self.config = config or DaemonConfig()
         self.peer = peer
+        if store is not None:
+            # the store's own lines (auto-GC) go to this client; undone when run() ends,
+            # so the store does not keep this session (and its connection) alive
+            store.info_log = self._info
+            store.output_guard = self.output_never_blocks
         #: the daemon's own build settings (None: nix.conf, read when first needed)
         self.build_base = build
         #: what the client announced, and the version spoken: min(theirs, ours)
@@ -361,6 +366,11 @@ class Session:
             log.info("connection closed: the daemon is stopping")
         finally:
             self._disarm_idle_timer()
+            if self.store is not None and self.store.info_log == self._info:
+                del self.store.info_log, self.store.output_guard
+
+    def _info(self, message: str) -> None:
+        self.log(Verbosity.INFO, message)
 
     def use_idle_timer(self) -> None:
         """Close the connection when the client sends no request for ``idle-timeout``

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator
 
 from .. import fs
@@ -60,6 +60,10 @@ class LocalStore(StoreReader):
     """
 
     _last_auto_gc_check = float("-inf")  # monotonic time of the last auto-GC check
+    #: where Nix's informational lines go (the daemon: to the client), e.g. "running auto-GC …"
+    info_log: Callable[[str], None] | None = None
+    #: held around an auto-GC that logs: the daemon's makes logging never wait for the client
+    output_guard: Callable[[], AbstractContextManager] = nullcontext
 
     # --- checks ----------------------------------------------------------------
 
@@ -365,10 +369,14 @@ class LocalStore(StoreReader):
         avail = self.free_space()
         if avail >= s.min_free or avail >= s.max_free:
             return
-        self.collect_garbage(GCOptions(
-            action=DELETE_DEAD, max_freed=s.max_free - avail, keep_outputs=s.keep_outputs,
-            keep_derivations=s.keep_derivations, wait_for_lock=False,
-            only_if=lambda: self.free_space() < s.min_free))
+        with self.output_guard():
+            # Nix's lines: this one, then the collector's
+            if self.info_log is not None:
+                self.info_log(f"running auto-GC to free {s.max_free - avail} bytes")
+            self.collect_garbage(GCOptions(
+                action=DELETE_DEAD, max_freed=s.max_free - avail, keep_outputs=s.keep_outputs,
+                keep_derivations=s.keep_derivations, wait_for_lock=False,
+                only_if=lambda: self.free_space() < s.min_free), log=self.info_log)
 
     # --- verification ---------------------------------------------------------
 

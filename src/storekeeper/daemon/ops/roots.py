@@ -197,8 +197,6 @@ def collect_garbage(s: Session) -> None:
             result = s.store.collect_garbage(opts, log=lambda m: s.log(Verbosity.INFO, m))
     except PathInUse as e:
         raise OpError(str(e)) from None
-    for m in result.messages:
-        s.log(Verbosity.INFO, m)
     s.stop_work()
     s.w.strings(result.paths)
     s.w.u64(result.bytes_freed)

@@ -159,7 +159,7 @@ class GarbageCollector:
         try:
             if not lock_fd(gc_fd, exclusive=True, wait=False):
                 if not opts.wait_for_lock:
-                    result.messages.append("a garbage collection is already running")
+                    self._note(result, "a garbage collection is already running")
                     return result
                 self.log("waiting for the big garbage collector lock...")
                 lock_fd(gc_fd, exclusive=True)
@@ -181,7 +181,9 @@ class GarbageCollector:
                 roots += finder.permanent_roots(cleanup=deleting)
                 roots += finder.user_roots(cleanup=deleting)
                 roots += finder.runtime_roots()
-            result.messages += finder.messages
+            # as Nix does, while the roots are found (stale links, unreadable roots)
+            for m in finder.messages:
+                self._note(result, m)
             graph = Graph(store.db)
             sd = store.store_dir
             alive: set[int] = set()
@@ -192,6 +194,9 @@ class GarbageCollector:
                           if p[len(sd.path) + 1:][:32] in self._temp_hashes]
             graph.closure(pinned, alive, keep_outputs, keep_derivations)
 
+            # Nix 2.8 says which kind of pass this is (not for deleteSpecific, nor maxFreed 0)
+            if opts.action != DELETE_SPECIFIC and opts.max_freed > 0:
+                self.log("deleting garbage..." if deleting else "determining live/dead paths...")
             if opts.action == LIVE:
                 live = alive
                 if opts.specific:
@@ -205,7 +210,6 @@ class GarbageCollector:
                 return result
             order = self._referrers_first(graph, candidates)
             self._total = len(order)
-            self.log("deleting garbage...")
             self._delete(graph, order, alive, opts, result, keep_outputs, keep_derivations)
             if opts.action == DELETE_DEAD and not opts.specific \
                     and result.bytes_freed <= opts.max_freed:
@@ -216,6 +220,11 @@ class GarbageCollector:
         finally:
             self._stop_server()
             os.close(gc_fd)
+
+    def _note(self, result: GCResult, message: str) -> None:
+        """A message Nix prints at this point: logged now, and kept in ``result.messages``."""
+        result.messages.append(message)
+        self.log(message)
 
     def _candidates(self, graph: Graph, alive: set[int], opts: GCOptions, sd) -> set[int]:
         dead = set(graph.path_of) - alive
@@ -300,9 +309,12 @@ class GarbageCollector:
         pos = 0
         inflight: _Batch | None = None
         try:
-            while pos < len(order):
+            while True:
+                # checked after every path, the last one too (as Nix does)
                 if result.bytes_freed > opts.max_freed:
-                    result.messages.append(f"deleted more than {opts.max_freed} bytes; stopping")
+                    self._note(result, f"deleted more than {opts.max_freed} bytes; stopping")
+                    return
+                if pos >= len(order):
                     return
                 batch: list[int] = []
                 with self._cond:
