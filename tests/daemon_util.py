@@ -14,9 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
+from storekeeper.daemon.session import Session
 from storekeeper.formats.storepath import StoreDir
 from storekeeper.formats.wire import (
     PROTOCOL_1_34,
@@ -428,3 +430,36 @@ def start_daemon(kind: str, root: str, sock: str, env: dict[str, str], *args: st
         stop_process(proc)
         raise
     return proc
+
+
+def run_session(store, c2s: bytes, trusted: bool = True, config=None, peer=None,
+                timeout: float = 20.0) -> bytes:
+    """Feed ``c2s`` to an in-process Session over a socketpair (in a thread) and return
+    everything it answered."""
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(timeout)
+
+    def serve() -> None:
+        try:
+            Session(store, ours.makefile("rb"), ours.sendall, trusted=trusted, config=config,
+                    peer=peer).run()
+        finally:
+            ours.close()
+
+    def feed() -> None:
+        try:
+            theirs.sendall(c2s)
+            theirs.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=serve), threading.Thread(target=feed)]
+    for t in threads:
+        t.start()
+    out = bytearray()
+    while chunk := theirs.recv(65536):
+        out += chunk
+    for t in threads:
+        t.join(timeout)
+    theirs.close()
+    return bytes(out)

@@ -19,7 +19,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -33,13 +32,14 @@ from daemon_util import (
     normalise,
     our_daemon_cmd,
     read_log,
+    run_session,
     start_daemon,
     stop_process,
     strip_ansi,
     wait_for_socket,
 )
 
-from storekeeper.daemon import DaemonConfig, PeerInfo, Session, default_socket_path, parse_nix_conf
+from storekeeper.daemon import DaemonConfig, PeerInfo, default_socket_path, parse_nix_conf
 from storekeeper.daemon.cli import NIX_VERSION_LINE, main_daemon, main_nix_daemon
 from storekeeper.daemon.trust import matches
 from storekeeper.formats.hashes import Hash
@@ -95,37 +95,6 @@ def add_fake_y_drv(store: LocalStore) -> None:
 
 
 PREPARE = {"hello": add_hello, "y": add_y, "ydrv": add_fake_y_drv}
-
-
-def run_session(store: LocalStore, c2s: bytes, trusted: bool = True,
-                config: DaemonConfig | None = None, timeout: float = 20.0) -> bytes:
-    """Feed ``c2s`` to a Session (in a thread) and return everything it answered."""
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(timeout)
-
-    def serve() -> None:
-        try:
-            Session(store, ours.makefile("rb"), ours.sendall, trusted=trusted, config=config).run()
-        finally:
-            ours.close()
-
-    def feed() -> None:
-        try:
-            theirs.sendall(c2s)
-            theirs.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    threads = [threading.Thread(target=serve), threading.Thread(target=feed)]
-    for t in threads:
-        t.start()
-    out = bytearray()
-    while chunk := theirs.recv(65536):
-        out += chunk
-    for t in threads:
-        t.join(timeout)
-    theirs.close()
-    return bytes(out)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import needs_nix, nix_env
-from daemon_util import DaemonError, read_log, start_daemon, stop_process
+from daemon_util import DaemonError, read_log, run_session, start_daemon, stop_process
 from test_build import area_factory  # noqa: F401 -- (a fixture)
 
 from storekeeper.api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, GCOptions
@@ -82,25 +82,7 @@ def store(tmp_path):
 
 def converse(store: LocalStore, c2s: bytes, trusted: bool = True, peer: PeerInfo | None = None) -> bytes:
     """Feed ``c2s`` to an in-process Session over a socketpair; all it answered."""
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(20)
-
-    def serve() -> None:
-        try:
-            Session(store, ours.makefile("rb"), ours.sendall, trusted=trusted, peer=peer).run()
-        finally:
-            ours.close()
-
-    t = threading.Thread(target=serve)
-    t.start()
-    theirs.sendall(c2s)
-    theirs.shutdown(socket.SHUT_WR)
-    out = bytearray()
-    while chunk := theirs.recv(65536):
-        out += chunk
-    t.join(20)
-    theirs.close()
-    return bytes(out)
+    return run_session(store, c2s, trusted=trusted, peer=peer)
 
 
 @pytest.mark.parametrize("minor", sorted(GOLDEN))
