@@ -247,7 +247,8 @@ def _set_options(c: Client, overrides: dict[str, str], max_silent: int = 0) -> N
 def status_session(a: Area) -> dict:
     out: dict = {"_base": a.base}
     for key, outputs, expr, overrides in STATUS_CASES:
-        drv = a.run(["nix-instantiate", "-E", expr], check=True).stdout.decode().strip()
+        # (nix-instantiate names a derivation by its first output unless that is "out")
+        drv = a.run(["nix-instantiate", "-E", expr], check=True).stdout.decode().strip().split("!")[0]
         c = Client.connect(a.socket, timeout=60).handshake(set_options=False)
         try:
             _set_options(c, overrides, int(overrides.get("max-silent-time", 0)))

@@ -41,12 +41,16 @@ from ..store.canonicalise import canonicalise_paths
 from ..store.locks import PathLocks
 from ..store.optimise import optimise_path
 from .goals import DrvGoal, GoalGraph
+from .hooks import run_diff_hook
+from .logger import BuildLogger
 from .process import Run
 from .results import BuildMode, BuildResult, BuildStatus, Failure
 from .rewrite import copy_rewritten, rewritten
+from .settings import BuildSettings
 
 
-def register_outputs(store, graph: GoalGraph, run: Run, keep_failed: bool) -> BuildResult:
+def register_outputs(store, graph: GoalGraph, run: Run, settings: BuildSettings,
+                     logger: BuildLogger) -> BuildResult:
     """Check the outputs of ``run``'s finished builder and register them (module
     docstring); raises :class:`~storekeeper.build.results.Failure` if they are rejected."""
     sd, g = store.store_dir, run.goal
@@ -81,7 +85,7 @@ def register_outputs(store, graph: GoalGraph, run: Run, keep_failed: bool) -> Bu
     rewrites = {run.scratch[o].hash_part.encode(): g.outputs[o].hash_part.encode()
                 for o in g.outputs if run.scratch[o] != g.outputs[o]}
     if g.mode == BuildMode.CHECK:
-        check_outputs(store, run, rewrites, keep_failed)
+        check_outputs(store, run, rewrites, settings, logger)
         return graph.valid_result(g, BuildStatus.BUILT)
 
     new = {o: p for o, p in g.outputs.items() if not store.is_valid(p)}
@@ -231,8 +235,11 @@ def check_reference_rules(store, g: DrvGoal, infos: dict[str, ValidPathInfo]) ->
                               f"not allowed to refer to the following paths:{paths}")
 
 
-def check_outputs(store, run: Run, rewrites: dict[bytes, bytes], keep_failed: bool) -> None:
-    """--check: the rebuilt outputs must have the registered NAR hashes."""
+def check_outputs(store, run: Run, rewrites: dict[bytes, bytes], settings: BuildSettings,
+                  logger: BuildLogger) -> None:
+    """--check: the rebuilt outputs must have the registered NAR hashes.  A differing
+    copy is kept at ``<out>.check`` with ``keep-failed`` or ``run-diff-hook`` (and
+    handed to the ``diff-hook``: :mod:`.hooks`), as Nix does."""
     sd, g = store.store_dir, run.goal
     printed = sd.print(g.drv_path)
     for name in sorted(g.outputs):
@@ -245,11 +252,17 @@ def check_outputs(store, run: Run, rewrites: dict[bytes, bytes], keep_failed: bo
         if h.digest() == info.nar_hash.digest:
             continue
         msg = f"derivation '{printed}' may not be deterministic: output '{sd.print(path)}' differs"
-        if keep_failed:
+        if settings.keep_failed or settings.run_diff_hook:
             check = store.real_path(path) + ".check"
             remove_tree(check)
             copy_rewritten(src, check, rewrites)
             canonicalise_paths([check])
+            if settings.run_diff_hook and settings.diff_hook:
+                user = run.user
+                run_diff_hook(settings.diff_hook, logger,
+                              [store.real_path(path), check, printed, run.tmpdir],
+                              user.uid if user is not None else None,
+                              user.gid if user is not None else None)
             msg += f" from '{sd.print(path)}.check'"
         raise Failure(BuildStatus.NOT_DETERMINISTIC, msg)
 

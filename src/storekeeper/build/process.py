@@ -78,7 +78,8 @@ class Run:
             return None
 
     def feed(self, data: bytes, now: float, max_log_size: int, sd: StoreDir) -> None:
-        """Output of the builder: into the log file and the lines; killed past ``max-log-size``."""
+        """Output of the builder: into the log file and the lines; killed past
+        ``max-build-log-size``."""
         self.last_output = now
         self.log_bytes += len(data)
         if self.log_file is not None:
@@ -87,14 +88,17 @@ class Run:
         if max_log_size and self.log_bytes > max_log_size and self.killed_for is None:
             self.killed_for = Failure(
                 BuildStatus.LOG_LIMIT_EXCEEDED,
-                f"building of '{sd.print(self.goal.drv_path)}' killed after writing more than "
-                f"{max_log_size} bytes of log output")
+                f"{self.name(sd)} killed after writing more than {max_log_size} bytes of log output")
             self.kill()
+
+    def name(self, sd: StoreDir) -> str:
+        """The build as Nix's messages about its limits name it."""
+        return (f"building of '{sd.print(self.goal.drv_path)}!{','.join(self.goal.wanted_names())}' "
+                "from .drv file")
 
     def check_time(self, now: float, st: BuildSettings, sd: StoreDir) -> bool:
         """``timeout`` / ``max-silent-time``: True if the builder must be killed now."""
-        name = f"building of '{sd.print(self.goal.drv_path)}"
-        name += f"!{','.join(self.goal.wanted_names())}' from .drv file"
+        name = self.name(sd)
         if st.max_silent_time and now - self.last_output >= st.max_silent_time:
             self.killed_for = Failure(BuildStatus.TIMED_OUT, f"{name} timed out after "
                                       f"{st.max_silent_time} seconds of silence")

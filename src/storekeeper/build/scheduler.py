@@ -33,6 +33,7 @@ from ..store.locks import PathLocks
 from . import process
 from .environment import builder_environment
 from .goals import DrvGoal, Goal, GoalGraph
+from .hooks import run_post_build_hook
 from .logger import Activities, BuildLogger, GuardedLogger, NullLogger, format_error
 from .logs import BuildLogFile, LineSplitter
 from .outputs import register_outputs
@@ -312,10 +313,10 @@ class Builder:
         platform_ok = drv.platform in {st.system, *st.extra_platforms} or \
             (drv.platform == "builtin" and drv.builder.startswith("builtin:"))
         if not platform_ok or not set(required) <= set(st.system_features):
-            raise Failure(BuildStatus.INPUT_REJECTED,
-                          f"a '{drv.platform}' with features {{{', '.join(required)}}} is required "
-                          f"to build '{self.sd.print(g.drv_path)}', but I am a '{st.system}' with "
-                          f"features {{{', '.join(sorted(st.system_features))}}}")
+            # Nix throws this past its worker: the whole request fails
+            raise BuildError(f"a '{drv.platform}' with features {{{', '.join(required)}}} is required "
+                             f"to build '{self.sd.print(g.drv_path)}', but I am a '{st.system}' "
+                             f"with features {{{', '.join(sorted(st.system_features))}}}")
 
     def _spawn(self, g: DrvGoal, locks: PathLocks, user: BuildUser | None,
                valid: dict[str, bool]) -> None:
@@ -369,7 +370,7 @@ class Builder:
     def _wait(self, timeout: float) -> None:
         ready = process.wait_readable(self._running, timeout)
         now = time.monotonic()
-        limit = self.settings.max_log_size
+        limit = self.settings.max_build_log_size
         for run in ready:
             data = run.read()
             if data is None:
@@ -393,7 +394,7 @@ class Builder:
         g = run.goal
         succeeded = False
         try:
-            status, cpu = run.collect(self.settings.max_log_size, self.sd)
+            status, cpu = run.collect(self.settings.max_build_log_size, self.sd)
             start, stop = run.start_wall, int(time.time())
             try:
                 if cancelled:
@@ -403,12 +404,14 @@ class Builder:
                     raise run.killed_for
                 if status != 0:
                     raise Failure(run.failure_status(), run.failure_message(status, self.sd))
-                result = register_outputs(self.store, self.goals, run, self.settings.keep_failed)
+                result = register_outputs(self.store, self.goals, run, self.settings, self.logger)
                 result.start_time, result.stop_time, result.times_built = start, stop, 1
                 result.cpu_user, result.cpu_system = cpu
                 succeeded = True
             except Failure as f:
-                result = BuildResult(f.status, str(f), times_built=1, start_time=start,
+                # (a builder killed for a limit is not counted as built, as in Nix)
+                built = 0 if f is run.killed_for else 1
+                result = BuildResult(f.status, str(f), times_built=built, start_time=start,
                                      stop_time=stop, cpu_user=cpu[0], cpu_system=cpu[1],
                                      is_non_deterministic=f.status == BuildStatus.NOT_DETERMINISTIC,
                                      own_error=not cancelled)
@@ -416,6 +419,11 @@ class Builder:
                 msg = str(e) if not isinstance(e, OSError) else f"{e.strerror}: '{e.filename}'"
                 result = BuildResult(BuildStatus.MISC_FAILURE, msg, times_built=1,
                                      start_time=start, stop_time=stop, own_error=not cancelled)
+            if succeeded and self.settings.post_build_hook:
+                # (outputs registered, still locked; its failure fails the whole
+                # request, as in Nix: a BuildError, past the handlers above)
+                run_post_build_hook(self.settings.post_build_hook, self.logger, self.sd,
+                                    g.drv_path, g.outputs.values())
             # (the real daemon reports progress before it ends the Build activity)
             self._finish(g, result, quiet=cancelled)
         finally:

@@ -38,10 +38,15 @@ class BuildSettings:
     compress_build_log: bool = field(default_factory=_d("compress-build-log"))
     keep_build_log: bool = field(default_factory=_d("keep-build-log"))
     log_lines: int = field(default_factory=_d("log-lines"))
-    max_log_size: int = field(default_factory=_d("max-log-size"))        # bytes, 0: unlimited
+    max_build_log_size: int = field(default_factory=_d("max-build-log-size"))  # bytes, 0: none
     system: str = field(default_factory=_d("system"))
     extra_platforms: tuple[str, ...] = field(default_factory=_d("extra-platforms"))
     system_features: tuple[str, ...] = field(default_factory=_d("system-features"))
+    #: run as the daemon after each successful build ("": none)
+    post_build_hook: str = field(default_factory=_d("post-build-hook"))
+    #: run as the builder's user on an output ``--check`` found different, with run_diff_hook
+    diff_hook: str = field(default_factory=_d("diff-hook"))
+    run_diff_hook: bool = field(default_factory=_d("run-diff-hook"))
     #: where build dirs are made; None: ``$TMPDIR`` or ``/tmp``, as Nix 2.8
     build_dir: str | None = field(default_factory=_d("build-dir"))
     #: NO_NEW_PRIVS and a seccomp filter (no setuid/setgid files, no xattrs) for every

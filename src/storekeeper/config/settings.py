@@ -202,11 +202,19 @@ _TABLE = [
     _s("compress-build-log", parse_bool, "true", [BUILD], ["build-compress-log"]),
     _s("keep-build-log", parse_bool, "true", [BUILD], ["build-keep-log"]),
     _s("log-lines", parse_int, "10", [BUILD]),
-    _s("max-log-size", parse_size, "0", [BUILD], ["build-max-log-size"]),
+    _s("max-build-log-size", parse_size, "0", [BUILD], ["build-max-log-size"],
+       doc="bytes of output after which a builder is killed (0: no limit)"),
     _s("system", parse_str, this_system, [BUILD]),
     _s("extra-platforms", parse_list, _default_extra_platforms, [BUILD], ["build-extra-platforms"]),
     _s("system-features", parse_list, _default_features, [BUILD]),
     _s("build-dir", parse_optional_str, "", [BUILD]),
+    # hooks run programs as the daemon (post-build-hook) or the build user (diff-hook):
+    # never set by an untrusted client (NEVER, the default)
+    _s("post-build-hook", parse_str, "", [BUILD],
+       doc="program run as the daemon after each successful build (DRV_PATH, OUT_PATHS)"),
+    _s("diff-hook", parse_str, "", [BUILD],
+       doc="program run on an output that --check found different (with run-diff-hook)"),
+    _s("run-diff-hook", parse_bool, "false", [BUILD]),
     _s("filter-syscalls", parse_bool, "true", [BUILD],
        doc="NO_NEW_PRIVS and a seccomp filter for builders (build.confine)"),
     # --- the daemon: who may connect, and its limits ---
