@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from dataclasses import fields
@@ -79,6 +80,7 @@ def test_untrusted_rules():
         return client_may_set(name, value, trusted, daemon.__getitem__, warnings.append)
     assert may("max-jobs", "1") == "1" and may("max-jobs", "3") is None
     assert may("cores", "4") == "4" and may("cores", "8") is None
+    assert may("cores", "0") == ("0" if (os.cpu_count() or 1) <= 4 else None)  # 0: all cores
     assert may("timeout", "5") == "5"                 # the daemon has none: any limit is lower
     assert may("max-silent-time", "0") is None        # 0 would lift the daemon's limit
     assert may("max-silent-time", "60") == "60"

@@ -44,7 +44,7 @@ from .goals import DrvGoal, GoalGraph
 from .hooks import run_diff_hook
 from .logger import BuildLogger
 from .process import Run
-from .results import BuildMode, BuildResult, BuildStatus, Failure
+from .results import BuildError, BuildMode, BuildResult, BuildStatus, Failure
 from .rewrite import copy_rewritten, rewritten
 from .settings import BuildSettings
 
@@ -170,7 +170,8 @@ def check_fixed(store, g: DrvGoal, name: str, info: ValidPathInfo,
 
 
 def check_cycles(sd: StoreDir, g: DrvGoal, refs_by_out: dict[str, set[StorePath]]) -> None:
-    """Outputs may refer to each other, but not in a cycle (Nix's message)."""
+    """Outputs may refer to each other, but not in a cycle (Nix's message).  As in Nix,
+    a cycle fails the whole request (:class:`BuildError`), not just this build."""
     by_path = {p: o for o, p in g.outputs.items()}
     state: dict[str, int] = {}
 
@@ -178,9 +179,8 @@ def check_cycles(sd: StoreDir, g: DrvGoal, refs_by_out: dict[str, set[StorePath]
         if state.get(name) == 2:
             return
         if state.get(name) == 1:
-            raise Failure(BuildStatus.OUTPUT_REJECTED,
-                          f"cycle detected in build of '{sd.print(g.drv_path)}' in the "
-                          f"references of output '{name}' from output '{parent}'")
+            raise BuildError(f"cycle detected in build of '{sd.print(g.drv_path)}' in the "
+                             f"references of output '{name}' from output '{parent}'")
         state[name] = 1
         for ref in sorted(refs_by_out.get(name, ())):
             other = by_path.get(ref)

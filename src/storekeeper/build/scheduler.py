@@ -415,6 +415,8 @@ class Builder:
                                      stop_time=stop, cpu_user=cpu[0], cpu_system=cpu[1],
                                      is_non_deterministic=f.status == BuildStatus.NOT_DETERMINISTIC,
                                      own_error=not cancelled)
+            except BuildError:
+                raise  # fails the whole request (cleaned up below), as in Nix
             except (StoreError, FormatError, OSError) as e:
                 msg = str(e) if not isinstance(e, OSError) else f"{e.strerror}: '{e.filename}'"
                 result = BuildResult(BuildStatus.MISC_FAILURE, msg, times_built=1,

@@ -110,7 +110,8 @@ def parse_max_jobs(name: str, value: str) -> int:
 
 
 def parse_cores(name: str, value: str) -> int:
-    return (os.cpu_count() or 1) if value.strip() in ("0", "") else parse_int(name, value)
+    # 0 is kept: builders get NIX_BUILD_CORES=0, "use every core" (as Nix 2.8 passes it)
+    return (os.cpu_count() or 1) if value.strip() == "" else parse_int(name, value)
 
 
 def parse_sandbox(name: str, value: str) -> bool:
@@ -314,6 +315,9 @@ def client_may_set(name: str, value: str, trusted: bool, current: Callable[[str]
         mine = current(setting.name)
         if setting.name in ("timeout", "max-silent-time"):
             return value if _limit(asked) <= _limit(mine) else None
+        if setting.name == "cores":  # 0: every core of the machine
+            cpus = os.cpu_count() or 1
+            return value if (asked or cpus) <= (mine or cpus) else None
         return value if asked <= mine else None
     if rule == TRUSTED_SUBSTITUTERS:
         allowed = set(current("trusted-substituters")) | set(current("substituters"))
