@@ -177,9 +177,13 @@ class Builder:
         while changed:
             changed = False
             for g in self.goals.drvs.values():
-                if g.done or g.ready or not all(d.done for d in g.deps):
+                if g.done or g.ready:
                     continue
                 failed = [d for d in g.deps if d.failed]
+                # Without keep-going a failed input fails its dependents at once (as in
+                # Nix: they stop waiting for the others, which are then cancelled).
+                if not all(d.done for d in g.deps) and not (failed and not self.settings.keep_going):
+                    continue
                 if failed:
                     self._finish(g, BuildResult(
                         BuildStatus.DEPENDENCY_FAILED,
@@ -228,8 +232,9 @@ class Builder:
         started = False
         drvs = self.goals.drvs
         done_before = sum(1 for g in drvs.values() if g.done)
+        # in Nix's order: by derivation name, then path (its goals' keys)
         for g in sorted((g for g in drvs.values() if g.ready and not g.done),
-                        key=lambda g: g.drv_path.base):
+                        key=lambda g: (g.drv_path.name, g.drv_path.base)):
             if any(r.goal is g for r in self._running):
                 continue
             if len(self._running) >= max(self.settings.max_jobs, 1):
