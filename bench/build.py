@@ -7,20 +7,24 @@ alongside the chain.  ``max-jobs = 2``.  Each run makes two fresh stores with
 real store dirs (``local?store=…&state=…&log=…``; builders need real paths),
 starts both daemons (not timed) and, alternating which goes first, times
 ``nix-instantiate`` (the .drv files go through the daemon) and ``nix-store
--r`` of the top derivation (the builds) with the real 2.8 clients.  Both
-must build the same output paths.  Prints each run, the medians, the ratio
-storekeeper / Nix (target <= 1.2x) and the load average around each run.
+-r`` of the top derivation (the builds) with the real 2.8 clients.  Both must
+build the same closure (up to the store dir).  Prints each run, the medians,
+the ratio storekeeper / Nix (target <= 1.2x) and the load average around each
+run.
 
     python3 bench/build.py --runs 3 --n 200
 
-``--profile FILE`` runs our daemon under cProfile (its stats go to FILE when
-the daemon stops; the timings of that run are then not comparable).
+``--profile FILE`` profiles our daemon's connection processes (cProfile in
+each forked child, stats merged into FILE; the timings are then not
+comparable) and prints the top functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pstats
+import re
 import secrets
 import signal
 import socket
@@ -52,6 +56,42 @@ in node {n - 1}
 """
 
 
+# The daemon forks a child per connection: profile in each child, dump at its _exit.
+_PROFILED = """
+import cProfile, os, runpy, sys
+out = sys.argv[1]
+fork, exit_, prof = os.fork, os._exit, []
+def profiled_fork():
+    pid = fork()
+    if pid == 0:
+        prof[:] = [cProfile.Profile()]
+        prof[0].enable()
+    return pid
+def dumping_exit(code):
+    if prof:
+        prof[0].disable()
+        prof[0].dump_stats(f"{out}.{os.getpid()}")
+    exit_(code)
+os.fork, os._exit = profiled_fork, dumping_exit
+sys.argv = ["storekeeper.daemon", *sys.argv[2:]]
+runpy.run_module("storekeeper.daemon", run_name="__main__", alter_sys=True)
+"""
+
+
+def merge_profiles(out: str) -> None:
+    d, base = os.path.split(os.path.abspath(out))
+    parts = [os.path.join(d, n) for n in os.listdir(d) if n.startswith(base + ".")]
+    if not parts:
+        print("no profile was written")
+        return
+    stats = pstats.Stats(*parts)
+    stats.dump_stats(out)
+    for p in parts:
+        os.unlink(p)
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(25)
+
+
 class Daemon:
     def __init__(self, kind: str, base: str, env: dict[str, str], profile: str | None) -> None:
         self.kind, self.base = kind, base
@@ -67,8 +107,11 @@ class Daemon:
         denv = dict(self.env, NIX_REMOTE="local")
         if kind == "storekeeper":
             url = f"local?store={base}/store&state={base}/state&log={base}/log"
-            prof = ["-m", "cProfile", "-o", profile, "-m"] if profile else ["-m"]
-            cmd = [sys.executable, *prof, "storekeeper.daemon", "--store", url, "--socket", self.sock]
+            args = ["--store", url, "--socket", self.sock]
+            if profile:
+                cmd = [sys.executable, "-c", _PROFILED, profile, *args]
+            else:
+                cmd = [sys.executable, "-m", "storekeeper.daemon", *args]
         else:
             cmd = ["nix-daemon"]
             denv["NIX_DAEMON_SOCKET_PATH"] = self.sock
@@ -125,7 +168,11 @@ def one_run(i: int, scratch: str, env: dict[str, str], args) -> dict[str, dict[s
         try:
             t_inst, drv = d.run("nix-instantiate", expr)
             t_build, out = d.run("nix-store", "-r", drv)
-            outs[kind] = (os.path.basename(drv), os.path.basename(out))
+            # (the store dirs differ, so do the hashes: compare the rest)
+            closure = d.run("nix-store", "-qR", out)[1].split()
+            with open(out) as f:
+                content = f.read().replace(os.path.join(d.base, "store"), "<store>")
+            outs[kind] = (len(closure), re.sub(r"<store>/[0-9a-z]{32}-", "<store>/", content))
             times[kind] = {"instantiate": t_inst, "build": t_build, "total": t_inst + t_build}
         finally:
             d.stop()
@@ -164,6 +211,8 @@ def main() -> int:
     finally:
         if not args.keep:
             rmtree(scratch)
+    if args.profile:
+        merge_profiles(args.profile)
     med = {k: {p: statistics.median(r[k][p] for r in results) for p in ("instantiate", "build", "total")}
            for k in ("storekeeper", "nix")}
     for p in ("instantiate", "build", "total"):

@@ -63,24 +63,32 @@ as the daemon's own user (no build users, or an unprivileged daemon).
 * get its outputs' hash parts from the scratch/real path rewriting (no
   purity guarantee; fixed outputs are checked by hash).
 
-How the filter is installed: Popen exec's a tiny stdlib-only Python
-trampoline (``python3 -I -S -c``) as the builder's user, which reads the
+How the filter is installed.  When the process that starts the builder has a
+single thread (``/proc/self/task``; a daemon connection's process has), a
+``preexec_fn`` (:func:`preexec_confiner`) sets ``NO_NEW_PRIVS`` and loads the
+filter in the forked child, after the switch to the build user, right before
+the exec: no cost beyond a fork instead of a vfork.  Otherwise Popen exec's a
+tiny stdlib-only Python trampoline (``python3 -I -S -c``) as the builder's user, which reads the
 filter, the builder's argv and its exact environment from an inherited
 memfd, sets ``NO_NEW_PRIVS``, loads the filter with
 ``prctl(PR_SET_SECCOMP)``, restores the signal dispositions Python changed
 (SIGPIPE, SIGXFSZ) and exec's the builder.  Not ``preexec_fn``: the daemon
 process may have threads (GC socket, optimiser), and Python documents
-``preexec_fn`` as unsafe with threads (a child may deadlock before exec).
+``preexec_fn`` as unsafe with threads (a child may deadlock before exec):
+with threads, the trampoline.
 The environment goes through the memfd because Python's locale coercion
 adds ``LC_CTYPE=C.UTF-8`` to its own environment.  Cost: one interpreter
 start plus ``import ctypes`` per build: median 17.8 vs 2.9 ms for a trivial build
 without build users, 25.7 vs 9.8 ms with them (N=30, ``bench/confine_overhead.py``),
-i.e. ~15 ms.  ``filter-syscalls = false`` turns NNP and the filter off (the sweep
+i.e. ~15 ms, which made a chain of small builds 3-4x slower than Nix's
+(``bench/build.py``): hence the ``preexec_fn`` when it is safe.
+``filter-syscalls = false`` turns NNP and the filter off (the sweep
 stays: it is not about syscalls).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import marshal
@@ -89,7 +97,7 @@ import re
 import stat
 import struct
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .. import fs
 
@@ -289,6 +297,45 @@ try:
 except OSError as e:
     die("executing '%s': %s" % (path.decode('utf-8', 'surrogateescape'), e.strerror))
 """
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    return libc
+
+
+def preexec_confiner(flt: bytes | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that sets ``NO_NEW_PRIVS`` and loads ``flt`` (None: NNP only), or
+    None when this process has more than one thread (then use :func:`confined_argv`).
+
+    Everything is prepared here; the child only makes the two ``prctl`` calls.  A
+    failure raises in the child, which Popen reports as ``SubprocessError``.
+    """
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return None
+    except OSError:
+        return None
+    libc = _libc()
+    buf = ctypes.create_string_buffer(flt, len(flt)) if flt else None
+    prog = _SockFprog(len(flt) // 8, ctypes.addressof(buf)) if flt and buf is not None else None
+    prog_addr = ctypes.addressof(prog) if prog is not None else 0
+
+    def confine_child() -> None:
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            raise OSError(ctypes.get_errno(), "cannot set no_new_privs for the builder")
+        # PR_SET_SECCOMP, SECCOMP_MODE_FILTER (buf and prog live as long as this closure)
+        if prog_addr and libc.prctl(22, 2, prog_addr, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "cannot load the seccomp filter for the builder")
+    confine_child.keep = (buf, prog)  # type: ignore[attr-defined]
+    return confine_child
 
 
 def python_for_builders() -> str:

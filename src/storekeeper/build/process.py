@@ -251,16 +251,27 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
         executable: str | None = builder
         child_env = env
         pass_fds: tuple[int, ...] = ()
+        preexec = None
         if filter_syscalls:
-            # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
-            # builder (confine.py says why not preexec_fn, and what it costs)
-            argv, spec_fd = confine.confined_argv(builder, argv, env, confine.host_filter())
-            executable, child_env, pass_fds = None, {}, (spec_fd,)
+            # NO_NEW_PRIVS + seccomp: in the forked child when that is safe, else set
+            # by a trampoline that then exec's the builder (confine.py says why, and
+            # what each costs)
+            preexec = confine.preexec_confiner(confine.host_filter())
+            if preexec is None:
+                argv, spec_fd = confine.confined_argv(builder, argv, env, confine.host_filter())
+                executable, child_env, pass_fds = None, {}, (spec_fd,)
         run.proc = subprocess.Popen(
             argv, executable=executable, env=child_env, pass_fds=pass_fds,
-            user=uid, group=gid, extra_groups=groups,
+            user=uid, group=gid, extra_groups=groups, preexec_fn=preexec,
             cwd=run.tmpdir, stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, close_fds=True,
             start_new_session=True, umask=0o022)
+    except subprocess.SubprocessError:
+        # (the preexec_fn failed in the child: NNP or the filter could not be set)
+        run.exec_error = ("cannot set no_new_privs or load the seccomp filter for the builder "
+                          "(set 'filter-syscalls = false' to build without it)")
+        run.splitter.feed(run.exec_error.encode() + b"\n")
+        if run.log_file is not None:
+            run.log_file.write(run.exec_error.encode() + b"\n")
     except OSError as e:
         # Nix's child reports this in the log and exits 1
         run.exec_error = f"executing '{builder}': {e.strerror}"
