@@ -80,7 +80,8 @@ runpy.run_module("storekeeper.daemon", run_name="__main__", alter_sys=True)
 
 def merge_profiles(out: str) -> None:
     d, base = os.path.split(os.path.abspath(out))
-    parts = [os.path.join(d, n) for n in os.listdir(d) if n.startswith(base + ".")]
+    parts = [os.path.join(d, n) for n in os.listdir(d)
+             if n.startswith(base + ".") and n[len(base) + 1:].isdigit()]
     if not parts:
         print("no profile was written")
         return

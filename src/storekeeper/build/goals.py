@@ -86,6 +86,8 @@ class GoalGraph:
         self.drvs: dict[StorePath, DrvGoal] = {}
         self.paths: dict[StorePath, PathGoal] = {}
         self._hash_cache: dict = {}
+        #: references of valid paths met (they never change while valid; inputs are pinned)
+        self._refs: dict[StorePath, frozenset[StorePath]] = {}
 
     def drv_goal(self, drv_path: StorePath) -> DrvGoal:
         g = self.drvs.get(drv_path)
@@ -201,4 +203,17 @@ class GoalGraph:
             else:
                 paths = store.query_derivation_outputs(sd.parse(path, lax=True))
                 start.update(paths[o] for o in outs if o in paths)
-        return store.query_closure(start)
+        # (a chain of n builds asks this n times about O(n) paths: references are
+        # looked up once per request, not once per walk)
+        seen: set[StorePath] = set()
+        todo = list(start)
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            refs = self._refs.get(p)
+            if refs is None:
+                refs = self._refs[p] = store.path_info(p).references
+            todo.extend(refs)
+        return seen

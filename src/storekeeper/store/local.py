@@ -179,6 +179,13 @@ class LocalStore(StoreReader):
         """Add from a dump: a NAR (``recursive``) or the file's bytes (``flat``/``text``)."""
         check_name(name)
         refs = frozenset(references)
+        if method == TEXT:
+            # .drv files and builtins.toFile: small, kept in memory (as Nix does), no
+            # scratch dir; a big one is staged like any other dump
+            head = _read_up_to(stream, _TEXT_IN_MEMORY + 1)
+            if len(head) <= _TEXT_IN_MEMORY:
+                return self.add_text(name, head, refs, repair)
+            stream = _Prefixed(head, stream)
         with self._temp_dir() as tmp:
             staged = os.path.join(tmp, "x")
             if method == RECURSIVE:
@@ -474,6 +481,32 @@ def _hash_file(path: str, algo: str) -> Hash:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return Hash(algo, h.digest())
+
+
+#: text dumps up to this size are added from memory
+_TEXT_IN_MEMORY = 1 << 20
+
+
+def _read_up_to(stream: Readable, n: int) -> bytes:
+    parts, left = [], n
+    while left > 0 and (chunk := stream.read(min(left, 1 << 16))):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+class _Prefixed:
+    """``head``, then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: Readable) -> None:
+        self._head, self._stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            data = self._head if n < 0 else self._head[:n]
+            self._head = self._head[len(data):]
+            return data
+        return self._stream.read(n)
 
 
 def _copy_stream_hashing(stream: Readable, dest: str, algo: str) -> Hash:
