@@ -80,16 +80,20 @@ class Run:
     def feed(self, data: bytes, now: float, max_log_size: int, sd: StoreDir) -> None:
         """Output of the builder: into the log file and the lines; killed past
         ``max-build-log-size``."""
+        if self.killed_for is not None:
+            return  # (as Nix: once a build is stopped for a limit, its output is dropped)
         self.last_output = now
         self.log_bytes += len(data)
-        if self.log_file is not None:
-            self.log_file.write(data)
-        self.splitter.feed(data)
-        if max_log_size and self.log_bytes > max_log_size and self.killed_for is None:
+        if max_log_size and self.log_bytes > max_log_size:
+            # the chunk that crosses the limit is not logged either (as Nix)
             self.killed_for = Failure(
                 BuildStatus.LOG_LIMIT_EXCEEDED,
                 f"{self.name(sd)} killed after writing more than {max_log_size} bytes of log output")
             self.kill()
+            return
+        if self.log_file is not None:
+            self.log_file.write(data)
+        self.splitter.feed(data)
 
     def name(self, sd: StoreDir) -> str:
         """The build as Nix's messages about its limits name it."""
@@ -122,7 +126,8 @@ class Run:
                 pass  # a stray writer outside the session still holds the pipe
             os.close(self.fd)
             self.fd = None
-        self.splitter.finish()
+        if self.killed_for is None:
+            self.splitter.finish()  # (a stopped build's unfinished line is dropped, as Nix)
         if self.log_file is not None:
             self.log_file.close()
         if self.user is not None:
