@@ -126,16 +126,20 @@ def test_untrusted_set_options_cannot_set_what_the_table_forbids(tmp_path):
         for v in (1, 1, 0, 3, 64, 0, 1, 0, 0, 0, 64, 1):
             w.u64(v)
         request = w.string_map({"sandbox": "false", "timeout": "7", "max-build-log-size": "1",
-                                "allowed-users": "*", "build-users-group": ""}).take()
+                                "allowed-users": "*", "build-users-group": "",
+                                "post-build-hook": "/tmp/hook", "diff-hook": "/tmp/diff",
+                                "run-diff-hook": "true"}).take()
         config = DaemonConfig(build_users_group="")
         s = _session_after(store, request, trusted=False, config=config)
         b = build_settings(s)
         assert (b.keep_failed, b.max_jobs, b.cores, b.max_silent_time) == (False, 2, 2, 600)
         assert b.keep_going and b.timeout == 7 and b.max_build_log_size == 0
+        assert (b.post_build_hook, b.diff_hook, b.run_diff_hook) == ("", "", False)
         assert set(s.options.overrides) == {"keep-going", "timeout"}
         s = _session_after(store, request, trusted=True, config=config)
         b = build_settings(s)
         assert (b.keep_failed, b.max_jobs, b.cores, b.max_silent_time) == (True, 64, 64, 0)
         assert b.max_build_log_size == 1
+        assert (b.post_build_hook, b.diff_hook, b.run_diff_hook) == ("/tmp/hook", "/tmp/diff", True)
     finally:
         store.close()
