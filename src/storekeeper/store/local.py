@@ -291,11 +291,21 @@ class LocalStore(StoreReader):
             raise StoreError(str(e)) from None
 
     def _read_drv_file(self, drv: StorePath):
+        """The parsed ``.drv``, read once per store object: a ``.drv``'s path is its
+        content's hash, so it never changes (callers do not change what they get)."""
+        cache = self.__dict__.setdefault("_drv_cache", {})
+        parsed = cache.get(drv)
+        if parsed is not None:
+            return parsed
         with open(self.real_path(drv), "rb") as f:
             try:
-                return parse_derivation(f.read(), self.store_dir)
+                parsed = parse_derivation(f.read(), self.store_dir)
             except FormatError as e:
                 raise StoreError(f"derivation '{self.print_path(drv)}': {e}") from None
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[drv] = parsed
+        return parsed
 
     def add_signatures(self, sp: StorePath, sigs: Iterable[str]) -> None:
         """Merge signatures (``keyname:base64``) into a valid path's record."""
