@@ -64,6 +64,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .. import fs
+from ..build.attrs import AttrError, DrvAttrs, apply_checks, output_checks, rewrite
+from ..build.drvenv import GraphSource, builder_env, output_rewrites
+from ..build.refgraph import InputRejected
+from ..build.refgraph import closure as refgraph_closure
 from ..config import settings as settings_table
 from ..config.settings import this_system  # noqa: F401 -- re-exported
 from ..errors import StoreError
@@ -400,6 +404,7 @@ class _DrvGoal(_Goal):
     ready: bool = False
     waiting_note: str = ""                   # what we already told the client we wait for
     wait_act: int | None = None
+    attrs: DrvAttrs | None = None  # parsed on first use
 
     def want(self, outputs: Iterable[str] | None) -> bool:
         """Add wanted outputs (None = all); True if that changed anything."""
@@ -831,7 +836,10 @@ class Builder:
     def _check_platform(self, g: _DrvGoal) -> None:
         drv, st = g.drv, self.settings
         assert drv is not None
-        required = sorted(set(drv.env.get("requiredSystemFeatures", "").split()))
+        try:
+            required = sorted(set(self._attrs(g).get_strings("requiredSystemFeatures") or ()))
+        except AttrError as e:
+            raise _Failure(BuildStatus.MISC_FAILURE, str(e)) from None
         platform_ok = drv.platform in {st.system, *st.extra_platforms} or \
             (drv.platform == "builtin" and drv.builder.startswith("builtin:"))
         if not platform_ok or not set(required) <= set(st.system_features):
@@ -864,8 +872,14 @@ class Builder:
         tmpdir = self._make_build_dir(drv_name=g.drv_path.name)
         run: _Run | None = None
         try:
-            env = self._environment(g, tmpdir, scratch)
-            args = [_rewrite_str(a, self._input_rewrites(g, scratch)) for a in drv.args]
+            env, files = self._environment(g, tmpdir, scratch)
+            for fn, data in files.items():
+                # a fresh directory of ours (0700): no one can have put links here
+                with open(os.path.join(tmpdir, fn), "xb") as f:
+                    f.write(data)
+                    if user is not None:
+                        os.fchown(f.fileno(), user.uid, user.gid)
+            args = [rewrite(a, output_rewrites(self.sd, g.outputs, scratch)) for a in drv.args]
             if user is not None:
                 user.kill_processes()
                 # (confine.py) what the build user left in shared places goes: now,
@@ -981,50 +995,39 @@ class Builder:
         finally:
             os.close(fd)
 
-    def _input_rewrites(self, g: _DrvGoal, scratch: dict[str, StorePath]) -> dict[str, str]:
-        return {g.outputs[o].hash_part: p.hash_part for o, p in scratch.items() if p != g.outputs[o]}
+    def _attrs(self, g: _DrvGoal) -> DrvAttrs:
+        if g.attrs is None:
+            assert g.drv is not None
+            try:
+                g.attrs = DrvAttrs(g.drv.env, self.sd.print(g.drv_path))
+            except AttrError as e:
+                raise _Failure(BuildStatus.MISC_FAILURE, str(e)) from None
+        return g.attrs
 
-    def _environment(self, g: _DrvGoal, tmpdir: str, scratch: dict[str, StorePath]) -> dict[str, str]:
-        """Nix's builder environment (the derivation's variables come first, then these)."""
-        drv, st = g.drv, self.settings
+    def _environment(self, g: _DrvGoal, tmpdir: str,
+                     scratch: dict[str, StorePath]) -> tuple[dict[str, str], dict[str, bytes]]:
+        """Nix's builder environment and build-dir files (drvenv.py)."""
+        drv, st, store = g.drv, self.settings, self.store
         assert drv is not None
-        rewrites = self._input_rewrites(g, scratch)
-        env: dict[str, str] = {
-            "PATH": "/path-not-set",
-            "HOME": "/homeless-shelter",
-            "NIX_STORE": self.sd.path,
-            "NIX_BUILD_CORES": str(st.cores),
-        }
-        if "__json" in drv.env:
-            raise _Failure(BuildStatus.MISC_FAILURE, "structured attributes (__structuredAttrs) "
-                           "are not supported by storekeeper's builder")
-        pass_as_file = set(drv.env.get("passAsFile", "").split())
-        n = 0
-        for key, value in drv.env.items():
-            value = _rewrite_str(value, rewrites)
-            if key in pass_as_file:
-                fn = f".attr-{n}"
-                n += 1
-                path = os.path.join(tmpdir, fn)
-                with open(path, "wb") as f:
-                    f.write(value.encode("utf-8", "surrogateescape"))
-                env[key + "Path"] = path
-            else:
-                env[key] = value
-        for var in ("NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"):
-            env[var] = tmpdir
-        if derivation_type(drv) is DerivationType.CA_FIXED:
-            # Fixed outputs are checked by hash, so they may see the network
-            # settings of the daemon (impureEnvVars).
-            for var in drv.env.get("impureEnvVars", "").split():
-                env[var] = os.environ.get(var, "")
-        env["NIX_LOG_FD"] = "2"
-        env["TERM"] = "xterm-256color"
+
+        def graphs() -> GraphSource:
+            return GraphSource(self._input_closure(g), store.path_info,
+                               lambda d: store.query_derivation_outputs(d).values())
+
+        try:
+            built = builder_env(self.sd, self._attrs(g), tmpdir, st.cores, scratch,
+                                output_rewrites(self.sd, g.outputs, scratch),
+                                derivation_type(drv) is DerivationType.CA_FIXED, os.environ, graphs)
+        except InputRejected as e:
+            raise _Failure(BuildStatus.INPUT_REJECTED, str(e)) from None
+        except AttrError as e:
+            raise _Failure(BuildStatus.MISC_FAILURE, str(e)) from None
+        env = built.env
         for key in list(env):
             if "\0" in key or "=" in key or "\0" in env[key]:
                 raise _Failure(BuildStatus.MISC_FAILURE,
                                f"environment variable '{key}' cannot be passed to the builder")
-        return env
+        return env, built.files
 
     # --- waiting for builders -----------------------------------------------------
 
@@ -1339,46 +1342,34 @@ class Builder:
         for name in sorted(refs_by_out):
             visit(name, None)
 
-    _REFERENCE_RULES = (("allowedReferences", True, False), ("allowedRequisites", True, True),
-                        ("disallowedReferences", False, False), ("disallowedRequisites", False, True))
-
     def _check_reference_rules(self, g: _DrvGoal, infos: dict[str, ValidPathInfo]) -> None:
-        """``allowedReferences`` & co.: paths or output names, checked against each
-        output's references (or its closure, for the ``*Requisites`` forms)."""
-        drv, sd = g.drv, self.sd
-        assert drv is not None
-        new_refs = {i.path: i.references for i in infos.values()}
+        """``allowedReferences`` & co. (``outputChecks.<output>`` when structured, with
+        ``maxSize`` and ``maxClosureSize``), output by output (attrs.py)."""
+        sd = self.sd
+        new = {i.path: i for i in infos.values()}
 
-        def closure(start: StorePath) -> set[StorePath]:
-            seen, todo = set(), [start]
-            while todo:
-                p = todo.pop()
-                if p in seen:
-                    continue
-                seen.add(p)
-                todo.extend(new_refs[p] if p in new_refs else self.store.path_info(p).references)
-            return seen
+        def info_of(p: StorePath) -> ValidPathInfo:
+            return new[p] if p in new else self.store.path_info(p)
 
-        for _name, info in sorted(infos.items()):
-            for attr, allowed, requisites in self._REFERENCE_RULES:
-                if attr not in drv.env:
+        def resolve(item: str) -> str | None:
+            if sd.is_store_path(item):
+                return item
+            return sd.print(g.outputs[item]) if item in g.outputs else None
+
+        for name, info in sorted(infos.items()):
+            try:
+                checks = output_checks(self._attrs(g), name)
+                if checks is None:
                     continue
-                spec: set[StorePath] = set()
-                for item in drv.env[attr].split():
-                    if item in g.outputs:
-                        spec.add(g.outputs[item])
-                    else:
-                        try:
-                            spec.add(sd.parse(item, lax=True))
-                        except FormatError:
-                            raise _Failure(BuildStatus.OUTPUT_REJECTED, "derivation contains an "
-                                           f"illegal reference specifier '{item}'") from None
-                used = closure(info.path) - {info.path} if requisites else set(info.references)
-                bad = used - spec if allowed else used & spec
-                if bad:
-                    paths = "".join(f"\n  {sd.print(p)}" for p in sorted(bad))
-                    raise _Failure(BuildStatus.OUTPUT_REJECTED, f"output '{sd.print(info.path)}' is "
-                                   f"not allowed to refer to the following paths:{paths}")
+
+                def closure(info: ValidPathInfo = info) -> tuple[set[str], int]:
+                    paths = refgraph_closure([info.path], info_of)
+                    return {sd.print(p) for p in paths}, sum(info_of(p).nar_size for p in paths)
+
+                apply_checks(checks, sd.print(info.path), info.nar_size,
+                             [sd.print(r) for r in info.references], closure, resolve)
+            except AttrError as e:
+                raise _Failure(BuildStatus.OUTPUT_REJECTED, str(e)) from None
 
     def _check_outputs(self, run: _Run, rewrites: dict[bytes, bytes]) -> None:
         """--check: the rebuilt outputs must have the registered NAR hashes."""
@@ -1414,12 +1405,6 @@ class Builder:
 
 
 # --- helpers ------------------------------------------------------------------
-
-
-def _rewrite_str(value: str, rewrites: Mapping[str, str]) -> str:
-    for old, new in rewrites.items():
-        value = value.replace(old, new)
-    return value
 
 
 def _rewritten(chunks: Iterable[bytes], rewrites: Mapping[bytes, bytes]) -> Iterator[bytes]:

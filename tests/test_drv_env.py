@@ -1,0 +1,307 @@
+"""The derivation environment (build/attrs.py, build/refgraph.py, build/drvenv.py).
+
+Fast tier: the renderers against independent oracles (bash reading ``.attrs.sh``
+back, Python's json module reading ``.attrs.json`` back) and the pure pieces.
+Slow tier (real Nix): the same derivations built by the real nix-daemon and by
+ours at the same store path, the builder dumping its environment and build dir
+into its output; everything, bytes and messages, must come out the same.  And a
+small stdenv-like chain (copied host tools as a fixed output, a setup script
+through passAsFile, placeholders, multiple outputs, structured attrs,
+exportReferencesGraph) with identical output hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import needs_nix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storekeeper.build import refgraph
+from storekeeper.build.attrs import (
+    AttrError,
+    DrvAttrs,
+    OutputChecks,
+    apply_checks,
+    attr_file_name,
+    output_checks,
+    parse_json,
+    placeholder,
+    render_json,
+    render_sh,
+    rewrite,
+    structured_document,
+)
+from storekeeper.build.drvenv import GraphSource, builder_env, output_rewrites
+from storekeeper.formats.hashes import Hash, nix32_encode
+from storekeeper.formats.pathinfo import ValidPathInfo
+from storekeeper.formats.storepath import StoreDir, StorePath
+
+SD = StoreDir("/nix/store")
+
+
+def sp(name: str, h: str = "0") -> StorePath:
+    return StorePath.make(h * 32, name)
+
+
+# --- .attrs.sh: bash is the oracle for the quoting ---------------------------------------------
+
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12)
+_scalar = st.one_of(_text, st.booleans(), st.none(), st.integers(-(1 << 40), 1 << 40))
+# (bash's own special variables all start with an upper-case letter or are "_")
+_names = st.from_regex(r"[a-z][A-Za-z0-9_]{0,6}", fullmatch=True)
+
+
+def _bash_value(v) -> str:
+    """What bash should hold for a scalar: 32-bit wrapped ints, 1/'' for Booleans."""
+    if v is True:
+        return "1"
+    if v is False or v is None:
+        return ""
+    if isinstance(v, int):
+        n = v & 0xFFFFFFFF
+        return str(n - (1 << 32) if n >= 1 << 31 else n)
+    return v
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.dictionaries(_names, st.one_of(_scalar, st.lists(_scalar, max_size=4),
+                                         # (bash refuses an empty key; Nix writes it all the same)
+                                         st.dictionaries(_text.filter(bool), _scalar, max_size=4)),
+                       max_size=5))
+def test_attrs_sh_reads_back_in_bash(doc):
+    script = render_sh(doc)
+    names = sorted(doc)
+    # print each variable back NUL-separated: scalars, array items, or key/value pairs
+    dump = "".join(
+        f'if declare -p {n} 2>/dev/null | grep -q "^declare -A"; then '
+        f'for __k in "${{!{n}[@]}}"; do printf "%s\\0%s\\0" "$__k" "${{{n}[$__k]}}"; done; '
+        f'else for __v in "${{{n}[@]}}"; do printf "%s\\0" "$__v"; done; fi; printf "\\1\\0"; '
+        for n in names)
+    p = subprocess.run(["bash", "-c", script + dump], capture_output=True, timeout=20)
+    assert p.returncode == 0, p.stderr
+    got = p.stdout.decode("utf-8", "surrogateescape").split("\0")
+    chunks, cur = [], []
+    for item in got[:-1]:
+        if item == "\1":
+            chunks.append(cur)
+            cur = []
+        else:
+            cur.append(item)
+    for n, chunk in zip(names, chunks):
+        v = doc[n]
+        if isinstance(v, dict):
+            want = dict(zip(chunk[::2], chunk[1::2]))
+            assert want == {k: _bash_value(x) for k, x in v.items()}
+        elif isinstance(v, list):
+            # false is an empty word in an array: bash drops it (as in Nix's file)
+            assert chunk == [_bash_value(x) for x in v if x is not False]
+        else:
+            assert chunk == [_bash_value(v)]
+
+
+def test_attrs_sh_skips_what_bash_cannot_hold():
+    doc = {"bad-name": "x", "nested": [[1]], "deep": {"a": {"b": 1}}, "float": 1.5,
+           "whole": 2.0, "mixed": [1, 1.5], "big": 1e20, "ok": "y"}
+    assert render_sh(doc) == ("declare big=-2147483648\ndeclare ok='y'\ndeclare whole=2\n")
+
+
+# --- .attrs.json: Python's json reads it back; nlohmann's layout --------------------------------
+
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), _text,
+              st.floats(allow_nan=False, allow_infinity=False)),
+    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(_text, kids, max_size=3)),
+    max_leaves=12)
+
+
+def _no_floats(v) -> bool:
+    if isinstance(v, float):
+        return False
+    if isinstance(v, list):
+        return all(map(_no_floats, v))
+    if isinstance(v, dict):
+        return all(map(_no_floats, v.values()))
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json)
+def test_attrs_json_round_trips(doc):
+    text = render_json(doc)
+    assert parse_json(text) == doc
+    if _no_floats(doc):
+        assert text == json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_doubles_are_shortest_and_marked(x):
+    text = render_json(x)
+    assert float(text) == x
+    # always a double to a reader: a point or an exponent
+    assert "." in text or "e" in text
+    digits = text.lstrip("-").split("e")[0].replace(".", "").strip("0")
+    assert len(digits) <= len(repr(abs(x)).split("e")[0].replace(".", "").strip("0"))
+
+
+def test_doubles_switch_to_exponents_past_fifteen_digits():
+    # the one place nlohmann differs from Python's repr
+    assert render_json(1e15) == "1e+15" and repr(1e15) == "1000000000000000.0"
+    assert render_json(123456789012345.0) == "123456789012345.0"
+    assert render_json(0.0001) == "0.0001" and render_json(0.00001) == "1e-05"
+
+
+# --- names, rewrites -----------------------------------------------------------------------------
+
+def test_placeholder_and_attr_file_names():
+    h = hashlib.sha256(b"nix-output:dev").digest()
+    assert placeholder("dev") == "/" + nix32_encode(h)
+    assert attr_file_name("foo") == ".attr-" + nix32_encode(hashlib.sha256(b"foo").digest())
+
+
+def test_rewrites_apply_in_key_order_each_to_the_whole_text():
+    assert rewrite("ab", {"b": "c", "a": "b"}) == "cc"  # "a" first: "bb", then "cc"
+    assert rewrite("ab", {"x": "y"}) == "ab"
+
+
+# --- the environment ---------------------------------------------------------------------------
+
+def _env(drv_env: dict[str, str], scratch=None, fixed=False, graphs=None, daemon_env=None):
+    outputs = {"out": sp("x"), "dev": sp("x-dev", "1")}
+    scratch = scratch or outputs
+    attrs = DrvAttrs(drv_env, "/nix/store/" + "2" * 32 + "-x.drv")
+    return builder_env(SD, attrs, "/build/top", 3, scratch, output_rewrites(SD, outputs, scratch),
+                       fixed, daemon_env or {}, graphs or (lambda: pytest.fail("not needed")))
+
+
+def test_plain_environment_with_pass_as_file_and_placeholders():
+    drv_env = {"out": "/nix/store/" + "0" * 32 + "-x", "foo": "at " + placeholder("out"),
+               "passAsFile": "foo missing", placeholder("dev"): "key", "PATH": "/bin",
+               "NIX_BUILD_TOP": "ignored"}
+    built = _env(drv_env)
+    fn = attr_file_name("foo")
+    assert built.files == {fn: b"at /nix/store/" + b"0" * 32 + b"-x"}
+    env = built.env
+    assert env["fooPath"] == f"/build/top/{fn}" and "foo" not in env
+    assert env["/nix/store/" + "1" * 32 + "-x-dev"] == "key"
+    assert env["PATH"] == "/bin" and env["NIX_BUILD_TOP"] == "/build/top"
+    assert env["NIX_BUILD_CORES"] == "3" and env["NIX_STORE"] == "/nix/store"
+    assert "NIX_OUTPUT_CHECKED" not in env and "NIX_ATTRS_JSON_FILE" not in env
+
+
+def test_rebuilds_see_scratch_paths_everywhere():
+    outputs = {"out": sp("x"), "dev": sp("x-dev", "1")}
+    scratch = {"out": sp("x", "9"), "dev": outputs["dev"]}
+    drv_env = {"out": SD.print(outputs["out"]), "p": placeholder("out") + "/bin",
+               "__json": json.dumps({"a": SD.print(outputs["out"])})}
+    built = _env({k: v for k, v in drv_env.items() if k != "__json"}, scratch=scratch)
+    assert built.env["out"] == SD.print(scratch["out"])
+    assert built.env["p"] == SD.print(scratch["out"]) + "/bin"
+    doc = json.loads(_env(drv_env, scratch=scratch).files[".attrs.json"])
+    assert doc["a"] == SD.print(scratch["out"]) and doc["outputs"]["out"] == SD.print(scratch["out"])
+
+
+def test_structured_environment_hides_the_drv_variables():
+    doc = {"name": "x", "PATH": "/bin", "outputChecks": {"out": {"maxSize": 5}},
+           "list": [1, "a"], "impureEnvVars": ["FOO"]}
+    built = _env({"__json": json.dumps(doc), "out": "/nix/store/" + "0" * 32 + "-x"},
+                 fixed=True, daemon_env={"FOO": "bar"})
+    env = built.env
+    assert env["PATH"] == "/path-not-set" and "out" not in env and "name" not in env
+    assert env["NIX_ATTRS_JSON_FILE"] == "/build/top/.attrs.json"
+    assert env["NIX_ATTRS_SH_FILE"] == "/build/top/.attrs.sh"
+    assert env["NIX_OUTPUT_CHECKED"] == "1" and env["FOO"] == "bar"
+    full = structured_document(doc, {"dev": "/nix/store/" + "1" * 32 + "-x-dev",
+                                     "out": "/nix/store/" + "0" * 32 + "-x"}, {})
+    assert built.files[".attrs.json"].decode() == render_json(full)
+    assert built.files[".attrs.sh"].decode() == render_sh(full)
+
+
+def test_export_references_graph_plain_and_structured():
+    dep2, dep, drv = sp("dep2", "a"), sp("dep", "b"), sp("dep.drv", "c")
+    infos = {
+        dep2: ValidPathInfo(dep2, Hash("sha256", bytes(32)), 120),
+        dep: ValidPathInfo(dep, Hash("sha256", bytes(32)), 176, frozenset({dep2})),
+        drv: ValidPathInfo(drv, Hash("sha256", bytes(32)), 500, ca="text:sha256:" + "0" * 52),
+    }
+    g = GraphSource(set(infos), infos.__getitem__, lambda d: [dep])
+    built = _env({"exportReferencesGraph": f"a {SD.print(dep)}/sub b {SD.print(drv)}"},
+                 graphs=lambda: g)
+    p = SD.print
+    assert built.files["a"].decode() == f"{p(dep2)}\n\n0\n{p(dep)}\n\n1\n{p(dep2)}\n"
+    # a derivation brings the closures of its outputs along
+    assert built.files["b"].decode() == built.files["a"].decode() + f"{p(drv)}\n\n0\n"
+    doc = json.loads(_env({"__json": json.dumps({"exportReferencesGraph": {"b": p(drv)}})},
+                          graphs=lambda: g).files[".attrs.json"])
+    assert [i["path"] for i in doc["b"]] == [p(dep2), p(dep), p(drv)]
+    assert doc["b"][1] == {"closureSize": 296, "narHash": "sha256:" + "0" * 52, "narSize": 176,
+                           "path": p(dep), "references": [p(dep2)]}
+    assert doc["b"][2]["ca"] == "text:sha256:" + "0" * 52
+    for bad, msg in (("a", "odd number of tokens in 'exportReferencesGraph': 'a'"),
+                     (f"a/b {p(dep)}", "invalid file name 'a/b' in 'exportReferencesGraph'"),
+                     ("a /etc/passwd", "'exportReferencesGraph' contains a non-store path '/etc/passwd'")):
+        with pytest.raises(AttrError, match="^" + msg.replace("(", r"\(") + "$"):
+            _env({"exportReferencesGraph": bad}, graphs=lambda: g)
+    g.inputs = {dep2}
+    with pytest.raises(refgraph.InputRejected, match="not in the input closure"):
+        _env({"exportReferencesGraph": f"a {p(dep)}"}, graphs=lambda: g)
+
+
+# --- output checks -----------------------------------------------------------------------------
+
+def test_output_checks_come_from_outputChecks_when_structured():
+    drv = "/nix/store/" + "2" * 32 + "-x.drv"
+    plain = DrvAttrs({"allowedReferences": "out  /nix/store/x", "outputChecks": "ignored"}, drv)
+    assert output_checks(plain, "out") == OutputChecks(allowed_references=["out", "/nix/store/x"],
+                                                       ignore_self_refs=True)
+    doc = {"allowedReferences": [], "outputChecks": {"out": {"maxSize": 10, "allowedRequisites": "x",
+                                                             "disallowedReferences": None}}}
+    s = DrvAttrs({"__json": json.dumps(doc)}, drv)
+    assert output_checks(s, "dev") is None
+    assert output_checks(s, "out") == OutputChecks(max_size=10, allowed_requisites=["x"],
+                                                   disallowed_references=[])
+    bad = DrvAttrs({"__json": json.dumps({"outputChecks": {"out": {"allowedReferences": [1]}}})}, drv)
+    with pytest.raises(AttrError, match=f"^attribute 'allowedReferences' of derivation '{drv}' "
+                                        "must be a list of strings$"):
+        output_checks(bad, "out")
+    bad = DrvAttrs({"__json": json.dumps({"outputChecks": {"out": {"maxSize": "x"}}})}, drv)
+    with pytest.raises(AttrError, match=r"type must be number, but is string"):
+        output_checks(bad, "out")
+
+
+def test_apply_checks_in_nix_order_with_nix_messages():
+    def run(checks, refs=("/s/b",)):
+        return apply_checks(checks, "/s/a", 100, refs, lambda: ({"/s/a", "/s/b", "/s/c"}, 300),
+                            lambda i: {"out": "/s/a"}.get(i, i if i.startswith("/s/") else None))
+    with pytest.raises(AttrError, match="^path '/s/a' is too large at 100 bytes; limit is 99 bytes$"):
+        run(OutputChecks(max_size=99, max_closure_size=1))
+    with pytest.raises(AttrError, match="^closure of path '/s/a' is too large at 300 bytes"):
+        run(OutputChecks(max_size=100, max_closure_size=299))
+    run(OutputChecks(allowed_references=["/s/b"], allowed_requisites=["out", "/s/b", "/s/c"]))
+    run(OutputChecks(allowed_requisites=["/s/b", "/s/c"], ignore_self_refs=True))
+    with pytest.raises(AttrError, match="^output '/s/a' is not allowed to refer to the following "
+                                        "paths:\n  /s/a$"):
+        run(OutputChecks(allowed_requisites=["/s/b", "/s/c"]))
+    with pytest.raises(AttrError, match="illegal reference specifier 'dev'"):
+        run(OutputChecks(disallowed_references=["dev"]))
+
+
+def test_drv_attrs_typed_access():
+    drv = "/nix/store/" + "2" * 32 + "-x.drv"
+    plain = DrvAttrs({"a": " x\ty\n", "b": "1"}, drv)
+    assert plain.get_strings("a") == ["x", "y"] and plain.get_bool("b") and not plain.get_bool("c")
+    s = DrvAttrs({"__json": json.dumps({"a": "x", "b": True, "c": [1]})}, drv)
+    assert s.get_string("a") == "x" and s.get_bool("b") and s.get_strings("z") is None
+    with pytest.raises(AttrError, match="must be a list of strings"):
+        s.get_strings("c")
+    with pytest.raises(AttrError, match="must be a Boolean"):
+        s.get_bool("a")
+    assert parse_json(str(1 << 64)) == float(1 << 64)  # beyond 64 bits: a double
+    assert isinstance(parse_json(str((1 << 64) - 1)), int)
