@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 from conftest import needs_nix
+from daemon_util import strip_ansi
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_build import area_factory  # noqa: F401 -- the fixture
 
 from storekeeper.build import refgraph
 from storekeeper.build.attrs import (
@@ -305,3 +306,144 @@ def test_drv_attrs_typed_access():
         s.get_bool("a")
     assert parse_json(str(1 << 64)) == float(1 << 64)  # beyond 64 bits: a double
     assert isinstance(parse_json(str((1 << 64) - 1)), int)
+
+
+# --- the oracle: real nix-daemon and ours, same derivations, same store path ------------------
+
+DUMP = r'''
+import json, os, sys
+top = os.environ.get("NIX_BUILD_TOP", os.getcwd())
+files = {}
+for n in sorted(os.listdir(top)):
+    with open(os.path.join(top, n), "rb") as f:
+        files[n] = f.read().decode("utf-8", "backslashreplace")
+res = {"env": dict(sorted(os.environ.items())), "files": files, "argv": sys.argv, "cwd": os.getcwd()}
+if "out" in os.environ:
+    outs = {k: os.environ[k] for k in ("out", "dev")}
+else:
+    with open(os.path.join(top, ".attrs.json")) as f:
+        outs = json.load(f)["outputs"]
+with open(outs["dev"], "w") as f:
+    f.write("")
+with open(outs["out"], "w") as f:
+    f.write(json.dumps(res, indent=1, sort_keys=True))
+'''
+
+PROBES = r'''
+let
+  sys = builtins.currentSystem;
+  dump = ./dump.py;
+  dep2 = derivation { name = "dep2"; system = sys; builder = "/bin/sh"; args = ["-c" "echo x > $out"]; };
+  dep = derivation { name = "dep"; system = sys; builder = "/bin/sh"; args = ["-c" "echo ${dep2} > $out"]; };
+  mk = name: extra: derivation ({ inherit name; system = sys; builder = "/usr/bin/python3";
+                                   args = [dump "${placeholder "out"}/arg"]; outputs = ["out" "dev"]; } // extra);
+in {
+  plain = mk "plain" {
+    foo = "foo ${placeholder "out"} ${placeholder "dev"}"; bar = "bar\n"; "weird-name" = "w";
+    passAsFile = ["foo" "bar" "weird-name" "missing" "foo"];
+    plain = "x${placeholder "dev"}y"; "${placeholder "out"}" = "key"; PATH = "/usr/bin:/bin";
+    exportReferencesGraph = ["graph" dep "g2" "${dump}/sub" "g3" dep.drvPath];
+  };
+  structured = mk "structured" {
+    __structuredAttrs = true;
+    str = "it's a \"str\"\n\t${placeholder "dev"} é \u{1}";
+    int = 42; neg = -7; big = 4294967297; huge = 9223372036854775807;
+    floats = [1.5 2.0 0.1 1000000000000000.0 123456789012345.6 0.00001 0.0001 (-3.25) 12345678901234567890.0];
+    float = 1.5; whole = 2.0; t = true; f = false; n = null;
+    list = [1 "a" true false null]; nested = [[1]]; emptyl = []; emptya = {};
+    attrs = { a = 1; "b c" = "d'e"; z = false; "" = 1; }; deep = { a.b = 1; };
+    "bad-name" = 1; PATH = "/bin"; passAsFile = ["str"];
+    exportReferencesGraph = { graph = [ dep ]; g2 = dump; g3 = dep.drvPath; };
+    outputChecks.out.maxSize = 100000;
+  };
+  fixed = derivation { name = "fixed"; system = sys; builder = "/usr/bin/python3";
+    args = ["-c" "import os; print(sorted(os.environ.items())); open(os.environ['out'], 'w').write('')"];
+    outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    impureEnvVars = ["SK_PROBE_IMPURE" "SK_PROBE_UNSET"]; };
+  odd = mk "odd" { exportReferencesGraph = ["a"]; };
+  badname = mk "badname" { exportReferencesGraph = ["a/b" dep]; };
+  nonstore = mk "nonstore" { exportReferencesGraph = ["a" "/etc/passwd"]; };
+  notinput = mk "notinput" { exportReferencesGraph = ["a" (builtins.unsafeDiscardStringContext "${dep}")]; };
+  maxsize = mk "maxsize" { __structuredAttrs = true; outputChecks.out.maxSize = 10; };
+  maxclosure = mk "maxclosure" { __structuredAttrs = true; outputChecks.out.maxClosureSize = 10; };
+  requisites = mk "requisites" { __structuredAttrs = true; outputChecks.out.allowedRequisites = [ ]; };
+  references = mk "references" { __structuredAttrs = true; outputChecks.out.allowedReferences = [ "dev" ]; };
+  devok = mk "devok" { __structuredAttrs = true; outputChecks.dev.allowedReferences = [ ];
+                       outputChecks.out.allowedReferences = [ "out" "dev" dump ];
+                       outputChecks.out.maxClosureSize = 100000; };
+  badtype = mk "badtype" { __structuredAttrs = true; outputChecks.out.allowedReferences = [ 1 ]; };
+  badsize = mk "badsize" { __structuredAttrs = true; outputChecks.out.maxSize = "x"; };
+  features = mk "features" { __structuredAttrs = true; requiredSystemFeatures = [ "sk-probe-feature" ]; };
+}
+'''
+PROBE_NAMES = ["plain", "structured", "fixed", "odd", "badname", "nonstore", "notinput", "maxsize",
+               "maxclosure", "requisites", "references", "devok", "badtype", "badsize", "features"]
+
+
+def _tmp_env(a) -> None:
+    """Both daemons keep build dirs under the area, so their names match."""
+    tmp = os.path.join(a.base, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    plain_env = a.env
+
+    def env(remote: bool = True) -> dict[str, str]:
+        e = plain_env(remote)
+        e.update({"TMPDIR": tmp, "SK_PROBE_IMPURE": "from-the-daemon"})
+        return e
+    a.env = env
+
+
+def _both(area_factory, files: dict[str, str], session) -> list:
+    """``session(area)`` against the real nix-daemon, then ours, at the same store path."""
+    results = []
+    base = None
+    for kind in ("nix", "ours"):
+        a = area_factory(base=base)
+        _tmp_env(a)
+        for name, text in files.items():
+            with open(os.path.join(a.work, name), "w") as f:
+                f.write(text)
+        a.start(kind)
+        try:
+            results.append(session(a))
+        finally:
+            a.stop()
+        base = a.base
+        if kind == "nix":
+            os.rename(base, base + "-nix")
+    return results
+
+
+def _probe_session(a) -> dict:
+    out = {}
+    for name in PROBE_NAMES:
+        p = a.run(["nix-build", "probes.nix", "-A", name, "--no-out-link"])
+        err = strip_ansi(p.stderr.decode())
+        paths = p.stdout.decode().split()
+        out[name] = (p.returncode, paths, err, [open(q).read() for q in paths])
+    return out
+
+
+@needs_nix
+@pytest.mark.nix
+def test_builders_get_what_nix_daemon_gives(area_factory):
+    real, ours = _both(area_factory, {"probes.nix": PROBES, "dump.py": DUMP}, _probe_session)
+    for name in PROBE_NAMES:
+        assert ours[name] == real[name], name
+    # and what they got is what this feature is about
+    plain = json.loads(real["plain"][3][0])
+    out = real["plain"][1][0]
+    assert plain["env"]["fooPath"].endswith("/" + attr_file_name("foo"))
+    assert plain["files"][attr_file_name("foo")].startswith(f"foo {out} ")
+    assert plain["argv"][1] == out + "/arg" and plain["env"][out] == "key"
+    assert plain["files"]["graph"].count("\n\n") == 2
+    structured = json.loads(real["structured"][3][0])
+    assert "PATH" in structured["files"][".attrs.sh"] and structured["env"]["PATH"] == "/path-not-set"
+    assert set(structured["env"]) >= {"NIX_ATTRS_JSON_FILE", "NIX_ATTRS_SH_FILE"}
+    assert "FOO=" not in real["fixed"][2] and "'SK_PROBE_IMPURE', 'from-the-daemon'" in real["fixed"][2]
+    assert "NIX_OUTPUT_CHECKED" in real["fixed"][2]
+    for name in ("odd", "badname", "nonstore", "notinput", "maxsize", "maxclosure", "requisites",
+                 "references", "badtype", "badsize", "features"):
+        assert real[name][0] != 0, name
+    assert real["devok"][0] == 0, real["devok"][2]
