@@ -1,4 +1,4 @@
-"""The derivation environment (build/attrs.py, build/refgraph.py, build/drvenv.py).
+"""The derivation environment (build/attrs.py, build/refgraph.py, build/environment.py).
 
 Fast tier: the renderers against independent oracles (bash reading ``.attrs.sh``
 back, Python's json module reading ``.attrs.json`` back) and the pure pieces.
@@ -36,10 +36,10 @@ from storekeeper.build.attrs import (
     placeholder,
     render_json,
     render_sh,
-    rewrite,
     structured_document,
 )
-from storekeeper.build.drvenv import GraphSource, builder_env, output_rewrites
+from storekeeper.build.environment import GraphSource, builder_environment
+from storekeeper.build.rewrite import input_rewrites, rewrite_str
 from storekeeper.formats.hashes import Hash, nix32_encode
 from storekeeper.formats.pathinfo import ValidPathInfo
 from storekeeper.formats.storepath import StoreDir, StorePath
@@ -168,8 +168,8 @@ def test_placeholder_and_attr_file_names():
 
 
 def test_rewrites_apply_in_key_order_each_to_the_whole_text():
-    assert rewrite("ab", {"b": "c", "a": "b"}) == "cc"  # "a" first: "bb", then "cc"
-    assert rewrite("ab", {"x": "y"}) == "ab"
+    assert rewrite_str("ab", {"b": "c", "a": "b"}) == "cc"  # "a" first: "bb", then "cc"
+    assert rewrite_str("ab", {"x": "y"}) == "ab"
 
 
 # --- the environment ---------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def _env(drv_env: dict[str, str], scratch=None, fixed=False, graphs=None, daemon
     outputs = {"out": sp("x"), "dev": sp("x-dev", "1")}
     scratch = scratch or outputs
     attrs = DrvAttrs(drv_env, "/nix/store/" + "2" * 32 + "-x.drv")
-    return builder_env(SD, attrs, "/build/top", 3, scratch, output_rewrites(SD, outputs, scratch),
+    return builder_environment(SD, attrs, "/build/top", 3, scratch, input_rewrites(SD, outputs, scratch),
                        fixed, daemon_env or {}, graphs or (lambda: pytest.fail("not needed")))
 
 

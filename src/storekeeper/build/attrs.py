@@ -12,8 +12,7 @@ Two modes, chosen by the derivation itself:
 
 Output placeholders (``/`` + nix32 of ``sha256("nix-output:<name>")``) in
 names, values, files and both renderings become the path the builder must
-write to.  Rewrites are applied pair by pair in key order, each replacing
-every occurrence, as Nix does.
+write to (:mod:`.rewrite`, :mod:`.environment`).
 
 Invariant kept here: ``render_json`` writes the bytes nlohmann's ``dump()``
 writes for the same document (compact, keys in byte order, only ``"``, ``\\``
@@ -59,13 +58,6 @@ def attr_file_name(name: str) -> str:
 def tokens(value: str) -> list[str]:
     """Nix's whitespace tokenising (space, tab, CR, LF only)."""
     return [t for t in _TOKEN_SEP.split(value) if t]
-
-
-def rewrite(text: str, rewrites: Mapping[str, str]) -> str:
-    for old in sorted(rewrites):
-        if old != rewrites[old]:
-            text = text.replace(old, rewrites[old])
-    return text
 
 
 # --- the parsed derivation ---------------------------------------------------------------------

@@ -1,15 +1,26 @@
-"""The builder's environment and build-dir files, computed without touching anything.
+"""The builder's environment: Nix 2.8's variables and build-dir files for one derivation.
 
-What Nix 2.8 gives a builder, in this order (later entries win):
+:func:`builder_environment` is a function of its arguments only: it writes
+nothing (the caller writes :attr:`BuildEnv.files` into the fresh build dir)
+and reads the store only through the ``graphs`` callback, called only when
+the derivation exports references.
+
+What a builder gets, in this order (later entries win):
 ``PATH=/path-not-set``, ``HOME=/homeless-shelter``, ``NIX_STORE``,
 ``NIX_BUILD_CORES``; then, for plain derivations, the .drv's variables (or
-``<name>Path`` for those in ``passAsFile``); ``NIX_BUILD_TOP``, ``TMPDIR``,
-``TEMPDIR``, ``TMP``, ``TEMP``, ``PWD`` (the build dir); for structured ones
-``NIX_ATTRS_JSON_FILE`` and ``NIX_ATTRS_SH_FILE``; for fixed outputs
-``NIX_OUTPUT_CHECKED=1`` and each ``impureEnvVars`` entry from the daemon's
-environment (empty when unset); ``NIX_LOG_FD=2``, ``TERM=xterm-256color``.
-Every ``name=value`` is then rewritten (placeholders and, when rebuilding,
-final output hashes to the scratch ones), names included.
+``<name>Path`` for those in ``passAsFile``, :mod:`.attrs`) and the
+``exportReferencesGraph`` files (:mod:`.refgraph`); ``NIX_BUILD_TOP``,
+``TMPDIR``, ``TEMPDIR``, ``TMP``, ``TEMP``, ``PWD`` (the build dir); for
+structured derivations ``.attrs.json``/``.attrs.sh`` and
+``NIX_ATTRS_JSON_FILE``/``NIX_ATTRS_SH_FILE`` (and none of the .drv's
+variables); for fixed outputs ``NIX_OUTPUT_CHECKED=1`` and each
+``impureEnvVars`` entry from the daemon's environment (empty when unset);
+``NIX_LOG_FD=2``, ``TERM=xterm-256color``.
+
+Invariants: every ``name=value``, and every file written, is rewritten with
+the output rewrites (:func:`.rewrite.input_rewrites`: placeholders to the paths
+the builder writes to, real hash parts to scratch ones), names included; no
+variable the builder gets contains a NUL (or ``=`` in its name).
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ from dataclasses import dataclass, field
 
 from ..formats.storepath import StoreDir, StorePath
 from . import refgraph
-from .attrs import DrvAttrs, attr_file_name, placeholder, render_json, render_sh, rewrite, tokens
+from .attrs import AttrError, DrvAttrs, attr_file_name, placeholder, render_json, render_sh, tokens
 from .attrs import structured_document as _doc
+from .rewrite import rewrite_str
 
 
 @dataclass
@@ -28,15 +40,6 @@ class BuildEnv:
     env: dict[str, str]
     #: build-dir file name -> contents, written before the builder starts
     files: dict[str, bytes] = field(default_factory=dict)
-
-
-def output_rewrites(sd: StoreDir, outputs: Mapping[str, StorePath],
-                    scratch: Mapping[str, StorePath]) -> dict[str, str]:
-    """Placeholders to the paths the builder writes to, and (when those are
-    scratch paths) the final hash parts to the scratch ones."""
-    rw = {placeholder(o): sd.print(p) for o, p in scratch.items()}
-    rw.update({outputs[o].hash_part: p.hash_part for o, p in scratch.items() if p != outputs[o]})
-    return rw
 
 
 @dataclass
@@ -52,9 +55,10 @@ def _encode(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def builder_env(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
-                scratch: Mapping[str, StorePath], rewrites: Mapping[str, str], fixed: bool,
-                daemon_env: Mapping[str, str], graphs: Callable[[], GraphSource]) -> BuildEnv:
+def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
+                        scratch: Mapping[str, StorePath], rewrites: Mapping[str, str],
+                        fixed: bool, daemon_env: Mapping[str, str],
+                        graphs: Callable[[], GraphSource]) -> BuildEnv:
     """``attrs``: the derivation's; ``scratch``: output name -> path written to;
     ``graphs``: called only when the derivation exports references."""
     env: dict[str, str] = {
@@ -69,7 +73,7 @@ def builder_env(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
         for key, value in attrs.env.items():
             if key in pass_as_file:
                 fn = attr_file_name(key)
-                out.files[fn] = _encode(rewrite(value, rewrites))
+                out.files[fn] = _encode(rewrite_str(value, rewrites))
                 env[key + "Path"] = f"{tmpdir}/{fn}"
             else:
                 env[key] = value
@@ -84,7 +88,7 @@ def builder_env(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
     for var in ("NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"):
         env[var] = tmpdir
     if attrs.structured is not None:
-        outputs = {o: rewrite(placeholder(o), rewrites) for o in scratch}
+        outputs = {o: rewrite_str(placeholder(o), rewrites) for o in scratch}
         exported = {}
         specs = refgraph.structured_specs(attrs.structured.get("exportReferencesGraph"), sd)
         if specs:
@@ -93,8 +97,8 @@ def builder_env(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
                 chosen = refgraph.export_references(paths, src.inputs, sd, src.info_of, src.outputs_of)
                 exported[name] = refgraph.info_json(chosen, sd, src.info_of)
         doc = _doc(attrs.structured, outputs, exported)
-        out.files[".attrs.sh"] = _encode(rewrite(render_sh(doc), rewrites))
-        out.files[".attrs.json"] = _encode(rewrite(render_json(doc), rewrites))
+        out.files[".attrs.sh"] = _encode(rewrite_str(render_sh(doc), rewrites))
+        out.files[".attrs.json"] = _encode(rewrite_str(render_json(doc), rewrites))
         env["NIX_ATTRS_SH_FILE"] = f"{tmpdir}/.attrs.sh"
         env["NIX_ATTRS_JSON_FILE"] = f"{tmpdir}/.attrs.json"
     if fixed:
@@ -105,7 +109,10 @@ def builder_env(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
     env["TERM"] = "xterm-256color"
     final: dict[str, str] = {}
     for key, value in env.items():
-        k, _, v = rewrite(f"{key}={value}", rewrites).partition("=")
+        k, _, v = rewrite_str(f"{key}={value}", rewrites).partition("=")
         final[k] = v
+    for key, value in final.items():
+        if "\0" in key or "=" in key or "\0" in value:
+            raise AttrError(f"environment variable '{key}' cannot be passed to the builder")
     out.env = final
     return out
