@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -43,6 +44,7 @@ from storekeeper.build.rewrite import input_rewrites, rewrite_str
 from storekeeper.formats.hashes import Hash, nix32_encode
 from storekeeper.formats.pathinfo import ValidPathInfo
 from storekeeper.formats.storepath import StoreDir, StorePath
+from storekeeper.fs.narfs import dump_path
 
 SD = StoreDir("/nix/store")
 
@@ -79,22 +81,22 @@ def _bash_value(v) -> str:
 def test_attrs_sh_reads_back_in_bash(doc):
     script = render_sh(doc)
     names = sorted(doc)
-    # print each variable back NUL-separated: scalars, array items, or key/value pairs
+    # print each variable back NUL-separated, after its item count: scalars and
+    # array items as they are, associative arrays as key/value pairs
     dump = "".join(
+        f'printf "%s\\0" "${{#{n}[@]}}"; '
         f'if declare -p {n} 2>/dev/null | grep -q "^declare -A"; then '
         f'for __k in "${{!{n}[@]}}"; do printf "%s\\0%s\\0" "$__k" "${{{n}[$__k]}}"; done; '
-        f'else for __v in "${{{n}[@]}}"; do printf "%s\\0" "$__v"; done; fi; printf "\\1\\0"; '
+        f'else for __v in "${{{n}[@]}}"; do printf "%s\\0" "$__v"; done; fi; '
         for n in names)
     p = subprocess.run(["bash", "-c", script + dump], capture_output=True, timeout=20)
     assert p.returncode == 0, p.stderr
     got = p.stdout.decode("utf-8", "surrogateescape").split("\0")
-    chunks, cur = [], []
-    for item in got[:-1]:
-        if item == "\1":
-            chunks.append(cur)
-            cur = []
-        else:
-            cur.append(item)
+    chunks = []
+    for n in names:
+        count = int(got.pop(0)) * (2 if isinstance(doc[n], dict) else 1)
+        chunks.append(got[:count])
+        del got[:count]
     for n, chunk in zip(names, chunks):
         v = doc[n]
         if isinstance(v, dict):
@@ -422,6 +424,11 @@ def _probe_session(a) -> dict:
         err = strip_ansi(p.stderr.decode())
         paths = p.stdout.decode().split()
         out[name] = (p.returncode, paths, err, [open(q).read() for q in paths])
+    # rebuilt at scratch paths: the builder sees those (placeholders included), and the
+    # result, rewritten back, must be the same bytes
+    for name in ("plain", "structured"):
+        p = a.run(["nix-build", "probes.nix", "-A", name, "--no-out-link", "--check"])
+        out[name + "-check"] = (p.returncode, strip_ansi(p.stderr.decode()))
     return out
 
 
@@ -429,8 +436,9 @@ def _probe_session(a) -> dict:
 @pytest.mark.nix
 def test_builders_get_what_nix_daemon_gives(area_factory):
     real, ours = _both(area_factory, {"probes.nix": PROBES, "dump.py": DUMP}, _probe_session)
-    for name in PROBE_NAMES:
+    for name in real:
         assert ours[name] == real[name], name
+    assert real["plain-check"][0] == 0 and real["structured-check"][0] == 0
     # and what they got is what this feature is about
     plain = json.loads(real["plain"][3][0])
     out = real["plain"][1][0]
@@ -447,3 +455,161 @@ def test_builders_get_what_nix_daemon_gives(area_factory):
                  "references", "badtype", "badsize", "features"):
         assert real[name][0] != 0, name
     assert real["devok"][0] == 0, real["devok"][2]
+
+
+# --- a small stdenv-like chain ----------------------------------------------------------------
+
+#: host tools copied into the store as one fixed output (dynamically linked: builds here
+#: are not sandboxed, so the host's libc serves them as it serves the daemons)
+TOOLS = ["bash", "cat", "chmod", "cp", "dash", "head", "ln", "ls", "mkdir", "mv", "rm", "sed",
+         "sort", "tr", "wc"]
+
+SETUP = r"""
+export PATH=@tools@/bin
+fixupOutput() {
+  [ -e "$1" ] || { echo "output $1 was not produced"; exit 1; }
+  if [ -d "$1/bin" ]; then
+    for f in "$1"/bin/*; do
+      if [ "$(head -c 2 "$f")" = "#!" ]; then
+        sed -i "1s|^#! */bin/sh|#!@tools@/bin/sh|" "$f"
+        chmod +x "$f"
+      fi
+    done
+  fi
+}
+genericBuild() {
+  if [ -n "${buildCommandPath:-}" ]; then
+    . "$buildCommandPath"
+  else
+    for phase in buildPhase installPhase; do
+      eval "p=\${${phase}Path:-}"
+      [ -z "$p" ] || { echo "running $phase"; . "$p"; }
+    done
+  fi
+  for o in ${outputs:-out}; do eval "fixupOutput \"\$$o\""; done
+}
+"""
+
+CHAIN = r'''
+let
+  sys = builtins.currentSystem;
+  tools = derivation {
+    name = "bootstrap-tools"; system = sys; builder = "/bin/sh";
+    args = ["-c" "PATH=/usr/bin:/bin; mkdir -p $out/bin; for t in @toollist@; do cp $(command -v $t) $out/bin/$t; done; ln -s dash $out/bin/sh"];
+    outputHashMode = "recursive"; outputHashAlgo = "sha256"; outputHash = "@toolshash@";
+  };
+  setup = builtins.replaceStrings ["@tools@"] ["${tools}"] (builtins.readFile ./setup.sh);
+  mkDerivation = args: derivation ({
+    system = sys; builder = "${tools}/bin/sh";
+    args = ["-e" "-c" ". \"$setupPath\"; genericBuild"];
+    inherit setup;
+    passAsFile = ["setup" "buildCommand" "buildPhase" "installPhase"];
+  } // args);
+  libgreet = mkDerivation {
+    name = "libgreet"; outputs = ["out" "dev"];
+    buildCommand = ''
+      mkdir -p $out/lib $dev/include $dev/nix-support
+      echo "greetings from libgreet" > $out/lib/greeting
+      echo "${placeholder "out"}/lib" > $dev/nix-support/libdir
+      echo "#define GREETING_DIR \"${placeholder "out"}/lib\"" > $dev/include/greet.h
+    '';
+  };
+  hello = mkDerivation {
+    name = "hello"; buildInputs = [ libgreet.dev ];
+    buildPhase = ''
+      libdir=$(cat ${libgreet.dev}/nix-support/libdir)
+      printf '#!/bin/sh\ncat %s/greeting\n' "$libdir" > hello
+    '';
+    installPhase = ''
+      mkdir -p ${placeholder "out"}/bin
+      cp hello $out/bin/hello
+    '';
+    allowedReferences = [ "out" tools libgreet.out ];
+  };
+  report = derivation {
+    name = "hello-report"; system = sys; builder = "${tools}/bin/bash";
+    __structuredAttrs = true;
+    args = ["-e" "-c" "source \"$NIX_ATTRS_SH_FILE\"; eval \"$setup\"; main"];
+    setup = setup + ''
+      main() {
+        mkdir -p ''${outputs[out]}
+        cp "$NIX_ATTRS_JSON_FILE" ''${outputs[out]}/attrs.json
+        echo "checks: ''${checks[@]}" > ''${outputs[out]}/summary
+        echo "hello is ''${targets[hello]}" >> ''${outputs[out]}/summary
+      }
+    '';
+    checks = [ "a" "b c" 3 true ];
+    targets = { hello = "${hello}"; };
+    exportReferencesGraph = { closure = [ hello ]; };
+    outputChecks.out = { allowedRequisites = [ "out" hello libgreet.out tools ]; maxSize = 100000; };
+  };
+  closureInfo = mkDerivation {
+    name = "closure-info";
+    exportReferencesGraph = [ "graph" report ];
+    buildCommand = ''
+      mkdir -p $out
+      cp graph $out/registration
+      ls ${hello}/bin > $out/hello-bin
+    '';
+  };
+in { inherit tools libgreet hello report closureInfo; }
+'''
+CHAIN_ATTRS = ["tools", "libgreet", "libgreet.dev", "hello", "report", "closureInfo"]
+
+
+def _host_tool(name: str) -> str:
+    # what the fixed output's `command -v` finds with PATH=/usr/bin:/bin
+    return next(p for p in (f"/usr/bin/{name}", f"/bin/{name}") if os.access(p, os.X_OK))
+
+
+def _tools_nar_hash() -> str:
+    tree = os.path.join("/tmp", f"sk-tools-{os.getpid()}")
+    os.makedirs(os.path.join(tree, "bin"))
+    try:
+        for t in TOOLS:
+            shutil.copy(_host_tool(t), os.path.join(tree, "bin", t))
+        os.symlink("dash", os.path.join(tree, "bin", "sh"))
+        h = hashlib.sha256()
+        for chunk in dump_path(tree):
+            h.update(chunk)
+        return h.hexdigest()
+    finally:
+        shutil.rmtree(tree)
+
+
+def _chain_session(a) -> dict:
+    out: dict = {}
+    for attr in CHAIN_ATTRS:
+        p = a.run(["nix-build", "chain.nix", "-A", attr, "-o", attr], timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+        paths = p.stdout.decode().split()
+        out[attr] = {q: a.run(["nix-store", "-q", "--hash", q], check=True).stdout.decode().strip()
+                     for q in paths}
+        out[attr + "-closure"] = a.run(["nix-store", "-qR", *paths], check=True).stdout.decode()
+    hello = os.path.join(a.work, "hello", "bin", "hello")
+    out["run"] = subprocess.run([hello], capture_output=True, timeout=20).stdout.decode()
+    report = os.readlink(os.path.join(a.work, "report"))
+    out["summary"] = open(os.path.join(report, "summary")).read()
+    out["attrs.json"] = open(os.path.join(report, "attrs.json")).read()
+    out["registration"] = open(os.path.join(a.work, "closureInfo", "registration")).read()
+    return out
+
+
+@needs_nix
+@pytest.mark.nix
+def test_stdenv_like_chain_builds_as_with_nix_daemon(area_factory):
+    if not all(shutil.which(t) for t in TOOLS):
+        pytest.skip("host tools for the bootstrap set are missing")
+    chain = CHAIN.replace("@toollist@", " ".join(TOOLS)).replace("@toolshash@", _tools_nar_hash())
+    real, ours = _both(area_factory, {"chain.nix": chain, "setup.sh": SETUP}, _chain_session)
+    assert ours == real
+    # the chain did what it says: placeholders, passAsFile phases, two outputs, structured
+    # attrs and both exportReferencesGraph forms
+    assert real["run"] == "greetings from libgreet\n"
+    dev = next(iter(real["libgreet.dev"]))
+    assert dev.endswith("-libgreet-dev") and next(iter(real["libgreet"])) in real["libgreet.dev-closure"]
+    assert real["summary"].startswith("checks: a b c 3 1\nhello is /")
+    doc = json.loads(real["attrs.json"])
+    hello = next(iter(real["hello"]))
+    assert hello in [i["path"] for i in doc["closure"]]
+    assert real["registration"].startswith("/") and hello + "\n\n" in real["registration"]
