@@ -23,7 +23,7 @@ from conftest import needs_nix
 from daemon_util import strip_ansi
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_build import area_factory  # noqa: F401 -- the fixture
+from test_build import area_factory, build_users  # noqa: F401 -- the fixtures
 
 from storekeeper.build import refgraph
 from storekeeper.build.attrs import (
@@ -396,12 +396,12 @@ def _tmp_env(a) -> None:
     a.env = env
 
 
-def _both(area_factory, files: dict[str, str], session) -> list:
+def _both(area_factory, files: dict[str, str], session, conf: str = "") -> list:
     """``session(area)`` against the real nix-daemon, then ours, at the same store path."""
     results = []
     base = None
     for kind in ("nix", "ours"):
-        a = area_factory(base=base)
+        a = area_factory(conf=conf, base=base)
         _tmp_env(a)
         for name, text in files.items():
             with open(os.path.join(a.work, name), "w") as f:
@@ -613,3 +613,39 @@ def test_stdenv_like_chain_builds_as_with_nix_daemon(area_factory):
     hello = next(iter(real["hello"]))
     assert hello in [i["path"] for i in doc["closure"]]
     assert real["registration"].startswith("/") and hello + "\n\n" in real["registration"]
+
+
+OWNED = r'''
+let mk = name: extra: derivation ({ inherit name; system = builtins.currentSystem; builder = "/bin/bash";
+  args = ["-c" ''
+    PATH=/usr/bin:/bin; cd "$NIX_BUILD_TOP"
+    if [ -n "''${NIX_ATTRS_SH_FILE:-}" ]; then source "$NIX_ATTRS_SH_FILE"; out=''${outputs[out]}; fi
+    for f in .attr-* .attrs.* graph; do
+      [ -e "$f" ] || continue
+      if [ -O "$f" ]; then echo "$f mine" >> $out; else echo "$f not mine" >> $out; fi
+    done
+  '']; } // extra);
+in {
+  plain = mk "owned-plain" { foo = "x"; passAsFile = ["foo"]; exportReferencesGraph = ["graph" ./owned.nix]; };
+  structured = mk "owned-structured" { __structuredAttrs = true; };
+}
+'''
+
+
+@needs_nix
+@pytest.mark.nix
+def test_build_dir_files_belong_to_the_build_user(area_factory, build_users):
+    group, _users = build_users
+
+    def session(a) -> dict:
+        out = {}
+        for attr in ("plain", "structured"):
+            p = a.run(["nix-build", "owned.nix", "-A", attr, "--no-out-link"])
+            out[attr] = (p.returncode, strip_ansi(p.stderr.decode())[-300:],
+                         [open(q).read() for q in p.stdout.decode().split()])
+        return out
+    real, ours = _both(area_factory, {"owned.nix": OWNED}, session,
+                       conf=f"build-users-group = {group}\n")
+    assert ours == real
+    assert real["plain"][2] == [f"{attr_file_name('foo')} mine\ngraph not mine\n"]
+    assert real["structured"][2] == [".attrs.json mine\n.attrs.sh mine\n"]

@@ -40,6 +40,9 @@ class BuildEnv:
     env: dict[str, str]
     #: build-dir file name -> contents, written before the builder starts
     files: dict[str, bytes] = field(default_factory=dict)
+    #: those of them the build user gets to own (all but exportReferencesGraph's,
+    #: which Nix leaves to the daemon: the builder may read them, not change them)
+    owned: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -74,6 +77,7 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
             if key in pass_as_file:
                 fn = attr_file_name(key)
                 out.files[fn] = _encode(rewrite_str(value, rewrites))
+                out.owned.add(fn)
                 env[key + "Path"] = f"{tmpdir}/{fn}"
             else:
                 env[key] = value
@@ -99,6 +103,7 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
         doc = _doc(attrs.structured, outputs, exported)
         out.files[".attrs.sh"] = _encode(rewrite_str(render_sh(doc), rewrites))
         out.files[".attrs.json"] = _encode(rewrite_str(render_json(doc), rewrites))
+        out.owned |= {".attrs.sh", ".attrs.json"}
         env["NIX_ATTRS_SH_FILE"] = f"{tmpdir}/.attrs.sh"
         env["NIX_ATTRS_JSON_FILE"] = f"{tmpdir}/.attrs.json"
     if fixed:

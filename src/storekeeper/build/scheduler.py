@@ -384,13 +384,14 @@ class Builder:
                 derivation_type(drv) is DerivationType.CA_FIXED, os.environ, graphs)
         except InputRejected as e:
             raise Failure(BuildStatus.INPUT_REJECTED, str(e)) from None
-        except AttrError as e:
+        except (AttrError, StoreError) as e:
+            # (StoreError: an exported derivation's outputs are not valid, say)
             raise Failure(BuildStatus.MISC_FAILURE, str(e)) from None
         for name, data in built.files.items():
             # nothing but us can have put a link here: the dir is new and ours
             with open(os.path.join(tmpdir, name), "xb") as f:
                 f.write(data)
-                if user is not None:
+                if user is not None and name in built.owned:
                     os.fchown(f.fileno(), user.uid, user.gid)
         return built.env
 
