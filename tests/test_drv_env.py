@@ -197,6 +197,9 @@ def test_plain_environment_with_pass_as_file_and_placeholders():
     assert env["PATH"] == "/bin" and env["NIX_BUILD_TOP"] == "/build/top"
     assert env["NIX_BUILD_CORES"] == "3" and env["NIX_STORE"] == "/nix/store"
     assert "NIX_OUTPUT_CHECKED" not in env and "NIX_ATTRS_JSON_FILE" not in env
+    for bad in ({"a=b": "x"}, {"a": "x\0y"}):
+        with pytest.raises(AttrError, match="cannot be passed to the builder"):
+            _env(bad)
 
 
 def test_rebuilds_see_scratch_paths_everywhere():

@@ -30,8 +30,16 @@ from dataclasses import dataclass, field
 
 from ..formats.storepath import StoreDir, StorePath
 from . import refgraph
-from .attrs import AttrError, DrvAttrs, attr_file_name, placeholder, render_json, render_sh, tokens
-from .attrs import structured_document as _doc
+from .attrs import (
+    AttrError,
+    DrvAttrs,
+    attr_file_name,
+    placeholder,
+    render_json,
+    render_sh,
+    structured_document,
+    tokens,
+)
 from .rewrite import rewrite_str
 
 
@@ -100,7 +108,7 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
             for name, paths in specs:
                 chosen = refgraph.export_references(paths, src.inputs, sd, src.info_of, src.outputs_of)
                 exported[name] = refgraph.info_json(chosen, sd, src.info_of)
-        doc = _doc(attrs.structured, outputs, exported)
+        doc = structured_document(attrs.structured, outputs, exported)
         out.files[".attrs.sh"] = _encode(rewrite_str(render_sh(doc), rewrites))
         out.files[".attrs.json"] = _encode(rewrite_str(render_json(doc), rewrites))
         out.owned |= {".attrs.sh", ".attrs.json"}
@@ -114,10 +122,11 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
     env["TERM"] = "xterm-256color"
     final: dict[str, str] = {}
     for key, value in env.items():
-        k, _, v = rewrite_str(f"{key}={value}", rewrites).partition("=")
-        final[k] = v
-    for key, value in final.items():
-        if "\0" in key or "=" in key or "\0" in value:
+        if "=" in key:
             raise AttrError(f"environment variable '{key}' cannot be passed to the builder")
+        k, _, v = rewrite_str(f"{key}={value}", rewrites).partition("=")
+        if "\0" in k or "\0" in v:
+            raise AttrError(f"environment variable '{key}' cannot be passed to the builder")
+        final[k] = v
     out.env = final
     return out
