@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath
 from . import refgraph
 from .attrs import (
@@ -62,6 +63,17 @@ class GraphSource:
     outputs_of: refgraph.OutputsOf
 
 
+def _memo(src: GraphSource) -> GraphSource:
+    """The same source, each path's info read once (closure sizes walk closures often)."""
+    infos: dict[StorePath, ValidPathInfo] = {}
+
+    def info_of(p: StorePath) -> ValidPathInfo:
+        if p not in infos:
+            infos[p] = src.info_of(p)
+        return infos[p]
+    return GraphSource(src.inputs, info_of, src.outputs_of)
+
+
 def _encode(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
@@ -92,7 +104,7 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
         if "exportReferencesGraph" in attrs.env:
             pairs = refgraph.plain_specs(attrs.env["exportReferencesGraph"], sd)
             if pairs:
-                src = graphs()
+                src = _memo(graphs())
                 for name, path in pairs:
                     found = refgraph.export_references([path], src.inputs, sd, src.info_of,
                                                        src.outputs_of)
@@ -104,7 +116,7 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
         exported = {}
         specs = refgraph.structured_specs(attrs.structured.get("exportReferencesGraph"), sd)
         if specs:
-            src = graphs()
+            src = _memo(graphs())
             for name, paths in specs:
                 chosen = refgraph.export_references(paths, src.inputs, sd, src.info_of, src.outputs_of)
                 exported[name] = refgraph.info_json(chosen, sd, src.info_of)
