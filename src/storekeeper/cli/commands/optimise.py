@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import needs_local
+from ..common import daemon_of, local_of, needs_local
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -36,8 +36,14 @@ def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_stats(store: Store, args: argparse.Namespace) -> int:
-    from ...store.optimise import pool_stats
-    ps = pool_stats(needs_local(store, "stats"))
+    local = local_of(store)
+    if local is not None:
+        from ...store.optimise import pool_stats
+        ps = pool_stats(local)
+    else:  # (storekeeper's daemon measures its pool; the real nix-daemon cannot)
+        daemon = daemon_of(store)
+        assert daemon is not None
+        ps = daemon.store_stats()
     if args.json:
         json.dump(ps.to_json(), sys.stdout)
         sys.stdout.write("\n")
