@@ -9,14 +9,18 @@ valid (Nix says "deleting '…'" and counts it).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import subprocess
+import threading
+import time
 
 import pytest
 from conftest import needs_nix, nix_env
 from daemon_util import start_daemon, stop_process, strip_ansi
+from test_build import Area, area_factory, drv_expr  # noqa: F401 -- (a fixture)
 
 NOPE = "/nix/store/00000000000000000000000000000000-nope"
 
@@ -132,3 +136,62 @@ def test_auto_gc_messages_like_the_real_daemon(tmp_path):
     assert len(got) == len(want)
     assert got[0][2].startswith("running auto-GC to free 1500000 bytes\nfinding garbage collector roots...\n")
     assert "deleting '" in got[1][2]
+
+
+# --- lock contention: what a client waiting for a lock is told ---------------------------------
+
+def gc_lock_steps(state: str):
+    def steps(run, work) -> None:
+        (work / "junk.txt").write_text("junk\n")
+        run("nix-store", "--add", str(work / "junk.txt"))
+        os.makedirs(state, exist_ok=True)
+        fd = os.open(os.path.join(state, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another collector holds the big lock ...
+        threading.Timer(2.0, os.close, [fd]).start()  # ... for two more seconds
+        run("nix-store", "--gc")
+    return steps
+
+
+@needs_nix
+@pytest.mark.nix
+def test_gc_lock_contention_told_like_the_real_daemon(tmp_path):
+    results = []
+    for kind in ("ours", "nix"):
+        tmp = tmp_path / kind
+        tmp.mkdir()
+        state = str(tmp / f"{kind}-root" / "nix" / "var" / "nix")
+        results.append(session(kind, tmp, steps=gc_lock_steps(state)))
+    got, want = results
+    assert got == want
+    assert got[-1][2].startswith("waiting for the big garbage collector lock...\n"), got[-1]
+
+
+def build_lock_session(a: Area) -> list:
+    """Two nix-build of one derivation at once: the second waits for the output's lock."""
+    fifo = os.path.join(a.base, "go")
+    os.mkfifo(fifo)
+    expr = drv_expr("once", rf"read v < {fifo}; echo $v > $out")
+    procs = [subprocess.Popen(["nix-build", "--no-out-link", "-E", expr], env=a.env(), cwd=a.work,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    with open(fifo, "w") as f:  # blocks until one builder reads
+        time.sleep(2.0)         # the other client meanwhile waits for the output lock
+        f.write("go\n")
+    outs = [(p.communicate(timeout=60), p.returncode) for p in procs]
+    os.unlink(fifo)
+    return sorted(((code, out.decode(), strip_ansi(err.decode())) for (out, err), code in outs),
+                  key=lambda o: "waiting for lock" in o[2])
+
+
+@needs_nix
+@pytest.mark.nix
+def test_build_lock_contention_told_like_the_real_daemon(area_factory):  # noqa: F811
+    a = area_factory()
+    want = build_lock_session(a.start("nix"))
+    a.stop()
+    os.rename(a.base, a.base + "-nix")  # (the same store dir again: the same paths)
+    a = area_factory(base=a.base)
+    got = build_lock_session(a.start("ours"))
+    assert got == want
+    assert [g[0] for g in got] == [0, 0] and got[0][1] == got[1][1]
+    assert f"waiting for lock on '{got[0][1].strip()}'...\n" in got[1][2]
+    assert "waiting for lock" not in got[0][2]
