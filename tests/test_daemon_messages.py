@@ -19,8 +19,15 @@ import time
 
 import pytest
 from conftest import needs_nix, nix_env
-from daemon_util import start_daemon, stop_process, strip_ansi
+from daemon_util import Client, DaemonError, start_daemon, stop_process, strip_ansi
 from test_build import Area, area_factory, drv_expr  # noqa: F401 -- (a fixture)
+
+from storekeeper.formats.contentaddress import RECURSIVE, ContentAddress
+from storekeeper.formats.hashes import Hash
+from storekeeper.formats.nar import dump_string
+from storekeeper.formats.pathinfo import ValidPathInfo
+from storekeeper.formats.storepath import StoreDir
+from storekeeper.formats.wire import Op, WireWriter, frame, write_path_info
 
 NOPE = "/nix/store/00000000000000000000000000000000-nope"
 
@@ -195,3 +202,74 @@ def test_build_lock_contention_told_like_the_real_daemon(area_factory):  # noqa:
     assert [g[0] for g in got] == [0, 0] and got[0][1] == got[1][1]
     assert f"waiting for lock on '{got[0][1].strip()}'...\n" in got[1][2]
     assert "waiting for lock" not in got[0][2]
+
+
+# --- hash mismatch: a NAR that does not match its metadata --------------------------------------
+
+def tampered_cache_steps(run, work) -> None:
+    """``nix copy`` from a binary cache whose NAR was changed after its narinfo was written:
+    the client sends the narinfo's hash, the daemon finds another."""
+    (work / "f.txt").write_text("hi\n")
+    src = f"local?root={work}/src"
+    p = run("nix-store", "--store", src, "--add", str(work / "f.txt"))
+    cache = f"file://{work}/cache?compression=none"
+    run("nix", "--extra-experimental-features", "nix-command", "copy", "--from", src, "--to", cache, p)
+    (nar,) = (work / "cache" / "nar").iterdir()
+    nar.write_bytes(nar.read_bytes().replace(b"hi\n", b"ho\n"))
+    run("nix", "--extra-experimental-features", "nix-command", "copy", "--no-check-sigs",
+        "--from", f"file://{work}/cache", p)
+    run("nix-store", "--check-validity", p)
+
+
+@needs_nix
+@pytest.mark.nix
+def test_hash_mismatch_told_like_the_real_daemon(tmp_path):
+    results = []
+    for kind in ("ours", "nix"):
+        (tmp_path / kind).mkdir()
+        steps = session(kind, tmp_path / kind, steps=tampered_cache_steps)
+        results.append([tuple(x.replace(f"{kind}.sock", "SOCK") if isinstance(x, str) else x
+                              for x in step) for step in steps])
+    got, want = results
+    assert got == want
+    assert "error: hash mismatch importing path '/nix/store/" in got[-2][2]
+    assert "';\n         specified: sha256:" in got[-2][2] and "\n         got:       sha256:" in got[-2][2]
+    assert got[-2][1] == 1 and got[-1][1] == 1  # and nothing was added
+
+
+def _nar_request(sd, info, nar: bytes) -> bytes:
+    return (WireWriter().u64(Op.AddToStoreNar).raw(write_path_info(WireWriter(), sd, info, True).take())
+            .boolean(False).boolean(True).raw(frame(nar)).take())
+
+
+@needs_nix
+@pytest.mark.nix
+def test_nar_metadata_mismatches_worded_like_the_real_daemon(tmp_path):
+    """The same AddToStoreNar requests (wrong hash, wrong size, wrong content address) to
+    both daemons: the same error messages, word for word."""
+    sd = StoreDir("/nix/store")
+    nar = dump_string(b"checked contents\n")
+    ca = ContentAddress(RECURSIVE, Hash.of("sha256", nar))
+    good = ValidPathInfo(ca.store_path(sd, "checked"), Hash.of("sha256", nar), len(nar), ca=ca.render())
+    bad = [good.with_(nar_hash=Hash.of("sha256", b"something else")),
+           good.with_(nar_size=len(nar) + 8),
+           good.with_(ca=ContentAddress(RECURSIVE, Hash.of("sha256", b"x")).render())]
+    messages = {}
+    for kind in ("ours", "nix"):
+        root, sock = str(tmp_path / f"{kind}-root"), str(tmp_path / f"{kind}.sock")
+        proc = start_daemon(kind, root, sock, nix_env(str(tmp_path)))
+        try:
+            c = Client.connect(sock).handshake()
+            try:
+                for info in bad:
+                    with pytest.raises(DaemonError) as e:
+                        c.op(WireWriter().raw(_nar_request(sd, info, nar)), Op.AddToStoreNar)
+                    messages.setdefault(kind, []).append(strip_ansi(str(e.value)))
+            finally:
+                c.close()
+        finally:
+            stop_process(proc)
+    assert messages["ours"] == messages["nix"]
+    assert [m.split(" importing path")[0] for m in messages["ours"]] == \
+        ["hash mismatch", "size mismatch", "ca hash mismatch"]
+    assert messages["ours"][1].endswith(f";\n  specified: {len(nar) + 8}\n  got:       {len(nar)}")
