@@ -119,7 +119,7 @@ def test_daemon_url_from_nix_remote_and_local_only_commands(stores, tmp_path, mo
     assert code == 0 and "served by the daemon" in out and "2.8.0" in out
     code, out, err = sk("why-alive", HELLO, store=None)  # (served: see test_inspection_…)
     assert code == 1 and "is not reachable from any root" in out
-    code, out, err = sk("optimise", store=None)
+    code, out, err = sk("optimise", "--dry-run", store=None)  # (plain optimise: OptimiseStore)
     assert code == 2 and "needs a local store" in err and err.count("\n") == 1  # usage
     code, _, err = sk("gc", "--keep-outputs", store=None)
     assert code == 2 and "daemon's settings" in err
@@ -149,7 +149,8 @@ def test_inspection_through_our_daemon_answers_as_the_local_store(stores, tmp_pa
     ref = sk("add-text", "ref.txt", str(tmp_path / "t"), "--ref", hello, "--ref", d)[1].strip()
     gcroot = f"{root}/nix/var/nix/gcroots/result"
     os.symlink(ref, gcroot)  # (the store dir is logical here: add-root would find it gone)
-    assert sk("optimise", store=root)[0] == 0
+    code, _, err = sk("optimise")  # OptimiseStore: the daemon links the identical files
+    assert code == 0 and "freed by hard-linking 2 files" in err, err
 
     def both(*args: str):
         local, daemon = sk(*args, store=root), sk(*args)
@@ -188,6 +189,8 @@ def test_inspection_through_nix_daemon_says_why_not_in_one_line(stores, tmp_path
         assert f"operation {op}" in err and "not storekeeper's daemon" in err
     code, out, err = sk("roots")
     assert code == 0 and "without kinds, owners and closure sizes" in err
+    code, out, err = sk("optimise")  # Nix's own OptimiseStore
+    assert code == 0 and "freed by hard-linking" in err, err
 
 
 @pytest.mark.nix

@@ -617,3 +617,9 @@ class RemoteStore(DerivedQueries, StorekeeperOps):
             for line in findings:
                 self._log(line)
         return report
+
+    def optimise(self, log: LogFn | None = None) -> None:
+        """OptimiseStore: the daemon hard-links identical files (it takes no options; its
+        summary, e.g. "X MiB freed by hard-linking N files", comes as a log line)."""
+        with self._exchange(WireWriter().u64(Op.OptimiseStore), on_line=log) as r:
+            r.u64("result")
