@@ -273,3 +273,32 @@ def test_nar_metadata_mismatches_worded_like_the_real_daemon(tmp_path):
     assert [m.split(" importing path")[0] for m in messages["ours"]] == \
         ["hash mismatch", "size mismatch", "ca hash mismatch"]
     assert messages["ours"][1].endswith(f";\n  specified: {len(nar) + 8}\n  got:       {len(nar)}")
+
+
+def modified_path_steps(root: str):
+    """A store file changed behind the store's back: what verifying says."""
+    def steps(run, work) -> None:
+        (work / "m.txt").write_text("original\n")
+        p = run("nix-store", "--add", str(work / "m.txt"))
+        real = os.path.join(root, p.lstrip("/"))
+        os.chmod(real, 0o644)
+        with open(real, "w") as f:
+            f.write("modified\n")
+        os.chmod(real, 0o444)
+        run("nix-store", "--verify-path", p)
+        run("nix-store", "--verify", "--check-contents")
+    return steps
+
+
+@needs_nix
+@pytest.mark.nix
+def test_modified_path_told_like_the_real_daemon(tmp_path):
+    results = []
+    for kind in ("ours", "nix"):
+        (tmp_path / kind).mkdir()
+        root = str(tmp_path / kind / f"{kind}-root")
+        results.append(session(kind, tmp_path / kind, steps=modified_path_steps(root)))
+    got, want = results
+    assert got == want
+    assert [g[1] for g in got] == [0, 1, 1]
+    assert "' was modified! expected hash 'sha256:" in got[1][2] and "', got 'sha256:" in got[1][2]
