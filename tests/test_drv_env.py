@@ -36,11 +36,11 @@ from storekeeper.build.attrs import (
     output_checks,
     parse_json,
     placeholder,
-    render_json,
     render_sh,
     structured_document,
 )
 from storekeeper.build.environment import GraphSource, builder_environment
+from storekeeper.build.nljson import render_json
 from storekeeper.build.rewrite import input_rewrites, rewrite_str
 from storekeeper.formats.derivation import parse_derivation
 from storekeeper.formats.hashes import Hash, nix32_encode

@@ -36,11 +36,11 @@ from .attrs import (
     DrvAttrs,
     attr_file_name,
     placeholder,
-    render_json,
     render_sh,
     structured_document,
     tokens,
 )
+from .nljson import render_json
 from .rewrite import rewrite_str
 
 
