@@ -386,11 +386,14 @@ in {
                        outputChecks.out.maxClosureSize = 100000; };
   badtype = mk "badtype" { __structuredAttrs = true; outputChecks.out.allowedReferences = [ 1 ]; };
   badsize = mk "badsize" { __structuredAttrs = true; outputChecks.out.maxSize = "x"; };
+  unbuilt = mk "unbuilt" { exportReferencesGraph = ["a" (derivation { name = "never"; system = sys;
+                             builder = "/bin/sh"; args = ["-c" "exit 1"]; }).drvPath]; };
   features = mk "features" { __structuredAttrs = true; requiredSystemFeatures = [ "sk-probe-feature" ]; };
 }
 '''
 PROBE_NAMES = ["plain", "structured", "fixed", "odd", "badname", "nonstore", "notinput", "maxsize",
-               "maxclosure", "requisites", "references", "devok", "badtype", "badsize", "features"]
+               "maxclosure", "requisites", "references", "devok", "badtype", "badsize", "features",
+               "unbuilt"]
 
 
 def _tmp_env(a) -> None:
@@ -462,7 +465,7 @@ def test_builders_get_what_nix_daemon_gives(area_factory):
     assert "FOO=" not in real["fixed"][2] and "'SK_PROBE_IMPURE', 'from-the-daemon'" in real["fixed"][2]
     assert "NIX_OUTPUT_CHECKED" in real["fixed"][2]
     for name in ("odd", "badname", "nonstore", "notinput", "maxsize", "maxclosure", "requisites",
-                 "references", "badtype", "badsize", "features"):
+                 "references", "badtype", "badsize", "features", "unbuilt"):
         assert real[name][0] != 0, name
     assert real["devok"][0] == 0, real["devok"][2]
 

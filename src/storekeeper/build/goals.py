@@ -22,7 +22,7 @@ from ..formats.derivation import (
     hash_derivation_modulo,
 )
 from ..formats.errors import FormatError
-from ..formats.storepath import StorePath, output_path_name
+from ..formats.storepath import StoreDir, StorePath, output_path_name
 from .attrs import AttrError, DrvAttrs
 from .results import BuildMode, BuildResult, BuildStatus, Failure
 
@@ -63,7 +63,7 @@ class DrvGoal(Goal):
     wait_act: int | None = None
     attrs: DrvAttrs | None = None  # parsed on first use (:meth:`parsed_attrs`)
 
-    def parsed_attrs(self, sd) -> DrvAttrs:
+    def parsed_attrs(self, sd: StoreDir) -> DrvAttrs:
         """The derivation's attributes (``__json`` parsed once)."""
         if self.attrs is None:
             assert self.drv is not None
