@@ -1,0 +1,1 @@
+"""The build layer (between ``store`` and ``daemon``): builds derivations."""
