@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .. import fs
+from ..build import builtins
+from ..build.jsonlog import BuilderJSONLog
 from ..config import settings as settings_table
 from ..config.settings import this_system  # noqa: F401 -- re-exported
 from ..errors import StoreError
@@ -782,9 +784,6 @@ class Builder:
         refusal = build_refusal(store, st)
         if refusal:
             raise _Failure(BuildStatus.MISC_FAILURE, f"cannot build '{printed}': {refusal}")
-        if drv.builder.startswith("builtin:"):
-            raise _Failure(BuildStatus.MISC_FAILURE,
-                           f"unsupported builtin builder '{drv.builder[len('builtin:'):]}'")
         locks = PathLocks()
         reals = [store.real_path(p) for p in g.outputs.values()]
         if not locks.lock(reals, wait=False):
@@ -891,8 +890,13 @@ class Builder:
             if st.keep_build_log:
                 log_file = BuildLogFile(store.layout.log_dir, g.drv_path.base, st.compress_build_log)
 
-            def on_line(line: bytes, act: int = act) -> None:
+            json_log = BuilderJSONLog(self.logger, act)
+
+            def on_line(line: bytes, act: int = act) -> bool:
+                if json_log.handle(line):
+                    return False
                 self.logger.result(act, ResultType.BUILD_LOG_LINE, [line.decode("utf-8", "surrogateescape")])
+                return True
 
             now = time.monotonic()
             run = _Run(g, None, None, locks, user, tmpdir, scratch, log_file,
@@ -908,14 +912,19 @@ class Builder:
                 # (None, (): Popen's defaults, as when not given)
                 uid, gid, groups = (user.uid, user.gid, list(user.groups)) if user is not None \
                     else (None, None, None)
+                program = drv.builder
                 argv = [os.path.basename(drv.builder), *args]
-                executable: str | None = drv.builder
+                if drv.builder.startswith("builtin:"):
+                    # a builtin runs as a child like any builder (build/builtins says why)
+                    argv = builtins.command(drv.builder[len("builtin:"):])
+                    program = argv[0]
+                executable: str | None = program
                 child_env = env
                 pass_fds: tuple[int, ...] = ()
                 if st.filter_syscalls:
                     # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
                     # builder (confine.py says why not preexec_fn, and what it costs)
-                    argv, spec_fd = confine.confined_argv(drv.builder, argv, env,
+                    argv, spec_fd = confine.confined_argv(program, argv, env,
                                                           confine.host_filter())
                     executable, child_env, pass_fds = None, {}, (spec_fd,)
                 run.proc = subprocess.Popen(
