@@ -96,7 +96,9 @@ class _Tree:
     def link(self, src_dir: str, dst_fd: int, rel: str, priority: int) -> None:
         """Link the entries of ``src_dir`` into the directory ``rel`` (open at ``dst_fd``)."""
         try:
-            names = sorted(os.listdir(src_dir))
+            # directory order, not sorted: as Nix, so that of two conflicts the same
+            # one is reported (and a warning before it is printed or not)
+            names = os.listdir(src_dir)
         except OSError as e:
             raise BuiltinError(f"reading directory {shown(src_dir)}: {e.strerror}") from None
         for name in names:
