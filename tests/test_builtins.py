@@ -21,7 +21,7 @@ import threading
 import pytest
 from conftest import needs_nix
 from daemon_util import strip_ansi
-from test_build import SYSTEM, Area, area_factory  # noqa: F401 -- (a fixture)
+from test_build import SYSTEM, Area, area_factory, build_users  # noqa: F401 -- (fixtures)
 
 from storekeeper.build.builtins import buildenv, fetchurl
 from storekeeper.build.builtins.common import BuiltinError
@@ -44,6 +44,8 @@ in rec {
   lb = mk "lb" "mkdir $out; ln -s ${c}/lib $out/lib";
   f1 = mk "f1" "mkdir -p $out/x/y";
   f2 = mk "f2" "mkdir -p $out/x; echo > $out/x/y";
+  g1 = mk "g1" "mkdir -p $out/x/z";
+  g3 = mk "g3" "mkdir $out; echo > $out/x";
   env = drvs: derivation { name = "env"; system = "builtin"; builder = "builtin:buildenv";
     manifest = builtins.toFile "manifest.nix" "[ ]"; derivations = drvs; };
   cases = {
@@ -58,6 +60,7 @@ in rec {
     linked-dirs = env [ "true" 5 1 lb "true" 5 1 la ];
     nested-conflict = env [ "true" 5 1 f2 "true" 5 1 f1 ];
     nested-priority = env [ "true" 5 1 f1 "true" 6 1 f2 ];
+    file-vs-real-dir = env [ "true" 5 1 f1 "true" 5 1 g1 "true" 6 1 g3 ];
     propagated-loses = env [ "true" 5 1 c "true" 7 1 a ];
     empty = env [ ];
   };
@@ -130,6 +133,7 @@ def test_buildenv_trees_priorities_and_conflicts_like_nix(area_factory):
     assert "warning: skipping dangling symlink" in real["priorities"][2]
     assert "have the same priority 5; use 'nix-env --set-flag priority" in real["same-priority"][2]
     assert "collision between" in real["dir-vs-file"][2]
+    assert "collision between non-directory" in real["file-vs-real-dir"][2]
     assert [real[k][0] for k in ("file-vs-dir", "linked-dirs", "nested-priority", "empty")] == [0] * 4
     assert b"\x1b[31;1merror:\x1b[0m packages '\x1b[35;1m" in real["same-priority-log"]
     assert ("lib/libc", "l") == real["linked-dirs-tree"][1][:2]
@@ -172,9 +176,10 @@ class Server:
 
 
 @pytest.fixture
-def served(tmp_path):
-    """A directory with a file, a NAR and an xz NAR of a small tree, served over HTTP."""
-    root = str(tmp_path / "served")
+def served(shared_dir):
+    """A directory with a file, a NAR and an xz NAR of a small tree, served over HTTP
+    (and readable by build users, for file:// URLs)."""
+    root = os.path.join(shared_dir, "served")
     os.makedirs(os.path.join(root, "tree", "sub"))
     with open(os.path.join(root, "hello.txt"), "wb") as f:
         f.write(HELLO)
@@ -186,7 +191,6 @@ def served(tmp_path):
         f.write(nar)
     with open(os.path.join(root, "tree.nar.xz"), "wb") as f:
         f.write(lzma.compress(nar))
-    os.chmod(tmp_path, 0o755)
     server = Server(root)
     try:
         yield root, server.port
@@ -325,6 +329,31 @@ def test_profile_round_trip_with_nix_env_like_nix(area_factory):
     assert real["delete-generations"][1] == [("2", True)]
     assert real["install-hello-links"]["me"] == "me-1-link"
     assert real["install-world-manifest"].startswith("[ {")
+
+
+@needs_nix
+@pytest.mark.nix
+@pytest.mark.root
+def test_builtins_run_as_the_build_user(area_factory, build_users, served):
+    """The builtin is a child process like any builder: as the build user.  So
+    fetchurl reads a ``file://`` URL with the build user's rights (a root-only file
+    fails as it does under nix-daemon), and nix-env works with build users."""
+    group, (u1, _u2) = build_users
+    root, port = served
+    cases = fetch_cases(root, port)
+    secret = os.path.join(root, "secret")
+    with open(secret, "wb") as f:
+        f.write(HELLO)
+    os.chmod(secret, 0o600)
+    cases["secret"] = cases["file"].replace("hello.txt", "secret").replace('"file"', '"secret"')
+    a = area_factory(conf=f"build-users-group = {group}\n").start("ours")
+    res = fetch_session(a, {k: cases[k] for k in ("file", "http", "file-unpack-xz", "secret")})
+    assert [res[k][0] for k in ("file", "http", "file-unpack-xz")] == [0, 0, 0], res
+    assert res["secret"][0] == 1 and "Couldn't read a file:// file (37)" in res["secret"][2]
+    prof = profile_session(a)
+    assert prof["run"] == (b"hello\n", b"world\n")
+    assert prof["delete-generations"][1] == [("2", True)]
+    assert os.path.exists(os.path.join(a.state, "userpool", str(u1.pw_uid)))
 
 
 # --- without Nix ---------------------------------------------------------------------------
