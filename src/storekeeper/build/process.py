@@ -33,6 +33,7 @@ from ..formats.wire import Verbosity
 from ..store.locks import PathLocks
 from . import builtins, confine
 from .goals import DrvGoal
+from .jsonlog import BuilderJSONLog
 from .logger import BuildLogger
 from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
@@ -60,6 +61,8 @@ class Run:
     log_bytes: int = 0
     killed_for: Failure | None = None
     exec_error: str | None = None
+    #: the builder's @nix messages and the activities they opened (ended with the build)
+    json_log: BuilderJSONLog | None = None
 
     def kill(self) -> None:
         """SIGKILL to the builder's session (it is its own process group)."""

@@ -359,6 +359,7 @@ class Builder:
             run = Run(g, None, None, locks, user, tmpdir, scratch, log_file,
                       LineSplitter(on_line, st.log_lines), act, now, now)
             run.start_wall = int(time.time())
+            run.json_log = json_log
             self._running.append(run)
             self._progress()
             process.start_builder(run, drv.builder, args, env, st.filter_syscalls)
@@ -425,4 +426,6 @@ class Builder:
             try:
                 process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger)
             finally:
+                if run.json_log is not None:
+                    run.json_log.close()
                 self.logger.stop_activity(run.act)
