@@ -105,6 +105,17 @@ def buildenv_session(a: Area) -> dict:
         drv = a.run(["nix-instantiate", expr, "-A", f"cases.{name}"], check=True).stdout.decode().strip()
         # the stored log, byte for byte (colours and @nix lines included)
         out[name + "-log"] = a.run(["nix-store", "-l", drv]).stdout
+    # any builder's @nix lines: messages, not log lines (kept in the stored log)
+    with open(os.path.join(a.work, "jsonlog.sh"), "w") as f:
+        f.write("""echo '@nix {"action":"msg","level":0,"msg":"from the builder"}'\n"""
+                "echo plain\nexit 1\n")
+    with open(os.path.join(a.work, "jsonlog.nix"), "w") as f:
+        f.write(f'derivation {{ name = "jsonlog"; system = "{SYSTEM}"; builder = "/bin/sh"; '
+                'args = [ ./jsonlog.sh ]; }')
+    expr = os.path.join(a.work, "jsonlog.nix")
+    out["jsonlog"] = _record(a, ["nix-build", "--no-out-link", expr])
+    drv = a.run(["nix-instantiate", expr], check=True).stdout.decode().strip()
+    out["jsonlog-log"] = a.run(["nix-store", "-l", drv]).stdout
     return out
 
 
@@ -137,6 +148,7 @@ def test_buildenv_trees_priorities_and_conflicts_like_nix(area_factory):
     assert [real[k][0] for k in ("file-vs-dir", "linked-dirs", "nested-priority", "empty")] == [0] * 4
     assert b"\x1b[31;1merror:\x1b[0m packages '\x1b[35;1m" in real["same-priority-log"]
     assert ("lib/libc", "l") == real["linked-dirs-tree"][1][:2]
+    assert "from the builder" in real["jsonlog"][2] and "last 1 log lines" in real["jsonlog"][2]
 
 
 # --- fetchurl ------------------------------------------------------------------------------
@@ -270,6 +282,7 @@ let mk = name: script: derivation { inherit name; system = "SYSTEM"; builder = "
 in {
   hello = mk "hello-1.0" "printf '#!/bin/sh\\necho hello\\n' > $out/bin/hello; chmod +x $out/bin/hello";
   world = mk "world-2.1" "printf '#!/bin/sh\\necho world\\n' > $out/bin/world; chmod +x $out/bin/world";
+  clash = mk "clash-0.1" "printf '#!/bin/sh\\necho clash\\n' > $out/bin/hello";
 }
 """
 
@@ -303,6 +316,8 @@ def profile_session(a: Area) -> dict:
     state("install-world")
     out["run"] = (a.run([os.path.join(profile, "bin", "hello")]).stdout,
                   a.run([os.path.join(profile, "bin", "world")]).stdout)
+    out["install-clash"] = _record(a, [*nix_env, "-iA", "clash"])  # bin/hello twice
+    state("install-clash")
     out["erase-hello"] = _record(a, ["nix-env", "-p", profile, "-e", "hello"])
     state("erase-hello")
     out["rollback"] = _record(a, ["nix-env", "-p", profile, "--rollback"])
@@ -328,6 +343,8 @@ def test_profile_round_trip_with_nix_env_like_nix(area_factory):
     assert real["rollback-query"][1].split() == ["hello-1.0", "world-2.1"]
     assert real["delete-generations"][1] == [("2", True)]
     assert real["install-hello-links"]["me"] == "me-1-link"
+    assert real["install-clash"][0] == 1 and "have the same priority 5" in real["install-clash"][2]
+    assert real["install-clash-links"] == real["install-world-links"]
     assert real["install-world-manifest"].startswith("[ {")
 
 
@@ -465,7 +482,7 @@ def test_builder_json_log_lines():
     assert j.handle(b'@nix {"action":"start","id":9,"level":4,"type":101,"text":"dl","fields":["u"]}')
     assert j.handle(b'@nix {"action":"result","id":9,"type":105,"fields":[1,2,0,0]}')
     assert j.handle(b'@nix {"action":"stop","id":9}')
-    assert j.handle(b"@nix {not json")
+    assert not j.handle(b"@nix {not json")  # reported, then a log line as any other
     assert log.events[:4] == [("log", 1, "hi"), ("start", 4, 101, "dl", ["u"], 5),
                               ("result", 77, 105, [1, 2, 0, 0]), ("stop", 77)]
     assert log.events[4][0] == "log" and log.events[4][2].startswith("bad JSON log message")

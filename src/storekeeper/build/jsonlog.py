@@ -6,8 +6,8 @@ consumed here instead of being a build log line: it is not sent to the client
 as a log line and is not among the "last N log lines" of a failure, but it stays
 in the stored log file, byte for byte.  Actions: ``msg`` (a message at
 ``level``), ``start``/``stop``/``result`` (activities, children of the build's
-activity, their ids mapped to ours).  A line that does not parse is reported as
-Nix reports it and otherwise dropped.
+activity, their ids mapped to ours).  A line that does not parse is reported
+("bad JSON log message from builder: …") and is then a log line like any other.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ class BuilderJSONLog:
                 raise ValueError("not an object")
             self._act(msg)
         except (ValueError, KeyError, TypeError) as e:
+            # (as Nix: reported, and then it is an ordinary log line after all)
             self.logger.log(_ERROR, f"bad JSON log message from builder: {e}")
+            return False
         return True
 
     def _act(self, msg: dict) -> None:
