@@ -12,10 +12,12 @@ import http.server
 import io
 import lzma
 import os
+import pwd
 import re
 import socket
 import subprocess
 import sys
+import tarfile as tf
 import threading
 
 import pytest
@@ -23,7 +25,7 @@ from conftest import needs_nix
 from daemon_util import strip_ansi
 from test_build import SYSTEM, Area, area_factory, build_users  # noqa: F401 -- (fixtures)
 
-from storekeeper.build.builtins import buildenv, fetchurl
+from storekeeper.build.builtins import buildenv, fetchurl, unpackchannel
 from storekeeper.build.builtins.common import BuiltinError
 from storekeeper.build.jsonlog import BuilderJSONLog
 from storekeeper.fs.narfs import dump_path
@@ -373,6 +375,62 @@ def test_builtins_run_as_the_build_user(area_factory, build_users, served):
     assert os.path.exists(os.path.join(a.state, "userpool", str(u1.pw_uid)))
 
 
+# --- unpack-channel ------------------------------------------------------------------------
+
+def _channel_tarball(path: str, tops: list[str]) -> None:
+    """A channel tarball (xz) with the given top-level directories."""
+    with tf.open(path, "w:xz") as tar:
+        for top in tops:
+            def add(name: str, data: bytes = b"", mode: int = 0o644, top: str = top, **kw) -> None:
+                ti = tf.TarInfo(f"{top}/{name}" if name else top)
+                ti.mode, ti.size = mode, len(data)
+                for k, v in kw.items():
+                    setattr(ti, k, v)
+                tar.addfile(ti, io.BytesIO(data) if data else None)
+            add("", type=tf.DIRTYPE, mode=0o755)
+            add("default.nix", b"{ }: { hi = 1; }\n")
+            add("sub", type=tf.DIRTYPE, mode=0o700)
+            add("sub/f", b"#!/bin/sh\n", mode=0o755)
+            add("l", type=tf.SYMTYPE, linkname="sub/f")
+            add("hard", type=tf.LNKTYPE, linkname=f"{top}/default.nix")
+
+
+def channel_session(a: Area) -> dict:
+    chan = os.path.join(a.work, "chan")
+    os.makedirs(chan)
+    _channel_tarball(os.path.join(chan, "nixexprs.tar.xz"), ["nixpkgs-unstable"])
+    _channel_tarball(os.path.join(a.work, "two.tar.xz"), ["one", "two"])
+    out: dict = {}
+    out["add"] = _record(a, ["nix-channel", "--add", f"file://{chan}", "mychan"])
+    out["update"] = _record(a, ["nix-channel", "--update"])
+    profile = os.path.join(a.state, "profiles", "per-user", pwd.getpwuid(os.getuid()).pw_name,
+                           "channels")
+    gen = os.path.realpath(profile)
+    out["profile-tree"] = tree(gen)
+    unpacked = os.path.realpath(os.path.join(gen, "mychan"))
+    out["channel-tree"] = [(p, k, t, os.lstat(os.path.join(unpacked, p)).st_mode & 0o777)
+                           for p, k, t in tree(unpacked)]
+    out["channel-hash"] = a.run(["nix-store", "-q", "--hash", os.path.dirname(unpacked)],
+                                check=True).stdout
+    out["list"] = _record(a, ["nix-channel", "--list"])
+    out["two"] = _record(a, ["nix-build", "--no-out-link", "-E",
+                             'derivation { builder = "builtin:unpack-channel"; system = "builtin"; '
+                             f'name = "two"; channelName = "two"; src = {a.work}/two.tar.xz; }}'])
+    return out
+
+
+@needs_nix
+@pytest.mark.nix
+def test_unpack_channel_through_nix_channel_like_nix(area_factory):
+    real, ours = _twice(area_factory, channel_session)
+    for key in real:
+        assert ours[key] == real[key], f"{key} differs:\n{ours[key]!r}\n{real[key]!r}"
+    assert real["update"][0] == 0 and ("mychan", "l") == real["profile-tree"][1][:2]
+    assert ("sub/f", "f", "", 0o555) in real["channel-tree"] and \
+        ("l", "l", "sub/f", 0o777) in real["channel-tree"]
+    assert real["two"][0] == 1 and "contains more than one file" in real["two"][2]
+
+
 # --- without Nix ---------------------------------------------------------------------------
 
 def _pkg(base: str, name: str, files: dict[str, str]) -> str:
@@ -495,3 +553,27 @@ def test_xz_reader_reads_in_pieces(tmp_path):
     while chunk := r.read(7777):
         got += chunk
     assert got == data
+
+
+@pytest.mark.parametrize("members", [
+    [("../escape", tf.REGTYPE, "")],
+    [("/abs", tf.REGTYPE, "")],
+    [("top", tf.DIRTYPE, ""), ("top/l", tf.SYMTYPE, "VICTIM"), ("top/l/f", tf.REGTYPE, "")],
+    [("top", tf.SYMTYPE, "VICTIM"), ("top", tf.DIRTYPE, "")],
+    [("top", tf.DIRTYPE, ""), ("top/h", tf.LNKTYPE, "../outside")],
+    [("top", tf.DIRTYPE, ""), ("top/dev", tf.CHRTYPE, "")],
+], ids=["dotdot", "absolute", "through-symlink", "dir-over-symlink", "hardlink-out", "device"])
+def test_unpack_channel_writes_only_inside_out(tmp_path, members):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "outside").write_text("o")
+    src = tmp_path / "c.tar"
+    with tf.open(src, "w") as tar:
+        for name, kind, link in members:
+            ti = tf.TarInfo(name)
+            ti.type, ti.linkname = kind, link.replace("VICTIM", str(victim))
+            tar.addfile(ti, io.BytesIO(b"") if kind == tf.REGTYPE else None)
+    with pytest.raises((BuiltinError, OSError)):
+        unpackchannel.unpack_channel(str(tmp_path / "out"), str(src), "chan")
+    assert os.listdir(victim) == [] and sorted(os.listdir(tmp_path)) == [
+        "c.tar", "out", "outside", "victim"]

@@ -1,5 +1,6 @@
 """Nix's builtin builders (``builder = "builtin:NAME"``): ``buildenv`` (nix-env's
-user environments) and ``fetchurl`` (``<nix/fetchurl.nix>``).
+user environments), ``fetchurl`` (``<nix/fetchurl.nix>``) and ``unpack-channel``
+(``nix-channel --update``).
 
 A builtin runs as a child process, ``python -I -m storekeeper.build.builtins
 NAME``, spawned by the builder exactly where a derivation's own builder program
@@ -27,13 +28,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 
-from . import buildenv, fetchurl
+from . import buildenv, fetchurl, unpackchannel
 from .common import Attrs, BuiltinError, error_text, shown
 
 #: name (after ``builtin:``) -> the builder
 BUILTINS: dict[str, Callable[[Attrs], None]] = {
     "buildenv": buildenv.run,
     "fetchurl": fetchurl.run,
+    "unpack-channel": unpackchannel.run,
 }
 MODULE = __name__
 
