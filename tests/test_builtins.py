@@ -508,9 +508,12 @@ def test_fetchurl_retries_a_refused_connection_then_fails(tmp_path, monkeypatch,
     with pytest.raises(BuiltinError, match=re.escape(f"unable to download '{url}': "
                                                      "Couldn't connect to server (7)")):
         fetchurl.fetch(str(tmp_path / "out"), url, unpack=False, executable=False)
-    warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == fetchurl.TRIES - 1 and all(
-        w.startswith('@nix {"action":"msg","level":1,') and "retrying in" in w for w in warnings)
+    lines = capsys.readouterr().err.splitlines()
+    warnings = [w for w in lines if w.startswith('@nix {"action":"msg","level":1,')]
+    assert len(warnings) == fetchurl.TRIES - 1 and all("retrying in" in w for w in warnings)
+    # inside the download activity, which ends with the failure
+    assert lines[0].startswith('@nix {"action":"start","fields":["http://127.0.0.1:')
+    assert lines[-1].startswith('@nix {"action":"stop","id":') and len(lines) == fetchurl.TRIES + 1
     assert not os.path.lexists(tmp_path / "out")
 
 

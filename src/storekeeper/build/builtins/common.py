@@ -10,6 +10,7 @@ the builder forwards to the client as a message rather than as a log line.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
 
@@ -36,11 +37,37 @@ def error_text(message: str) -> str:
     return "\n".join([f"{RED}error:{NORMAL} {lines[0]}", *rest])
 
 
-def warn(message: str) -> None:
-    record = {"action": "msg", "level": 1, "msg": f"{MAGENTA}warning:{NORMAL} {message}"}
+def emit(record: dict) -> None:
+    """One ``@nix`` line (keys sorted and no spaces, as Nix's JSON logger writes them)."""
     line = "@nix " + json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    emit({"action": "msg", "level": 1, "msg": f"{MAGENTA}warning:{NORMAL} {message}"})
+
+
+class Activity:
+    r"""An activity the builder reports (a download): ``start`` now, ``result``\s,
+    ``stop`` on leaving the ``with``.  Ids are unique per process, as Nix's are."""
+
+    _next = 0
+
+    def __init__(self, level: int, act_type: int, text: str, fields: list[int | str]) -> None:
+        Activity._next += 1
+        self.id = (os.getpid() << 32) + Activity._next
+        emit({"action": "start", "id": self.id, "level": level, "type": act_type, "text": text,
+              "fields": fields})
+
+    def result(self, result_type: int, fields: list[int | str]) -> None:
+        emit({"action": "result", "id": self.id, "type": result_type, "fields": fields})
+
+    def __enter__(self) -> "Activity":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        emit({"action": "stop", "id": self.id})
 
 
 class Attrs:

@@ -34,8 +34,9 @@ from typing import BinaryIO
 
 from ... import fs
 from ...formats.nar import NarError
+from ...formats.wire import ActivityType, ResultType, Verbosity
 from ...fs.narfs import restore_nar
-from .common import Attrs, BuiltinError, shown, warn
+from .common import Activity, Attrs, BuiltinError, shown, warn
 
 TRIES = 5
 _BASE_DELAY_MS = 250
@@ -119,12 +120,15 @@ class _Reader:
         self.f, self.url = f, url
         self.xz = lzma.LZMADecompressor() if xz else None
         self.pending = b""
+        self.received = 0
 
     def _raw(self, n: int) -> bytes:
         try:
-            return self.f.read(n)
+            data = self.f.read(n)
         except OSError as e:
             raise BuiltinError(f"unable to download '{self.url}': {e}") from None
+        self.received += len(data)
+        return data
 
     def read(self, n: int = -1) -> bytes:
         if self.xz is None:
@@ -145,7 +149,9 @@ class _Reader:
 
 
 def fetch(out: str, url: str, unpack: bool, executable: bool) -> None:
-    with open_url(url) as f:
+    # (reported as Nix's download activity: the client shows "downloading '…'")
+    with Activity(Verbosity.TALKATIVE, ActivityType.FILE_TRANSFER, f"downloading '{url}'",
+                  [url]) as act, open_url(url) as f:
         reader = _Reader(f, url, xz=unpack and url.endswith(".xz"))
         if unpack:
             try:
@@ -159,6 +165,7 @@ def fetch(out: str, url: str, unpack: bool, executable: bool) -> None:
                     fs.write_all(fd, chunk)
             finally:
                 os.close(fd)
+        act.result(ResultType.PROGRESS, [reader.received, reader.received, 0, 0])
     if executable:
         fd = fs.open_handle(out)
         try:
