@@ -60,8 +60,8 @@ import signal
 import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .. import fs
 from ..config import settings as settings_table
@@ -214,6 +214,10 @@ class BuildSettings:
         if self.build_users_group is None:
             return "nixbld" if os.geteuid() == 0 else ""
         return self.build_users_group or ""
+
+    def _replace(self, **changes: Any) -> BuildSettings:
+        """``dataclasses.replace``: what :func:`~storekeeper.store.settings.apply_settings` calls."""
+        return replace(self, **changes)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "BuildSettings":
         """Apply nix.conf-style settings in order; names builds do not use are ignored."""
