@@ -6,7 +6,6 @@ the *last* output character holds bits 0..4.  See spec §1.2.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 
@@ -118,7 +117,7 @@ class Hash:
 
     @property
     def base64(self) -> str:
-        return base64.b64encode(self.digest).decode()
+        return binascii.b2a_base64(self.digest, newline=False).decode()
 
     @property
     def sri(self) -> str:
@@ -181,8 +180,13 @@ def _decode_base64(body: str, algo: str, text: str) -> bytes:
     size = ALGO_SIZES[algo]
     if len(body) != 4 * ((size + 2) // 3):
         raise FormatError(f"hash {text!r} has the wrong length for {algo}")
+    # base64.b64decode(body, validate=True), spelt out: the base64 module imports re
     try:
-        digest = base64.b64decode(body, validate=True)
+        data = body.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("string argument should contain only ASCII characters") from None
+    try:
+        digest = binascii.a2b_base64(data, strict_mode=True)
     except binascii.Error:
         raise FormatError(f"invalid base64 hash {text!r}") from None
     if len(digest) != size:
