@@ -127,7 +127,7 @@ def test_version_as_argparse(argv, capsys, monkeypatch):
 
 def test_query_imports_no_parser_and_no_heavy_module(store, path):
     """Cold start (bench/startup.py): a plain query loads neither argparse nor the modules
-    that cost most of a start (dataclasses with inspect, typing, socket)."""
+    that cost most of a start (dataclasses with inspect, typing, socket, re with enum)."""
     code = ("import sys; from storekeeper.cli.main import main\n"
             "code = main(sys.argv[1:])\n"
             "print(' '.join(sorted(sys.modules)))\n"
@@ -138,6 +138,6 @@ def test_query_imports_no_parser_and_no_heavy_module(store, path):
     assert r.stdout.startswith("sha256:")
     loaded = set(r.stdout.splitlines()[-1].split())
     assert "storekeeper.store.reader" in loaded  # (it did open the store)
-    heavy = {"argparse", "dataclasses", "inspect", "typing", "socket", "storekeeper.cli.parser",
-             "storekeeper.api"}
+    heavy = {"argparse", "dataclasses", "inspect", "typing", "socket", "re", "enum", "random",
+             "base64", "shlex", "storekeeper.cli.parser", "storekeeper.api"}
     assert not heavy & loaded, sorted(heavy & loaded)
