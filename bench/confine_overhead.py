@@ -1,4 +1,4 @@
-"""Per-build cost of the builder confinement (store/confine.py): median wall time of N
+"""Per-build cost of the builder confinement (build/confine.py): median wall time of N
 trivial builds (``/bin/sh -c 'echo > $out'``) with ``filter-syscalls`` true and false,
 interleaved, on a fresh custom-layout store, in-process (no client, no daemon).
 
@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from storekeeper.build import Builder, BuildSettings
+from storekeeper.config.settings import this_system
 from storekeeper.formats.derivation import (
     Derivation,
     DerivationOutput,
@@ -24,7 +26,6 @@ from storekeeper.formats.derivation import (
     fill_output_paths,
 )
 from storekeeper.formats.url import LocalLayout
-from storekeeper.store.build import Builder, BuildSettings, this_system
 from storekeeper.store.local import LocalStore
 
 

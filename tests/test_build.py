@@ -37,6 +37,10 @@ from daemon_util import (
 )
 
 from storekeeper.api import DELETE_DEAD, GCOptions
+from storekeeper.build import Builder, BuildMode, BuildSettings, BuildStatus, query_missing
+from storekeeper.build.logs import LineSplitter, log_path, read_build_log
+from storekeeper.build.rewrite import rewritten
+from storekeeper.config.settings import this_system
 from storekeeper.errors import InvalidPath
 from storekeeper.formats.derivation import (
     Derivation,
@@ -49,16 +53,6 @@ from storekeeper.formats.storepath import StoreDir
 from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import DerivedPath, WireWriter
 from storekeeper.fs import remove_tree
-from storekeeper.store.build import (
-    Builder,
-    BuildMode,
-    BuildSettings,
-    BuildStatus,
-    _rewritten,
-    query_missing,
-    this_system,
-)
-from storekeeper.store.buildlog import LineSplitter, log_path, read_build_log
 from storekeeper.store.local import LocalStore
 from storekeeper.store.optimise import optimise_store
 
@@ -693,7 +687,7 @@ def test_rewriting_across_chunk_boundaries():
     data = b"x" * 10 + old + b"y" * 40 + old + b"z"
     for cut in range(1, len(data)):
         chunks = [data[:cut], data[cut:]]
-        assert b"".join(_rewritten(chunks, {old: new})) == data.replace(old, new)
+        assert b"".join(rewritten(chunks, {old: new})) == data.replace(old, new)
 
 
 def test_settings_from_nix_conf_and_aliases():

@@ -1,4 +1,4 @@
-"""The confinement of builds without the sandbox (store/confine.py), piece by piece.
+"""The confinement of builds without the sandbox (build/confine.py), piece by piece.
 
 * The seccomp program is checked by interpreting its BPF here (no kernel): verdicts for
   sample syscalls on x86_64 (native, x32, i386) and aarch64, and a foreign ABI killed.
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from storekeeper.store import confine
+from storekeeper.build import confine
 
 # --- a classic-BPF interpreter (just what seccomp programs use) ----------------------------
 

@@ -8,6 +8,7 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
+from storekeeper.build import BuildSettings
 from storekeeper.config import SETTINGS, SettingError, lookup
 from storekeeper.config.settings import (
     ALWAYS,
@@ -25,7 +26,6 @@ from storekeeper.daemon.ops.build import build_settings
 from storekeeper.errors import StoreError
 from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import WireWriter
-from storekeeper.store.build import BuildSettings
 from storekeeper.store.local import LocalStore
 from storekeeper.store.settings import StoreSettings
 

@@ -7,7 +7,7 @@ Each :class:`Setting` says:
 * ``default``: the default *as nix.conf text* (a callable for defaults that
   depend on the machine); every default parses (a test checks);
 * ``components``: which typed view obeys it -- ``store``
-  (``store.settings.StoreSettings``), ``build`` (``store.build.BuildSettings``),
+  (``store.settings.StoreSettings``), ``build`` (``build.BuildSettings``),
   ``daemon`` (``daemon.trust.DaemonConfig``), or none (a client-side setting
   the daemon accepts from clients but does not use itself);
 * ``attr``: the attribute of those views (``name`` with ``_`` for ``-``);
@@ -221,7 +221,7 @@ _TABLE = [
     _s("system-features", parse_list, _default_features, [BUILD]),
     _s("build-dir", parse_optional_str, "", [BUILD]),
     _s("filter-syscalls", parse_bool, "true", [BUILD],
-       doc="NO_NEW_PRIVS and a seccomp filter for builders (store.confine)"),
+       doc="NO_NEW_PRIVS and a seccomp filter for builders (build.confine)"),
     # --- the daemon: who may connect, and its limits ---
     _s("trusted-users", parse_list, "root", [DAEMON]),
     _s("allowed-users", parse_list, "*", [DAEMON]),

@@ -21,12 +21,12 @@ import sys
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+from ..build import BuildSettings
 from ..config.nixconf import SettingError
 from ..config.settings import unknown_names
 from ..errors import StoreError
 from ..formats.errors import FormatError
 from ..formats.url import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
-from ..store.build import BuildSettings
 from ..store.settings import StoreSettings, environment_settings, nix_conf_path, read_nix_conf
 from .server import default_socket_path, serve, serve_stdio
 from .tcp import parse_listen_address

@@ -48,10 +48,10 @@ import time
 from contextlib import suppress
 from typing import Callable, Sequence
 
+from ..build import BuildSettings
 from ..errors import StoreError
 from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
 from ..formats.url import LocalLayout
-from ..store.build import BuildSettings
 from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 from ..store.tcpkeys import TcpKeys

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from ..build import BuildSettings
 from ..errors import StoreError
 from ..formats.errors import FormatError
 from ..formats.storepath import StoreDir, StorePath
@@ -66,7 +67,6 @@ from ..formats.wire import (
     write_start_activity,
     write_stop_activity,
 )
-from ..store.build import BuildSettings
 from ..store.local import LocalStore
 from .errors import NotSupported, OpError  # noqa: F401 -- re-exported
 from .registry import OPS

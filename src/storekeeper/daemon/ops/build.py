@@ -1,7 +1,7 @@
 """The build operations: BuildPaths (9), BuildPathsWithResults (46), BuildDerivation (36),
 QueryMissing (40).  Spec §5 (BuildResult, BasicDerivation, DerivedPath), §7.
 
-The work is :class:`~storekeeper.store.build.Builder`'s; this module reads
+The work is :class:`~storekeeper.build.Builder`'s; this module reads
 requests, decides what the client may ask (repair needs trust; untrusted
 clients may only BuildDerivation fixed-output derivations, whose outputs are
 checked by hash), applies the client's build options, and answers in the
@@ -24,6 +24,16 @@ import select
 import socket
 from dataclasses import replace
 
+from ...build import (
+    Builder,
+    BuildError,
+    BuildMode,
+    BuildResult,
+    BuildSettings,
+    query_missing,
+)
+from ...build.logger import format_error
+from ...build.settings import build_refusal
 from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ...formats.errors import FormatError
 from ...formats.wire import (
@@ -34,16 +44,6 @@ from ...formats.wire import (
     Op,
     Verbosity,
     WireWriter,
-)
-from ...store.build import (
-    Builder,
-    BuildError,
-    BuildMode,
-    BuildResult,
-    BuildSettings,
-    build_refusal,
-    format_error,
-    query_missing,
 )
 from ..errors import OpError
 from ..registry import U32, op
@@ -56,7 +56,7 @@ def build_settings(s: Session) -> BuildSettings:
     overrides the settings table lets this client set; a trusted client, anything)."""
     st = build_base(s).with_settings(s.options.overrides.items())
     # Without build users a builder runs as the daemon's own uid: only for a client
-    # that could change the store anyway (store.confine, build_refusal).
+    # that could change the store anyway (build.confine, build_refusal).
     own = s.peer is not None and s.peer.uid == os.geteuid()
     return replace(st, client_may_build_as_daemon=s.trusted or own)
 

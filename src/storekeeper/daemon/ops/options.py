@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ...build import BuildSettings
 from ...config.nixconf import SettingError
 from ...config.settings import client_may_set, lookup
 from ...errors import StoreError
@@ -12,7 +13,6 @@ from ...formats.wire import (
     Op,
     Verbosity,
 )
-from ...store.build import BuildSettings
 from ..errors import OpError
 from ..registry import U32, op
 from ..session import Session

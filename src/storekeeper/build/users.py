@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import StoreError
-from .locks import lock_fd, open_lock_file
+from ..store.locks import lock_fd, open_lock_file
 
 
 class BuildUserError(StoreError):
@@ -51,7 +51,7 @@ class BuildUser:
     lock_path: str
     _fd: int | None = field(default=None, repr=False)
     #: run when the build is over, after every process of the uid has been killed
-    #: and before the uid is unlocked (the sweep of :mod:`~storekeeper.store.confine`)
+    #: and before the uid is unlocked (the sweep of :mod:`~storekeeper.build.confine`)
     before_release: list[Callable[[], object]] = field(default_factory=list, repr=False)
 
     def kill_processes(self) -> None:

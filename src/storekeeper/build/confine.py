@@ -5,7 +5,7 @@ a builder runs on the host, in the daemon's mount, network, PID and IPC
 namespaces, as a build user from ``build-users-group`` (a root daemon) or
 as the daemon's own user (no build users, or an unprivileged daemon).
 
-**What it cannot do** (enforced here and in :mod:`~storekeeper.store.build`):
+**What it cannot do** (enforced here and in :mod:`~storekeeper.build.process`):
 
 * **Gain privileges.**  ``PR_SET_NO_NEW_PRIVS`` is set before the builder is
   exec'd: a setuid/setgid program or one with file capabilities runs with
@@ -39,7 +39,7 @@ as the daemon's own user (no build users, or an unprivileged daemon).
   sweep runs before the next build as that user.  Nix 2.8 has no such sweep.
 * **Outlive the build, or touch outputs while they are checked** (build
   users only): all processes of the uid are killed before and after
-  (:mod:`~storekeeper.store.buildusers`), and outputs are canonicalised
+  (:mod:`~storekeeper.build.users`), and outputs are canonicalised
   (0444/0555, owner the daemon, xattrs removed) before they are registered.
 * **Run as the daemon's own user for an untrusted client.**  Without build
   users (an unprivileged daemon, or a root daemon with ``build-users-group``

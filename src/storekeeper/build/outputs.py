@@ -1,0 +1,292 @@
+"""After the builder: the outputs are checked, rewritten to their real paths and
+registered.
+
+Invariants:
+
+* **Outputs are inspected only when nothing can change them**: the builder has
+  exited, its process group and (with build users) every process of its uid
+  have been killed (:meth:`~storekeeper.build.process.Run.collect`).  Then
+  every output must exist; the outputs are checked together by
+  ``canonicalise_paths`` (owned by the build user, no hard link to an inode
+  outside them, also when building as the daemon's own user) before anything
+  in them is changed; references are found by scanning each output's NAR for
+  the hash parts of the input closure and of the outputs; fixed outputs must
+  have their declared hash; outputs may not refer to each other in a cycle.
+* **All outputs of a build are registered in one transaction** (deriver = the
+  ``.drv``, ``ultimate``, NAR hash and size, references, content address for
+  fixed outputs), or none is.  A failed build registers nothing (except, as in
+  Nix 2.8, a fixed output with the wrong hash, which becomes valid under the
+  path its actual content gives).
+* ``--check`` compares the rebuilt outputs with the registered NAR hashes and
+  keeps a differing copy at ``<out>.check`` with ``keep-failed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Mapping
+
+from ..errors import StoreError
+from ..formats.contentaddress import FLAT, RECURSIVE, ContentAddress
+from ..formats.errors import FormatError
+from ..formats.hashes import Hash, new_hasher
+from ..formats.pathinfo import ValidPathInfo
+from ..formats.refscan import RefScanner
+from ..formats.storepath import StoreDir, StorePath
+from ..fs import remove_tree
+from ..fs.narfs import dump_path
+from ..store.canonicalise import canonicalise_paths
+from ..store.locks import PathLocks
+from ..store.optimise import optimise_path
+from .goals import DrvGoal, GoalGraph
+from .process import Run
+from .results import BuildMode, BuildResult, BuildStatus, Failure
+from .rewrite import copy_rewritten, rewritten
+
+
+def register_outputs(store, graph: GoalGraph, run: Run, keep_failed: bool) -> BuildResult:
+    """Check the outputs of ``run``'s finished builder and register them (module
+    docstring); raises :class:`~storekeeper.build.results.Failure` if they are rejected."""
+    sd, g = store.store_dir, run.goal
+    drv = g.drv
+    assert drv is not None
+    if os.path.lexists("/homeless-shelter"):
+        raise Failure(BuildStatus.MISC_FAILURE, "home directory '/homeless-shelter' exists; "
+                      "please remove it to assure purity of builds without sandboxing")
+    scratch_reals = {}
+    for name in sorted(g.outputs):
+        real = store.real_path(run.scratch[name])
+        try:
+            st = os.lstat(real)
+        except FileNotFoundError:
+            raise Failure(BuildStatus.OUTPUT_REJECTED,
+                          f"builder for '{sd.print(g.drv_path)}' failed to produce output path for "
+                          f"output '{name}' at '{sd.print(run.scratch[name])}'") from None
+        if (not os.path.islink(real) and st.st_mode & 0o022) or \
+                (run.user is not None and st.st_uid != run.user.uid):
+            raise Failure(BuildStatus.OUTPUT_REJECTED,
+                          f"suspicious ownership or permission on '{sd.print(run.scratch[name])}' "
+                          f"for output '{name}'; rejecting this build output")
+        scratch_reals[name] = real
+    try:
+        canonicalise_paths(list(scratch_reals.values()),
+                           from_uid=run.user.uid if run.user is not None else None,
+                           check_links=True)
+    except StoreError as e:
+        raise Failure(BuildStatus.OUTPUT_REJECTED, str(e)) from None
+
+    # scratch hash part -> real one, in every output's bytes
+    rewrites = {run.scratch[o].hash_part.encode(): g.outputs[o].hash_part.encode()
+                for o in g.outputs if run.scratch[o] != g.outputs[o]}
+    if g.mode == BuildMode.CHECK:
+        check_outputs(store, run, rewrites, keep_failed)
+        return graph.valid_result(g, BuildStatus.BUILT)
+
+    new = {o: p for o, p in g.outputs.items() if not store.is_valid(p)}
+    for name, path in new.items():
+        if run.scratch[name] != path or rewrites:
+            # Produce the final content: rewritten from the scratch copy
+            # (or in place, through a temp sibling), then made canonical.
+            src = scratch_reals[name]
+            dest = store.real_path(path)
+            tmp = dest + ".rewrite" if src == dest else dest
+            copy_rewritten(src, tmp, rewrites)
+            if tmp != dest:
+                remove_tree(dest)
+                os.rename(tmp, dest)
+            canonicalise_paths([dest])
+
+    candidates: dict[str, StorePath] = {p.hash_part: p for p in graph.input_closure(g)}
+    candidates.update({p.hash_part: p for p in g.outputs.values()})
+    infos: dict[str, ValidPathInfo] = {}
+    refs_by_out: dict[str, set[StorePath]] = {}
+    now = int(time.time())
+    mismatch: str | None = None
+    for name, path in sorted(new.items()):
+        real = store.real_path(path)
+        nar_hash, nar_size, found = _scan(real, candidates)
+        refs = {candidates[h] for h in found}
+        refs_by_out[name] = refs
+        info = ValidPathInfo(path, nar_hash, nar_size, frozenset(refs), g.drv_path,
+                             registration_time=now, ultimate=True)
+        o = drv.outputs[name]
+        if o.is_fixed:
+            info, mismatch = check_fixed(store, g, name, info, real)
+        infos[name] = info
+    check_cycles(sd, g, refs_by_out)
+    check_reference_rules(store, g, infos)
+    _auto_optimise(store, [i.path for i in infos.values()])
+    store.register_valid_paths(infos.values())
+    if mismatch:
+        raise Failure(BuildStatus.OUTPUT_REJECTED, mismatch)
+    return graph.valid_result(g, BuildStatus.BUILT)
+
+
+def check_fixed(store, g: DrvGoal, name: str, info: ValidPathInfo,
+                real: str) -> tuple[ValidPathInfo, str | None]:
+    """Fixed output: no references, content hash as declared.  On a mismatch the
+    content is registered where its real hash puts it (Nix 2.8 does that too)."""
+    sd = store.store_dir
+    o = g.drv.outputs[name]  # type: ignore[union-attr]
+    printed = sd.print(g.drv_path)
+    if info.references - {info.path}:
+        raise Failure(BuildStatus.OUTPUT_REJECTED,
+                      f"illegal path references in fixed-output derivation '{printed}'")
+    wanted = o.fixed_hash()
+    if o.recursive:
+        got = _nar_hash(real, wanted.algo)
+        method = RECURSIVE
+    else:
+        if os.path.islink(real) or not os.path.isfile(real) or os.stat(real).st_mode & 0o100:
+            raise Failure(BuildStatus.OUTPUT_REJECTED,
+                          f"output path '{sd.print(info.path)}' should be a non-executable "
+                          "regular file since recursive hashing is not enabled "
+                          "(outputHashMode=flat)")
+        got = _file_hash(real, wanted.algo)
+        method = FLAT
+    ca = ContentAddress(method, got)
+    info = info.with_(references=frozenset(), ca=ca.render())
+    if got == wanted:
+        return info, None
+    msg = (f"hash mismatch in fixed-output derivation '{printed}':\n"
+           f"  specified: {wanted.sri}\n     got:    {got.sri}")
+    actual = ca.store_path(sd, info.path.name)
+    store.pin(actual)
+    if store.is_valid(actual):
+        remove_tree(real)
+        return info.with_(path=actual), msg  # re-registering it changes nothing
+    with PathLocks() as locks:
+        locks.lock([store.real_path(actual)])
+        remove_tree(store.real_path(actual))
+        os.rename(real, store.real_path(actual))
+        locks.delete_on_release = True
+    return info.with_(path=actual), msg
+
+
+def check_cycles(sd: StoreDir, g: DrvGoal, refs_by_out: dict[str, set[StorePath]]) -> None:
+    """Outputs may refer to each other, but not in a cycle (Nix's message)."""
+    by_path = {p: o for o, p in g.outputs.items()}
+    state: dict[str, int] = {}
+
+    def visit(name: str, parent: str | None) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise Failure(BuildStatus.OUTPUT_REJECTED,
+                          f"cycle detected in build of '{sd.print(g.drv_path)}' in the "
+                          f"references of output '{name}' from output '{parent}'")
+        state[name] = 1
+        for ref in sorted(refs_by_out.get(name, ())):
+            other = by_path.get(ref)
+            if other is not None and other != name:
+                visit(other, name)
+        state[name] = 2
+
+    for name in sorted(refs_by_out):
+        visit(name, None)
+
+
+_REFERENCE_RULES = (("allowedReferences", True, False), ("allowedRequisites", True, True),
+                    ("disallowedReferences", False, False), ("disallowedRequisites", False, True))
+
+
+def check_reference_rules(store, g: DrvGoal, infos: dict[str, ValidPathInfo]) -> None:
+    """``allowedReferences`` & co.: paths or output names, checked against each
+    output's references (or its closure, for the ``*Requisites`` forms)."""
+    drv, sd = g.drv, store.store_dir
+    assert drv is not None
+    new_refs = {i.path: i.references for i in infos.values()}
+
+    def closure(start: StorePath) -> set[StorePath]:
+        seen, todo = set(), [start]
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            todo.extend(new_refs[p] if p in new_refs else store.path_info(p).references)
+        return seen
+
+    for _name, info in sorted(infos.items()):
+        for attr, allowed, requisites in _REFERENCE_RULES:
+            if attr not in drv.env:
+                continue
+            spec: set[StorePath] = set()
+            for item in drv.env[attr].split():
+                if item in g.outputs:
+                    spec.add(g.outputs[item])
+                else:
+                    try:
+                        spec.add(sd.parse(item, lax=True))
+                    except FormatError:
+                        raise Failure(BuildStatus.OUTPUT_REJECTED, "derivation contains an "
+                                      f"illegal reference specifier '{item}'") from None
+            used = closure(info.path) - {info.path} if requisites else set(info.references)
+            bad = used - spec if allowed else used & spec
+            if bad:
+                paths = "".join(f"\n  {sd.print(p)}" for p in sorted(bad))
+                raise Failure(BuildStatus.OUTPUT_REJECTED, f"output '{sd.print(info.path)}' is "
+                              f"not allowed to refer to the following paths:{paths}")
+
+
+def check_outputs(store, run: Run, rewrites: dict[bytes, bytes], keep_failed: bool) -> None:
+    """--check: the rebuilt outputs must have the registered NAR hashes."""
+    sd, g = store.store_dir, run.goal
+    printed = sd.print(g.drv_path)
+    for name in sorted(g.outputs):
+        path = g.outputs[name]
+        info = store.path_info(path)
+        src = store.real_path(run.scratch[name])
+        h = new_hasher(info.nar_hash.algo)
+        for chunk in rewritten(dump_path(src), rewrites):
+            h.update(chunk)
+        if h.digest() == info.nar_hash.digest:
+            continue
+        msg = f"derivation '{printed}' may not be deterministic: output '{sd.print(path)}' differs"
+        if keep_failed:
+            check = store.real_path(path) + ".check"
+            remove_tree(check)
+            copy_rewritten(src, check, rewrites)
+            canonicalise_paths([check])
+            msg += f" from '{sd.print(path)}.check'"
+        raise Failure(BuildStatus.NOT_DETERMINISTIC, msg)
+
+
+def _auto_optimise(store, paths: list[StorePath]) -> None:
+    """``auto-optimise-store``: new outputs join the ``.links`` pool before registration."""
+    if not getattr(store.settings, "auto_optimise_store", False):
+        return
+    hook = getattr(store, "_auto_optimise", None)
+    if hook is None:
+        hook = lambda sp: optimise_path(store, sp)  # noqa: E731
+    for sp in paths:
+        hook(sp)
+
+
+def _scan(real: str, candidates: Mapping[str, StorePath]) -> tuple[Hash, int, set[str]]:
+    """NAR hash, NAR size and the candidate hash parts found, in one pass."""
+    h = hashlib.sha256()
+    scanner = RefScanner(candidates.keys())
+    size = 0
+    for chunk in dump_path(real):
+        h.update(chunk)
+        scanner.feed(chunk)
+        size += len(chunk)
+    return Hash("sha256", h.digest()), size, scanner.found
+
+
+def _nar_hash(real: str, algo: str) -> Hash:
+    h = new_hasher(algo)
+    for chunk in dump_path(real):
+        h.update(chunk)
+    return Hash(algo, h.digest())
+
+
+def _file_hash(real: str, algo: str) -> Hash:
+    h = new_hasher(algo)
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return Hash(algo, h.digest())
