@@ -11,6 +11,7 @@ import argparse
 from typing import TYPE_CHECKING, Sequence
 
 from .. import __version__
+from .quick import QUERY_WHAT
 
 #: ``add --algo`` choices: the keys of :data:`storekeeper.formats.hashes.ALGO_SIZES`
 #: (spelt out so the parser needs no hashing module; tests/test_cli.py checks they agree)
@@ -61,7 +62,7 @@ def _add_text(sub: _Sub) -> None:
 def _query(sub: _Sub) -> None:
     s = sub.add_parser("query", help="query store paths (like nix-store -q)")
     g = s.add_mutually_exclusive_group(required=True)
-    for what in ("references", "referrers", "requisites", "hash", "size", "deriver", "outputs"):
+    for what in QUERY_WHAT:
         g.add_argument(f"--{what}", dest="what", action="store_const", const=what)
     s.add_argument("--include-outputs", action="store_true")
     s.add_argument("paths", nargs="+", metavar="PATH")

@@ -24,11 +24,11 @@ else:
         def __init__(self, **values: object) -> None:
             self.__dict__.update(values)
 
-#: ``query``'s mutually exclusive (and required) choice of what to print
+
+#: ``query``'s mutually exclusive (and required) choice of what to print (the argparse
+#: parser's too)
 QUERY_WHAT = ("references", "referrers", "requisites", "hash", "size", "deriver", "outputs")
 _WHAT_OPTS = {f"--{w}": w for w in QUERY_WHAT}
-
-
 
 
 def parse(argv: Sequence[str]) -> Args | str | None:
@@ -43,7 +43,8 @@ def parse(argv: Sequence[str]) -> Args | str | None:
             return None
     if i >= len(argv) or argv[i] != "query":
         return None
-    what, include_outputs, paths = None, False, list[str]()
+    what, include_outputs = None, False
+    paths: list[str] = []
     for a in argv[i + 1:]:
         if paths or not a.startswith("-"):
             if not a or a.startswith("-"):
