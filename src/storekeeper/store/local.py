@@ -44,11 +44,18 @@ from ..fs.atomic import write_new_file
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
+from .gcnotify import NotifyingTempRoots
 from .locks import PathLocks, lock_fd, open_lock_file
 from .optimise import open_pool, optimise_path
 from .reader import StoreReader
 
 TEMP_DIR_PREFIX = "tmp-sk-"
+
+
+def _mismatch(what: str, where: str, specified: object, got: object) -> str:
+    """Nix's words for a NAR that does not match its metadata (scripts and users know
+    them from nix-daemon): the values on lines of their own, aligned."""
+    return f"{what} mismatch {where};\n  specified: {specified}\n  got:       {got}"
 
 
 class LocalStore(StoreReader):
@@ -58,6 +65,8 @@ class LocalStore(StoreReader):
     ``path_info``, ``query_references``, ``query_closure`` and ``topo_sort``
     from :class:`DerivedQueries`.
     """
+
+    temp_roots_class = NotifyingTempRoots  # pins, telling a running GC
 
     _last_auto_gc_check = float("-inf")  # monotonic time of the last auto-GC check
     #: where Nix's informational lines go (the daemon: to the client), e.g. "running auto-GC …"
@@ -223,10 +232,9 @@ class LocalStore(StoreReader):
             got = reader.hash()
             where = f"importing path '{self.print_path(info.path)}'"
             if got != info.nar_hash:
-                raise BadArchive(f"hash mismatch {where}; specified: {info.nar_hash.typed('nix32')}; "
-                                 f"got: {got.typed('nix32')}")
+                raise BadArchive(_mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
             if info.nar_size and reader.size != info.nar_size:
-                raise BadArchive(f"size mismatch {where}; specified: {info.nar_size}; got: {reader.size}")
+                raise BadArchive(_mismatch("size", where, info.nar_size, reader.size))
             if info.ca:
                 self._check_ca(info, staged, where)
             if info.nar_hash.algo != "sha256":
@@ -251,8 +259,7 @@ class LocalStore(StoreReader):
         except FormatError as e:
             raise BadArchive(f"{where}: {e}") from None
         if h != ca.hash or expected != info.path:
-            raise BadArchive(f"ca hash mismatch {where}; specified: {ca.hash.typed('nix32')}; "
-                             f"got: {h.typed('nix32')}")
+            raise BadArchive(_mismatch("ca hash", where, ca.hash.typed("nix32"), h.typed("nix32")))
 
     def register_valid_paths(self, infos: Iterable[ValidPathInfo]) -> None:
         """Register paths whose files are complete and canonical, in one transaction."""
