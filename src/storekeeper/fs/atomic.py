@@ -44,14 +44,16 @@ def temp_name(directory: str, prefix: str) -> str:
     return os.path.join(directory, f"{prefix}{os.getpid()}-{os.urandom(6).hex()}")
 
 
-def write_new_file(path: str, data: bytes, mode: int) -> None:
-    """Create ``path`` (it must not exist, and is never a followed symlink) with ``data``, synced."""
+def write_new_file(path: str, data: bytes, mode: int, sync: bool = True) -> None:
+    """Create ``path`` (it must not exist, and is never a followed symlink) with ``data``,
+    synced (unless ``sync`` is false)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
