@@ -32,6 +32,7 @@ from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import Verbosity
 from ..store.locks import PathLocks
 from . import confine
+from .sandbox import Sandbox
 from .goals import DrvGoal
 from .logger import BuildLogger
 from .logs import BuildLogFile, LineSplitter
@@ -60,6 +61,8 @@ class Run:
     log_bytes: int = 0
     killed_for: Failure | None = None
     exec_error: str | None = None
+    #: the build's sandbox (:mod:`.sandbox`), None when it runs unsandboxed
+    sandbox: Sandbox | None = None
 
     def kill(self) -> None:
         """SIGKILL to the builder's session (it is its own process group)."""
@@ -247,7 +250,12 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
         executable: str | None = builder
         child_env = env
         pass_fds: tuple[int, ...] = ()
-        if filter_syscalls:
+        if run.sandbox is not None:
+            # namespaces, chroot, NO_NEW_PRIVS and seccomp (launcher.py)
+            argv, spec_fd = run.sandbox.launcher_argv(
+                builder, argv, env, confine.host_filter() if filter_syscalls else None)
+            executable, child_env, pass_fds = None, {}, (spec_fd,)
+        elif filter_syscalls:
             # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
             # builder (confine.py says why not preexec_fn, and what it costs)
             argv, spec_fd = confine.confined_argv(builder, argv, env, confine.host_filter())
@@ -306,6 +314,8 @@ def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildL
             for path in g.outputs.values():
                 if not store.is_valid(path) and not keep_failed:
                     fs.remove_tree(store.real_path(path))
+        if run.sandbox is not None:
+            run.sandbox.remove()
         if succeeded or not keep_failed:
             fs.remove_tree(run.tmpdir)
         else:

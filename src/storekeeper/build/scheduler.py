@@ -24,13 +24,13 @@ from collections import deque
 from typing import Callable, Sequence
 
 from ..errors import StoreError
-from ..formats.derivation import Derivation
+from ..formats.derivation import Derivation, DerivationType, derivation_type
 from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
 from ..store.locks import PathLocks
-from . import process
+from . import process, sandbox
 from .environment import builder_environment
 from .goals import DrvGoal, Goal, GoalGraph
 from .logger import Activities, BuildLogger, GuardedLogger, NullLogger, format_error
@@ -334,6 +334,7 @@ class Builder:
             remove_tree(store.real_path(path))  # leftovers of an interrupted build
         tmpdir = process.make_build_dir(st, drv_name=g.drv_path.name)
         run: Run | None = None
+        sb: sandbox.Sandbox | None = None
         try:
             rewrites = input_rewrites(g.outputs, scratch)
             env = builder_environment(drv, tmpdir, store_dir=sd.path, cores=st.cores,
@@ -341,6 +342,12 @@ class Builder:
             args = [rewrite_str(a, rewrites) for a in drv.args]
             if user is not None:
                 process.prepare_user(store, user, tmpdir, {*scratch.values(), *g.outputs.values()})
+            if sandbox.wanted(store, st, drv, printed,
+                              lambda line: self.logger.log(Verbosity.ERROR, line)):
+                fixed = derivation_type(drv) is DerivationType.CA_FIXED
+                sb = sandbox.prepare(store, g.drv_path, tmpdir, user,
+                                     self.goals.input_closure(g), st, fixed)
+                env = sb.inside_env(env, tmpdir)
             check = g.mode == BuildMode.CHECK
             text = f"{'checking outputs of' if check else 'building'} '{printed}'"
             act = self.logger.start_activity(Verbosity.INFO, ActivityType.BUILD, text,
@@ -356,12 +363,15 @@ class Builder:
             run = Run(g, None, None, locks, user, tmpdir, scratch, log_file,
                       LineSplitter(on_line, st.log_lines), act, now, now)
             run.start_wall = int(time.time())
+            run.sandbox = sb
             self._running.append(run)
             self._progress()
             process.start_builder(run, drv.builder, args, env, st.filter_syscalls)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
+                if sb is not None:
+                    sb.remove()
             raise
 
     # --- waiting for builders -----------------------------------------------------
@@ -394,6 +404,8 @@ class Builder:
         succeeded = False
         try:
             status, cpu = run.collect(self.settings.max_log_size, self.sd)
+            if run.sandbox is not None:
+                run.sandbox.move_outputs(self.store, run.scratch.values())
             start, stop = run.start_wall, int(time.time())
             try:
                 if cancelled:

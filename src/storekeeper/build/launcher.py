@@ -1,0 +1,200 @@
+"""The sandbox launcher: the program that puts one builder into its sandbox.
+
+This file is **not imported** by storekeeper: :mod:`.sandbox` reads its source
+and runs it as ``python3 -I -S -c <source> <fd>`` (so it needs nothing but the
+standard library, runs in a fresh single-threaded interpreter whatever threads
+the daemon has, and any build user can run it).  The spec comes from the
+memfd ``<fd>`` (``marshal``; :func:`storekeeper.build.sandbox.Sandbox.spec`
+writes it).  It runs as the *host* identity of the build (the build user, or
+the daemon's own user), never as root with a build user.
+
+What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's):
+
+1. ``unshare`` user, mount, pid, ipc, uts and (unless fixed-output) net
+   namespaces, and map itself: inside uid 1000 = its host uid, gid 100 = its
+   host gid, nothing else (a process may always map its own ids; ``setgroups``
+   is denied first, as the kernel requires for that).  It keeps every
+   capability *in the new namespaces* until the builder is exec'd; as uid
+   1000 the exec drops them all.
+2. ``fork``: the child is PID 1 of the new pid namespace; this process stays
+   outside as the **monitor**, waits for it and exits with its status (or dies
+   of its signal).  When PID 1 exits, the kernel kills everything else in the
+   namespace: nothing of the build survives it.  PID 1 gets ``PDEATHSIG``
+   SIGKILL, so killing the monitor kills the sandbox.
+3. PID 1: ``lo`` up, hostname ``localhost``, domain name ``(none)``, every
+   mount private (so nothing propagates to the host), the chroot dir bound
+   onto itself, the binds of the spec (each input read-only; a read-only
+   remount must keep the flags the kernel locked on the source mount --
+   nosuid/nodev/noexec -- or it fails with EPERM, hence ``statvfs``), a fresh
+   ``proc``, a ``tmpfs`` on ``/dev/shm``, a ``devpts`` (optional), then
+   ``pivot_root(".", ".")`` and a lazy unmount of the old root, ``chdir``
+   to the build dir, ``NO_NEW_PRIVS``, the seccomp filter, no core dumps,
+   all fds but 0-2 closed, and ``execve`` of the builder.
+
+Every mount point already exists: the daemon made them (a process of the new
+user namespace cannot create files on a tmpfs it mounted itself, and making
+them outside keeps this program small).  Failures: one line on stderr (the
+build log) and exit status 1, as an exec failure of the builder itself.
+"""
+
+import ctypes
+import fcntl
+import marshal
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+# statvfs f_flag bits (ST_*) -> the MS_* flag the kernel locks on a bind in a user namespace
+LOCKED = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+          (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_char_p]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong]
+libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
+
+
+def die(msg):
+    os.write(2, ("error: sandbox: " + msg + "\n").encode("utf-8", "surrogateescape"))
+    os._exit(1)
+
+
+def check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        die("%s: %s" % (what, os.strerror(e)))
+
+
+def mount(src, target, fstype, flags, data=None):
+    check(libc.mount(src, target, fstype, flags, data),
+          "mount %r on %r" % (src, target))
+
+
+def locked_flags(path):
+    f = os.statvfs(path).f_flag
+    return sum(ms for st, ms in LOCKED if f & st)
+
+
+def bind(src, target, readonly, recursive):
+    flags = MS_BIND | (MS_REC if recursive else 0)
+    mount(src, target, None, flags)
+    if readonly:
+        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target))
+
+
+def write_file(path, data):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def loopback_up():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, req))[1]  # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))  # SIOCSIFFLAGS IFF_UP
+    finally:
+        s.close()
+
+
+def pid1(spec):
+    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if spec["private_net"]:
+        loopback_up()
+    check(libc.sethostname(b"localhost", 9), "sethostname")
+    check(libc.setdomainname(b"(none)", 6), "setdomainname")
+    mount(None, b"/", None, MS_REC | MS_PRIVATE)
+    root = spec["root"]
+    mount(root, root, None, MS_BIND)
+    for src, target, readonly, recursive in spec["binds"]:
+        bind(src, root + target, readonly, recursive)
+    mount(b"proc", root + b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    bind(root + b"/proc/sys", root + b"/proc/sys", True, False)  # (kernel knobs: look only)
+    mount(b"none", root + b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
+          b"mode=1777,size=" + spec["shm_size"])
+    if spec["devpts"]:
+        if libc.mount(b"none", root + b"/dev/pts", b"devpts", MS_NOSUID | MS_NOEXEC,
+                      b"newinstance,mode=0620,ptmxmode=0666") != 0:
+            pass  # no pseudo-terminals in this sandbox (as with bwrap's fallback)
+    os.chdir(root)
+    nr = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        die("no pivot_root for this architecture")
+    check(libc.syscall(nr, b".", b"."), "pivot_root")
+    check(libc.umount2(b".", MNT_DETACH), "unmounting the host's root")
+    os.chroot(".")
+    os.chdir(spec["cwd"])
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    flt = spec["filter"]
+    if flt:
+        class Prog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        buf = ctypes.create_string_buffer(flt, len(flt))
+        prog = Prog(len(flt) // 8, ctypes.addressof(buf))
+        check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(prog), 0, 0),
+              "loading the seccomp filter (set 'filter-syscalls = false' to build without it)")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.closerange(3, 1 << 20)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    path = spec["path"]
+    try:
+        os.execve(path, spec["argv"], spec["env"])
+    except OSError as e:
+        die("executing '%s': %s" % (path.decode("utf-8", "surrogateescape"), e.strerror))
+
+
+def main():
+    fd = int(sys.argv[1])
+    with open(fd, "rb") as f:
+        spec = marshal.loads(f.read())
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if spec["private_net"]:
+        flags |= CLONE_NEWNET
+    check(libc.unshare(flags), "cannot create the build's namespaces")
+    write_file("/proc/self/uid_map", b"%d %d 1\n" % (spec["uid"], uid))
+    write_file("/proc/self/setgroups", b"deny\n")
+    write_file("/proc/self/gid_map", b"%d %d 1\n" % (spec["gid"], gid))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pid1(spec)
+        except BaseException as e:  # noqa: BLE001 - one line in the log, never a traceback
+            die(str(e) or e.__class__.__name__)
+        os._exit(1)
+    # The monitor keeps the log pipe open until it has the status: the daemon
+    # takes the end of the log as the end of the build and kills what is left.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: os.kill(pid, signal.SIGKILL))
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)
+
+
+if __name__ == "__main__":
+    main()

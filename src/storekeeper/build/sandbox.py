@@ -1,0 +1,326 @@
+"""The build sandbox (``sandbox = true | relaxed``), the daemon's side.
+
+When a build is sandboxed (:func:`wanted`): ``sandbox = true`` sandboxes every
+build (a derivation with ``__noChroot`` is an error), ``relaxed`` every build
+but fixed-output ones and those with ``__noChroot``, ``false`` none -- except
+on a store whose store dir is not real on this machine (a chroot store, the
+embedded default store), which always builds sandboxed: the bind mounts are
+what make its logical store dir exist.  When the kernel refuses the
+namespaces, ``sandbox-fallback = true`` builds unsandboxed with one warning
+(never for such a store).
+
+Invariants of a sandbox (:class:`Sandbox`; the layout is Nix's, see
+``../shared/spec/sandbox.md`` §3):
+
+* **Its chroot dir is ``<real store dir>/<drv base>.chroot``**, made fresh
+  for one build by :func:`prepare` and deleted by :meth:`Sandbox.remove`; it
+  is in the store's file system, so outputs the builder makes in the chroot's
+  store dir are *renamed* into the real store (:meth:`Sandbox.move_outputs`);
+  the ``.drv`` is pinned, so the GC leaves the chroot dir alone.
+* **Inside, the logical store dir holds exactly the input closure** (plus the
+  closure of store paths named in ``sandbox-paths``), each bound read-only,
+  and whatever the builder makes there.  The host's other files exist only as
+  the ``sandbox-paths`` binds, the ``/dev`` nodes (``full null random tty
+  urandom zero``), and, for fixed-output builds, ``/etc/resolv.conf``,
+  ``/etc/services`` and ``/etc/hosts``.
+* **The mounts never exist on the host**: they are made by the launcher in
+  the build's own mount namespace after making every mount private, so the
+  host only ever sees empty mount points, and deleting the chroot dir cannot
+  reach into an input.
+* **The builder runs as uid 1000 / gid 100 of a user namespace** that maps
+  those to the build user (root daemon with ``build-users-group``) or to the
+  daemon's own ids, and nothing else; it is PID 1 of its pid namespace, so
+  nothing it starts outlives it.  The launcher (:mod:`.launcher`) says how.
+"""
+
+from __future__ import annotations
+
+import functools
+import marshal
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .. import fs
+from ..formats.derivation import Derivation, DerivationType, derivation_type
+from ..formats.storepath import StorePath
+from .confine import python_for_builders
+from .results import BuildStatus, Failure
+from .users import BuildUser
+
+INSIDE_UID, INSIDE_GID = 1000, 100
+DEV_NODES = ("full", "null", "random", "tty", "urandom", "zero")
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+NETWORK_FILES = ("/etc/resolv.conf", "/etc/services", "/etc/hosts")
+BUILD_DIR_VARS = ("NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD")
+
+_PROBE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000 | 0x20000 | 0x20000000 | 0x8000000 | 0x4000000 | 0x40000000):
+    sys.stdout.write(os.strerror(ctypes.get_errno()))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable() -> str | None:
+    """Why this machine cannot sandbox builds for this process's user (None: it can).
+    Asked once per process, of a fresh interpreter (``unshare`` as the launcher does it)."""
+    if os.uname().sysname != "Linux" or os.uname().machine not in ("x86_64", "aarch64"):
+        return f"no sandbox for {os.uname().sysname} on {os.uname().machine}"
+    try:
+        out = subprocess.run([python_for_builders(), "-I", "-S", "-c", _PROBE],
+                             capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run the sandbox probe: {e}"
+    if out.returncode != 0 or out.stdout:
+        why = out.stdout.decode(errors="replace").strip() or f"exit status {out.returncode}"
+        return f"the kernel refuses user, mount, pid and network namespaces here ({why})"
+    return None
+
+
+def diverted(store) -> bool:
+    """Whether ``store``'s logical store dir is not where its files are (chroot store)."""
+    return store.store_dir.path != os.path.normpath(store.real_store_dir)
+
+
+_warned: set[str] = set()
+
+
+def wanted(store, settings, drv: Derivation, printed: str, warn) -> bool:
+    """Whether this build is sandboxed (module docstring); raises
+    :class:`~.results.Failure` when it must be and cannot, or may not be at all.
+    ``warn(line)`` gets the fallback warning, once per process."""
+    no_chroot = drv.env.get("__noChroot") == "1"
+    fixed = derivation_type(drv) is DerivationType.CA_FIXED
+    mode = settings.sandbox
+    forced = diverted(store)
+    if mode == "true" and no_chroot:
+        raise Failure(BuildStatus.MISC_FAILURE, f"derivation '{printed}' has '__noChroot' set, "
+                      "but that's not allowed when 'sandbox' is 'true'")
+    if forced:
+        want = True
+    elif mode == "relaxed":
+        want = not (fixed or no_chroot)
+    else:
+        want = mode == "true"
+    if not want:
+        return False
+    why = unavailable()
+    if why is None:
+        return True
+    if forced:
+        raise Failure(BuildStatus.MISC_FAILURE, f"cannot build '{printed}': this store keeps "
+                      f"'{store.store_dir.path}' in '{store.real_store_dir}', which needs the "
+                      f"build sandbox, but {why}")
+    if not settings.sandbox_fallback:
+        raise Failure(BuildStatus.MISC_FAILURE, f"cannot build '{printed}' in a sandbox: {why} "
+                      "(set 'sandbox = false', or 'sandbox-fallback = true')")
+    if why not in _warned:
+        _warned.add(why)
+        warn(f"warning: building without the sandbox: {why}")
+    return False
+
+
+@dataclass
+class Sandbox:
+    """One build's chroot and what the launcher is to do with it (module docstring)."""
+
+    root: str                 #: the chroot dir on the host
+    store_dir: str            #: the logical store dir (inside)
+    build_dir: str            #: the build dir inside (``sandbox-build-dir``)
+    private_net: bool
+    shm_size: str
+    binds: list[tuple[str, str, bool, bool]] = field(default_factory=list)
+
+    def inside_env(self, env: dict[str, str], host_build_dir: str) -> dict[str, str]:
+        """``env`` with the build dir as the builder sees it (Nix's sandbox values)."""
+        out = dict(env)
+        for var in BUILD_DIR_VARS:
+            out[var] = self.build_dir
+        prefix = host_build_dir.rstrip("/") + "/"
+        for k, v in env.items():
+            if k.endswith("Path") and v.startswith(prefix):  # passAsFile files
+                out[k] = self.build_dir + "/" + v[len(prefix):]
+        return out
+
+    def launcher_argv(self, builder: str, argv: list[str], env: dict[str, str],
+                      flt: bytes | None) -> tuple[list[str], int]:
+        """(Popen args, fd to pass and then close) that run ``builder`` in this sandbox."""
+        enc = os.fsencode
+        spec = {
+            "root": enc(self.root), "cwd": enc(self.build_dir),
+            "binds": [(enc(s), enc(t), ro, rec) for s, t, ro, rec in self.binds],
+            "private_net": self.private_net, "shm_size": self.shm_size.encode(),
+            "devpts": True, "uid": INSIDE_UID, "gid": INSIDE_GID, "filter": flt or b"",
+            "path": enc(builder), "argv": [enc(a) for a in argv],
+            "env": {enc(k): enc(v) for k, v in env.items()},
+        }
+        fd = os.memfd_create("storekeeper-sandbox", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(marshal.dumps(spec))
+            while view:
+                view = view[os.write(fd, view):]
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return [python_for_builders(), "-I", "-S", "-c", launcher_source(), str(fd)], fd
+
+    def inside(self, path: str) -> str:
+        return self.root + path
+
+    def move_outputs(self, store, paths: Iterable[StorePath]) -> None:
+        """Rename what the builder made at ``paths`` into the real store (once it is dead)."""
+        for p in paths:
+            src = self.inside(os.path.join(self.store_dir, p.base))
+            if os.path.lexists(src):
+                dest = store.real_path(p)
+                fs.remove_tree(dest)
+                os.rename(src, dest)
+
+    def remove(self) -> None:
+        fs.remove_tree(self.root)
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_source() -> str:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py"),
+              encoding="utf-8") as f:
+        return f.read()
+
+
+def _mkdirs(root: str, path: str, mode: int = 0o755) -> str:
+    """``root + path`` and its missing parents (each ``mode``)."""
+    full = root
+    for part in [p for p in path.split("/") if p]:
+        full = os.path.join(full, part)
+        try:
+            os.mkdir(full, mode)
+        except FileExistsError:
+            pass
+    return full
+
+
+def _mount_point(target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(target, 0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        if not os.path.lexists(target):
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444))
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def parse_sandbox_paths(entries: Iterable[str]) -> list[tuple[str, str, bool]]:
+    """``sandbox-paths`` as (target, source, optional)."""
+    out = []
+    for e in entries:
+        optional = e.endswith("?")
+        if optional:
+            e = e[:-1]
+        target, sep, source = e.partition("=")
+        out.append((target, source if sep else target, optional))
+    return out
+
+
+def prepare(store, drv_path: StorePath, host_build_dir: str, user: BuildUser | None,
+            closure: Iterable[StorePath], settings, fixed: bool) -> Sandbox:
+    """Make the chroot dir of a build of ``drv_path`` and say what goes where (module
+    docstring).  ``closure`` is the input closure; ``fixed``: a fixed-output build."""
+    sd, real_sd = store.store_dir, store.real_store_dir
+    store.pin(drv_path)  # (the GC leaves the .chroot entry of a pinned hash alone)
+    root = os.path.join(real_sd, drv_path.base + ".chroot")
+    fs.remove_tree(root)
+    os.mkdir(root, 0o750)
+    sb = Sandbox(root, sd.path, settings.sandbox_build_dir, private_net=not fixed,
+                 shm_size=settings.sandbox_dev_shm_size)
+    try:
+        _layout(sb, store, host_build_dir, user, set(closure), settings, fixed)
+    except BaseException:
+        sb.remove()
+        raise
+    return sb
+
+
+def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
+            closure: set[StorePath], settings, fixed: bool) -> None:
+    root, sd = sb.root, store.store_dir
+    gid = user.gid if user is not None else os.getegid()
+    if user is not None:
+        os.chown(root, 0, gid)
+    for d in ("etc", "proc", "dev", "dev/shm", "dev/pts"):
+        _mkdirs(root, d)
+    tmp = _mkdirs(root, "tmp")
+    os.chmod(tmp, 0o1777)
+    if sb.build_dir.startswith(sd.path + "/") or not sb.build_dir.startswith("/"):
+        raise Failure(BuildStatus.MISC_FAILURE, f"'sandbox-build-dir' ({sb.build_dir}) must be "
+                      "an absolute path outside the store dir")
+    sb.binds.append((host_build_dir, sb.build_dir, False, False))
+    _mkdirs(root, sb.build_dir)
+    home = sb.build_dir
+    _write(os.path.join(root, "etc/passwd"),
+           f"root:x:0:0:Nix build user:{home}:/noshell\n"
+           f"nixbld:x:{INSIDE_UID}:{INSIDE_GID}:Nix build user:{home}:/noshell\n"
+           "nobody:x:65534:65534:Nobody:/:/noshell\n")
+    _write(os.path.join(root, "etc/group"),
+           f"root:x:0:\nnixbld:!:{INSIDE_GID}:\nnogroup:x:65534:\n")
+    if fixed:
+        _write(os.path.join(root, "etc/nsswitch.conf"), "hosts: files dns\nservices: files\n")
+        for f in NETWORK_FILES:
+            real = os.path.realpath(f)
+            if os.path.isfile(real):
+                _mount_point(root + f, False)
+                sb.binds.append((real, f, True, False))
+    else:
+        _write(os.path.join(root, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")
+    extra = parse_sandbox_paths(settings.sandbox_paths)
+    if not any(t == "/dev" for t, _, _ in extra):
+        for n in DEV_NODES:
+            if os.path.exists("/dev/" + n):
+                _mount_point(os.path.join(root, "dev", n), False)
+                sb.binds.append(("/dev/" + n, "/dev/" + n, False, False))
+        for name, target in DEV_LINKS:
+            os.symlink(target, os.path.join(root, "dev", name))
+    for target, source, optional in extra:
+        if source == "/proc" or target == "/proc":
+            continue  # (a fresh procfs is mounted anyway)
+        if not os.path.exists(source):
+            if optional:
+                continue
+            raise Failure(BuildStatus.MISC_FAILURE, f"path '{source}' in 'sandbox-paths' "
+                          "does not exist")
+        if ".." in target.split("/") or not target.startswith("/"):
+            raise Failure(BuildStatus.MISC_FAILURE, f"bad target '{target}' in 'sandbox-paths'")
+        if source.startswith(sd.path + "/"):
+            p = sd.parse(sd.path + "/" + source[len(sd.path) + 1:].split("/")[0], lax=True)
+            closure |= store.query_closure({p})
+            if target == source:
+                continue  # (bound with the closure)
+            source = store.real_store_dir + source[len(sd.path):]
+        _mount_point(root + target, os.path.isdir(source))
+        sb.binds.append((source, target, True, True))
+    store_inside = _mkdirs(root, sd.path)
+    if user is not None:
+        os.chown(store_inside, 0, gid)
+        os.chmod(store_inside, 0o1775)
+    for p in sorted(closure, key=lambda p: p.base):
+        real = store.real_path(p)
+        target = os.path.join(store_inside, p.base)
+        if os.path.islink(real):
+            os.symlink(os.readlink(real), target)
+            continue
+        if os.path.isdir(real):
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444))
+        sb.binds.append((real, os.path.join(sd.path, p.base), True, False))
