@@ -9,11 +9,14 @@ every such test fails without the sandbox.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import shutil
 import socket
+import subprocess
 import threading
+import time
 
 import pytest
 
@@ -57,11 +60,11 @@ def shell_path(store: LocalStore) -> StorePath:
 
 
 def add_drv(store: LocalStore, name: str, script: str, *, fixed_hash: str | None = None,
-            env: dict[str, str] | None = None, srcs: tuple[StorePath, ...] = ()) -> StorePath:
+            flat: bool = False, env: dict[str, str] | None = None, srcs: tuple[StorePath, ...] = ()) -> StorePath:
     sd = store.store_dir
     bb = shell_path(store)
     sh = sd.print(bb) + "/bin/sh"
-    out = DerivationOutput(hash_algo="r:sha256", hash=fixed_hash) if fixed_hash \
+    out = DerivationOutput(hash_algo="sha256" if flat else "r:sha256", hash=fixed_hash) if fixed_hash \
         else DerivationOutput()
     drv = Derivation(outputs={"out": out}, platform=SYSTEM, builder=sh,
                      args=["-e", "-c", script],
@@ -133,3 +136,233 @@ def test_builds_on_a_chroot_store_with_the_logical_store_dir_inside(chroot_store
     assert chroot_store.is_valid(chroot_store.query_derivation_outputs(drv)["out"])
     # the chroot dir is gone
     assert not [n for n in os.listdir(chroot_store.real_store_dir) if n.endswith(".chroot")]
+
+
+def both(tmp_path, name: str, script: str, sandboxed=SANDBOXED, unsandboxed=UNSANDBOXED,
+         **kw) -> tuple[str, str]:
+    """The output of ``script`` built in the sandbox (chroot store) and without it (a store
+    with a real store dir); each must build."""
+    outs = []
+    for kind, settings in (("root", sandboxed), ("real", unsandboxed)):
+        if kind == "root":
+            store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+        else:
+            b = str(tmp_path / "real")
+            store = LocalStore(LocalLayout.custom(b + "/store", b + "/state", b + "/log"))
+        try:
+            res, out = build(store, add_drv(store, name, script, **kw), settings)
+            assert res.status == BuildStatus.BUILT, (kind, res.error_msg)
+            outs.append(read_out(out))
+        finally:
+            store.close()
+    return outs[0], outs[1]
+
+
+# --- what a sandboxed builder cannot do (and an unsandboxed one can) -------------------------
+
+def test_cannot_read_a_host_file_outside_its_closure(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    inside, outside = both(tmp_path, "readhost",
+                           f'cat {secret} > $out 2>/dev/null || echo no-such-file > $out')
+    assert (inside, outside) == ("no-such-file\n", "s3cret\n")
+
+
+class _Listener:
+    """A TCP listener on 127.0.0.1 answering HTTP, counting connections."""
+
+    def __init__(self, body: bytes) -> None:
+        outer = self
+        self.hits = 0
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.hits += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fetch(port: int, dest: str) -> str:
+    """Shell (busybox) that GETs /x from 127.0.0.1:port into ``dest`` (the body only).
+    (Debian's static busybox ``wget`` crashes; ``nc`` does not.)"""
+    return (f'printf "GET /x HTTP/1.0\\r\\n\\r\\n" | nc 127.0.0.1 {port} > $TMPDIR/resp && '
+            f'tr -d "\\r" < $TMPDIR/resp | sed "1,/^$/d" > {dest}')
+
+
+def test_cannot_reach_a_loopback_listener_but_a_fixed_output_build_can(tmp_path):
+    body = b"payload from the host\n"
+    srv = _Listener(body)
+    try:
+        script = f'{fetch(srv.port, "$TMPDIR/got")} && cat $TMPDIR/got > $out || echo unreachable > $out'
+        inside, outside = both(tmp_path, "net", script)
+        assert (inside, outside) == ("unreachable\n", body.decode())
+        assert srv.hits == 1  # only the unsandboxed one got through
+        # a fixed-output build shares the host's network (and gets no /etc/hosts of ours)
+        store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+        try:
+            drv = add_drv(store, "fetched", fetch(srv.port, "$out"),
+                          fixed_hash=hashlib.sha256(body).hexdigest(), flat=True)
+            res, out = build(store, drv, SANDBOXED)
+            assert res.status == BuildStatus.BUILT, res.error_msg
+            assert read_out(out) == body.decode() and srv.hits == 2
+        finally:
+            store.close()
+    finally:
+        srv.close()
+
+
+def test_cannot_make_setuid_or_setgid_files_or_set_xattrs(tmp_path):
+    probe = tmp_path / "xattr-probe"
+    probe.write_text("")
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except OSError:
+        pytest.skip("no user xattrs on this file system")
+    # xattrs need a program that calls setxattr: the host's python, bound in
+    paths = [("sandbox-paths", "/usr /lib /lib64? /bin")]
+    py = ("import os,sys\\ntry:\\n os.setxattr(sys.argv[1],'user.x',b'1'); print('allowed')\\n"
+          "except OSError as e: print(os.strerror(e.errno))")
+    script = ('mkdir $out; touch $out/f $out/g; '
+              'chmod 4755 $out/f 2>/dev/null && echo allowed > $out/suid || echo denied > $out/suid; '
+              'chmod 2755 $out/g 2>/dev/null && echo allowed > $out/sgid || echo denied > $out/sgid; '
+              f'printf "{py}" > $TMPDIR/x.py; /usr/bin/python3 -I -S $TMPDIR/x.py $out/f > $out/xattr; '
+              'grep -E "^(NoNewPrivs|Seccomp):" /proc/self/status | tr -s "\\t" " " > $out/status')
+    results = []
+    for flt in ("true", "false"):
+        store = LocalStore(LocalLayout.chroot(str(tmp_path / f"root-{flt}")))
+        try:
+            res, out = build(store, add_drv(store, "setid", script),
+                             SANDBOXED + paths + [("filter-syscalls", flt)])
+            assert res.status == BuildStatus.BUILT, res.error_msg
+            results.append([read_out(os.path.join(out, n)).strip()
+                            for n in ("suid", "sgid", "xattr", "status")])
+            # whatever it managed, the registered output is canonical (no setid bits)
+            assert not os.stat(os.path.join(out, "f")).st_mode & 0o6000
+        finally:
+            store.close()
+    assert results[0] == ["denied", "denied", "Operation not supported", "NoNewPrivs: 1\nSeccomp: 2"]
+    assert results[1][:3] == ["allowed", "allowed", "allowed"]
+
+
+def test_cannot_see_other_processes(tmp_path):
+    host = subprocess.Popen(["sleep", "60"])
+    try:
+        script = (f'test -e /proc/{host.pid} && echo seen > $out || echo unseen > $out; '
+                  'ls /proc | grep -c "^[0-9]" >> $out')
+        inside, outside = both(tmp_path, "procs", script)
+        assert inside.splitlines()[0] == "unseen" and outside.splitlines()[0] == "seen"
+        assert int(inside.splitlines()[1]) <= 3  # sh, ls, grep
+    finally:
+        host.kill()
+        host.wait()
+
+
+def _processes_with(marker: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def test_cannot_leave_a_process_behind(tmp_path):
+    marker = f"left-behind-{os.getpid()}-{id(tmp_path)}"
+    script = f'setsid sh -c "sleep 300; echo {marker}" > /dev/null 2>&1 < /dev/null & echo ok > $out'
+    try:
+        both(tmp_path, "daemonize", script)
+        time.sleep(0.3)
+        # only the unsandboxed build's process is left (there are no build users here)
+        left = _processes_with(marker)
+        assert len(left) == 1, left
+    finally:
+        for pid in _processes_with(marker):
+            os.kill(pid, 9)
+
+
+def test_sees_only_its_input_closure_under_the_store_dir(tmp_path):
+    for kind in ("root", "real"):
+        if kind == "root":
+            store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+        else:
+            b = str(tmp_path / "real")
+            store = LocalStore(LocalLayout.custom(b + "/store", b + "/state", b + "/log"))
+        try:
+            other = store.add_text("other", b"not an input\n").path
+            dep = store.add_text("dep", b"an input's reference\n").path
+            inp = store.add_text("input", store.store_dir.print(dep).encode(), [dep]).path
+            bb = shell_path(store)
+            drv = add_drv(store, "closure", 'ls $NIX_STORE > $TMPDIR/l; '
+                          f'echo x > {store.store_dir.print(inp)} 2>/dev/null && echo wrote >> $TMPDIR/l; '
+                          'mv $TMPDIR/l $out', srcs=(inp,))
+            res, out = build(store, drv, SANDBOXED if kind == "root" else UNSANDBOXED)
+            assert res.status == BuildStatus.BUILT, res.error_msg
+            seen = read_out(out).split()
+            if kind == "root":
+                assert sorted(seen) == sorted(p.base for p in (bb, inp, dep))
+            else:
+                assert other.base in seen
+        finally:
+            store.close()
+
+
+# --- settings ------------------------------------------------------------------------------
+
+def test_no_chroot_is_an_error_with_sandbox_true_and_unsandboxed_when_relaxed(tmp_path):
+    b = str(tmp_path / "real")
+    store = LocalStore(LocalLayout.custom(b + "/store", b + "/state", b + "/log"))
+    try:
+        script = "hostname > $out"
+        drv = add_drv(store, "nochroot", script, env={"__noChroot": "1"})
+        res, _ = build(store, drv, [("sandbox", "true"), ("build-users-group", "")])
+        assert res.status == BuildStatus.MISC_FAILURE
+        assert "has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'" in res.error_msg
+        res, out = build(store, drv, [("sandbox", "relaxed"), ("build-users-group", "")])
+        assert res.status == BuildStatus.BUILT, res.error_msg
+        assert read_out(out) == socket.gethostname() + "\n"
+        # relaxed sandboxes the rest
+        res, out = build(store, add_drv(store, "relaxed", script),
+                         [("sandbox", "relaxed"), ("build-users-group", "")])
+        assert res.status == BuildStatus.BUILT and read_out(out) == "localhost\n"
+    finally:
+        store.close()
+
+
+def test_untrusted_clients_cannot_turn_the_sandbox_off():
+    from storekeeper.config.settings import client_may_set
+    for name in ("sandbox", "sandbox-fallback", "sandbox-paths", "extra-sandbox-paths",
+                 "sandbox-build-dir", "build-dir"):
+        assert client_may_set(name, "false", False, lambda n: None, lambda m: None) is None
+
+
+@needs_root
+def test_with_build_users_the_builder_is_1000_inside_and_the_build_user_outside(tmp_path):
+    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    try:
+        drv = add_drv(store, "users", 'id -u > $out; id -g >> $out; stat -c "%u %g" /build >> $out')
+        res, out = build(store, drv, [("sandbox", "true"), ("build-users-group", "nixbld")])
+        if res.status != BuildStatus.BUILT and "group 'nixbld'" in res.error_msg:
+            pytest.skip(res.error_msg)
+        assert res.status == BuildStatus.BUILT, res.error_msg
+        assert read_out(out).split() == ["1000", "100", "1000", "100"]
+    finally:
+        store.close()

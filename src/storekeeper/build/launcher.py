@@ -3,24 +3,27 @@
 This file is **not imported** by storekeeper: :mod:`.sandbox` reads its source
 and runs it as ``python3 -I -S -c <source> <fd>`` (so it needs nothing but the
 standard library, runs in a fresh single-threaded interpreter whatever threads
-the daemon has, and any build user can run it).  The spec comes from the
-memfd ``<fd>`` (``marshal``; :func:`storekeeper.build.sandbox.Sandbox.spec`
-writes it).  It runs as the *host* identity of the build (the build user, or
-the daemon's own user), never as root with a build user.
+the daemon has).  The spec comes from the
+memfd ``<fd>`` (``marshal``; :meth:`storekeeper.build.sandbox.Sandbox.launcher_argv`
+writes it).  It runs as the daemon's user (root, or the unprivileged user
+running the daemon); the build's host identity (the build user, or the
+daemon's own ids) is in the spec.
 
 What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's):
 
-1. ``unshare`` user, mount, pid, ipc, uts and (unless fixed-output) net
-   namespaces, and map itself: inside uid 1000 = its host uid, gid 100 = its
-   host gid, nothing else (a process may always map its own ids; ``setgroups``
-   is denied first, as the kernel requires for that).  It keeps every
-   capability *in the new namespaces* until the builder is exec'd; as uid
-   1000 the exec drops them all.
-2. ``fork``: the child is PID 1 of the new pid namespace; this process stays
-   outside as the **monitor**, waits for it and exits with its status (or dies
-   of its signal).  When PID 1 exits, the kernel kills everything else in the
-   namespace: nothing of the build survives it.  PID 1 gets ``PDEATHSIG``
-   SIGKILL, so killing the monitor kills the sandbox.
+1. Supplementary groups dropped (root only: impossible inside), then ``fork``;
+   the child ``unshare``s user, mount, pid, ipc, uts and (unless fixed-output)
+   net namespaces and waits; *this* process, outside, writes its maps: inside
+   uid 1000 = the host uid, gid 100 = the host gid, nothing else (root may map
+   a build user; anyone may map their own ids, after denying ``setgroups``).
+   Mapping from outside keeps the child's host root identity (as root) for the
+   set-up, so it can reach bind sources under root-only directories.
+2. The child forks PID 1 of the new pid namespace and stays as its monitor;
+   this process monitors the child; each exits as its child did (status, or
+   death by the same signal), keeping the log pipe open until then.  When PID
+   1 exits, the kernel kills everything else in the namespace: nothing of the
+   build survives it.  ``PDEATHSIG`` SIGKILL chains the three, so killing the
+   outer one kills the sandbox.
 3. PID 1: ``lo`` up, hostname ``localhost``, domain name ``(none)``, every
    mount private (so nothing propagates to the host), the chroot dir bound
    onto itself, the binds of the spec (each input read-only; a read-only
@@ -28,7 +31,8 @@ What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's)
    nosuid/nodev/noexec -- or it fails with EPERM, hence ``statvfs``), a fresh
    ``proc``, a ``tmpfs`` on ``/dev/shm``, a ``devpts`` (optional), then
    ``pivot_root(".", ".")`` and a lazy unmount of the old root, ``chdir``
-   to the build dir, ``NO_NEW_PRIVS``, the seccomp filter, no core dumps,
+   to the build dir, uid 1000 / gid 100 (all capabilities go with the exec at
+   the latest), ``NO_NEW_PRIVS``, the seccomp filter, no core dumps,
    all fds but 0-2 closed, and ``execve`` of the builder.
 
 Every mount point already exists: the daemon made them (a process of the new
@@ -140,6 +144,8 @@ def pid1(spec):
     check(libc.umount2(b".", MNT_DETACH), "unmounting the host's root")
     os.chroot(".")
     os.chdir(spec["cwd"])
+    os.setresgid(spec["gid"], spec["gid"], spec["gid"])
+    os.setresuid(spec["uid"], spec["uid"], spec["uid"])
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     flt = spec["filter"]
     if flt:
@@ -160,27 +166,10 @@ def pid1(spec):
         die("executing '%s': %s" % (path.decode("utf-8", "surrogateescape"), e.strerror))
 
 
-def main():
-    fd = int(sys.argv[1])
-    with open(fd, "rb") as f:
-        spec = marshal.loads(f.read())
-    uid, gid = os.geteuid(), os.getegid()
-    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    if spec["private_net"]:
-        flags |= CLONE_NEWNET
-    check(libc.unshare(flags), "cannot create the build's namespaces")
-    write_file("/proc/self/uid_map", b"%d %d 1\n" % (spec["uid"], uid))
-    write_file("/proc/self/setgroups", b"deny\n")
-    write_file("/proc/self/gid_map", b"%d %d 1\n" % (spec["gid"], gid))
-    pid = os.fork()
-    if pid == 0:
-        try:
-            pid1(spec)
-        except BaseException as e:  # noqa: BLE001 - one line in the log, never a traceback
-            die(str(e) or e.__class__.__name__)
-        os._exit(1)
-    # The monitor keeps the log pipe open until it has the status: the daemon
-    # takes the end of the log as the end of the build and kills what is left.
+def monitor(pid):
+    """Wait for ``pid`` and end as it did (exit status, or death by the same signal).
+    Keeps the log pipe open until then: the daemon takes the end of the log as the
+    end of the build and kills what is left."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, f: os.kill(pid, signal.SIGKILL))
     while True:
@@ -194,6 +183,60 @@ def main():
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
+
+
+def child(spec, go):
+    """In the new namespaces once the outside process has mapped our ids: PID 1."""
+    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if os.read(go, 1) != b"1":
+        os._exit(1)  # the outside process failed (and said why)
+    os.close(go)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pid1(spec)
+        except BaseException as e:  # noqa: BLE001 - one line in the log, never a traceback
+            die(str(e) or e.__class__.__name__)
+        os._exit(1)
+    monitor(pid)
+
+
+def main():
+    fd = int(sys.argv[1])
+    with open(fd, "rb") as f:
+        spec = marshal.loads(f.read())
+    if os.geteuid() == 0:
+        os.setgroups([])  # (only possible outside the user namespace)
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if spec["private_net"]:
+        flags |= CLONE_NEWNET
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        check(libc.unshare(flags), "cannot create the build's namespaces")
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        child(spec, go_r)
+    os.close(ready_w)
+    os.close(go_r)
+    if os.read(ready_r, 1) == b"1":
+        # Written from outside: root may map the build user's ids (a process may
+        # always map only its own); ``setgroups`` is denied first, as the kernel
+        # requires of the latter.
+        proc = "/proc/%d/" % pid
+        try:
+            write_file(proc + "uid_map", b"%d %d 1\n" % (spec["uid"], spec["host_uid"]))
+            write_file(proc + "setgroups", b"deny\n")
+            write_file(proc + "gid_map", b"%d %d 1\n" % (spec["gid"], spec["host_gid"]))
+        except OSError as e:
+            os.kill(pid, signal.SIGKILL)
+            die("cannot map the build's user ids: %s" % e.strerror)
+        os.write(go_w, b"1")
+    os.close(go_w)
+    monitor(pid)
 
 
 if __name__ == "__main__":

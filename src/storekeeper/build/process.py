@@ -255,6 +255,7 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
             argv, spec_fd = run.sandbox.launcher_argv(
                 builder, argv, env, confine.host_filter() if filter_syscalls else None)
             executable, child_env, pass_fds = None, {}, (spec_fd,)
+            uid = gid = groups = None  # (the launcher maps the build user's ids itself)
         elif filter_syscalls:
             # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
             # builder (confine.py says why not preexec_fn, and what it costs)

@@ -133,6 +133,8 @@ class Sandbox:
     build_dir: str            #: the build dir inside (``sandbox-build-dir``)
     private_net: bool
     shm_size: str
+    host_uid: int             #: who the builder is on the host (build user or the daemon)
+    host_gid: int
     binds: list[tuple[str, str, bool, bool]] = field(default_factory=list)
 
     def inside_env(self, env: dict[str, str], host_build_dir: str) -> dict[str, str]:
@@ -155,6 +157,7 @@ class Sandbox:
             "binds": [(enc(s), enc(t), ro, rec) for s, t, ro, rec in self.binds],
             "private_net": self.private_net, "shm_size": self.shm_size.encode(),
             "devpts": True, "uid": INSIDE_UID, "gid": INSIDE_GID, "filter": flt or b"",
+            "host_uid": self.host_uid, "host_gid": self.host_gid,
             "path": enc(builder), "argv": [enc(a) for a in argv],
             "env": {enc(k): enc(v) for k, v in env.items()},
         }
@@ -242,8 +245,9 @@ def prepare(store, drv_path: StorePath, host_build_dir: str, user: BuildUser | N
     root = os.path.join(real_sd, drv_path.base + ".chroot")
     fs.remove_tree(root)
     os.mkdir(root, 0o750)
+    host = (user.uid, user.gid) if user is not None else (os.geteuid(), os.getegid())
     sb = Sandbox(root, sd.path, settings.sandbox_build_dir, private_net=not fixed,
-                 shm_size=settings.sandbox_dev_shm_size)
+                 shm_size=settings.sandbox_dev_shm_size, host_uid=host[0], host_gid=host[1])
     try:
         _layout(sb, store, host_build_dir, user, set(closure), settings, fixed)
     except BaseException:
