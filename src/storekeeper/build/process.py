@@ -32,11 +32,11 @@ from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import Verbosity
 from ..store.locks import PathLocks
 from . import confine
-from .sandbox import Sandbox
 from .goals import DrvGoal
 from .logger import BuildLogger
 from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
+from .sandbox import Sandbox
 from .settings import BuildSettings
 from .users import BuildUser
 
