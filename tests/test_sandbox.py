@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -364,5 +365,32 @@ def test_with_build_users_the_builder_is_1000_inside_and_the_build_user_outside(
             pytest.skip(res.error_msg)
         assert res.status == BuildStatus.BUILT, res.error_msg
         assert read_out(out).split() == ["1000", "100", "1000", "100"]
+    finally:
+        store.close()
+
+
+def test_storekeeper_build_on_a_chroot_store(tmp_path):
+    """``storekeeper --store DIR build DRV`` (a chroot store: sandboxed, whatever the
+    settings say) prints the output path and registers it."""
+    root = str(tmp_path / "root")
+    store = LocalStore(LocalLayout.chroot(root))
+    try:
+        drv = add_drv(store, "cli", "echo built-by-cli > $out")
+        printed = store.store_dir.print(drv)
+    finally:
+        store.close()
+    env = {**os.environ, "NIX_CONF_DIR": str(tmp_path), "NIX_REMOTE": ""}
+    (tmp_path / "nix.conf").write_text("build-users-group =\nsandbox = false\n")
+    cli = [sys.executable, "-m", "storekeeper.cli.main"]
+    r = subprocess.run([*cli, "--store", root, "build", printed], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    [out] = r.stdout.split()
+    assert out.startswith("/nix/store/") and out.endswith("-cli")
+    with open(root + out) as f:
+        assert f.read() == "built-by-cli\n"
+    store = LocalStore(LocalLayout.chroot(root))
+    try:
+        assert store.is_valid(store.parse_path(out))
     finally:
         store.close()
