@@ -20,6 +20,8 @@ import threading
 import time
 
 import pytest
+from conftest import needs_nix
+from realusers import SK, as_user, needs_root_users, real_users, spawn_as, stop
 
 from storekeeper.build import Builder, BuildSettings, BuildStatus
 from storekeeper.build import sandbox as sandbox_mod
@@ -394,3 +396,67 @@ def test_storekeeper_build_on_a_chroot_store(tmp_path):
         assert store.is_valid(store.parse_path(out))
     finally:
         store.close()
+
+
+# --- real users, the default store, real nix-build -----------------------------------------------
+
+def _bb_dir(home: str, uid: int, gid: int) -> str:
+    """``<home>/bb`` with ``busybox`` and ``sh -> busybox``, owned by the user."""
+    d = os.path.join(home, "bb")
+    os.mkdir(d)
+    shutil.copy(BUSYBOX, os.path.join(d, "busybox"))
+    os.symlink("busybox", os.path.join(d, "sh"))
+    for p in (d, os.path.join(d, "busybox")):
+        os.chown(p, uid, gid)
+    os.lchown(os.path.join(d, "sh"), uid, gid)
+    return d
+
+
+@needs_nix
+@needs_root_users
+def test_real_nix_build_as_a_plain_user_on_the_default_store(shared_dir):
+    """A plain user, nothing but the README's commands: ``storekeeper daemon`` on the
+    embedded default store (logical /nix/store under ~/.local/share), and the real
+    nix-build of a busybox derivation through it: built in a user namespace (uid 1000
+    inside), output registered."""
+    with real_users(shared_dir, "p") as users:
+        u = users["p"]
+        data = os.path.join(u.home, ".local", "share")
+        _bb_dir(u.home, u.pw_uid, u.pw_gid)
+        env = {"XDG_DATA_HOME": data}
+        proc = spawn_as(u, [*SK, "daemon"], env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE)
+        try:
+            root = os.path.join(data, "storekeeper", "root")
+            deadline = time.monotonic() + 30
+            sock = None
+            while time.monotonic() < deadline and sock is None:
+                for dirpath, _, files in os.walk(root):
+                    if "socket" in files and dirpath.endswith("daemon-socket"):
+                        sock = os.path.join(dirpath, "socket")
+                if proc.poll() is not None:
+                    pytest.fail(proc.stderr.read().decode())
+                time.sleep(0.1)
+            assert sock is not None
+            expr = (f'derivation {{ name = "plain"; system = "{SYSTEM}"; builder = "${{./bb}}/sh"; '
+                    'args = ["-c" "id -u > $out; id -g >> $out; echo $NIX_BUILD_TOP >> $out"]; }')
+            etc = os.path.join(u.home, "etc")
+            os.mkdir(etc)
+            with open(os.path.join(etc, "nix.conf"), "w") as f:
+                f.write("substituters =\n")
+            nix_env = {"NIX_CONF_DIR": etc, "NIX_STATE_DIR": os.path.join(u.home, "nixstate"),
+                       "NIX_LOG_DIR": os.path.join(u.home, "nixlog"),
+                       "XDG_CACHE_HOME": os.path.join(u.home, ".cache"),
+                       "NIX_REMOTE": f"unix://{sock}?root={root}"}
+            r = as_user(u, ["nix-build", "--no-out-link", "-E", expr], env=nix_env)
+            assert r.returncode == 0, r.stderr
+            out = r.stdout.strip()
+            assert out.startswith("/nix/store/") and out.endswith("-plain")
+            with open(root + out) as f:
+                assert f.read().split() == ["1000", "100", "/build"]
+            st = os.lstat(root + out)
+            assert (st.st_uid, st.st_mode & 0o777) == (u.pw_uid, 0o444)
+            r = as_user(u, [*SK, "query", "--hash", out], env=env)
+            assert r.returncode == 0 and r.stdout.startswith("sha256:"), r.stderr
+        finally:
+            stop(proc)
