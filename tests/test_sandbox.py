@@ -22,6 +22,7 @@ import time
 import pytest
 from conftest import needs_nix
 from realusers import SK, as_user, needs_root_users, real_users, spawn_as, stop
+from test_build import area_factory, build_users  # noqa: F401 -- fixtures
 
 from storekeeper.build import Builder, BuildSettings, BuildStatus
 from storekeeper.build import sandbox as sandbox_mod
@@ -460,3 +461,28 @@ def test_real_nix_build_as_a_plain_user_on_the_default_store(shared_dir):
             assert r.returncode == 0 and r.stdout.startswith("sha256:"), r.stderr
         finally:
             stop(proc)
+
+
+@needs_nix
+def test_real_nix_build_against_a_root_daemon_with_build_users(area_factory, build_users):
+    """The real nix-build against our daemon as root with build users and ``sandbox =
+    true``: inside, uid 1000 / gid 100 (the build user outside); the output registered,
+    owned by root, and no chroot dir left in the store dir."""
+    group, _ = build_users
+    a = area_factory(conf=f"build-users-group = {group}\nsandbox = true\n")
+    a.start("ours")
+    d = os.path.join(a.work, "bb")
+    os.mkdir(d)
+    shutil.copy(BUSYBOX, os.path.join(d, "busybox"))
+    os.symlink("busybox", os.path.join(d, "sh"))
+    expr = (f'derivation {{ name = "users"; system = "{SYSTEM}"; builder = "${{./bb}}/sh"; '
+            'args = ["-c" "id -u > $out; id -g >> $out; stat -c %u:%g /build >> $out; '
+            'ls /proc | grep -c ^[0-9] >> $out"]; }')
+    r = a.run(["nix-build", "--no-out-link", "-E", expr])
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode().strip()
+    assert read_out(out).split() == ["1000", "100", "1000:100", "3"]
+    assert os.lstat(out).st_uid == 0
+    assert not [n for n in os.listdir(a.store) if n.endswith(".chroot")]
+    with a.local_store() as store:
+        assert store.is_valid(store.parse_path(out))
