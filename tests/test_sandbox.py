@@ -291,7 +291,8 @@ def _processes_with(marker: str) -> list[int]:
 
 def test_cannot_leave_a_process_behind(tmp_path):
     marker = f"left-behind-{os.getpid()}-{id(tmp_path)}"
-    script = f'setsid sh -c "sleep 300; echo {marker}" > /dev/null 2>&1 < /dev/null & echo ok > $out'
+    script = (f'setsid sh -c "sleep 300; echo {marker}" > /dev/null 2>&1 < /dev/null & '
+              'sleep 1; echo ok > $out')
     try:
         both(tmp_path, "daemonize", script)
         time.sleep(0.3)

@@ -57,7 +57,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 8, 38, 22
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 # statvfs f_flag bits (ST_*) -> the MS_* flag the kernel locks on a bind in a user namespace
 LOCKED = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
@@ -117,6 +117,58 @@ def loopback_up():
         s.close()
 
 
+def raise_capabilities():
+    """Permitted capabilities made effective again (after a uid change with KEEPCAPS)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()
+    check(libc.capget(header, data), "capget")
+    data[0], data[3] = data[1], data[4]
+    check(libc.capset(header, data), "capset")
+
+
+def store_layers(spec):
+    """The store dir inside: an overlay of ``lower`` (a tmpfs with a mount point per
+    input) and ``upper`` (on disk, in the store's file system: the outputs).
+
+    Both are done by a child as uid 1000, keeping its capabilities: a file system
+    mounted in a user namespace refuses files owned by ids it cannot map (host
+    root), and overlayfs refuses a mounter whose ids the namespace does not map.
+    The paths are handed over as ``O_PATH`` fds opened as this process's host
+    identity, so uid 1000 need not be able to reach them."""
+    top, uid, gid = spec["layers"], spec["uid"], spec["gid"]
+    lower = top + b"/lower"
+    mount(b"none", lower, b"tmpfs", MS_NOSUID | MS_NODEV,
+          b"mode=0755,uid=%d,gid=%d" % (uid, gid))
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY)
+           for p in (lower, top + b"/upper", top + b"/work", spec["root"] + spec["store"])]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            raise_capabilities()
+            d = fds[0]
+            for name, kind, target in spec["entries"]:
+                if kind == b"d":
+                    os.mkdir(name, 0o755, dir_fd=d)
+                elif kind == b"f":
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444, dir_fd=d))
+                else:
+                    os.symlink(target, name, dir_fd=d)
+            fd_path = [b"/proc/self/fd/%d" % fd for fd in fds]
+            mount(b"overlay", fd_path[3], b"overlay", 0,
+                  b"lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % tuple(fd_path[:3]))
+        except BaseException as e:  # noqa: BLE001
+            die("setting up the store dir: %s" % e)
+        os._exit(0)
+    for fd in fds:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        os._exit(1)
+
+
 def pid1(spec):
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
     if spec["private_net"]:
@@ -126,6 +178,7 @@ def pid1(spec):
     mount(None, b"/", None, MS_REC | MS_PRIVATE)
     root = spec["root"]
     mount(root, root, None, MS_BIND)
+    store_layers(spec)
     for src, target, readonly, recursive in spec["binds"]:
         bind(src, root + target, readonly, recursive)
     mount(b"proc", root + b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)

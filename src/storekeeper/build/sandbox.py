@@ -128,7 +128,8 @@ def wanted(store, settings, drv: Derivation, printed: str, warn) -> bool:
 class Sandbox:
     """One build's chroot and what the launcher is to do with it (module docstring)."""
 
-    root: str                 #: the chroot dir on the host
+    top: str                  #: ``<drv>.chroot``: root/, and the store dir's layers
+    root: str                 #: the chroot dir on the host (``top/root``)
     store_dir: str            #: the logical store dir (inside)
     build_dir: str            #: the build dir inside (``sandbox-build-dir``)
     private_net: bool
@@ -136,6 +137,8 @@ class Sandbox:
     host_uid: int             #: who the builder is on the host (build user or the daemon)
     host_gid: int
     binds: list[tuple[str, str, bool, bool]] = field(default_factory=list)
+    #: the lower layer of the store dir: (name, "d" | "f" | "l", symlink target)
+    entries: list[tuple[str, str, str]] = field(default_factory=list)
 
     def inside_env(self, env: dict[str, str], host_build_dir: str) -> dict[str, str]:
         """``env`` with the build dir as the builder sees it (Nix's sandbox values)."""
@@ -158,6 +161,8 @@ class Sandbox:
             "private_net": self.private_net, "shm_size": self.shm_size.encode(),
             "devpts": True, "uid": INSIDE_UID, "gid": INSIDE_GID, "filter": flt or b"",
             "host_uid": self.host_uid, "host_gid": self.host_gid,
+            "store": enc(self.store_dir), "layers": enc(self.top),
+            "entries": [(enc(n), k.encode(), enc(t)) for n, k, t in self.entries],
             "path": enc(builder), "argv": [enc(a) for a in argv],
             "env": {enc(k): enc(v) for k, v in env.items()},
         }
@@ -178,14 +183,14 @@ class Sandbox:
     def move_outputs(self, store, paths: Iterable[StorePath]) -> None:
         """Rename what the builder made at ``paths`` into the real store (once it is dead)."""
         for p in paths:
-            src = self.inside(os.path.join(self.store_dir, p.base))
+            src = os.path.join(self.top, "upper", p.base)
             if os.path.lexists(src):
                 dest = store.real_path(p)
                 fs.remove_tree(dest)
                 os.rename(src, dest)
 
     def remove(self) -> None:
-        fs.remove_tree(self.root)
+        fs.remove_tree(self.top)
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,11 +247,13 @@ def prepare(store, drv_path: StorePath, host_build_dir: str, user: BuildUser | N
     docstring).  ``closure`` is the input closure; ``fixed``: a fixed-output build."""
     sd, real_sd = store.store_dir, store.real_store_dir
     store.pin(drv_path)  # (the GC leaves the .chroot entry of a pinned hash alone)
-    root = os.path.join(real_sd, drv_path.base + ".chroot")
-    fs.remove_tree(root)
-    os.mkdir(root, 0o750)
+    top = os.path.join(real_sd, drv_path.base + ".chroot")
+    fs.remove_tree(top)
+    os.mkdir(top, 0o700)
+    for d in ("root", "upper", "work", "lower"):
+        os.mkdir(os.path.join(top, d), 0o750 if d == "root" else 0o700)
     host = (user.uid, user.gid) if user is not None else (os.geteuid(), os.getegid())
-    sb = Sandbox(root, sd.path, settings.sandbox_build_dir, private_net=not fixed,
+    sb = Sandbox(top, os.path.join(top, "root"), sd.path, settings.sandbox_build_dir, private_net=not fixed,
                  shm_size=settings.sandbox_dev_shm_size, host_uid=host[0], host_gid=host[1])
     try:
         _layout(sb, store, host_build_dir, user, set(closure), settings, fixed)
@@ -313,18 +320,22 @@ def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
             source = store.real_store_dir + source[len(sd.path):]
         _mount_point(root + target, os.path.isdir(source))
         sb.binds.append((source, target, True, True))
-    store_inside = _mkdirs(root, sd.path)
+    _mkdirs(root, sd.path)
+    # The store dir inside: an overlay of a tmpfs with the inputs' mount points
+    # (made by the launcher: thousands of entries on disk would cost more than
+    # the mounts) and ``upper``, on the store's file system, where the builder's
+    # outputs land (module docstring).
+    upper = os.path.join(sb.top, "upper")
     if user is not None:
-        os.chown(store_inside, 0, gid)
-        os.chmod(store_inside, 0o1775)
+        os.chown(upper, 0, gid)
+        os.chmod(upper, 0o1775)
+        os.chown(os.path.join(sb.top, "work"), user.uid, gid)  # (overlayfs' own, as the mounter)
+    else:
+        os.chmod(upper, 0o755)
     for p in sorted(closure, key=lambda p: p.base):
         real = store.real_path(p)
-        target = os.path.join(store_inside, p.base)
         if os.path.islink(real):
-            os.symlink(os.readlink(real), target)
+            sb.entries.append((p.base, "l", os.readlink(real)))
             continue
-        if os.path.isdir(real):
-            os.mkdir(target, 0o755)
-        else:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444))
+        sb.entries.append((p.base, "d" if os.path.isdir(real) else "f", ""))
         sb.binds.append((real, os.path.join(sd.path, p.base), True, False))
