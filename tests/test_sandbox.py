@@ -458,6 +458,8 @@ def test_real_nix_build_as_a_plain_user_on_the_default_store(shared_dir):
                 assert f.read().split() == ["1000", "100", "/build"]
             st = os.lstat(root + out)
             assert (st.st_uid, st.st_mode & 0o777) == (u.pw_uid, 0o444)
+            store_dir = os.path.join(root, "nix", "store")
+            assert not [n for n in os.listdir(store_dir) if n.endswith(".chroot")]
             r = as_user(u, [*SK, "query", "--hash", out], env=env)
             assert r.returncode == 0 and r.stdout.startswith("sha256:"), r.stderr
         finally:
