@@ -39,6 +39,7 @@ import functools
 import marshal
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -242,9 +243,10 @@ def parse_sandbox_paths(entries: Iterable[str]) -> list[tuple[str, str, bool]]:
 
 
 def prepare(store, drv_path: StorePath, host_build_dir: str, user: BuildUser | None,
-            closure: Iterable[StorePath], settings, fixed: bool) -> Sandbox:
+            closure: Iterable[StorePath], settings, fixed: bool, builtin: bool = False) -> Sandbox:
     """Make the chroot dir of a build of ``drv_path`` and say what goes where (module
-    docstring).  ``closure`` is the input closure; ``fixed``: a fixed-output build."""
+    docstring).  ``closure`` is the input closure; ``fixed``: a fixed-output build;
+    ``builtin``: a builtin builder, which is our own Python (:func:`builtin_paths`)."""
     sd, real_sd = store.store_dir, store.real_store_dir
     store.pin(drv_path)  # (the GC leaves the .chroot entry of a pinned hash alone)
     top = os.path.join(real_sd, drv_path.base + ".chroot")
@@ -256,15 +258,30 @@ def prepare(store, drv_path: StorePath, host_build_dir: str, user: BuildUser | N
     sb = Sandbox(top, os.path.join(top, "root"), sd.path, settings.sandbox_build_dir, private_net=not fixed,
                  shm_size=settings.sandbox_dev_shm_size, host_uid=host[0], host_gid=host[1])
     try:
-        _layout(sb, store, host_build_dir, user, set(closure), settings, fixed)
+        _layout(sb, store, host_build_dir, user, set(closure), settings, fixed,
+                builtin_paths() if builtin else [])
     except BaseException:
         sb.remove()
         raise
     return sb
 
 
+def builtin_paths() -> list[str]:
+    """What a builtin builder (``python -I -m storekeeper.build.builtins``) needs of the
+    host, bound read-only at the same paths: the interpreter and its libraries, this
+    environment (venv) and the directory storekeeper is imported from.  Our code,
+    not the derivation's: like Nix's builtins, which run inside its sandbox."""
+    out = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc/ssl") if os.path.exists(p)]
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for p in (sys.prefix, package_root):
+        p = os.path.realpath(p)
+        if not any(p == q or p.startswith(q + "/") for q in out):
+            out.append(p)
+    return out
+
+
 def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
-            closure: set[StorePath], settings, fixed: bool) -> None:
+            closure: set[StorePath], settings, fixed: bool, host_paths: list[str]) -> None:
     root, sd = sb.root, store.store_dir
     gid = user.gid if user is not None else os.getegid()
     if user is not None:
@@ -294,7 +311,7 @@ def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
                 sb.binds.append((real, f, True, False))
     else:
         _write(os.path.join(root, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")
-    extra = parse_sandbox_paths(settings.sandbox_paths)
+    extra = parse_sandbox_paths(settings.sandbox_paths) + [(p, p, True) for p in host_paths]
     if not any(t == "/dev" for t, _, _ in extra):
         for n in DEV_NODES:
             if os.path.exists("/dev/" + n):

@@ -33,6 +33,7 @@ from ..store.locks import PathLocks
 from . import process, sandbox
 from .environment import builder_environment
 from .goals import DrvGoal, Goal, GoalGraph
+from .jsonlog import BuilderJSONLog
 from .logger import Activities, BuildLogger, GuardedLogger, NullLogger, format_error
 from .logs import BuildLogFile, LineSplitter
 from .outputs import register_outputs
@@ -259,9 +260,6 @@ class Builder:
         refusal = build_refusal(store, st)
         if refusal:
             raise Failure(BuildStatus.MISC_FAILURE, f"cannot build '{printed}': {refusal}")
-        if drv.builder.startswith("builtin:"):
-            raise Failure(BuildStatus.MISC_FAILURE,
-                          f"unsupported builtin builder '{drv.builder[len('builtin:'):]}'")
         locks = PathLocks()
         reals = [store.real_path(p) for p in g.outputs.values()]
         if not locks.lock(reals, wait=False):
@@ -346,7 +344,8 @@ class Builder:
                               lambda line: self.logger.log(Verbosity.ERROR, line)):
                 fixed = derivation_type(drv) is DerivationType.CA_FIXED
                 sb = sandbox.prepare(store, g.drv_path, tmpdir, user,
-                                     self.goals.input_closure(g), st, fixed)
+                                     self.goals.input_closure(g), st, fixed,
+                                     builtin=drv.builder.startswith("builtin:"))
                 env = sb.inside_env(env, tmpdir)
             check = g.mode == BuildMode.CHECK
             text = f"{'checking outputs of' if check else 'building'} '{printed}'"
@@ -356,14 +355,20 @@ class Builder:
             if st.keep_build_log:
                 log_file = BuildLogFile(store.layout.log_dir, g.drv_path.base, st.compress_build_log)
 
-            def on_line(line: bytes, act: int = act) -> None:
+            json_log = BuilderJSONLog(self.logger, act)
+
+            def on_line(line: bytes, act: int = act) -> bool:
+                if json_log.handle(line):
+                    return False  # (an @nix message: not a log line)
                 self.logger.result(act, ResultType.BUILD_LOG_LINE, [line.decode("utf-8", "surrogateescape")])
+                return True
 
             now = time.monotonic()
             run = Run(g, None, None, locks, user, tmpdir, scratch, log_file,
                       LineSplitter(on_line, st.log_lines), act, now, now)
             run.start_wall = int(time.time())
             run.sandbox = sb
+            run.json_log = json_log
             self._running.append(run)
             self._progress()
             process.start_builder(run, drv.builder, args, env, st.filter_syscalls)
@@ -434,4 +439,6 @@ class Builder:
             try:
                 process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger)
             finally:
+                if run.json_log is not None:
+                    run.json_log.close()
                 self.logger.stop_activity(run.act)
