@@ -18,8 +18,7 @@ import sys
 import tempfile
 import time
 
-from storekeeper.build import Builder, BuildSettings, BuildStatus
-from storekeeper.build import sandbox
+from storekeeper.build import Builder, BuildSettings, BuildStatus, sandbox
 from storekeeper.config.settings import this_system
 from storekeeper.formats.derivation import (
     Derivation,
