@@ -489,3 +489,28 @@ def test_real_nix_build_against_a_root_daemon_with_build_users(area_factory, bui
     assert not [n for n in os.listdir(a.store) if n.endswith(".chroot")]
     with a.local_store() as store:
         assert store.is_valid(store.parse_path(out))
+
+
+def test_builtin_fetchurl_runs_in_the_sandbox_of_a_chroot_store(tmp_path):
+    """builtin:fetchurl (our Python, as a child) on a chroot store: sandboxed (forced),
+    with the host network as a fixed output, and its output lands at the logical path."""
+    body = b"fetched by the builtin\n"
+    srv = _Listener(body)
+    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    try:
+        sd = store.store_dir
+        h = hashlib.sha256(body).hexdigest()
+        drv = Derivation(outputs={"out": DerivationOutput(hash_algo="sha256", hash=h)},
+                         platform="builtin", builder="builtin:fetchurl", args=[],
+                         env={"builder": "builtin:fetchurl", "name": "fetched", "system": "builtin",
+                              "url": f"http://127.0.0.1:{srv.port}/x", "outputHash": h,
+                              "outputHashAlgo": "sha256", "outputHashMode": "flat",
+                              "executable": "", "unpack": "", "urls": f"http://127.0.0.1:{srv.port}/x"})
+        drv = fill_output_paths(drv, sd, read_drv=None)
+        path = store.add_text("fetched.drv", print_derivation(drv)).path
+        res, out = build(store, path, SANDBOXED)
+        assert res.status == BuildStatus.BUILT, res.error_msg
+        assert read_out(out) == body.decode() and srv.hits == 1
+    finally:
+        store.close()
+        srv.close()
