@@ -730,7 +730,7 @@ def test_query_missing_follows_input_derivations(tmp_path):
         with pytest.raises(Exception, match="incorrect output"):
             store.add_text("top.drv", bad, [dep_path])
         # Building on this store works: its store dir is real.
-        r = Builder(store, BuildSettings(build_users_group="")).build(
+        r = Builder(store, BuildSettings(build_users_group="", sandbox="false")).build(
             [DerivedPath(top_path, frozenset({"out"}))], BuildMode.NORMAL)
         assert r[0].status == BuildStatus.PERMANENT_FAILURE and "exit code 1" in r[0].error_msg
         assert store.is_valid(sd.parse(dep.outputs["out"].path))

@@ -21,7 +21,7 @@ import time
 
 import pytest
 from conftest import needs_nix
-from realusers import SK, as_user, needs_root_users, real_users, spawn_as, stop
+from realusers import SK, as_user, needs_root_users, real_users, spawn_as, start_daemon_as, stop
 from test_build import area_factory, build_users  # noqa: F401 -- fixtures
 
 from storekeeper.build import Builder, BuildSettings, BuildStatus
@@ -514,3 +514,40 @@ def test_builtin_fetchurl_runs_in_the_sandbox_of_a_chroot_store(tmp_path):
     finally:
         store.close()
         srv.close()
+
+
+@needs_nix
+@needs_root_users
+def test_an_unprivileged_daemon_builds_for_other_users_in_the_sandbox(shared_dir):
+    """With ``sandbox = true`` an unprivileged daemon builds for an untrusted user (with
+    ``sandbox = false`` it refuses: tests/test_build_confine.py), and the builder, though
+    its host uid is the daemon's, cannot reach the daemon's database."""
+    with real_users(shared_dir, "d", "a") as users:
+        owner, alice = users["d"], users["a"]
+        srv = os.path.join(shared_dir, "srv")
+        proc, sock, _ = start_daemon_as(owner, srv, "sandbox = true\nsubstituters =\n")
+        try:
+            store = os.path.join(srv, "store")
+            db = os.path.join(srv, "state", "db", "db.sqlite")
+            with open(db, "rb") as f:
+                before = f.read()
+            _bb_dir(alice.home, alice.pw_uid, alice.pw_gid)
+            expr = (f'derivation {{ name = "alices"; system = "{SYSTEM}"; builder = "${{./bb}}/sh"; '
+                    f'args = ["-c" "echo pwned >> {db} 2>/dev/null && echo wrote > $out || '
+                    'echo refused > $out"]; }')
+            etc = os.path.join(alice.home, "etc")
+            os.mkdir(etc)
+            with open(os.path.join(etc, "nix.conf"), "w") as f:
+                f.write("substituters =\n")
+            env = {"NIX_CONF_DIR": etc, "NIX_STATE_DIR": os.path.join(alice.home, "nixstate"),
+                   "NIX_LOG_DIR": os.path.join(alice.home, "nixlog"), "NIX_STORE_DIR": store,
+                   "XDG_CACHE_HOME": os.path.join(alice.home, ".cache"),
+                   "NIX_REMOTE": f"unix://{sock}"}
+            r = as_user(alice, ["nix-build", "--no-out-link", "-E", expr], env=env)
+            assert r.returncode == 0, r.stderr
+            out = r.stdout.strip()
+            assert read_out(out) == "refused\n"
+            with open(db, "rb") as f:
+                assert b"pwned" not in f.read() and before
+        finally:
+            stop(proc)

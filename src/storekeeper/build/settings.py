@@ -86,6 +86,13 @@ def build_refusal(store, settings: BuildSettings) -> str | None:
         return (f"storekeeper has no seccomp filter for '{os.uname().machine}' "
                 "(set 'filter-syscalls = false' to build without one)")
     # Without build users the builder runs as the daemon's own uid (confine.py says
-    # what that allows): only for clients that could change the store anyway.
+    # what that allows): only for clients that could change the store anyway --
+    # unless every build is sandboxed: then it is uid 1000 of a user namespace that
+    # sees its inputs, its build dir and nothing of the daemon's (sandbox.py).  Not
+    # for root: uid 1000 would be host root, which owns files even a sandbox shows
+    # (its /proc).
+    if os.geteuid() != 0 and (settings.sandbox == "true" or sandbox.diverted(store)) \
+            and not sandbox.unavailable():
+        return None
     as_daemon = not (settings.group and os.geteuid() == 0)
     return confine.self_build_refusal(as_daemon, settings.client_may_build_as_daemon)

@@ -206,7 +206,7 @@ _TABLE = [
     _s("keep-failed", parse_bool, "false", [BUILD]),
     _s("keep-going", parse_bool, "false", [BUILD], client=ALWAYS),
     # sandbox settings are never an untrusted client's to change (NEVER), as in Nix
-    _s("sandbox", parse_sandbox, "false", [BUILD], ["build-use-sandbox"],
+    _s("sandbox", parse_sandbox, "true", [BUILD], ["build-use-sandbox"],
        doc="true|false|relaxed: builds in namespaces and a chroot (build.sandbox); a store "
            "whose store dir is not real always builds sandboxed"),
     _s("sandbox-fallback", parse_bool, "true", [BUILD],
