@@ -551,3 +551,36 @@ def test_an_unprivileged_daemon_builds_for_other_users_in_the_sandbox(shared_dir
                 assert b"pwned" not in f.read() and before
         finally:
             stop(proc)
+
+
+def test_fallback_when_the_kernel_refuses_namespaces(tmp_path, monkeypatch):
+    """``sandbox-fallback = true``: unsandboxed, with one warning line (once per process);
+    false: the build fails; a chroot store cannot build at all without the sandbox."""
+    why = "the kernel refuses user, mount, pid and network namespaces here (test)"
+    monkeypatch.setattr(sandbox_mod, "unavailable", lambda: why)
+    monkeypatch.setattr(sandbox_mod, "_warned", set())
+    b = str(tmp_path / "real")
+    store = LocalStore(LocalLayout.custom(b + "/store", b + "/state", b + "/log"))
+    try:
+        settings = [("sandbox", "true"), ("build-users-group", "")]
+        res, out = build(store, add_drv(store, "fb1", "hostname > $out"), settings)
+        assert res.status == BuildStatus.BUILT, res.error_msg
+        assert read_out(out) == socket.gethostname() + "\n"
+        assert res.log.count("warning: building without the sandbox: " + why) == 1
+        res, _ = build(store, add_drv(store, "fb2", "hostname > $out"), settings)
+        assert res.status == BuildStatus.BUILT and "warning" not in res.log
+        res, _ = build(store, add_drv(store, "fb3", "hostname > $out"),
+                       settings + [("sandbox-fallback", "false")])
+        assert res.status == BuildStatus.MISC_FAILURE
+        assert res.error_msg.endswith(f"in a sandbox: {why} (set 'sandbox = false', or "
+                                      "'sandbox-fallback = true')")
+    finally:
+        store.close()
+    chroot = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    try:
+        res, _ = build(chroot, add_drv(chroot, "fb4", "hostname > $out"), SANDBOXED)
+        assert res.status == BuildStatus.MISC_FAILURE
+        assert "builds need a store whose store dir is real on this machine, or the sandbox" \
+            in res.error_msg
+    finally:
+        chroot.close()
