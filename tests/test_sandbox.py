@@ -127,7 +127,8 @@ def read_out(path: str) -> str:
 def test_builds_on_a_chroot_store_with_the_logical_store_dir_inside(chroot_store):
     drv = add_drv(chroot_store, "hello", 'echo "$NIX_BUILD_TOP $PWD $TMPDIR $HOME" > $out; '
                   'id -u >> $out; id -g >> $out; echo $$ >> $out; hostname >> $out; '
-                  'cat /etc/passwd >> $out; ls /etc >> $out')
+                  'cat /etc/passwd >> $out; ls /etc >> $out; '
+                  'ifconfig lo | grep -q "UP LOOPBACK RUNNING" && echo lo-up >> $out')
     res, out = build(chroot_store, drv, SANDBOXED)
     assert res.status in (BuildStatus.BUILT,), res.error_msg
     lines = read_out(out).splitlines()
@@ -136,7 +137,7 @@ def test_builds_on_a_chroot_store_with_the_logical_store_dir_inside(chroot_store
     assert lines[5:8] == ["root:x:0:0:Nix build user:/build:/noshell",
                           "nixbld:x:1000:100:Nix build user:/build:/noshell",
                           "nobody:x:65534:65534:Nobody:/:/noshell"]
-    assert lines[8:] == ["group", "hosts", "passwd"]
+    assert lines[8:] == ["group", "hosts", "passwd", "lo-up"]
     assert chroot_store.is_valid(chroot_store.query_derivation_outputs(drv)["out"])
     # the chroot dir is gone
     assert not [n for n in os.listdir(chroot_store.real_store_dir) if n.endswith(".chroot")]
