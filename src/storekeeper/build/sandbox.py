@@ -140,6 +140,8 @@ class Sandbox:
     binds: list[tuple[str, str, bool, bool]] = field(default_factory=list)
     #: the lower layer of the store dir: (name, "d" | "f" | "l", symlink target)
     entries: list[tuple[str, str, str]] = field(default_factory=list)
+    #: the chroot's tmpfs: (path, "d" | "f" | "w" | "l", content or target) (:class:`_Skeleton`)
+    skeleton: list[tuple[str, str, str]] = field(default_factory=list)
 
     def inside_env(self, env: dict[str, str], host_build_dir: str) -> dict[str, str]:
         """``env`` with the build dir as the builder sees it (Nix's sandbox values)."""
@@ -164,6 +166,7 @@ class Sandbox:
             "host_uid": self.host_uid, "host_gid": self.host_gid,
             "store": enc(self.store_dir), "layers": enc(self.top),
             "entries": [(enc(n), k.encode(), enc(t)) for n, k, t in self.entries],
+            "skeleton": [(enc(n), k.encode(), enc(t)) for n, k, t in self.skeleton],
             "path": enc(builder), "argv": [enc(a) for a in argv],
             "env": {enc(k): enc(v) for k, v in env.items()},
         }
@@ -201,35 +204,6 @@ def launcher_source() -> str:
         return f.read()
 
 
-def _mkdirs(root: str, path: str, mode: int = 0o755) -> str:
-    """``root + path`` and its missing parents (each ``mode``)."""
-    full = root
-    for part in [p for p in path.split("/") if p]:
-        full = os.path.join(full, part)
-        try:
-            os.mkdir(full, mode)
-        except FileExistsError:
-            pass
-    return full
-
-
-def _mount_point(target: str, is_dir: bool) -> None:
-    if is_dir:
-        os.makedirs(target, 0o755, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-        if not os.path.lexists(target):
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444))
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def parse_sandbox_paths(entries: Iterable[str]) -> list[tuple[str, str, bool]]:
     """``sandbox-paths`` as (target, source, optional)."""
     out = []
@@ -253,7 +227,7 @@ def prepare(store, drv_path: StorePath, host_build_dir: str, user: BuildUser | N
     fs.remove_tree(top)
     os.mkdir(top, 0o700)
     for d in ("root", "upper", "work", "lower"):
-        os.mkdir(os.path.join(top, d), 0o750 if d == "root" else 0o700)
+        os.mkdir(os.path.join(top, d), 0o700)
     host = (user.uid, user.gid) if user is not None else (os.geteuid(), os.getegid())
     sb = Sandbox(top, os.path.join(top, "root"), sd.path, settings.sandbox_build_dir, private_net=not fixed,
                  shm_size=settings.sandbox_dev_shm_size, host_uid=host[0], host_gid=host[1])
@@ -280,45 +254,70 @@ def builtin_paths() -> list[str]:
     return out
 
 
+class _Skeleton:
+    """What the launcher creates in the chroot's tmpfs: ``(path, kind, data)`` with kind
+    ``d`` (directory), ``f`` (empty file: a mount point), ``w`` (file with ``data``) or
+    ``l`` (symlink to ``data``); parents come before their children."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, str]] = []
+        self.dirs: set[str] = set()
+        self.files: set[str] = set()
+
+    def dir(self, path: str) -> None:
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in self.dirs:
+                self.dirs.add(d)
+                self.entries.append((d, "d", ""))
+
+    def add(self, path: str, kind: str, data: str = "") -> None:
+        path = path.strip("/")
+        if kind == "d":
+            self.dir(path)
+            return
+        self.dir(os.path.dirname(path))
+        if path not in self.dirs and path not in self.files:
+            self.files.add(path)
+            self.entries.append((path, kind, data))
+
+
 def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
             closure: set[StorePath], settings, fixed: bool, host_paths: list[str]) -> None:
-    root, sd = sb.root, store.store_dir
+    sd = store.store_dir
     gid = user.gid if user is not None else os.getegid()
-    if user is not None:
-        os.chown(root, 0, gid)
-    for d in ("etc", "proc", "dev", "dev/shm", "dev/pts"):
-        _mkdirs(root, d)
-    tmp = _mkdirs(root, "tmp")
-    os.chmod(tmp, 0o1777)
+    sk = _Skeleton()
+    for d in ("etc", "proc", "dev/shm", "dev/pts"):
+        sk.add(d, "d")
+    sk.add("tmp", "d")  # (01777, in the tmpfs: Nix's is on disk; the store dir may be below)
     if sb.build_dir.startswith(sd.path + "/") or not sb.build_dir.startswith("/"):
         raise Failure(BuildStatus.MISC_FAILURE, f"'sandbox-build-dir' ({sb.build_dir}) must be "
                       "an absolute path outside the store dir")
     sb.binds.append((host_build_dir, sb.build_dir, False, False))
-    _mkdirs(root, sb.build_dir)
+    sk.add(sb.build_dir, "d")
     home = sb.build_dir
-    _write(os.path.join(root, "etc/passwd"),
-           f"root:x:0:0:Nix build user:{home}:/noshell\n"
+    sk.add("etc/passwd", "w", f"root:x:0:0:Nix build user:{home}:/noshell\n"
            f"nixbld:x:{INSIDE_UID}:{INSIDE_GID}:Nix build user:{home}:/noshell\n"
            "nobody:x:65534:65534:Nobody:/:/noshell\n")
-    _write(os.path.join(root, "etc/group"),
-           f"root:x:0:\nnixbld:!:{INSIDE_GID}:\nnogroup:x:65534:\n")
+    sk.add("etc/group", "w", f"root:x:0:\nnixbld:!:{INSIDE_GID}:\nnogroup:x:65534:\n")
     if fixed:
-        _write(os.path.join(root, "etc/nsswitch.conf"), "hosts: files dns\nservices: files\n")
+        sk.add("etc/nsswitch.conf", "w", "hosts: files dns\nservices: files\n")
         for f in NETWORK_FILES:
             real = os.path.realpath(f)
             if os.path.isfile(real):
-                _mount_point(root + f, False)
+                sk.add(f, "f")
                 sb.binds.append((real, f, True, False))
     else:
-        _write(os.path.join(root, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")
+        sk.add("etc/hosts", "w", "127.0.0.1 localhost\n::1 localhost\n")
     extra = parse_sandbox_paths(settings.sandbox_paths) + [(p, p, True) for p in host_paths]
     if not any(t == "/dev" for t, _, _ in extra):
         for n in DEV_NODES:
             if os.path.exists("/dev/" + n):
-                _mount_point(os.path.join(root, "dev", n), False)
+                sk.add("dev/" + n, "f")
                 sb.binds.append(("/dev/" + n, "/dev/" + n, False, False))
         for name, target in DEV_LINKS:
-            os.symlink(target, os.path.join(root, "dev", name))
+            sk.add("dev/" + name, "l", target)
     for target, source, optional in extra:
         if source == "/proc" or target == "/proc":
             continue  # (a fresh procfs is mounted anyway)
@@ -335,9 +334,10 @@ def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
             if target == source:
                 continue  # (bound with the closure)
             source = store.real_store_dir + source[len(sd.path):]
-        _mount_point(root + target, os.path.isdir(source))
+        sk.add(target, "d" if os.path.isdir(source) else "f")
         sb.binds.append((source, target, True, True))
-    _mkdirs(root, sd.path)
+    sk.add(sd.path, "d")
+    sb.skeleton = sk.entries
     # The store dir inside: an overlay of a tmpfs with the inputs' mount points
     # (made by the launcher: thousands of entries on disk would cost more than
     # the mounts) and ``upper``, on the store's file system, where the builder's
