@@ -25,8 +25,8 @@ What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's)
    build survives it.  ``PDEATHSIG`` SIGKILL chains the three, so killing the
    outer one kills the sandbox.
 3. PID 1: ``lo`` up, hostname ``localhost``, domain name ``(none)``, every
-   mount private (so nothing propagates to the host), the chroot dir bound
-   onto itself, the binds of the spec (each input read-only; a read-only
+   mount private (so nothing propagates to the host), the chroot and store
+   dir file systems (:func:`file_systems`), the binds of the spec (each input read-only; a read-only
    remount must keep the flags the kernel locked on the source mount --
    nosuid/nodev/noexec -- or it fails with EPERM, hence ``statvfs``), a fresh
    ``proc``, a ``tmpfs`` on ``/dev/shm``, a ``devpts`` (optional), then
@@ -35,22 +35,19 @@ What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's)
    the latest), ``NO_NEW_PRIVS``, the seccomp filter, no core dumps,
    all fds but 0-2 closed, and ``execve`` of the builder.
 
-Every mount point already exists: the daemon made them (a process of the new
-user namespace cannot create files on a tmpfs it mounted itself, and making
-them outside keeps this program small).  Failures: one line on stderr (the
+Failures: one line on stderr (the
 build log) and exit status 1, as an exec failure of the builder itself.
 """
 
+# (_signal, not signal, and no socket module: they import enum and selectors, a third
+# of this program's start-up time; every build pays it)
+import _signal as signal  # type: ignore[import-not-found]
 import ctypes
 import marshal
 import os
 import resource
 import struct
 import sys
-
-# (_signal, not signal, and no socket module: they import enum and selectors, a third
-# of this program's start-up time; every build pays it)
-import _signal as signal  # noqa: E402,I001
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000

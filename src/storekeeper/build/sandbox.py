@@ -12,11 +12,16 @@ namespaces, ``sandbox-fallback = true`` builds unsandboxed with one warning
 Invariants of a sandbox (:class:`Sandbox`; the layout is Nix's, see
 ``../shared/spec/sandbox.md`` §3):
 
-* **Its chroot dir is ``<real store dir>/<drv base>.chroot``**, made fresh
-  for one build by :func:`prepare` and deleted by :meth:`Sandbox.remove`; it
-  is in the store's file system, so outputs the builder makes in the chroot's
-  store dir are *renamed* into the real store (:meth:`Sandbox.move_outputs`);
-  the ``.drv`` is pinned, so the GC leaves the chroot dir alone.
+* **Its dir is ``<real store dir>/<drv base>.chroot``** (0700), made fresh
+  for one build by :func:`prepare` and deleted by :meth:`Sandbox.remove`,
+  holding four empty dirs: ``root`` (where the launcher mounts the chroot, a
+  tmpfs it fills with ``/etc``, ``/dev``, ``/tmp`` and mount points),
+  ``lower`` (a tmpfs with one mount point per input), ``upper`` and ``work``
+  (the overlay mounted at the logical store dir inside: ``upper`` is where
+  the outputs land, in the store's file system, so they are *renamed* into
+  the real store, :meth:`Sandbox.move_outputs`).  Only those few entries
+  touch the disk: thousands of mount points there cost seconds on some file
+  systems.  The ``.drv`` is pinned, so the GC leaves the dir alone.
 * **Inside, the logical store dir holds exactly the input closure** (plus the
   closure of store paths named in ``sandbox-paths``), each bound read-only,
   and whatever the builder makes there.  The host's other files exist only as
@@ -25,8 +30,9 @@ Invariants of a sandbox (:class:`Sandbox`; the layout is Nix's, see
   ``/etc/services`` and ``/etc/hosts``.
 * **The mounts never exist on the host**: they are made by the launcher in
   the build's own mount namespace after making every mount private, so the
-  host only ever sees empty mount points, and deleting the chroot dir cannot
-  reach into an input.
+  host only ever sees the four empty dirs, and deleting them cannot reach
+  into an input.  (Unlike Nix, ``/tmp`` is in the chroot's tmpfs, not on
+  disk: a real store dir may lie below ``/tmp``.)
 * **The builder runs as uid 1000 / gid 100 of a user namespace** that maps
   those to the build user (root daemon with ``build-users-group``) or to the
   daemon's own ids, and nothing else; it is PID 1 of its pid namespace, so
@@ -180,9 +186,6 @@ class Sandbox:
             os.close(fd)
             raise
         return [python_for_builders(), "-I", "-S", "-c", launcher_source(), str(fd)], fd
-
-    def inside(self, path: str) -> str:
-        return self.root + path
 
     def move_outputs(self, store, paths: Iterable[StorePath]) -> None:
         """Rename what the builder made at ``paths`` into the real store (once it is dead)."""
