@@ -24,7 +24,7 @@ from conftest import needs_nix
 from realusers import SK, as_user, needs_root_users, real_users, spawn_as, start_daemon_as, stop
 from test_build import area_factory, build_users  # noqa: F401 -- fixtures
 
-from storekeeper.build import Builder, BuildSettings, BuildStatus
+from storekeeper.build import Builder, BuildMode, BuildSettings, BuildStatus
 from storekeeper.build import sandbox as sandbox_mod
 from storekeeper.config.settings import this_system
 from storekeeper.formats.derivation import (
@@ -585,3 +585,19 @@ def test_fallback_when_the_kernel_refuses_namespaces(tmp_path, monkeypatch):
             in res.error_msg
     finally:
         chroot.close()
+
+
+def test_check_rebuilds_in_the_sandbox(chroot_store):
+    """``--check`` builds a valid output again at a scratch path, in the sandbox too:
+    a deterministic builder passes, one that differs is reported."""
+    drv = add_drv(chroot_store, "det", "echo same > $out")
+    nondet = add_drv(chroot_store, "nondet", "cat /proc/sys/kernel/random/uuid > $out")
+    for d in (drv, nondet):
+        res, _ = build(chroot_store, d, SANDBOXED)
+        assert res.status == BuildStatus.BUILT, res.error_msg
+    st = BuildSettings().with_settings(SANDBOXED)
+    [res] = Builder(chroot_store, st).build([DerivedPath(drv, frozenset({"out"}))], BuildMode.CHECK)
+    assert res.status == BuildStatus.BUILT, res.error_msg
+    [res] = Builder(chroot_store, st).build([DerivedPath(nondet, frozenset({"out"}))],
+                                            BuildMode.CHECK)
+    assert res.status == BuildStatus.NOT_DETERMINISTIC, res.error_msg
