@@ -150,14 +150,16 @@ class Sandbox:
     skeleton: list[tuple[str, str, str]] = field(default_factory=list)
 
     def inside_env(self, env: dict[str, str], host_build_dir: str) -> dict[str, str]:
-        """``env`` with the build dir as the builder sees it (Nix's sandbox values)."""
+        """``env`` with the build dir as the builder sees it (Nix's sandbox values): the
+        build dir variables, and every value naming a file in it (``passAsFile``,
+        structured attributes' ``NIX_ATTRS_*_FILE``)."""
         out = dict(env)
+        host = host_build_dir.rstrip("/")
+        for k, v in env.items():
+            if v == host or v.startswith(host + "/"):
+                out[k] = self.build_dir + v[len(host):]
         for var in BUILD_DIR_VARS:
             out[var] = self.build_dir
-        prefix = host_build_dir.rstrip("/") + "/"
-        for k, v in env.items():
-            if k.endswith("Path") and v.startswith(prefix):  # passAsFile files
-                out[k] = self.build_dir + "/" + v[len(prefix):]
         return out
 
     def launcher_argv(self, builder: str, argv: list[str], env: dict[str, str],

@@ -30,14 +30,9 @@ from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
 from ..store.locks import PathLocks
-<<<<<<< HEAD
 from . import process, sandbox
-from .environment import builder_environment
-=======
-from . import process
 from .attrs import AttrError
 from .environment import GraphSource, builder_environment
->>>>>>> main
 from .goals import DrvGoal, Goal, GoalGraph
 from .jsonlog import BuilderJSONLog
 from .logger import Activities, BuildLogger, GuardedLogger, NullLogger, format_error
