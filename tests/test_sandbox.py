@@ -601,3 +601,12 @@ def test_check_rebuilds_in_the_sandbox(chroot_store):
     [res] = Builder(chroot_store, st).build([DerivedPath(nondet, frozenset({"out"}))],
                                             BuildMode.CHECK)
     assert res.status == BuildStatus.NOT_DETERMINISTIC, res.error_msg
+
+
+def test_pass_as_file_names_the_file_inside(chroot_store):
+    drv = add_drv(chroot_store, "paf", 'echo "$fooPath" > $out; cat "$fooPath" >> $out',
+                  env={"passAsFile": "foo", "foo": "passed as a file"})
+    res, out = build(chroot_store, drv, SANDBOXED)
+    assert res.status == BuildStatus.BUILT, res.error_msg
+    path, content = read_out(out).splitlines()
+    assert path.startswith("/build/.attr-") and content == "passed as a file"
