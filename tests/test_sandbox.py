@@ -610,3 +610,18 @@ def test_pass_as_file_names_the_file_inside(chroot_store):
     assert res.status == BuildStatus.BUILT, res.error_msg
     path, content = read_out(out).splitlines()
     assert path.startswith("/build/.attr-") and content == "passed as a file"
+
+
+def test_sandbox_build_dir_and_extra_sandbox_paths(chroot_store, tmp_path):
+    host_dir = tmp_path / "shared-in"
+    host_dir.mkdir()
+    (host_dir / "f").write_text("from the host\n")
+    drv = add_drv(chroot_store, "bdir", 'echo "$NIX_BUILD_TOP $PWD" > $out; '
+                  'grep ^nixbld /etc/passwd >> $out; cat /opt/in/f >> $out; '
+                  'echo x > /opt/in/g 2>/dev/null && echo wrote >> $out; true')
+    res, out = build(chroot_store, drv, SANDBOXED + [("sandbox-build-dir", "/sbx/top"),
+                                                    ("extra-sandbox-paths", f"/opt/in={host_dir}")])
+    assert res.status == BuildStatus.BUILT, res.error_msg
+    assert read_out(out).splitlines() == [
+        "/sbx/top /sbx/top", "nixbld:x:1000:100:Nix build user:/sbx/top:/noshell", "from the host"]
+    assert not (host_dir / "g").exists()
