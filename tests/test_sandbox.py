@@ -625,3 +625,28 @@ def test_sandbox_build_dir_and_extra_sandbox_paths(chroot_store, tmp_path):
     assert read_out(out).splitlines() == [
         "/sbx/top /sbx/top", "nixbld:x:1000:100:Nix build user:/sbx/top:/noshell", "from the host"]
     assert not (host_dir / "g").exists()
+
+
+def test_timeouts_kill_a_sandboxed_builder_and_everything_it_started(chroot_store):
+    marker = f"sandbox-timeout-{os.getpid()}"
+    drv = add_drv(chroot_store, "slow", f'setsid sh -c "sleep 300; echo {marker}" & '
+                  'echo started; while :; do :; done')
+    t = time.monotonic()
+    res, _ = build(chroot_store, drv, SANDBOXED + [("timeout", "2")])
+    assert res.status == BuildStatus.TIMED_OUT, res.error_msg
+    assert time.monotonic() - t < 30
+    time.sleep(0.3)
+    assert _processes_with(marker) == []
+    # a builder that cannot be executed: the same line as without the sandbox
+    sd = chroot_store.store_dir
+    bb = shell_path(chroot_store)
+    missing = Derivation(outputs={"out": DerivationOutput()}, platform=SYSTEM,
+                         builder=sd.print(bb) + "/no-such-builder", args=[],
+                         env={"builder": "x", "name": "missing", "system": SYSTEM},
+                         input_srcs=[sd.print(bb)])
+    missing = fill_output_paths(missing, sd, read_drv=None)
+    path = chroot_store.add_text("missing.drv", print_derivation(missing), [bb]).path
+    res, _ = build(chroot_store, path, SANDBOXED)
+    assert res.status == BuildStatus.PERMANENT_FAILURE
+    assert f"> executing '{sd.print(bb)}/no-such-builder': No such file or directory" \
+        in res.error_msg

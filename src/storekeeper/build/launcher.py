@@ -69,8 +69,8 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ul
 libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
 
 
-def die(msg):
-    os.write(2, ("error: sandbox: " + msg + "\n").encode("utf-8", "surrogateescape"))
+def die(msg, prefix="error: sandbox: "):
+    os.write(2, (prefix + msg + "\n").encode("utf-8", "surrogateescape"))
     os._exit(1)
 
 
@@ -233,7 +233,8 @@ def pid1(spec):
     try:
         os.execve(path, spec["argv"], spec["env"])
     except OSError as e:
-        die("executing '%s': %s" % (path.decode("utf-8", "surrogateescape"), e.strerror))
+        # (as without the sandbox: confine.py's trampoline says the same)
+        die("executing '%s': %s" % (path.decode("utf-8", "surrogateescape"), e.strerror), "")
 
 
 def monitor(pid):
