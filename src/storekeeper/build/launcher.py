@@ -199,7 +199,11 @@ def pid1(spec):
     for src, target, readonly, recursive in spec["binds"]:
         bind(src, root + target, readonly, recursive)
     mount(b"proc", root + b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    bind(root + b"/proc/sys", root + b"/proc/sys", True, False)  # (kernel knobs: look only)
+    # Kernel knobs: look only.  (Without build users a root daemon's builder is host
+    # root's uid, which owns these files; capabilities it has none of outside.)
+    for knob in (b"/proc/sys", b"/proc/sysrq-trigger"):
+        if os.path.exists(root + knob):
+            bind(root + knob, root + knob, True, False)
     mount(b"none", root + b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
           b"mode=1777,size=" + spec["shm_size"])
     if spec["devpts"]:
