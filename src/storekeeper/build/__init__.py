@@ -2,8 +2,9 @@
 
 Invariants of the layer (each kept, and said in full, by the module named):
 
-* builds run only on a store whose store dir is real and only with the
-  confinement the settings ask for (:mod:`.settings`, :mod:`.confine`);
+* builds run only on a store whose store dir is real or in the sandbox, and
+  only with the confinement the settings ask for (:mod:`.settings`,
+  :mod:`.confine`, :mod:`.sandbox`);
 * every path is pinned before its validity is looked at (:mod:`.goals`);
 * one builder per output path, store-wide, under its ``.lock``; no builder
   outlives its request (:mod:`.scheduler`);

@@ -37,6 +37,7 @@ from .jsonlog import BuilderJSONLog
 from .logger import BuildLogger
 from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
+from .sandbox import Sandbox
 from .settings import BuildSettings
 from .users import BuildUser
 
@@ -61,6 +62,8 @@ class Run:
     log_bytes: int = 0
     killed_for: Failure | None = None
     exec_error: str | None = None
+    #: the build's sandbox (:mod:`.sandbox`), None when it runs unsandboxed
+    sandbox: Sandbox | None = None
     #: the builder's @nix messages and the activities they opened (ended with the build)
     json_log: BuilderJSONLog | None = None
 
@@ -264,7 +267,13 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
         child_env = env
         pass_fds: tuple[int, ...] = ()
         preexec = None
-        if filter_syscalls:
+        if run.sandbox is not None:
+            # namespaces, chroot, NO_NEW_PRIVS and seccomp (launcher.py)
+            argv, spec_fd = run.sandbox.launcher_argv(
+                program, argv, env, confine.host_filter() if filter_syscalls else None)
+            executable, child_env, pass_fds = None, {}, (spec_fd,)
+            uid = gid = groups = None  # (the launcher maps the build user's ids itself)
+        elif filter_syscalls:
             # NO_NEW_PRIVS + seccomp: in the forked child when that is safe, else set
             # by a trampoline that then exec's the builder (confine.py says why, and
             # what each costs)
@@ -333,6 +342,8 @@ def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildL
             for path in g.outputs.values():
                 if not store.is_valid(path) and not keep_failed:
                     fs.remove_tree(store.real_path(path))
+        if run.sandbox is not None:
+            run.sandbox.remove()
         if succeeded or not keep_failed:
             fs.remove_tree(run.tmpdir)
         else:

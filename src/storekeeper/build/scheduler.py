@@ -30,7 +30,7 @@ from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
 from ..store.locks import PathLocks
-from . import process
+from . import process, sandbox
 from .attrs import AttrError
 from .environment import GraphSource, builder_environment
 from .goals import DrvGoal, Goal, GoalGraph
@@ -345,12 +345,20 @@ class Builder:
                 remove_tree(real)  # leftovers of an interrupted build
         tmpdir = process.make_build_dir(st, drv_name=g.drv_path.name)
         run: Run | None = None
+        sb: sandbox.Sandbox | None = None
         try:
             rewrites = input_rewrites(sd, g.outputs, scratch)
             env = self._environment(g, tmpdir, scratch, rewrites, user)
             args = [rewrite_str(a, rewrites) for a in drv.args]
             if user is not None:
                 process.prepare_user(store, user, tmpdir, {*scratch.values(), *g.outputs.values()})
+            if sandbox.wanted(store, st, drv, printed,
+                              lambda line: self.logger.log(Verbosity.ERROR, line)):
+                fixed = derivation_type(drv) is DerivationType.CA_FIXED
+                sb = sandbox.prepare(store, g.drv_path, tmpdir, user,
+                                     self.goals.input_closure(g), st, fixed,
+                                     builtin=drv.builder.startswith("builtin:"))
+                env = sb.inside_env(env, tmpdir)
             check = g.mode == BuildMode.CHECK
             text = f"{'checking outputs of' if check else 'building'} '{printed}'"
             act = self.logger.start_activity(Verbosity.INFO, ActivityType.BUILD, text,
@@ -371,6 +379,7 @@ class Builder:
             run = Run(g, None, None, locks, user, tmpdir, scratch, log_file,
                       LineSplitter(on_line, st.log_lines), act, now, now)
             run.start_wall = int(time.time())
+            run.sandbox = sb
             run.json_log = json_log
             self._running.append(run)
             self._progress()
@@ -378,6 +387,8 @@ class Builder:
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
+                if sb is not None:
+                    sb.remove()
             raise
 
     def _environment(self, g: DrvGoal, tmpdir: str, scratch: dict[str, StorePath],
@@ -443,6 +454,8 @@ class Builder:
         succeeded = False
         try:
             status, cpu = run.collect(self.settings.max_build_log_size, self.sd)
+            if run.sandbox is not None:
+                run.sandbox.move_outputs(self.store, run.scratch.values())
             start, stop = run.start_wall, int(time.time())
             try:
                 if cancelled:

@@ -1,11 +1,11 @@
 """What builds obey (:class:`BuildSettings`), and whether a store can run builders
 at all (:func:`build_refusal`).
 
-Builds need a store whose store dir is real: a chroot store (logical
-``/nix/store``, files elsewhere) would hand builders paths that do not exist on
-this machine, and storekeeper has no sandbox to make them exist; such builds
-are refused with a clear error.  Paths that are already valid are realised on
-any store.
+Builds on a store whose store dir is not real (a chroot store: logical
+``/nix/store``, files elsewhere) run in the sandbox (:mod:`.sandbox`), whose bind
+mounts make that store dir exist; where the kernel allows no sandbox they are
+refused with a clear error.  Paths that are already valid are realised on any
+store.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from ..config import settings as settings_table
 from ..store.settings import apply_settings, environment_settings
-from . import confine
+from . import confine, sandbox
 
 _d = settings_table.default_of
 
@@ -34,7 +34,13 @@ class BuildSettings:
     max_silent_time: int = field(default_factory=_d("max-silent-time"))  # seconds, 0: none
     keep_failed: bool = field(default_factory=_d("keep-failed"))
     keep_going: bool = field(default_factory=_d("keep-going"))
-    sandbox: bool = field(default_factory=_d("sandbox"))
+    #: "true", "false" or "relaxed" (:mod:`.sandbox` says what each means)
+    sandbox: str = field(default_factory=_d("sandbox"))
+    sandbox_fallback: bool = field(default_factory=_d("sandbox-fallback"))
+    sandbox_paths: tuple[str, ...] = field(default_factory=_d("sandbox-paths"))
+    sandbox_build_dir: str = field(default_factory=_d("sandbox-build-dir"))
+    sandbox_dev_shm_size: str = field(default_factory=_d("sandbox-dev-shm-size"))
+    allowed_impure_host_deps: tuple[str, ...] = field(default_factory=_d("allowed-impure-host-deps"))
     compress_build_log: bool = field(default_factory=_d("compress-build-log"))
     keep_build_log: bool = field(default_factory=_d("keep-build-log"))
     log_lines: int = field(default_factory=_d("log-lines"))
@@ -79,17 +85,23 @@ class BuildSettings:
 
 def build_refusal(store, settings: BuildSettings) -> str | None:
     """Why ``store`` cannot run builders at all (None if it can)."""
-    if settings.sandbox:
-        return "storekeeper has no build sandbox (set 'sandbox = false')"
-    if store.store_dir.path != os.path.normpath(store.real_store_dir):
+    if sandbox.diverted(store) and sandbox.unavailable():
         return (f"builds need a store whose store dir is real on this machine, or the sandbox "
-                f"(this store's '{store.store_dir.path}' is kept in '{store.real_store_dir}')")
+                f"(this store's '{store.store_dir.path}' is kept in '{store.real_store_dir}', "
+                f"and {sandbox.unavailable()})")
     if store.read_only:
         return "the store is read-only"
     if settings.filter_syscalls and confine.native_arch() is None:
         return (f"storekeeper has no seccomp filter for '{os.uname().machine}' "
                 "(set 'filter-syscalls = false' to build without one)")
     # Without build users the builder runs as the daemon's own uid (confine.py says
-    # what that allows): only for clients that could change the store anyway.
+    # what that allows): only for clients that could change the store anyway --
+    # unless every build is sandboxed: then it is uid 1000 of a user namespace that
+    # sees its inputs, its build dir and nothing of the daemon's (sandbox.py).  Not
+    # for root: uid 1000 would be host root, which owns files even a sandbox shows
+    # (its /proc).
+    if os.geteuid() != 0 and (settings.sandbox == "true" or sandbox.diverted(store)) \
+            and not sandbox.unavailable():
+        return None
     as_daemon = not (settings.group and os.geteuid() == 0)
     return confine.self_build_refusal(as_daemon, settings.client_may_build_as_daemon)

@@ -188,13 +188,24 @@ def _tcp_key(sub: _Sub) -> None:
     s.set_defaults(func="tcpkey.cmd_tcp_key")
 
 
+def _build(sub: _Sub) -> None:
+    s = sub.add_parser("build", help="build derivations on a local store (like nix-store "
+                       "--realise DRV...): prints the output paths")
+    s.add_argument("paths", nargs="+", metavar="DRV", help="a .drv path, or DRV!OUT,OUT")
+    s.add_argument("--option", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a nix.conf setting for this build (e.g. --option sandbox true)")
+    s.add_argument("--keep-failed", "-K", action="store_true")
+    s.add_argument("--quiet", "-Q", action="store_true", help="no build log on stderr")
+    s.set_defaults(func="build.cmd_build")
+
+
 #: every command's builder, in ``--help`` order (``optimize`` is ``optimise``'s alias)
 COMMANDS = {
     "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
     "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots,
     "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
     "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
-    "sync-roots": _sync_roots, "tcp-key": _tcp_key,
+    "sync-roots": _sync_roots, "tcp-key": _tcp_key, "build": _build,
 }
 
 

@@ -118,9 +118,16 @@ def parse_cores(name: str, value: str) -> int:
     return (os.cpu_count() or 1) if value.strip() == "" else parse_int(name, value)
 
 
-def parse_sandbox(name: str, value: str) -> bool:
-    # "true", "relaxed", …: anything but false asks for a sandbox
-    return value.strip() not in ("false", "0", "no")
+def parse_sandbox(name: str, value: str) -> str:
+    """``true``, ``false`` or ``relaxed`` (Nix's Boolean spellings accepted)."""
+    v = value.strip()
+    if v in ("true", "1", "yes"):
+        return "true"
+    if v in ("false", "0", "no"):
+        return "false"
+    if v == "relaxed":
+        return "relaxed"
+    raise SettingError(f"setting '{name}': '{value}' is not one of true, false, relaxed")
 
 
 def one_of(*choices: str) -> Callable[[str, str], str]:
@@ -212,7 +219,19 @@ _TABLE = [
     _s("max-silent-time", parse_int, "0", [BUILD], ["build-max-silent-time"], LOWER),
     _s("keep-failed", parse_bool, "false", [BUILD]),
     _s("keep-going", parse_bool, "false", [BUILD], client=ALWAYS),
-    _s("sandbox", parse_sandbox, "false", [BUILD], ["build-use-sandbox"]),
+    # sandbox settings are never an untrusted client's to change (NEVER), as in Nix
+    _s("sandbox", parse_sandbox, "true", [BUILD], ["build-use-sandbox"],
+       doc="true|false|relaxed: builds in namespaces and a chroot (build.sandbox); a store "
+           "whose store dir is not real always builds sandboxed"),
+    _s("sandbox-fallback", parse_bool, "true", [BUILD],
+       doc="build unsandboxed (one warning) when the kernel refuses the namespaces"),
+    _s("sandbox-paths", parse_list, "", [BUILD], ["build-chroot-dirs", "build-sandbox-paths"],
+       doc="host paths bound into every sandbox: PATH, TARGET=SOURCE, a trailing '?': optional"),
+    _s("sandbox-build-dir", parse_str, "/build", [BUILD],
+       doc="where the build dir appears inside the sandbox"),
+    _s("sandbox-dev-shm-size", parse_str, "50%", [BUILD]),
+    _s("allowed-impure-host-deps", parse_list, "", [BUILD],
+       doc="macOS only in Nix (__impureHostDeps); accepted and unused on Linux"),
     _s("compress-build-log", parse_bool, "true", [BUILD], ["build-compress-log"]),
     _s("keep-build-log", parse_bool, "true", [BUILD], ["build-keep-log"]),
     _s("log-lines", parse_int, "10", [BUILD]),

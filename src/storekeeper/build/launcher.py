@@ -1,0 +1,318 @@
+"""The sandbox launcher: the program that puts one builder into its sandbox.
+
+This file is **not imported** by storekeeper: :mod:`.sandbox` reads its source
+and runs it as ``python3 -I -S -c <source> <fd>`` (so it needs nothing but the
+standard library, runs in a fresh single-threaded interpreter whatever threads
+the daemon has).  The spec comes from the
+memfd ``<fd>`` (``marshal``; :meth:`storekeeper.build.sandbox.Sandbox.launcher_argv`
+writes it).  It runs as the daemon's user (root, or the unprivileged user
+running the daemon); the build's host identity (the build user, or the
+daemon's own ids) is in the spec.
+
+What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's):
+
+1. Supplementary groups dropped (root only: impossible inside), then ``fork``;
+   the child ``unshare``s user, mount, pid, ipc, uts and (unless fixed-output)
+   net namespaces and waits; *this* process, outside, writes its maps: inside
+   uid 1000 = the host uid, gid 100 = the host gid, nothing else (root may map
+   a build user; anyone may map their own ids, after denying ``setgroups``).
+   Mapping from outside keeps the child's host root identity (as root) for the
+   set-up, so it can reach bind sources under root-only directories.
+2. The child forks PID 1 of the new pid namespace and stays as its monitor;
+   this process monitors the child; each exits as its child did (status, or
+   death by the same signal), keeping the log pipe open until then.  When PID
+   1 exits, the kernel kills everything else in the namespace: nothing of the
+   build survives it.  ``PDEATHSIG`` SIGKILL chains the three, so killing the
+   outer one kills the sandbox.
+3. PID 1: ``lo`` up, hostname ``localhost``, domain name ``(none)``, every
+   mount private (so nothing propagates to the host), the chroot and store
+   dir file systems (:func:`file_systems`), the binds of the spec (each input read-only; a read-only
+   remount must keep the flags the kernel locked on the source mount --
+   nosuid/nodev/noexec -- or it fails with EPERM, hence ``statvfs``), a fresh
+   ``proc``, a ``tmpfs`` on ``/dev/shm``, a ``devpts`` (optional), then
+   ``pivot_root(".", ".")`` and a lazy unmount of the old root, ``chdir``
+   to the build dir, uid 1000 / gid 100 (all capabilities go with the exec at
+   the latest), ``NO_NEW_PRIVS``, the seccomp filter, no core dumps,
+   all fds but 0-2 closed, and ``execve`` of the builder.
+
+Failures: one line on stderr (the
+build log) and exit status 1, as an exec failure of the builder itself.
+"""
+
+# (_signal, not signal, and no socket module: they import enum and selectors, a third
+# of this program's start-up time; every build pays it)
+import _signal as signal  # type: ignore[import-not-found]
+import ctypes
+import marshal
+import os
+import resource
+import struct
+import sys
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 8, 38, 22
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+# statvfs f_flag bits (ST_*) -> the MS_* flag the kernel locks on a bind in a user namespace
+LOCKED = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+          (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_char_p]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong]
+libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
+
+
+def die(msg, prefix="error: sandbox: "):
+    os.write(2, (prefix + msg + "\n").encode("utf-8", "surrogateescape"))
+    os._exit(1)
+
+
+def check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        die("%s: %s" % (what, os.strerror(e)))
+
+
+def mount(src, target, fstype, flags, data=None):
+    check(libc.mount(src, target, fstype, flags, data),
+          "mount %r on %r" % (src, target))
+
+
+def locked_flags(path):
+    f = os.statvfs(path).f_flag
+    return sum(ms for st, ms in LOCKED if f & st)
+
+
+def bind(src, target, readonly, recursive):
+    flags = MS_BIND | (MS_REC if recursive else 0)
+    mount(src, target, None, flags)
+    if readonly:
+        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target))
+
+
+def write_file(path, data):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def loopback_up():
+    s = libc.socket(2, 2, 0)  # AF_INET, SOCK_DGRAM
+    if s < 0:
+        check(-1, "socket")
+    try:
+        req = ctypes.create_string_buffer(struct.pack("16sH22x", b"lo", 0), 40)
+        check(libc.ioctl(s, 0x8913, req), "SIOCGIFFLAGS lo")
+        flags = struct.unpack("16sH22x", req.raw)[1]
+        req = ctypes.create_string_buffer(struct.pack("16sH22x", b"lo", flags | 1), 40)
+        check(libc.ioctl(s, 0x8914, req), "bringing lo up")  # SIOCSIFFLAGS IFF_UP
+    finally:
+        os.close(s)
+
+
+def raise_capabilities():
+    """Permitted capabilities made effective again (after a uid change with KEEPCAPS)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()
+    check(libc.capget(header, data), "capget")
+    data[0], data[3] = data[1], data[4]
+    check(libc.capset(header, data), "capset")
+
+
+def make_entries(dir_fd, entries):
+    """Create ``entries`` ((path, kind, data), parents first) below ``dir_fd``."""
+    for name, kind, data in entries:
+        if kind == b"d":
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        elif kind == b"l":
+            os.symlink(data, name, dir_fd=dir_fd)
+        else:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444, dir_fd=dir_fd)
+            try:
+                if data:
+                    os.write(fd, data)
+            finally:
+                os.close(fd)
+
+
+def file_systems(spec):
+    """The chroot and its store dir, on file systems of their own: the root a tmpfs
+    with the skeleton (``/etc`` files, mount points); the store dir an overlay of
+    ``lower`` (a tmpfs with a mount point per input) and ``upper`` (on disk, in the
+    store's file system: the outputs).  Creating thousands of mount points costs
+    microseconds on a tmpfs and milliseconds each on some disks.
+
+    Both are filled by a child as uid 1000 that keeps its capabilities: a file
+    system mounted in a user namespace refuses files owned by ids it cannot map
+    (host root), and overlayfs refuses a mounter whose ids the namespace does not
+    map.  The paths are handed over as ``O_PATH`` fds opened as this process's
+    host identity, so uid 1000 need not be able to reach them."""
+    root, top, uid, gid = spec["root"], spec["layers"], spec["uid"], spec["gid"]
+    for where in (root, top + b"/lower"):
+        mount(b"none", where, b"tmpfs", MS_NOSUID | MS_NODEV,
+              b"mode=0755,uid=%d,gid=%d" % (uid, gid))
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY)
+           for p in (root, top + b"/lower", top + b"/upper", top + b"/work")]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            raise_capabilities()
+            make_entries(fds[0], spec["skeleton"])
+            make_entries(fds[1], spec["entries"])
+            fd_path = [b"/proc/self/fd/%d" % fd for fd in fds]
+            mount(b"overlay", fd_path[0] + spec["store"], b"overlay", 0,
+                  b"lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % tuple(fd_path[1:]))
+            os.chmod(fd_path[0] + b"/tmp", 0o1777)
+            for d in (b"", b"/etc"):
+                os.chmod(fd_path[0] + d, 0o555)
+        except BaseException as e:  # noqa: BLE001
+            die("setting up the chroot: %s" % e)
+        os._exit(0)
+    for fd in fds:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        os._exit(1)
+
+
+def pid1(spec):
+    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if spec["private_net"]:
+        loopback_up()
+    check(libc.sethostname(b"localhost", 9), "sethostname")
+    check(libc.setdomainname(b"(none)", 6), "setdomainname")
+    mount(None, b"/", None, MS_REC | MS_PRIVATE)
+    root = spec["root"]
+    file_systems(spec)
+    for src, target, readonly, recursive in spec["binds"]:
+        bind(src, root + target, readonly, recursive)
+    mount(b"proc", root + b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # Kernel knobs: look only.  (Without build users a root daemon's builder is host
+    # root's uid, which owns these files; capabilities it has none of outside.)
+    for knob in (b"/proc/sys", b"/proc/sysrq-trigger"):
+        if os.path.exists(root + knob):
+            bind(root + knob, root + knob, True, False)
+    mount(b"none", root + b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
+          b"mode=1777,size=" + spec["shm_size"])
+    if spec["devpts"]:
+        if libc.mount(b"none", root + b"/dev/pts", b"devpts", MS_NOSUID | MS_NOEXEC,
+                      b"newinstance,mode=0620,ptmxmode=0666") != 0:
+            pass  # no pseudo-terminals in this sandbox (as with bwrap's fallback)
+    os.chdir(root)
+    nr = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        die("no pivot_root for this architecture")
+    check(libc.syscall(nr, b".", b"."), "pivot_root")
+    check(libc.umount2(b".", MNT_DETACH), "unmounting the host's root")
+    os.chroot(".")
+    os.chdir(spec["cwd"])
+    os.setresgid(spec["gid"], spec["gid"], spec["gid"])
+    os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    flt = spec["filter"]
+    if flt:
+        class Prog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        buf = ctypes.create_string_buffer(flt, len(flt))
+        prog = Prog(len(flt) // 8, ctypes.addressof(buf))
+        check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(prog), 0, 0),
+              "loading the seccomp filter (set 'filter-syscalls = false' to build without it)")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.closerange(3, 1 << 20)
+    signal.signal(13, signal.SIG_DFL)
+    signal.signal(25, signal.SIG_DFL)
+    path = spec["path"]
+    try:
+        os.execve(path, spec["argv"], spec["env"])
+    except OSError as e:
+        # (as without the sandbox: confine.py's trampoline says the same)
+        die("executing '%s': %s" % (path.decode("utf-8", "surrogateescape"), e.strerror), "")
+
+
+def monitor(pid):
+    """Wait for ``pid`` and end as it did (exit status, or death by the same signal).
+    Keeps the log pipe open until then: the daemon takes the end of the log as the
+    end of the build and kills what is left."""
+    for sig in (15, 2, 1):  # SIGTERM, SIGINT, SIGHUP
+        signal.signal(sig, lambda s, f: os.kill(pid, 9))
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)
+
+
+def child(spec, go):
+    """In the new namespaces once the outside process has mapped our ids: PID 1."""
+    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if os.read(go, 1) != b"1":
+        os._exit(1)  # the outside process failed (and said why)
+    os.close(go)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pid1(spec)
+        except BaseException as e:  # noqa: BLE001 - one line in the log, never a traceback
+            die(str(e) or e.__class__.__name__)
+        os._exit(1)
+    monitor(pid)
+
+
+def main():
+    fd = int(sys.argv[1])
+    with open(fd, "rb") as f:
+        spec = marshal.loads(f.read())
+    if os.geteuid() == 0:
+        os.setgroups([])  # (only possible outside the user namespace)
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if spec["private_net"]:
+        flags |= CLONE_NEWNET
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        check(libc.unshare(flags), "cannot create the build's namespaces")
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        child(spec, go_r)
+    os.close(ready_w)
+    os.close(go_r)
+    if os.read(ready_r, 1) == b"1":
+        # Written from outside: root may map the build user's ids (a process may
+        # always map only its own); ``setgroups`` is denied first, as the kernel
+        # requires of the latter.
+        proc = "/proc/%d/" % pid
+        try:
+            write_file(proc + "uid_map", b"%d %d 1\n" % (spec["uid"], spec["host_uid"]))
+            write_file(proc + "setgroups", b"deny\n")
+            write_file(proc + "gid_map", b"%d %d 1\n" % (spec["gid"], spec["host_gid"]))
+        except OSError as e:
+            os.kill(pid, 9)
+            die("cannot map the build's user ids: %s" % e.strerror)
+        os.write(go_w, b"1")
+    os.close(go_w)
+    monitor(pid)
+
+
+if __name__ == "__main__":
+    main()
