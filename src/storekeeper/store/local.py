@@ -47,6 +47,7 @@ from .gc import GarbageCollector
 from .locks import PathLocks, lock_fd, open_lock_file
 from .optimise import open_pool, optimise_path
 from .reader import StoreReader
+from .reserve import naming
 
 TEMP_DIR_PREFIX = "tmp-sk-"
 
@@ -95,15 +96,18 @@ class LocalStore(StoreReader):
     # --- adding ---------------------------------------------------------------
 
     @contextmanager
-    def _temp_dir(self) -> Iterator[str]:
-        """A private, locked scratch dir inside the store (same file system: rename works)."""
+    def _temp_dir(self, incoming: int = 0) -> Iterator[str]:
+        """A private, locked scratch dir inside the store (same file system: rename works),
+        made after an auto-GC check for ``incoming`` bytes (0: not known)."""
         self._check_writable()
+        self.auto_gc(incoming)
         path = os.path.join(self.real_store_dir, f"{TEMP_DIR_PREFIX}{os.getpid()}-{os.urandom(8).hex()}")
         os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             lock_fd(fd, exclusive=True)
-            yield path
+            with naming(path):
+                yield path
         finally:
             try:
                 remove_tree(path)
@@ -126,10 +130,11 @@ class LocalStore(StoreReader):
             if self.is_valid(sp) and not repair:
                 return self.path_info(sp)
             self._pin_references(info.references, sp)
-            self.auto_gc()
+            self.auto_gc()  # (staged content is on disk already: the _temp_dir check counted it)
             if os.path.lexists(real):
                 remove_tree(real)
-            create(real)
+            with naming(real):
+                create(real)
             try:
                 canonicalise_paths([real])
                 if self.settings.auto_optimise_store:
@@ -150,7 +155,7 @@ class LocalStore(StoreReader):
         st = os.lstat(src)
         if not recursive and not stat.S_ISREG(st.st_mode):
             raise StoreError(f"'{src}' is not a regular file; flat (non-recursive) adds take one file")
-        with self._temp_dir() as tmp:
+        with self._temp_dir(st.st_size if stat.S_ISREG(st.st_mode) else 0) as tmp:
             staged = os.path.join(tmp, "x")
             nar_hash, nar_size = copy_tree_hashing(src, staged)
             if recursive:
@@ -172,6 +177,8 @@ class LocalStore(StoreReader):
         nar = narfmt.dump_string(text)
         info = ValidPathInfo(sp, Hash.of("sha256", nar), len(nar), refs,
                              ca=ContentAddress(TEXT, content_hash).render())
+        if not self.read_only:
+            self.auto_gc(len(text))
         return self._install(info, lambda real: write_new_file(real, text, 0o444), repair)
 
     def add_dump(self, stream: Readable, name: str, method: str, algo: str = "sha256",
@@ -209,7 +216,7 @@ class LocalStore(StoreReader):
             narfmt.read_nar(stream, narfmt.NullSink())  # keep the stream in step
             raise BadArchive(f"cannot add path '{self.print_path(info.path)}' because it lacks "
                              "a valid signature")
-        with self._temp_dir() as tmp:
+        with self._temp_dir(info.nar_size) as tmp:
             staged = os.path.join(tmp, "x")
             reader = narfmt.HashingReader(stream, info.nar_hash.algo)
             _restore_checked(reader, staged)
@@ -352,21 +359,23 @@ class LocalStore(StoreReader):
         st = os.statvfs(self.real_store_dir)
         return st.f_bavail * st.f_frsize
 
-    def auto_gc(self) -> None:
+    def auto_gc(self, incoming: int = 0) -> None:
         """Collect when free space is below ``min-free``, up to ``max-free``; single-flight.
 
-        Called before new content is written.  If a collection is already
-        running (here or in another process) we do not queue behind it, and
-        the need is re-checked once the GC lock is ours.
+        Called before new content is written (before it is staged), with the
+        size of that content when it is known: the space it will take counts as
+        used already, so an add bigger than the free space can still succeed.
+        If a collection is already running (here or in another process) we do
+        not queue behind it, and the need is re-checked once the GC lock is ours.
         """
         s = self.settings
         if s.min_free <= 0 or self.read_only:
             return
         now = time.monotonic()
-        if now - self._last_auto_gc_check < s.min_free_check_interval:
+        if not incoming and now - self._last_auto_gc_check < s.min_free_check_interval:
             return
         self._last_auto_gc_check = now
-        avail = self.free_space()
+        avail = self.free_space() - incoming
         if avail >= s.min_free or avail >= s.max_free:
             return
         with self.output_guard():
@@ -376,7 +385,7 @@ class LocalStore(StoreReader):
             self.collect_garbage(GCOptions(
                 action=DELETE_DEAD, max_freed=s.max_free - avail, keep_outputs=s.keep_outputs,
                 keep_derivations=s.keep_derivations, wait_for_lock=False,
-                only_if=lambda: self.free_space() < s.min_free), log=self.info_log)
+                only_if=lambda: self.free_space() - incoming < s.min_free), log=self.info_log)
 
     # --- verification ---------------------------------------------------------
 
