@@ -149,3 +149,20 @@ def test_auto_gc_makes_room_for_an_add_bigger_than_the_free_space(small_fs, tmp_
     added = r.stdout.strip()
     assert os.path.getsize(real(root, added)) == 12 * MiB
     assert sum(os.path.lexists(real(root, p)) for p in dead) < len(dead)
+
+
+def test_read_only_file_system_is_named(small_fs, tmp_path):
+    env = nix_env(str(tmp_path))
+    root = os.path.join(small_fs, "root")
+    add_dead_paths(root, env, str(tmp_path), n=1, size=MiB)
+    subprocess.run(["mount", "-o", "remount,ro", small_fs], check=True, timeout=30)
+    try:
+        blob = tmp_path / "new"
+        blob.write_bytes(b"new\n")
+        for args in (["add", str(blob)], ["gc"]):
+            r = sk(["--store", root, *args], env, check=False)
+            assert r.returncode == 74 and "Traceback" not in r.stderr, r.stderr
+            assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+            assert small_fs in r.stderr and "Read-only file system" in r.stderr
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", small_fs], timeout=30)

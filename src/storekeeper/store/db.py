@@ -118,20 +118,53 @@ def database_error(e: sqlite3.Error, db_path: str) -> DatabaseError:
     return DatabaseError(f"SQLite database '{db_path}': {msg}{hint}", name)
 
 
-class _Connection(sqlite3.Connection):
-    """A connection whose statements fail with :class:`DatabaseError` (see :func:`database_error`)."""
+class _Cursor(sqlite3.Cursor):
+    """Rows are read as they are stepped: a damaged page can fail any of them."""
 
     db_path = ""
 
+    def __iter__(self) -> "_Cursor":
+        return self
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+    def fetchone(self):
+        try:
+            return super().fetchone()
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+    def fetchall(self):
+        try:
+            return super().fetchall()
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements and rows fail with :class:`DatabaseError`
+    (see :func:`database_error`)."""
+
+    db_path = ""
+
+    def cursor(self, factory=None):  # type: ignore[override]
+        cur = super().cursor(factory or _Cursor)
+        cur.db_path = self.db_path  # type: ignore[attr-defined]
+        return cur
+
     def execute(self, sql: str, parameters=(), /) -> sqlite3.Cursor:  # type: ignore[override]
         try:
-            return super().execute(sql, parameters)
+            return self.cursor().execute(sql, parameters)
         except sqlite3.Error as e:
             raise database_error(e, self.db_path) from None
 
     def executemany(self, sql: str, parameters, /) -> sqlite3.Cursor:  # type: ignore[override]
         try:
-            return super().executemany(sql, parameters)
+            return self.cursor().executemany(sql, parameters)
         except sqlite3.Error as e:
             raise database_error(e, self.db_path) from None
 
