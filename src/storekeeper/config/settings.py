@@ -182,6 +182,8 @@ _TABLE = [
     _s("min-free", parse_size, "0", [STORE], doc="auto-GC below this many free bytes (0: off)"),
     _s("max-free", parse_size, str(2**64 - 1), [STORE]),
     _s("min-free-check-interval", parse_int, "5", [STORE]),
+    _s("fsync-store-paths", parse_bool, "true", [STORE],
+       doc="sync new store paths' files to disk before registering them (Nix 2.12+: false)"),
     _s("gc-reserved-space", parse_size, str(8 * 2**20), [STORE],
        doc="bytes kept in <state>/db/reserved so a GC can start on a full disk"),
     _s("auto-optimise-store", parse_bool, "false", [STORE]),

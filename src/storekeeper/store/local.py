@@ -17,6 +17,11 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
 * **Registration is atomic.**  A path's row, its references and its
   ``DerivationOutputs`` go into the DB in one transaction, after every
   reference has been pinned and found valid.
+* **Registration is durable.**  Before that transaction the file system of
+  the store is synced once (``syncfs``, setting ``fsync-store-paths``): the
+  files and the renames of every path registered reach the disk before its
+  row can, so a crash or a forced read-only mount never leaves a valid path
+  with missing or stale contents.  One sync per batch, not one per file.
 * **Nothing outside the store and state dirs is written.**
 """
 
@@ -40,12 +45,13 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath, check_name
 from ..formats.streams import Readable
 from ..fs import remove_tree
-from ..fs.atomic import write_new_file
+from ..fs.atomic import sync_filesystem, write_new_file
+from ..fs.crash import crash_point
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
 from .locks import PathLocks, lock_fd, open_lock_file
-from .optimise import open_pool, optimise_path
+from .optimise import open_pool, optimise_path, recover_interrupted
 from .reader import StoreReader
 from .reserve import naming
 
@@ -133,13 +139,17 @@ class LocalStore(StoreReader):
             self.auto_gc()  # (staged content is on disk already: the _temp_dir check counted it)
             if os.path.lexists(real):
                 remove_tree(real)
+            crash_point("add.staged")
             with naming(real):
                 create(real)
+            crash_point("add.moved")
             try:
                 canonicalise_paths([real])
                 if self.settings.auto_optimise_store:
                     optimise_path(self, sp, set())  # empty inode set, as Nix does
+                crash_point("add.canonical")
                 self.register_valid_paths([info])
+                crash_point("register.committed")
             except BaseException:
                 # never leave unregistered files at a path's final name
                 remove_tree(real)
@@ -261,6 +271,9 @@ class LocalStore(StoreReader):
         new = {i.path for i in infos}
         for info in infos:
             self._pin_references(info.references - new, info.path)
+        if infos and self.settings.fsync_store_paths:
+            sync_filesystem(self.real_store_dir)
+        crash_point("register.synced")
         with self.db.transaction():
             ids = {i.path: self.db.upsert_info(i) for i in infos}
             for info in infos:
@@ -277,6 +290,7 @@ class LocalStore(StoreReader):
                         if out.path:
                             self.db.add_derivation_output(ids[info.path], name, out.path)
             self.topo_sort(new)  # raises on a cycle, rolling everything back
+            crash_point("register.written")
 
     def _check_drv_outputs(self, drv_path: StorePath, drv) -> None:
         """A ``.drv`` is registered only with the output paths its inputs give it
@@ -400,6 +414,9 @@ class LocalStore(StoreReader):
         gc_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
         try:
             lock_fd(gc_fd, exclusive=False)
+            if not self.read_only:
+                # an optimise killed half-way: finish it first (not a fault of the paths)
+                recover_interrupted(self.real_store_dir, self.state_dir)
             paths = sorted(self.query_all_valid_paths())
             for n, sp in enumerate(paths):
                 if progress:

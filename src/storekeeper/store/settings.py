@@ -86,6 +86,7 @@ class StoreSettings:
     max_free: int = field(default_factory=_d("max-free"))
     min_free_check_interval: int = field(default_factory=_d("min-free-check-interval"))
     gc_reserved_space: int = field(default_factory=_d("gc-reserved-space"))
+    fsync_store_paths: bool = field(default_factory=_d("fsync-store-paths"))
     auto_optimise_store: bool = field(default_factory=_d("auto-optimise-store"))
     indirect_root_grace: int = field(default_factory=_d("indirect-root-grace"))
     runtime_roots: str = field(default_factory=_d("runtime-roots"))

@@ -44,6 +44,7 @@ from ... import fs
 from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ...errors import PathInUse, StoreError
 from ...formats.storepath import StorePath, StorePathError
+from ...fs.crash import crash_point
 from ..locks import PathLocks, lock_fd, open_lock_file
 from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
@@ -393,6 +394,7 @@ class GarbageCollector:
                 for k in range(0, len(go), 900):
                     part = go[k:k + 900]
                     conn.execute(sql.format(",".join("?" * len(part))), part)
+        crash_point("gc.invalidated")
         # Unlinking is syscall-bound and releases the GIL: a few threads keep
         # the file system busier than one (the rows are already gone).  One
         # task per slice of the batch, not per path: futures cost more than
@@ -406,6 +408,8 @@ class GarbageCollector:
     def _finish_batch(self, graph: Graph, b: "_Batch", result: GCResult) -> None:
         try:
             freed = [n for f in b.futures for n in f.result()]
+            if b.ids:
+                crash_point("gc.unlinked")
             for i, n in zip(b.ids, freed):
                 p = graph.path_of[i]
                 self.log(f"deleting '{p}'")
