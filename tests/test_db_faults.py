@@ -122,3 +122,24 @@ def test_a_waiting_writer_says_so_once(populated, tmp_path):
     assert r.stdout.startswith("/nix/store/")
     busy = [line for line in r.stderr.splitlines() if "is busy" in line]
     assert len(busy) == 1 and db in busy[0] and busy[0].startswith("warning: "), r.stderr
+
+
+def test_verify_finds_a_damaged_index_page(populated):
+    """A page that no query of verify reads (an index of Refs) is still checked."""
+    root, db, paths = populated
+    conn = sqlite3.connect(db)
+    (rootpage,) = conn.execute("select rootpage from sqlite_master where name = 'IndexReference'").fetchone()
+    (page_size,) = conn.execute("pragma page_size").fetchone()
+    conn.close()
+    assert sk(root, "verify").returncode == 0
+    with open(db, "r+b") as f:
+        f.seek((rootpage - 1) * page_size)
+        page = bytearray(f.read(page_size))
+        page[0] = 0xFF  # not a b-tree page type
+        f.seek((rootpage - 1) * page_size)
+        f.write(page)
+    r = sk(root, "verify", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert db in r.stdout + r.stderr and "damaged" in r.stdout + r.stderr, r.stdout + r.stderr
+    # what a query reads still works: the damage is found by verify, not by luck
+    assert sk(root, "path-info", paths[0]).returncode == 0

@@ -365,6 +365,15 @@ class StoreDB:
             ca=ca or None,
         )
 
+    def quick_check(self) -> list[str]:
+        """SQLite's ``quick_check`` of every page, table and index (not the index
+        contents against the tables): [] if the file is sound."""
+        rows = [r[0] for r in self.conn.execute("pragma quick_check")]
+        if rows == ["ok"]:
+            return []
+        # one line each, without SQLite's "*** in database main ***" heading
+        return [" ".join(r.replace("*** in database main ***", "").split()) for r in rows]
+
     def path_id(self, path: str) -> int | None:
         row = self.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
         return row[0] if row else None

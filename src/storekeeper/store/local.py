@@ -417,6 +417,9 @@ class LocalStore(StoreReader):
             if not self.read_only:
                 # an optimise killed half-way: finish it first (not a fault of the paths)
                 recover_interrupted(self.real_store_dir, self.state_dir)
+            # the pages no query below would read (an index, a free page) too
+            for problem in self.db.quick_check()[:20]:
+                report.errors.append(f"database '{self.db.db_path}' is damaged: {problem}")
             paths = sorted(self.query_all_valid_paths())
             for n, sp in enumerate(paths):
                 if progress:
