@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -116,9 +117,10 @@ def test_daemon_url_from_nix_remote_and_local_only_commands(stores, tmp_path, mo
     assert sk("add", str(tmp_path / "hello.txt"), store=None)[:2] == (0, HELLO + "\n")
     code, out, _ = sk("init", store=None)
     assert code == 0 and "served by the daemon" in out and "2.8.0" in out
-    for args in (["why-alive", HELLO], ["gc", "--dry-run"]):
-        code, out, err = sk(*args, store=None)
-        assert code == 2 and "needs a local store" in err and err.count("\n") == 1  # usage
+    code, out, err = sk("why-alive", HELLO, store=None)  # (served: see test_inspection_…)
+    assert code == 1 and "is not reachable from any root" in out
+    code, out, err = sk("optimise", "--dry-run", store=None)  # (plain optimise: OptimiseStore)
+    assert code == 2 and "needs a local store" in err and err.count("\n") == 1  # usage
     code, _, err = sk("gc", "--keep-outputs", store=None)
     assert code == 2 and "daemon's settings" in err
     code, out, _ = sk("roots", "--json", store=None)
@@ -128,6 +130,67 @@ def test_daemon_url_from_nix_remote_and_local_only_commands(stores, tmp_path, mo
     monkeypatch.setenv("NIX_REMOTE", f"unix://{tmp_path}/no-such.sock")
     code, _, err = sk("query", "--hash", HELLO, store=None)
     assert code == 1 and "cannot connect to the daemon" in err
+
+
+def test_inspection_through_our_daemon_answers_as_the_local_store(stores, tmp_path):
+    """stats, gc --dry-run, why-alive and roots (with closure sizes) through storekeeper's
+    daemon (its own operations) print what the same commands print on the store itself."""
+    sk = stores("ours")
+    root = str(tmp_path / "ours-root")
+    for name in ("hello.txt", "junk.txt"):
+        (tmp_path / name).write_text(name * 1000)
+    (tmp_path / "d").mkdir()
+    for i in range(3):  # identical files: the optimiser links them (stats counts them)
+        (tmp_path / "d" / f"same{i}").write_text("same\n" * 2000)
+    hello = sk("add", str(tmp_path / "hello.txt"))[1].strip()
+    junk = sk("add", str(tmp_path / "junk.txt"))[1].strip()
+    d = sk("add", str(tmp_path / "d"))[1].strip()
+    (tmp_path / "t").write_text(f"see {hello} and {d}")
+    ref = sk("add-text", "ref.txt", str(tmp_path / "t"), "--ref", hello, "--ref", d)[1].strip()
+    gcroot = f"{root}/nix/var/nix/gcroots/result"
+    os.symlink(ref, gcroot)  # (the store dir is logical here: add-root would find it gone)
+    code, _, err = sk("optimise")  # OptimiseStore: the daemon links the identical files
+    assert code == 0 and "freed by hard-linking 2 files" in err, err
+
+    def both(*args: str):
+        local, daemon = sk(*args, store=root), sk(*args)
+        assert daemon == local, args
+        return local
+    stats = json.loads(both("stats", "--json")[1])
+    assert stats["distinctContents"] >= 1 and stats["totalReferences"] >= 3
+    code, out, err = both("stats")
+    assert code == 0 and "bytes saved:" in out
+    dry = json.loads(both("gc", "--dry-run", "--json")[1])
+    assert dry["paths"] == [junk] and dry["bytesFreed"] >= len("junk.txt") * 1000
+    code, out, err = both("gc", "--dry-run")
+    assert out == junk + "\n" and f"freeing {dry['bytesFreed']} bytes" in err
+    code, out, _ = both("why-alive", d)
+    kind = json.loads(both("roots", "--json")[1])[0]["kind"]
+    assert code == 0 and out.splitlines()[:2] == [f"{gcroot} ({kind} root)", f"  -> {ref}"]
+    assert out.splitlines()[2] == f"  -> {d}   [reference]"
+    assert both("why-alive", junk)[0] == 1
+    assert both("why-alive", BAD)[0] == 3  # not valid
+    roots = [dict(r, ageSeconds=None) for r in json.loads(both("roots", "--json")[1])]
+    assert [(r["link"], r["target"]) for r in roots] == [(gcroot, ref)]
+    assert roots[0]["closureSize"] > 3 * 2000 * len("same\n")
+    assert sk("query", "--hash", junk)[0] == 0  # the dry runs deleted nothing
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not HAVE_NIX, reason="real Nix (nix-bin) not installed")
+def test_inspection_through_nix_daemon_says_why_not_in_one_line(stores, tmp_path):
+    sk = stores("nix")
+    (tmp_path / "a.txt").write_text("a\n")
+    a = sk("add", str(tmp_path / "a.txt"))[1].strip()
+    for args, op in ((["stats"], 1200), (["gc", "--dry-run"], 1201), (["why-alive", a], 1202)):
+        code, out, err = sk(*args)
+        assert (code, out) == (1, ""), args
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"operation {op}" in err and "not storekeeper's daemon" in err
+    code, out, err = sk("roots")
+    assert code == 0 and "without kinds, owners and closure sizes" in err
+    code, out, err = sk("optimise")  # Nix's own OptimiseStore
+    assert code == 0 and "freed by hard-linking" in err, err
 
 
 @pytest.mark.nix

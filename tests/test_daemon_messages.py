@@ -9,14 +9,25 @@ valid (Nix says "deleting '…'" and counts it).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import subprocess
+import threading
+import time
 
 import pytest
 from conftest import needs_nix, nix_env
-from daemon_util import start_daemon, stop_process, strip_ansi
+from daemon_util import Client, DaemonError, start_daemon, stop_process, strip_ansi
+from test_build import Area, area_factory, drv_expr  # noqa: F401 -- (a fixture)
+
+from storekeeper.formats.contentaddress import RECURSIVE, ContentAddress
+from storekeeper.formats.hashes import Hash
+from storekeeper.formats.nar import dump_string
+from storekeeper.formats.pathinfo import ValidPathInfo
+from storekeeper.formats.storepath import StoreDir
+from storekeeper.formats.wire import Op, WireWriter, frame, write_path_info
 
 NOPE = "/nix/store/00000000000000000000000000000000-nope"
 
@@ -132,3 +143,162 @@ def test_auto_gc_messages_like_the_real_daemon(tmp_path):
     assert len(got) == len(want)
     assert got[0][2].startswith("running auto-GC to free 1500000 bytes\nfinding garbage collector roots...\n")
     assert "deleting '" in got[1][2]
+
+
+# --- lock contention: what a client waiting for a lock is told ---------------------------------
+
+def gc_lock_steps(state: str):
+    def steps(run, work) -> None:
+        (work / "junk.txt").write_text("junk\n")
+        run("nix-store", "--add", str(work / "junk.txt"))
+        os.makedirs(state, exist_ok=True)
+        fd = os.open(os.path.join(state, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another collector holds the big lock ...
+        threading.Timer(2.0, os.close, [fd]).start()  # ... for two more seconds
+        run("nix-store", "--gc")
+    return steps
+
+
+@needs_nix
+@pytest.mark.nix
+def test_gc_lock_contention_told_like_the_real_daemon(tmp_path):
+    results = []
+    for kind in ("ours", "nix"):
+        tmp = tmp_path / kind
+        tmp.mkdir()
+        state = str(tmp / f"{kind}-root" / "nix" / "var" / "nix")
+        results.append(session(kind, tmp, steps=gc_lock_steps(state)))
+    got, want = results
+    assert got == want
+    assert got[-1][2].startswith("waiting for the big garbage collector lock...\n"), got[-1]
+
+
+def build_lock_session(a: Area) -> list:
+    """Two nix-build of one derivation at once: the second waits for the output's lock."""
+    fifo = os.path.join(a.base, "go")
+    os.mkfifo(fifo)
+    expr = drv_expr("once", rf"read v < {fifo}; echo $v > $out")
+    procs = [subprocess.Popen(["nix-build", "--no-out-link", "-E", expr], env=a.env(), cwd=a.work,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    with open(fifo, "w") as f:  # blocks until one builder reads
+        time.sleep(2.0)         # the other client meanwhile waits for the output lock
+        f.write("go\n")
+    outs = [(p.communicate(timeout=60), p.returncode) for p in procs]
+    os.unlink(fifo)
+    return sorted(((code, out.decode(), strip_ansi(err.decode())) for (out, err), code in outs),
+                  key=lambda o: "waiting for lock" in o[2])
+
+
+@needs_nix
+@pytest.mark.nix
+def test_build_lock_contention_told_like_the_real_daemon(area_factory):  # noqa: F811
+    a = area_factory()
+    want = build_lock_session(a.start("nix"))
+    a.stop()
+    os.rename(a.base, a.base + "-nix")  # (the same store dir again: the same paths)
+    a = area_factory(base=a.base)
+    got = build_lock_session(a.start("ours"))
+    assert got == want
+    assert [g[0] for g in got] == [0, 0] and got[0][1] == got[1][1]
+    assert f"waiting for lock on '{got[0][1].strip()}'...\n" in got[1][2]
+    assert "waiting for lock" not in got[0][2]
+
+
+# --- hash mismatch: a NAR that does not match its metadata --------------------------------------
+
+def tampered_cache_steps(run, work) -> None:
+    """``nix copy`` from a binary cache whose NAR was changed after its narinfo was written:
+    the client sends the narinfo's hash, the daemon finds another."""
+    (work / "f.txt").write_text("hi\n")
+    src = f"local?root={work}/src"
+    p = run("nix-store", "--store", src, "--add", str(work / "f.txt"))
+    cache = f"file://{work}/cache?compression=none"
+    run("nix", "--extra-experimental-features", "nix-command", "copy", "--from", src, "--to", cache, p)
+    (nar,) = (work / "cache" / "nar").iterdir()
+    nar.write_bytes(nar.read_bytes().replace(b"hi\n", b"ho\n"))
+    run("nix", "--extra-experimental-features", "nix-command", "copy", "--no-check-sigs",
+        "--from", f"file://{work}/cache", p)
+    run("nix-store", "--check-validity", p)
+
+
+@needs_nix
+@pytest.mark.nix
+def test_hash_mismatch_told_like_the_real_daemon(tmp_path):
+    results = []
+    for kind in ("ours", "nix"):
+        (tmp_path / kind).mkdir()
+        steps = session(kind, tmp_path / kind, steps=tampered_cache_steps)
+        results.append([tuple(x.replace(f"{kind}.sock", "SOCK") if isinstance(x, str) else x
+                              for x in step) for step in steps])
+    got, want = results
+    assert got == want
+    assert "error: hash mismatch importing path '/nix/store/" in got[-2][2]
+    assert "';\n         specified: sha256:" in got[-2][2] and "\n         got:       sha256:" in got[-2][2]
+    assert got[-2][1] == 1 and got[-1][1] == 1  # and nothing was added
+
+
+def _nar_request(sd, info, nar: bytes) -> bytes:
+    return (WireWriter().u64(Op.AddToStoreNar).raw(write_path_info(WireWriter(), sd, info, True).take())
+            .boolean(False).boolean(True).raw(frame(nar)).take())
+
+
+@needs_nix
+@pytest.mark.nix
+def test_nar_metadata_mismatches_worded_like_the_real_daemon(tmp_path):
+    """The same AddToStoreNar requests (wrong hash, wrong size, wrong content address) to
+    both daemons: the same error messages, word for word."""
+    sd = StoreDir("/nix/store")
+    nar = dump_string(b"checked contents\n")
+    ca = ContentAddress(RECURSIVE, Hash.of("sha256", nar))
+    good = ValidPathInfo(ca.store_path(sd, "checked"), Hash.of("sha256", nar), len(nar), ca=ca.render())
+    bad = [good.with_(nar_hash=Hash.of("sha256", b"something else")),
+           good.with_(nar_size=len(nar) + 8),
+           good.with_(ca=ContentAddress(RECURSIVE, Hash.of("sha256", b"x")).render())]
+    messages = {}
+    for kind in ("ours", "nix"):
+        root, sock = str(tmp_path / f"{kind}-root"), str(tmp_path / f"{kind}.sock")
+        proc = start_daemon(kind, root, sock, nix_env(str(tmp_path)))
+        try:
+            c = Client.connect(sock).handshake()
+            try:
+                for info in bad:
+                    with pytest.raises(DaemonError) as e:
+                        c.op(WireWriter().raw(_nar_request(sd, info, nar)), Op.AddToStoreNar)
+                    messages.setdefault(kind, []).append(strip_ansi(str(e.value)))
+            finally:
+                c.close()
+        finally:
+            stop_process(proc)
+    assert messages["ours"] == messages["nix"]
+    assert [m.split(" importing path")[0] for m in messages["ours"]] == \
+        ["hash mismatch", "size mismatch", "ca hash mismatch"]
+    assert messages["ours"][1].endswith(f";\n  specified: {len(nar) + 8}\n  got:       {len(nar)}")
+
+
+def modified_path_steps(root: str):
+    """A store file changed behind the store's back: what verifying says."""
+    def steps(run, work) -> None:
+        (work / "m.txt").write_text("original\n")
+        p = run("nix-store", "--add", str(work / "m.txt"))
+        real = os.path.join(root, p.lstrip("/"))
+        os.chmod(real, 0o644)
+        with open(real, "w") as f:
+            f.write("modified\n")
+        os.chmod(real, 0o444)
+        run("nix-store", "--verify-path", p)
+        run("nix-store", "--verify", "--check-contents")
+    return steps
+
+
+@needs_nix
+@pytest.mark.nix
+def test_modified_path_told_like_the_real_daemon(tmp_path):
+    results = []
+    for kind in ("ours", "nix"):
+        (tmp_path / kind).mkdir()
+        root = str(tmp_path / kind / f"{kind}-root")
+        results.append(session(kind, tmp_path / kind, steps=modified_path_steps(root)))
+    got, want = results
+    assert got == want
+    assert [g[1] for g in got] == [0, 1, 1]
+    assert "' was modified! expected hash 'sha256:" in got[1][2] and "', got 'sha256:" in got[1][2]

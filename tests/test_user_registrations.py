@@ -397,6 +397,44 @@ def test_users_register_and_unregister_only_their_own_roots(shared_dir):
             stop(proc)
 
 
+@needs_root_users
+def test_inspection_through_the_daemon_hides_other_users_roots(shared_dir):
+    """why-alive, gc --dry-run, stats and roots through the daemon as untrusted users: each
+    sees store paths and sizes, never the names of another user's roots ({censored})."""
+    with real_users(shared_dir, "d", "a", "b") as users:
+        daemon, alice, bob = users["d"], users["a"], users["b"]
+        proc, sock, url = start_daemon_as(daemon, os.path.join(shared_dir, "srv"),
+                                          "runtime-roots = client\n")
+        try:
+            paths = {}
+            for tag, user in (("pa", alice), ("pb", bob)):
+                f = os.path.join(user.home, tag)
+                assert as_user(user, ["sh", "-c", f"echo {tag} > {f}"]).returncode == 0
+                r = sk_as(user, url, "add", f)
+                assert r.returncode == 0, r.stderr
+                paths[tag] = r.stdout.strip()
+            mine = os.path.join(alice.home, "mine")
+            r = sk_as(alice, url, "add-root", mine, paths["pa"])
+            assert r.returncode == 0, r.stderr
+            r = sk_as(alice, url, "why-alive", paths["pa"])
+            assert r.returncode == 0 and r.stdout.splitlines()[0].endswith(f":{mine} (registered root)")
+            r = sk_as(bob, url, "why-alive", paths["pa"])
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.splitlines() == ["{censored} (registered root)", f"  -> {paths['pa']}"]
+            r = sk_as(bob, url, "gc", "--dry-run", "--json")
+            assert r.returncode == 0, r.stderr
+            dry = json.loads(r.stdout)
+            assert dry["paths"] == [paths["pb"]] and dry["bytesFreed"] > 0
+            assert alice.home not in r.stdout + r.stderr
+            r = sk_as(bob, url, "stats", "--json")
+            assert r.returncode == 0 and set(json.loads(r.stdout)) >= {"distinctContents", "bytesSaved"}
+            r = sk_as(bob, url, "roots", "--json")
+            assert [(x["link"], x["target"]) for x in json.loads(r.stdout)] == [("{censored}", paths["pa"])]
+            assert sk_as(bob, url, "query", "--hash", paths["pb"]).returncode == 0  # still there
+        finally:
+            stop(proc)
+
+
 # --- runtime-roots: who finds what a running program uses -----------------------------------------
 
 @pytest.mark.parametrize("mode", ["proc", "client", "both"])

@@ -51,6 +51,42 @@ class GCResult:
 
 
 @dataclass
+class GCDryRun:
+    """What a collection would delete now, and the bytes it would free (hard links counted:
+    ``bytes_freed`` on disk, ``apparent_bytes_freed`` of file contents)."""
+
+    paths: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    apparent_bytes_freed: int = 0
+
+    def to_json(self) -> dict:
+        return {"action": "dry-run", "paths": self.paths, "bytesFreed": self.bytes_freed,
+                "apparentBytesFreed": self.apparent_bytes_freed}
+
+
+@dataclass
+class PoolStats:
+    """The ``.links`` pool as its link counts describe it (``storekeeper stats``; a local
+    store measures it, storekeeper's daemon sends it)."""
+
+    distinct_contents: int = 0   # entries in .links
+    total_references: int = 0    # store names sharing those inodes: sum of (nlink - 1)
+    unused_entries: int = 0      # nlink 1: only the pool holds them (the next GC removes them)
+    bytes_saved: int = 0         # on disk: sum (nlink-1)*blocks - sum blocks - .links dir blocks
+    apparent_bytes_saved: int = 0  # the same in st_size (Nix's "currently hard linking saves")
+
+    def to_json(self) -> dict:
+        return {"distinctContents": self.distinct_contents, "totalReferences": self.total_references,
+                "unusedEntries": self.unused_entries, "bytesSaved": self.bytes_saved,
+                "apparentBytesSaved": self.apparent_bytes_saved}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "PoolStats":
+        return cls(obj["distinctContents"], obj["totalReferences"], obj["unusedEntries"],
+                   obj["bytesSaved"], obj["apparentBytesSaved"])
+
+
+@dataclass
 class VerifyReport:
     """What ``verify`` found: ``errors`` stay errors until repaired."""
 

@@ -6,9 +6,10 @@ path or argument at fault, with no traceback and the exit code of its kind (``st
 not found 3, refused 4, conflict 5, bad input 65, I/O 74, anything else 1).
 
 Every command takes a local store or a daemon (``--store unix://SOCKET``,
-``daemon``, ``NIX_REMOTE``) and answers the same through either; the few
-that read the store's files themselves (``roots`` details, ``why-alive``,
-``gc --dry-run``) say so when given a daemon.
+``daemon``, ``NIX_REMOTE``) and answers the same through either; the ones
+that read the store's files (``stats``, ``gc --dry-run``, ``why-alive``,
+``roots`` details) ask storekeeper's daemon with its own operations, and say
+in one line when the daemon is not storekeeper's.
 
 The commands live in :mod:`storekeeper.cli.commands` (one module per group);
 a parser names its command as ``"group.cmd_name"`` and only the group of the

@@ -91,6 +91,7 @@ from ..fs.narfs import dump_path as dump_tree
 #: The oldest daemon we talk to: 1.32 is Nix 2.4, the first with the request
 #: forms used here (AddToStore 1.25+, framed AddToStoreNar, Error records).
 from .errors import ConnectionLost, DaemonError, daemon_error, strip_ansi
+from .extops import StorekeeperOps
 from .transports import Transport, UnixTransport
 from .upload import _chunks, _file_chunks, _nar_from, _read_spool, _rest_of, _Tee, _Upload
 
@@ -130,9 +131,10 @@ def _ca_method(method: str, algo: str) -> str:
     raise StoreError(f"unknown content-address method '{method}'")
 
 
-class RemoteStore(DerivedQueries):
+class RemoteStore(DerivedQueries, StorekeeperOps):
     """A store served by a daemon over ``socket_path`` or a :class:`Transport` (see module
-    docstring).
+    docstring).  storekeeper's own operations (``stats``, ``gc_dry_run``, ``why_alive``,
+    ``list_roots``) come from :class:`~.extops.StorekeeperOps`.
 
     ``log`` receives the daemon's log lines (default: printed on stderr);
     ``verbosity`` is sent to the daemon as the client's log level;
@@ -615,3 +617,9 @@ class RemoteStore(DerivedQueries):
             for line in findings:
                 self._log(line)
         return report
+
+    def optimise(self, log: LogFn | None = None) -> None:
+        """OptimiseStore: the daemon hard-links identical files (it takes no options; its
+        summary, e.g. "X MiB freed by hard-linking N files", comes as a log line)."""
+        with self._exchange(WireWriter().u64(Op.OptimiseStore), on_line=log) as r:
+            r.u64("result")

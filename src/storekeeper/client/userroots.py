@@ -10,39 +10,23 @@ N`` and closes the connection, which becomes :class:`NotStorekeeperDaemon`.
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import Iterable
 
-from ..errors import StoreError
 from ..formats.storepath import StorePath
 from ..formats.wire import ExtOp, WireReader, WireWriter
-from .errors import DaemonError
+from .extops import NotStorekeeperDaemon
 from .remote import RemoteStore
 
-
-class NotStorekeeperDaemon(StoreError):
-    """The daemon does not know storekeeper's operations (it is the real nix-daemon)."""
+__all__ = ["NotStorekeeperDaemon", "RemoteUserRoots"]
 
 
 class RemoteUserRoots:
     def __init__(self, store: RemoteStore) -> None:
         self.store = store
 
-    @contextmanager
-    def _exchange(self, request: WireWriter, op: ExtOp) -> Iterator[WireReader]:
-        try:
-            with self.store._exchange(request) as r:
-                yield r
-        except DaemonError as e:
-            if f"invalid operation {int(op)}" not in str(e):
-                raise
-            self.store._drop()  # it closes the connection after that error
-            raise NotStorekeeperDaemon(
-                f"the daemon at '{self.store.url}' does not know storekeeper's per-user roots "
-                f"(operation {int(op)}, {op.name}): it is not storekeeper's daemon (the real "
-                "nix-daemon?); make roots it reads itself with 'nix-store --add-root LINK "
-                "--indirect -r PATH'") from None
+    def _exchange(self, request: WireWriter, op: ExtOp) -> AbstractContextManager[WireReader]:
+        return self.store.ext_exchange(request, op, "roots")
 
     def register(self, entries: Iterable[tuple[str, StorePath]]) -> list[str]:
         entries = list(entries)
@@ -63,5 +47,4 @@ class RemoteUserRoots:
             return r.u64("lease seconds"), r.u64("held")
 
     def overview(self) -> dict:
-        with self._exchange(WireWriter().u64(ExtOp.ListRoots), ExtOp.ListRoots) as r:
-            return json.loads(r.string("roots", 1 << 30))
+        return self.store.list_roots()

@@ -58,6 +58,12 @@ from .reserve import naming
 TEMP_DIR_PREFIX = "tmp-sk-"
 
 
+def _mismatch(what: str, where: str, specified: object, got: object) -> str:
+    """Nix's words for a NAR that does not match its metadata (scripts and users know
+    them from nix-daemon): the values on lines of their own, aligned."""
+    return f"{what} mismatch {where};\n  specified: {specified}\n  got:       {got}"
+
+
 class LocalStore(StoreReader):
     """A local Nix store (see module docstring for the invariants it keeps).
 
@@ -233,10 +239,9 @@ class LocalStore(StoreReader):
             got = reader.hash()
             where = f"importing path '{self.print_path(info.path)}'"
             if got != info.nar_hash:
-                raise BadArchive(f"hash mismatch {where}; specified: {info.nar_hash.typed('nix32')}; "
-                                 f"got: {got.typed('nix32')}")
+                raise BadArchive(_mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
             if info.nar_size and reader.size != info.nar_size:
-                raise BadArchive(f"size mismatch {where}; specified: {info.nar_size}; got: {reader.size}")
+                raise BadArchive(_mismatch("size", where, info.nar_size, reader.size))
             if info.ca:
                 self._check_ca(info, staged, where)
             if info.nar_hash.algo != "sha256":
@@ -261,8 +266,7 @@ class LocalStore(StoreReader):
         except FormatError as e:
             raise BadArchive(f"{where}: {e}") from None
         if h != ca.hash or expected != info.path:
-            raise BadArchive(f"ca hash mismatch {where}; specified: {ca.hash.typed('nix32')}; "
-                             f"got: {h.typed('nix32')}")
+            raise BadArchive(_mismatch("ca hash", where, ca.hash.typed("nix32"), h.typed("nix32")))
 
     def register_valid_paths(self, infos: Iterable[ValidPathInfo]) -> None:
         """Register paths whose files are complete and canonical, in one transaction."""

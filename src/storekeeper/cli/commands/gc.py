@@ -7,17 +7,16 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, is_local, local_of, needs_local, resolve_path, valid
+from ..common import UsageError, daemon_of, is_local, local_of, resolve_path, valid
 
 if TYPE_CHECKING:
+    from ...api import GCDryRun
     from ..common import Store
 
 
 def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     from ...api import DEAD, DELETE_DEAD, LIVE, GCOptions
     action = LIVE if args.print_live else DEAD if (args.print_dead or args.dry_run) else DELETE_DEAD
-    if args.dry_run:
-        needs_local(store, "gc --dry-run (it measures the files a GC would free)")
     local = local_of(store)
     if local is not None:
         cfg = local.settings
@@ -41,23 +40,14 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
         if not (quiet and message.startswith("deleting '")) and not args.json:
             bar.log(message)
     try:
-        result = store.collect_garbage(opts, log, bar.update)
+        if args.dry_run:
+            dry = _dry_run(store, opts, log, bar.update)
+        else:
+            result = store.collect_garbage(opts, log, bar.update)
     finally:
         bar.close()
     if args.dry_run:
-        from ...store.gc.inspect import bytes_freed_by
-        disk, apparent = bytes_freed_by(store, result.paths)
-        if args.json:
-            json.dump({"action": "dry-run", "paths": result.paths, "bytesFreed": disk,
-                       "apparentBytesFreed": apparent}, sys.stdout)
-            sys.stdout.write("\n")
-        else:
-            if result.paths:
-                sys.stdout.write("\n".join(result.paths) + "\n")
-            print(f"would delete {len(result.paths)} store paths, freeing {disk} bytes "
-                  f"({disk / 2**20:.2f} MiB on disk, {apparent / 2**20:.2f} MiB of file contents)",
-                  file=sys.stderr)
-        return 0
+        return _print_dry_run(dry, args.json)
     if args.json:
         json.dump({"action": action, "paths": result.paths, "bytesFreed": result.bytes_freed}, sys.stdout)
         sys.stdout.write("\n")
@@ -69,11 +59,42 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(store: Store, opts, log, progress) -> GCDryRun:
+    """What a GC would delete and free, measured where the files are: here, or by
+    storekeeper's daemon (GCDryRun; the real nix-daemon cannot)."""
+    local = local_of(store)
+    if local is not None:
+        from ...store.gc.inspect import gc_dry_run
+        return gc_dry_run(local, opts, log, progress)
+    daemon = daemon_of(store)
+    assert daemon is not None
+    return daemon.gc_dry_run(log)
+
+
+def _print_dry_run(result: GCDryRun, as_json: bool) -> int:
+    if as_json:
+        json.dump(result.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    if result.paths:
+        sys.stdout.write("\n".join(result.paths) + "\n")
+    disk, apparent = result.bytes_freed, result.apparent_bytes_freed
+    print(f"would delete {len(result.paths)} store paths, freeing {disk} bytes "
+          f"({disk / 2**20:.2f} MiB on disk, {apparent / 2**20:.2f} MiB of file contents)",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
-    from ...store.gc.inspect import why_alive
-    local = needs_local(store, "why-alive")
-    sp = valid(local, args.path)
-    chain = why_alive(local, sp)
+    sp = valid(store, args.path)
+    local = local_of(store)
+    if local is not None:
+        from ...store.gc.inspect import why_alive
+        chain = why_alive(local, sp)
+    else:
+        daemon = daemon_of(store)
+        assert daemon is not None
+        chain = daemon.why_alive(sp)
     if chain is None:
         print(f"{store.print_path(sp)} is not reachable from any root: the next GC deletes it")
         return 1

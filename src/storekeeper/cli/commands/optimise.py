@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import needs_local
+from ..common import UsageError, daemon_of, local_of, needs_local
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -15,6 +15,16 @@ if TYPE_CHECKING:
 
 def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
     from ...store.optimise import optimise_store
+    daemon = daemon_of(store)
+    if daemon is not None:
+        given = [o for o, on in (("--dry-run", args.dry_run), ("--json", args.json),
+                                 ("--trust-link-count", args.trust_link_count),
+                                 ("--jobs", args.jobs is not None)) if on]
+        if given:
+            raise UsageError(f"optimise {' '.join(given)} needs a local store: a daemon's "
+                             "OptimiseStore takes no options (run it against the store itself)")
+        daemon.optimise(lambda m: print(m, file=sys.stderr))  # (the daemon's own summary)
+        return 0
     local = needs_local(store, "optimise")
     log = None if args.json else (lambda m: print(m, file=sys.stderr))
     stats = optimise_store(local, dry_run=args.dry_run, trust_link_count=args.trust_link_count, log=log,
@@ -36,8 +46,14 @@ def cmd_optimise(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_stats(store: Store, args: argparse.Namespace) -> int:
-    from ...store.optimise import pool_stats
-    ps = pool_stats(needs_local(store, "stats"))
+    local = local_of(store)
+    if local is not None:
+        from ...store.optimise import pool_stats
+        ps = pool_stats(local)
+    else:  # (storekeeper's daemon measures its pool; the real nix-daemon cannot)
+        daemon = daemon_of(store)
+        assert daemon is not None
+        ps = daemon.store_stats()
     if args.json:
         json.dump(ps.to_json(), sys.stdout)
         sys.stdout.write("\n")

@@ -98,11 +98,13 @@ def print_root_infos(infos: list[RootInfo], as_json: bool) -> None:
 def remote_roots(store, url: str | None, as_json: bool) -> int:
     """Through storekeeper's daemon: every root with its kind and details (ListRoots);
     through another daemon: links and targets (FindRoots)."""
-    from ...client.userroots import NotStorekeeperDaemon, RemoteUserRoots
+    from ...client.userroots import NotStorekeeperDaemon
     from ...store.gc.inspect import RootInfo
     try:
-        overview = RemoteUserRoots(store).overview()
+        overview = store.list_roots()
     except NotStorekeeperDaemon:
+        print("note: not storekeeper's daemon (the real nix-daemon?): roots shown as links and "
+              "targets only, without kinds, owners and closure sizes", file=sys.stderr)
         other = daemon_of(open_store(url))  # (it was a daemon a moment ago)
         if other is None:
             raise UsageError(f"store '{url}' is no longer a daemon's") from None

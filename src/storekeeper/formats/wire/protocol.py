@@ -113,7 +113,8 @@ class Op(enum.IntEnum):
 
 
 class ExtOp(enum.IntEnum):
-    """storekeeper's own operations (per-user roots), far from Nix's numbers.
+    """storekeeper's own operations (per-user roots, TCP keys, read-only inspection), far
+    from Nix's numbers.
 
     Only storekeeper's client sends them; the real nix-daemon answers an
     unknown opcode with ``STDERR_ERROR "invalid operation N"`` and closes.
@@ -126,6 +127,12 @@ class ExtOp(enum.IntEnum):
     * 1003 ListRoots.  C: —.  R: string (JSON: settings and roots).
     * 1100 IssueTcpKey.  C: —.  R: string user, u64 uid, string key (32 bytes).
     * 1101 RevokeTcpKey.  C: —.  R: u64 1 if a key was revoked, else 0.
+    * 1200 StoreStats.  C: —.  R: string (JSON: the ``.links`` pool's figures).
+    * 1201 GCDryRun.  C: —.  R: strings (dead paths), u64 bytes freed on disk,
+      u64 apparent bytes (what a GC would delete now; read-only).
+    * 1202 WhyAlive.  C: string path.  R: u64 n, n × (string label, string path): the
+      shortest chain from a root (first: root label, root path; then edge kind, path);
+      n = 0: no root reaches the path.
     """
 
     RegisterRoots = 1000
@@ -134,6 +141,9 @@ class ExtOp(enum.IntEnum):
     ListRoots = 1003
     IssueTcpKey = 1100
     RevokeTcpKey = 1101
+    StoreStats = 1200
+    GCDryRun = 1201
+    WhyAlive = 1202
 
 
 class Verbosity(enum.IntEnum):

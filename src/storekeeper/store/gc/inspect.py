@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ... import fs
+from ...api import DEAD, GCDryRun, GCOptions
 from ...formats.storepath import StorePath
 from ..roots import CENSORED, Root, RootFinder, registrations
 from .graph import Graph
@@ -122,8 +123,13 @@ def list_roots(store) -> list[RootInfo]:
     return out
 
 
-def why_alive(store, sp: StorePath) -> list[tuple[str, str]] | None:
-    """The shortest chain root → … → ``sp``: [(root link, root path), (edge kind, path), …]."""
+def why_alive(store, sp: StorePath,
+              hide_link: Callable[[Root], bool] = lambda r: False) -> list[tuple[str, str]] | None:
+    """The shortest chain root → … → ``sp``: [(root label, root path), (edge kind, path), …].
+
+    ``hide_link`` says which roots' links the asker may not see: such a root is
+    labelled ``{censored}`` (a visible root of the same path is preferred).
+    """
     graph = Graph(store.db)
     target = graph.id_of.get(store.print_path(sp))
     if target is None:
@@ -131,13 +137,30 @@ def why_alive(store, sp: StorePath) -> list[tuple[str, str]] | None:
     roots: dict[int, str] = {}
     for r in all_roots(store):
         i = graph.id_of.get(store.print_path(r.path))
-        if i is not None:
-            roots.setdefault(i, f"{r.link} ({r.kind} root)")
+        if i is None:
+            continue
+        if hide_link(r):
+            roots.setdefault(i, f"{CENSORED} ({r.kind} root)")
+        elif roots.get(i, CENSORED).startswith(CENSORED):
+            roots[i] = f"{r.link} ({r.kind} root)"
     s = store.settings
     chain = graph.shortest_chain(roots, target, s.keep_outputs, s.keep_derivations)
     if chain is None:
         return None
     return [(label, graph.path_of[i]) for i, label in chain]
+
+
+def gc_dry_run(store, options: GCOptions | None = None,
+               log: Callable[[str], None] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> GCDryRun:
+    """What a collection would delete now (``DEAD``; nothing changes) and what that frees."""
+    cfg = store.settings
+    opts = options or GCOptions(action=DEAD, keep_outputs=cfg.keep_outputs,
+                                keep_derivations=cfg.keep_derivations)
+    assert opts.action == DEAD
+    paths = store.collect_garbage(opts, log, progress).paths
+    disk, apparent = bytes_freed_by(store, paths)
+    return GCDryRun(paths, disk, apparent)
 
 
 def bytes_freed_by(store, dead_paths: list[str]) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ... import fs
+from ...api import PoolStats
 from ...errors import StoreError
 from ...fs import clear_immutable
 from ..locks import lock_fd, open_lock_file, unlock_fd
@@ -68,22 +69,6 @@ class OptimiseStats:
                 "enospc": self.enospc, "corruptLinksRemoved": self.corrupt_links_removed,
                 "changedFiles": self.changed_files, "writableSkipped": self.writable_skipped,
                 "warnings": self.warnings}
-
-
-@dataclass
-class PoolStats:
-    """The pool as its link counts describe it (``storekeeper stats``)."""
-
-    distinct_contents: int = 0   # entries in .links
-    total_references: int = 0    # store names sharing those inodes: sum of (nlink - 1)
-    unused_entries: int = 0      # nlink 1: only the pool holds them (the next GC removes them)
-    bytes_saved: int = 0         # on disk: sum (nlink-1)*blocks - sum blocks - .links dir blocks
-    apparent_bytes_saved: int = 0  # the same in st_size (Nix's "currently hard linking saves")
-
-    def to_json(self) -> dict:
-        return {"distinctContents": self.distinct_contents, "totalReferences": self.total_references,
-                "unusedEntries": self.unused_entries, "bytesSaved": self.bytes_saved,
-                "apparentBytesSaved": self.apparent_bytes_saved}
 
 
 def pool_stats(store) -> PoolStats:
