@@ -142,7 +142,6 @@ class LocalStore(StoreReader):
             if self.is_valid(sp) and not repair:
                 return self.path_info(sp)
             self._pin_references(info.references, sp)
-            self.auto_gc()  # (staged content is on disk already: the _temp_dir check counted it)
             if os.path.lexists(real):
                 remove_tree(real)
             crash_point("add.staged")
@@ -202,6 +201,11 @@ class LocalStore(StoreReader):
         """Add from a dump: a NAR (``recursive``) or the file's bytes (``flat``/``text``)."""
         check_name(name)
         refs = frozenset(references)
+        if method == TEXT:  # small, and hashed as text: no scratch copy (nor a second auto-GC)
+            chunks = []
+            while chunk := stream.read(1 << 20):
+                chunks.append(chunk)
+            return self.add_text(name, b"".join(chunks), refs, repair)
         with self._temp_dir() as tmp:
             staged = os.path.join(tmp, "x")
             if method == RECURSIVE:
@@ -213,9 +217,6 @@ class LocalStore(StoreReader):
                 ca_hash = _copy_stream_hashing(stream, staged, algo)
                 nar_hash, nar_size = nar_hash_path(staged)
             ca = ContentAddress(method, ca_hash)
-            if method == TEXT:
-                with open(staged, "rb") as f:
-                    return self.add_text(name, f.read(), refs, repair)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
             return self._install(info, lambda real: os.rename(staged, real), repair)
@@ -393,7 +394,9 @@ class LocalStore(StoreReader):
         if not incoming and now - self._last_auto_gc_check < s.min_free_check_interval:
             return
         self._last_auto_gc_check = now
-        avail = self.free_space() - incoming
+        avail = self.free_space()
+        if avail >= s.min_free:
+            avail -= incoming  # (below min-free the figures are Nix's, which ignores it)
         if avail >= s.min_free or avail >= s.max_free:
             return
         with self.output_guard():
