@@ -102,3 +102,42 @@ def test_sigkill_at(point, tmp_path):
         os.symlink(added, os.path.join(root, "nix", "var", "nix", "gcroots", "new"))
     subprocess.run([*SK, "--store", root, "gc"], capture_output=True, timeout=120, env=env, check=True)
     check_store(root, rooted, tmp_path)
+
+
+@pytest.mark.parametrize("point", ["build.moved", "build.registered"])
+def test_sigkill_in_build_registration(point, tmp_path):
+    """The daemon's connection process dies at the point; the store stays sound and
+    the same build then succeeds."""
+    from test_build import CHAIN, Area, _remove  # noqa: PLC0415 -- the build tests' store area
+
+    base = os.path.join("/tmp", f"skc-{os.urandom(4).hex()}")
+    os.makedirs(base, mode=0o755)
+    a = Area(base)
+    try:
+        os.environ[ENV] = point
+        try:
+            a.start("ours")
+        finally:
+            del os.environ[ENV]
+        p = a.run(["nix-build", "--no-out-link", "-E", CHAIN])
+        assert p.returncode != 0, "the build survived its crash point"
+        assert b"unexpected end-of-file" in p.stderr, p.stderr.decode()  # the daemon died there
+        a.stop()
+
+        def verify_both() -> None:
+            r = subprocess.run([*SK, "--store", a.url, "verify", "--check-contents"],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            n = subprocess.run(["nix-store", "--verify", "--check-contents"], env=a.env(remote=False),
+                               capture_output=True, timeout=120)
+            assert n.returncode == 0 and b"modified" not in n.stderr, n.stderr.decode()
+        verify_both()
+        a.start("ours")
+        out = a.run(["nix-build", "--no-out-link", "-E", CHAIN], check=True).stdout.decode().strip()
+        a.stop()
+        verify_both()
+        with a.local_store() as store:
+            assert store.is_valid(store.parse_path(out))
+    finally:
+        a.stop()
+        _remove(base)
