@@ -151,18 +151,18 @@ class _Connection(sqlite3.Connection):
 
     db_path = ""
 
-    def cursor(self, factory=None):  # type: ignore[override]
+    def cursor(self, factory=None):
         cur = super().cursor(factory or _Cursor)
-        cur.db_path = self.db_path  # type: ignore[attr-defined]
+        cur.db_path = self.db_path
         return cur
 
-    def execute(self, sql: str, parameters=(), /) -> sqlite3.Cursor:  # type: ignore[override]
+    def execute(self, sql: str, parameters=(), /) -> sqlite3.Cursor:
         try:
             return self.cursor().execute(sql, parameters)
         except sqlite3.Error as e:
             raise database_error(e, self.db_path) from None
 
-    def executemany(self, sql: str, parameters, /) -> sqlite3.Cursor:  # type: ignore[override]
+    def executemany(self, sql: str, parameters, /) -> sqlite3.Cursor:
         try:
             return self.cursor().executemany(sql, parameters)
         except sqlite3.Error as e:
@@ -215,7 +215,7 @@ class StoreDB:
         try:
             conn = sqlite3.connect(target, isolation_level=None, uri=uri, check_same_thread=False,
                                    timeout=BUSY_STEP_MS / 1000, factory=_Connection)
-            conn.db_path = self.db_path  # type: ignore[attr-defined]
+            conn.db_path = self.db_path
             conn.execute(f"pragma busy_timeout = {BUSY_STEP_MS}")
             conn.execute("pragma foreign_keys = 1")
             if not uri:
