@@ -9,9 +9,10 @@ Invariants (shared with every real Nix process on the same store):
   for as long as it has the store open.
 * Every connection runs with ``foreign_keys = 1`` (the cascades from
   ``ValidPaths`` to ``Refs``/``DerivationOutputs`` depend on it), WAL journal,
-  ``synchronous = normal``, ``wal_autocheckpoint = 40000``.  Every write is in
-  a transaction begun ``immediate``, which waits up to an hour for another
-  writer, saying so once (``busy_log``) after the first :data:`BUSY_STEP_MS`.
+  ``synchronous = normal``, ``wal_autocheckpoint = 40000``, a one-hour busy
+  timeout.  Every write is in a transaction begun ``immediate``, which waits
+  up to that hour for another writer too, but in steps of :data:`BUSY_STEP_MS`,
+  saying once (``busy_log``) that it is waiting.
 * Every SQLite failure leaves this module as a :class:`DatabaseError` naming the
   database file; a first open that fails for lack of space frees the reserve
   (:mod:`.reserve`) and is tried once more.
@@ -214,9 +215,9 @@ class StoreDB:
         conn = None
         try:
             conn = sqlite3.connect(target, isolation_level=None, uri=uri, check_same_thread=False,
-                                   timeout=BUSY_STEP_MS / 1000, factory=_Connection)
+                                   timeout=BUSY_PATIENCE, factory=_Connection)
             conn.db_path = self.db_path
-            conn.execute(f"pragma busy_timeout = {BUSY_STEP_MS}")
+            conn.execute(f"pragma busy_timeout = {int(BUSY_PATIENCE * 1000)}")
             conn.execute("pragma foreign_keys = 1")
             if not uri:
                 conn.execute("pragma synchronous = normal")
@@ -332,21 +333,25 @@ class StoreDB:
     def _begin_immediate(self) -> None:
         # Each try waits BUSY_STEP_MS in SQLite; SQLITE_BUSY can also surface at
         # once (WAL recovery), so retry with a short random back-off as Nix does,
-        # and say once that we are waiting.
+        # and say once that we are waiting.  Reads keep the long timeout.
         deadline = time.monotonic() + BUSY_PATIENCE
         told = False
-        while True:
-            try:
-                self.conn.execute("begin immediate")
-                return
-            except DatabaseError as e:
-                if not _busy(e) or time.monotonic() > deadline:
-                    raise
-                if not told and "SQLITE_BUSY_RECOVERY" != e.sqlite_errorname:
-                    told = True
-                    self.busy_log(f"SQLite database '{self.db_path}' is busy: waiting for "
-                                  "another process to finish writing to it...")
-                time.sleep(random.random() * 0.1)
+        self.conn.execute(f"pragma busy_timeout = {BUSY_STEP_MS}")
+        try:
+            while True:
+                try:
+                    self.conn.execute("begin immediate")
+                    return
+                except DatabaseError as e:
+                    if not _busy(e) or time.monotonic() > deadline:
+                        raise
+                    if not told and e.sqlite_errorname != "SQLITE_BUSY_RECOVERY":
+                        told = True
+                        self.busy_log(f"SQLite database '{self.db_path}' is busy: waiting for "
+                                      "another process to finish writing to it...")
+                    time.sleep(random.random() * 0.1)
+        finally:
+            self.conn.execute(f"pragma busy_timeout = {int(BUSY_PATIENCE * 1000)}")
 
     # --- reads --------------------------------------------------------------
 
