@@ -33,7 +33,6 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator
 
-from .. import fs
 from ..api import DELETE_DEAD, GCOptions, VerifyReport
 from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
 from ..formats import nar as narfmt
@@ -50,10 +49,11 @@ from ..fs.crash import crash_point
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
-from .locks import PathLocks, lock_fd, open_lock_file
-from .optimise import open_pool, optimise_path, recover_interrupted
+from .locks import PathLocks, lock_fd
+from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
+from .verify import verify_store
 
 TEMP_DIR_PREFIX = "tmp-sk-"
 
@@ -118,7 +118,7 @@ class LocalStore(StoreReader):
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             lock_fd(fd, exclusive=True)
-            with naming(path):
+            with naming(self.real_store_dir):  # (the scratch dir is gone by the time it is read)
                 yield path
         finally:
             try:
@@ -408,98 +408,12 @@ class LocalStore(StoreReader):
                 keep_derivations=s.keep_derivations, wait_for_lock=False,
                 only_if=lambda: self.free_space() - incoming < s.min_free), log=self.info_log)
 
-    # --- verification ---------------------------------------------------------
+    # --- verification (storekeeper.store.verify) ----------------------------------
 
     def verify(self, check_contents: bool = False, repair: bool = False,
                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-        """``nix-store --verify``: every valid path exists, (optionally) with its recorded content.
-
-        Unlike Nix 2.8, a vanished path is only invalidated with ``repair``.
-        """
-        report = VerifyReport()
-        # gc.lock SH, as Nix does: no GC deletes anything while we look
-        gc_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
-        try:
-            lock_fd(gc_fd, exclusive=False)
-            if not self.read_only:
-                # an optimise killed half-way: finish it first (not a fault of the paths)
-                recover_interrupted(self.real_store_dir, self.state_dir)
-            # the pages no query below would read (an index, a free page) too
-            for problem in self.db.quick_check()[:20]:
-                report.errors.append(f"database '{self.db.db_path}' is damaged: {problem}")
-            paths = sorted(self.query_all_valid_paths())
-            for n, sp in enumerate(paths):
-                if progress:
-                    progress(n, len(paths))
-                report.checked += 1
-                self._verify_one(sp, check_contents, repair, report)
-            if check_contents:
-                self._verify_links(repair, report)
-        finally:
-            os.close(gc_fd)
-        return report
-
-    def _verify_one(self, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
-        path = self.print_path(sp)
-        real = self.real_path(sp)
-        if not os.path.lexists(real):
-            referrers = [r for r in self.db.referrers(path) if r != path]
-            if referrers:
-                report.errors.append(f"path '{path}' disappeared, but it still has valid referrers!")
-            elif repair:
-                self.invalidate(sp)
-                report.repaired.append(f"path '{path}' disappeared, removed from the database")
-            else:
-                report.errors.append(f"path '{path}' disappeared (--repair removes it from the database)")
-            return
-        if not check_contents:
-            return
-        info = self.path_info(sp)
-        try:
-            h, size = nar_hash_path(real, info.nar_hash.algo)
-        except (OSError, StoreError, FormatError) as e:
-            report.errors.append(f"path '{path}' cannot be read: {e}")
-            return
-        if h != info.nar_hash:
-            report.errors.append(f"path '{path}' was modified! expected hash "
-                                 f"'{info.nar_hash.typed('nix32')}', got '{h.typed('nix32')}'")
-            return
-        if info.nar_size != size:
-            if repair or info.nar_size == 0:
-                with self.db.transaction():
-                    self.db.set_nar_size(path, size)
-                report.repaired.append(f"path '{path}': narSize set to {size}")
-            else:
-                report.errors.append(f"path '{path}' has narSize {info.nar_size}, but its NAR is {size} bytes")
-        problem = _first_uncanonical(real)
-        if problem:
-            if repair:
-                canonicalise_paths([real])
-                report.repaired.append(f"path '{path}': metadata of '{problem}' made canonical")
-            else:
-                report.errors.append(f"path '{path}': '{problem}' has non-canonical metadata")
-
-    def _verify_links(self, repair: bool, report: VerifyReport) -> None:
-        links = os.path.join(self.real_store_dir, ".links")
-        try:
-            lfd = open_pool(None, links)
-        except FileNotFoundError:
-            return
-        try:
-            for name in [e.name for e in fs.entries(lfd)]:
-                p = os.path.join(links, name)
-                try:
-                    h, _ = nar_hash_path(fs.proc_fd(lfd) + "/" + name)
-                except (OSError, FormatError):
-                    continue
-                if h.nix32 != name:
-                    if repair:
-                        os.unlink(name, dir_fd=lfd)
-                        report.repaired.append(f"link '{p}' was corrupt and was removed")
-                    else:
-                        report.errors.append(f"link '{p}' was modified! expected hash '{name}', got '{h.nix32}'")
-        finally:
-            os.close(lfd)
+        """``nix-store --verify``: every valid path exists, (optionally) with its recorded content."""
+        return verify_store(self, check_contents, repair, progress)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -527,15 +441,3 @@ def _restore_checked(reader: Readable, dest: str) -> None:
         restore_nar(reader, dest)
     except narfmt.NarError as e:
         raise BadArchive(str(e)) from None
-
-
-def _first_uncanonical(real: str) -> str | None:
-    """The first file under ``real`` whose metadata is not canonical, if any."""
-    for ev, node in fs.walk(real):
-        if ev == fs.LEAVE:
-            continue
-        st = node.lstat()
-        perm = stat.S_IMODE(st.st_mode)
-        if int(st.st_mtime) != 1 or (node.kind != fs.LNK and perm not in (0o444, 0o555)):
-            return node.show(real)
-    return None
