@@ -17,11 +17,12 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
 * **Registration is atomic.**  A path's row, its references and its
   ``DerivationOutputs`` go into the DB in one transaction, after every
   reference has been pinned and found valid.
-* **Registration is durable.**  Before that transaction the file system of
-  the store is synced once (``syncfs``, setting ``fsync-store-paths``): the
-  files and the renames of every path registered reach the disk before its
-  row can, so a crash or a forced read-only mount never leaves a valid path
-  with missing or stale contents.  One sync per batch, not one per file.
+* **Registration is durable.**  Before that transaction the new paths are
+  synced (setting ``fsync-store-paths``): their files, directories and
+  renames reach the disk before their rows can, so a crash or a forced
+  read-only mount never leaves a valid path with missing or stale contents.
+  A few files are fsynced each; a bigger batch costs one ``syncfs``
+  (:func:`storekeeper.fs.atomic.sync_new_trees`).
 * **Nothing outside the store and state dirs is written.**
 """
 
@@ -44,7 +45,7 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath, check_name
 from ..formats.streams import Readable
 from ..fs import remove_tree
-from ..fs.atomic import sync_filesystem, write_new_file
+from ..fs.atomic import sync_new_trees, write_new_file
 from ..fs.crash import crash_point
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
@@ -277,7 +278,8 @@ class LocalStore(StoreReader):
         for info in infos:
             self._pin_references(info.references - new, info.path)
         if infos and self.settings.fsync_store_paths:
-            sync_filesystem(self.real_store_dir)
+            with naming(self.real_store_dir):
+                sync_new_trees([self.real_path(i.path) for i in infos], self.real_store_dir)
         crash_point("register.synced")
         with self.db.transaction():
             ids = {i.path: self.db.upsert_info(i) for i in infos}
