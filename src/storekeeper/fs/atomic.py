@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any
 
 
 def fsync_dir(path: str) -> None:
@@ -23,7 +22,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_libc: Any = None
+_libc = None  # (ctypes.CDLL, loaded on first use)
 
 
 def sync_filesystem(path: str) -> None:

@@ -50,6 +50,7 @@ from ..fs.crash import crash_point
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
+from .gcnotify import NotifyingTempRoots
 from .locks import PathLocks, lock_fd
 from .optimise import optimise_path
 from .reader import StoreReader
@@ -72,6 +73,8 @@ class LocalStore(StoreReader):
     ``path_info``, ``query_references``, ``query_closure`` and ``topo_sort``
     from :class:`DerivedQueries`.
     """
+
+    temp_roots_class = NotifyingTempRoots  # pins, telling a running GC
 
     _last_auto_gc_check = float("-inf")  # monotonic time of the last auto-GC check
     #: where Nix's informational lines go (the daemon: to the client), e.g. "running auto-GC …"

@@ -20,9 +20,12 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import TypeVar
+    T = TypeVar("T")
 
 RESERVED_NAME = "reserved"
 DEFAULT_SIZE = 8 * 2**20
