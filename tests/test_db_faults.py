@@ -13,6 +13,8 @@ import sys
 import time
 
 import pytest
+from conftest import needs_nix, nix_env
+from daemon_util import start_daemon, stop_process
 
 from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
@@ -143,3 +145,37 @@ def test_verify_finds_a_damaged_index_page(populated):
     assert db in r.stdout + r.stderr and "damaged" in r.stdout + r.stderr, r.stdout + r.stderr
     # what a query reads still works: the damage is found by verify, not by luck
     assert sk(root, "path-info", paths[0]).returncode == 0
+
+
+@needs_nix
+@pytest.mark.nix
+def test_a_waiting_writer_in_the_daemon_tells_the_client(populated, tmp_path):
+    root, db, _ = populated
+    sock = str(tmp_path / "sock")
+    env = nix_env(str(tmp_path))
+    proc = start_daemon("ours", root, sock, env)
+    holder = None
+    try:
+        holder = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sqlite3, sys, time\n"
+             f"c = sqlite3.connect({db!r}, isolation_level=None)\n"
+             "c.execute('begin immediate')\n"
+             "print('held', flush=True)\n"
+             "time.sleep(3.5)\n"
+             "c.execute('commit')\n"],
+            stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        f = tmp_path / "via-daemon"
+        f.write_text("via the daemon\n")
+        r = subprocess.run(["nix-store", "--add", str(f)], capture_output=True, text=True, timeout=60,
+                           env={**env, "NIX_REMOTE": f"unix://{sock}"})
+        assert r.returncode == 0 and r.stdout.startswith("/nix/store/"), r.stderr
+        busy = [line for line in r.stderr.splitlines() if "is busy" in line]
+        assert len(busy) == 1 and db in busy[0] and busy[0].startswith("warning: "), r.stderr
+        assert "warning: warning" not in r.stderr
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        stop_process(proc)

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..api import DELETE_DEAD, GCOptions, VerifyReport
 from ..errors import BadArchive, InvalidPath, ReadOnlyStore, StoreError
@@ -56,6 +57,10 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .verify import verify_store
+
+if TYPE_CHECKING:
+    from ..formats.url import LocalLayout
+    from .settings import StoreSettings
 
 TEMP_DIR_PREFIX = "tmp-sk-"
 
@@ -81,6 +86,21 @@ class LocalStore(StoreReader):
     info_log: Callable[[str], None] | None = None
     #: held around an auto-GC that logs: the daemon's makes logging never wait for the client
     output_guard: Callable[[], AbstractContextManager] = nullcontext
+
+    def __init__(self, layout: LocalLayout, create: bool = True,
+                 settings: StoreSettings | None = None) -> None:
+        super().__init__(layout, create, settings)
+        self.db.busy_log = self._busy_warning
+
+    def _busy_warning(self, message: str) -> None:
+        """The database's "waiting for another writer" line: to the daemon's client when
+        there is one (as Nix's warnings go), else to stderr."""
+        if self.info_log is None:
+            sys.stderr.write(f"warning: {message}\n")
+            sys.stderr.flush()
+            return
+        with self.output_guard():
+            self.info_log(f"warning: {message}")
 
     # --- checks ----------------------------------------------------------------
 
