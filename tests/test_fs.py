@@ -19,9 +19,10 @@ from storekeeper.fs.narfs import TreeError, dump_path
 from storekeeper.store import locks
 from storekeeper.store.canonicalise import CanonicaliseError, canonicalise_paths
 from storekeeper.store.gc.inspect import _lstats
-from storekeeper.store.local import LocalStore, _first_uncanonical
+from storekeeper.store.local import LocalStore
 from storekeeper.store.locks import PathLocks
 from storekeeper.store.roots import RootFinder
+from storekeeper.store.verify import _first_uncanonical
 
 
 def make_tree(top: str, spec: dict) -> None:

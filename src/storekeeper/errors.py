@@ -22,7 +22,7 @@ from __future__ import annotations
 from .formats.errors import FormatError
 
 __all__ = [
-    "BadArchive", "Conflict", "FormatError", "InvalidPath", "NotFound", "PathInUse",
+    "BadArchive", "Conflict", "DatabaseError", "FormatError", "InvalidPath", "NotFound", "PathInUse",
     "ReadOnlyStore", "Refused", "StoreError", "StorekeeperError", "UsageError", "EXIT_IO",
 ]
 
@@ -72,3 +72,20 @@ class BadArchive(StoreError):
 
 class PathInUse(StoreError, Conflict):
     """A path is alive or in use and may not be deleted."""
+
+
+class DatabaseError(StoreError):
+    """SQLite failed on the store's database; the message names the database file.
+
+    ``sqlite_errorname`` is SQLite's name for the failure (``SQLITE_FULL``,
+    ``SQLITE_BUSY``, ``SQLITE_CORRUPT`` …); the exit code follows it: the file
+    system (full, I/O error, read-only) 74, busy or locked 5, anything else 1."""
+
+    def __init__(self, message: str, sqlite_errorname: str = "") -> None:
+        super().__init__(message)
+        self.sqlite_errorname = sqlite_errorname
+        if sqlite_errorname.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
+                                        "SQLITE_CANTOPEN")):
+            self.exit_code = EXIT_IO
+        elif sqlite_errorname.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            self.exit_code = Conflict.exit_code

@@ -36,6 +36,7 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.refscan import RefScanner
 from ..formats.storepath import StoreDir, StorePath
 from ..fs import remove_tree
+from ..fs.crash import crash_point
 from ..fs.narfs import dump_path
 from ..store.canonicalise import canonicalise_paths
 from ..store.locks import PathLocks
@@ -124,7 +125,9 @@ def register_outputs(store, graph: GoalGraph, run: Run, settings: BuildSettings,
     check_cycles(sd, g, refs_by_out)
     check_reference_rules(store, g, infos)
     _auto_optimise(store, [i.path for i in infos.values()])
+    crash_point("build.moved")
     store.register_valid_paths(infos.values())
+    crash_point("build.registered")
     if mismatch:
         raise Failure(BuildStatus.OUTPUT_REJECTED, mismatch)
     return graph.valid_result(g, BuildStatus.BUILT)

@@ -210,6 +210,10 @@ def _nar_pass(root: bytes, algo: str, writer: "_TreeWriter | None") -> tuple[Has
 # Restore and remove.
 
 
+_WRITEBACK_STEP = 8 << 20  # bytes of one file written between starts of its writeback
+_WRITEBACK_MIN = 256 << 10  # smaller files are left to the sync
+
+
 class _TreeWriter:
     """A NarSink that creates the tree at ``dest``, fd-relative.
 
@@ -221,6 +225,7 @@ class _TreeWriter:
         self._dest = os.fsencode(dest)
         self._dirs: list[tuple[bytes, int]] = []
         self._fd = -1
+        self._unflushed = 0
 
     def _parent(self, path: bytes) -> tuple[int | None, bytes]:
         if not path:
@@ -239,13 +244,30 @@ class _TreeWriter:
     def regular_start(self, path: bytes, executable: bool, size: int) -> None:
         dfd, name = self._parent(path)
         self._fd = os.open(name, _O_CREATE, 0o777 if executable else 0o666, dir_fd=dfd)
+        self._unflushed = 0
 
     def regular_data(self, chunk) -> None:
         fs.write_all(self._fd, chunk)
+        self._unflushed += len(chunk)
+        if self._unflushed >= _WRITEBACK_STEP:
+            self._start_writeback()
 
     def regular_end(self) -> None:
-        fd, self._fd = self._fd, -1
+        fd = self._fd
+        if self._unflushed >= _WRITEBACK_MIN:
+            self._start_writeback()
+        self._fd = -1
         os.close(fd)
+
+    def _start_writeback(self) -> None:
+        # The store syncs new paths before registering them: starting the disk
+        # writes of a big file now overlaps them with the rest of the copy
+        # (DONTNEED starts writeback of dirty pages without waiting for it).
+        self._unflushed = 0
+        try:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
     def symlink(self, path: bytes, target: bytes) -> None:
         dfd, name = self._parent(path)

@@ -10,7 +10,12 @@ Invariants (shared with every real Nix process on the same store):
 * Every connection runs with ``foreign_keys = 1`` (the cascades from
   ``ValidPaths`` to ``Refs``/``DerivationOutputs`` depend on it), WAL journal,
   ``synchronous = normal``, ``wal_autocheckpoint = 40000``, a one-hour busy
-  timeout.
+  timeout.  Every write is in a transaction begun ``immediate``, which waits
+  up to that hour for another writer too, but in steps of :data:`BUSY_STEP_MS`,
+  saying once (``busy_log``) that it is waiting.
+* Every SQLite failure leaves this module as a :class:`DatabaseError` naming the
+  database file; a first open that fails for lack of space frees the reserve
+  (:mod:`.reserve`) and is tried once more.
 * ``ValidPaths.hash`` is written ``sha256:<base16>``; ``narSize`` 0 is written
   NULL; ``ultimate`` false and empty ``sigs`` are NULL; self references are a
   ``Refs`` row (N, N).  A path's row, its references and (for a ``.drv``) its
@@ -23,19 +28,21 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 
-from ..errors import ReadOnlyStore, StoreError
+from ..errors import DatabaseError, ReadOnlyStore, StoreError
 from ..formats.hashes import Hash
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir
 from ..fs.atomic import write_file_atomic
 from .locks import lock_fd, open_lock_file, unlock_fd
+from .reserve import free_bytes, with_reserve
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
 SCHEMA_VERSION = 10
 
@@ -86,6 +93,94 @@ _MIGRATIONS = {
 
 _INFO_COLS = "id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
 
+#: how long one wait for the write lock lasts before we say we are waiting (and retry)
+BUSY_STEP_MS = 2000
+#: how long a writer waits for another one in all
+BUSY_PATIENCE = 3600.0
+
+_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def database_error(e: sqlite3.Error, db_path: str) -> DatabaseError:
+    """One line for an SQLite failure: the database file, SQLite's words, and what it means."""
+    name = getattr(e, "sqlite_errorname", "") or ""
+    msg = str(e)
+    hint = ""
+    if name.startswith("SQLITE_FULL") or name.startswith("SQLITE_IOERR"):
+        try:
+            if free_bytes(os.path.dirname(db_path)) < 65536:
+                hint = f" (the file system of '{os.path.dirname(db_path)}' is full)"
+        except OSError:
+            pass
+    elif name.startswith(_DAMAGED):
+        hint = " (the database is damaged: restore it from a backup)"
+    elif name.startswith("SQLITE_READONLY"):
+        hint = " (the database or its directory is read-only)"
+    elif msg.startswith("no such table"):
+        hint = " (not a Nix store database, or a damaged one)"
+    return DatabaseError(f"SQLite database '{db_path}': {msg}{hint}", name)
+
+
+class _Cursor(sqlite3.Cursor):
+    """Rows are read as they are stepped: a damaged page can fail any of them."""
+
+    db_path = ""
+
+    def __iter__(self) -> "_Cursor":
+        return self
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+    def fetchone(self):
+        try:
+            return super().fetchone()
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+    def fetchall(self):
+        try:
+            return super().fetchall()
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements and rows fail with :class:`DatabaseError`
+    (see :func:`database_error`)."""
+
+    db_path = ""
+
+    def cursor(self, factory=None):
+        cur = super().cursor(factory or _Cursor)
+        cur.db_path = self.db_path
+        return cur
+
+    def execute(self, sql: str, parameters=(), /) -> sqlite3.Cursor:
+        try:
+            return self.cursor().execute(sql, parameters)
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+    def executemany(self, sql: str, parameters, /) -> sqlite3.Cursor:
+        try:
+            return self.cursor().executemany(sql, parameters)
+        except sqlite3.Error as e:
+            raise database_error(e, self.db_path) from None
+
+
+def _busy(e: BaseException) -> bool:
+    name = getattr(e, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def _stderr_warning(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
 
 class StoreDB:
     """One connection to a store's database plus the big lock (see module docstring)."""
@@ -93,11 +188,14 @@ class StoreDB:
     def __init__(self, db_dir: str, store_dir: StoreDir, create: bool = True,
                  read_only: bool = False) -> None:
         self.db_dir = db_dir
+        self.db_path = os.path.join(db_dir, "db.sqlite")
         self.store_dir = store_dir
         self.read_only = read_only
+        #: told once per wait for another writer (the CLI: stderr)
+        self.busy_log: Callable[[str], None] = _stderr_warning
         self._big_lock_fd: int | None = None
         if read_only:
-            uri = f"file:{os.path.join(db_dir, 'db.sqlite')}?mode=ro"
+            uri = f"file:{self.db_path}?mode=ro"
             self.conn = self._connect(uri, uri=True)
             return
         if create:
@@ -111,22 +209,30 @@ class StoreDB:
         if version == 0:
             self._initialise()
             return
-        self.conn = self._connect(os.path.join(db_dir, "db.sqlite"))
+        self.conn = with_reserve(db_dir, lambda: self._connect(self.db_path))
         if version < SCHEMA_VERSION:
             self._init_or_migrate(version)
 
-    @staticmethod
-    def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
-        conn = sqlite3.connect(target, isolation_level=None, uri=uri, check_same_thread=False,
-                               timeout=3600.0)
-        conn.execute("pragma busy_timeout = 3600000")
-        conn.execute("pragma foreign_keys = 1")
-        if not uri:
-            conn.execute("pragma synchronous = normal")
-            if conn.execute("pragma main.journal_mode").fetchone()[0] != "wal":
-                conn.execute("pragma main.journal_mode = wal")
-            conn.execute("pragma wal_autocheckpoint = 40000")
-        return conn
+    def _connect(self, target: str, uri: bool = False) -> sqlite3.Connection:
+        conn = None
+        try:
+            conn = sqlite3.connect(target, isolation_level=None, uri=uri, check_same_thread=False,
+                                   timeout=BUSY_PATIENCE, factory=_Connection)
+            conn.db_path = self.db_path
+            conn.execute(f"pragma busy_timeout = {int(BUSY_PATIENCE * 1000)}")
+            conn.execute("pragma foreign_keys = 1")
+            if not uri:
+                conn.execute("pragma synchronous = normal")
+                if conn.execute("pragma main.journal_mode").fetchone()[0] != "wal":
+                    conn.execute("pragma main.journal_mode = wal")
+                conn.execute("pragma wal_autocheckpoint = 40000")
+            return conn
+        except (sqlite3.Error, DatabaseError) as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, DatabaseError):
+                raise
+            raise database_error(e, self.db_path) from None
 
     def _read_schema_version(self) -> int:
         try:
@@ -167,11 +273,10 @@ class StoreDB:
                                           str(SCHEMA_VERSION).encode(), mode=0o644)
                     self.conn = conn
                     return
-                except sqlite3.OperationalError as e:
+                except DatabaseError as e:
                     if conn is not None:
                         conn.close()
-                    if ("locked" not in str(e) and "busy" not in str(e)) \
-                            or time.monotonic() > deadline:
+                    if not _busy(e) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.01 + _jitter() * 0.05)
         finally:
@@ -217,24 +322,38 @@ class StoreDB:
         self._begin_immediate()
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("rollback")
-            raise
-        else:
             self.conn.execute("commit")
+        except BaseException:
+            # (a commit that failed, e.g. on a full disk, leaves the transaction open)
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("rollback")
+                except DatabaseError:
+                    pass  # the first error is the one to report
+            raise
 
     def _begin_immediate(self) -> None:
-        # busy_timeout covers most waits; SQLITE_BUSY can still surface on WAL
-        # recovery, so retry with a short random back-off as Nix does.
-        deadline = time.monotonic() + 3600
-        while True:
-            try:
-                self.conn.execute("begin immediate")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(_jitter() * 0.1)
+        # Each try waits BUSY_STEP_MS in SQLite; SQLITE_BUSY can also surface at
+        # once (WAL recovery), so retry with a short random back-off as Nix does,
+        # and say once that we are waiting.  Reads keep the long timeout.
+        deadline = time.monotonic() + BUSY_PATIENCE
+        told = False
+        self.conn.execute(f"pragma busy_timeout = {BUSY_STEP_MS}")
+        try:
+            while True:
+                try:
+                    self.conn.execute("begin immediate")
+                    return
+                except DatabaseError as e:
+                    if not _busy(e) or time.monotonic() > deadline:
+                        raise
+                    if not told and e.sqlite_errorname != "SQLITE_BUSY_RECOVERY":
+                        told = True
+                        self.busy_log(f"SQLite database '{self.db_path}' is busy: waiting for "
+                                      "another process to finish writing to it...")
+                    time.sleep(_jitter() * 0.1)
+        finally:
+            self.conn.execute(f"pragma busy_timeout = {int(BUSY_PATIENCE * 1000)}")
 
     # --- reads --------------------------------------------------------------
 
@@ -252,6 +371,15 @@ class StoreDB:
             sigs=frozenset(sigs.split()) if sigs else frozenset(),
             ca=ca or None,
         )
+
+    def quick_check(self) -> list[str]:
+        """SQLite's ``quick_check`` of every page, table and index (not the index
+        contents against the tables): [] if the file is sound."""
+        rows = [r[0] for r in self.conn.execute("pragma quick_check")]
+        if rows == ["ok"]:
+            return []
+        # one line each, without SQLite's "*** in database main ***" heading
+        return [" ".join(r.replace("*** in database main ***", "").split()) for r in rows]
 
     def path_id(self, path: str) -> int | None:
         row = self.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()

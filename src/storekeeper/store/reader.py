@@ -21,6 +21,7 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath
 from ..queries import DerivedQueries
 from .db import StoreDB
+from .reserve import ensure_reserve
 from .settings import StoreSettings
 from .temproots import TempRoots
 
@@ -56,6 +57,8 @@ class StoreReader(DerivedQueries):
         elif not os.path.isdir(os.path.join(layout.db_dir)):
             raise StoreError(f"no store at '{layout.real_store_dir}' (state dir '{layout.state_dir}')")
         self.db = StoreDB(layout.db_dir, self.store_dir, create=create, read_only=self.read_only)
+        if not self.read_only:
+            ensure_reserve(layout.db_dir, self.settings.gc_reserved_space)
         self.temp_roots = self.temp_roots_class(self.state_dir)
 
     # --- set-up -------------------------------------------------------------

@@ -91,14 +91,16 @@ class StoreSettings(Frozen):
     (:class:`~storekeeper.formats.frozen.Frozen`); ``unknown`` takes no part in equality."""
 
     __slots__ = ("keep_outputs", "keep_derivations", "min_free", "max_free",
-                 "min_free_check_interval", "auto_optimise_store", "indirect_root_grace",
-                 "runtime_roots", "runtime_root_lease", "max_root_registrations", "unknown")
+                 "min_free_check_interval", "gc_reserved_space", "fsync_store_paths",
+                 "auto_optimise_store", "indirect_root_grace", "runtime_roots", "runtime_root_lease", "max_root_registrations", "unknown")
     _fields = __slots__
     keep_outputs: bool
     keep_derivations: bool
     min_free: int                # 0: auto-GC off
     max_free: int
     min_free_check_interval: int
+    gc_reserved_space: int
+    fsync_store_paths: bool
     auto_optimise_store: bool
     indirect_root_grace: int
     runtime_roots: str

@@ -16,6 +16,8 @@ Invariants:
   acknowledgement, as Nix 2.8 does, loses the root when that GC ends and the
   next one reads the files in between.)
 * After a ``fork`` the child owns nothing: it makes its own file on first use.
+* On a full disk the first write frees the reserve (:mod:`.reserve`) and is
+  tried again: a GC's pins must not fail before it can free anything.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 
 from ..errors import StoreError
 from .locks import lock_fd, open_lock_file, unlock_fd
+from .reserve import with_reserve
 
 
 class TempRoots:
@@ -32,8 +35,9 @@ class TempRoots:
     the local store; this base, for a store opened for queries only (which never pins),
     leaves out the socket module (cold start, bench/startup.py)."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, db_dir: str | None = None) -> None:
         self.state_dir = state_dir
+        self.db_dir = db_dir or os.path.join(state_dir, "db")
         self._pid = -1
         self._fd: int | None = None
         self._gc_lock_fd: int | None = None
@@ -76,12 +80,16 @@ class TempRoots:
 
     def add(self, path: str) -> None:
         """Make ``path`` (a printed store path) a root of this process until it exits."""
-        fd = self._ensure_file()
+        fd = with_reserve(self.db_dir, self._ensure_file)
         if path in self._added:
             return
         if self._gc_lock_fd is None:
             self._gc_lock_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
-        os.write(fd, path.encode() + b"\0")
+        record = path.encode() + b"\0"
+        try:
+            with_reserve(self.db_dir, lambda: _write_all(fd, record))
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.file_path) from None
         while True:
             if lock_fd(self._gc_lock_fd, exclusive=False, wait=False):
                 unlock_fd(self._gc_lock_fd)
@@ -117,3 +125,15 @@ class TempRoots:
             os.close(self._fd)
             self._fd = None
         self._added = set()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # a short append (a full disk mid-write) would leave a torn record: cut it off again
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError:
+        os.ftruncate(fd, start)
+        raise

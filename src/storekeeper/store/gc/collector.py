@@ -25,6 +25,8 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
    never leaves a valid path with missing files.
 5. Read-only actions (``live``, ``dead``) change nothing on disk: unlike Nix
    2.8 they do not delete stray entries or stale links.
+6. A deleting GC frees the reserve (:mod:`..reserve`) before its first write,
+   so it works on a full disk, and makes it again when it is done.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from ... import fs
 from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ...errors import PathInUse, StoreError
 from ...formats.storepath import StorePath, StorePathError
+from ...fs.crash import crash_point
 from ..locks import PathLocks, lock_fd, open_lock_file
 from ..optimise import remove_unused_links
+from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
 from .graph import Graph
 
@@ -76,7 +80,11 @@ class GarbageCollector:
         except FileNotFoundError:
             pass
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        srv.bind(path)
+        try:
+            srv.bind(path)
+        except OSError as e:
+            srv.close()
+            raise OSError(e.errno, e.strerror, path) from None
         os.chmod(path, 0o666)
         srv.listen(64)
         srv.settimeout(0.2)
@@ -155,7 +163,10 @@ class GarbageCollector:
         if opts.action == DELETE_SPECIFIC and opts.ignore_liveness:
             keep_outputs = keep_derivations = False
         result = GCResult()
-        gc_fd = open_lock_file(os.path.join(store.state_dir, "gc.lock"))
+        db_dir = store.layout.db_dir
+        if deleting:
+            release_reserve(db_dir)  # (6.) first, so that every write below has room
+        gc_fd = with_reserve(db_dir, lambda: open_lock_file(os.path.join(store.state_dir, "gc.lock")))
         try:
             if not lock_fd(gc_fd, exclusive=True, wait=False):
                 if not opts.wait_for_lock:
@@ -220,6 +231,8 @@ class GarbageCollector:
         finally:
             self._stop_server()
             os.close(gc_fd)
+            if deleting:
+                ensure_reserve(db_dir, store.settings.gc_reserved_space)
 
     def _note(self, result: GCResult, message: str) -> None:
         """A message Nix prints at this point: logged now, and kept in ``result.messages``."""
@@ -381,6 +394,7 @@ class GarbageCollector:
                 for k in range(0, len(go), 900):
                     part = go[k:k + 900]
                     conn.execute(sql.format(",".join("?" * len(part))), part)
+        crash_point("gc.invalidated")
         # Unlinking is syscall-bound and releases the GIL: a few threads keep
         # the file system busier than one (the rows are already gone).  One
         # task per slice of the batch, not per path: futures cost more than
@@ -394,6 +408,8 @@ class GarbageCollector:
     def _finish_batch(self, graph: Graph, b: "_Batch", result: GCResult) -> None:
         try:
             freed = [n for f in b.futures for n in f.result()]
+            if b.ids:
+                crash_point("gc.unlinked")
             for i, n in zip(b.ids, freed):
                 p = graph.path_of[i]
                 self.log(f"deleting '{p}'")

@@ -22,7 +22,8 @@ Invariants:
   junk that the GC removes.
 * **Metadata stays canonical.**  A parent dir is made writable only when a
   ``rename`` is refused, and is put back to mode 0555 and mtime 1 after its
-  files are done; file modes and mtimes are untouched (the pool inode carries
+  files are done (a run killed in between is finished from its journal by the
+  next optimise or verify: :mod:`.journal`); file modes and mtimes are untouched (the pool inode carries
   the same canonical metadata, and the executable bit is part of the hash).
 * **Pin, then check**: every path is pinned (temp root) and found valid before
   it is touched.  Paths added with ``auto-optimise-store`` are optimised under
@@ -60,11 +61,12 @@ Lock protocol between optimisers and the GC's removal of unused pool entries
 
 from .driver import optimise_path, optimise_store
 from .hashing import LINKS_DIR, TMP_LINK_PREFIX, file_nar_hash, nix32_sha256
+from .journal import recover as recover_interrupted
 from .pool import OptimiseStats, PoolLock, PoolStats, open_pool, pool_stats, remove_unused_links
 from .records import DONE_NAME
 
 __all__ = [
     "DONE_NAME", "LINKS_DIR", "OptimiseStats", "PoolLock", "PoolStats", "TMP_LINK_PREFIX",
     "file_nar_hash", "nix32_sha256", "open_pool", "optimise_path", "optimise_store", "pool_stats",
-    "remove_unused_links",
+    "recover_interrupted", "remove_unused_links",
 ]

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     pass
 
 from .hashing import _MAX_WARNINGS, _O_DIR, LINKS_DIR
+from .journal import recover
 from .pool import OptimiseStats
 from .records import _NO_CTIME, _links_id, _load_done, _record, _Records, _save_run
 from .run import _check_writable, _preload, _Reaper, _Run
@@ -65,6 +66,7 @@ def _optimise(store, dry_run: bool, trust_link_count: bool, progress, log, threa
               processes: int | None) -> OptimiseStats:
     if not dry_run:
         _check_writable(store)
+        recover(store.real_store_dir, store.state_dir)  # what a killed run left half-done
     links = os.path.join(store.real_store_dir, LINKS_DIR)
     links_id, records = _load_done(store.state_dir)
     # .links unchanged since the records were written: their inodes are all

@@ -21,6 +21,7 @@ from .hashing import (
     LINKS_DIR,
     TMP_LINK_PREFIX,
 )
+from .journal import Journal
 from .pool import open_pool
 
 # --- the optimiser --------------------------------------------------------------------
@@ -107,6 +108,7 @@ class _Run:
         self.replaced: dict[int, list[int]] = {}
         self.vremoved: set[str] = set()  # corrupt entries a real run would have removed
         self.store_fd = os.open(self.real, _O_DIR)
+        self.journal = Journal(store.state_dir)
         self._links_fd: int | None = None
         # fds on .links dirs replaced during the run: closed only at the end,
         # since another thread may still be using one (a reused fd number
@@ -167,6 +169,7 @@ class _Run:
             self.reaper.join()
             self.reaper = None
         os.close(self.store_fd)
+        self.journal.close()
         for fd in self._old_fds:
             os.close(fd)
         self._old_fds = []

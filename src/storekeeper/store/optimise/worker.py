@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ... import fs
 from ...formats.nar import symlink_node
 from ...fs import clear_immutable
+from ...fs.crash import crash_point
 
 if TYPE_CHECKING:
     pass
@@ -32,6 +33,7 @@ from .hashing import (
     file_nar_hash,
     nix32_sha256,
 )
+from .journal import Journal
 from .pool import OptimiseStats, PoolLock, _unlink_clearing
 from .records import _NO_CTIME
 
@@ -213,7 +215,7 @@ class _Worker:
                     os.close(fd)
         if pending:
             self._resolve(hashed)
-        dir_state = _DirState(dfd, is_store_dir)
+        dir_state = _DirState(dfd, is_store_dir, run.journal)
         link = self._dry_link if run.dry else self._link
         found = self._inodes
         try:
@@ -365,6 +367,7 @@ class _Worker:
             if tst.st_ino != pst.st_ino:
                 run.pool_disturbed = True
                 return _RETRY  # the entry was replaced since we compared it
+            crash_point("optimise.linked")
             # An O_PATH fd on the file being replaced: its identity now, and
             # after the rename whether its last link went (st_nlink 0).
             ffd = os.open(name, _O_PATH, dir_fd=dfd)
@@ -389,6 +392,7 @@ class _Worker:
                 except FileNotFoundError:
                     renamed = True
                 stats.files_linked += 1
+                crash_point("optimise.renamed")
                 run.inodes.add(pst.st_ino)
                 if os.fstat(ffd).st_nlink == 0:
                     freed = True
@@ -443,14 +447,17 @@ class _DirState:
     """A directory whose entries are being replaced: made writable only if a rename
     is refused, and put back to canonical mode and mtime afterwards."""
 
-    def __init__(self, dfd: int, is_store_dir: bool) -> None:
+    def __init__(self, dfd: int, is_store_dir: bool, journal: Journal) -> None:
         self.dfd = dfd
         self.is_store_dir = is_store_dir  # the store dir's own metadata is not ours to touch
+        self.journal = journal
         self.touched = False
         self.chmodded = False
 
     def rename(self, tmp: str, sfd: int, name: str) -> bool:
         """rename; False if the temp link vanished (swept by a GC)."""
+        if not self.touched and not self.is_store_dir:
+            self.journal.note(self.dfd)  # (a kill before restore() is undone from here)
         for attempt in range(3):
             try:
                 os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=self.dfd)

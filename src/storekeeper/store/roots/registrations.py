@@ -48,6 +48,7 @@ from ...formats.gcroots import indirect_root_name
 from ...formats.storepath import StorePathError
 from ...fs.atomic import write_file_atomic
 from ..locks import lock_fd, open_shared_lock
+from ..reserve import with_reserve
 from .indirect import IndirectRootMemory, link_owner
 
 MAX_REGISTRATIONS = 65536
@@ -192,7 +193,9 @@ class UserRoots:
             if after != before:
                 path = os.path.join(d, str(uid))
                 if data:
-                    write_file_atomic(path, after.encode(), mode=0o600)
+                    # (a full disk: the reserve lets the GC's client record its roots)
+                    with_reserve(os.path.join(self.state_dir, "db"),
+                                 lambda: write_file_atomic(path, after.encode(), mode=0o600))
                 else:
                     try:
                         os.unlink(path)

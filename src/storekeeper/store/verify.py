@@ -1,0 +1,131 @@
+"""``verify``: the checks of ``nix-store --verify [--check-contents] [--repair]``, and more.
+
+Beyond Nix 2.8: SQLite's ``quick_check`` of the whole database file (a damaged
+page that no query reads is found too), the metadata of every file checked for
+canonical form with ``--check-contents``, and an optimise killed half-way
+finished first (:mod:`.optimise.journal`).  Unlike Nix 2.8, a vanished path is
+only invalidated with ``repair``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import TYPE_CHECKING, Callable
+
+from .. import fs
+from ..api import VerifyReport
+from ..errors import StoreError
+from ..formats.errors import FormatError
+from ..formats.storepath import StorePath
+from ..fs.narfs import nar_hash_path
+from .canonicalise import canonicalise_paths
+from .locks import lock_fd, open_lock_file
+from .optimise import open_pool, recover_interrupted
+
+if TYPE_CHECKING:
+    from .local import LocalStore
+
+
+def verify_store(store: LocalStore, check_contents: bool = False, repair: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """``nix-store --verify``: every valid path exists, (optionally) with its recorded content.
+
+    Unlike Nix 2.8, a vanished path is only invalidated with ``repair``.
+    """
+    report = VerifyReport()
+    # gc.lock SH, as Nix does: no GC deletes anything while we look
+    gc_fd = open_lock_file(os.path.join(store.state_dir, "gc.lock"))
+    try:
+        lock_fd(gc_fd, exclusive=False)
+        if not store.read_only:
+            # an optimise killed half-way: finish it first (not a fault of the paths)
+            recover_interrupted(store.real_store_dir, store.state_dir)
+        # the pages no query below would read (an index, a free page) too
+        for problem in store.db.quick_check()[:20]:
+            report.errors.append(f"database '{store.db.db_path}' is damaged: {problem}")
+        paths = sorted(store.query_all_valid_paths())
+        for n, sp in enumerate(paths):
+            if progress:
+                progress(n, len(paths))
+            report.checked += 1
+            _verify_one(store, sp, check_contents, repair, report)
+        if check_contents:
+            _verify_links(store, repair, report)
+    finally:
+        os.close(gc_fd)
+    return report
+
+def _verify_one(store: LocalStore, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
+    path = store.print_path(sp)
+    real = store.real_path(sp)
+    if not os.path.lexists(real):
+        referrers = [r for r in store.db.referrers(path) if r != path]
+        if referrers:
+            report.errors.append(f"path '{path}' disappeared, but it still has valid referrers!")
+        elif repair:
+            store.invalidate(sp)
+            report.repaired.append(f"path '{path}' disappeared, removed from the database")
+        else:
+            report.errors.append(f"path '{path}' disappeared (--repair removes it from the database)")
+        return
+    if not check_contents:
+        return
+    info = store.path_info(sp)
+    try:
+        h, size = nar_hash_path(real, info.nar_hash.algo)
+    except (OSError, StoreError, FormatError) as e:
+        report.errors.append(f"path '{path}' cannot be read: {e}")
+        return
+    if h != info.nar_hash:
+        report.errors.append(f"path '{path}' was modified! expected hash "
+                             f"'{info.nar_hash.typed('nix32')}', got '{h.typed('nix32')}'")
+        return
+    if info.nar_size != size:
+        if repair or info.nar_size == 0:
+            with store.db.transaction():
+                store.db.set_nar_size(path, size)
+            report.repaired.append(f"path '{path}': narSize set to {size}")
+        else:
+            report.errors.append(f"path '{path}' has narSize {info.nar_size}, but its NAR is {size} bytes")
+    problem = _first_uncanonical(real)
+    if problem:
+        if repair:
+            canonicalise_paths([real])
+            report.repaired.append(f"path '{path}': metadata of '{problem}' made canonical")
+        else:
+            report.errors.append(f"path '{path}': '{problem}' has non-canonical metadata")
+
+def _verify_links(store: LocalStore, repair: bool, report: VerifyReport) -> None:
+    links = os.path.join(store.real_store_dir, ".links")
+    try:
+        lfd = open_pool(None, links)
+    except FileNotFoundError:
+        return
+    try:
+        for name in [e.name for e in fs.entries(lfd)]:
+            p = os.path.join(links, name)
+            try:
+                h, _ = nar_hash_path(fs.proc_fd(lfd) + "/" + name)
+            except (OSError, FormatError):
+                continue
+            if h.nix32 != name:
+                if repair:
+                    os.unlink(name, dir_fd=lfd)
+                    report.repaired.append(f"link '{p}' was corrupt and was removed")
+                else:
+                    report.errors.append(f"link '{p}' was modified! expected hash '{name}', got '{h.nix32}'")
+    finally:
+        os.close(lfd)
+
+
+def _first_uncanonical(real: str) -> str | None:
+    """The first file under ``real`` whose metadata is not canonical, if any."""
+    for ev, node in fs.walk(real):
+        if ev == fs.LEAVE:
+            continue
+        st = node.lstat()
+        perm = stat.S_IMODE(st.st_mode)
+        if int(st.st_mtime) != 1 or (node.kind != fs.LNK and perm not in (0o444, 0o555)):
+            return node.show(real)
+    return None
