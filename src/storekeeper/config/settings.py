@@ -189,6 +189,12 @@ _TABLE = [
     _s("runtime-root-lease", parse_size, "3600", [STORE]),
     _s("max-root-registrations", parse_int, "4096", [STORE],
        doc="root names one user may register with the daemon (0: no limit)"),
+    # --- binary caches and signatures (spec binary-cache.md §5) ---
+    _s("trusted-public-keys", parse_list,
+       "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=", [STORE],
+       ["binary-cache-public-keys"]),
+    _s("secret-key-files", parse_list, "", [STORE],
+       doc="sign paths with these keys (`storekeeper sign`); their public halves are trusted"),
     # --- builds ---
     # (the views keep None for "not set": Nix's default, decided when used)
     _s("build-users-group", parse_str, lambda: "nixbld" if os.geteuid() == 0 else "", [BUILD, DAEMON]),

@@ -90,6 +90,8 @@ class StoreSettings:
     runtime_roots: str = field(default_factory=_d("runtime-roots"))
     runtime_root_lease: int = field(default_factory=_d("runtime-root-lease"))
     max_root_registrations: int = field(default_factory=_d("max-root-registrations"))
+    trusted_public_keys: tuple[str, ...] = field(default_factory=_d("trusted-public-keys"))
+    secret_key_files: tuple[str, ...] = field(default_factory=_d("secret-key-files"))
     unknown: tuple[str, ...] = field(default=(), compare=False)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "StoreSettings":

@@ -1,0 +1,303 @@
+"""Where a binary cache's keys live: a directory, an HTTP prefix, an S3 bucket.
+
+A backend is a flat key space (``nix-cache-info``, ``<hash>.narinfo``,
+``nar/<file>``, ``<hash>.ls``, ``log/<drv>``) with five operations.  Every write
+is atomic: a reader sees the old object or the new one, never part of one.
+
+* ``file://DIR``: temp file in the key's directory, fsync, ``rename`` (``put``)
+  or ``link`` (``create``: fails if the key exists).
+* ``http(s)://``: one keep-alive connection per thread; GET/HEAD/PUT; 404, 410,
+  401, 403 and 407 are "absent" (spec §7.1); 5xx, 408, 429 and connection
+  failures are retried (``download-attempts``, 5) with Nix's back-off.
+  ``create`` is a PUT with ``If-None-Match: *`` (a server that ignores it
+  overwrites, as Nix always does).
+* ``s3://`` is in :mod:`storekeeper.cache.s3`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import shutil
+import threading
+import time
+from abc import ABC, abstractmethod
+from typing import Any, BinaryIO, Iterator
+
+from ..errors import StoreError
+from ..formats.streams import Readable
+from ..fs.atomic import fsync_dir, temp_name
+
+#: Content-Type of each kind of key when uploading (spec §7.1)
+CONTENT_TYPES = {".narinfo": "text/x-nix-narinfo", ".ls": "application/json",
+                 "nix-cache-info": "text/x-nix-cache-info"}
+
+
+def content_type(key: str) -> str:
+    if key.startswith("nar/"):
+        return "application/x-nix-nar"
+    if key.startswith("log/"):
+        return "text/plain; charset=utf-8"
+    for suffix, ct in CONTENT_TYPES.items():
+        if key.endswith(suffix):
+            return ct
+    return "application/octet-stream"
+
+
+class CacheError(StoreError):
+    """A binary cache could not be read or written (the message names the cache)."""
+
+
+class Backend(ABC):
+    """A flat key space; see the module docstring."""
+
+    url: str
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when absent."""
+
+    @abstractmethod
+    def open(self, key: str) -> Readable | None:
+        """A stream of the object (closed by :meth:`close_stream`), or None when absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | BinaryIO) -> None:
+        """Write (or overwrite) ``key`` atomically; ``data`` may be a file opened for reading."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` unless it exists: True if written, False if it was there."""
+
+    def close_stream(self, stream: Any) -> None:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+    def close(self) -> None:  # noqa: B027 -- most backends hold nothing to close
+        return None
+
+
+# --- file:// -------------------------------------------------------------------------
+
+class FileBackend(Backend):
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") or "/"
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise CacheError(f"key '{key}' escapes the cache '{self.url}'")
+        return os.path.join(self.root, key)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def open(self, key: str) -> Readable | None:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def _temp(self, key: str, data: bytes | BinaryIO) -> str:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = temp_name(directory, "." + os.path.basename(path) + ".tmp-")
+        try:
+            with open(tmp, "xb") as f:
+                if isinstance(data, bytes):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, 1 << 20)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return tmp
+
+    def put(self, key: str, data: bytes | BinaryIO) -> None:
+        tmp = self._temp(key, data)
+        try:
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            _unlink(tmp)
+            raise
+        fsync_dir(os.path.dirname(self._path(key)))
+
+    def create(self, key: str, data: bytes) -> bool:
+        tmp = self._temp(key, data)
+        try:
+            os.link(tmp, self._path(key))
+        except FileExistsError:
+            return False
+        finally:
+            _unlink(tmp)
+        fsync_dir(os.path.dirname(self._path(key)))
+        return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- http(s):// ----------------------------------------------------------------------
+
+ABSENT = frozenset({404, 410, 401, 403, 407})
+#: not worth a retry (spec §7.1): other 4xx except 408/429, and 501, 505, 511
+_FINAL = frozenset({501, 505, 511})
+
+
+def _retryable(status: int) -> bool:
+    if status in (408, 429):
+        return True
+    if 400 <= status < 500 or status in _FINAL:
+        return False
+    return status >= 500
+
+
+class HttpBackend(Backend):
+    """An HTTP(S) binary cache; thread-safe (one keep-alive connection per thread)."""
+
+    def __init__(self, url: str, attempts: int = 5, timeout: float = 300.0,
+                 base_delay: float = 0.25) -> None:
+        self.url = url.rstrip("/")
+        scheme, _, rest = self.url.partition("://")
+        host, slash, prefix = rest.partition("/")
+        self._https = scheme == "https"
+        self._host = host
+        self._prefix = "/" + prefix if slash and prefix else ""
+        self._attempts = max(1, attempts)
+        self._timeout = timeout
+        self._delay = base_delay
+        self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, timeout=self._timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _request(self, method: str, key: str, body: bytes | BinaryIO | None = None,
+                 headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+        """The response (body unread when it is a success of GET); raises CacheError
+        for a final failure after the retries."""
+        path = f"{self._prefix}/{key}"
+        last = ""
+        for attempt in range(self._attempts):
+            if attempt:
+                time.sleep(self._delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)))
+                if body is not None and not isinstance(body, bytes):
+                    body.seek(0)
+            conn = self._conn()
+            try:
+                conn.request(method, path, body=body, headers={"User-Agent": "storekeeper",
+                                                               **(headers or {})})
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                self._drop()
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if _retryable(resp.status):
+                resp.read()
+                last = f"HTTP {resp.status} {resp.reason}"
+                continue
+            return resp
+        raise CacheError(f"unable to {method} '{self.url}/{key}': {last}")
+
+    def get(self, key: str) -> bytes | None:
+        resp = self._request("GET", key)
+        data = resp.read()
+        if resp.status in ABSENT:
+            return None
+        if resp.status != 200:
+            raise CacheError(f"unable to download '{self.url}/{key}': HTTP {resp.status} {resp.reason}")
+        return data
+
+    def open(self, key: str) -> Readable | None:
+        # a NAR is read on a connection of its own, so narinfo look-ups on this
+        # thread's keep-alive connection are not blocked behind it
+        resp = self._request("GET", key)
+        if resp.status in ABSENT:
+            resp.read()
+            return None
+        if resp.status != 200:
+            resp.read()
+            raise CacheError(f"unable to download '{self.url}/{key}': HTTP {resp.status} {resp.reason}")
+        self._local.conn = None  # the response owns this connection until it is read
+        return resp
+
+    def exists(self, key: str) -> bool:
+        resp = self._request("HEAD", key)
+        resp.read()
+        if resp.status in ABSENT:
+            return False
+        if resp.status // 100 != 2:
+            raise CacheError(f"unable to query '{self.url}/{key}': HTTP {resp.status} {resp.reason}")
+        return True
+
+    def _put(self, key: str, data: bytes | BinaryIO, extra: dict[str, str]) -> int:
+        headers = {"Content-Type": content_type(key), **extra}
+        if not isinstance(data, bytes):
+            data.seek(0, os.SEEK_END)
+            headers["Content-Length"] = str(data.tell())
+            data.seek(0)
+        resp = self._request("PUT", key, data, headers)
+        resp.read()
+        return resp.status
+
+    def put(self, key: str, data: bytes | BinaryIO) -> None:
+        status = self._put(key, data, {})
+        if status // 100 != 2:
+            raise CacheError(f"unable to upload '{self.url}/{key}': HTTP {status}")
+
+    def create(self, key: str, data: bytes) -> bool:
+        status = self._put(key, data, {"If-None-Match": "*"})
+        if status == 412:
+            return False
+        if status // 100 != 2:
+            raise CacheError(f"unable to upload '{self.url}/{key}': HTTP {status}")
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._conns:
+                c.close()
+            self._conns.clear()
+
+
+def iter_chunks(stream: Readable, size: int = 1 << 16) -> Iterator[bytes]:
+    while True:
+        chunk = stream.read(size)
+        if not chunk:
+            return
+        yield chunk
+
