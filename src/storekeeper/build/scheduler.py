@@ -40,6 +40,7 @@ from .process import Run
 from .results import BuildError, BuildMode, BuildResult, BuildStatus, Failure
 from .rewrite import input_rewrites, rewrite_str, scratch_path
 from .settings import BuildSettings, build_refusal
+from .substitute import Substituters
 from .users import BuildUser, BuildUserError, UserPool
 
 
@@ -50,7 +51,8 @@ class Builder:
 
     def __init__(self, store, settings: BuildSettings | None = None,
                  logger: BuildLogger | None = None,
-                 interrupted: Callable[[], bool] | None = None) -> None:
+                 interrupted: Callable[[], bool] | None = None,
+                 substituters: Substituters | None = None) -> None:
         """``interrupted()`` is asked about once a second: True (the client hung up,
         the daemon is stopping) kills the builds and fails the request."""
         self.interrupted = interrupted or (lambda: False)
@@ -58,7 +60,7 @@ class Builder:
         self.sd = store.store_dir
         self.settings = settings or BuildSettings()
         self.logger = GuardedLogger(logger or NullLogger())
-        self.goals = GoalGraph(store)
+        self.goals = GoalGraph(store, substituters)
         self._running: list[Run] = []
         self._cancelled = False
         self._expected = self._done = self._failed = 0
@@ -185,7 +187,8 @@ class Builder:
                         f"{len(failed)} dependencies of derivation '{self.sd.print(g.drv_path)}' "
                         "failed to build"))
                 elif not g.need_build:
-                    self._finish(g, self.goals.valid_result(g, BuildStatus.ALREADY_VALID))
+                    status = BuildStatus.SUBSTITUTED if g.substituted else BuildStatus.ALREADY_VALID
+                    self._finish(g, self.goals.valid_result(g, status))
                 else:
                     g.ready = True
                 changed = True

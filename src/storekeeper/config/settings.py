@@ -317,7 +317,7 @@ def client_may_set(name: str, value: str, trusted: bool, current: Callable[[str]
         allowed = set(current("trusted-substituters")) | set(current("substituters"))
         kept = []
         for sub in value.split():
-            if sub in allowed:
+            if sub in allowed or sub + "/" in allowed:  # by string, as Nix (spec §9.1)
                 kept.append(sub)
             else:
                 warn(f"ignoring untrusted substituter '{sub}'")

@@ -30,9 +30,10 @@ from ...build import (
     BuildMode,
     BuildResult,
     BuildSettings,
-    query_missing,
+    what_is_missing,
 )
 from ...build.logger import format_error
+from ...errors import StoreError
 from ...build.settings import build_refusal
 from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ...formats.errors import FormatError
@@ -49,6 +50,7 @@ from ..errors import OpError
 from ..registry import U32, op
 from ..session import Session
 from .options import build_base
+from .substitute import substituters
 
 
 def build_settings(s: Session) -> BuildSettings:
@@ -83,7 +85,7 @@ def _interrupted(s: Session):
 
 
 def _builder(s: Session, settings: BuildSettings | None = None) -> Builder:
-    return Builder(s.store, settings or build_settings(s), s, _interrupted(s))
+    return Builder(s.store, settings or build_settings(s), s, _interrupted(s), substituters(s))
 
 
 def _read_targets(s: Session) -> tuple[list[str], list[DerivedPath], BuildMode]:
@@ -216,11 +218,17 @@ def query_missing_op(s: Session) -> None:
                for t in s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)]
     s.start_work()
     act = s.start_activity(Verbosity.DEBUG, ActivityType.UNKNOWN, "querying info about missing paths")
-    will_build, unknown = query_missing(s.store, targets)
+    subs = substituters(s)
+    try:
+        m = what_is_missing(s.store, targets, subs)
+    except StoreError as e:
+        raise OpError(str(e)) from None
+    finally:
+        subs.close()
     s.stop_activity(act)
     s.stop_work()
-    s.w.store_paths(s.sd, will_build).store_paths(s.sd, ()).store_paths(s.sd, unknown)
-    s.w.u64(0).u64(0)  # downloadSize, narSize: nothing is substituted
+    s.w.store_paths(s.sd, m.will_build).store_paths(s.sd, m.will_substitute)
+    s.w.store_paths(s.sd, m.unknown).u64(m.download_size).u64(m.nar_size)
 
 
 __all__ = ["build_settings"]

@@ -1,0 +1,251 @@
+"""Substitution: realising store paths by downloading them from binary caches
+(spec binary-cache.md §9) instead of building them.
+
+:class:`Substituters` is the list of caches one request may use (``substituters``
+in priority order, stable sort, each URL opened once; one that cannot be opened
+or is for another store dir is warned about and skipped), with the checks that
+decide whether a cache's copy may be used: a signature by a key in
+``trusted-public-keys`` unless the path is content-addressed, ``require-sigs`` is
+off, or the cache is ``?trusted=1``.
+
+Invariant, **pin, then import, references first**: a path is pinned (temp root)
+before its validity is checked and before it is registered, and it is registered
+only after every one of its references is valid; so a concurrent GC never sees a
+substituted path without its closure, nor deletes a path a client was just given.
+
+Falling through: a narinfo that is absent, a NAR that is gone (404: Nix's
+``SubstituteGone``), a corrupt NAR, a bad signature: the next cache is tried.  A
+cache whose narinfo look-up fails for another reason (unreachable, malformed)
+stops the substitution unless ``fallback`` is on, as Nix 2.8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+from ..cache import BinaryCache, NarMissing, open_cache
+from ..config import settings as settings_table
+from ..errors import StoreError
+from ..formats.errors import FormatError
+from ..formats.narinfo import NarInfo
+from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys
+from ..formats.storepath import StorePath
+from ..formats.wire import ActivityType, Verbosity
+from ..store.settings import apply_settings
+from .logger import BuildLogger, NullLogger
+
+_d = settings_table.default_of
+
+
+@dataclass(frozen=True)
+class SubstituteSettings:
+    """What substitution obeys (nix.conf names with '-' for '_'; defaults, parsing and
+    client rules in :mod:`storekeeper.config.settings`)."""
+
+    substituters: tuple[str, ...] = field(default_factory=_d("substituters"))
+    trusted_public_keys: tuple[str, ...] = field(default_factory=_d("trusted-public-keys"))
+    secret_key_files: tuple[str, ...] = field(default_factory=_d("secret-key-files"))
+    require_sigs: bool = field(default_factory=_d("require-sigs"))
+    #: SetOptions' ``useSubstitutes`` (nix.conf ``substitute``)
+    use_substitutes: bool = True
+    #: SetOptions' ``tryFallback`` (nix.conf ``fallback``)
+    fallback: bool = False
+
+    def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "SubstituteSettings":
+        pairs = list(pairs)
+        view = apply_settings(self, settings_table.DAEMON, pairs)
+        return apply_settings(view, settings_table.STORE, pairs)
+
+    def public_keys(self) -> dict[str, PublicKey]:
+        """``trusted-public-keys`` plus the public halves of the readable
+        ``secret-key-files`` (first key of a name wins, spec §5.3)."""
+        keys = parse_public_keys(self.trusted_public_keys)
+        for path in self.secret_key_files:
+            try:
+                with open(path) as f:
+                    pk = SecretKey.parse(f.read()).public()
+            except (OSError, FormatError):
+                continue  # unreadable key files are skipped, as by Nix
+            keys.setdefault(pk.name, pk)
+        return keys
+
+
+class Substituters:
+    """The caches one request substitutes from (module docstring)."""
+
+    def __init__(self, store, settings: SubstituteSettings,
+                 logger: BuildLogger | None = None,
+                 opener: Callable[[str], BinaryCache] = open_cache) -> None:
+        self.store = store
+        self.sd = store.store_dir
+        self.settings = settings
+        self.logger = logger or NullLogger()
+        self._opener = opener
+        self._caches: list[BinaryCache] | None = None
+        self._keys: Mapping[str, PublicKey] | None = None
+        #: path -> True (valid now) / False (no cache could give it), this request
+        self._done: dict[StorePath, bool] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.use_substitutes and bool(self.caches())
+
+    def caches(self) -> list[BinaryCache]:
+        if self._caches is None:
+            opened: list[BinaryCache] = []
+            seen: set[str] = set()
+            if self.settings.use_substitutes:
+                for url in self.settings.substituters:
+                    if url in seen:
+                        continue
+                    seen.add(url)
+                    try:
+                        cache = self._opener(url)
+                        cache.check_store_dir(self.sd)
+                    except (StoreError, FormatError, OSError) as e:
+                        self.logger.log(Verbosity.WARN,
+                                        f"warning: substituter '{url}' is not used: {e}")
+                        continue
+                    opened.append(cache)
+            opened.sort(key=lambda c: c.priority)  # stable: ties keep the configured order
+            self._caches = opened
+        return self._caches
+
+    def keys(self) -> Mapping[str, PublicKey]:
+        if self._keys is None:
+            self._keys = self.settings.public_keys()
+        return self._keys
+
+    def close(self) -> None:
+        for cache in self._caches or ():
+            cache.close()
+
+    # --- look-ups (no download, no signature check) --------------------------------
+
+    def _lookup(self, cache: BinaryCache, path: StorePath) -> NarInfo | None:
+        act = self.logger.start_activity(
+            Verbosity.TALKATIVE, ActivityType.QUERY_PATH_INFO,
+            f"querying info about '{self.sd.print(path)}' on '{cache.url}'",
+            [self.sd.print(path), cache.url])
+        try:
+            return cache.narinfo(self.sd, path)
+        except (StoreError, FormatError, OSError) as e:
+            if not self.settings.fallback:
+                raise StoreError(str(e)) from None
+            self.logger.log(Verbosity.WARN, f"warning: {e}; trying the next substituter")
+            return None
+        finally:
+            self.logger.stop_activity(act)
+
+    def query(self, path: StorePath) -> tuple[BinaryCache, NarInfo] | None:
+        """The first cache (priority order) with a narinfo for ``path``."""
+        for cache in self.caches():
+            ni = self._lookup(cache, path)
+            if ni is not None:
+                return cache, ni
+        return None
+
+    def query_many(self, paths: Iterable[StorePath]) -> dict[StorePath, NarInfo]:
+        """First hit per path, every cache in priority order (QuerySubstitutablePathInfos)."""
+        found: dict[StorePath, NarInfo] = {}
+        left = sorted(set(paths))
+        for cache in self.caches():
+            if not left:
+                break
+            try:
+                got = cache.narinfos(self.sd, left)
+            except (StoreError, FormatError, OSError) as e:
+                if not self.settings.fallback:
+                    raise StoreError(str(e)) from None
+                continue
+            found.update(got)
+            left = [p for p in left if p not in got]
+        return found
+
+    def mass_query(self, paths: Iterable[StorePath]) -> set[StorePath]:
+        """The paths some cache with ``WantMassQuery`` has (QuerySubstitutablePaths)."""
+        left = set(paths)
+        have: set[StorePath] = set()
+        for cache in self.caches():
+            if not left or not cache.want_mass_query:
+                continue
+            try:
+                got = cache.has(sorted(left))
+            except (StoreError, OSError):
+                continue
+            have |= got
+            left -= got
+        return have
+
+    # --- substitution ----------------------------------------------------------------
+
+    def realise(self, path: StorePath) -> bool:
+        """Make ``path`` valid from a cache (references first); False if none could.
+        Errors of a cache are logged and the next one tried (module docstring)."""
+        done = self._done.get(path)
+        if done is not None:
+            return done
+        self._done[path] = False  # a reference cycle through ``path`` ends here
+        ok = self._realise(path)
+        self._done[path] = ok
+        return ok
+
+    def _realise(self, path: StorePath) -> bool:
+        store, sd = self.store, self.sd
+        if store.pin_valid(path):
+            return True
+        printed = sd.print(path)
+        for cache in self.caches():
+            ni = self._lookup(cache, path)
+            if ni is None:
+                continue
+            info = ni.path_info()
+            if self.settings.require_sigs and not cache.params.trusted \
+                    and not is_trusted(sd, info, self.keys()):
+                self.logger.log(Verbosity.WARN, f"warning: the substitute for '{printed}' from "
+                                f"'{cache.url}' is not signed by any of the keys in "
+                                "'trusted-public-keys'")
+                continue
+            refs = sorted(info.references - {path})
+            failed = [r for r in refs if not self.realise(r)]
+            if failed:
+                self.logger.log(Verbosity.ERROR, f"error: some references of path '{printed}' "
+                                "could not be realised")
+                return False
+            try:
+                self._download(cache, ni)
+            except NarMissing as e:
+                # SubstituteGone: as if this cache never had the path
+                self.logger.log(Verbosity.ERROR, f"error: {e}")
+                continue
+            except (StoreError, FormatError, OSError) as e:
+                self.logger.log(Verbosity.ERROR, f"error: substituting '{printed}' from "
+                                f"'{cache.url}' failed: {e}")
+                continue
+            return True
+        return False
+
+    def _download(self, cache: BinaryCache, ni: NarInfo) -> None:
+        printed = self.sd.print(ni.path)
+        sub = self.logger.start_activity(Verbosity.ERROR, ActivityType.SUBSTITUTE,
+                                         "", [printed, cache.url])
+        try:
+            act = self.logger.start_activity(
+                Verbosity.NOTICE, ActivityType.COPY_PATH,
+                f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
+            try:
+                self.store.pin(ni.path)  # before it becomes valid
+                stream = cache.open_nar(ni)
+                try:
+                    # signatures were checked above (or the cache is trusted)
+                    self.store.add_nar(ni.path_info(), stream, check_sigs=False)
+                finally:
+                    stream.close()
+            finally:
+                self.logger.stop_activity(act)
+        finally:
+            self.logger.stop_activity(sub)
+
+
+__all__ = ["SubstituteSettings", "Substituters"]
