@@ -22,7 +22,7 @@ from .missing import Missing, query_missing, what_is_missing
 from .results import BuildError, BuildMode, BuildResult, BuildStatus
 from .scheduler import Builder
 from .settings import BuildSettings
-from .substitute import SubstituteSettings, Substituters
+from .substitute import Substituters, SubstituteSettings
 
 __all__ = ["Builder", "BuildError", "BuildMode", "BuildResult", "BuildSettings", "BuildStatus",
            "Missing", "SubstituteSettings", "Substituters", "query_missing", "what_is_missing"]

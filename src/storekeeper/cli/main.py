@@ -252,6 +252,17 @@ def _cache(sub: _Sub) -> None:
     i.set_defaults(func="cache.cmd_cache_info", no_store=True)
 
 
+def _serve(sub: _Sub) -> None:
+    s = sub.add_parser("serve", help="serve the store as a read-only HTTP binary cache")
+    s.add_argument("--listen", default="127.0.0.1:5000", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:5000; port 0: any free port)")
+    s.add_argument("--sign-key", metavar="SECRET-FILE", help="sign narinfos with this key")
+    s.add_argument("--compression", default="none", choices=["none", "xz", "zstd"],
+                   help="compress NARs on the fly (default none)")
+    s.add_argument("--priority", type=int, default=30, help="Priority in nix-cache-info (30)")
+    s.set_defaults(func="serve.cmd_serve")
+
+
 #: every command's builder, in ``--help`` order (``optimize`` is ``optimise``'s alias)
 COMMANDS = {
     "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
@@ -259,7 +270,7 @@ COMMANDS = {
     "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
     "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
     "sync-roots": _sync_roots, "tcp-key": _tcp_key, "key": _key, "sign": _sign, "copy": _copy,
-    "cache": _cache,
+    "cache": _cache, "serve": _serve,
 }
 
 

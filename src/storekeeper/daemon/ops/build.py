@@ -33,8 +33,8 @@ from ...build import (
     what_is_missing,
 )
 from ...build.logger import format_error
-from ...errors import StoreError
 from ...build.settings import build_refusal
+from ...errors import StoreError
 from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ...formats.errors import FormatError
 from ...formats.wire import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...errors import StoreError
 from ...formats.wire import (
     EXPORT_MAGIC,
     MAX_PATH_LEN,
@@ -9,7 +10,6 @@ from ...formats.wire import (
     WireWriter,
     write_path_info,
 )
-from ...errors import StoreError
 from ..errors import OpError
 from ..registry import NIX32_CHARS, info_or_fail, op
 from ..session import Session

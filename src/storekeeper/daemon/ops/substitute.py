@@ -11,7 +11,7 @@ Signature keys and ``require-sigs`` are the daemon's unless the client is truste
 
 from __future__ import annotations
 
-from ...build import SubstituteSettings, Substituters
+from ...build import Substituters, SubstituteSettings
 from ...errors import StoreError
 from ...formats.wire import MAX_PATH_LEN, Op
 from ..errors import OpError
