@@ -12,6 +12,7 @@ import shutil
 import threading
 
 import pytest
+from test_narinfo import PUBLIC, VECTORS, _read
 
 from storekeeper.cache import CacheError, NarCorrupt, NarMissing, open_cache
 from storekeeper.cache.compression import CompressionError
@@ -24,8 +25,6 @@ from storekeeper.formats.signatures import PublicKey, parse_public_keys
 from storekeeper.formats.storepath import StoreDir, StorePath
 from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
-
-from test_narinfo import PUBLIC, VECTORS, _read
 
 NIX_CACHES = ["nix28-file-xz", "nix28-file-zstd", "nix28-file-br", "nix28-file-bzip2",
               "nix28-file-none", "nix28-file-gzip", "nix28-file-ls"]
