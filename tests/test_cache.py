@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import http.server
 import io
+import json
 import os
 import shutil
 import threading
@@ -433,3 +434,46 @@ def test_http_unreachable_is_one_clear_error(tmp_path):
 
 def test_public_key_type_is_exported():
     assert PublicKey.parse(PUBLIC.render()) == PUBLIC
+
+
+def test_missing_optional_packages_give_one_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(UsageError, match=r"s3:// binary caches need the Python package 'boto3': "
+                       r"pip install 'storekeeper\[s3\]'"):
+        open_cache("s3://bucket")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    cache = open_cache(f"file://{VECTORS}/nix28-file-zstd")
+    ni = cache.narinfo(StoreDir(), A)
+    assert ni is not None
+    with pytest.raises(UsageError, match=r"pip install 'storekeeper\[zstd\]'"):
+        cache.open_nar(ni).read(1)
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+def _sk(*args: str, env=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "storekeeper.cli.main", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_cli_cache_info_and_key_generate(tmp_path):
+    r = _sk("cache", "info", "--json", f"file://{VECTORS}/nix28-file-xz?priority=7")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"url": f"file://{VECTORS}/nix28-file-xz", "storeDir":
+                                    "/tmp/research-bc/cs/store", "wantMassQuery": False, "priority": 7}
+    r = _sk("cache", "info", f"file://{tmp_path}")
+    assert r.returncode != 0 and r.stderr == f"error: 'file://{tmp_path}' does not appear to be a binary cache\n"
+    r = _sk("key", "generate", "--name", "k-1", "--secret", str(tmp_path / "sk"))
+    assert r.returncode == 0 and r.stdout.startswith("k-1:")
+    assert oct(os.stat(tmp_path / "sk").st_mode & 0o777) == "0o600"
+    assert not (tmp_path / "sk").read_text().endswith("\n")  # as Nix writes key files
+    assert PublicKey.parse(r.stdout.strip()) == \
+        PublicKey.parse(_sk("key", "public", str(tmp_path / "sk")).stdout.strip())
+    again = _sk("key", "generate", "--name", "k-1", "--secret", str(tmp_path / "sk"))
+    assert again.returncode == 2 and "exists already" in again.stderr
+    (tmp_path / "bad").write_text("k-1:not base64!")
+    bad = _sk("key", "public", str(tmp_path / "bad"))
+    assert bad.returncode == 65 and bad.stderr.startswith("error: secret key: invalid character")
