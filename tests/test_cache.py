@@ -345,6 +345,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.log.append(("GET", self.path))  # type: ignore[attr-defined]
+        self.server.ports.add(self.client_address[1])  # type: ignore[attr-defined]
         if self.server.fail_next:  # type: ignore[attr-defined]
             self.server.fail_next -= 1  # type: ignore[attr-defined]
             self.send_response(503)
@@ -355,6 +356,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self.server.log.append(("PUT", self.path))  # type: ignore[attr-defined]
+        self.server.ports.add(self.client_address[1])  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers["Content-Length"]))
         path = self.translate_path(self.path)
         if self.headers.get("If-None-Match") == "*" and os.path.exists(path):
@@ -379,6 +381,7 @@ def http_dir(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.log = []  # type: ignore[attr-defined]
     server.fail_next = 0  # type: ignore[attr-defined]
+    server.ports = set()  # type: ignore[attr-defined]
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}", server
@@ -419,7 +422,12 @@ def test_http_copy_to_then_from(http_dir, tmp_path):
         assert puts.index(f"/cache/{ni.url}") < puts.index(f"/cache/{p.hash_part}.narinfo")
         assert ni.sigs
     dest = store_for(tmp_path / "dest", "/nix/store")
+    server.ports.clear()
+    before = len(server.log)
     r2 = copy_from_cache(open_cache(f"{url}/cache"), dest, [B, HELLO], keys=KEYS)
+    # keep-alive: nix-cache-info, 3 narinfos, 3 NARs over at most one connection per
+    # parallel narinfo look-up (2 paths asked first)
+    assert len(server.log) - before == 7 and len(server.ports) <= 2
     assert set(r2.copied) == {A, B, HELLO}
     assert dest.path_info(B).sigs == src.path_info(B).sigs | cache.narinfo(StoreDir(), B).sigs  # type: ignore[union-attr]
 
