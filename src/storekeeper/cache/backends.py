@@ -173,7 +173,10 @@ def _retryable(status: int) -> bool:
 
 
 class HttpBackend(Backend):
-    """An HTTP(S) binary cache; thread-safe (one keep-alive connection per thread)."""
+    """An HTTP(S) binary cache; thread-safe.  Connections are kept alive in a pool: a
+    request takes an idle one (or opens one) and gives it back once its response is
+    read to the end; a NAR stream gives its connection back when it is exhausted, and
+    closes it when abandoned."""
 
     def __init__(self, url: str, attempts: int = 5, timeout: float = 300.0,
                  base_delay: float = 0.25) -> None:
@@ -186,30 +189,26 @@ class HttpBackend(Backend):
         self._attempts = max(1, attempts)
         self._timeout = timeout
         self._delay = base_delay
-        self._local = threading.local()
-        self._conns: list[http.client.HTTPConnection] = []
+        self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = cls(self._host, timeout=self._timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
-        return conn
+    def _acquire(self) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, timeout=self._timeout)
 
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    def _release(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.append(conn)
 
     def _request(self, method: str, key: str, body: bytes | BinaryIO | None = None,
-                 headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
-        """The response (body unread when it is a success of GET); raises CacheError
-        for a final failure after the retries."""
+                 headers: dict[str, str] | None = None
+                 ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        """The response, body unread, and its connection (the caller reads the body, then
+        :meth:`_release` s the connection); raises CacheError for a final failure after
+        the retries."""
         path = f"{self._prefix}/{key}"
         last = ""
         for attempt in range(self._attempts):
@@ -217,25 +216,38 @@ class HttpBackend(Backend):
                 time.sleep(self._delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)))
                 if body is not None and not isinstance(body, bytes):
                     body.seek(0)
-            conn = self._conn()
+            conn = self._acquire()
             try:
                 conn.request(method, path, body=body, headers={"User-Agent": "storekeeper",
                                                                **(headers or {})})
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
-                self._drop()
+                conn.close()
                 last = f"{type(e).__name__}: {e}"
                 continue
             if _retryable(resp.status):
-                resp.read()
+                self._finish(resp, conn)
                 last = f"HTTP {resp.status} {resp.reason}"
                 continue
-            return resp
+            return resp, conn
         raise CacheError(f"unable to {method} '{self.url}/{key}': {last}")
 
+    def _finish(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> bytes:
+        """Read the rest of a response and give its connection back (or close it)."""
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise CacheError(f"reading from '{self.url}' failed: {e}") from None
+        if resp.will_close:
+            conn.close()
+        else:
+            self._release(conn)
+        return data
+
     def get(self, key: str) -> bytes | None:
-        resp = self._request("GET", key)
-        data = resp.read()
+        resp, conn = self._request("GET", key)
+        data = self._finish(resp, conn)
         if resp.status in ABSENT:
             return None
         if resp.status != 200:
@@ -243,21 +255,18 @@ class HttpBackend(Backend):
         return data
 
     def open(self, key: str) -> Readable | None:
-        # a NAR is read on a connection of its own, so narinfo look-ups on this
-        # thread's keep-alive connection are not blocked behind it
-        resp = self._request("GET", key)
+        resp, conn = self._request("GET", key)
         if resp.status in ABSENT:
-            resp.read()
+            self._finish(resp, conn)
             return None
         if resp.status != 200:
-            resp.read()
+            self._finish(resp, conn)
             raise CacheError(f"unable to download '{self.url}/{key}': HTTP {resp.status} {resp.reason}")
-        self._local.conn = None  # the response owns this connection until it is read
-        return resp
+        return _Body(self, resp, conn)
 
     def exists(self, key: str) -> bool:
-        resp = self._request("HEAD", key)
-        resp.read()
+        resp, conn = self._request("HEAD", key)
+        self._finish(resp, conn)
         if resp.status in ABSENT:
             return False
         if resp.status // 100 != 2:
@@ -270,8 +279,8 @@ class HttpBackend(Backend):
             data.seek(0, os.SEEK_END)
             headers["Content-Length"] = str(data.tell())
             data.seek(0)
-        resp = self._request("PUT", key, data, headers)
-        resp.read()
+        resp, conn = self._request("PUT", key, data, headers)
+        self._finish(resp, conn)
         return resp.status
 
     def put(self, key: str, data: bytes | BinaryIO) -> None:
@@ -289,9 +298,41 @@ class HttpBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            for c in self._conns:
-                c.close()
-            self._conns.clear()
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+
+class _Body:
+    """A NAR being downloaded: its connection goes back to the pool at the end."""
+
+    def __init__(self, backend: HttpBackend, resp: http.client.HTTPResponse,
+                 conn: http.client.HTTPConnection) -> None:
+        self._backend = backend
+        self._resp: http.client.HTTPResponse | None = resp
+        self._conn = conn
+
+    def read(self, n: int = -1) -> bytes:
+        resp = self._resp
+        if resp is None:
+            return b""
+        try:
+            data = resp.read(n) if n >= 0 else resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise CacheError(f"download from '{self._backend.url}' failed: {e}") from None
+        if not data or resp.isclosed():
+            self._resp = None
+            if resp.will_close:
+                self._conn.close()
+            else:
+                self._backend._release(self._conn)
+        return data
+
+    def close(self) -> None:
+        if self._resp is not None:  # abandoned half-read: the connection is unusable
+            self._resp = None
+            self._conn.close()
 
 
 def iter_chunks(stream: Readable, size: int = 1 << 16) -> Iterator[bytes]:

@@ -329,7 +329,9 @@ class VerifiedNar:
     """The decoded NAR of a narinfo, checked while read: the compressed bytes against
     FileHash/FileSize, the decoded ones against NarHash/NarSize.  The check happens as
     the last byte is read (NarSize reached), so a consumer that stops exactly at the
-    NAR's end, as the NAR parser does, still gets the error before it commits."""
+    NAR's end, as the NAR parser does, still gets the error before it commits; one that
+    stops earlier (a shorter NAR in the file) must call :meth:`finish`, or check the
+    NarHash itself as ``add_nar`` does."""
 
     def __init__(self, cache: BinaryCache, raw: Readable, ni: NarInfo) -> None:
         self._cache = cache
@@ -352,6 +354,12 @@ class VerifiedNar:
         if self.size >= self.ni.nar_size or not data:
             self._check()
         return data
+
+    def finish(self) -> None:
+        """Read to the end and check (a consumer that stopped early, e.g. at the end of a
+        NAR shorter than NarSize, learns here that it was not the NAR it should be)."""
+        while not self._checked:
+            self.read(CHUNK)
 
     def _check(self) -> None:
         self._checked = True

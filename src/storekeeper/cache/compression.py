@@ -171,8 +171,6 @@ class Decompressing:
         if dec is None:
             return
         done = dec.is_finished() if self._kind == "br" else getattr(dec, "eof", True)
-        if self._kind == "zstd":
-            done = True  # the zstandard decompressobj has no end flag; the NAR check catches a cut
         if not done:
             raise CompressionError(f"{self._kind} data ends early (truncated file)")
 

@@ -175,6 +175,7 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
         stream = cache.open_nar(ni)
         try:
             store.add_nar(ni.path_info(), stream, check_sigs=store_checks_sigs)
+            stream.finish()
         finally:
             stream.close()
         result.copied.append(p)

@@ -1,0 +1,487 @@
+"""Binary cache stores (storekeeper.cache): reading every cache Nix 2.8 wrote (vectors),
+writing caches whose narinfos equal Nix's, checks while streaming, file:// and http://
+(a loopback server thread).  S3 is in test_cache_s3.py, real Nix in test_cache_nix.py."""
+
+from __future__ import annotations
+
+import glob
+import http.server
+import io
+import json
+import os
+import shutil
+import threading
+
+import pytest
+from test_narinfo import PUBLIC, VECTORS, _read
+
+from storekeeper.cache import CacheError, NarCorrupt, NarMissing, open_cache
+from storekeeper.cache.compression import CompressionError
+from storekeeper.cache.copy import copy_from_cache, copy_to_cache
+from storekeeper.errors import StoreError, UsageError
+from storekeeper.formats import nar as narfmt
+from storekeeper.formats.hashes import Hash
+from storekeeper.formats.narinfo import NarInfo
+from storekeeper.formats.signatures import PublicKey, parse_public_keys
+from storekeeper.formats.storepath import StoreDir, StorePath
+from storekeeper.formats.url import LocalLayout
+from storekeeper.store.local import LocalStore
+
+NIX_CACHES = ["nix28-file-xz", "nix28-file-zstd", "nix28-file-br", "nix28-file-bzip2",
+              "nix28-file-none", "nix28-file-gzip", "nix28-file-ls"]
+A = StorePath("2qzxavkmc1a53hdc058phqdqyic53b67-a.txt")
+B = StorePath("abdy0gp06c21k6cn2fd0w9l07x5drjgh-b.txt")
+HELLO = StorePath("5m5ci15djpxd4bs7xa0208nhkhi6cbp3-hello.txt")
+DEMO = StorePath("qsy18l8rk7lnkvv5cn8zf7xa7hvmz2ak-demo-1.0")
+KEYS = {PUBLIC.name: PUBLIC}
+
+
+def copy_vector(name: str, tmp) -> str:
+    dest = os.path.join(str(tmp), name)
+    shutil.copytree(os.path.join(VECTORS, name), dest)
+    return dest
+
+
+def store_for(tmp, store_dir: str) -> LocalStore:
+    """A local store whose logical store dir is ``store_dir`` (files under tmp)."""
+    if store_dir == "/nix/store":
+        return LocalStore(LocalLayout.chroot(os.path.join(str(tmp), "root")))
+    base = os.path.join(str(tmp), "cs")
+    return LocalStore(LocalLayout.custom(store_dir, base + "/state", base + "/log",
+                                         real_store_dir=base + "/store"))
+
+
+# --- reading what Nix wrote --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NIX_CACHES)
+def test_read_every_nix_written_cache(name):
+    cache = open_cache(f"file://{VECTORS}/{name}")
+    info = cache.info()
+    assert info is not None
+    sd = StoreDir(info.store_dir)
+    cache.check_store_dir(sd)
+    files = sorted(glob.glob(os.path.join(VECTORS, name, "*.narinfo")))
+    for f in files:
+        sp = StorePath.from_base(_read(f).split("\n")[0].rsplit("/", 1)[1])
+        ni = cache.narinfo(sd, sp)
+        assert ni is not None and ni.render() == _read(f)
+        stream = cache.open_nar(ni)
+        h, size = narfmt.nar_digest(stream)
+        assert (h, size) == (ni.nar_hash, ni.nar_size)
+        assert stream.read(10) == b""
+        stream.finish()
+
+
+def test_wrong_store_dir_is_refused_as_nix_words_it():
+    cache = open_cache(f"file://{VECTORS}/nix28-file-xz")
+    with pytest.raises(CacheError, match="binary cache 'file://.*nix28-file-xz' is for Nix stores "
+                       "with prefix '/tmp/research-bc/cs/store', not '/nix/store'"):
+        cache.check_store_dir(StoreDir("/nix/store"))
+
+
+def test_narinfo_lookup_checks_the_name(tmp_path):
+    d = copy_vector("nix28-file-none", tmp_path)
+    cache = open_cache(f"file://{d}")
+    assert cache.narinfo(StoreDir(), StorePath(A.hash_part + "-other-name")) is None
+    assert cache.narinfo(StoreDir(), StorePath("0" * 32 + "-a.txt")) is None
+    assert set(cache.narinfos(StoreDir(), [A, B, StorePath("1" * 32 + "-x")])) == {A, B}
+
+
+@pytest.mark.parametrize("name", ["nix28-file-zstd", "nix28-file-xz", "nix28-file-none"])
+def test_tampered_nar_is_refused_while_streaming(tmp_path, name):
+    d = copy_vector(name, tmp_path)
+    cache = open_cache(f"file://{d}")
+    sd = StoreDir(cache.info().store_dir)  # type: ignore[union-attr]
+    sp = DEMO if name.endswith("xz") else HELLO
+    ni = cache.narinfo(sd, sp)
+    assert ni is not None
+    # a NAR that decodes but is another one: the NarHash check stops it
+    other = next(n for n in glob.glob(os.path.join(d, "nar", "*")) if not n.endswith(ni.url[4:]))
+    shutil.copy(other, os.path.join(d, ni.url))
+    with pytest.raises((NarCorrupt, CompressionError)):
+        checked_digest(cache, ni)
+
+
+def checked_digest(cache, ni):
+    stream = cache.open_nar(ni)
+    out = narfmt.nar_digest(stream)
+    stream.finish()
+    return out
+
+
+def test_file_hash_is_checked_too(tmp_path):
+    d = copy_vector("nix28-file-xz", tmp_path)
+    cache = open_cache(f"file://{d}")
+    ni = cache.narinfo(StoreDir(cache.info().store_dir), DEMO)  # type: ignore[union-attr]
+    assert ni is not None and ni.file_hash is not None
+    assert checked_digest(cache, ni) == (ni.nar_hash, ni.nar_size)
+    # FileHash and FileSize are not signed: a cache could lie about them; we check both
+    with pytest.raises(NarCorrupt, match="has hash sha256:.*its narinfo says"):
+        checked_digest(cache, ni.with_(file_hash=Hash.of("sha256", b"x")))
+    with pytest.raises(NarCorrupt, match="is 276 bytes, its narinfo says 277"):
+        checked_digest(cache, ni.with_(file_size=277))
+
+
+def test_flipped_byte_in_uncompressed_nar(tmp_path):
+    d = copy_vector("nix28-file-none", tmp_path)
+    cache = open_cache(f"file://{d}")
+    ni = cache.narinfo(StoreDir(), HELLO)
+    assert ni is not None
+    path = os.path.join(d, ni.url)
+    data = bytearray(open(path, "rb").read())
+    data[-30] ^= 1  # inside the file contents: still a NAR, another hash
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(NarCorrupt, match="hash mismatch importing path"):
+        checked_digest(cache, ni)
+
+
+def test_missing_nar_is_substitute_gone(tmp_path):
+    d = copy_vector("nix28-file-zstd", tmp_path)
+    cache = open_cache(f"file://{d}")
+    ni = cache.narinfo(StoreDir(), B)
+    assert ni is not None
+    os.unlink(os.path.join(d, ni.url))
+    with pytest.raises(NarMissing, match=f"file '{ni.url}' does not exist in binary cache"):
+        cache.open_nar(ni)
+
+
+def test_declared_compression_is_a_hint_except_none_and_br(tmp_path):
+    """Spec §4.2: 'xz' on a bzip2 file works; 'xz' on an uncompressed NAR does not."""
+    d = copy_vector("nix28-file-bzip2", tmp_path)
+    cache = open_cache(f"file://{d}")
+    ni = cache.narinfo(StoreDir(), HELLO)
+    assert ni is not None
+    assert checked_digest(cache, ni.with_(compression="xz"))[0] == ni.nar_hash
+    d2 = copy_vector("nix28-file-none", tmp_path)
+    ni2 = open_cache(f"file://{d2}").narinfo(StoreDir(), HELLO)
+    assert ni2 is not None
+    with pytest.raises(CompressionError, match="input compression not recognized"):
+        open_cache(f"file://{d2}").open_nar(ni2.with_(compression="xz"))
+
+
+# --- copying from Nix's caches into a local store -------------------------------------------
+
+@pytest.mark.parametrize("name", ["nix28-file-zstd", "nix28-file-br", "nix28-file-bzip2",
+                                  "nix28-file-none", "nix28-file-gzip"])
+def test_copy_from_nix_cache_ca_paths(tmp_path, name):
+    store = store_for(tmp_path, "/nix/store")
+    cache = open_cache(f"file://{VECTORS}/{name}")
+    want = [HELLO] if name.endswith("gzip") else [B, HELLO]
+    result = copy_from_cache(cache, store, want, keys={})  # CA paths need no key
+    assert set(result.copied) == ({HELLO} if name.endswith("gzip") else {A, B, HELLO})
+    for p in result.copied:
+        info = store.path_info(p)
+        ni = cache.narinfo(store.store_dir, p)
+        assert ni is not None
+        assert (info.nar_hash, info.nar_size, info.references, info.ca, info.sigs) == (
+            ni.nar_hash, ni.nar_size, ni.references, ni.ca, ni.sigs)
+    again = copy_from_cache(cache, store, want, keys={})
+    assert again.copied == [] and set(again.skipped) == set(result.copied)
+
+
+def test_copy_from_checks_signatures_of_input_addressed_paths(tmp_path):
+    store = store_for(tmp_path, "/tmp/research-bc/cs/store")
+    cache = open_cache(f"file://{VECTORS}/nix28-file-xz")
+    nixos = parse_public_keys(["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="])
+    with pytest.raises(StoreError, match="lacks a valid signature"):
+        copy_from_cache(cache, store, [DEMO], keys=nixos)
+    assert not store.is_valid(DEMO)
+    result = copy_from_cache(cache, store, [DEMO], keys=KEYS)
+    assert result.copied[-1] == DEMO and len(result.copied) == 2
+    info = store.path_info(DEMO)
+    assert info.deriver == StorePath("0s9wh6al076z7hm4k0pmfxkzhrqf9p61-demo-1.0.drv")
+    assert info.sigs and not info.ultimate
+    # ?trusted=1 skips the check
+    store2 = store_for(tmp_path / "2", "/tmp/research-bc/cs/store")
+    trusted = open_cache(f"file://{VECTORS}/nix28-file-xz?trusted=1")
+    assert DEMO in copy_from_cache(trusted, store2, [DEMO], keys={}).copied
+
+
+def test_copy_from_refuses_a_corrupt_nar_and_registers_nothing(tmp_path):
+    d = copy_vector("nix28-file-zstd", tmp_path)
+    cache = open_cache(f"file://{d}")
+    ni = cache.narinfo(StoreDir(), A)
+    assert ni is not None
+    shutil.copy(os.path.join(d, cache.narinfo(StoreDir(), HELLO).url),  # type: ignore[union-attr]
+                os.path.join(d, ni.url))
+    store = store_for(tmp_path, "/nix/store")
+    with pytest.raises(StoreError):
+        copy_from_cache(cache, store, [B], keys={})
+    assert not store.is_valid(A) and not store.is_valid(B)
+
+
+# --- writing: what Nix writes, byte for byte where the spec says so --------------------------
+
+def _nix_paths_into(store: LocalStore) -> None:
+    """Re-create the vectors' /nix/store paths (a.txt, b.txt, hello.txt) in ``store``."""
+    a = store.add_text("a.txt", b"aaa")
+    assert a.path == A
+    b = store.add_text("b.txt", f"ref to {store.print_path(A)}".encode(), [A])
+    assert b.path == B
+    nar = open(os.path.join(VECTORS, "nix28-file-none", "nar",
+                            "12kn72kmqja4c7x6a57wi7y4q3ilkw0rr8n37wzjcsrx5kwri6l1.nar"), "rb").read()
+    h = store.add_dump(io.BytesIO(nar), "hello.txt", "recursive")
+    assert h.path == HELLO
+
+
+@pytest.mark.parametrize("compression", ["none", "xz", "zstd", "br", "bzip2", "gzip"])
+def test_written_narinfos_equal_nix28s(tmp_path, compression):
+    store = store_for(tmp_path, "/nix/store")
+    _nix_paths_into(store)
+    secret = os.path.join(VECTORS, "keys", "research-bc-1.secret")
+    sign = "" if compression == "gzip" else f"&secret-key={secret}"
+    out = tmp_path / "cache"
+    cache = open_cache(f"file://{out}?compression={compression}{sign}")
+    result = copy_to_cache(store, cache, [B, HELLO], jobs=2 if compression == "xz" else 1)
+    # the vectors: gzip has hello.txt only; xz has other paths (see test_written_listing…)
+    want = {"gzip": [HELLO], "xz": []}.get(compression, [A, B, HELLO])
+    assert set(result.copied) == {A, B, HELLO}
+    assert result.copied.index(A) < result.copied.index(B)  # references first
+    assert _read(str(out / "nix-cache-info")) == "StoreDir: /nix/store\n"
+    for p in want:
+        ours = _read(str(out / f"{p.hash_part}.narinfo"))
+        nix = _read(os.path.join(VECTORS, f"nix28-file-{compression}", f"{p.hash_part}.narinfo"))
+        if compression == "none":
+            assert ours == nix
+        else:
+            # the compressed file (URL, FileHash, FileSize) is the codec's business (spec §3.4)
+            def strip(t: str) -> list[str]:
+                return [line for line in t.splitlines()
+                        if not line.startswith(("URL:", "FileHash:", "FileSize:"))]
+            assert strip(ours) == strip(nix)
+    # and our reader reads it back, every NAR checked
+    for p in (A, B, HELLO):
+        ni = cache.narinfo(StoreDir(), p)
+        assert ni is not None and os.path.exists(out / ni.url)
+        assert checked_digest(cache, ni) == (ni.nar_hash, ni.nar_size)
+    # a second copy finds everything there
+    again = copy_to_cache(store, open_cache(f"file://{out}?compression={compression}"), [B, HELLO])
+    assert again.copied == [] and len(again.skipped) == 3
+
+
+def test_written_listing_equals_nix28s(tmp_path):
+    """``write-nar-listing``: the .ls of a path equals the one Nix wrote (vector nix28-file-ls)."""
+    store = store_for(tmp_path, "/tmp/research-bc/cs/store")
+    copy_from_cache(open_cache(f"file://{VECTORS}/nix28-file-xz"), store, [DEMO], keys=KEYS)
+    out = tmp_path / "cache"
+    copy_to_cache(store, open_cache(f"file://{out}?compression=none&write-nar-listing=1"), [DEMO])
+    for hp in ("qsy18l8rk7lnkvv5cn8zf7xa7hvmz2ak", "47azgk2sj1r1p469lpmqhmm00jsirb06"):
+        assert _read(str(out / f"{hp}.ls")) == _read(os.path.join(VECTORS, "nix28-file-ls", f"{hp}.ls"))
+        ours = _read(str(out / f"{hp}.narinfo"))
+        # Nix's source paths there had no signature; ours came signed from the xz cache
+        assert "".join(line for line in ours.splitlines(True) if not line.startswith("Sig: ")) \
+            == _read(os.path.join(VECTORS, "nix28-file-ls", f"{hp}.narinfo"))
+    # xz, signed: Nix's narinfo (with Deriver and Sig) but for the compressed file's fields
+    secret = os.path.join(VECTORS, "keys", "research-bc-1.secret")
+    xz = tmp_path / "xz"
+    copy_to_cache(store, open_cache(f"file://{xz}?secret-key={secret}"), [DEMO])
+    for hp in ("qsy18l8rk7lnkvv5cn8zf7xa7hvmz2ak", "47azgk2sj1r1p469lpmqhmm00jsirb06"):
+        ours = _read(str(xz / f"{hp}.narinfo")).splitlines()
+        nix = _read(os.path.join(VECTORS, "nix28-file-xz", f"{hp}.narinfo")).splitlines()
+        assert [line for line in ours if not line.startswith(("URL", "File"))] == \
+            [line for line in nix if not line.startswith(("URL", "File"))]
+        assert "Compression: xz" in ours
+
+
+def test_writer_keeps_existing_narinfos_and_shares_nars(tmp_path):
+    store = store_for(tmp_path, "/nix/store")
+    _nix_paths_into(store)
+    out = tmp_path / "cache"
+    cache = open_cache(f"file://{out}?compression=none")
+    copy_to_cache(store, cache, [A])
+    before = os.stat(out / f"{A.hash_part}.narinfo").st_ino
+    r = copy_to_cache(store, cache, [B])
+    assert r.copied == [B] and r.skipped == [A]
+    assert os.stat(out / f"{A.hash_part}.narinfo").st_ino == before
+    # a narinfo with another NarHash for the same path is never overwritten
+    prep = cache.prepare(store.store_dir, store.path_info(HELLO), store.dump_path(HELLO))
+    cache.upload(prep)
+    bogus = prep.narinfo.with_(path=A)
+    prep.narinfo = bogus
+    with pytest.raises(CacheError, match="already has another narinfo"):
+        cache.commit(prep, {A})
+
+
+def test_writer_refuses_a_narinfo_before_its_references(tmp_path):
+    store = store_for(tmp_path, "/nix/store")
+    _nix_paths_into(store)
+    cache = open_cache(f"file://{tmp_path}/cache?compression=none")
+    cache.check_store_dir(store.store_dir, create=True)
+    prep = cache.prepare(store.store_dir, store.path_info(B), store.dump_path(B))
+    cache.upload(prep)
+    with pytest.raises(CacheError, match="because the reference '/nix/store/.*-a.txt' is not valid"):
+        cache.commit(prep, set())
+    assert not os.path.exists(tmp_path / "cache" / f"{B.hash_part}.narinfo")
+
+
+def test_writer_refuses_a_store_path_whose_nar_does_not_match(tmp_path):
+    store = store_for(tmp_path, "/nix/store")
+    _nix_paths_into(store)
+    cache = open_cache(f"file://{tmp_path}/cache?compression=xz")
+    cache.check_store_dir(store.store_dir, create=True)
+    info = store.path_info(A)
+    with pytest.raises(StoreError, match="is corrupt: its NAR hash"):
+        cache.prepare(store.store_dir, info, store.dump_path(HELLO))
+    assert glob.glob(str(tmp_path / "cache" / "nar" / "*")) == []
+
+
+def test_bad_cache_urls():
+    for url, msg in [("ftp://x", "don't know how to open"), ("file://rel/dir", "absolute path"),
+                     ("file:///c?compression=lzma", "unknown compression method 'lzma'"),
+                     ("nocolon", "not a binary cache URL")]:
+        with pytest.raises(UsageError, match=msg):
+            open_cache(url)
+
+
+# --- http:// on a loopback server ----------------------------------------------------------
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """GET/HEAD from the directory; PUT (with If-None-Match: *) into it; a log of requests."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.log.append(("GET", self.path))  # type: ignore[attr-defined]
+        self.server.ports.add(self.client_address[1])  # type: ignore[attr-defined]
+        if self.server.fail_next:  # type: ignore[attr-defined]
+            self.server.fail_next -= 1  # type: ignore[attr-defined]
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def do_PUT(self) -> None:
+        self.server.log.append(("PUT", self.path))  # type: ignore[attr-defined]
+        self.server.ports.add(self.client_address[1])  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        path = self.translate_path(self.path)
+        if self.headers.get("If-None-Match") == "*" and os.path.exists(path):
+            self.send_response(412)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                f.write(body)
+            os.replace(path + ".tmp", path)
+            self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+
+    def handler(*a, **kw):
+        return _Handler(*a, directory=str(root), **kw)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.log = []  # type: ignore[attr-defined]
+    server.fail_next = 0  # type: ignore[attr-defined]
+    server.ports = set()  # type: ignore[attr-defined]
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_read_nix_cache_and_copy_from(http_dir, tmp_path):
+    root, url, server = http_dir
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-zstd"), root / "c")
+    cache = open_cache(f"{url}/c/")
+    assert cache.url == f"{url}/c"
+    store = store_for(tmp_path, "/nix/store")
+    server.fail_next = 2  # two 503s: retried
+    result = copy_from_cache(cache, store, [B], keys={})
+    assert result.copied == [A, B]
+    gets = [p for m, p in server.log if m == "GET"]
+    assert "/c/nix-cache-info" in gets and f"/c/{B.hash_part}.narinfo" in gets
+    assert sum(1 for p in gets if p.startswith("/c/nar/")) == 2
+    # 404: absent, not an error
+    assert cache.narinfo(StoreDir(), StorePath("0" * 32 + "-x")) is None
+    cache.close()
+
+
+def test_http_copy_to_then_from(http_dir, tmp_path):
+    root, url, server = http_dir
+    src = store_for(tmp_path / "src", "/nix/store")
+    _nix_paths_into(src)
+    secret = os.path.join(VECTORS, "keys", "research-bc-1.secret")
+    cache = open_cache(f"{url}/cache?compression=zstd&secret-key={secret}")
+    r = copy_to_cache(src, cache, [B, HELLO])
+    assert set(r.copied) == {A, B, HELLO}
+    puts = [p for m, p in server.log if m == "PUT"]
+    # NAR before narinfo, references' narinfos before referrers'
+    assert puts.index(f"/cache/{A.hash_part}.narinfo") < puts.index(f"/cache/{B.hash_part}.narinfo")
+    for p in (A, B, HELLO):
+        ni = NarInfo.parse(_read(str(root / "cache" / f"{p.hash_part}.narinfo")), StoreDir())
+        assert puts.index(f"/cache/{ni.url}") < puts.index(f"/cache/{p.hash_part}.narinfo")
+        assert ni.sigs
+    dest = store_for(tmp_path / "dest", "/nix/store")
+    server.ports.clear()
+    before = len(server.log)
+    r2 = copy_from_cache(open_cache(f"{url}/cache"), dest, [B, HELLO], keys=KEYS)
+    # keep-alive: nix-cache-info, 3 narinfos, 3 NARs over at most one connection per
+    # parallel narinfo look-up (2 paths asked first)
+    assert len(server.log) - before == 7 and len(server.ports) <= 2
+    assert set(r2.copied) == {A, B, HELLO}
+    assert dest.path_info(B).sigs == src.path_info(B).sigs | cache.narinfo(StoreDir(), B).sigs  # type: ignore[union-attr]
+
+
+def test_http_unreachable_is_one_clear_error(tmp_path):
+    cache = open_cache("http://127.0.0.1:9/c")
+    cache.backend._attempts = 2  # type: ignore[attr-defined]
+    cache.backend._delay = 0.01  # type: ignore[attr-defined]
+    with pytest.raises(CacheError, match="unable to GET 'http://127.0.0.1:9/c/nix-cache-info'"):
+        cache.info()
+
+
+def test_public_key_type_is_exported():
+    assert PublicKey.parse(PUBLIC.render()) == PUBLIC
+
+
+def test_missing_optional_packages_give_one_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(UsageError, match=r"s3:// binary caches need the Python package 'boto3': "
+                       r"pip install 'storekeeper\[s3\]'"):
+        open_cache("s3://bucket")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    cache = open_cache(f"file://{VECTORS}/nix28-file-zstd")
+    ni = cache.narinfo(StoreDir(), A)
+    assert ni is not None
+    with pytest.raises(UsageError, match=r"pip install 'storekeeper\[zstd\]'"):
+        cache.open_nar(ni).read(1)
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+def _sk(*args: str, env=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "storekeeper.cli.main", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_cli_cache_info_and_key_generate(tmp_path):
+    r = _sk("cache", "info", "--json", f"file://{VECTORS}/nix28-file-xz?priority=7")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"url": f"file://{VECTORS}/nix28-file-xz", "storeDir":
+                                    "/tmp/research-bc/cs/store", "wantMassQuery": False, "priority": 7}
+    r = _sk("cache", "info", f"file://{tmp_path}")
+    assert r.returncode != 0 and r.stderr == f"error: 'file://{tmp_path}' does not appear to be a binary cache\n"
+    r = _sk("key", "generate", "--name", "k-1", "--secret", str(tmp_path / "sk"))
+    assert r.returncode == 0 and r.stdout.startswith("k-1:")
+    assert oct(os.stat(tmp_path / "sk").st_mode & 0o777) == "0o600"
+    assert not (tmp_path / "sk").read_text().endswith("\n")  # as Nix writes key files
+    assert PublicKey.parse(r.stdout.strip()) == \
+        PublicKey.parse(_sk("key", "public", str(tmp_path / "sk")).stdout.strip())
+    again = _sk("key", "generate", "--name", "k-1", "--secret", str(tmp_path / "sk"))
+    assert again.returncode == 2 and "exists already" in again.stderr
+    (tmp_path / "bad").write_text("k-1:not base64!")
+    bad = _sk("key", "public", str(tmp_path / "bad"))
+    assert bad.returncode == 65 and bad.stderr.startswith("error: secret key: invalid character")
