@@ -31,8 +31,7 @@ def cmd_serve(store: Store, args: argparse.Namespace) -> int:
         server = CacheServer((host, port), store, key, args.compression, args.priority)
     except OSError as e:
         raise UsageError(f"cannot listen on {args.listen}: {e.strerror}") from None
-    real_host, real_port = server.server_address[:2]
-    print(f"storekeeper serve: serving '{store.store_dir.path}' on http://{real_host}:{real_port}",
+    print(f"storekeeper serve: serving '{store.store_dir.path}' on http://{host}:{server.server_port}",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()
