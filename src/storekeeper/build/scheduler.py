@@ -64,6 +64,7 @@ class Builder:
         self.settings = settings or BuildSettings()
         self.logger = GuardedLogger(logger or NullLogger())
         self.goals = GoalGraph(store, substituters)
+        self.substituters = substituters
         self._running: list[Run] = []
         self._cancelled = False
         self._expected = self._done = self._failed = 0
@@ -107,6 +108,11 @@ class Builder:
             self._plan()
             self._execute([g])
         return g.result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Let go of the caches (their connections, the narinfo disk cache)."""
+        if self.substituters is not None:
+            self.substituters.close()
 
     def _progress(self) -> None:
         self._acts.progress(self._done, self._expected, len(self._running), self._failed)

@@ -13,6 +13,9 @@ before its validity is checked and before it is registered, and it is registered
 only after every one of its references is valid; so a concurrent GC never sees a
 substituted path without its closure, nor deletes a path a client was just given.
 
+Answers of http(s)/s3 caches are kept in the narinfo disk cache
+(:mod:`.narinfo_cache`) with Nix's TTLs.
+
 Falling through: a narinfo that is absent, a NAR that is gone (404: Nix's
 ``SubstituteGone``), a corrupt NAR, a bad signature: the next cache is tried.  A
 cache whose narinfo look-up fails for another reason (unreachable, malformed)
@@ -21,6 +24,7 @@ stops the substitution unless ``fallback`` is on, as Nix 2.8.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -34,6 +38,7 @@ from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
 from ..store.settings import apply_settings
 from .logger import BuildLogger, NullLogger
+from .narinfo_cache import NarInfoDiskCache, disk_cached
 
 _d = settings_table.default_of
 
@@ -47,15 +52,15 @@ class SubstituteSettings:
     trusted_public_keys: tuple[str, ...] = field(default_factory=_d("trusted-public-keys"))
     secret_key_files: tuple[str, ...] = field(default_factory=_d("secret-key-files"))
     require_sigs: bool = field(default_factory=_d("require-sigs"))
-    #: SetOptions' ``useSubstitutes`` (nix.conf ``substitute``)
-    use_substitutes: bool = True
-    #: SetOptions' ``tryFallback`` (nix.conf ``fallback``)
-    fallback: bool = False
+    #: SetOptions' ``useSubstitutes``
+    substitute: bool = field(default_factory=_d("substitute"))
+    #: SetOptions' ``tryFallback``
+    fallback: bool = field(default_factory=_d("fallback"))
+    narinfo_cache_negative_ttl: int = field(default_factory=_d("narinfo-cache-negative-ttl"))
+    narinfo_cache_positive_ttl: int = field(default_factory=_d("narinfo-cache-positive-ttl"))
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "SubstituteSettings":
-        pairs = list(pairs)
-        view = apply_settings(self, settings_table.DAEMON, pairs)
-        return apply_settings(view, settings_table.STORE, pairs)
+        return apply_settings(self, settings_table.SUBSTITUTE, pairs)
 
     def public_keys(self) -> dict[str, PublicKey]:
         """``trusted-public-keys`` plus the public halves of the readable
@@ -76,7 +81,10 @@ class Substituters:
 
     def __init__(self, store, settings: SubstituteSettings,
                  logger: BuildLogger | None = None,
-                 opener: Callable[[str], BinaryCache] = open_cache) -> None:
+                 opener: Callable[[str], BinaryCache] = open_cache,
+                 disk_cache: NarInfoDiskCache | None = None) -> None:
+        """``disk_cache``: where http(s)/s3 answers are kept (None: the user's default
+        file, opened when first needed)."""
         self.store = store
         self.sd = store.store_dir
         self.settings = settings
@@ -86,16 +94,19 @@ class Substituters:
         self._keys: Mapping[str, PublicKey] | None = None
         #: path -> True (valid now) / False (no cache could give it), this request
         self._done: dict[StorePath, bool] = {}
+        self._disk: NarInfoDiskCache | None = disk_cache
+        self._disk_failed = False
+        self._own_disk = False
 
     @property
     def enabled(self) -> bool:
-        return self.settings.use_substitutes and bool(self.caches())
+        return self.settings.substitute and bool(self.caches())
 
     def caches(self) -> list[BinaryCache]:
         if self._caches is None:
             opened: list[BinaryCache] = []
             seen: set[str] = set()
-            if self.settings.use_substitutes:
+            if self.settings.substitute:
                 for url in self.settings.substituters:
                     if url in seen:
                         continue
@@ -120,16 +131,44 @@ class Substituters:
     def close(self) -> None:
         for cache in self._caches or ():
             cache.close()
+        if self._own_disk and self._disk is not None:
+            self._disk.close()
+            self._disk, self._own_disk = None, False
 
     # --- look-ups (no download, no signature check) --------------------------------
 
+    def _disk_cache(self, cache: BinaryCache) -> NarInfoDiskCache | None:
+        if not disk_cached(cache.url) or self._disk_failed:
+            return None
+        if self._disk is None:
+            try:
+                self._disk = NarInfoDiskCache()
+                self._own_disk = True
+            except (OSError, sqlite3.Error) as e:
+                self._disk_failed = True
+                self.logger.log(Verbosity.WARN, f"warning: the narinfo disk cache cannot be "
+                                f"used: {e}")
+                return None
+        return self._disk
+
+    def _ttls(self) -> tuple[int, int]:
+        return (self.settings.narinfo_cache_positive_ttl, self.settings.narinfo_cache_negative_ttl)
+
     def _lookup(self, cache: BinaryCache, path: StorePath) -> NarInfo | None:
+        disk = self._disk_cache(cache)
+        if disk is not None:
+            known = disk.lookup(cache.url, self.sd, path.hash_part, *self._ttls())
+            if known is not None and (known[1] is None or known[1].path == path):
+                return known[1]
         act = self.logger.start_activity(
             Verbosity.TALKATIVE, ActivityType.QUERY_PATH_INFO,
             f"querying info about '{self.sd.print(path)}' on '{cache.url}'",
             [self.sd.print(path), cache.url])
         try:
-            return cache.narinfo(self.sd, path)
+            ni = cache.narinfo(self.sd, path)
+            if disk is not None:
+                disk.record(cache.url, self.sd, path.hash_part, ni)
+            return ni
         except (StoreError, FormatError, OSError) as e:
             if not self.settings.fallback:
                 raise StoreError(str(e)) from None
@@ -153,14 +192,27 @@ class Substituters:
         for cache in self.caches():
             if not left:
                 break
+            disk = self._disk_cache(cache)
+            ask = left
+            if disk is not None:
+                ask = []
+                for p in left:
+                    known = disk.lookup(cache.url, self.sd, p.hash_part, *self._ttls())
+                    if known is None or (known[1] is not None and known[1].path != p):
+                        ask.append(p)
+                    elif known[1] is not None:
+                        found[p] = known[1]
             try:
-                got = cache.narinfos(self.sd, left)
+                got = cache.narinfos(self.sd, ask)
             except (StoreError, FormatError, OSError) as e:
                 if not self.settings.fallback:
                     raise StoreError(str(e)) from None
                 continue
+            if disk is not None:
+                for p in ask:
+                    disk.record(cache.url, self.sd, p.hash_part, got.get(p))
             found.update(got)
-            left = [p for p in left if p not in got]
+            left = [p for p in left if p not in found]
         return found
 
     def mass_query(self, paths: Iterable[StorePath]) -> set[StorePath]:

@@ -129,11 +129,13 @@ def _write_result(s: Session, w: WireWriter, r: BuildResult) -> None:
     w.string_map(_built_outputs(s, r))
 
 
-def _run(s: Session, fn):
+def _run(s: Session, builder: Builder, fn):
     try:
-        return fn()
+        return fn(builder)
     except BuildError as e:
         raise OpError(str(e)) from None
+    finally:
+        builder.close()
 
 
 @op(Op.BuildPaths)
@@ -141,7 +143,7 @@ def build_paths(s: Session) -> None:
     _, targets, mode = _read_targets(s)
     s.start_work()
     _check_mode(s, mode)
-    results = _run(s, lambda: _builder(s).build(targets, mode))
+    results = _run(s, _builder(s), lambda b: b.build(targets, mode))
     failed = [(t, r) for t, r in zip(targets, results) if not r.success]
     if failed:
         errors = [r.error_msg for _, r in failed if r.own_error]
@@ -160,7 +162,7 @@ def build_paths_with_results(s: Session) -> None:
     texts, targets, mode = _read_targets(s)
     s.start_work()
     _check_mode(s, mode)
-    results = _run(s, lambda: _builder(s).build(targets, mode))
+    results = _run(s, _builder(s), lambda b: b.build(targets, mode))
     s.stop_work()
     s.w.u64(len(results))
     for text, r in zip(texts, results):
@@ -207,7 +209,8 @@ def build_derivation(s: Session) -> None:
     refusal = build_refusal(s.store, settings)
     if refusal:
         raise OpError(f"cannot build '{s.sd.print(drv_path)}': {refusal}")
-    result = _run(s, lambda: _builder(s, settings).build_basic(drv_path, drv, build_mode))
+    result = _run(s, _builder(s, settings),
+                  lambda b: b.build_basic(drv_path, drv, build_mode))
     s.stop_work()
     _write_result(s, s.w, result)
 

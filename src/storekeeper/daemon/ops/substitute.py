@@ -11,6 +11,8 @@ Signature keys and ``require-sigs`` are the daemon's unless the client is truste
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...build import Substituters, SubstituteSettings
 from ...errors import StoreError
 from ...formats.wire import MAX_PATH_LEN, Op
@@ -26,11 +28,14 @@ def substituters(s: Session) -> Substituters:
         trusted_public_keys=getattr(store_settings, "trusted_public_keys",
                                     SubstituteSettings().trusted_public_keys),
         secret_key_files=getattr(store_settings, "secret_key_files", ()),
-        use_substitutes=s.options.use_substitutes, fallback=s.options.try_fallback)
+        )
     try:
         settings = base.with_settings(s.options.overrides.items())
     except StoreError as e:
         raise OpError(str(e)) from None
+    # SetOptions' fixed fields win over the overrides, as in Nix
+    settings = replace(settings, substitute=s.options.use_substitutes,
+                       fallback=s.options.try_fallback)
     return Substituters(s.store, settings, s)
 
 
