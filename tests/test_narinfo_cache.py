@@ -14,7 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from daemon_util import SHARED
 
-from storekeeper.build import SubstituteSettings, Substituters
+from storekeeper.build import Substituters, SubstituteSettings
 from storekeeper.build.narinfo_cache import NarInfoDiskCache
 from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
