@@ -58,45 +58,57 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
     todo = [p for p in order if p not in present]
     infos = {p: store.path_info(p) for p in todo}
 
-    def prepare(p: StorePath) -> Prepared:
-        return cache.prepare(sd, infos[p], store.dump_path(p), tmp_dir)
-
     def prepare_and_upload(p: StorePath, chunks: Iterable[bytes]) -> tuple[Prepared, bool]:
         prep = cache.prepare(sd, infos[p], chunks, tmp_dir)
         return prep, cache.upload(prep)
 
+    batch: list[tuple[Prepared, bool]] = []
+
+    def flush() -> None:
+        # one barrier per batch: its NARs durable, then its narinfos in order
+        written = cache.commit_batch([prep for prep, _ in batch], present)
+        for (prep, uploaded), w in zip(batch, written):
+            _record(cache, prep, uploaded, w, result, log)
+        batch.clear()
+
     if jobs > 1 and len(todo) > 1:
         with ThreadPoolExecutor(jobs) as pool:
             # the store is asked in this thread (pins, validity); the NAR is read there
-            futures: deque[tuple[StorePath, Future[tuple[Prepared, bool]]]] = deque()
+            futures: deque[Future[tuple[Prepared, bool]]] = deque()
             queue = deque(todo)
-            while queue or futures:
-                while queue and len(futures) < 2 * jobs:
-                    p = queue.popleft()
-                    futures.append((p, pool.submit(prepare_and_upload, p, store.dump_path(p))))
-                p, fut = futures.popleft()
-                try:
-                    prep, uploaded = fut.result()
-                except BaseException:
-                    for _, f in futures:
-                        f.cancel()
-                    raise
-                _commit(cache, prep, uploaded, present, result, log)
+            try:
+                while queue or futures:
+                    while queue and len(futures) < 2 * jobs:
+                        p = queue.popleft()
+                        futures.append(pool.submit(prepare_and_upload, p, store.dump_path(p)))
+                    batch.append(futures.popleft().result())
+                    while futures and futures[0].done() and len(batch) < BATCH:
+                        batch.append(futures.popleft().result())
+                    flush()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     else:
         for p in todo:
-            prep = prepare(p)
-            uploaded = cache.upload(prep)
-            _commit(cache, prep, uploaded, present, result, log)
+            batch.append(prepare_and_upload(p, store.dump_path(p)))
+            if len(batch) >= BATCH:
+                flush()
+        if batch:
+            flush()
+    cache.backend.barrier()
     return result
 
 
-def _commit(cache: BinaryCache, prep: Prepared, uploaded: bool, present: set[StorePath],
+#: narinfos committed after one durability barrier
+BATCH = 64
+
+
+def _record(cache: BinaryCache, prep: Prepared, uploaded: bool, written: bool,
             result: CopyResult, log: Callable[[str], None] | None) -> None:
     ni = prep.narinfo
-    if log:
-        log(f"copying path '{ni.store_dir.print(ni.path)}' to '{cache.url}'")
-    written = cache.commit(prep, present)
-    present.add(ni.path)
+    if log and written:
+        log(f"copied path '{ni.store_dir.print(ni.path)}' to '{cache.url}'")
     (result.copied if written else result.skipped).append(ni.path)
     if written:
         result.nar_bytes += ni.nar_size
