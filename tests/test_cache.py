@@ -427,9 +427,9 @@ def test_http_copy_to_then_from(http_dir, tmp_path):
     server.ports.clear()
     before = len(server.log)
     r2 = copy_from_cache(open_cache(f"{url}/cache"), dest, [B, HELLO], keys=KEYS)
-    # keep-alive: nix-cache-info, 3 narinfos, 3 NARs over at most one connection per
-    # parallel narinfo look-up (2 paths asked first)
-    assert len(server.log) - before == 7 and len(server.ports) <= 2
+    # keep-alive: nix-cache-info, 3 narinfos, 3 NARs (fetched in parallel) over pooled
+    # connections: at most one per request running at once
+    assert len(server.log) - before == 7 and len(server.ports) <= 3
     assert set(r2.copied) == {A, B, HELLO}
     assert dest.path_info(B).sigs == src.path_info(B).sigs | cache.narinfo(StoreDir(), B).sigs  # type: ignore[union-attr]
 
@@ -509,3 +509,17 @@ def test_codecs_round_trip_streamed(data, method, chunk, split):
     if method not in ("none", "br") and out:
         with pytest.raises(CompressionError):
             Decompressing(io.BytesIO(out[: len(out) // 2]), method).read(-1)
+
+
+def test_http_corrupt_nar_fails_the_copy_and_registers_nothing(http_dir, tmp_path):
+    root, url, _server = http_dir
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-zstd"), root / "c")
+    cache = open_cache(f"{url}/c")
+    a_ni = cache.narinfo(StoreDir(), A)
+    hello_ni = cache.narinfo(StoreDir(), HELLO)
+    assert a_ni is not None and hello_ni is not None
+    shutil.copy(root / "c" / hello_ni.url, root / "c" / a_ni.url)
+    store = store_for(tmp_path, "/nix/store")
+    with pytest.raises(StoreError, match="a.txt"):
+        copy_from_cache(cache, store, [B, HELLO], keys={})
+    assert not store.is_valid(A) and not store.is_valid(B)
