@@ -145,3 +145,26 @@ def test_sign_then_nix_verifies(tmp_path, source):
                  "--store", f"file://{cache}", "--trusted-public-keys",
                  "other-1:q3eDsFtacHQsCEHabxXsDlh6VxzQeFSb0s0rJoUx2Tw=", ia], str(tmp_path), check=False)
     assert r.returncode != 0 and b"is untrusted" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["ours", "nix"])
+def test_copy_through_a_daemon(tmp_path, source, kind):
+    """copy --from into a daemon's store (AddToStoreNar, the daemon checks: CA paths pass)
+    and copy --to out of it (NarFromPath, one connection: NARs one after the other)."""
+    from daemon_util import start_daemon, stop_process
+    root, _ia, b, a = source
+    c1, c2 = tmp_path / "c1", tmp_path / "c2"
+    sk("--store", root, "copy", "-q", "--to", f"file://{c1}?compression=none", b)
+    sock = str(tmp_path / "daemon.sock")
+    env = nix_env(str(tmp_path / "d"))
+    with open(tmp_path / "daemon.log", "wb") as log:
+        proc = start_daemon(kind, str(tmp_path / "droot"), sock, env, log=log, cwd=str(tmp_path))
+    try:
+        r = sk("--store", f"unix://{sock}", "copy", "--json", "--from", f"file://{c1}", b)
+        assert sorted(json.loads(r.stdout)["copied"]) == sorted([a, b])
+        sk("--store", f"unix://{sock}", "copy", "-q", "--to", f"file://{c2}?compression=none", b)
+    finally:
+        stop_process(proc)
+    for name in os.listdir(c1):
+        if name.endswith(".narinfo"):
+            assert (c1 / name).read_text() == (c2 / name).read_text()

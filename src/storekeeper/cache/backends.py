@@ -5,7 +5,10 @@ A backend is a flat key space (``nix-cache-info``, ``<hash>.narinfo``,
 is atomic: a reader sees the old object or the new one, never part of one.
 
 * ``file://DIR``: temp file in the key's directory, fsync, ``rename`` (``put``)
-  or ``link`` (``create``: fails if the key exists).
+  or ``link`` (``create``: fails if the key exists).  The directories changed are
+  synced by :meth:`Backend.barrier` (and at close), not after each write, so a
+  writer orders durability where it matters (NARs before the narinfos naming them)
+  at one directory sync per batch.
 * ``http(s)://``: one keep-alive connection per thread; GET/HEAD/PUT; 404, 410,
   401, 403 and 407 are "absent" (spec §7.1); 5xx, 408, 429 and connection
   failures are retried (``download-attempts``, 5) with Nix's back-off.
@@ -78,6 +81,11 @@ class Backend(ABC):
         if close is not None:
             close()
 
+    def barrier(self) -> None:  # noqa: B027 -- remote stores are durable once they answer
+        """Make every write so far durable before any later one (the file backend's
+        directory syncs; a no-op where a write is durable when acknowledged)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 -- most backends hold nothing to close
         return None
 
@@ -88,6 +96,21 @@ class FileBackend(Backend):
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") or "/"
         self.url = f"file://{self.root}"
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+
+    def _changed(self, path: str) -> None:
+        with self._dirty_lock:
+            self._dirty.add(os.path.dirname(path))
+
+    def barrier(self) -> None:
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        for d in sorted(dirty):
+            fsync_dir(d)
+
+    def close(self) -> None:
+        self.barrier()
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
@@ -136,7 +159,7 @@ class FileBackend(Backend):
         except BaseException:
             _unlink(tmp)
             raise
-        fsync_dir(os.path.dirname(self._path(key)))
+        self._changed(self._path(key))
 
     def create(self, key: str, data: bytes) -> bool:
         tmp = self._temp(key, data)
@@ -146,7 +169,7 @@ class FileBackend(Backend):
             return False
         finally:
             _unlink(tmp)
-        fsync_dir(os.path.dirname(self._path(key)))
+        self._changed(self._path(key))
         return True
 
 

@@ -264,7 +264,17 @@ class BinaryCache:
         finally:
             os.unlink(prep.tmp)
 
-    def commit(self, prep: Prepared, present: set[StorePath]) -> bool:
+    def commit_batch(self, preps: list[Prepared], present: set[StorePath]) -> list[bool]:
+        """:meth:`commit` each (in order, references first), after one barrier that makes
+        their NARs durable before any of their narinfos."""
+        self.backend.barrier()
+        out = []
+        for prep in preps:
+            out.append(self.commit(prep, present, barrier=False))
+            present.add(prep.narinfo.path)
+        return out
+
+    def commit(self, prep: Prepared, present: set[StorePath], barrier: bool = True) -> bool:
         """Write the listing and the narinfo (signed when ``secret-key`` is set); the NAR
         must be uploaded and every reference in ``present``.  True if written, False if
         the same path (same NarHash) was there already."""
@@ -279,6 +289,8 @@ class BinaryCache:
             ni = ni.with_(sigs=ni.sigs | {sign_info(sd, prep.info, key)})
         if prep.listing is not None:
             self.backend.put(listing_key(ni.path), prep.listing.encode())
+        if barrier:
+            self.backend.barrier()
         if self.backend.create(narinfo_key(ni.path), ni.render().encode()):
             return True
         there = self.narinfo(sd, ni.path)

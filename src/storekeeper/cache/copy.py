@@ -14,6 +14,8 @@ while it streams.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,45 +60,57 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
     todo = [p for p in order if p not in present]
     infos = {p: store.path_info(p) for p in todo}
 
-    def prepare(p: StorePath) -> Prepared:
-        return cache.prepare(sd, infos[p], store.dump_path(p), tmp_dir)
-
     def prepare_and_upload(p: StorePath, chunks: Iterable[bytes]) -> tuple[Prepared, bool]:
         prep = cache.prepare(sd, infos[p], chunks, tmp_dir)
         return prep, cache.upload(prep)
 
+    batch: list[tuple[Prepared, bool]] = []
+
+    def flush() -> None:
+        # one barrier per batch: its NARs durable, then its narinfos in order
+        written = cache.commit_batch([prep for prep, _ in batch], present)
+        for (prep, uploaded), w in zip(batch, written):
+            _record(cache, prep, uploaded, w, result, log)
+        batch.clear()
+
     if jobs > 1 and len(todo) > 1:
         with ThreadPoolExecutor(jobs) as pool:
             # the store is asked in this thread (pins, validity); the NAR is read there
-            futures: deque[tuple[StorePath, Future[tuple[Prepared, bool]]]] = deque()
+            futures: deque[Future[tuple[Prepared, bool]]] = deque()
             queue = deque(todo)
-            while queue or futures:
-                while queue and len(futures) < 2 * jobs:
-                    p = queue.popleft()
-                    futures.append((p, pool.submit(prepare_and_upload, p, store.dump_path(p))))
-                p, fut = futures.popleft()
-                try:
-                    prep, uploaded = fut.result()
-                except BaseException:
-                    for _, f in futures:
-                        f.cancel()
-                    raise
-                _commit(cache, prep, uploaded, present, result, log)
+            try:
+                while queue or futures:
+                    while queue and len(futures) < 2 * jobs:
+                        p = queue.popleft()
+                        futures.append(pool.submit(prepare_and_upload, p, store.dump_path(p)))
+                    batch.append(futures.popleft().result())
+                    while futures and futures[0].done() and len(batch) < BATCH:
+                        batch.append(futures.popleft().result())
+                    flush()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     else:
         for p in todo:
-            prep = prepare(p)
-            uploaded = cache.upload(prep)
-            _commit(cache, prep, uploaded, present, result, log)
+            batch.append(prepare_and_upload(p, store.dump_path(p)))
+            if len(batch) >= BATCH:
+                flush()
+        if batch:
+            flush()
+    cache.backend.barrier()
     return result
 
 
-def _commit(cache: BinaryCache, prep: Prepared, uploaded: bool, present: set[StorePath],
+#: narinfos committed after one durability barrier
+BATCH = 64
+
+
+def _record(cache: BinaryCache, prep: Prepared, uploaded: bool, written: bool,
             result: CopyResult, log: Callable[[str], None] | None) -> None:
     ni = prep.narinfo
-    if log:
-        log(f"copying path '{ni.store_dir.print(ni.path)}' to '{cache.url}'")
-    written = cache.commit(prep, present)
-    present.add(ni.path)
+    if log and written:
+        log(f"copied path '{ni.store_dir.print(ni.path)}' to '{cache.url}'")
     (result.copied if written else result.skipped).append(ni.path)
     if written:
         result.nar_bytes += ni.nar_size
@@ -168,6 +182,9 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
                 raise StoreError(f"cannot add path '{sd.print(p)}' because it lacks a valid "
                                  f"signature (none of its signatures is by a key in "
                                  f"'trusted-public-keys'; cache '{cache.url}')")
+    if cache.threads > 1 and len(todo) > 1:
+        _add_prefetched(cache, store, [infos[p] for p in todo], store_checks_sigs, result, log)
+        return result
     for p in todo:
         ni = infos[p]
         if log:
@@ -178,10 +195,71 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
             stream.finish()
         finally:
             stream.close()
-        result.copied.append(p)
-        result.nar_bytes += ni.nar_size
-        result.file_bytes += ni.file_size or 0
+        _count(result, ni)
     return result
+
+
+def _count(result: CopyResult, ni: NarInfo) -> None:
+    result.copied.append(ni.path)
+    result.nar_bytes += ni.nar_size
+    result.file_bytes += ni.file_size or 0
+
+
+#: NARs downloaded ahead of the one being added (remote caches)
+PREFETCH = 8
+
+
+def _download(cache: BinaryCache, ni: NarInfo, tmp_dir: str | None) -> str:
+    """Download, decode and check one NAR into a temp file (a worker thread's part)."""
+    fd, tmp = tempfile.mkstemp(prefix="sk-nar-", dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            stream = cache.open_nar(ni)
+            try:
+                while chunk := stream.read(1 << 20):
+                    out.write(chunk)
+                stream.finish()
+            finally:
+                stream.close()
+        return tmp
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _add_prefetched(cache: BinaryCache, store: Store, nis: list[NarInfo], store_checks_sigs: bool,
+                    result: CopyResult, log: Callable[[str], None] | None,
+                    tmp_dir: str | None = None) -> None:
+    """Remote caches: NARs are fetched (and checked) in threads, up to PREFETCH ahead, and
+    added to the store in this thread, references first."""
+    with ThreadPoolExecutor(min(PREFETCH, cache.threads)) as pool:
+        futures = deque((ni, pool.submit(_download, cache, ni, tmp_dir)) for ni in nis[:PREFETCH])
+        rest = deque(nis[PREFETCH:])
+        try:
+            while futures:
+                ni, fut = futures.popleft()
+                if rest:
+                    nxt = rest.popleft()
+                    futures.append((nxt, pool.submit(_download, cache, nxt, tmp_dir)))
+                tmp = fut.result()
+                try:
+                    if log:
+                        log(f"copying path '{ni.store_dir.print(ni.path)}' from '{cache.url}'")
+                    with open(tmp, "rb") as nar:
+                        store.add_nar(ni.path_info(), nar, check_sigs=store_checks_sigs)
+                finally:
+                    os.unlink(tmp)
+                _count(result, ni)
+        except BaseException:
+            for _, pending in futures:
+                pending.cancel()
+            for _, pending in futures:
+                if not pending.cancelled():
+                    try:
+                        os.unlink(pending.result())
+                    except BaseException:  # already failing: only clean up
+                        pass
+            raise
 
 
 __all__ = ["CacheError", "CopyResult", "closure_in_cache", "copy_from_cache", "copy_to_cache"]
