@@ -25,8 +25,8 @@ stops the substitution unless ``fallback`` is on, as Nix 2.8.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping
 
 from ..cache import BinaryCache, NarMissing, open_cache
 from ..config import settings as settings_table
@@ -58,6 +58,9 @@ class SubstituteSettings:
     fallback: bool = field(default_factory=_d("fallback"))
     narinfo_cache_negative_ttl: int = field(default_factory=_d("narinfo-cache-negative-ttl"))
     narinfo_cache_positive_ttl: int = field(default_factory=_d("narinfo-cache-positive-ttl"))
+
+    def _replace(self, **changes: Any) -> "SubstituteSettings":
+        return replace(self, **changes)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "SubstituteSettings":
         return apply_settings(self, settings_table.SUBSTITUTE, pairs)
