@@ -247,3 +247,53 @@ class _Bytes:
         out = self._data[self._pos:self._pos + n]
         self._pos += len(out)
         return out
+
+
+@pytest.fixture
+def user(shared_dir):
+    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("runuser") is None:
+        pytest.skip("needs root, useradd and runuser to create a real user")
+    import pwd
+    name = f"sks{os.getpid() % 100000}"
+    subprocess.run(["useradd", "-M", "-N", "-s", "/bin/sh", name], check=True, capture_output=True)
+    try:
+        u = pwd.getpwnam(name)
+        home = os.path.join(shared_dir, f"home-{name}")
+        os.mkdir(home, 0o700)
+        os.chown(home, u.pw_uid, u.pw_gid)
+        yield u, home
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_an_untrusted_user_may_only_use_trusted_substituters(user, shared_dir):
+    u, home = user
+    allowed = os.path.join(shared_dir, "allowed")
+    other = os.path.join(shared_dir, "other")
+    for d in (allowed, other):
+        shutil.copytree(os.path.join(VECTORS, "nix28-file-zstd"), d)
+    client_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
+                  "XDG_CACHE_HOME": os.path.join(home, ".cache"),
+                  "NIX_CONF_DIR": os.path.join(home, "etc")}
+    got = {}
+    for kind in ("ours", "nix"):
+        base = os.path.join(shared_dir, kind)
+        os.mkdir(base)
+        env = nix_env(base)
+        with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+            f.write(f"trusted-substituters = file://{allowed}\n")
+        sock = os.path.join(base, "sock")
+        proc = start_daemon(kind, os.path.join(base, "root"), sock, env)
+        try:
+            def run(url: str) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    ["runuser", "-u", u.pw_name, "--", "env", "-i",
+                     *(f"{k}={v}" for k, v in {**client_env, "NIX_REMOTE": f"unix://{sock}"}.items()),
+                     "nix-store", "-r", B, "--option", "substituters", url],
+                    capture_output=True, text=True, timeout=120)
+            refused, ok = run(f"file://{other}"), run(f"file://{allowed}")
+            got[kind] = (refused.returncode != 0, ok.returncode, ok.stdout)
+            assert f"ignoring untrusted substituter 'file://{other}'" in refused.stderr, refused.stderr
+        finally:
+            stop_process(proc)
+    assert got["ours"] == got["nix"] == (True, 0, B + "\n")
