@@ -285,7 +285,7 @@ def test_an_untrusted_user_may_only_use_trusted_substituters(user, shared_dir):
         sock = os.path.join(base, "sock")
         proc = start_daemon(kind, os.path.join(base, "root"), sock, env)
         try:
-            def run(url: str) -> subprocess.CompletedProcess:
+            def run(url: str, sock: str = sock) -> subprocess.CompletedProcess:
                 return subprocess.run(
                     ["runuser", "-u", u.pw_name, "--", "env", "-i",
                      *(f"{k}={v}" for k, v in {**client_env, "NIX_REMOTE": f"unix://{sock}"}.items()),
