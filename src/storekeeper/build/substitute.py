@@ -287,7 +287,7 @@ class Substituters:
                                          "", [printed, cache.url])
         try:
             act = self.logger.start_activity(
-                Verbosity.NOTICE, ActivityType.COPY_PATH,
+                Verbosity.INFO, ActivityType.COPY_PATH,
                 f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
             try:
                 self.store.pin(ni.path)  # before it becomes valid
