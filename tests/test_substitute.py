@@ -297,3 +297,19 @@ def test_an_untrusted_user_may_only_use_trusted_substituters(user, shared_dir):
         finally:
             stop_process(proc)
     assert got["ours"] == got["nix"] == (True, 0, B + "\n")
+
+
+def test_a_corrupt_narinfo_fails_unless_fallback(tmp_path, daemons):
+    bad = copy_cache(tmp_path, "nix28-file-zstd", "bad")
+    good = copy_cache(tmp_path, "nix28-file-zstd", "good")
+    with open(os.path.join(bad, os.path.basename(B)[:32] + ".narinfo"), "w") as f:
+        f.write(f"StorePath: {B}\nURL: x\nNarHash: garbage\n")
+    subs = ["--option", "substituters", f"file://{bad} file://{good}"]
+    got = {}
+    for kind in ("ours", "nix"):
+        daemons.start(kind)
+        strict = daemons.nix_store(kind, "-r", B, *subs)
+        lenient = daemons.nix_store(kind, "-r", B, *subs, "--fallback")
+        got[kind] = (strict.returncode != 0, lenient.returncode, lenient.stdout)
+        assert "narinfo" in strict.stderr and "Traceback" not in strict.stderr
+    assert got["ours"] == got["nix"] == (True, 0, B + "\n")
