@@ -49,28 +49,31 @@ def what_is_missing(store, targets: Iterable[DerivedPath], subs=None) -> Missing
         """Record ``paths`` (and their invalid references) as fetched if caches have all."""
         if subs is None:
             return False
-        found = {}
+        subs.prefetch(paths)  # (each cache looks them up in parallel)
+        level = []
         for p in paths:
             hit = subs.query(p)
             if hit is None:
                 return False
-            found[p] = hit[1]
-        todo = [ni for ni in found.values()]
-        while todo:
-            ni = todo.pop()
-            if ni.path in m.will_substitute:
-                continue
-            m.will_substitute.add(ni.path)
-            m.download_size += ni.file_size or 0
-            m.nar_size += ni.nar_size
-            for r in sorted(ni.references - {ni.path}):
-                if r in m.will_substitute or store.is_valid(r):
+            level.append(hit[1])
+        while level:
+            refs: set[StorePath] = set()
+            for ni in level:
+                if ni.path in m.will_substitute:
                     continue
+                m.will_substitute.add(ni.path)
+                m.download_size += ni.file_size or 0
+                m.nar_size += ni.nar_size
+                refs |= ni.references - {ni.path}
+            todo = sorted(r for r in refs if r not in m.will_substitute and not store.is_valid(r))
+            subs.prefetch(todo)
+            level = []
+            for r in todo:
                 hit = subs.query(r)
                 if hit is None:
                     m.unknown.add(r)
                 else:
-                    todo.append(hit[1])
+                    level.append(hit[1])
         return True
 
     while queue:

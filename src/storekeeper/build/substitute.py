@@ -100,6 +100,8 @@ class Substituters:
         self._disk: NarInfoDiskCache | None = disk_cache
         self._disk_failed = False
         self._own_disk = False
+        #: (cache URL, path) -> narinfo or None: this request's answers (in front of the disk cache)
+        self._memo: dict[tuple[str, StorePath], NarInfo | None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -158,6 +160,13 @@ class Substituters:
         return (self.settings.narinfo_cache_positive_ttl, self.settings.narinfo_cache_negative_ttl)
 
     def _lookup(self, cache: BinaryCache, path: StorePath) -> NarInfo | None:
+        if (cache.url, path) in self._memo:
+            return self._memo[cache.url, path]
+        ni = self._lookup_uncached(cache, path)
+        self._memo[cache.url, path] = ni
+        return ni
+
+    def _lookup_uncached(self, cache: BinaryCache, path: StorePath) -> NarInfo | None:
         disk = self._disk_cache(cache)
         if disk is not None:
             known = disk.lookup(cache.url, self.sd, path.hash_part, *self._ttls())
@@ -188,6 +197,15 @@ class Substituters:
                 return cache, ni
         return None
 
+    def prefetch(self, paths: Iterable[StorePath]) -> None:
+        """Look ``paths`` up in every cache at once (each cache's threads), so that the
+        :meth:`query` calls that follow are answered from memory; errors are left
+        for those calls to meet."""
+        try:
+            self.query_many(paths)
+        except StoreError:
+            pass
+
     def query_many(self, paths: Iterable[StorePath]) -> dict[StorePath, NarInfo]:
         """First hit per path, every cache in priority order (QuerySubstitutablePathInfos)."""
         found: dict[StorePath, NarInfo] = {}
@@ -195,11 +213,16 @@ class Substituters:
         for cache in self.caches():
             if not left:
                 break
+            for p in [p for p in left if (cache.url, p) in self._memo]:
+                ni = self._memo[cache.url, p]
+                if ni is not None:
+                    found[p] = ni
+            left = [p for p in left if p not in found]
             disk = self._disk_cache(cache)
-            ask = left
+            ask = [p for p in left if (cache.url, p) not in self._memo]
             if disk is not None:
                 ask = []
-                for p in left:
+                for p in [p for p in left if (cache.url, p) not in self._memo]:
                     known = disk.lookup(cache.url, self.sd, p.hash_part, *self._ttls())
                     if known is None or (known[1] is not None and known[1].path != p):
                         ask.append(p)
@@ -211,8 +234,9 @@ class Substituters:
                 if not self.settings.fallback:
                     raise StoreError(str(e)) from None
                 continue
-            if disk is not None:
-                for p in ask:
+            for p in ask:
+                self._memo[cache.url, p] = got.get(p)
+                if disk is not None:
                     disk.record(cache.url, self.sd, p.hash_part, got.get(p))
             found.update(got)
             left = [p for p in left if p not in found]
