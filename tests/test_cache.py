@@ -523,3 +523,33 @@ def test_http_corrupt_nar_fails_the_copy_and_registers_nothing(http_dir, tmp_pat
     with pytest.raises(StoreError, match="a.txt"):
         copy_from_cache(cache, store, [B, HELLO], keys={})
     assert not store.is_valid(A) and not store.is_valid(B)
+
+
+def test_store_accepts_a_signed_import_only_with_a_trusted_key(tmp_path):
+    """add_nar(check_sigs=True) (what the daemon does for untrusted clients and
+    dontCheckSigs=0): a signed input-addressed path passes with trusted-public-keys or a
+    readable secret-key-files key, and is refused otherwise."""
+    from storekeeper.store.settings import StoreSettings
+    cache = open_cache(f"file://{VECTORS}/nix28-file-xz")
+    sd = StoreDir("/tmp/research-bc/cs/store")
+    dep = cache.narinfo(sd, StorePath("47azgk2sj1r1p469lpmqhmm00jsirb06-dep.txt"))
+    demo = cache.narinfo(sd, DEMO)
+    assert dep is not None and demo is not None
+
+    def attempt(settings: StoreSettings, n: int) -> None:
+        store = store_for(tmp_path / str(n), sd.path)
+        store.settings = settings
+        store.add_nar(dep.path_info(), cache.open_nar(dep), check_sigs=True)  # CA: no key needed
+        store.add_nar(demo.path_info(), cache.open_nar(demo), check_sigs=True)
+        assert store.is_valid(DEMO)
+
+    with pytest.raises(StoreError, match="because it lacks a valid signature"):
+        attempt(StoreSettings(), 0)  # cache.nixos.org's key only
+    attempt(StoreSettings(trusted_public_keys=(PUBLIC.render(),)), 1)
+    attempt(StoreSettings(trusted_public_keys=(), secret_key_files=(
+        str(tmp_path / "unreadable-is-skipped"), os.path.join(VECTORS, "keys", "research-bc-1.secret"))), 2)
+    forged = demo.path_info().with_(nar_size=demo.nar_size + 8)
+    store = store_for(tmp_path / "3", sd.path)
+    store.settings = StoreSettings(trusted_public_keys=(PUBLIC.render(),))
+    with pytest.raises(StoreError, match="lacks a valid signature"):
+        store.add_nar(forged, cache.open_nar(demo), check_sigs=True)

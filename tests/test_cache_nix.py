@@ -168,3 +168,36 @@ def test_copy_through_a_daemon(tmp_path, source, kind):
     for name in os.listdir(c1):
         if name.endswith(".narinfo"):
             assert (c1 / name).read_text() == (c2 / name).read_text()
+
+
+def test_nix_copy_from_cache_into_our_daemon_checks_signatures(tmp_path, source):
+    """Spec §9.4: nix copy --from <cache> into a daemon sends AddMultipleToStore with
+    dontCheckSigs=0 and the narinfo's Sig; our daemon verifies against its
+    trusted-public-keys (a signed input-addressed path: accepted with the key, refused
+    without)."""
+    from daemon_util import start_daemon, stop_process
+    root, ia, _b, _a = source
+    cache = tmp_path / "cache"
+    sk("--store", root, "copy", "-q", "--to", f"file://{cache}?secret-key={tmp_path / 'sk'}", ia)
+    pk = (tmp_path / "pk").read_text()
+    for trusted, n in ((False, 0), (True, 1)):
+        env = nix_env(str(tmp_path / f"d{n}"))
+        if trusted:
+            with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+                f.write(f"trusted-public-keys = {pk}\n")
+        sock = str(tmp_path / f"d{n}.sock")
+        with open(tmp_path / f"d{n}.log", "wb") as log:
+            proc = start_daemon("ours", str(tmp_path / f"droot{n}"), sock, env, log=log,
+                                cwd=str(tmp_path))
+        try:
+            r = run_nix(["nix", "--extra-experimental-features", "nix-command", "copy", "--from",
+                         f"file://{cache}", "--to", f"unix://{sock}", ia], str(tmp_path / f"d{n}"),
+                        env=env, check=False)
+            if trusted:
+                assert r.returncode == 0, r.stderr
+                info = json.loads(sk("--store", f"unix://{sock}", "path-info", "--json", ia).stdout)[0]
+                assert info["signatures"][0].startswith("test-cache-1:")
+            else:
+                assert r.returncode != 0 and b"lacks a valid signature" in r.stderr
+        finally:
+            stop_process(proc)

@@ -29,6 +29,9 @@ from ..formats.storepath import StorePath
 from .backends import CacheError
 from .binary import BinaryCache, Prepared
 
+#: progress(paths done or skipped, paths in the closure, NAR bytes copied)
+Progress = Callable[[int, int, int], None]
+
 
 @dataclass
 class CopyResult:
@@ -47,7 +50,7 @@ class CopyResult:
 
 def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                   jobs: int = 1, log: Callable[[str], None] | None = None,
-                  tmp_dir: str | None = None) -> CopyResult:
+                  tmp_dir: str | None = None, progress: Progress | None = None) -> CopyResult:
     """Copy the closure of ``paths`` into ``cache``.  ``jobs`` > 1 compresses in threads;
     only for stores whose ``dump_path`` streams may be read from other threads (a local
     store's are; a daemon connection's are not)."""
@@ -72,6 +75,8 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
         for (prep, uploaded), w in zip(batch, written):
             _record(cache, prep, uploaded, w, result, log)
         batch.clear()
+        if progress:
+            progress(len(result.copied) + len(result.skipped), len(order), result.nar_bytes)
 
     if jobs > 1 and len(todo) > 1:
         with ThreadPoolExecutor(jobs) as pool:
@@ -94,6 +99,9 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
     else:
         for p in todo:
             batch.append(prepare_and_upload(p, store.dump_path(p)))
+            if progress:
+                progress(len(result.copied) + len(result.skipped) + len(batch), len(order),
+                         result.nar_bytes + sum(prep.narinfo.nar_size for prep, _ in batch))
             if len(batch) >= BATCH:
                 flush()
         if batch:
@@ -163,7 +171,8 @@ def _topo(infos: Mapping[StorePath, NarInfo]) -> list[StorePath]:
 def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath],
                     keys: Mapping[str, PublicKey], check_sigs: bool = True,
                     store_checks_sigs: bool = False,
-                    log: Callable[[str], None] | None = None) -> CopyResult:
+                    log: Callable[[str], None] | None = None,
+                    progress: Progress | None = None) -> CopyResult:
     """Copy the closure of ``paths`` from ``cache`` into ``store``.
 
     ``check_sigs``: refuse paths that are neither content-addressed nor signed by one of
@@ -183,7 +192,9 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
                                  f"signature (none of its signatures is by a key in "
                                  f"'trusted-public-keys'; cache '{cache.url}')")
     if cache.threads > 1 and len(todo) > 1:
-        _add_prefetched(cache, store, [infos[p] for p in todo], store_checks_sigs, result, log)
+        _add_prefetched(cache, store, [infos[p] for p in todo], store_checks_sigs, result, log,
+                        progress=progress and (lambda: progress(
+                            len(result.copied) + len(result.skipped), len(order), result.nar_bytes)))
         return result
     for p in todo:
         ni = infos[p]
@@ -196,6 +207,8 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
         finally:
             stream.close()
         _count(result, ni)
+        if progress:
+            progress(len(result.copied) + len(result.skipped), len(order), result.nar_bytes)
     return result
 
 
@@ -229,7 +242,8 @@ def _download(cache: BinaryCache, ni: NarInfo, tmp_dir: str | None) -> str:
 
 def _add_prefetched(cache: BinaryCache, store: Store, nis: list[NarInfo], store_checks_sigs: bool,
                     result: CopyResult, log: Callable[[str], None] | None,
-                    tmp_dir: str | None = None) -> None:
+                    tmp_dir: str | None = None,
+                    progress: Callable[[], None] | None = None) -> None:
     """Remote caches: NARs are fetched (and checked) in threads, up to PREFETCH ahead, and
     added to the store in this thread, references first."""
     with ThreadPoolExecutor(min(PREFETCH, cache.threads)) as pool:
@@ -250,6 +264,8 @@ def _add_prefetched(cache: BinaryCache, store: Store, nis: list[NarInfo], store_
                 finally:
                     os.unlink(tmp)
                 _count(result, ni)
+                if progress:
+                    progress()
         except BaseException:
             for _, pending in futures:
                 pending.cancel()

@@ -89,7 +89,13 @@ def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
 def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     from ...cache import open_cache
     from ...cache.copy import copy_from_cache, copy_to_cache
-    log = None if args.json or args.quiet else (lambda m: print(m, file=sys.stderr))
+    from ..progress import Progress
+    bar = Progress("copying")
+    log = None if args.json or args.quiet else bar.log
+
+    def progress(done: int, total: int, nar_bytes: int) -> None:
+        bar.label = f"copying ({nar_bytes / 2**20:.1f} MiB)"
+        bar.update(done, total)
     cache = open_cache(args.to or args.from_)
     try:
         if args.to:
@@ -97,15 +103,16 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             jobs = args.jobs if args.jobs else (min(4, os.cpu_count() or 1) if is_local(store) else 1)
             if not is_local(store):
                 jobs = 1  # one daemon connection: NARs come one after the other
-            result = copy_to_cache(store, cache, paths, jobs=jobs, log=log)
+            result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
         else:
             paths = [_store_path(store, p) for p in args.paths]
             local = is_local(store)
             result = copy_from_cache(cache, store, paths, trusted_keys(args),
                                      check_sigs=not args.no_check_sigs,
                                      store_checks_sigs=not local and not args.no_check_sigs,
-                                     log=log)
+                                     log=log, progress=progress)
     finally:
+        bar.close()
         cache.close()
     if args.json:
         print(json.dumps(result.to_json(store.print_path)))
