@@ -313,3 +313,24 @@ def test_a_corrupt_narinfo_fails_unless_fallback(tmp_path, daemons):
         got[kind] = (strict.returncode != 0, lenient.returncode, lenient.stdout)
         assert "narinfo" in strict.stderr and "Traceback" not in strict.stderr
     assert got["ours"] == got["nix"] == (True, 0, B + "\n")
+
+
+def test_nix_copy_substitute_on_destination(tmp_path, daemons):
+    """``nix copy -s`` asks QueryValidPaths(substitute=1): the daemon fetches what its
+    caches have itself, and the client sends nothing."""
+    cache = copy_cache(tmp_path, "nix28-file-zstd")
+    src = str(tmp_path / "src")
+    subprocess.run(["nix-store", "--store", src, "-r", B, "--option", "substituters",
+                    f"file://{cache}"], env=daemons.env, check=True, capture_output=True)
+    os.unlink(os.path.join(cache, "nar", os.listdir(os.path.join(cache, "nar"))[0]))
+    got = {}
+    for kind in ("ours", "nix"):
+        daemons.start(kind)
+        r = subprocess.run([*["nix", "--extra-experimental-features", "nix-command"], "copy",
+                            "--store", src, "--to", f"unix://{daemons.socks[kind]}", "-s", B,
+                            "--option", "substituters", f"file://{cache}"],
+                           env=daemons.env, capture_output=True, text=True, timeout=120)
+        valid = daemons.nix_store(kind, "-q", "--hash", A, B)
+        got[kind] = (r.returncode, valid.returncode, valid.stdout)
+    assert got["ours"] == got["nix"]
+    assert got["ours"][:2] == (0, 0)
