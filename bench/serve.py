@@ -42,7 +42,10 @@ def start(root: str, args: list[str], log: str) -> tuple[subprocess.Popen, int]:
     raise SystemExit("storekeeper serve did not start")
 
 
-def load(port: int, keys: list[str], clients: int, seconds: float) -> tuple[list[float], int]:
+def load(port: int, keys: list[str], clients: int, seconds: float) -> tuple[list[float], int, float]:
+    """Latencies, bytes received and the wall time (requests started before the end
+    run to completion, so it can exceed ``seconds``)."""
+    t0 = time.monotonic()
     lat: list[float] = []
     total = [0]
     lock = threading.Lock()
@@ -72,13 +75,13 @@ def load(port: int, keys: list[str], clients: int, seconds: float) -> tuple[list
         t.start()
     for t in threads:
         t.join()
-    return lat, total[0]
+    return lat, total[0], time.monotonic() - t0
 
 
 def report(what: str, lat: list[float], nbytes: int, seconds: float) -> None:
     lat.sort()
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    print(f"{what}: {len(lat) / seconds:.0f} req/s, {nbytes / seconds / 2**20:.1f} MB/s, "
+    print(f"{what}: {len(lat)} requests in {seconds:.1f} s: {len(lat) / seconds:.0f} req/s, {nbytes / seconds / 2**20:.1f} MB/s, "
           f"p50 {statistics.median(lat) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
 
 
@@ -109,14 +112,14 @@ def main() -> None:
         proc, port = start(root, extra, os.path.join(tmp, "log"))
         try:
             keys = [p.hash_part + ".narinfo" for p in paths]
-            lat, n = load(port, keys, a.clients, a.seconds)
-            report(f"narinfo ({a.clients} clients{', signed' if a.sign else ''})", lat, n, a.seconds)
+            lat, n, wall = load(port, keys, a.clients, a.seconds)
+            report(f"narinfo ({a.clients} clients{', signed' if a.sign else ''})", lat, n, wall)
             conn = http.client.HTTPConnection("127.0.0.1", port)
             conn.request("GET", f"/{big_info.path.hash_part}.narinfo")
             url = [line.split(": ", 1)[1] for line in conn.getresponse().read().decode().splitlines()
                    if line.startswith("URL: ")][0]
-            lat, n = load(port, [url], a.clients, a.seconds)
-            report(f"NAR {a.big} MiB ({a.compression}, {a.clients} clients)", lat, n, a.seconds)
+            lat, n, wall = load(port, [url], a.clients, a.seconds)
+            report(f"NAR {a.big} MiB ({a.compression}, {a.clients} clients)", lat, n, wall)
         finally:
             proc.terminate()
             proc.wait()
