@@ -287,6 +287,7 @@ class Substituters:
                                 "'trusted-public-keys'")
                 continue
             refs = sorted(info.references - {path})
+            self.prefetch(r for r in refs if r not in self._done and not self.store.is_valid(r))
             failed = [r for r in refs if not self.realise(r)]
             if failed:
                 self.logger.log(Verbosity.ERROR, f"error: some references of path '{printed}' "
