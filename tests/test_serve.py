@@ -193,3 +193,29 @@ def test_a_slow_client_does_not_hold_up_another(tmp_path, source):
         slow.close()
     finally:
         stop_process(proc)
+
+
+def test_our_daemon_substitutes_from_serve_over_http_and_keeps_the_answers(tmp_path, source):
+    from daemon_util import start_daemon
+    root, paths, env = source
+    proc, url, log = serve(tmp_path, root, "--sign-key", str(tmp_path / "sk"), "--compression", "zstd")
+    daemon = start_daemon("ours", str(tmp_path / "ours-root"), str(tmp_path / "ours.sock"), env)
+    try:
+        pk = (tmp_path / "pk").read_text().strip()
+        nix_store = ["nix-store", "--store", f"unix://{tmp_path}/ours.sock"]
+        opts = ["--option", "substituters", url, "--option", "trusted-public-keys", pk]
+        dry = subprocess.run([*nix_store, "-r", "--dry-run", paths["ia"], *opts], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert "these 2 paths will be fetched" in dry.stderr, dry.stderr
+        r = subprocess.run([*nix_store, "-r", paths["ia"], *opts], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == [paths["ia"]], r.stderr
+        hp = os.path.basename(paths["ia"])[:32]
+        served = open(log).read()
+        # the dry run's answer was kept (narinfo disk cache): one look-up of each narinfo
+        assert served.count(f"GET /{hp}.narinfo") == 1
+        assert os.path.exists(os.path.join(env["XDG_CACHE_HOME"], "storekeeper",
+                                           "binary-cache-v6.sqlite"))
+    finally:
+        stop_process(daemon)
+        stop_process(proc)
