@@ -220,6 +220,8 @@ class Decompressing:
         return data
 
     def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
         if n < 0:
             parts = []
             while piece := self.read(CHUNK):
