@@ -116,3 +116,19 @@ def test_nix_substitutes_from_the_bucket_over_http(bucket, tmp_path):
     run_nix(["nix-store", "--store", nixroot, "-r", src.print_path(B), "--option", "substituters",
              f"http://127.0.0.1:{port}/{name}"], str(tmp_path))
     assert os.path.exists(os.path.join(nixroot, "nix", "store", B.base))
+
+
+def test_s3_content_encoded_narinfo_is_decoded(bucket, tmp_path):
+    """Spec §4.3/§11: a bucket written with narinfo-compression has narinfos with a
+    Content-Encoding; readers decode them by that header."""
+    import gzip
+    name, url, s3 = bucket
+    text = open(os.path.join(VECTORS, "nix28-file-none", narinfo_key(A)), "rb").read()
+    s3.put_object(Bucket=name, Key="nix-cache-info", Body=b"StoreDir: /nix/store\n")
+    s3.put_object(Bucket=name, Key=narinfo_key(A), Body=gzip.compress(text),
+                  ContentEncoding="gzip", ContentType="text/x-nix-narinfo")
+    ni = open_cache(url).narinfo(StoreDir(), A)
+    assert ni is not None and ni.render().encode() == text
+    s3.put_object(Bucket=name, Key=narinfo_key(A), Body=b"junk", ContentEncoding="snappy")
+    with pytest.raises(CacheError, match="unknown Content-Encoding 'snappy'"):
+        open_cache(url).narinfo(StoreDir(), A)

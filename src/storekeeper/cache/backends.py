@@ -20,6 +20,7 @@ is atomic: a reader sees the old object or the new one, never part of one.
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import random
 import shutil
@@ -31,10 +32,26 @@ from typing import Any, BinaryIO, Iterator
 from ..errors import StoreError
 from ..formats.streams import Readable
 from ..fs.atomic import fsync_dir, temp_name
+from .compression import Decompressing
 
 #: Content-Type of each kind of key when uploading (spec §7.1)
 CONTENT_TYPES = {".narinfo": "text/x-nix-narinfo", ".ls": "application/json",
                  "nix-cache-info": "text/x-nix-cache-info"}
+
+
+#: Content-Encoding values a reader decodes (spec §4.3: S3's narinfo-/ls-/log-compression)
+_ENCODINGS = {"gzip": "gzip", "x-gzip": "gzip", "br": "br", "xz": "xz", "bzip2": "bzip2",
+              "zstd": "zstd"}
+
+
+def decode_content(data: bytes, encoding: str | None, where: str) -> bytes:
+    """A small object's bytes, decoded by its Content-Encoding (identity or none: as is)."""
+    if not encoding or encoding.strip().lower() in ("identity", ""):
+        return data
+    method = _ENCODINGS.get(encoding.strip().lower())
+    if method is None:
+        raise CacheError(f"'{where}' has the unknown Content-Encoding '{encoding}'")
+    return Decompressing(io.BytesIO(data), method).read(-1)
 
 
 def content_type(key: str) -> str:
@@ -275,7 +292,7 @@ class HttpBackend(Backend):
             return None
         if resp.status != 200:
             raise CacheError(f"unable to download '{self.url}/{key}': HTTP {resp.status} {resp.reason}")
-        return data
+        return decode_content(data, resp.getheader("Content-Encoding"), f"{self.url}/{key}")
 
     def open(self, key: str) -> Readable | None:
         resp, conn = self._request("GET", key)

@@ -111,28 +111,34 @@ def compressor(method: str, level: int = -1, threads: int = 1) -> Compressor:
 # --- reading -----------------------------------------------------------------------
 
 class Decompressing:
-    """A readable stream of the decoded bytes of ``raw`` (itself a readable stream)."""
+    """A readable stream of the decoded bytes of ``raw`` (itself a readable stream).
+
+    Output is bounded by what is asked for (``max_length`` / ``output_buffer_limit``), so a
+    small file that decodes to gigabytes (a NAR of a sparse file) never sits in memory.
+    """
 
     def __init__(self, raw: Readable, method: str) -> None:
         self._raw = raw
-        self._buf = b""
-        self._eof = False
+        self._eof = False      # no more compressed input
+        self._done = False     # no more output
         head = b""
         if method in ("", "none"):
-            self._kind = "none"
+            kind = "none"
         elif method == "br":
-            self._kind = "br"
+            kind = "br"
         else:
             while len(head) < 6:
                 more = raw.read(6 - len(head))
                 if not more:
                     break
                 head += more
-            kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
-            if kind is None:
+            found = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+            if found is None:
                 raise CompressionError("input compression not recognized")
-            self._kind = kind
-        self._pending = head
+            kind = found
+        self._kind = kind
+        self._input = head     # compressed bytes not yet given to the decoder
+        self._out = b""        # decoded bytes beyond what a read asked for
         self._dec: Any = self._new()
 
     def _new(self) -> Any:
@@ -144,47 +150,110 @@ class Decompressing:
         if k == "gzip":
             return zlib.decompressobj(31)
         if k == "zstd":
-            return zstandard().ZstdDecompressor().decompressobj()
+            # a stream reader bounds its output by the read size (decompressobj does not:
+            # a few KiB of zstd can be gigabytes of zeros); Nix's frames have no content size
+            head, self._input = self._input, b""
+            return zstandard().ZstdDecompressor().stream_reader(
+                _Prefixed(head, self._raw), read_across_frames=True, closefd=False)
         if k == "br":
             return brotli().Decompressor()
         return None
 
-    def _feed(self, data: bytes) -> bytes:
-        dec = self._dec
-        if dec is None:
-            return data
-        try:
-            if self._kind == "br":
-                return bytes(dec.process(data))
-            out = dec.decompress(data)
-            # several concatenated streams (pbzip2, multi-frame zstd): start over on the rest
-            while getattr(dec, "eof", False) and getattr(dec, "unused_data", b""):
-                rest = dec.unused_data
-                dec = self._dec = self._new()
-                out += dec.decompress(rest)
-            return out
-        except Exception as e:  # each codec raises its own kind
-            raise CompressionError(f"{self._kind} data is corrupt: {e}") from None
+    def _more_input(self) -> bool:
+        if not self._input and not self._eof:
+            self._input = self._raw.read(CHUNK) or b""
+            if not self._input:
+                self._eof = True
+        return bool(self._input)
 
-    def _finish(self) -> None:
-        dec = self._dec
-        if dec is None:
-            return
-        done = dec.is_finished() if self._kind == "br" else getattr(dec, "eof", True)
-        if not done:
-            raise CompressionError(f"{self._kind} data ends early (truncated file)")
+    def _step(self, n: int) -> bytes:
+        """Up to ``n`` decoded bytes (maybe none, when the decoder needs more input)."""
+        dec, k = self._dec, self._kind
+        if k in ("xz", "bzip2"):
+            if dec.eof:
+                rest, self._input = dec.unused_data + self._input, b""
+                if not rest and not self._more_input():
+                    self._done = True
+                    return b""
+                dec = self._dec = self._new()  # a further stream (pbzip2, xz -T)
+                self._input = rest or self._input
+            data = b""
+            if dec.needs_input:
+                if not self._more_input():
+                    raise CompressionError(f"{k} data ends early (truncated file)")
+                data, self._input = self._input, b""
+            return bytes(dec.decompress(data, n))
+        if k == "gzip":
+            if dec.eof:
+                rest, self._input = dec.unused_data + self._input, b""
+                if not rest and not self._more_input():
+                    self._done = True
+                    return b""
+                dec = self._dec = self._new()
+                self._input = rest or self._input
+            if not dec.unconsumed_tail and not self._more_input():
+                raise CompressionError("gzip data ends early (truncated file)")
+            data = dec.unconsumed_tail or self._input
+            if not dec.unconsumed_tail:
+                self._input = b""
+            return bytes(dec.decompress(data, n))
+        if k == "br":
+            if dec.is_finished():
+                self._done = True
+                return b""
+            data = b""
+            if dec.can_accept_more_data() and self._more_input():
+                data, self._input = self._input, b""
+            out = bytes(dec.process(data, output_buffer_limit=n))
+            if not out and not data and not dec.is_finished() and self._eof:
+                raise CompressionError("br data ends early (truncated file)")
+            return out
+        if k == "zstd":
+            out = bytes(dec.read(n))
+            if not out:
+                self._done = True  # a cut frame just ends: the NarSize check catches it
+            return out
+        if not self._more_input():
+            self._done = True
+            return b""
+        data, self._input = self._input[:n], self._input[n:]
+        return data
 
     def read(self, n: int = -1) -> bytes:
-        while not self._eof and (n < 0 or len(self._buf) < n):
-            data = self._pending or self._raw.read(CHUNK)
-            self._pending = b""
-            if not data:
-                self._eof = True
-                self._finish()
-                break
-            self._buf += self._feed(data)
+        if n == 0:
+            return b""
         if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+            parts = []
+            while piece := self.read(CHUNK):
+                parts.append(piece)
+            return b"".join(parts)
+        if self._out:
+            out, self._out = self._out[:n], self._out[n:]
+            return out
+        while not self._done:
+            try:
+                out = self._step(n)
+            except (CompressionError, UsageError):
+                raise
+            except Exception as e:  # each codec raises its own kind
+                raise CompressionError(f"{self._kind} data is corrupt: {e}") from None
+            if out:
+                if len(out) > n:  # (no codec should, but a read must never return more)
+                    out, self._out = out[:n], out[n:]
+                return out
+        return b""
+
+
+class _Prefixed:
+    """``head`` (bytes already read for sniffing), then the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw: Readable) -> None:
+        self._head = head
+        self._raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            out = self._head if n < 0 else self._head[:n]
+            self._head = self._head[len(out):]
+            return out
+        return self._raw.read(n if n >= 0 else CHUNK) or b""

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Mapping
 
 from ..errors import UsageError
 from ..formats.streams import Readable
-from .backends import Backend, CacheError, content_type
+from .backends import Backend, CacheError, content_type, decode_content
 
 _ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound", "403", "AccessDenied"})
 
@@ -58,13 +58,17 @@ class S3Backend(Backend):
         return CacheError(f"unable to {what} '{self.url}/{key}': {e}")
 
     def get(self, key: str) -> bytes | None:
-        stream = self.open(key)
-        if stream is None:
-            return None
         try:
-            return bytes(stream.read(-1))
+            obj = self._s3.get_object(Bucket=self.bucket, Key=key)
+        except self._errors as e:
+            if self._absent(e):
+                return None
+            raise self._fail("download", key, e) from None
+        try:
+            data = bytes(obj["Body"].read())
         finally:
-            self.close_stream(stream)
+            obj["Body"].close()
+        return decode_content(data, obj.get("ContentEncoding"), f"{self.url}/{key}")
 
     def open(self, key: str) -> Readable | None:
         try:
