@@ -265,19 +265,35 @@ class BinaryCache:
             os.unlink(prep.tmp)
 
     def commit_batch(self, preps: list[Prepared], present: set[StorePath]) -> list[bool]:
-        """:meth:`commit` each (in order, references first), after one barrier that makes
-        their NARs durable before any of their narinfos."""
-        self.backend.barrier()
-        out = []
+        """Write the listings and narinfos of ``preps`` (in order, references first; each
+        NAR uploaded already): one durability barrier makes the NARs (and the narinfo
+        texts) durable before any narinfo appears.  True for each written, False for one
+        that was there with the same NarHash."""
+        items = []
+        added = set(present)
         for prep in preps:
-            out.append(self.commit(prep, present, barrier=False))
-            present.add(prep.narinfo.path)
-        return out
+            ni = self._final(prep, added)
+            added.add(ni.path)
+            if prep.listing is not None:
+                self.backend.put(listing_key(ni.path), prep.listing.encode())
+            items.append((ni, (narinfo_key(ni.path), ni.render().encode())))
+        written = self.backend.create_many([item for _, item in items])
+        for (ni, _), w in zip(items, written):
+            if not w:
+                there = self.narinfo(ni.store_dir, ni.path)
+                if there is None or there.nar_hash != ni.nar_hash:
+                    raise CacheError(f"binary cache '{self.url}' already has another narinfo "
+                                     f"for '{ni.store_dir.print(ni.path)}'")
+        present |= added
+        return written
 
-    def commit(self, prep: Prepared, present: set[StorePath], barrier: bool = True) -> bool:
-        """Write the listing and the narinfo (signed when ``secret-key`` is set); the NAR
-        must be uploaded and every reference in ``present``.  True if written, False if
-        the same path (same NarHash) was there already."""
+    def commit(self, prep: Prepared, present: set[StorePath]) -> bool:
+        """:meth:`commit_batch` of one."""
+        return self.commit_batch([prep], present)[0]
+
+    def _final(self, prep: Prepared, present: set[StorePath]) -> NarInfo:
+        """The narinfo to write (signed when ``secret-key`` is set), once every reference
+        is in ``present``."""
         ni = prep.narinfo
         sd = ni.store_dir
         for ref in ni.references:
@@ -287,17 +303,7 @@ class BinaryCache:
         key = self.secret_key()
         if key is not None:
             ni = ni.with_(sigs=ni.sigs | {sign_info(sd, prep.info, key)})
-        if prep.listing is not None:
-            self.backend.put(listing_key(ni.path), prep.listing.encode())
-        if barrier:
-            self.backend.barrier()
-        if self.backend.create(narinfo_key(ni.path), ni.render().encode()):
-            return True
-        there = self.narinfo(sd, ni.path)
-        if there is None or there.nar_hash != ni.nar_hash:
-            raise CacheError(f"binary cache '{self.url}' already has another narinfo for "
-                             f"'{sd.print(ni.path)}'")
-        return False
+        return ni
 
 
 class _Tee:
