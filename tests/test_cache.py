@@ -626,3 +626,19 @@ def test_file_cache_syncs_nars_before_linking_narinfos(tmp_path, monkeypatch):
     assert ("dirsync", str(out / "nar")) in events[:first_link]
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
     assert not [n for n in os.listdir(out / "nar") if ".tmp-" in n]
+
+
+def test_http_absolute_nar_urls_are_followed(http_dir, tmp_path):
+    """Spec §7.1: an http(s) cache uses an absolute URL in a narinfo as it is (a file://
+    cache does not)."""
+    root, url, server = http_dir
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-none"), root / "c")
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-none", "nar"), root / "elsewhere")
+    key = root / "c" / f"{HELLO.hash_part}.narinfo"
+    key.write_text(key.read_text().replace("URL: nar/", f"URL: {url}/elsewhere/"))
+    store = store_for(tmp_path, "/nix/store")
+    assert copy_from_cache(open_cache(f"{url}/c"), store, [HELLO], keys={}).copied == [HELLO]
+    assert ("GET", "/elsewhere/12kn72kmqja4c7x6a57wi7y4q3ilkw0rr8n37wzjcsrx5kwri6l1.nar") in server.log
+    with pytest.raises(CacheError, match="only an http"):
+        copy_from_cache(open_cache(f"file://{root}/c"), store_for(tmp_path / "2", "/nix/store"),
+                        [HELLO], keys={})

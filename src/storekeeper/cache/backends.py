@@ -274,6 +274,7 @@ class HttpBackend(Backend):
         self._delay = base_delay
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._others: dict[str, HttpBackend] = {}  # hosts of absolute NAR URLs
 
     def _acquire(self) -> http.client.HTTPConnection:
         with self._lock:
@@ -347,6 +348,18 @@ class HttpBackend(Backend):
             raise CacheError(f"unable to download '{self.url}/{key}': HTTP {resp.status} {resp.reason}")
         return _Body(self, resp, conn)
 
+    def open_url(self, url: str) -> Readable | None:
+        """A NAR named by an absolute ``http(s)://`` URL (spec §7.1: used as it is)."""
+        scheme, _, rest = url.partition("://")
+        host, _, path = rest.partition("/")
+        base = f"{scheme}://{host}"
+        with self._lock:
+            other = self._others.get(base)
+            if other is None:
+                other = self._others[base] = HttpBackend(base, self._attempts, self._timeout,
+                                                         self._delay)
+        return other.open(path)
+
     def exists(self, key: str) -> bool:
         resp, conn = self._request("HEAD", key)
         self._finish(resp, conn)
@@ -382,8 +395,11 @@ class HttpBackend(Backend):
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            others, self._others = list(self._others.values()), {}
         for c in idle:
             c.close()
+        for o in others:
+            o.close()
 
 
 class _Body:

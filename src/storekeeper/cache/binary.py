@@ -46,7 +46,7 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import SecretKey, sign_info
 from ..formats.storepath import StoreDir, StorePath
 from ..formats.streams import Readable
-from .backends import Backend, CacheError
+from .backends import Backend, CacheError, HttpBackend
 from .compression import CHUNK, Compressor, Decompressing, compressor
 
 
@@ -192,11 +192,14 @@ class BinaryCache:
     def open_nar(self, ni: NarInfo) -> "VerifiedNar":
         """The decoded NAR of ``ni`` as a stream, checked while read (see VerifiedNar)."""
         key = ni.url
-        if "://" in key or key.startswith("/"):
-            raise CacheError(f"narinfo of '{ni.store_dir.print(ni.path)}' in '{self.url}' has an "
-                             f"absolute URL '{ni.url}', which storekeeper does not follow")
-        key = key.removeprefix("./")
-        raw = self.backend.open(key)
+        raw: Readable | None
+        if key.startswith(("http://", "https://")) and isinstance(self.backend, HttpBackend):
+            raw = self.backend.open_url(key)  # an HTTP cache uses absolute URLs as they are
+        elif "://" in key or key.startswith("/"):
+            raise CacheError(f"narinfo of '{ni.store_dir.print(ni.path)}' in '{self.url}' has "
+                             f"the absolute URL '{ni.url}', which only an http(s) cache follows")
+        else:
+            raw = self.backend.open(key.removeprefix("./"))
         if raw is None:
             raise NarMissing(f"file '{ni.url}' does not exist in binary cache '{self.url}'")
         return VerifiedNar(self, raw, ni)
