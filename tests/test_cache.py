@@ -604,3 +604,41 @@ def test_round_trip_of_every_kind_of_file(tmp_path, compression):
     b = store_for(tmp_path / "b", "/nix/store")
     copy_from_cache(cache, b, [info.path], keys={})
     assert b.path_info(info.path).nar_hash == info.nar_hash
+
+
+def test_file_cache_syncs_nars_before_linking_narinfos(tmp_path, monkeypatch):
+    """The file backend's durability order: every NAR's data (and its directory entry)
+    is fsynced before the first narinfo naming it is linked; no temp file is left."""
+    import storekeeper.cache.backends as backends
+    events: list[tuple[str, str]] = []
+    real_fsync, real_dir, real_link = backends._fsync_file, backends.fsync_dir, os.link
+    monkeypatch.setattr(backends, "_fsync_file", lambda p: (events.append(("fsync", p)), real_fsync(p)))
+    monkeypatch.setattr(backends, "fsync_dir", lambda p: (events.append(("dirsync", p)), real_dir(p)))
+    monkeypatch.setattr(backends.os, "link", lambda a, b: (events.append(("link", b)), real_link(a, b)))
+    store = store_for(tmp_path, "/nix/store")
+    _nix_paths_into(store)
+    out = tmp_path / "cache"
+    copy_to_cache(store, open_cache(f"file://{out}?compression=xz"), [B, HELLO])
+    first_link = next(i for i, (e, p) in enumerate(events) if e == "link" and p.endswith(".narinfo"))
+    nars = {str(out / "nar" / n) for n in os.listdir(out / "nar")}
+    synced = {p for e, p in events[:first_link] if e == "fsync"}
+    assert nars <= synced
+    assert ("dirsync", str(out / "nar")) in events[:first_link]
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert not [n for n in os.listdir(out / "nar") if ".tmp-" in n]
+
+
+def test_http_absolute_nar_urls_are_followed(http_dir, tmp_path):
+    """Spec §7.1: an http(s) cache uses an absolute URL in a narinfo as it is (a file://
+    cache does not)."""
+    root, url, server = http_dir
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-none"), root / "c")
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-none", "nar"), root / "elsewhere")
+    key = root / "c" / f"{HELLO.hash_part}.narinfo"
+    key.write_text(key.read_text().replace("URL: nar/", f"URL: {url}/elsewhere/"))
+    store = store_for(tmp_path, "/nix/store")
+    assert copy_from_cache(open_cache(f"{url}/c"), store, [HELLO], keys={}).copied == [HELLO]
+    assert ("GET", "/elsewhere/12kn72kmqja4c7x6a57wi7y4q3ilkw0rr8n37wzjcsrx5kwri6l1.nar") in server.log
+    with pytest.raises(CacheError, match="only an http"):
+        copy_from_cache(open_cache(f"file://{root}/c"), store_for(tmp_path / "2", "/nix/store"),
+                        [HELLO], keys={})

@@ -269,3 +269,25 @@ def test_nix_cache_info():
     for d in glob.glob(os.path.join(VECTORS, "nix28-file-*")):
         text = _read(os.path.join(d, "nix-cache-info"))
         assert CacheInfo.parse(text).render() == text
+
+
+_LINES = st.sampled_from(BASE.splitlines() + [
+    "References: ", "References: 2qzxavkmc1a53hdc058phqdqyic53b67-a.txt", "Deriver: x",
+    "Deriver: unknown-deriver", "Sig: k:abc", "Sig: ", "CA: fixed:sha256:x", "FileSize: -1",
+    "FileHash: md5:00", "NarSize: 99999999999999999999999", "System: x86_64-linux", ":", "",
+    "Compression:", "URL: ", "StorePath: /nix/store/x", "NarHash: sha256-AAAA"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.one_of(_LINES, st.text(max_size=40)), max_size=14),
+       newline=st.booleans())
+def test_any_text_parses_or_fails_with_a_narinfo_error(lines, newline):
+    """Whatever the input, the parser answers a NarInfo that renders and re-parses to
+    itself, or a NarInfoError; never another exception."""
+    text = "\n".join(lines) + ("\n" if newline else "")
+    try:
+        ni = NarInfo.parse(text, NIX, "fuzz.narinfo")
+    except NarInfoError as e:
+        assert str(e).startswith("fuzz.narinfo")
+        return
+    assert NarInfo.parse(ni.render(), NIX) == ni

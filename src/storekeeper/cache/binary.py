@@ -46,7 +46,7 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import SecretKey, sign_info
 from ..formats.storepath import StoreDir, StorePath
 from ..formats.streams import Readable
-from .backends import Backend, CacheError
+from .backends import Backend, CacheError, HttpBackend
 from .compression import CHUNK, Compressor, Decompressing, compressor
 
 
@@ -192,11 +192,14 @@ class BinaryCache:
     def open_nar(self, ni: NarInfo) -> "VerifiedNar":
         """The decoded NAR of ``ni`` as a stream, checked while read (see VerifiedNar)."""
         key = ni.url
-        if "://" in key or key.startswith("/"):
-            raise CacheError(f"narinfo of '{ni.store_dir.print(ni.path)}' in '{self.url}' has an "
-                             f"absolute URL '{ni.url}', which storekeeper does not follow")
-        key = key.removeprefix("./")
-        raw = self.backend.open(key)
+        raw: Readable | None
+        if key.startswith(("http://", "https://")) and isinstance(self.backend, HttpBackend):
+            raw = self.backend.open_url(key)  # an HTTP cache uses absolute URLs as they are
+        elif "://" in key or key.startswith("/"):
+            raise CacheError(f"narinfo of '{ni.store_dir.print(ni.path)}' in '{self.url}' has "
+                             f"the absolute URL '{ni.url}', which only an http(s) cache follows")
+        else:
+            raw = self.backend.open(key.removeprefix("./"))
         if raw is None:
             raise NarMissing(f"file '{ni.url}' does not exist in binary cache '{self.url}'")
         return VerifiedNar(self, raw, ni)
@@ -265,19 +268,35 @@ class BinaryCache:
             os.unlink(prep.tmp)
 
     def commit_batch(self, preps: list[Prepared], present: set[StorePath]) -> list[bool]:
-        """:meth:`commit` each (in order, references first), after one barrier that makes
-        their NARs durable before any of their narinfos."""
-        self.backend.barrier()
-        out = []
+        """Write the listings and narinfos of ``preps`` (in order, references first; each
+        NAR uploaded already): one durability barrier makes the NARs (and the narinfo
+        texts) durable before any narinfo appears.  True for each written, False for one
+        that was there with the same NarHash."""
+        items = []
+        added = set(present)
         for prep in preps:
-            out.append(self.commit(prep, present, barrier=False))
-            present.add(prep.narinfo.path)
-        return out
+            ni = self._final(prep, added)
+            added.add(ni.path)
+            if prep.listing is not None:
+                self.backend.put(listing_key(ni.path), prep.listing.encode())
+            items.append((ni, (narinfo_key(ni.path), ni.render().encode())))
+        written = self.backend.create_many([item for _, item in items])
+        for (ni, _), w in zip(items, written):
+            if not w:
+                there = self.narinfo(ni.store_dir, ni.path)
+                if there is None or there.nar_hash != ni.nar_hash:
+                    raise CacheError(f"binary cache '{self.url}' already has another narinfo "
+                                     f"for '{ni.store_dir.print(ni.path)}'")
+        present |= added
+        return written
 
-    def commit(self, prep: Prepared, present: set[StorePath], barrier: bool = True) -> bool:
-        """Write the listing and the narinfo (signed when ``secret-key`` is set); the NAR
-        must be uploaded and every reference in ``present``.  True if written, False if
-        the same path (same NarHash) was there already."""
+    def commit(self, prep: Prepared, present: set[StorePath]) -> bool:
+        """:meth:`commit_batch` of one."""
+        return self.commit_batch([prep], present)[0]
+
+    def _final(self, prep: Prepared, present: set[StorePath]) -> NarInfo:
+        """The narinfo to write (signed when ``secret-key`` is set), once every reference
+        is in ``present``."""
         ni = prep.narinfo
         sd = ni.store_dir
         for ref in ni.references:
@@ -287,17 +306,7 @@ class BinaryCache:
         key = self.secret_key()
         if key is not None:
             ni = ni.with_(sigs=ni.sigs | {sign_info(sd, prep.info, key)})
-        if prep.listing is not None:
-            self.backend.put(listing_key(ni.path), prep.listing.encode())
-        if barrier:
-            self.backend.barrier()
-        if self.backend.create(narinfo_key(ni.path), ni.render().encode()):
-            return True
-        there = self.narinfo(sd, ni.path)
-        if there is None or there.nar_hash != ni.nar_hash:
-            raise CacheError(f"binary cache '{self.url}' already has another narinfo for "
-                             f"'{sd.print(ni.path)}'")
-        return False
+        return ni
 
 
 class _Tee:
