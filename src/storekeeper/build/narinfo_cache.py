@@ -80,6 +80,8 @@ class NarInfoDiskCache:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("pragma journal_mode = wal")
+            # a cache: losing the last answers in a crash only costs a look-up again
+            self._db.execute("pragma synchronous = off")
             self._db.executescript(_SCHEMA)
         self._ids: dict[str, int] = {}
 
