@@ -28,7 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 from ..errors import StoreError
 from ..formats.streams import Readable
@@ -432,12 +432,3 @@ class _Body:
         if self._resp is not None:  # abandoned half-read: the connection is unusable
             self._resp = None
             self._conn.close()
-
-
-def iter_chunks(stream: Readable, size: int = 1 << 16) -> Iterator[bytes]:
-    while True:
-        chunk = stream.read(size)
-        if not chunk:
-            return
-        yield chunk
-

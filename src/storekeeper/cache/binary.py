@@ -428,11 +428,3 @@ class _Counting:
         if algo != "sha256":
             raise CacheError(f"FileHash of algorithm {algo} is not supported")
         return self._sha256.digest()
-
-
-def nar_chunks(stream: Readable) -> Iterator[bytes]:
-    while True:
-        chunk = stream.read(CHUNK)
-        if not chunk:
-            return
-        yield chunk
