@@ -73,7 +73,7 @@ def shared_dir():
 _SLOW_MODULES = {
     "test_attacks_fs", "test_build", "test_build_confine", "test_cli_daemon", "test_daemon",
     "test_daemon_users", "test_hidepid", "test_interop_nix", "test_multihost", "test_tcp_auth",
-    "test_user_registrations",
+    "test_user_registrations", "test_substitute", "test_serve",
 }
 
 

@@ -15,7 +15,7 @@ LAYERS = {
     "formats": 0,
     "errors": 1, "api": 1, "queries": 1,
     "fs": 2, "config": 2,
-    "store": 3,
+    "store": 3, "cache": 3,
     "build": 4,
     "daemon": 5, "client": 5,
     "cli": 6, "__main__": 6,
@@ -23,10 +23,10 @@ LAYERS = {
 #: same-layer packages that must not know each other
 APART = {frozenset({"daemon", "client"})}
 #: the client speaks the contract (api), formats and the fs layer: never the store itself
-NEVER = {("client", "store"), ("client", "build")}
+NEVER = {("client", "store"), ("client", "build"), ("cache", "store"), ("cache", "build")}
 #: function-level imports allowed: optional dependencies, and modules that load lazily on
 #: purpose (the CLI's subcommands; the daemon from the CLI's `daemon` command)
-OPTIONAL = {"rich", "boto3", "botocore", "zstandard", "cryptography", "ctypes"}
+OPTIONAL = {"rich", "boto3", "botocore", "zstandard", "brotli", "cryptography", "ctypes"}
 LAZY_OK = ("storekeeper.cli", "storekeeper.__main__")
 
 

@@ -9,7 +9,7 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
-from storekeeper.build import BuildSettings
+from storekeeper.build import BuildSettings, SubstituteSettings
 from storekeeper.config import SETTINGS, SettingError, lookup
 from storekeeper.config.settings import (
     ALWAYS,
@@ -19,6 +19,7 @@ from storekeeper.config.settings import (
     LOWER,
     NEVER,
     STORE,
+    SUBSTITUTE,
     TRUSTED_SUBSTITUTERS,
     client_may_set,
 )
@@ -30,7 +31,8 @@ from storekeeper.formats.wire import WireWriter
 from storekeeper.store.local import LocalStore
 from storekeeper.store.settings import StoreSettings
 
-VIEWS = {STORE: StoreSettings, BUILD: BuildSettings, DAEMON: DaemonConfig}
+VIEWS = {STORE: StoreSettings, BUILD: BuildSettings, DAEMON: DaemonConfig,
+         SUBSTITUTE: SubstituteSettings}
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -25,10 +25,11 @@ Invariants of the layer (each kept, and said in full, by the module named):
 Nothing in ``store`` imports this package.
 """
 
-from .missing import query_missing
+from .missing import Missing, query_missing, what_is_missing
 from .results import BuildError, BuildMode, BuildResult, BuildStatus
 from .scheduler import Builder
 from .settings import BuildSettings
+from .substitute import Substituters, SubstituteSettings
 
 __all__ = ["Builder", "BuildError", "BuildMode", "BuildResult", "BuildSettings", "BuildStatus",
-           "query_missing"]
+           "Missing", "SubstituteSettings", "Substituters", "query_missing", "what_is_missing"]

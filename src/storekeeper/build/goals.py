@@ -57,6 +57,7 @@ class DrvGoal(Goal):
     outputs: dict[str, StorePath] = field(default_factory=dict)
     hashes: dict[str, bytes] = field(default_factory=dict)
     need_build: bool = False
+    substituted: bool = False                # its wanted outputs came from a cache
     expanded: bool = False
     ready: bool = False
     waiting_note: str = ""                   # what we already told the client we wait for
@@ -92,8 +93,10 @@ class DrvGoal(Goal):
 class GoalGraph:
     """The goals of one build request on one store (module docstring)."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, substituters=None) -> None:
         self.store = store
+        #: a :class:`~storekeeper.build.substitute.Substituters`, or None (build only)
+        self.subs = substituters
         self.sd = store.store_dir
         self.drvs: dict[StorePath, DrvGoal] = {}
         self.paths: dict[StorePath, PathGoal] = {}
@@ -113,6 +116,8 @@ class GoalGraph:
             g = self.paths[path] = PathGoal(path=path)
             if self.store.pin_valid(path):
                 g.result = BuildResult(BuildStatus.ALREADY_VALID)
+            elif self.subs is not None and self.subs.realise(path):
+                g.result = BuildResult(BuildStatus.SUBSTITUTED)
             else:
                 g.result = BuildResult(
                     BuildStatus.NO_SUBSTITUTERS,
@@ -125,7 +130,8 @@ class GoalGraph:
         store, sd = self.store, self.sd
         printed = sd.print(g.drv_path)
         if g.drv is None:
-            if not store.pin_valid(g.drv_path):
+            if not store.pin_valid(g.drv_path) and \
+                    not (self.subs is not None and self.subs.realise(g.drv_path)):
                 raise Failure(BuildStatus.MISC_FAILURE, f"cannot build missing derivation '{printed}'")
             g.drv = store._read_drv_file(g.drv_path)
         drv = g.drv
@@ -145,6 +151,8 @@ class GoalGraph:
             g.need_build = True
         else:
             g.need_build = not all(valid[o] for o in g.wanted_names())
+            if g.need_build and self._substitute_outputs(g, valid):
+                g.need_build, g.substituted = False, True
         if not g.need_build or g.expanded:
             return []
         g.expanded = True
@@ -158,6 +166,19 @@ class GoalGraph:
         for path in sorted(drv.input_srcs):
             g.deps.append(self.path_goal(sd.parse(path, lax=True)))
         return more
+
+    def _substitute_outputs(self, g: DrvGoal, valid: dict[str, bool]) -> bool:
+        """Try the caches for the wanted outputs that are not valid (unless the
+        derivation says ``allowSubstitutes = false``); True if all are valid now."""
+        assert g.drv is not None
+        if self.subs is None or g.drv.env.get("allowSubstitutes", "1") == "":
+            return False
+        ok = True
+        for o in g.wanted_names():
+            if not valid[o]:
+                valid[o] = self.subs.realise(g.outputs[o])
+                ok = ok and valid[o]
+        return ok
 
     def output_paths(self, g: DrvGoal) -> dict[str, StorePath]:
         """The output paths of a derivation; fixed ones are recomputed from their hash."""

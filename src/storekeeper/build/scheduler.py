@@ -44,6 +44,7 @@ from .refgraph import InputRejected
 from .results import BuildError, BuildMode, BuildResult, BuildStatus, Failure
 from .rewrite import input_rewrites, rewrite_str, scratch_path
 from .settings import BuildSettings, build_refusal
+from .substitute import Substituters
 from .users import BuildUser, BuildUserError, UserPool
 
 
@@ -54,7 +55,8 @@ class Builder:
 
     def __init__(self, store, settings: BuildSettings | None = None,
                  logger: BuildLogger | None = None,
-                 interrupted: Callable[[], bool] | None = None) -> None:
+                 interrupted: Callable[[], bool] | None = None,
+                 substituters: Substituters | None = None) -> None:
         """``interrupted()`` is asked about once a second: True (the client hung up,
         the daemon is stopping) kills the builds and fails the request."""
         self.interrupted = interrupted or (lambda: False)
@@ -62,7 +64,8 @@ class Builder:
         self.sd = store.store_dir
         self.settings = settings or BuildSettings()
         self.logger = GuardedLogger(logger or NullLogger())
-        self.goals = GoalGraph(store)
+        self.goals = GoalGraph(store, substituters)
+        self.substituters = substituters
         self._running: list[Run] = []
         self._cancelled = False
         self._expected = self._done = self._failed = 0
@@ -106,6 +109,11 @@ class Builder:
             self._plan()
             self._execute([g])
         return g.result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Let go of the caches (their connections, the narinfo disk cache)."""
+        if self.substituters is not None:
+            self.substituters.close()
 
     def _progress(self) -> None:
         self._acts.progress(self._done, self._expected, len(self._running), self._failed)
@@ -193,7 +201,8 @@ class Builder:
                         f"{len(failed)} dependencies of derivation '{self.sd.print(g.drv_path)}' "
                         "failed to build"))
                 elif not g.need_build:
-                    self._finish(g, self.goals.valid_result(g, BuildStatus.ALREADY_VALID))
+                    status = BuildStatus.SUBSTITUTED if g.substituted else BuildStatus.ALREADY_VALID
+                    self._finish(g, self.goals.valid_result(g, status))
                 else:
                     g.ready = True
                 changed = True

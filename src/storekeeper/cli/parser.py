@@ -199,13 +199,73 @@ def _build(sub: _Sub) -> None:
     s.set_defaults(func="build.cmd_build")
 
 
+def _key(sub: _Sub) -> None:
+    s = sub.add_parser("key", help="ed25519 signing keys in Nix's name:base64 files")
+    ks = s.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    g = ks.add_parser("generate", help="make a key pair (like nix-store --generate-binary-cache-key)")
+    g.add_argument("--name", required=True, help="key name, e.g. cache.example.org-1")
+    g.add_argument("--secret", required=True, metavar="FILE", help="secret key file to create (0600)")
+    g.add_argument("--public", metavar="FILE", help="public key file to create (default: print it)")
+    g.set_defaults(func="cache.cmd_key_generate", no_store=True)
+    p = ks.add_parser("public", help="print the public key of a secret key file")
+    p.add_argument("secret", metavar="SECRET-FILE")
+    p.set_defaults(func="cache.cmd_key_public", no_store=True)
+
+
+def _sign(sub: _Sub) -> None:
+    s = sub.add_parser("sign", help="sign store paths with secret keys (adds to their signatures)")
+    s.add_argument("-k", "--key", action="append", required=True, metavar="SECRET-FILE")
+    s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.set_defaults(func="cache.cmd_sign")
+
+
+def _copy(sub: _Sub) -> None:
+    s = sub.add_parser("copy", help="copy closures to or from a binary cache "
+                       "(file://DIR, http(s)://…, s3://BUCKET?endpoint=…)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to", metavar="URL")
+    g.add_argument("--from", dest="from_", metavar="URL")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--json", action="store_true", help="print a summary as JSON")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("-j", "--jobs", type=int, default=0, metavar="N",
+                   help="compress N paths at once (--to from a local store)")
+    s.add_argument("--no-check-sigs", action="store_true",
+                   help="--from: accept paths without a trusted signature")
+    s.add_argument("--trusted-public-keys", metavar="KEYS",
+                   help="--from: these keys instead of nix.conf's trusted-public-keys")
+    s.set_defaults(func="cache.cmd_copy")
+
+
+def _cache(sub: _Sub) -> None:
+    s = sub.add_parser("cache", help="binary cache information")
+    cs = s.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    i = cs.add_parser("info", help="a cache's nix-cache-info (store dir, priority, mass query)")
+    i.add_argument("url", metavar="URL")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func="cache.cmd_cache_info", no_store=True)
+
+
+def _serve(sub: _Sub) -> None:
+    s = sub.add_parser("serve", help="serve the store as a read-only HTTP binary cache")
+    s.add_argument("--listen", default="127.0.0.1:5000", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:5000; port 0: any free port)")
+    s.add_argument("--sign-key", metavar="SECRET-FILE", help="sign narinfos with this key")
+    s.add_argument("--compression", default="none", choices=["none", "xz", "zstd"],
+                   help="compress NARs on the fly (default none)")
+    s.add_argument("--priority", type=int, default=30, help="Priority in nix-cache-info (30)")
+    s.set_defaults(func="serve.cmd_serve")
+
+
 #: every command's builder, in ``--help`` order (``optimize`` is ``optimise``'s alias)
 COMMANDS = {
     "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
     "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots,
     "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
     "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
-    "sync-roots": _sync_roots, "tcp-key": _tcp_key, "build": _build,
+    "sync-roots": _sync_roots, "tcp-key": _tcp_key, "build": _build, "key": _key, "sign": _sign,
+    "copy": _copy, "cache": _cache, "serve": _serve,
 }
 
 

@@ -8,7 +8,8 @@ Each :class:`Setting` says:
   depend on the machine); every default parses (a test checks);
 * ``components``: which typed view obeys it -- ``store``
   (``store.settings.StoreSettings``), ``build`` (``build.BuildSettings``),
-  ``daemon`` (``daemon.trust.DaemonConfig``), or none (a client-side setting
+  ``daemon`` (``daemon.trust.DaemonConfig``), ``substitute``
+  (``build.substitute.SubstituteSettings``), or none (a client-side setting
   the daemon accepts from clients but does not use itself);
 * ``attr``: the attribute of those views (``name`` with ``_`` for ``-``);
 * ``is_list``: ``extra-NAME`` appends to it;
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 
 NEVER, ALWAYS, EMPTY, LOWER, TRUSTED_SUBSTITUTERS = "never", "always", "empty", "lower", "trusted-substituters"
 
-STORE, BUILD, DAEMON = "store", "build", "daemon"
+STORE, BUILD, DAEMON, SUBSTITUTE = "store", "build", "daemon", "substitute"
 
 
 # --- parsers ------------------------------------------------------------------------
@@ -214,6 +215,12 @@ _TABLE = [
     _s("runtime-root-lease", parse_size, "3600", [STORE]),
     _s("max-root-registrations", parse_int, "4096", [STORE],
        doc="root names one user may register with the daemon (0: no limit)"),
+    # --- binary caches and signatures (spec binary-cache.md §5) ---
+    _s("trusted-public-keys", parse_list,
+       "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=", [STORE, SUBSTITUTE],
+       ["binary-cache-public-keys"]),
+    _s("secret-key-files", parse_list, "", [STORE, SUBSTITUTE],
+       doc="sign paths with these keys (`storekeeper sign`); their public halves are trusted"),
     # --- builds ---
     # (the views keep None for "not set": Nix's default, decided when used)
     _s("build-users-group", parse_str, lambda: "nixbld" if os.geteuid() == 0 else "", [BUILD, DAEMON]),
@@ -257,9 +264,18 @@ _TABLE = [
     # --- the daemon: who may connect, and its limits ---
     _s("trusted-users", parse_list, "root", [DAEMON]),
     _s("allowed-users", parse_list, "*", [DAEMON]),
-    _s("substituters", parse_list, "", [DAEMON], client=TRUSTED_SUBSTITUTERS),
-    _s("trusted-substituters", parse_list, "", [DAEMON]),
-    _s("require-sigs", parse_bool, "true", [DAEMON]),
+    _s("substituters", parse_list, "", [DAEMON, SUBSTITUTE], ["binary-caches"],
+       client=TRUSTED_SUBSTITUTERS),
+    _s("trusted-substituters", parse_list, "", [DAEMON], ["trusted-binary-caches"]),
+    _s("require-sigs", parse_bool, "true", [DAEMON, SUBSTITUTE]),
+    # --- substitution (spec binary-cache.md §8, §9); SetOptions' useSubstitutes and
+    # tryFallback set the first two for every client ---
+    _s("substitute", parse_bool, "true", [SUBSTITUTE], ["build-use-substitutes"], ALWAYS),
+    _s("fallback", parse_bool, "false", [SUBSTITUTE], ["build-fallback"], ALWAYS),
+    _s("narinfo-cache-negative-ttl", parse_int, "3600", [SUBSTITUTE],
+       doc="seconds an http(s)/s3 cache's 'no such narinfo' is believed"),
+    _s("narinfo-cache-positive-ttl", parse_int, "2592000", [SUBSTITUTE],
+       doc="seconds an http(s)/s3 cache's narinfo is believed"),
     _s("max-connections", parse_int, "256", [DAEMON]),
     _s("max-connections-per-user", parse_int, "32", [DAEMON]),
     _s("idle-timeout", parse_int, "3600", [DAEMON],
@@ -359,7 +375,7 @@ def client_may_set(name: str, value: str, trusted: bool, current: Callable[[str]
         allowed = set(current("trusted-substituters")) | set(current("substituters"))
         kept = []
         for sub in value.split():
-            if sub in allowed:
+            if sub in allowed or sub + "/" in allowed:  # by string, as Nix (spec §9.1)
                 kept.append(sub)
             else:
                 warn(f"ignoring untrusted substituter '{sub}'")

@@ -56,6 +56,7 @@ from .locks import PathLocks, lock_fd
 from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
+from .signing import check_trusted
 from .verify import verify_store
 
 if TYPE_CHECKING:
@@ -258,10 +259,12 @@ class LocalStore(StoreReader):
         it stays usable; nothing is registered unless hash, size and any
         content address check out.
         """
-        if check_sigs and not info.ca:
-            narfmt.read_nar(stream, narfmt.NullSink())  # keep the stream in step
-            raise BadArchive(f"cannot add path '{self.print_path(info.path)}' because it lacks "
-                             "a valid signature")
+        if check_sigs:
+            try:
+                check_trusted(self.store_dir, info, self.settings)
+            except BadArchive:
+                narfmt.read_nar(stream, narfmt.NullSink())  # keep the stream in step
+                raise
         with self._temp_dir(info.nar_size) as tmp:
             staged = os.path.join(tmp, "x")
             reader = narfmt.HashingReader(stream, info.nar_hash.algo)

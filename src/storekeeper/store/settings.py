@@ -92,7 +92,8 @@ class StoreSettings(Frozen):
 
     __slots__ = ("keep_outputs", "keep_derivations", "min_free", "max_free",
                  "min_free_check_interval", "gc_reserved_space", "fsync_store_paths",
-                 "auto_optimise_store", "indirect_root_grace", "runtime_roots", "runtime_root_lease", "max_root_registrations", "unknown")
+                 "auto_optimise_store", "indirect_root_grace", "runtime_roots", "runtime_root_lease",
+                 "max_root_registrations", "trusted_public_keys", "secret_key_files", "unknown")
     _fields = __slots__
     keep_outputs: bool
     keep_derivations: bool
@@ -106,6 +107,8 @@ class StoreSettings(Frozen):
     runtime_roots: str
     runtime_root_lease: int
     max_root_registrations: int
+    trusted_public_keys: tuple[str, ...]
+    secret_key_files: tuple[str, ...]
     unknown: tuple[str, ...]
 
     def __init__(self, **values: Any) -> None:

@@ -11,6 +11,6 @@ here registers its handlers in :data:`storekeeper.daemon.registry.OPS` with
 ``@op``; importing this package loads them all (the server does, once).
 """
 
-from . import add, build, inspect, options, query, roots, tcp_keys, user_roots, verify
+from . import add, build, inspect, options, query, roots, substitute, tcp_keys, user_roots, verify
 
-__all__ = ["add", "build", "inspect", "options", "query", "roots", "tcp_keys", "user_roots", "verify"]
+__all__ = ["add", "build", "inspect", "options", "query", "roots", "substitute", "tcp_keys", "user_roots", "verify"]

@@ -30,10 +30,11 @@ from ...build import (
     BuildMode,
     BuildResult,
     BuildSettings,
-    query_missing,
+    what_is_missing,
 )
 from ...build.logger import format_error
 from ...build.settings import build_refusal
+from ...errors import StoreError
 from ...formats.derivation import Derivation, DerivationOutput, DerivationType, derivation_type
 from ...formats.errors import FormatError
 from ...formats.wire import (
@@ -49,6 +50,7 @@ from ..errors import OpError
 from ..registry import U32, op
 from ..session import Session
 from .options import build_base
+from .substitute import substituters
 
 
 def build_settings(s: Session) -> BuildSettings:
@@ -83,7 +85,7 @@ def _interrupted(s: Session):
 
 
 def _builder(s: Session, settings: BuildSettings | None = None) -> Builder:
-    return Builder(s.store, settings or build_settings(s), s, _interrupted(s))
+    return Builder(s.store, settings or build_settings(s), s, _interrupted(s), substituters(s))
 
 
 def _read_targets(s: Session) -> tuple[list[str], list[DerivedPath], BuildMode]:
@@ -127,11 +129,13 @@ def _write_result(s: Session, w: WireWriter, r: BuildResult) -> None:
     w.string_map(_built_outputs(s, r))
 
 
-def _run(s: Session, fn):
+def _run(s: Session, builder: Builder, fn):
     try:
-        return fn()
+        return fn(builder)
     except BuildError as e:
         raise OpError(str(e)) from None
+    finally:
+        builder.close()
 
 
 @op(Op.BuildPaths)
@@ -139,7 +143,7 @@ def build_paths(s: Session) -> None:
     _, targets, mode = _read_targets(s)
     s.start_work()
     _check_mode(s, mode)
-    results = _run(s, lambda: _builder(s).build(targets, mode))
+    results = _run(s, _builder(s), lambda b: b.build(targets, mode))
     failed = [(t, r) for t, r in zip(targets, results) if not r.success]
     if failed:
         errors = [r.error_msg for _, r in failed if r.own_error]
@@ -158,7 +162,7 @@ def build_paths_with_results(s: Session) -> None:
     texts, targets, mode = _read_targets(s)
     s.start_work()
     _check_mode(s, mode)
-    results = _run(s, lambda: _builder(s).build(targets, mode))
+    results = _run(s, _builder(s), lambda b: b.build(targets, mode))
     s.stop_work()
     s.w.u64(len(results))
     for text, r in zip(texts, results):
@@ -205,7 +209,8 @@ def build_derivation(s: Session) -> None:
     refusal = build_refusal(s.store, settings)
     if refusal:
         raise OpError(f"cannot build '{s.sd.print(drv_path)}': {refusal}")
-    result = _run(s, lambda: _builder(s, settings).build_basic(drv_path, drv, build_mode))
+    result = _run(s, _builder(s, settings),
+                  lambda b: b.build_basic(drv_path, drv, build_mode))
     s.stop_work()
     _write_result(s, s.w, result)
 
@@ -216,11 +221,17 @@ def query_missing_op(s: Session) -> None:
                for t in s.r.strings("targets", item_limit=MAX_PATH_LEN + 4096)]
     s.start_work()
     act = s.start_activity(Verbosity.DEBUG, ActivityType.UNKNOWN, "querying info about missing paths")
-    will_build, unknown = query_missing(s.store, targets)
+    subs = substituters(s)
+    try:
+        m = what_is_missing(s.store, targets, subs)
+    except StoreError as e:
+        raise OpError(str(e)) from None
+    finally:
+        subs.close()
     s.stop_activity(act)
     s.stop_work()
-    s.w.store_paths(s.sd, will_build).store_paths(s.sd, ()).store_paths(s.sd, unknown)
-    s.w.u64(0).u64(0)  # downloadSize, narSize: nothing is substituted
+    s.w.store_paths(s.sd, m.will_build).store_paths(s.sd, m.will_substitute)
+    s.w.store_paths(s.sd, m.unknown).u64(m.download_size).u64(m.nar_size)
 
 
 __all__ = ["build_settings"]

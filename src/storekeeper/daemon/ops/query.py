@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...errors import StoreError
 from ...formats.wire import (
     EXPORT_MAGIC,
     MAX_PATH_LEN,
@@ -12,6 +13,7 @@ from ...formats.wire import (
 from ..errors import OpError
 from ..registry import NIX32_CHARS, info_or_fail, op
 from ..session import Session
+from .substitute import substituters
 
 # --- queries -------------------------------------------------------------------
 
@@ -27,11 +29,27 @@ def is_valid_path(s: Session) -> None:
 @op(Op.QueryValidPaths)
 def query_valid_paths(s: Session) -> None:
     paths = s.r.store_paths(s.sd, "paths", lax=True)
-    s.r.u64("substitute")  # no substituters: nothing to substitute
+    substitute = s.r.u64("substitute")
     s.start_work()
+    if substitute:
+        _substitute_missing(s, paths)
     valid = s.store.query_valid_paths(paths)
     s.stop_work()
     s.w.store_paths(s.sd, valid)
+
+
+def _substitute_missing(s: Session, paths) -> None:
+    """QueryValidPaths with ``substitute`` (``nix copy -s``): fetch what caches have
+    first; failures are only warnings, the answer says what is valid."""
+    subs = substituters(s)
+    try:
+        for p in sorted(set(paths) - s.store.query_valid_paths(paths)):
+            try:
+                subs.realise(p)
+            except StoreError as e:
+                s.warn(str(e))
+    finally:
+        subs.close()
 
 
 @op(Op.QueryPathInfo)
@@ -136,41 +154,6 @@ def query_path_from_hash_part(s: Session) -> None:
     sp = s.store.query_path_from_hash_part(hash_part)
     s.stop_work()
     s.w.opt_store_path(s.sd, sp)
-
-
-# storekeeper has no substituters: every substitution query has an empty answer.
-
-@op(Op.HasSubstitutes)
-def has_substitutes(s: Session) -> None:
-    s.read_path()
-    s.start_work()
-    s.stop_work()
-    s.w.boolean(False)
-
-
-@op(Op.QuerySubstitutablePaths)
-def query_substitutable_paths(s: Session) -> None:
-    s.r.store_paths(s.sd, "paths", lax=True)
-    s.start_work()
-    s.stop_work()
-    s.w.strings([])
-
-
-@op(Op.QuerySubstitutablePathInfo)
-def query_substitutable_path_info(s: Session) -> None:
-    s.read_path()
-    s.start_work()
-    s.stop_work()
-    s.w.u64(0)
-
-
-@op(Op.QuerySubstitutablePathInfos)
-def query_substitutable_path_infos(s: Session) -> None:
-    for text in s.r.string_map("paths", item_limit=MAX_PATH_LEN):
-        s.sd.parse(text, lax=True)
-    s.start_work()
-    s.stop_work()
-    s.w.u64(0)
 
 
 @op(Op.QueryRealisation)

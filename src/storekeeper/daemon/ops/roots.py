@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions
-from ...errors import PathInUse
+from ...errors import PathInUse, StoreError
 from ...formats.wire import (
     ADD_PERM_ROOT_MINOR,
     FEATURE_DELETE_DEAD_SPECIFIC,
@@ -22,6 +22,7 @@ from ...store.roots import add_indirect_root as add_indirect_root_file
 from ..errors import OpError
 from ..registry import invalid, op
 from ..session import Session
+from .substitute import substituters
 from .user_roots import (  # (the peer claims an indirect root: it may unregister it)
     may_see,
     peer_uid,
@@ -43,7 +44,15 @@ def ensure_path(s: Session) -> None:
     sp = s.read_path()
     s.start_work()
     if not s.store.pin_valid(sp):
-        raise OpError(f"path '{s.sd.print(sp)}' does not exist and cannot be created")
+        subs = substituters(s)
+        try:
+            ok = subs.realise(sp)
+        except StoreError as e:
+            raise OpError(str(e)) from None
+        finally:
+            subs.close()
+        if not ok:
+            raise OpError(f"path '{s.sd.print(sp)}' does not exist and cannot be created")
     s.stop_work()
     s.w.u64(1)
 

@@ -1,0 +1,111 @@
+"""``s3://bucket?endpoint=…&region=…&profile=…&scheme=…`` through boto3 (the ``[s3]`` extra).
+
+The bucket root is the cache root (spec §11).  With ``endpoint`` set, addressing is
+path-style and the URL scheme is ``scheme`` (default https).  ``NoSuchKey``, 404
+and 403/``AccessDenied`` are "absent", as in Nix.  ``create`` is a conditional
+``PutObject`` (``If-None-Match: *``): a server that honours it (AWS, MinIO, moto)
+never lets two writers overwrite each other's narinfo.
+"""
+
+from __future__ import annotations
+
+from typing import Any, BinaryIO, Mapping
+
+from ..errors import UsageError
+from ..formats.streams import Readable
+from .backends import Backend, CacheError, content_type, decode_content
+
+_ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound", "403", "AccessDenied"})
+
+
+def _boto3() -> Any:
+    try:
+        import boto3  # noqa: PLC0415 -- optional: the [s3] extra
+        import botocore.config  # noqa: PLC0415
+    except ImportError:
+        raise UsageError("s3:// binary caches need the Python package 'boto3': "
+                         "pip install 'storekeeper[s3]'") from None
+    return boto3, botocore.config
+
+
+class S3Backend(Backend):
+    def __init__(self, bucket: str, params: Mapping[str, str]) -> None:
+        if not bucket:
+            raise UsageError("s3:// URL names no bucket")
+        boto3, bconfig = _boto3()
+        self.bucket = bucket
+        self.url = f"s3://{bucket}"
+        region = params.get("region") or params.get("aws-region") or "us-east-1"
+        endpoint = params.get("endpoint", "")
+        scheme = params.get("scheme") or "https"
+        session = boto3.session.Session(profile_name=params.get("profile") or None)
+        config = bconfig.Config(
+            region_name=region, connect_timeout=5, read_timeout=600,
+            retries={"max_attempts": 5, "mode": "standard"},
+            max_pool_connections=32,
+            s3={"addressing_style": "path" if endpoint else "auto"})
+        url = None
+        if endpoint:
+            url = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+        self._s3 = session.client("s3", endpoint_url=url, config=config)
+        self._errors = self._s3.exceptions.ClientError
+
+    def _absent(self, e: Any) -> bool:
+        err = getattr(e, "response", {}).get("Error", {})
+        return str(err.get("Code")) in _ABSENT_CODES
+
+    def _fail(self, what: str, key: str, e: Exception) -> CacheError:
+        return CacheError(f"unable to {what} '{self.url}/{key}': {e}")
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            obj = self._s3.get_object(Bucket=self.bucket, Key=key)
+        except self._errors as e:
+            if self._absent(e):
+                return None
+            raise self._fail("download", key, e) from None
+        try:
+            data = bytes(obj["Body"].read())
+        finally:
+            obj["Body"].close()
+        return decode_content(data, obj.get("ContentEncoding"), f"{self.url}/{key}")
+
+    def open(self, key: str) -> Readable | None:
+        try:
+            obj = self._s3.get_object(Bucket=self.bucket, Key=key)
+        except self._errors as e:
+            if self._absent(e):
+                return None
+            raise self._fail("download", key, e) from None
+        body: Readable = obj["Body"]
+        return body
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+        except self._errors as e:
+            if self._absent(e):
+                return False
+            raise self._fail("query", key, e) from None
+        return True
+
+    def put(self, key: str, data: bytes | BinaryIO) -> None:
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                ContentType=content_type(key))
+        except self._errors as e:
+            raise self._fail("upload", key, e) from None
+
+    def create(self, key: str, data: bytes) -> bool:
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                ContentType=content_type(key), IfNoneMatch="*")
+        except self._errors as e:
+            code = str(getattr(e, "response", {}).get("Error", {}).get("Code"))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise self._fail("upload", key, e) from None
+        return True
+
+    def close(self) -> None:
+        self._s3.close()

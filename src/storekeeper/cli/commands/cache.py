@@ -1,0 +1,144 @@
+"""Binary caches and signatures: ``key generate``, ``key public``, ``sign``, ``copy``,
+``cache info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from ..common import UsageError, is_local, resolve_path, valid
+
+if TYPE_CHECKING:
+    from ...formats.signatures import PublicKey, SecretKey
+    from ...formats.storepath import StorePath
+    from ..common import Store
+
+
+def _read_secret(path: str) -> SecretKey:
+    from ...formats.signatures import SecretKey
+    try:
+        with open(path) as f:
+            return SecretKey.parse(f.read())
+    except OSError as e:
+        raise UsageError(f"cannot read secret key file '{path}': {e.strerror}") from None
+
+
+def _write_new(path: str, text: str, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        raise UsageError(f"'{path}' exists already; not overwriting a key file") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)  # no trailing newline, as Nix writes key files
+
+
+def cmd_key_generate(store: None, args: argparse.Namespace) -> int:
+    from ...formats.signatures import SecretKey
+    key = SecretKey.generate(args.name)
+    _write_new(args.secret, key.render(), 0o600)
+    if args.public:
+        _write_new(args.public, key.public().render(), 0o644)
+    else:
+        print(key.public().render())
+    return 0
+
+
+def cmd_key_public(store: None, args: argparse.Namespace) -> int:
+    print(_read_secret(args.secret).public().render())
+    return 0
+
+
+def cmd_sign(store: Store, args: argparse.Namespace) -> int:
+    from ...formats.signatures import sign_info
+    keys = [_read_secret(k) for k in args.key]
+    roots = [valid(store, p) for p in args.paths]
+    paths = store.query_closure(roots) if args.recursive else set(roots)
+    added = 0
+    for p in sorted(paths):
+        info = store.path_info(p)
+        new = {sign_info(store.store_dir, info, k) for k in keys} - info.sigs
+        if new:
+            store.add_signatures(p, sorted(new))
+            added += len(new)
+    print(f"added {added} signatures", file=sys.stderr)
+    return 0
+
+
+def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
+    """``trusted-public-keys`` (nix.conf, or ``--trusted-public-keys``) and the public
+    halves of the readable ``secret-key-files`` (spec §5.3)."""
+    from ...formats.signatures import SecretKey, parse_public_keys
+    from ...store.settings import StoreSettings
+    settings = StoreSettings.from_nix_conf()
+    texts = (args.trusted_public_keys.split() if args.trusted_public_keys is not None
+             else list(settings.trusted_public_keys))
+    keys = parse_public_keys(texts)
+    for path in settings.secret_key_files:
+        try:
+            with open(path) as f:
+                pk = SecretKey.parse(f.read()).public()
+        except OSError:
+            continue  # unreadable key files are skipped, as Nix does
+        keys.setdefault(pk.name, pk)
+    return keys
+
+
+def cmd_copy(store: Store, args: argparse.Namespace) -> int:
+    from ...cache import open_cache
+    from ...cache.copy import copy_from_cache, copy_to_cache
+    from ..progress import Progress
+    bar = Progress("copying")
+    log = None if args.json or args.quiet else bar.log
+
+    def progress(done: int, total: int, nar_bytes: int) -> None:
+        bar.label = f"copying ({nar_bytes / 2**20:.1f} MiB)"
+        bar.update(done, total)
+    cache = open_cache(args.to or args.from_)
+    try:
+        if args.to:
+            paths: list[StorePath] = [valid(store, p) for p in args.paths]
+            jobs = args.jobs if args.jobs else (min(4, os.cpu_count() or 1) if is_local(store) else 1)
+            if not is_local(store):
+                jobs = 1  # one daemon connection: NARs come one after the other
+            result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
+        else:
+            paths = [_store_path(store, p) for p in args.paths]
+            local = is_local(store)
+            result = copy_from_cache(cache, store, paths, trusted_keys(args),
+                                     check_sigs=not args.no_check_sigs,
+                                     store_checks_sigs=not local and not args.no_check_sigs,
+                                     log=log, progress=progress)
+    finally:
+        bar.close()
+        cache.close()
+    if args.json:
+        print(json.dumps(result.to_json(store.print_path)))
+    return 0
+
+
+def _store_path(store: Store, arg: str) -> StorePath:
+    if arg.startswith(store.store_dir.path + "/"):
+        return store.store_dir.parse(arg)
+    return resolve_path(store, arg)
+
+
+def cmd_cache_info(store: None, args: argparse.Namespace) -> int:
+    from ...cache import CacheError, open_cache
+    cache = open_cache(args.url)
+    try:
+        info = cache.info()
+        if info is None:
+            raise CacheError(f"'{cache.url}' does not appear to be a binary cache")
+        out = {"url": cache.url, "storeDir": info.store_dir,
+               "wantMassQuery": cache.want_mass_query, "priority": cache.priority}
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"URL: {out['url']}\nStoreDir: {out['storeDir']}\n"
+              f"WantMassQuery: {int(bool(out['wantMassQuery']))}\nPriority: {out['priority']}")
+    return 0

@@ -1,0 +1,49 @@
+"""Which signatures the store trusts (spec binary-cache.md §5.3).
+
+Trusted keys: every ``trusted-public-keys`` entry, plus the public half of each
+*readable* ``secret-key-files`` file (unreadable ones are skipped, as Nix does); by
+name, the first key of a name wins.  A path info is trusted if its CA field
+reproduces its path (its content is checked on import), or one signature by a
+trusted key verifies (``formats.signatures``).  ``require-sigs`` is the daemon's
+decision (it asks ``add_nar`` to check or not).
+"""
+
+from __future__ import annotations
+
+from ..errors import BadArchive
+from ..formats.errors import FormatError
+from ..formats.pathinfo import ValidPathInfo
+from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys
+from ..formats.storepath import StoreDir
+from .settings import SettingsError, StoreSettings
+
+
+def trusted_keys(settings: StoreSettings) -> dict[str, PublicKey]:
+    try:
+        keys = parse_public_keys(settings.trusted_public_keys)
+    except FormatError as e:
+        raise SettingsError(f"trusted-public-keys: {e}") from None
+    for path in settings.secret_key_files:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        try:
+            pk = SecretKey.parse(text).public()
+        except FormatError as e:
+            raise SettingsError(f"secret-key-files '{path}': {e}") from None
+        keys.setdefault(pk.name, pk)
+    return keys
+
+
+def check_trusted(store_dir: StoreDir, info: ValidPathInfo, settings: StoreSettings) -> None:
+    """Raise BadArchive (Nix's words) unless ``info`` is content-addressed or signed by a
+    trusted key."""
+    try:
+        ok = is_trusted(store_dir, info, trusted_keys(settings))
+    except FormatError as e:
+        raise BadArchive(f"cannot add path '{store_dir.print(info.path)}': {e}") from None
+    if not ok:
+        raise BadArchive(f"cannot add path '{store_dir.print(info.path)}' because it lacks "
+                         "a valid signature")
