@@ -131,6 +131,19 @@ def _roots(sub: _Sub) -> None:
     s.set_defaults(func="roots.cmd_roots")
 
 
+def _du(sub: _Sub) -> None:
+    s = sub.add_parser("du", help="where the space goes: per root the bytes only it keeps alive "
+                       "and the bytes it shares, its largest paths (read-only)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--html", metavar="FILE", help="write a self-contained interactive treemap")
+    s.add_argument("--by", choices=["root", "user", "path"], default=None,
+                   help="table per root (default), per owner of roots, or largest paths")
+    s.add_argument("--nar", action="store_true",
+                   help="count NAR sizes from the database instead of disk blocks (no walk)")
+    s.add_argument("--top", type=int, default=10, metavar="N", help="largest paths listed per root")
+    s.set_defaults(func="du.cmd_du")
+
+
 def _why_alive(sub: _Sub) -> None:
     s = sub.add_parser("why-alive", help="the shortest chain from a GC root to PATH")
     s.add_argument("path")
@@ -207,7 +220,7 @@ def _tcp_key(sub: _Sub) -> None:
 #: every command's builder, in ``--help`` order (``optimize`` is ``optimise``'s alias)
 COMMANDS = {
     "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
-    "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots,
+    "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots, "du": _du,
     "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
     "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
     "sync-roots": _sync_roots, "tcp-key": _tcp_key,
