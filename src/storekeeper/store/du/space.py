@@ -23,7 +23,7 @@ import heapq
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ... import fs
 from ..gc.graph import Graph
@@ -323,13 +323,13 @@ def by_owner(report: SpaceReport) -> list[dict]:
     for r, bit in zip(report.roots, report.bits):
         o = r.owner or "-"
         owner_mask[o] = owner_mask.get(o, 0) | 1 << bit
-    out = []
-    for o, um in owner_mask.items():
+    out: list[dict[str, Any]] = []
+    for o, um in sorted(owner_mask.items()):
         held = [v for m, v in report.masks.items() if m & um]
         only = [v for m, v in report.masks.items() if m & um and not m & ~um]
         out.append({"owner": o, "roots": sum(1 for r in report.roots if (r.owner or "-") == o),
                     "closureBytes": sum(b for b, _ in held), "closurePaths": sum(p for _, p in held),
                     "exclusiveBytes": sum(b for b, _ in only),
                     "exclusivePaths": sum(p for _, p in only)})
-    out.sort(key=lambda d: (-int(d["closureBytes"]), str(d["owner"])))
+    out.sort(key=lambda d: -d["closureBytes"])
     return out
