@@ -144,6 +144,29 @@ def _du(sub: _Sub) -> None:
     s.set_defaults(func="du.cmd_du")
 
 
+def _profile(sub: _Sub) -> None:
+    s = sub.add_parser("profile", help="a profile's generations: list, delete-generations, "
+                       "rollback, switch (as nix-env does them)")
+    ps = s.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
+
+    def one(name: str, func: str, help: str) -> argparse.ArgumentParser:
+        p = ps.add_parser(name, help=help)
+        p.add_argument("-p", "--profile", metavar="PATH",
+                       help="the profile (default: where ~/.nix-profile points, as Nix)")
+        p.set_defaults(func=f"profile.{func}")
+        return p
+    one("list", "cmd_list", "list generations (like nix-env --list-generations)").add_argument(
+        "--json", action="store_true")
+    d = one("delete-generations", "cmd_delete_generations",
+            "delete generations, never the current one (like nix-env --delete-generations)")
+    d.add_argument("ids", nargs="*", metavar="GEN", help="generation numbers, or 'old', '+N', 'Nd'")
+    d.add_argument("--older-than", metavar="AGE", help="e.g. 30d: keep the one live then")
+    d.add_argument("--keep", type=int, metavar="N", help="keep the current and N-1 before it")
+    d.add_argument("--dry-run", action="store_true")
+    one("rollback", "cmd_rollback", "switch to the previous generation")
+    one("switch", "cmd_switch", "switch to generation N").add_argument("number", type=int)
+
+
 def _why_alive(sub: _Sub) -> None:
     s = sub.add_parser("why-alive", help="the shortest chain from a GC root to PATH")
     s.add_argument("path")
@@ -221,6 +244,7 @@ def _tcp_key(sub: _Sub) -> None:
 COMMANDS = {
     "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
     "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots, "du": _du,
+    "profile": _profile,
     "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
     "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
     "sync-roots": _sync_roots, "tcp-key": _tcp_key,
