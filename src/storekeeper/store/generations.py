@@ -230,13 +230,13 @@ def profiles_under(top: str) -> Iterator[str]:
     directories this process may write (as nix-collect-garbage picks them)."""
     try:
         it = list(os.scandir(top))
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
             return
         raise
     writable = os.access(top, os.W_OK)
-    for e in sorted(it, key=lambda e: e.name):
-        if e.is_dir(follow_symlinks=False):
-            yield from profiles_under(e.path)
-        elif e.is_symlink() and writable and _GEN.match(e.name) is None:
-            yield e.path
+    for ent in sorted(it, key=lambda x: x.name):
+        if ent.is_dir(follow_symlinks=False):
+            yield from profiles_under(ent.path)
+        elif ent.is_symlink() and writable and _GEN.match(ent.name) is None:
+            yield ent.path
