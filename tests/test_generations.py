@@ -31,7 +31,8 @@ def make_profile(d: str, n: int, current: int, now: float, step_days: float = 10
 
 
 def state(d: str) -> dict[str, str]:
-    return {n: os.readlink(os.path.join(d, n)) for n in sorted(os.listdir(d))}
+    return {n: os.readlink(os.path.join(d, n)) for n in sorted(os.listdir(d))
+            if os.path.islink(os.path.join(d, n))}
 
 
 def nix_env_run(tmp, args: list[str]) -> subprocess.CompletedProcess:
@@ -117,3 +118,34 @@ def test_older_than_keeps_the_generation_live_at_the_cutoff(days, kept):
     doomed = {g.number for g in select(gens, cur, Selection.older_than(days * DAY), now)}
     assert sorted({g.number for g in gens} - doomed) == kept
     assert cur not in doomed
+
+
+def _profiles_tree(state: str, now: float) -> str:
+    top = os.path.join(state, "profiles")
+    make_profile(top, 6, 4, now)
+    make_profile(os.path.join(top, "per-user", "alice"), 5, 5, now, step_days=20)
+    return top
+
+
+@needs_nix
+@pytest.mark.nix
+@pytest.mark.parametrize("flags", [["-d"], ["--delete-older-than", "25d"]])
+def test_gc_delete_generations_like_nix_collect_garbage(tmp_path, flags):
+    """Every profile under the state dir's profiles/ (nested per-user dirs too), then a GC."""
+    now = time.time()
+    env = nix_env(str(tmp_path))
+    theirs = _profiles_tree(env["NIX_STATE_DIR"], now)
+    r = subprocess.run(["nix-collect-garbage", *flags], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / "skstore"
+    subprocess.run(SK + ["--store", str(root), "init"], check=True, capture_output=True)
+    mine = _profiles_tree(str(root / "nix" / "var" / "nix"), now)
+    ours_flags = ["--delete-generations"] if flags == ["-d"] else flags
+    r2 = subprocess.run(SK + ["--store", str(root), "gc", *ours_flags], capture_output=True,
+                        text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr
+    for sub in ("", "per-user/alice"):
+        assert state(os.path.join(theirs, sub)) == state(os.path.join(mine, sub)), sub
+    left = [n for n in state(mine) if n.startswith("p-")]
+    assert 1 <= len(left) < 6 and "p-4-link" in left  # some went; never the current one

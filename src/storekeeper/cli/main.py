@@ -122,6 +122,11 @@ def _gc(sub: _Sub) -> None:
                         "deleting gc runs before collecting")
     s.add_argument("--skip-step", action="append", choices=SYNC_STEPS,
                    help=argparse.SUPPRESS)  # test hook: leave out one step of sync-roots
+    s.add_argument("-d", "--delete-generations", nargs="?", const="old", metavar="SPEC",
+                   help="first delete every profile's old generations (SPEC: old (default), "
+                        "+N, Nd), like nix-collect-garbage -d")
+    s.add_argument("--delete-older-than", metavar="AGE",
+                   help="first delete generations older than AGE (e.g. 30d) of every profile")
     s.set_defaults(func="gc.cmd_gc")
 
 

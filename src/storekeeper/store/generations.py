@@ -226,8 +226,8 @@ def switch(profile: str, number: int | None = None) -> tuple[int | None, int]:
 
 
 def profiles_under(top: str) -> Iterator[str]:
-    """Every profile (a symlink that is not itself a generation link) under ``top``, in
-    directories this process may write (as nix-collect-garbage picks them)."""
+    """Every profile under ``top``, as nix-collect-garbage picks them: a symlink whose target
+    names a generation link (``…-link``), in a directory this process may write."""
     try:
         it = list(os.scandir(top))
     except OSError as err:
@@ -238,5 +238,16 @@ def profiles_under(top: str) -> Iterator[str]:
     for ent in sorted(it, key=lambda x: x.name):
         if ent.is_dir(follow_symlinks=False):
             yield from profiles_under(ent.path)
-        elif ent.is_symlink() and writable and _GEN.match(ent.name) is None:
-            yield ent.path
+        elif ent.is_symlink() and writable:
+            try:
+                if "link" in os.readlink(ent.path):
+                    yield ent.path
+            except FileNotFoundError:
+                continue
+
+
+def delete_all_generations(profiles_dir: str, sel: Selection, now: float | None = None,
+                           dry_run: bool = False) -> list[tuple[str, list[Generation]]]:
+    """``sel`` applied to every profile under ``profiles_dir`` (``nix-collect-garbage -d`` is
+    ``old``, ``--delete-older-than Nd`` is ``Nd``)."""
+    return [(p, delete_generations(p, sel, now, dry_run)) for p in profiles_under(profiles_dir)]
