@@ -177,12 +177,8 @@ class Matrix:
         self.valid(path)
 
 
-class KnownDaemonBug(Exception):
-    pass
-
-
 STEPS = ["add", "query", "verify", "gc", "nix_build", "nix_build_path_info", "instantiate",
-         "nix_copy", "nix_copy_closure_ssh", "nix_copy_ssh_ng"]
+         "nix_env", "nix_copy", "nix_copy_closure_ssh", "nix_copy_ssh_ng"]
 
 
 @needs_nix
@@ -201,16 +197,3 @@ def test_real_client_matrix_with_the_store_recreated_between_steps(area_factory)
     with open(os.path.join(a.base, "ssh-logins")) as f:
         assert f.read().split() == ["me@hostA"] * 2
 
-
-@needs_nix
-@pytest.mark.nix
-@pytest.mark.xfail(strict=True, raises=KnownDaemonBug,
-                   reason="our builder has no builtin:buildenv (nix-env's user-environment "
-                   "derivation): 'error: unsupported builtin builder 'buildenv''")
-def test_real_client_matrix_nix_env_into_a_profile(area_factory):
-    try:
-        Matrix(area_factory().start("ours")).run_step("nix_env")
-    except AssertionError as e:
-        if "unsupported builtin builder 'buildenv'" in str(e):
-            raise KnownDaemonBug(str(e)) from None
-        raise  # any other failure is a new one: not the expected failure

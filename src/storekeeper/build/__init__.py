@@ -13,7 +13,10 @@ Invariants of the layer (each kept, and said in full, by the module named):
 * outputs are inspected only when nothing can change them and registered all
   in one transaction or not at all (:mod:`.outputs`);
 * outputs that are already valid are never written to (:mod:`.rewrite`);
-* build logs are where Nix keeps them (:mod:`.logs`).
+* build logs are where Nix keeps them (:mod:`.logs`); ``@nix`` lines of a
+  builder are messages, not log lines (:mod:`.jsonlog`);
+* builtin builders (``builtin:buildenv``, ``builtin:fetchurl``) run as the
+  builder child process, never in the daemon (:mod:`.builtins`).
 
 Nothing in ``store`` imports this package.
 """

@@ -38,7 +38,7 @@ def read_build_log(log_dir: str, drv_base: str) -> bytes | None:
 class LineSplitter:
     """Cuts a byte stream into log lines; ``on_line`` gets each complete one."""
 
-    def __init__(self, on_line: Callable[[bytes], None], tail: int = 10) -> None:
+    def __init__(self, on_line: Callable[[bytes], bool | None], tail: int = 10) -> None:
         self.on_line = on_line
         self.tail: deque[bytes] = deque(maxlen=max(tail, 0))
         self._line = bytearray()
@@ -59,8 +59,8 @@ class LineSplitter:
         line = bytes(self._line)
         self._line.clear()
         self._pos = 0
-        self.tail.append(line)
-        self.on_line(line)
+        if self.on_line(line) is not False:  # (False: not a log line, e.g. an @nix message)
+            self.tail.append(line)
 
     def finish(self) -> None:
         """The stream ended: a last line without ``\\n`` still counts."""

@@ -31,8 +31,9 @@ from ..formats.derivation import DerivationType, derivation_type
 from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import Verbosity
 from ..store.locks import PathLocks
-from . import confine
+from . import builtins, confine
 from .goals import DrvGoal
+from .jsonlog import BuilderJSONLog
 from .logger import BuildLogger
 from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
@@ -60,6 +61,8 @@ class Run:
     log_bytes: int = 0
     killed_for: Failure | None = None
     exec_error: str | None = None
+    #: the builder's @nix messages and the activities they opened (ended with the build)
+    json_log: BuilderJSONLog | None = None
 
     def kill(self) -> None:
         """SIGKILL to the builder's session (it is its own process group)."""
@@ -243,14 +246,18 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
         # (None, (): Popen's defaults, as when not given)
         uid, gid, groups = (user.uid, user.gid, list(user.groups)) if user is not None \
             else (None, None, None)
-        argv = [os.path.basename(builder), *args]
-        executable: str | None = builder
+        program, argv = builder, [os.path.basename(builder), *args]
+        if builder.startswith("builtin:"):
+            # a builtin is a child process like any builder: builtins/__init__ says why
+            argv = builtins.command(builder[len("builtin:"):])
+            program = argv[0]
+        executable: str | None = program
         child_env = env
         pass_fds: tuple[int, ...] = ()
         if filter_syscalls:
             # NO_NEW_PRIVS + seccomp, set by a trampoline that then exec's the
             # builder (confine.py says why not preexec_fn, and what it costs)
-            argv, spec_fd = confine.confined_argv(builder, argv, env, confine.host_filter())
+            argv, spec_fd = confine.confined_argv(program, argv, env, confine.host_filter())
             executable, child_env, pass_fds = None, {}, (spec_fd,)
         run.proc = subprocess.Popen(
             argv, executable=executable, env=child_env, pass_fds=pass_fds,
