@@ -127,6 +127,16 @@ def _gc(sub: _Sub) -> None:
                         "+N, Nd), like nix-collect-garbage -d")
     s.add_argument("--delete-older-than", metavar="AGE",
                    help="first delete generations older than AGE (e.g. 30d) of every profile")
+    # retention policies (nix.conf names; these flags override them for this run)
+    s.add_argument("--keep-generations", metavar="N", help="policy: keep each profile's last N "
+                   "generations")
+    s.add_argument("--generations-older-than", metavar="AGE", dest="delete_generations_older_than",
+                   help="policy: delete generations older than AGE (the one live then stays)")
+    s.add_argument("--root-ttl", metavar="KIND=AGE", help="policy: roots of KIND (indirect: "
+                   "result links) older than AGE stop counting")
+    s.add_argument("--user-quota", metavar="BYTES", help="policy: warn about users whose roots "
+                   "hold more")
+    s.add_argument("--keep-recently-used", metavar="AGE", help="policy: keep paths used within AGE")
     s.set_defaults(func="gc.cmd_gc")
 
 

@@ -42,6 +42,7 @@ from ..formats.streams import Readable
 from ..fs import remove_tree
 from ..fs.atomic import write_new_file
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
+from . import policy
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
 from .locks import PathLocks, lock_fd, open_lock_file
@@ -345,7 +346,10 @@ class LocalStore(StoreReader):
 
     def collect_garbage(self, options, log: Callable[[str], None] | None = None,
                         progress: Callable[[int, int], None] | None = None):
-        """Run the collector (see :mod:`storekeeper.store.gc.collector` for its invariants)."""
+        """Run the collector (see :mod:`storekeeper.store.gc.collector` for its invariants);
+        a deleting one applies the retention policies first (:mod:`.policy`)."""
+        if options.action == DELETE_DEAD and not self.read_only:
+            policy.apply(self, log=log)
         return GarbageCollector(self, log, progress).collect(options)
 
     def free_space(self) -> int:

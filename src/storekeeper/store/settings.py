@@ -90,6 +90,11 @@ class StoreSettings:
     runtime_roots: str = field(default_factory=_d("runtime-roots"))
     runtime_root_lease: int = field(default_factory=_d("runtime-root-lease"))
     max_root_registrations: int = field(default_factory=_d("max-root-registrations"))
+    keep_generations: int = field(default_factory=_d("keep-generations"))
+    delete_generations_older_than: int = field(default_factory=_d("delete-generations-older-than"))
+    root_ttl: tuple[tuple[str, int], ...] = field(default_factory=_d("root-ttl"))
+    user_quota: int = field(default_factory=_d("user-quota"))
+    keep_recently_used: int = field(default_factory=_d("keep-recently-used"))
     unknown: tuple[str, ...] = field(default=(), compare=False)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "StoreSettings":

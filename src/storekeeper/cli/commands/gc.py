@@ -30,6 +30,7 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     opts = GCOptions(action=action, max_freed=args.max_freed if args.max_freed is not None else 2**64 - 1,
                      keep_outputs=args.keep_outputs or cfg.keep_outputs,
                      keep_derivations=cfg.keep_derivations and not args.no_keep_derivations)
+    _policy_flags(store, args)
     if args.delete_generations or args.delete_older_than:
         _delete_generations(store, args)
     if action == DELETE_DEAD and not is_local(store) and not args.no_sync_roots:
@@ -50,6 +51,8 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.dry_run:
+        if local is not None:
+            print_policy_plan(local)
         return _print_dry_run(dry, args.json)
     if args.json:
         json.dump({"action": action, "paths": result.paths, "bytesFreed": result.bytes_freed}, sys.stdout)
@@ -60,6 +63,34 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
     else:
         print(f"{len(result.paths)} store paths deleted, {result.bytes_freed / 2**20:.2f} MiB freed")
     return 0
+
+
+#: gc's policy flags and the settings they override
+POLICY_FLAGS = ("keep_generations", "delete_generations_older_than", "root_ttl", "user_quota",
+                "keep_recently_used")
+
+
+def _policy_flags(store: Store, args: argparse.Namespace) -> None:
+    pairs = [(f.replace("_", "-"), getattr(args, f)) for f in POLICY_FLAGS
+             if getattr(args, f, None) is not None]
+    if not pairs:
+        return
+    local = needs_local(store, "gc with policy flags (a daemon applies its own nix.conf)")
+    local.settings = local.settings.with_settings(pairs)
+
+
+def print_policy_plan(local, as_json: bool = False) -> None:
+    """What each policy would drop now, and the bytes that frees (stderr)."""
+    from ...store.policy import plan
+    p = plan(local, with_bytes=True)
+    for d in p.drops:
+        print(f"policy {d.policy} would drop {d.link} -> {d.target} ({d.detail})", file=sys.stderr)
+    for name, b in p.freed.items():
+        print(f"policy {name}: would free {b} bytes ({b / 2**20:.2f} MiB)", file=sys.stderr)
+    if p.keep_recent:
+        print(f"policy keep-recently-used keeps {len(p.keep_recent)} paths", file=sys.stderr)
+    for w in p.warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def _delete_generations(store: Store, args: argparse.Namespace) -> None:
