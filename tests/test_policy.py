@@ -191,3 +191,41 @@ def test_user_quota_warns(store, tmp_path):
 def test_bad_policy_settings_are_one_line_errors(store, name, value):
     with pytest.raises(SettingsError, match=f"setting '{name}'"):
         store.settings.with_settings([(name, value)])
+
+
+def _cli(root: str, *args: str, conf: str | None = None):
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    if conf is not None:
+        env["NIX_CONF_DIR"] = os.path.join(root, "..", "etc")
+        os.makedirs(env["NIX_CONF_DIR"], exist_ok=True)
+        with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "w") as f:
+            f.write(conf)
+    return subprocess.run([sys.executable, "-m", "storekeeper.cli.main", "--store", root, *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_dry_run_shows_each_policy_with_bytes_then_gc_applies(store, chroot_root, monkeypatch):
+    import subprocess
+    monkeypatch.setattr(policy, "clock", __import__("time").time)
+    profile, paths = make_profile(store, 6, 6)
+    store.close()
+    r = _cli(chroot_root, "roots")
+    assert r.returncode == 0 and "policy" not in r.stderr  # off by default
+    r = _cli(chroot_root, "gc", "--dry-run", "--keep-generations", "3")
+    assert r.returncode == 0, r.stderr
+    drops = [line for line in r.stderr.splitlines() if line.startswith("policy keep-generations would drop")]
+    assert len(drops) == 3 and all("p-1-link" in d or "p-2-link" in d or "p-3-link" in d for d in drops)
+    freed = int(r.stderr.split("policy all: would free ")[1].split()[0])
+    real = [os.path.join(chroot_root, p.lstrip("/")) for p in paths[:3]]
+    du = subprocess.run(["du", "-sc", "-B1", *real], capture_output=True, text=True, check=True)
+    assert freed == int(du.stdout.splitlines()[-1].split()[0])
+    assert gens_left(profile) == [1, 2, 3, 4, 5, 6]  # a dry run changes nothing
+    r = _cli(chroot_root, "roots", conf="keep-generations = 3\n")  # nix.conf: shown by roots
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("policy keep-generations would drop") == 3
+    r = _cli(chroot_root, "gc", "--keep-generations", "3")
+    assert r.returncode == 0, r.stderr
+    assert gens_left(profile) == [4, 5, 6]
+    assert "3 store paths deleted" in r.stdout

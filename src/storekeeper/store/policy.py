@@ -108,6 +108,19 @@ def record_use(store, paths: Iterable[str], now: float | None = None) -> None:
         t.close()
 
 
+def active(cfg) -> bool:
+    """Is any policy on (in these StoreSettings)?"""
+    return bool(cfg.keep_generations or cfg.delete_generations_older_than or cfg.root_ttl
+                or cfg.user_quota or cfg.keep_recently_used)
+
+
+def note_use(store, paths: Iterable[str]) -> None:
+    """:func:`record_use` if ``keep-recently-used`` is on (the daemon calls this for the paths
+    a client pins, ensures or downloads; with the policy off it costs nothing)."""
+    if store.settings.keep_recently_used > 0:
+        record_use(store, paths)
+
+
 def _generation_drops(store, now: float) -> list[Drop]:
     cfg = store.settings
     out = []
@@ -236,8 +249,9 @@ def apply(store, now: float | None = None, log: Callable[[str], None] | None = N
     """Carry out the plan (before a deleting GC finds its roots)."""
     now = clock() if now is None else now
     cfg = store.settings
-    if not (cfg.keep_generations or cfg.delete_generations_older_than or cfg.root_ttl
-            or cfg.user_quota or cfg.keep_recently_used):
+    if not active(cfg):
+        if os.path.isdir(os.path.join(store.state_dir, "gcroots", RECENT_DIR)):
+            _sync_recent(store, [])  # the policy was turned off: its links go
         return Plan()
     p = plan(store, now)
     say = log or (lambda m: None)

@@ -79,10 +79,12 @@ def _policy_flags(store: Store, args: argparse.Namespace) -> None:
     local.settings = local.settings.with_settings(pairs)
 
 
-def print_policy_plan(local, as_json: bool = False) -> None:
+def print_policy_plan(local, with_bytes: bool = True) -> None:
     """What each policy would drop now, and the bytes that frees (stderr)."""
-    from ...store.policy import plan
-    p = plan(local, with_bytes=True)
+    from ...store.policy import active, plan
+    if not active(local.settings):
+        return
+    p = plan(local, with_bytes=with_bytes)
     for d in p.drops:
         print(f"policy {d.policy} would drop {d.link} -> {d.target} ({d.detail})", file=sys.stderr)
     for name, b in p.freed.items():

@@ -9,6 +9,7 @@ from ...formats.wire import (
     WireWriter,
     write_path_info,
 )
+from ...store.policy import note_use
 from ..errors import OpError
 from ..registry import NIX32_CHARS, info_or_fail, op
 from ..session import Session
@@ -191,6 +192,7 @@ def nar_from_path(s: Session) -> None:
     # The first chunk is taken before STDERR_LAST so that a path whose files
     # are gone is reported as an error, not as a broken NAR.
     first = next(chunks, b"")
+    note_use(s.store, [s.sd.print(sp)])
     s.stop_work()
     s.send(first)
     for chunk in chunks:
