@@ -205,6 +205,7 @@ def export_path(s: Session) -> None:
     s.r.u64("sign")  # obsolete: signing exports was removed
     s.start_work()
     info = info_or_fail(s, sp)
+    note_use(s.store, [s.sd.print(sp)])
     for chunk in s.store.dump_path(sp):
         s.write_data(chunk)
     trailer = WireWriter()
