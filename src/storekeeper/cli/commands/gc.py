@@ -52,6 +52,7 @@ def cmd_gc(store: Store, args: argparse.Namespace) -> int:
         bar.close()
     if args.dry_run:
         if local is not None:
+            from .policy import print_policy_plan
             print_policy_plan(local)
         return _print_dry_run(dry, args.json)
     if args.json:
@@ -77,22 +78,6 @@ def _policy_flags(store: Store, args: argparse.Namespace) -> None:
         return
     local = needs_local(store, "gc with policy flags (a daemon applies its own nix.conf)")
     local.settings = local.settings.with_settings(pairs)
-
-
-def print_policy_plan(local, with_bytes: bool = True) -> None:
-    """What each policy would drop now, and the bytes that frees (stderr)."""
-    from ...store.policy import active, plan
-    if not active(local.settings):
-        return
-    p = plan(local, with_bytes=with_bytes)
-    for d in p.drops:
-        print(f"policy {d.policy} would drop {d.link} -> {d.target} ({d.detail})", file=sys.stderr)
-    for name, b in p.freed.items():
-        print(f"policy {name}: would free {b} bytes ({b / 2**20:.2f} MiB)", file=sys.stderr)
-    if p.keep_recent:
-        print(f"policy keep-recently-used keeps {len(p.keep_recent)} paths", file=sys.stderr)
-    for w in p.warnings:
-        print(f"warning: {w}", file=sys.stderr)
 
 
 def _delete_generations(store: Store, args: argparse.Namespace) -> None:

@@ -76,7 +76,7 @@ def cmd_roots(store: Store, args: argparse.Namespace) -> int:
     from ...store.gc.inspect import list_roots
     print_root_infos(list_roots(store), args.json)
     if not args.json:
-        from .gc import print_policy_plan
+        from .policy import print_policy_plan
         print_policy_plan(store, with_bytes=False)
     return 0
 
