@@ -233,3 +233,44 @@ def test_html_treemap_in_headless_chromium(tmp_path):
     subprocess.run(browser + [f"--screenshot={shot}", "file://" + page], capture_output=True,
                    timeout=120)
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_cached_measurements_match_a_fresh_walk_across_optimise(tmp_path, monkeypatch):
+    """The second run reads the cache; after hard-linking (``.links`` changes) it walks again:
+    each run equals a walk without the cache."""
+    from storekeeper.formats.url import LocalLayout
+    from storekeeper.store.du.space import compute
+    from storekeeper.store.local import LocalStore
+    root = str(tmp_path / "root")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        for k in range(6):
+            src = tmp_path / f"t{k}"
+            src.mkdir()
+            (src / "same").write_bytes(b"duplicate content " * 4000)
+            (src / "own").write_bytes(bytes([k]) * (5000 * (k + 1)))
+            sp = s.add_path(str(src)).path
+            os.symlink(s.print_path(sp), os.path.join(s.state_dir, "gcroots", f"r{k}"))
+
+    from storekeeper.store.du import space
+    walk = space.disk_usage
+
+    def both(walks: bool = True):
+        def no_walk(path):
+            raise AssertionError(f"walked {path} although it was cached")
+        with LocalStore(LocalLayout.chroot(root)) as s:
+            monkeypatch.setattr(space, "disk_usage", walk if walks else no_walk)
+            cached = compute(s).to_json()
+            monkeypatch.setattr(space, "disk_usage", walk)
+            return cached, compute(s, use_cache=False).to_json()
+
+    first = both()
+    assert first[0] == first[1]
+    assert os.path.exists(os.path.join(root, "nix/var/nix/storekeeper/du-cache"))
+    again = both(walks=False)
+    assert again[0] == again[1] == first[0]
+    r = subprocess.run(SK + ["--store", root, "optimise"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    after = both()
+    assert after[0] == after[1]
+    assert after[0]["liveBytes"] < first[0]["liveBytes"]
+    assert after[0]["sharedBytes"] > 0  # the linked file is held by all six roots

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 from ... import fs
 from ..gc.graph import Graph
 from ..gc.inspect import _owner_and_age, all_roots
+from .cache import DiskCache
 
 #: how many of the largest paths each root (and the whole store) lists
 TOP = 10
@@ -170,25 +171,23 @@ def holder_masks(graph: Graph, targets: list[int], keep_outputs: bool,
             return mask
 
 
-def disk_usage(real_path: str, inodes: dict[tuple[int, int], int]) -> tuple[int, list[tuple[int, int]]]:
-    """(bytes of the tree's singly-linked entries, its multiply-linked inodes) — the inodes'
-    blocks go into ``inodes``; each is listed once even if linked twice inside the tree."""
+def disk_usage(real_path: str) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    """(bytes of the tree's singly-linked entries, its multiply-linked inodes as
+    (dev, ino, bytes)); an inode linked twice inside the tree is listed once."""
     own = 0
-    shared: dict[tuple[int, int], None] = {}
+    shared: dict[tuple[int, int], int] = {}
     try:
         for ev, node in fs.walk(real_path):
             if ev == fs.LEAVE:
                 continue
             st = node.lstat()
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                shared[key] = None
-                inodes[key] = st.st_blocks * 512
+                shared[(st.st_dev, st.st_ino)] = st.st_blocks * 512
             else:
                 own += st.st_blocks * 512
     except FileNotFoundError:
         pass
-    return own, list(shared)
+    return own, tuple((d, i, b) for (d, i), b in shared.items())
 
 
 def _bits(m: int) -> Iterable[int]:
@@ -199,8 +198,10 @@ def _bits(m: int) -> Iterable[int]:
 
 
 def compute(store, nar: bool = False, top: int = TOP,
-            progress: Callable[[int, int], None] | None = None) -> SpaceReport:
-    """The space report of ``store`` (a LocalStore) now; read-only."""
+            progress: Callable[[int, int], None] | None = None,
+            use_cache: bool = True) -> SpaceReport:
+    """The space report of ``store`` (a LocalStore) now; read-only but for the measurement
+    cache (:mod:`.cache`)."""
     cfg = store.settings
     graph = Graph(store.db)
     nar_size = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
@@ -228,9 +229,20 @@ def compute(store, nar: bool = False, top: int = TOP,
         size = {i: nar_size.get(i, 0) for i in mask}
     else:
         total = len(mask)
+        cache = DiskCache(store.state_dir, store.real_store_dir) if use_cache else None
         for n, i in enumerate(mask):
-            real = os.path.join(store.real_store_dir, os.path.basename(graph.path_of[i]))
-            own, linked = disk_usage(real, inode_bytes)
+            path = graph.path_of[i]
+            entry = cache.get(i, path) if cache is not None else None
+            if entry is None:
+                own, inodes = disk_usage(os.path.join(store.real_store_dir, os.path.basename(path)))
+                if cache is not None:
+                    cache.put(i, (path, own, inodes))
+            else:
+                _, own, inodes = entry
+            linked = []
+            for dev, ino, b in inodes:
+                inode_bytes[(dev, ino)] = b
+                linked.append((dev, ino))
             m = mask[i]
             for key in linked:
                 inode_mask[key] = inode_mask.get(key, 0) | m
@@ -241,6 +253,8 @@ def compute(store, nar: bool = False, top: int = TOP,
             size[-1 - i] = own
             if progress is not None and n % 1000 == 0:
                 progress(n, total)
+        if cache is not None:
+            cache.save(set(graph.path_of))
 
     # group by holder mask: bytes counted once (paths' own bytes + each inode once)
     g_bytes: dict[int, int] = {}
