@@ -222,7 +222,9 @@ def test_html_treemap_in_headless_chromium(tmp_path):
             expected[rs[0]["link"]] = rs[0]["exclusiveBytes"]
     assert roots == expected
     shared = sorted(int(n["data-bytes"]) for n in top if n["data-kind"] == "shared")
-    assert shared == sorted(g["bytes"] for g in report["shared"])
+    assert sum(shared) == report["sharedBytes"]
+    if len(report["shared"]) <= 150:  # (beyond that the small groups share one box)
+        assert shared == sorted(g["bytes"] for g in report["shared"])
     # the second level: the largest paths of each box, named by store path
     listed = {p["path"] for r in report["roots"] for p in r["largestExclusive"] if p["groupBytes"]}
     assert listed and listed <= {n["data-label"] for n in inner if n["data-kind"] == "path"}

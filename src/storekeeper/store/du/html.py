@@ -16,6 +16,9 @@ import json
 
 from .space import SpaceReport
 
+#: shared groups drawn one box each; the rest share one box
+MAX_GROUPS = 150
+
 
 def tree(report: SpaceReport) -> dict:
     """The treemap's tree: root → (roots' exclusive parts | shared groups) → paths."""
@@ -41,10 +44,16 @@ def tree(report: SpaceReport) -> dict:
                     "owner": r.owner, "rootKind": r.kind, "closureBytes": r.closure_bytes,
                     "sharedBytes": r.shared_bytes,
                     "children": leaves(r.largest_exclusive, r.exclusive_bytes, r.exclusive_paths)})
-    for g in report.groups:
+    for g in report.groups[:MAX_GROUPS]:
         names = [report.roots[k].link for k in g.holders]
         top.append({"label": f"shared by {len(names)} roots", "bytes": g.bytes, "kind": "shared",
                     "holders": names, "children": leaves(g.largest, g.bytes, g.paths)})
+    rest = report.groups[MAX_GROUPS:]
+    if rest:  # (a big store has thousands of small groups: one box for them keeps the page light)
+        b = sum(g.bytes for g in rest)
+        top.append({"label": f"shared: {len(rest)} smaller groups", "bytes": b, "kind": "shared",
+                    "holders": [], "children": [{"label": f"({sum(g.paths for g in rest)} paths)",
+                                                 "bytes": b, "kind": "rest"}]})
     return {"label": "live store", "bytes": report.live_bytes, "kind": "store", "children": top}
 
 
