@@ -221,7 +221,8 @@ def compute(store, nar: bool = False, top: int = TOP,
         entries.append((r, i))
     mask = holder_masks(graph, targets, cfg.keep_outputs, cfg.keep_derivations)
 
-    size: dict[int, int] = {}
+    size: dict[int, int] = {}  # a path's bytes, its hard-linked inodes included
+    own_of: dict[int, int] = {}  # its singly-linked entries only (the inodes count apart)
     inode_bytes: dict[tuple[int, int], int] = {}
     inode_mask: dict[tuple[int, int], int] = {}
     linked_of: dict[int, list[tuple[int, int]]] = {}
@@ -249,8 +250,7 @@ def compute(store, nar: bool = False, top: int = TOP,
             if linked:
                 linked_of[i] = linked
             size[i] = own + sum(inode_bytes[k] for k in linked)
-            # the path's own share: its singly-linked entries; the inodes are counted apart
-            size[-1 - i] = own
+            own_of[i] = own
             if progress is not None and n % 1000 == 0:
                 progress(n, total)
         if cache is not None:
@@ -262,7 +262,7 @@ def compute(store, nar: bool = False, top: int = TOP,
     g_top: dict[int, list[tuple[int, int]]] = {}
     in_group: dict[int, int] = {}
     for i, m in mask.items():
-        counted = nar_size.get(i, 0) if nar else size[-1 - i]
+        counted = nar_size.get(i, 0) if nar else own_of[i]
         g_bytes[m] = g_bytes.get(m, 0) + counted
         g_paths[m] = g_paths.get(m, 0) + 1
         h = g_top.setdefault(m, [])
