@@ -140,6 +140,10 @@ def test_nar_closures_and_exclusive_bytes_match_nix(tmp_path):
     assert checked >= 3
     shared = report["sharedBytes"]
     assert report["exclusiveBytes"] + shared == report["liveBytes"]
+    # one owner (root) holds everything, alone
+    owners = sk_json(root, "--nar", "--by", "user")["owners"]
+    assert [(o["closureBytes"], o["exclusiveBytes"], o["closurePaths"]) for o in owners] == \
+        [(report["liveBytes"], report["liveBytes"], len(live))]
 
 
 def _gnu_du(paths: list[str]) -> int:
@@ -276,3 +280,13 @@ def test_cached_measurements_match_a_fresh_walk_across_optimise(tmp_path, monkey
     assert after[0] == after[1]
     assert after[0]["liveBytes"] < first[0]["liveBytes"]
     assert after[0]["sharedBytes"] > 0  # the linked file is held by all six roots
+
+
+def test_by_owner_regroups_the_masks():
+    from storekeeper.store.du.space import RootSpace, SpaceReport, by_owner
+    roots = [RootSpace("direct", "/a", "/nix/store/a", "u1"), RootSpace("direct", "/b", "/nix/store/b", "u2"),
+             RootSpace("indirect", "/c", "/nix/store/c", "u1")]
+    masks = {0b001: (10, 1), 0b010: (20, 1), 0b011: (5, 1), 0b101: (7, 1), 0b111: (3, 1)}
+    report = SpaceReport("nar", roots, [], 45, 5, [], masks, [0, 1, 2])
+    got = {o["owner"]: (o["roots"], o["closureBytes"], o["exclusiveBytes"]) for o in by_owner(report)}
+    assert got == {"u1": (2, 25, 17), "u2": (1, 28, 20)}
