@@ -290,3 +290,43 @@ def test_by_owner_regroups_the_masks():
     report = SpaceReport("nar", roots, [], 45, 5, [], masks, [0, 1, 2])
     got = {o["owner"]: (o["roots"], o["closureBytes"], o["exclusiveBytes"]) for o in by_owner(report)}
     assert got == {"u1": (2, 25, 17), "u2": (1, 28, 20)}
+
+
+def test_tui_browses_the_tree_on_a_terminal(tmp_path):
+    """Under a pseudo-terminal: the top level lists the roots' boxes, Enter opens the largest
+    (its paths), q quits."""
+    import pty
+    import select
+    import time
+
+    from storekeeper.formats.url import LocalLayout
+    from storekeeper.store.local import LocalStore
+    root = str(tmp_path / "root")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        big = s.add_text("big-thing", b"x" * 200_000).path
+        top = s.add_text("top-level", s.print_path(big).encode(), [big]).path
+        os.symlink(s.print_path(top), os.path.join(s.state_dir, "gcroots", "my-root"))
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(TERM="xterm", LINES="30", COLUMNS="120")
+        os.execv(sys.executable, SK + ["--store", root, "du", "--tui"])
+    out = b""
+
+    def read_until(want: bytes | None, seconds: float = 20) -> None:
+        nonlocal out
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and (want is None or want not in out):
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:  # the child is gone
+                    return
+    read_until(b"my-root")
+    assert b"my-root" in out and b"big-thing" not in out
+    os.write(fd, b"\r")
+    read_until(b"big-thing")
+    assert b"big-thing" in out
+    os.write(fd, b"q")
+    read_until(None, 5)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

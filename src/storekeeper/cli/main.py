@@ -151,6 +151,7 @@ def _du(sub: _Sub) -> None:
                        "and the bytes it shares, its largest paths (read-only)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--html", metavar="FILE", help="write a self-contained interactive treemap")
+    s.add_argument("--tui", action="store_true", help="browse the same tree on the terminal")
     s.add_argument("--by", choices=["root", "user", "path"], default=None,
                    help="table per root (default), per owner of roots, or largest paths")
     s.add_argument("--nar", action="store_true",

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import needs_local
+from ..common import UsageError, needs_local
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -27,6 +27,13 @@ def cmd_du(store: Store, args: argparse.Namespace) -> int:
     if args.html:
         write_file_atomic(args.html, render(report).encode())
         print(f"wrote {args.html}", file=sys.stderr)
+    if args.tui:
+        from ...store.du.html import tree
+        from .du_tui import browse
+        if not sys.stdout.isatty():
+            raise UsageError("du --tui needs a terminal")
+        browse(tree(report))
+        return 0
     if args.json:
         obj = report.to_json()
         if args.by == "user":
