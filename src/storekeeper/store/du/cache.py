@@ -51,7 +51,7 @@ class DiskCache:
 
     def save(self, live: set[int]) -> None:
         """Write what was measured (only paths still valid)."""
-        if not self.dirty and len(self.paths) == len(live):
+        if not self.dirty and all(i in live for i in self.paths):
             return
         keep = {i: e for i, e in self.paths.items() if i in live}
         try:
