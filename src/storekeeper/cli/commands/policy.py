@@ -14,7 +14,8 @@ def print_policy_plan(local, with_bytes: bool = True) -> None:
     for d in p.drops:
         print(f"policy {d.policy} would drop {d.link} -> {d.target} ({d.detail})", file=sys.stderr)
     for name, b in p.freed.items():
-        print(f"policy {name}: would free {b} bytes ({b / 2**20:.2f} MiB)", file=sys.stderr)
+        print(f"policy {name}: would free {b} more bytes ({b / 2**20:.2f} MiB; its roots' "
+              "exclusive bytes, on top of what is dead now)", file=sys.stderr)
     if p.keep_recent:
         print(f"policy keep-recently-used keeps {len(p.keep_recent)} paths", file=sys.stderr)
     for w in p.warnings:
