@@ -118,7 +118,10 @@ def note_use(store, paths: Iterable[str]) -> None:
     """:func:`record_use` if ``keep-recently-used`` is on (the daemon calls this for the paths
     a client pins, ensures or downloads; with the policy off it costs nothing)."""
     if store.settings.keep_recently_used > 0:
-        record_use(store, paths)
+        try:
+            record_use(store, paths)
+        except (OSError, sqlite3.Error):
+            pass  # best effort: a use not recorded never fails the client's request
 
 
 def _generation_drops(store, now: float) -> list[Drop]:
