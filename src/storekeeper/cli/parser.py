@@ -106,6 +106,21 @@ def _gc(sub: _Sub) -> None:
                         "deleting gc runs before collecting")
     s.add_argument("--skip-step", action="append", choices=SYNC_STEPS,
                    help=argparse.SUPPRESS)  # test hook: leave out one step of sync-roots
+    s.add_argument("-d", "--delete-generations", nargs="?", const="old", metavar="SPEC",
+                   help="first delete every profile's old generations (SPEC: old (default), "
+                        "+N, Nd), like nix-collect-garbage -d")
+    s.add_argument("--delete-older-than", metavar="AGE",
+                   help="first delete generations older than AGE (e.g. 30d) of every profile")
+    # retention policies (nix.conf names; these flags override them for this run)
+    s.add_argument("--keep-generations", metavar="N", help="policy: keep each profile's last N "
+                   "generations")
+    s.add_argument("--generations-older-than", metavar="AGE", dest="delete_generations_older_than",
+                   help="policy: delete generations older than AGE (the one live then stays)")
+    s.add_argument("--root-ttl", metavar="KIND=AGE", help="policy: roots of KIND (indirect: "
+                   "result links) older than AGE stop counting")
+    s.add_argument("--user-quota", metavar="BYTES", help="policy: warn about users whose roots "
+                   "hold more")
+    s.add_argument("--keep-recently-used", metavar="AGE", help="policy: keep paths used within AGE")
     s.set_defaults(func="gc.cmd_gc")
 
 
@@ -113,6 +128,43 @@ def _roots(sub: _Sub) -> None:
     s = sub.add_parser("roots", help="list every GC root: kind, owner, age, closure size (read-only)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func="roots.cmd_roots")
+
+
+def _du(sub: _Sub) -> None:
+    s = sub.add_parser("du", help="where the space goes: per root the bytes only it keeps alive "
+                       "and the bytes it shares, its largest paths (read-only)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--html", metavar="FILE", help="write a self-contained interactive treemap")
+    s.add_argument("--tui", action="store_true", help="browse the same tree on the terminal")
+    s.add_argument("--by", choices=["root", "user", "path"], default=None,
+                   help="table per root (default), per owner of roots, or largest paths")
+    s.add_argument("--nar", action="store_true",
+                   help="count NAR sizes from the database instead of disk blocks (no walk)")
+    s.add_argument("--top", type=int, default=10, metavar="N", help="largest paths listed per root")
+    s.set_defaults(func="du.cmd_du")
+
+
+def _profile(sub: _Sub) -> None:
+    s = sub.add_parser("profile", help="a profile's generations: list, delete-generations, "
+                       "rollback, switch (as nix-env does them)")
+    ps = s.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
+
+    def one(name: str, func: str, help: str) -> argparse.ArgumentParser:
+        p = ps.add_parser(name, help=help)
+        p.add_argument("-p", "--profile", metavar="PATH",
+                       help="the profile (default: where ~/.nix-profile points, as Nix)")
+        p.set_defaults(func=f"profile.{func}")
+        return p
+    one("list", "cmd_list", "list generations (like nix-env --list-generations)").add_argument(
+        "--json", action="store_true")
+    d = one("delete-generations", "cmd_delete_generations",
+            "delete generations, never the current one (like nix-env --delete-generations)")
+    d.add_argument("ids", nargs="*", metavar="GEN", help="generation numbers, or 'old', '+N', 'Nd'")
+    d.add_argument("--older-than", metavar="AGE", help="e.g. 30d: keep the one live then")
+    d.add_argument("--keep", type=int, metavar="N", help="keep the current and N-1 before it")
+    d.add_argument("--dry-run", action="store_true")
+    one("rollback", "cmd_rollback", "switch to the previous generation")
+    one("switch", "cmd_switch", "switch to generation N").add_argument("number", type=int)
 
 
 def _why_alive(sub: _Sub) -> None:
@@ -261,7 +313,8 @@ def _serve(sub: _Sub) -> None:
 #: every command's builder, in ``--help`` order (``optimize`` is ``optimise``'s alias)
 COMMANDS = {
     "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
-    "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots,
+    "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots, "du": _du,
+    "profile": _profile,
     "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
     "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
     "sync-roots": _sync_roots, "tcp-key": _tcp_key, "build": _build, "key": _key, "sign": _sign,

@@ -131,6 +131,33 @@ def parse_sandbox(name: str, value: str) -> str:
     raise SettingError(f"setting '{name}': '{value}' is not one of true, false, relaxed")
 
 
+def parse_duration(name: str, value: str) -> int:
+    """Seconds: ``30d``, ``12h``, ``90m``, ``45s`` or a plain number of seconds."""
+    v = value.strip()
+    mult = {"d": 86400, "h": 3600, "m": 60, "s": 1}.get(v[-1:], 1)
+    digits = v[:-1] if v[-1:] in ("d", "h", "m", "s") else v
+    if not digits.isdigit():
+        raise SettingError(f"setting '{name}': '{value}' is not a duration (e.g. 30d, 12h, 90m)")
+    return int(digits) * mult
+
+
+#: the root kinds a TTL may apply to: never a profile's generations (their own policies),
+#: nor runtime, temp or lease roots (something is using those paths now)
+TTL_KINDS = ("indirect",)
+
+
+def parse_root_ttl(name: str, value: str) -> tuple[tuple[str, int], ...]:
+    """``KIND=DURATION ...`` (e.g. ``indirect=14d``)."""
+    out = []
+    for word in value.split():
+        kind, eq, dur = word.partition("=")
+        if not eq or kind not in TTL_KINDS:
+            raise SettingError(f"setting '{name}': '{word}' is not KIND=DURATION with KIND one "
+                               f"of {', '.join(TTL_KINDS)}")
+        out.append((kind, parse_duration(name, dur)))
+    return tuple(out)
+
+
 def one_of(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, value: str) -> str:
         v = value.strip()
@@ -221,6 +248,17 @@ _TABLE = [
        ["binary-cache-public-keys"]),
     _s("secret-key-files", parse_list, "", [STORE, SUBSTITUTE],
        doc="sign paths with these keys (`storekeeper sign`); their public halves are trusted"),
+    # --- retention policies, applied by every GC (storekeeper.store.policy); 0: off ---
+    _s("keep-generations", parse_int, "0", [STORE],
+       doc="keep the last N generations of each profile (and the current one)"),
+    _s("delete-generations-older-than", parse_duration, "0", [STORE],
+       doc="delete generations older than this (the one live then, and the current, stay)"),
+    _s("root-ttl", parse_root_ttl, "", [STORE],
+       doc="KIND=DURATION: roots of that kind older than this stop counting (indirect=14d)"),
+    _s("user-quota", parse_size, "0", [STORE],
+       doc="warn when one user's roots hold more than this many bytes"),
+    _s("keep-recently-used", parse_duration, "0", [STORE],
+       doc="keep paths used (through the daemon, or seen as runtime roots) this recently"),
     # --- builds ---
     # (the views keep None for "not set": Nix's default, decided when used)
     _s("build-users-group", parse_str, lambda: "nixbld" if os.geteuid() == 0 else "", [BUILD, DAEMON]),

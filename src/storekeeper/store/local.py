@@ -49,6 +49,7 @@ from ..fs import remove_tree
 from ..fs.atomic import sync_new_trees, write_new_file
 from ..fs.crash import crash_point
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
+from . import policy
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
 from .gcnotify import NotifyingTempRoots
@@ -410,7 +411,10 @@ class LocalStore(StoreReader):
 
     def collect_garbage(self, options, log: Callable[[str], None] | None = None,
                         progress: Callable[[int, int], None] | None = None):
-        """Run the collector (see :mod:`storekeeper.store.gc.collector` for its invariants)."""
+        """Run the collector (see :mod:`storekeeper.store.gc.collector` for its invariants);
+        a deleting one applies the retention policies first (:mod:`.policy`)."""
+        if options.action == DELETE_DEAD and not self.read_only:
+            policy.apply(self, log=log)
         return GarbageCollector(self, log, progress).collect(options)
 
     def free_space(self) -> int:

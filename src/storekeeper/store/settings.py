@@ -93,7 +93,9 @@ class StoreSettings(Frozen):
     __slots__ = ("keep_outputs", "keep_derivations", "min_free", "max_free",
                  "min_free_check_interval", "gc_reserved_space", "fsync_store_paths",
                  "auto_optimise_store", "indirect_root_grace", "runtime_roots", "runtime_root_lease",
-                 "max_root_registrations", "trusted_public_keys", "secret_key_files", "unknown")
+                 "max_root_registrations", "trusted_public_keys", "secret_key_files",
+                 "keep_generations", "delete_generations_older_than", "root_ttl", "user_quota",
+                 "keep_recently_used", "unknown")
     _fields = __slots__
     keep_outputs: bool
     keep_derivations: bool
@@ -109,6 +111,11 @@ class StoreSettings(Frozen):
     max_root_registrations: int
     trusted_public_keys: tuple[str, ...]
     secret_key_files: tuple[str, ...]
+    keep_generations: int                   # retention policies (storekeeper.store.policy)
+    delete_generations_older_than: int
+    root_ttl: tuple[tuple[str, int], ...]
+    user_quota: int
+    keep_recently_used: int
     unknown: tuple[str, ...]
 
     def __init__(self, **values: Any) -> None:

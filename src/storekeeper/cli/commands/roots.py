@@ -75,6 +75,9 @@ def cmd_roots(store: Store, args: argparse.Namespace) -> int:
         return remote_roots(store, args.store, args.json)
     from ...store.gc.inspect import list_roots
     print_root_infos(list_roots(store), args.json)
+    if not args.json:
+        from .policy import print_policy_plan
+        print_policy_plan(store, with_bytes=False)
     return 0
 
 

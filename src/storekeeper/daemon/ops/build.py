@@ -46,6 +46,7 @@ from ...formats.wire import (
     Verbosity,
     WireWriter,
 )
+from ...store.policy import note_use
 from ..errors import OpError
 from ..registry import U32, op
 from ..session import Session
@@ -144,6 +145,7 @@ def build_paths(s: Session) -> None:
     s.start_work()
     _check_mode(s, mode)
     results = _run(s, _builder(s), lambda b: b.build(targets, mode))
+    note_use(s.store, [s.sd.print(t.path) for t, r in zip(targets, results) if r.success])
     failed = [(t, r) for t, r in zip(targets, results) if not r.success]
     if failed:
         errors = [r.error_msg for _, r in failed if r.own_error]
@@ -163,6 +165,7 @@ def build_paths_with_results(s: Session) -> None:
     s.start_work()
     _check_mode(s, mode)
     results = _run(s, _builder(s), lambda b: b.build(targets, mode))
+    note_use(s.store, [s.sd.print(t.path) for t, r in zip(targets, results) if r.success])
     s.stop_work()
     s.w.u64(len(results))
     for text, r in zip(texts, results):

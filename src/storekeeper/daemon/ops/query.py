@@ -10,6 +10,7 @@ from ...formats.wire import (
     WireWriter,
     write_path_info,
 )
+from ...store.policy import note_use
 from ..errors import OpError
 from ..registry import NIX32_CHARS, info_or_fail, op
 from ..session import Session
@@ -174,6 +175,7 @@ def nar_from_path(s: Session) -> None:
     # The first chunk is taken before STDERR_LAST so that a path whose files
     # are gone is reported as an error, not as a broken NAR.
     first = next(chunks, b"")
+    note_use(s.store, [s.sd.print(sp)])
     s.stop_work()
     s.send(first)
     for chunk in chunks:
@@ -186,6 +188,7 @@ def export_path(s: Session) -> None:
     s.r.u64("sign")  # obsolete: signing exports was removed
     s.start_work()
     info = info_or_fail(s, sp)
+    note_use(s.store, [s.sd.print(sp)])
     for chunk in s.store.dump_path(sp):
         s.write_data(chunk)
     trailer = WireWriter()

@@ -17,6 +17,7 @@ from ...formats.wire import (
 )
 from ...store.gc.inspect import all_roots
 from ...store.optimise import optimise_store as run_optimiser
+from ...store.policy import note_use
 from ...store.roots import CENSORED, RootFinder, make_perm_link, make_perm_link_as, read_link_as
 from ...store.roots import add_indirect_root as add_indirect_root_file
 from ..errors import OpError
@@ -35,6 +36,7 @@ def add_temp_root(s: Session) -> None:
     sp = s.read_path()
     s.start_work()
     s.store.pin(sp)  # lives as long as this connection's process
+    note_use(s.store, [s.sd.print(sp)])
     s.stop_work()
     s.w.u64(1)
 
@@ -53,6 +55,7 @@ def ensure_path(s: Session) -> None:
             subs.close()
         if not ok:
             raise OpError(f"path '{s.sd.print(sp)}' does not exist and cannot be created")
+    note_use(s.store, [s.sd.print(sp)])
     s.stop_work()
     s.w.u64(1)
 
