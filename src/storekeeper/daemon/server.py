@@ -35,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import select
@@ -46,6 +47,7 @@ import sys
 import threading
 import time
 from contextlib import suppress
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..build import BuildSettings
@@ -87,6 +89,11 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
     config = config or DaemonConfig()
     socket_path = os.path.abspath(socket_path or default_socket_path(layout))
     settings = settings or StoreSettings.from_nix_conf()
+    if build is None:
+        # Read once here, not by every connection process (~1 ms each).
+        build = BuildSettings.from_nix_conf()
+        if config.build_users_group is not None:
+            build = replace(build, build_users_group=config.build_users_group)
     # Create the store (or fail on a broken one) before listening; closed again
     # so that no database connection is inherited by the children.
     LocalStore(layout, settings=settings).close()
@@ -375,6 +382,11 @@ class _Server:
         for sock in (self.listener, *self.tcp_listeners):
             sock.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # Everything allocated so far (the imported modules, the settings) goes to
+        # the collector's permanent generation: a child's collections then never
+        # write to those objects' pages, so fewer pages are copied after fork.
+        gc.collect()
+        gc.freeze()
         log.info("listening (pid %d)", os.getpid())
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving the store")
         try:

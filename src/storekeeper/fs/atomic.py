@@ -44,23 +44,28 @@ def temp_name(directory: str, prefix: str) -> str:
     return os.path.join(directory, f"{prefix}{os.getpid()}-{os.urandom(6).hex()}")
 
 
-def write_new_file(path: str, data: bytes, mode: int) -> None:
-    """Create ``path`` (it must not exist, and is never a followed symlink) with ``data``, synced."""
+def write_new_file(path: str, data: bytes, mode: int, durable: bool = True) -> None:
+    """Create ``path`` (it must not exist, and is never a followed symlink) with ``data``,
+    synced unless not ``durable``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+def write_file_atomic(path: str, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically.  Not ``durable``: without the two fsyncs,
+    for records whose loss in a crash is harmless (the caller says why); after a
+    crash such a file may be the old one, or empty."""
     directory = os.path.dirname(path) or "."
     tmp = temp_name(directory, "." + os.path.basename(path) + ".tmp-")
     try:
-        write_new_file(tmp, data, mode)
+        write_new_file(tmp, data, mode, durable)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -68,7 +73,8 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def symlink_atomic(target: str, link: str) -> None:

@@ -70,8 +70,13 @@ class IndirectRootMemory:
             os.close(fd)
 
     def _write(self, name: str, rec: dict) -> None:
+        # Not synced (two fsyncs were most of an AddIndirectRoot's time): a record
+        # lost or emptied by a crash reads as none.  The link then roots its path
+        # as in Nix 2.8 (while it is readable), and the next claim of an existing
+        # link without a record marks it UNCLAIMED (the cautious reading).
         if self.get(name) != rec:
-            write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o600)
+            write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o600,
+                              durable=False)
 
     def put(self, name: str, link: str, path: str | None, first_missed: float | None) -> None:
         with self._locked():
