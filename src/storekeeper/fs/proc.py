@@ -19,8 +19,13 @@ def scan_proc(prefixes: Iterable[str], uid: int | None = None,
                         rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
     maps_re = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
 
+    # (This runs for every fd and mapping of every process on each GC: one C-level test.)
+    starts = tuple(p + "/" for p in prefixes)
+    exact = frozenset(prefixes)
+    needles = tuple(p.encode() for p in prefixes)
+
     def wanted(target: str) -> bool:
-        return any(target == p or target.startswith(p + "/") for p in prefixes)
+        return target.startswith(starts) or target in exact
 
     try:
         pids = [n for n in os.listdir(proc) if n.isdigit()]
@@ -55,6 +60,8 @@ def scan_proc(prefixes: Iterable[str], uid: int | None = None,
                     data = f.read()
             except OSError:
                 continue
+            if not any(n in data for n in needles):
+                continue  # (most processes: no line to parse)
             for m in rx.finditer(data):
                 found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
         for target, where in found:

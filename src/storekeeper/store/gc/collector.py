@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +49,7 @@ from .graph import Graph
 
 BATCH = 1024
 UNLINK_THREADS = 4
+SMALL_BATCH = 64
 
 
 class GarbageCollector:
@@ -387,6 +388,16 @@ class GarbageCollector:
         # unlinking a small file.
         b.ids = go
         reals = [os.path.join(store.real_store_dir, graph.path_of[i][len(sd.path) + 1:]) for i in go]
+        if len(reals) <= SMALL_BATCH:
+            # A few paths (a GC on a busy daemon): unlinked here, at once; starting
+            # a thread costs more than that, and waits for a CPU on a loaded machine.
+            done: Future = Future()
+            try:
+                done.set_result(_delete_trees(reals))
+            except Exception as e:  # noqa: BLE001 -- raised by _finish_batch, as from a thread
+                done.set_exception(e)
+            b.futures = [done]
+            return
         step = -(-len(reals) // UNLINK_THREADS)
         b.futures = [self._unlinker.submit(_delete_trees, reals[k:k + step])
                      for k in range(0, len(reals), step)]

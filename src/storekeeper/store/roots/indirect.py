@@ -79,6 +79,12 @@ class IndirectRootMemory:
                               durable=False)
 
     def put(self, name: str, link: str, path: str | None, first_missed: float | None) -> None:
+        rec = self.get(name)
+        if rec is not None and rec.get("link") == link and rec.get("path") == path \
+                and rec.get("first_missed") == first_missed:
+            # Already so (what every GC finds for every root that still resolves): no
+            # lock, no write.  A claim racing with us is simply the later change.
+            return
         with self._locked():
             old = self.get(name) or {}
             rec = {"link": link, "path": path, "first_missed": first_missed}
