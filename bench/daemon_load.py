@@ -116,10 +116,17 @@ def run_level(env: dict[str, str], clients: int, total_ops: int, seeds: list[str
 
 
 def process_cpu(pid: int) -> float:
-    """utime + stime + cutime + cstime of ``pid``, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid``, its reaped children and its living descendants (a
+    daemon may keep connection processes for more connections)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return 0.0  # (exited meanwhile: counted in its parent's once reaped)
+    own = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu(c) for c in children)
 
 
 def seed_store(env: dict[str, str], src: str, roots: str) -> list[str]:

@@ -64,6 +64,7 @@ from .stdio import connect_unix
 from .stdio import relay as relay_stdio
 from .tcp import SealedChannel, TcpRefused, authenticate, bound_address, listen_tcp, peer_label
 from .trust import DaemonConfig, PeerInfo
+from .workers import IDLE_KEEP, MAX_IDLE, Worker, serve_more
 
 log = logging.getLogger("storekeeper.daemon")
 
@@ -370,8 +371,10 @@ class _Server:
         self.settings = settings
         self.build = build
         self.keeper = keeper
-        self.children: dict[int, int | None] = {}
+        self.children: dict[int, int | None] = {}  # busy connection processes -> uid
         self.refusers: set[int] = set()
+        self.workers: dict[int, Worker] = {}  # reusable connection processes, busy or idle
+        self.idle: list[Worker] = []          # the idle ones, longest idle first
         self._refused_log: dict[int | None, tuple[float, int]] = {}
         self.stopping = False
 
@@ -391,8 +394,9 @@ class _Server:
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving the store")
         try:
             while not self.stopping:
+                busy = {w.ctl: w for w in self.workers.values() if w not in self.idle}
                 try:
-                    ready, _, _ = select.select([self.listener, *self.tcp_listeners], [], [],
+                    ready, _, _ = select.select([self.listener, *self.tcp_listeners, *busy], [], [],
                                                 _POLL_INTERVAL)
                 except InterruptedError:
                     ready = []
@@ -402,8 +406,11 @@ class _Server:
                         break
                     if sock is self.listener:
                         self._accept()
+                    elif sock in busy:
+                        self._worker_said(busy[sock])
                     else:
                         self._accept_tcp(sock)
+                self._retire_idle()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -475,17 +482,64 @@ class _Server:
                 self._refuse(conn, limit)
                 return
             trusted = self.config.is_trusted(peer)
-            pid = os.fork()
+            pid = self._hand_to_idle(conn, peer.uid, trusted)
+            if pid is None:
+                ours, theirs = socket.socketpair()
+                try:
+                    pid = os.fork()
+                except OSError:
+                    ours.close()
+                    theirs.close()
+                    raise
+                if pid == 0:
+                    ours.close()
+                    self._child(conn, peer, trusted, ctl=theirs)  # never returns
+                theirs.close()
+                self.workers[pid] = Worker(pid, ours, peer.uid)
         except OSError as e:
             log.error("cannot serve a connection: %s", e)
             conn.close()
             return
-        if pid == 0:
-            self._child(conn, peer, trusted)  # never returns
         conn.close()
         self.children[pid] = peer.uid
         log.info("connection from %s%s: child %d", peer.describe(),
                  " (trusted)" if trusted else "", pid)
+
+    def _hand_to_idle(self, conn: socket.socket, uid: int, trusted: bool) -> int | None:
+        """Pass ``conn`` to an idle worker of ``uid`` (see :mod:`.workers`); its pid, or None."""
+        for i in range(len(self.idle) - 1, -1, -1):
+            w = self.idle[i]
+            if w.uid != uid:
+                continue
+            del self.idle[i]
+            if w.hand(conn, trusted):
+                return w.pid
+            self._forget(w)
+        return None
+
+    def _worker_said(self, w: Worker) -> None:
+        """A busy worker is idle (its connection is over), or is exiting."""
+        try:
+            data = w.ctl.recv(16)
+        except OSError:
+            data = b""
+        if data == b"R":
+            self.children.pop(w.pid, None)
+            w.idle_since = time.monotonic()
+            self.idle.append(w)
+        else:
+            self._forget(w)  # (it exits; reaped as a child)
+
+    def _forget(self, w: Worker) -> None:
+        w.retire()
+        self.workers.pop(w.pid, None)
+        with suppress(ValueError):
+            self.idle.remove(w)
+
+    def _retire_idle(self) -> None:
+        now = time.monotonic()
+        while self.idle and (len(self.idle) > MAX_IDLE or now - self.idle[0].idle_since > IDLE_KEEP):
+            self._forget(self.idle[0])
 
     def _accept_tcp(self, listener: socket.socket) -> None:
         try:
@@ -517,24 +571,32 @@ class _Server:
         die of the signals the parent handles."""
         for sock in (self.listener, *self.tcp_listeners):
             sock.close()
+        for w in self.workers.values():
+            w.ctl.close()  # (the other workers' control sockets)
+        self.workers, self.idle = {}, []
         self.keeper.close_in_child()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def _child(self, conn: socket.socket, peer: PeerInfo | None, trusted: bool,
-               tcp_label: str | None = None) -> None:
+               tcp_label: str | None = None, ctl: socket.socket | None = None) -> None:
+        """A connection process: serve ``conn``; a Unix one (``ctl``) may then serve
+        more connections of the same user (:mod:`.workers`)."""
         code = 1
         try:
             self._enter_child()
-            with conn:
-                rfile = conn.makefile("rb")
-                write = conn.sendall
-                if tcp_label is not None:
-                    peer, trusted, rfile, write = self._authenticate(conn, rfile, tcp_label)
-                if peer is not None:
-                    _serve_one(self.layout, rfile, write, trusted=trusted,
-                               config=self.config, peer=peer, settings=self.settings,
-                               build=self.build)
+            if tcp_label is not None:
+                with conn:
+                    peer, trusted, rfile, write = self._authenticate(conn, conn.makefile("rb"), tcp_label)
+                    if peer is not None:
+                        _serve_one(self.layout, rfile, write, trusted=trusted,
+                                   config=self.config, peer=peer, settings=self.settings,
+                                   build=self.build)
+            else:
+                assert peer is not None and ctl is not None
+                self._serve_unix(conn, peer, trusted)
+                with ctl:
+                    serve_more(ctl, peer.uid, lambda c, t: self._serve_unix(c, PeerInfo.of_socket(c), t))
             code = 0
         except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
             with suppress(BaseException):
@@ -543,6 +605,15 @@ class _Server:
             with suppress(BaseException):
                 logging.shutdown()
             os._exit(code)
+
+    def _serve_unix(self, conn: socket.socket, peer: PeerInfo, trusted: bool) -> None:
+        rfile = conn.makefile("rb")
+        try:
+            _serve_one(self.layout, rfile, conn.sendall, trusted=trusted, config=self.config,
+                       peer=peer, settings=self.settings, build=self.build)
+        finally:
+            rfile.close()  # (else the fd outlives conn.close(): the client would wait)
+            conn.close()
 
     def _authenticate(self, conn: socket.socket, rfile, label: str):
         """(peer, trusted, read stream, write) of a TCP connection; peer None if refused."""
@@ -559,7 +630,7 @@ class _Server:
         return peer, trusted, channel, channel.write
 
     def _reap(self) -> None:
-        while self.children or self.refusers:
+        while self.children or self.refusers or self.workers:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -570,9 +641,18 @@ class _Server:
                 return
             self.children.pop(pid, None)
             self.refusers.discard(pid)
+            w = self.workers.get(pid)
+            if w is not None:
+                self._forget(w)
 
     def stop_children(self) -> None:
         """Ask every child to stop; kill those still running after the grace period."""
+        for w in list(self.workers.values()):
+            # Idle ones read end of file and exit; busy ones exit after their
+            # connection instead of waiting for another.
+            if w in self.idle:
+                self.children[w.pid] = w.uid  # (waited for below, like the busy ones)
+            self._forget(w)
         for pid in list(self.children) + list(self.refusers):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
