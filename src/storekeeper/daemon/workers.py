@@ -16,8 +16,9 @@ Invariants:
   its temp roots) and gets a new :class:`Session`; the trust decided by the
   parent comes with the connection.
 * **Only a clean process is reused**: the connection ended without an
-  exception, no thread or child process of it is left, the working directory
-  and umask are those the worker started with, and it served fewer than
+  exception, no thread, child process or file descriptor of it is left, the
+  working directory and umask are those the worker started with, it never
+  grew beyond :data:`MAX_RSS_KIB`, and it served fewer than
   :data:`REUSE_MAX` connections.  Otherwise it exits and the next connection
   gets a fresh fork.
 * **Only the parent retires a worker** (by closing its end of the control
@@ -32,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import struct
@@ -41,6 +43,7 @@ from typing import Callable
 REUSE_MAX = 100        # connections per worker process, then a fresh one
 IDLE_KEEP = 5.0        # seconds an idle worker is kept
 MAX_IDLE = 16          # idle workers kept at most (all users together)
+MAX_RSS_KIB = 256 * 1024  # a worker that ever grew beyond this is not reused
 
 
 class Worker:
@@ -63,9 +66,18 @@ class Worker:
         self.ctl.close()
 
 
-def _clean(cwd: str, umask: int) -> bool:
-    if threading.active_count() != 1:
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def _clean(cwd: str, umask: int, fds: int) -> bool:
+    if threading.active_count() != 1 or _open_fds() != fds:
         return False
+    if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > MAX_RSS_KIB:
+        return False  # (a big request grew it: a fresh fork is smaller)
     try:
         os.waitpid(-1, os.WNOHANG)
         return False  # a child of the connection is left (running, or just reaped)
@@ -86,23 +98,24 @@ def serve_more(ctl: socket.socket, uid: int, serve: Callable[[socket.socket, boo
     cwd = os.getcwd()
     umask = os.umask(0o022)
     os.umask(umask)
+    fds = _open_fds()
     served = 1
     while served < REUSE_MAX:
         # (a finished session's handlers must not outlive it: idle, SIGTERM ends us)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if not _clean(cwd, umask):
+        if not _clean(cwd, umask, fds):
             return
         try:
             ctl.sendall(b"R")
-            msg, fds, _flags, _addr = socket.recv_fds(ctl, 1, 1)
+            msg, passed, _flags, _addr = socket.recv_fds(ctl, 1, 1)
         except OSError:
             return  # (the daemon is stopping)
-        if not msg or len(fds) != 1:
-            for fd in fds:
+        if not msg or len(passed) != 1:
+            for fd in passed:
                 os.close(fd)
             return
-        conn = socket.socket(fileno=fds[0])
+        conn = socket.socket(fileno=passed[0])
         with conn:
             cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             if struct.unpack("3i", cred)[1] != uid:
