@@ -1,23 +1,26 @@
-"""The daemon process: a Unix socket, one forked child per connection.
+"""The daemon process: a Unix socket, forked connection processes.
 
 Invariants:
 
 * **Identity before bytes.**  Each accepted connection's peer credentials are
   read with ``SO_PEERCRED`` in the parent; a peer that may not connect is
   closed before a single byte is written (spec §3, §11).
-* **One process per connection.**  The child opens its own
-  :class:`LocalStore`, so its database connection and its temp roots
-  (``temproots/<child pid>``) live exactly as long as the connection; the
-  parent never holds the store open while it forks.
+* **One process per connection at a time, one user per process.**  A
+  connection is served by a forked child, or by an idle child that served
+  the same uid before (:mod:`.workers`).  For each connection the child
+  opens its own :class:`LocalStore`, so its database connection and its temp
+  roots (``temproots/<child pid>``) live exactly as long as the connection;
+  the parent never holds the store open while it forks.
 * **Each connection opens the store afresh, as nix-daemon does**, creating
   what is missing: a store whose directories or database were removed (and
   re-created, empty) under a running daemon is initialised by the next
   connection.  Connections that find the same new store at once initialise it
   one after the other (:meth:`StoreDB._initialise`).
 * **Children are reaped** on every turn of the accept loop, and on SIGTERM or
-  SIGINT the parent stops accepting, removes its socket, asks the children to
-  stop (each finishes the operation in progress, or leaves at once when idle)
-  and kills those still running after a grace period.
+  SIGINT the parent stops accepting, removes its socket, closes the workers'
+  control sockets, asks the children to stop (each finishes the operation in
+  progress, or leaves at once when idle) and kills those still running after
+  a grace period.
 * The socket is created with mode 0666: who may connect is decided by
   ``allowed-users``, not by file permissions.
 * **TCP listeners** (``--listen-tcp``, off by default) are served by the same
@@ -41,7 +44,6 @@ import os
 import select
 import signal
 import socket
-import sqlite3
 import stat
 import sys
 import threading
@@ -58,6 +60,7 @@ from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 from ..store.tcpkeys import TcpKeys
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
+from .keeper import DatabaseKeeper
 from .sdnotify import sd_notify
 from .session import Session, error_message
 from .stdio import connect_unix
@@ -98,7 +101,7 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
     # Create the store (or fail on a broken one) before listening; closed again
     # so that no database connection is inherited by the children.
     LocalStore(layout, settings=settings).close()
-    keeper = _DatabaseKeeper(layout)  # (forked before there is a socket it could inherit)
+    keeper = DatabaseKeeper(layout)  # (forked before there is a socket it could inherit)
     try:
         listener, owned = _listen(socket_path)
         tcp_listeners: list[socket.socket] = []
@@ -262,88 +265,6 @@ def _remove_socket(path: str, owned: tuple[int, int]) -> None:
             os.unlink(path)
 
 
-class _DatabaseKeeper:
-    """A child process holding the store's database open until the daemon exits (see the
-    module docstring).  It dies with the daemon: its pipe reaches end of file.
-
-    The database may be removed and re-created under the running daemon (a test
-    harness wiping the store): every :data:`_KEEPER_CHECK` seconds the keeper
-    looks whether ``db.sqlite`` is still the file it holds, and if not lets go of
-    the old one and holds the new one once it is initialised (``db/schema``
-    exists; it never creates a database itself)."""
-
-    def __init__(self, layout: LocalLayout) -> None:
-        self.pid: int | None = None
-        self._pipe: int | None = None
-        if layout.read_only:
-            return
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the keeper
-            code = 0
-            try:
-                os.close(wfd)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we go
-                _keep(layout.db_dir, rfd)
-            except BaseException:  # noqa: BLE001 -- a keeper only ever exits
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(rfd)
-        self.pid, self._pipe = pid, wfd
-
-    def close_in_child(self) -> None:
-        """In a connection process: let go of the keeper's pipe."""
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-
-    def stop(self) -> None:
-        self.close_in_child()
-        if self.pid is not None:
-            with suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-            self.pid = None
-
-
-_KEEPER_CHECK = 1.0
-
-
-def _keep(db_dir: str, pipe: int) -> None:
-    """The keeper's loop (see :class:`_DatabaseKeeper`): until ``pipe`` reaches EOF."""
-    db = os.path.join(db_dir, "db.sqlite")
-    conn: sqlite3.Connection | None = None
-    held: tuple[int, int] | None = None
-    try:
-        while True:
-            try:
-                st = os.stat(db)
-                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
-            except OSError:
-                current = None
-            if current != held:
-                if conn is not None:
-                    conn.close()
-                    conn, held = None, None
-                if current is not None and os.path.exists(os.path.join(db_dir, "schema")):
-                    c = None
-                    try:
-                        c = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=5.0)
-                        c.execute("select count(*) from ValidPaths").fetchall()  # maps the WAL index
-                        conn, held, c = c, current, None
-                    except sqlite3.Error:
-                        pass  # (not ready yet: tried again next time)
-                    finally:
-                        if c is not None:
-                            c.close()
-            ready, _, _ = select.select([pipe], [], [], _KEEPER_CHECK)
-            if ready and not os.read(pipe, 1):
-                return
-    finally:
-        if conn is not None:
-            conn.close()
-
-
 class _Server:
     """The accept loop (see the module docstring).
 
@@ -360,7 +281,7 @@ class _Server:
     """
 
     def __init__(self, layout: LocalLayout, listener: socket.socket, config: DaemonConfig,
-                 grace: float, settings: StoreSettings, keeper: _DatabaseKeeper,
+                 grace: float, settings: StoreSettings, keeper: DatabaseKeeper,
                  tcp_listeners: list[socket.socket] | None = None,
                  build: BuildSettings | None = None) -> None:
         self.layout = layout
