@@ -122,7 +122,7 @@ def test_default_store_is_under_the_data_dir(tmp_path):
 
 
 def test_add_algo_choices_are_the_hash_algorithms():
-    from storekeeper.cli.main import HASH_ALGOS
+    from storekeeper.cli.parser import HASH_ALGOS
     from storekeeper.formats.hashes import ALGO_SIZES
     assert HASH_ALGOS == tuple(sorted(ALGO_SIZES))
 
@@ -141,7 +141,7 @@ def test_version_and_help_import_no_store(args):
 
 def test_one_command_parser_parses_as_the_full_one():
     """main builds only the named command's parser (cold start): same parse, same help."""
-    from storekeeper.cli.main import COMMANDS, build_parser, named_command
+    from storekeeper.cli.parser import COMMANDS, build_parser, named_command
     assert named_command(["--store", "x", "query", "--hash", "p"]) == "query"
     assert named_command(["--store=x", "gc"]) == "gc"
     assert named_command(["-h", "query"]) is None and named_command(["quer"]) is None

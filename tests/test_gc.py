@@ -561,8 +561,8 @@ def test_temp_roots_file_removed_by_its_exiting_owner_while_the_gc_looks(tmp_pat
 
 
 def _pin_acknowledged_then_pause(root: str, path: str, gc_running, acked, go) -> None:
-    from storekeeper.store.temproots import TempRoots
-    real = TempRoots._tell_running_gc
+    from storekeeper.store.gcnotify import NotifyingTempRoots
+    real = NotifyingTempRoots._tell_running_gc
 
     def tell_then_pause(self, p: str) -> bool:
         ok = real(self, p)
@@ -571,7 +571,7 @@ def _pin_acknowledged_then_pause(root: str, path: str, gc_running, acked, go) ->
             go.wait(30)  # the acknowledging GC ends and the next one runs meanwhile
         return ok
 
-    TempRoots._tell_running_gc = tell_then_pause
+    NotifyingTempRoots._tell_running_gc = tell_then_pause
     with LocalStore(LocalLayout.chroot(root)) as s:
         gc_running.wait(30)
         s.pin(s.parse_path(path))

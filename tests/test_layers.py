@@ -13,7 +13,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "sto
 #: lower number = lower layer; a module may import its own layer and lower ones
 LAYERS = {
     "formats": 0,
-    "errors": 1, "api": 1,
+    "errors": 1, "api": 1, "queries": 1,
     "fs": 2, "config": 2,
     "store": 3,
     "build": 4,

@@ -22,7 +22,8 @@ from ..formats.derivation import (
     hash_derivation_modulo,
 )
 from ..formats.errors import FormatError
-from ..formats.storepath import StorePath, output_path_name
+from ..formats.storepath import StoreDir, StorePath, output_path_name
+from .attrs import AttrError, DrvAttrs
 from .results import BuildMode, BuildResult, BuildStatus, Failure
 
 
@@ -60,6 +61,17 @@ class DrvGoal(Goal):
     ready: bool = False
     waiting_note: str = ""                   # what we already told the client we wait for
     wait_act: int | None = None
+    attrs: DrvAttrs | None = None  # parsed on first use (:meth:`parsed_attrs`)
+
+    def parsed_attrs(self, sd: StoreDir) -> DrvAttrs:
+        """The derivation's attributes (``__json`` parsed once)."""
+        if self.attrs is None:
+            assert self.drv is not None
+            try:
+                self.attrs = DrvAttrs(self.drv.env, sd.print(self.drv_path))
+            except AttrError as e:
+                raise Failure(BuildStatus.MISC_FAILURE, str(e)) from None
+        return self.attrs
 
     def want(self, outputs: Iterable[str] | None) -> bool:
         """Add wanted outputs (None = all); True if that changed anything."""

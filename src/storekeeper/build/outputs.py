@@ -40,6 +40,8 @@ from ..fs.narfs import dump_path
 from ..store.canonicalise import canonicalise_paths
 from ..store.locks import PathLocks
 from ..store.optimise import optimise_path
+from . import refgraph
+from .attrs import AttrError, apply_checks, output_checks
 from .goals import DrvGoal, GoalGraph
 from .process import Run
 from .results import BuildMode, BuildResult, BuildStatus, Failure
@@ -188,47 +190,37 @@ def check_cycles(sd: StoreDir, g: DrvGoal, refs_by_out: dict[str, set[StorePath]
         visit(name, None)
 
 
-_REFERENCE_RULES = (("allowedReferences", True, False), ("allowedRequisites", True, True),
-                    ("disallowedReferences", False, False), ("disallowedRequisites", False, True))
-
-
 def check_reference_rules(store, g: DrvGoal, infos: dict[str, ValidPathInfo]) -> None:
-    """``allowedReferences`` & co.: paths or output names, checked against each
-    output's references (or its closure, for the ``*Requisites`` forms)."""
-    drv, sd = g.drv, store.store_dir
-    assert drv is not None
-    new_refs = {i.path: i.references for i in infos.values()}
+    """Each output against its checks (:func:`.attrs.output_checks`): ``outputChecks.<name>``
+    when structured (with ``maxSize``, ``maxClosureSize``), else the derivation-wide
+    ``allowedReferences`` & co.; paths or output names, against each output's references
+    (or its closure, for the ``*Requisites`` forms)."""
+    sd = store.store_dir
+    new = {i.path: i for i in infos.values()}
 
-    def closure(start: StorePath) -> set[StorePath]:
-        seen, todo = set(), [start]
-        while todo:
-            p = todo.pop()
-            if p in seen:
-                continue
-            seen.add(p)
-            todo.extend(new_refs[p] if p in new_refs else store.path_info(p).references)
-        return seen
+    def info_of(p: StorePath) -> ValidPathInfo:
+        return new[p] if p in new else store.path_info(p)
 
-    for _name, info in sorted(infos.items()):
-        for attr, allowed, requisites in _REFERENCE_RULES:
-            if attr not in drv.env:
-                continue
-            spec: set[StorePath] = set()
-            for item in drv.env[attr].split():
-                if item in g.outputs:
-                    spec.add(g.outputs[item])
-                else:
-                    try:
-                        spec.add(sd.parse(item, lax=True))
-                    except FormatError:
-                        raise Failure(BuildStatus.OUTPUT_REJECTED, "derivation contains an "
-                                      f"illegal reference specifier '{item}'") from None
-            used = closure(info.path) - {info.path} if requisites else set(info.references)
-            bad = used - spec if allowed else used & spec
-            if bad:
-                paths = "".join(f"\n  {sd.print(p)}" for p in sorted(bad))
-                raise Failure(BuildStatus.OUTPUT_REJECTED, f"output '{sd.print(info.path)}' is "
-                              f"not allowed to refer to the following paths:{paths}")
+    def resolve(item: str) -> str | None:
+        if item in g.outputs:
+            return sd.print(g.outputs[item])
+        try:
+            return sd.print(sd.parse(item, lax=True))
+        except FormatError:
+            return None
+
+    for name, info in sorted(infos.items()):
+        def closure(info: ValidPathInfo = info) -> tuple[set[str], int]:
+            paths = refgraph.closure([info.path], info_of)
+            return {sd.print(p) for p in paths}, sum(info_of(p).nar_size for p in paths)
+
+        try:
+            checks = output_checks(g.parsed_attrs(sd), name)
+            if checks is not None:
+                apply_checks(checks, sd.print(info.path), info.nar_size,
+                             [sd.print(r) for r in info.references], closure, resolve)
+        except AttrError as e:
+            raise Failure(BuildStatus.OUTPUT_REJECTED, str(e)) from None
 
 
 def check_outputs(store, run: Run, rewrites: dict[bytes, bytes], keep_failed: bool) -> None:

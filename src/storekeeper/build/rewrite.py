@@ -7,7 +7,11 @@ sibling output is missing), the builder writes them to a scratch path of the
 same name, so of the same length (:func:`scratch_path`), and the scratch hash
 part is rewritten to the real one afterwards, in the bytes of every output
 (:func:`copy_rewritten`); the builder sees the scratch paths wherever the
-derivation names those outputs (:func:`input_rewrites`).
+derivation names those outputs (:func:`input_rewrites`), and the paths it
+writes to wherever the derivation has an output's placeholder.
+
+Strings are rewritten as Nix does: pair by pair in key order, each replacing
+every occurrence (:func:`rewrite_str`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..formats.hashes import Hash
 from ..formats.storepath import StoreDir, StorePath
 from ..fs import remove_tree
 from ..fs.narfs import dump_path, restore_nar
+from .attrs import placeholder
 
 
 def scratch_path(sd: StoreDir, drv_path: StorePath, name: str, output: StorePath) -> StorePath:
@@ -27,14 +32,18 @@ def scratch_path(sd: StoreDir, drv_path: StorePath, name: str, output: StorePath
     return sd.make_path(f"rewrite:{sd.print(drv_path)}:name:{name}", inner, output.name)
 
 
-def input_rewrites(outputs: Mapping[str, StorePath], scratch: Mapping[str, StorePath]) -> dict[str, str]:
-    """Real hash part -> scratch hash part, for the outputs built at a scratch path."""
-    return {outputs[o].hash_part: p.hash_part for o, p in scratch.items() if p != outputs[o]}
+def input_rewrites(sd: StoreDir, outputs: Mapping[str, StorePath],
+                   scratch: Mapping[str, StorePath]) -> dict[str, str]:
+    """Each output's placeholder -> the path the builder writes it to, and the real
+    hash part -> the scratch one, for the outputs built at a scratch path."""
+    rw = {placeholder(o): sd.print(p) for o, p in scratch.items()}
+    rw.update({outputs[o].hash_part: p.hash_part for o, p in scratch.items() if p != outputs[o]})
+    return rw
 
 
 def rewrite_str(value: str, rewrites: Mapping[str, str]) -> str:
-    for old, new in rewrites.items():
-        value = value.replace(old, new)
+    for old in sorted(rewrites):
+        value = value.replace(old, rewrites[old])
     return value
 
 

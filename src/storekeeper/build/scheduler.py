@@ -24,20 +24,22 @@ from collections import deque
 from typing import Callable, Sequence
 
 from ..errors import StoreError
-from ..formats.derivation import Derivation
+from ..formats.derivation import Derivation, DerivationType, derivation_type
 from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
 from ..store.locks import PathLocks
 from . import process
-from .environment import builder_environment
+from .attrs import AttrError
+from .environment import GraphSource, builder_environment
 from .goals import DrvGoal, Goal, GoalGraph
 from .jsonlog import BuilderJSONLog
 from .logger import Activities, BuildLogger, GuardedLogger, NullLogger, format_error
 from .logs import BuildLogFile, LineSplitter
 from .outputs import register_outputs
 from .process import Run
+from .refgraph import InputRejected
 from .results import BuildError, BuildMode, BuildResult, BuildStatus, Failure
 from .rewrite import input_rewrites, rewrite_str, scratch_path
 from .settings import BuildSettings, build_refusal
@@ -306,7 +308,10 @@ class Builder:
     def _check_platform(self, g: DrvGoal) -> None:
         drv, st = g.drv, self.settings
         assert drv is not None
-        required = sorted(set(drv.env.get("requiredSystemFeatures", "").split()))
+        try:
+            required = sorted(set(g.parsed_attrs(self.sd).get_strings("requiredSystemFeatures") or ()))
+        except AttrError as e:
+            raise Failure(BuildStatus.MISC_FAILURE, str(e)) from None
         platform_ok = drv.platform in {st.system, *st.extra_platforms} or \
             (drv.platform == "builtin" and drv.builder.startswith("builtin:"))
         if not platform_ok or not set(required) <= set(st.system_features):
@@ -333,9 +338,8 @@ class Builder:
         tmpdir = process.make_build_dir(st, drv_name=g.drv_path.name)
         run: Run | None = None
         try:
-            rewrites = input_rewrites(g.outputs, scratch)
-            env = builder_environment(drv, tmpdir, store_dir=sd.path, cores=st.cores,
-                                      rewrites=rewrites)
+            rewrites = input_rewrites(sd, g.outputs, scratch)
+            env = self._environment(g, tmpdir, scratch, rewrites, user)
             args = [rewrite_str(a, rewrites) for a in drv.args]
             if user is not None:
                 process.prepare_user(store, user, tmpdir, {*scratch.values(), *g.outputs.values()})
@@ -367,6 +371,39 @@ class Builder:
             if run is None:
                 remove_tree(tmpdir)
             raise
+
+    def _environment(self, g: DrvGoal, tmpdir: str, scratch: dict[str, StorePath],
+                     rewrites: dict[str, str], user: BuildUser | None) -> dict[str, str]:
+        """The builder's variables; its files written into the (fresh, 0700) build dir."""
+        store, drv = self.store, g.drv
+        assert drv is not None
+
+        def outputs_of(d: StorePath) -> list[StorePath]:
+            # the paths the .drv names (their closures must then be valid, as in Nix)
+            outs = store.read_derivation(d).outputs.values()
+            if not all(o.path for o in outs):
+                raise AttrError("exportReferences on CA derivations is not yet implemented")
+            return [self.sd.parse(o.path, lax=True) for o in outs]
+
+        def graphs() -> GraphSource:
+            return GraphSource(self.goals.input_closure(g), store.path_info, outputs_of)
+
+        try:
+            built = builder_environment(
+                self.sd, g.parsed_attrs(self.sd), tmpdir, self.settings.cores, scratch, rewrites,
+                derivation_type(drv) is DerivationType.CA_FIXED, os.environ, graphs)
+        except InputRejected as e:
+            raise Failure(BuildStatus.INPUT_REJECTED, str(e)) from None
+        except (AttrError, StoreError) as e:
+            # (StoreError: an exported derivation's outputs are not valid, say)
+            raise Failure(BuildStatus.MISC_FAILURE, str(e)) from None
+        for name, data in built.files.items():
+            # nothing but us can have put a link here: the dir is new and ours
+            with open(os.path.join(tmpdir, name), "xb") as f:
+                f.write(data)
+                if user is not None and name in built.owned:
+                    os.fchown(f.fileno(), user.uid, user.gid)
+        return built.env
 
     # --- waiting for builders -----------------------------------------------------
 

@@ -11,8 +11,8 @@ any store.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
 
 from ..config import settings as settings_table
 from ..store.settings import apply_settings, environment_settings
@@ -58,6 +58,10 @@ class BuildSettings:
         if self.build_users_group is None:
             return "nixbld" if os.geteuid() == 0 else ""
         return self.build_users_group or ""
+
+    def _replace(self, **changes: Any) -> BuildSettings:
+        """``dataclasses.replace``: what :func:`~storekeeper.store.settings.apply_settings` calls."""
+        return replace(self, **changes)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "BuildSettings":
         """Apply nix.conf-style settings in order; names builds do not use are ignored."""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Iterable, Literal, cast, overload
 
 from ..errors import InvalidPath, UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import cast
+
     from ..client.remote import RemoteStore
     from ..formats.storepath import StorePath
     from ..store.local import LocalStore
@@ -22,19 +25,25 @@ if TYPE_CHECKING:
     Store = LocalStore | RemoteStore
     #: what a queries-only command is given (``queries_only=True`` in its parser)
     QueryStore = StoreReader | RemoteStore
+else:
+    def cast(_type: object, value: object) -> object:  # typing.cast, without typing
+        return value
 
 
-@overload
-def open_store(url: str | None, queries_only: Literal[False] = False) -> Store: ...
-@overload
-def open_store(url: str | None, queries_only: bool) -> Store | QueryStore: ...
-def open_store(url: str | None, queries_only: bool = False) -> Store | QueryStore:
-    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's.
+def open_store(url: str | None) -> Store:
+    """The store a URL names (``NIX_REMOTE`` when None): local, or a daemon's."""
+    return cast("Store", _open(url, False))
 
-    ``queries_only``: a local store is opened as a :class:`StoreReader` (the same
-    store, opened the same way, for commands that only query it), which spares the
-    import of the collector, the optimiser and the NAR and derivation code.
-    """
+
+def open_query_store(url: str | None) -> Store | QueryStore:
+    """:func:`open_store` for a command that only queries (``queries_only=True`` in its
+    parser): a local store is opened as a :class:`StoreReader` (the same store, opened
+    the same way), which spares the import of the collector, the optimiser and the NAR
+    and derivation code."""
+    return _open(url, True)
+
+
+def _open(url: str | None, queries_only: bool) -> Store | QueryStore:
     from ..formats.url import DaemonAddress, LocalLayout, parse_store_url
     from ..store.settings import StoreSettings
     address = parse_store_url(url)

@@ -14,236 +14,24 @@ in one line when the daemon is not storekeeper's.
 The commands live in :mod:`storekeeper.cli.commands` (one module per group);
 a parser names its command as ``"group.cmd_name"`` and only the group of the
 command being run is imported, which imports the store or the client in turn.
-So ``--version`` and ``--help`` import neither.
+So ``--version`` and ``--help`` import neither; and the argparse parser
+(:mod:`storekeeper.cli.parser`) is imported only for command lines the hand parser
+of the hot path (:mod:`storekeeper.cli.quick`: ``--version``, plain ``query``) leaves.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
-from typing import TYPE_CHECKING, Sequence
 
-from .. import __version__
 from ..errors import EXIT_IO, StorekeeperError
 from ..formats.errors import FormatError
-from .common import open_store
+from . import quick
+from .common import open_query_store, open_store
 
-#: ``add --algo`` choices: the keys of :data:`storekeeper.formats.hashes.ALGO_SIZES`
-#: (spelt out so the parser needs no hashing module; tests/test_cli.py checks they agree)
-HASH_ALGOS = ("md5", "sha1", "sha256", "sha512")
-#: hidden ``--skip-step`` values of ``gc`` and ``sync-roots``: a test hook that shows
-#: what each step of the client's part of a GC is for
-SYNC_STEPS = ("clean", "runtime", "sync")
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
-    _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-# --- parser -----------------------------------------------------------------
-# One builder per command: a run that names its command builds only that command's
-# parser (argparse spends ~0.2 ms on every option it adds); ``--help``, a misspelt
-# command or an option before the command builds them all, so help and errors read
-# the same as with the full parser.
-
-def _daemon(sub: _Sub) -> None:
-    sub.add_parser("daemon", help="serve the store over the Nix worker protocol "
-                   "(see 'storekeeper daemon --help')", add_help=False)
-
-
-def _init(sub: _Sub) -> None:
-    s = sub.add_parser("init", help="create the store if needed and show where it is")
-    s.set_defaults(func="paths.cmd_init")
-
-
-def _add(sub: _Sub) -> None:
-    s = sub.add_parser("add", help="add files or directories to the store")
-    s.add_argument("paths", nargs="+", metavar="PATH")
-    s.add_argument("--flat", action="store_true", help="hash the file's bytes, not its NAR "
-                   "(like nix-store --add-fixed without --recursive)")
-    s.add_argument("--algo", default="sha256", choices=HASH_ALGOS)
-    s.add_argument("--name", help="store path name (default: the file's base name)")
-    s.set_defaults(func="paths.cmd_add")
-
-
-def _add_text(sub: _Sub) -> None:
-    s = sub.add_parser("add-text", help="add a text file (like builtins.toFile)")
-    s.add_argument("name")
-    s.add_argument("file", help="file with the text, or - for stdin")
-    s.add_argument("--ref", action="append", default=[], metavar="PATH",
-                   help="a store path the text refers to (repeatable)")
-    s.set_defaults(func="paths.cmd_add_text")
-
-
-def _query(sub: _Sub) -> None:
-    s = sub.add_parser("query", help="query store paths (like nix-store -q)")
-    g = s.add_mutually_exclusive_group(required=True)
-    for what in ("references", "referrers", "requisites", "hash", "size", "deriver", "outputs"):
-        g.add_argument(f"--{what}", dest="what", action="store_const", const=what)
-    s.add_argument("--include-outputs", action="store_true")
-    s.add_argument("paths", nargs="+", metavar="PATH")
-    s.set_defaults(func="paths.cmd_query", queries_only=True)
-
-
-def _path_info(sub: _Sub) -> None:
-    s = sub.add_parser("path-info", help="show path metadata")
-    s.add_argument("paths", nargs="+", metavar="PATH")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
-    s.add_argument("-S", "--closure-size", action="store_true")
-    s.set_defaults(func="paths.cmd_path_info", queries_only=True)
-
-
-def _dump(sub: _Sub) -> None:
-    s = sub.add_parser("dump", help="write the NAR of a store path to stdout")
-    s.add_argument("path")
-    s.set_defaults(func="paths.cmd_dump")
-
-
-def _restore(sub: _Sub) -> None:
-    s = sub.add_parser("restore", help="unpack a NAR from stdin into DIR (strict reader)")
-    s.add_argument("dir")
-    s.set_defaults(func="paths.cmd_restore", no_store=True)
-
-
-def _gc(sub: _Sub) -> None:
-    s = sub.add_parser("gc", help="collect garbage (or only print what is live or dead)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--print-live", action="store_true")
-    g.add_argument("--print-dead", action="store_true")
-    s.add_argument("--max-freed", type=int, metavar="BYTES")
-    s.add_argument("--keep-outputs", action="store_true")
-    s.add_argument("--no-keep-derivations", action="store_true")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print what would be deleted and the exact bytes it would free")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--no-sync-roots", action="store_true",
-                   help="through a daemon, skip the client's part (see sync-roots), which a "
-                        "deleting gc runs before collecting")
-    s.add_argument("--skip-step", action="append", choices=SYNC_STEPS,
-                   help=argparse.SUPPRESS)  # test hook: leave out one step of sync-roots
-    s.set_defaults(func="gc.cmd_gc")
-
-
-def _roots(sub: _Sub) -> None:
-    s = sub.add_parser("roots", help="list every GC root: kind, owner, age, closure size (read-only)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func="roots.cmd_roots")
-
-
-def _why_alive(sub: _Sub) -> None:
-    s = sub.add_parser("why-alive", help="the shortest chain from a GC root to PATH")
-    s.add_argument("path")
-    s.set_defaults(func="gc.cmd_why_alive")
-
-
-def _delete(sub: _Sub) -> None:
-    s = sub.add_parser("delete", help="delete store paths that are not alive")
-    s.add_argument("paths", nargs="+", metavar="PATH")
-    s.add_argument("--ignore-liveness", action="store_true",
-                   help="delete even if a root keeps them alive (never while other valid paths "
-                        "refer to them, nor while a process has them pinned)")
-    s.set_defaults(func="gc.cmd_delete")
-
-
-def _verify(sub: _Sub) -> None:
-    s = sub.add_parser("verify", help="check that valid paths exist and (optionally) are intact")
-    s.add_argument("--check-contents", action="store_true")
-    s.add_argument("--repair", action="store_true")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func="paths.cmd_verify")
-
-
-def _optimise(sub: _Sub) -> None:
-    s = sub.add_parser("optimise", aliases=["optimize"],
-                       help="hard-link identical files through the .links pool (like nix-store --optimise)")
-    s.add_argument("--dry-run", action="store_true", help="change nothing; print what would be freed")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--trust-link-count", action="store_true",
-                   help="take files with more than one link as linked already (skip hashing them)")
-    s.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
-                   help="walker processes (default: one per CPU, up to 4, for big runs)")
-    s.set_defaults(func="optimise.cmd_optimise")
-
-
-def _stats(sub: _Sub) -> None:
-    s = sub.add_parser("stats", help="dedup figures from the link counts in .links (read-only)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func="optimise.cmd_stats")
-
-
-def _add_root(sub: _Sub) -> None:
-    s = sub.add_parser("add-root", help="make LINK point to PATH's store path and register it "
-                       "with the daemon as your root (kept in ~/.local/state/storekeeper/roots)")
-    s.add_argument("link")
-    s.add_argument("path")
-    s.set_defaults(func="roots.cmd_add_root")
-
-
-def _remove_root(sub: _Sub) -> None:
-    s = sub.add_parser("remove-root", help="unregister your root LINK (also an indirect root "
-                       "you added with a Nix client, even if LINK can no longer be read)")
-    s.add_argument("link")
-    s.set_defaults(func="roots.cmd_remove_root")
-
-
-def _sync_roots(sub: _Sub) -> None:
-    s = sub.add_parser("sync-roots", help="the client's part of gc, without collecting: remove "
-                       "broken links in your roots dir, tell the daemon which roots are gone, "
-                       "report your running programs' store paths (held for the daemon's lease)")
-    s.add_argument("--skip-step", action="append", choices=SYNC_STEPS, help=argparse.SUPPRESS)
-    s.set_defaults(func="roots.cmd_sync_roots")
-
-
-def _tcp_key(sub: _Sub) -> None:
-    s = sub.add_parser("tcp-key", help="issue or revoke your key for the daemon's TCP listener "
-                       "(ask the daemon on its own host)")
-    s.add_argument("action", choices=["issue", "revoke"])
-    s.add_argument("--output", metavar="FILE", help="where to write the key (default: "
-                   "$XDG_CONFIG_HOME/storekeeper/tcp-key, i.e. ~/.config/storekeeper/tcp-key)")
-    s.set_defaults(func="tcpkey.cmd_tcp_key")
-
-
-#: every command's builder, in ``--help`` order (``optimize`` is ``optimise``'s alias)
-COMMANDS = {
-    "daemon": _daemon, "init": _init, "add": _add, "add-text": _add_text, "query": _query,
-    "path-info": _path_info, "dump": _dump, "restore": _restore, "gc": _gc, "roots": _roots,
-    "why-alive": _why_alive, "delete": _delete, "verify": _verify, "optimise": _optimise,
-    "optimize": _optimise, "stats": _stats, "add-root": _add_root, "remove-root": _remove_root,
-    "sync-roots": _sync_roots, "tcp-key": _tcp_key,
-}
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The CLI's parser: with ``command``, only that command's subparser (see above)."""
-    p = argparse.ArgumentParser(prog="storekeeper", description="A Nix-compatible package store.")
-    p.add_argument("--store", metavar="URL", help="store URL: DIR (chroot root), local?root=DIR, "
-                   "local?store=S&state=T&log=L, unix://SOCKET, daemon, ssh-ng://[USER@]HOST, "
-                   "tcp://HOST:PORT (default: $NIX_REMOTE, else the embedded store under the "
-                   "user's data dir)")
-    p.add_argument("--version", action="version", version=f"storekeeper {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    only = COMMANDS.get(command) if command is not None else None
-    for build in (only,) if only is not None else dict.fromkeys(COMMANDS.values()):
-        build(sub)
-    return p
-
-
-def named_command(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` runs, if nothing before it but ``--store`` could change what
-    the parser does (``-h``, ``--version``): else None, and the full parser is built."""
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if not a.startswith("-"):
-            return a if a in COMMANDS else None
-        if a.startswith("--store="):
-            i += 1
-        elif a == "--store":
-            i += 2
-        else:
-            return None
-    return None
+    from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,13 +46,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..daemon.cli import main_daemon
         return main_daemon(store_args + argv[1:])
     argv = store_args + argv
-    args = build_parser(named_command(argv)).parse_args(argv)
+    # the hot path's command lines skip argparse (see storekeeper.cli.quick)
+    quick_args = quick.parse(argv)
+    if isinstance(quick_args, str):
+        print(quick_args)
+        return 0
+    if quick_args is None:
+        from .parser import parse_args
+        args = parse_args(argv)
+    else:
+        args = quick_args
     group, _, name = args.func.partition(".")
     command = getattr(importlib.import_module(f"{__package__}.commands.{group}"), name)
     store = None
     try:
         if not getattr(args, "no_store", False):
-            store = open_store(args.store, getattr(args, "queries_only", False))
+            opener = open_query_store if getattr(args, "queries_only", False) else open_store
+            store = opener(args.store)
         return int(command(store, args))
     except (StorekeeperError, FormatError) as e:
         # one line, even for a daemon's multi-line message; the exit code says what kind

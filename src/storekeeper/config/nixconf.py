@@ -11,10 +11,25 @@ is the settings table's business (:mod:`.settings`).
 from __future__ import annotations
 
 import os
-import shlex
-from typing import Mapping
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 MAX_INCLUDE_DEPTH = 8
+
+
+#: what ``shlex.quote`` leaves unquoted (shlex imports ``re``: spelt out for the cold start)
+_SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
+
+def _shell_quote(s: str) -> str:
+    """``shlex.quote``: ``s`` as one shell word."""
+    if not s:
+        return "''"
+    if _SHELL_SAFE.issuperset(s):
+        return s
+    return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
 class SettingError(ValueError):
@@ -48,7 +63,7 @@ def parse_nix_conf(text: str, origin: str = "<nix.conf>", base_dir: str | None =
             parse_nix_conf(inner, path, os.path.dirname(path), settings, depth + 1)
             continue
         if len(tokens) < 2 or tokens[1] != "=":
-            raise SettingError(f"{origin}:{lineno}: expected 'name = value', got {shlex.quote(raw.strip())}")
+            raise SettingError(f"{origin}:{lineno}: expected 'name = value', got {_shell_quote(raw.strip())}")
         settings.append((tokens[0], " ".join(tokens[2:])))
     return settings
 

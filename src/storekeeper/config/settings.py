@@ -48,10 +48,14 @@ Unknown names are kept and reported by the views, never fatal.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
 
+from ..formats.frozen import Frozen
 from .nixconf import SettingError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
 
 # --- what an untrusted client may do ---------------------------------------------
 
@@ -148,16 +152,25 @@ def _default_extra_platforms() -> str:
 
 # --- the table --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(Frozen):
+    """One row of the table (a frozen value: :class:`~storekeeper.formats.frozen.Frozen`)."""
+
+    __slots__ = ("name", "parse", "default", "components", "aliases", "client", "is_list", "doc")
+    _fields = __slots__
     name: str
     parse: Callable[[str, str], Any]
     default: str | Callable[[], str]
-    components: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    client: str = NEVER
-    is_list: bool = False
-    doc: str = ""
+    components: tuple[str, ...]
+    aliases: tuple[str, ...]
+    client: str
+    is_list: bool
+    doc: str
+
+    def __init__(self, name: str, parse: Callable[[str, str], Any], default: str | Callable[[], str],
+                 components: tuple[str, ...] = (), aliases: tuple[str, ...] = (),
+                 client: str = NEVER, is_list: bool = False, doc: str = "") -> None:
+        self._init(name=name, parse=parse, default=default, components=components,
+                   aliases=aliases, client=client, is_list=is_list, doc=doc)
 
     @property
     def attr(self) -> str:

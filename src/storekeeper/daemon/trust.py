@@ -22,8 +22,8 @@ import os
 import pwd
 import socket
 import struct
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
 
 from ..config import settings as settings_table
 
@@ -136,6 +136,10 @@ class DaemonConfig:
         if not self.is_trusted(peer) and not matches(self.allowed_users, peer):
             return f"{peer.describe()} is not in allowed-users"
         return None
+
+    def _replace(self, **changes: Any) -> DaemonConfig:
+        """``dataclasses.replace``: what :func:`~storekeeper.store.settings.apply_settings` calls."""
+        return replace(self, **changes)
 
     def with_settings(self, settings: Mapping[str, str] | Iterable[tuple[str, str]]) -> "DaemonConfig":
         """Apply nix.conf-style settings in order through the settings table (names the

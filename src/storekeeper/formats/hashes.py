@@ -6,10 +6,8 @@ the *last* output character holds bits 0..4.  See spec §1.2.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
-from dataclasses import dataclass
 
 from .errors import FormatError
 
@@ -63,19 +61,45 @@ def new_hasher(algo: str) -> "hashlib._Hash":
     return hashlib.new(algo)
 
 
-@dataclass(frozen=True, slots=True)
 class Hash:
-    """A digest tagged with its algorithm."""
+    """A digest tagged with its algorithm: a frozen value (equal and hashed by both).
 
+    A plain class, not a dataclass: importing dataclasses (and inspect with it) would
+    double the start of every command (bench/startup.py, issue 12).
+    """
+
+    __slots__ = ("algo", "digest")
     algo: str
     digest: bytes
 
-    def __post_init__(self) -> None:
-        size = ALGO_SIZES.get(self.algo)
+    def __init__(self, algo: str, digest: bytes) -> None:
+        size = ALGO_SIZES.get(algo)
         if size is None:
-            raise FormatError(f"unknown hash algorithm {self.algo!r}")
-        if len(self.digest) != size:
-            raise FormatError(f"{self.algo} digest must be {size} bytes, got {len(self.digest)}")
+            raise FormatError(f"unknown hash algorithm {algo!r}")
+        if len(digest) != size:
+            raise FormatError(f"{algo} digest must be {size} bytes, got {len(digest)}")
+        object.__setattr__(self, "algo", algo)
+        object.__setattr__(self, "digest", digest)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field '{name}' of a Hash")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field '{name}' of a Hash")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Hash) and other.__class__ is self.__class__:
+            return self.algo == other.algo and self.digest == other.digest
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.algo, self.digest))
+
+    def __repr__(self) -> str:
+        return f"Hash(algo={self.algo!r}, digest={self.digest!r})"
+
+    def __reduce__(self) -> tuple[type[Hash], tuple[str, bytes]]:
+        return (self.__class__, (self.algo, self.digest))
 
     @classmethod
     def of(cls, algo: str, data: bytes) -> "Hash":
@@ -93,7 +117,7 @@ class Hash:
 
     @property
     def base64(self) -> str:
-        return base64.b64encode(self.digest).decode()
+        return binascii.b2a_base64(self.digest, newline=False).decode()
 
     @property
     def sri(self) -> str:
@@ -156,8 +180,13 @@ def _decode_base64(body: str, algo: str, text: str) -> bytes:
     size = ALGO_SIZES[algo]
     if len(body) != 4 * ((size + 2) // 3):
         raise FormatError(f"hash {text!r} has the wrong length for {algo}")
+    # base64.b64decode(body, validate=True), spelt out: the base64 module imports re
     try:
-        digest = base64.b64decode(body, validate=True)
+        data = body.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("string argument should contain only ASCII characters") from None
+    try:
+        digest = binascii.a2b_base64(data, strict_mode=True)
     except binascii.Error:
         raise FormatError(f"invalid base64 hash {text!r}") from None
     if len(digest) != size:

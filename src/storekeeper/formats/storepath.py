@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import re
-from dataclasses import dataclass
-from typing import Iterable
 
 from .errors import FormatError
 from .hashes import NIX32_ALPHABET, Hash, compress_hash, nix32_encode
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 HASH_LEN = 32
 MAX_NAME_LEN = 211
 DRV_EXT = ".drv"
 DEFAULT_STORE_DIR = "/nix/store"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
+#: the characters of a store path name (a set, not a regex: no ``re`` at import, cold start)
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-._?=")
 _HASH_CHARS = frozenset(NIX32_ALPHABET)
 
 
@@ -36,19 +38,64 @@ def check_name(name: str, lax: bool = False) -> str:
         raise StorePathError("store path name is empty")
     if len(name) > MAX_NAME_LEN:
         raise StorePathError(f"store path name {name[:40]!r}… is longer than {MAX_NAME_LEN} characters")
-    if not _NAME_RE.fullmatch(name):
-        bad = next(c for c in name if not _NAME_RE.fullmatch(c))
+    if not _NAME_CHARS.issuperset(name):
+        bad = next(c for c in name if c not in _NAME_CHARS)
         raise StorePathError(f"store path name {name!r} contains the forbidden character {bad!r}")
     if not lax and (name in (".", "..") or name.startswith((".-", "..-"))):
         raise StorePathError(f"store path name {name!r} is not allowed")
     return name
 
 
-@dataclass(frozen=True, slots=True, order=True)
 class StorePath:
-    """The base name of a store path; ordered as Nix orders StorePathSet."""
+    """The base name of a store path; ordered as Nix orders StorePathSet.  A frozen
+    value (a plain class, not a dataclass: cold start, see :class:`~.hashes.Hash`)."""
 
+    __slots__ = ("base",)
     base: str
+
+    def __init__(self, base: str) -> None:
+        object.__setattr__(self, "base", base)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field '{name}' of a StorePath")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field '{name}' of a StorePath")
+
+    def __repr__(self) -> str:
+        return f"StorePath(base={self.base!r})"
+
+    def __reduce__(self) -> tuple[type[StorePath], tuple[str]]:
+        return (self.__class__, (self.base,))
+
+    def __hash__(self) -> int:
+        return hash((self.base,))
+
+    # same class only, as the dataclass compared (a str is never equal to a StorePath)
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self.base == other.base
+        return NotImplemented
+
+    def __lt__(self, other: StorePath) -> bool:
+        if other.__class__ is self.__class__:
+            return self.base < other.base
+        return NotImplemented
+
+    def __le__(self, other: StorePath) -> bool:
+        if other.__class__ is self.__class__:
+            return self.base <= other.base
+        return NotImplemented
+
+    def __gt__(self, other: StorePath) -> bool:
+        if other.__class__ is self.__class__:
+            return self.base > other.base
+        return NotImplemented
+
+    def __ge__(self, other: StorePath) -> bool:
+        if other.__class__ is self.__class__:
+            return self.base >= other.base
+        return NotImplemented
 
     @classmethod
     def from_base(cls, base: str, lax: bool = False) -> "StorePath":
@@ -82,15 +129,37 @@ class StorePath:
         return self.base
 
 
-@dataclass(frozen=True, slots=True)
 class StoreDir:
-    """A logical store directory (``/nix/store`` or a custom one) and its path rules."""
+    """A logical store directory (``/nix/store`` or a custom one) and its path rules.
+    A frozen value (a plain class, not a dataclass: cold start, see :class:`~.hashes.Hash`)."""
 
-    path: str = DEFAULT_STORE_DIR
+    __slots__ = ("path",)
+    path: str
 
-    def __post_init__(self) -> None:
-        if not self.path.startswith("/") or posixpath.normpath(self.path) != self.path:
-            raise StorePathError(f"store dir {self.path!r} must be an absolute, canonical path")
+    def __init__(self, path: str = DEFAULT_STORE_DIR) -> None:
+        if not path.startswith("/") or posixpath.normpath(path) != path:
+            raise StorePathError(f"store dir {path!r} must be an absolute, canonical path")
+        object.__setattr__(self, "path", path)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field '{name}' of a StoreDir")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field '{name}' of a StoreDir")
+
+    def __repr__(self) -> str:
+        return f"StoreDir(path={self.path!r})"
+
+    def __reduce__(self) -> tuple[type[StoreDir], tuple[str]]:
+        return (self.__class__, (self.path,))
+
+    def __hash__(self) -> int:
+        return hash((self.path,))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StoreDir) and other.__class__ is self.__class__:
+            return self.path == other.path
+        return NotImplemented
 
     def print(self, sp: StorePath) -> str:
         return f"{self.path}/{sp.base}"

@@ -23,12 +23,14 @@ machine's ``/nix/store`` is only ever used when asked for (``--store /`` or
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from .errors import FormatError
+from .frozen import Frozen
 from .storepath import DEFAULT_STORE_DIR, StoreDir
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 
 class StoreUrlError(FormatError):
@@ -40,7 +42,6 @@ class StoreUrlError(FormatError):
 # --- percent-decoding: urllib.parse's unquote and parse_qsl, spelt out (importing
 # urllib.parse, and ipaddress with it, cost ~1.8 ms of every command's start) ---------
 
-_ASCII_RUN = re.compile("([\x00-\x7f]+)")
 _HEX = frozenset("0123456789ABCDEFabcdef")
 
 
@@ -60,11 +61,16 @@ def unquote(s: str) -> str:
     """``urllib.parse.unquote``: ``%XX`` escapes decoded as UTF-8 (bad bytes become U+FFFD)."""
     if "%" not in s:
         return s
-    bits = _ASCII_RUN.split(s)
-    out = [bits[0]]
-    for i in range(1, len(bits), 2):
-        out.append(_unquote_ascii(bits[i]))
-        out.append(bits[i + 1])
+    # runs of ASCII are decoded, the rest kept as it is (what urllib's regex split does)
+    out = []
+    i, n = 0, len(s)
+    while i < n:
+        ascii_run = s[i] < "\x80"
+        j = i + 1
+        while j < n and (s[j] < "\x80") == ascii_run:
+            j += 1
+        out.append(_unquote_ascii(s[i:j]) if ascii_run else s[i:j])
+        i = j
     return "".join(out)
 
 
@@ -83,16 +89,22 @@ DEFAULT_STATE_DIR = "/nix/var/nix"
 DEFAULT_LOG_DIR = "/nix/var/log/nix"
 
 
-@dataclass(frozen=True)
-class LocalLayout:
+class LocalLayout(Frozen):
     """The directories of one local store."""
 
+    __slots__ = ("store_dir", "real_store_dir", "state_dir", "log_dir", "root", "read_only")
+    _fields = __slots__
     store_dir: StoreDir
     real_store_dir: str
     state_dir: str
     log_dir: str
-    root: str | None = None  # the chroot root, if this is a chroot layout
-    read_only: bool = False
+    root: str | None  # the chroot root, if this is a chroot layout
+    read_only: bool
+
+    def __init__(self, store_dir: StoreDir, real_store_dir: str, state_dir: str, log_dir: str,
+                 root: str | None = None, read_only: bool = False) -> None:
+        self._init(store_dir=store_dir, real_store_dir=real_store_dir, state_dir=state_dir,
+                   log_dir=log_dir, root=root, read_only=read_only)
 
     @property
     def db_dir(self) -> str:
@@ -118,8 +130,7 @@ class LocalLayout:
                    os.path.abspath(log_dir), read_only=read_only)
 
 
-@dataclass(frozen=True)
-class DaemonAddress:
+class DaemonAddress(Frozen):
     """A store reached through a daemon socket.
 
     ``store_dir`` is the *client's* logical store dir (``?store=``, else
@@ -127,21 +138,35 @@ class DaemonAddress:
     paths the daemon sends are parsed against it.
     """
 
+    __slots__ = ("socket_path", "store_dir")
+    _fields: tuple[str, ...] = __slots__
     socket_path: str
-    store_dir: str = DEFAULT_STORE_DIR
+    store_dir: str
+
+    def __init__(self, socket_path: str, store_dir: str = DEFAULT_STORE_DIR) -> None:
+        self._init(socket_path=socket_path, store_dir=store_dir)
 
 
-@dataclass(frozen=True)
 class SshAddress(DaemonAddress):
     """A daemon on another host, reached by running ``REMOTE_PROGRAM --stdio`` there over ssh
     (``socket_path`` is unused).  ``remote_store`` is passed as ``--store``."""
 
-    host: str = ""
-    user: str | None = None
-    port: int | None = None
-    remote_program: str = "storekeeper daemon"
-    remote_store: str | None = None
-    ssh_key: str | None = None
+    __slots__ = ("host", "user", "port", "remote_program", "remote_store", "ssh_key")
+    _fields = DaemonAddress._fields + __slots__
+    host: str
+    user: str | None
+    port: int | None
+    remote_program: str
+    remote_store: str | None
+    ssh_key: str | None
+
+    def __init__(self, socket_path: str, store_dir: str = DEFAULT_STORE_DIR, host: str = "",
+                 user: str | None = None, port: int | None = None,
+                 remote_program: str = "storekeeper daemon", remote_store: str | None = None,
+                 ssh_key: str | None = None) -> None:
+        self._init(socket_path=socket_path, store_dir=store_dir, host=host, user=user,
+                   port=port, remote_program=remote_program, remote_store=remote_store,
+                   ssh_key=ssh_key)
 
     @property
     def url(self) -> str:
@@ -149,14 +174,20 @@ class SshAddress(DaemonAddress):
         return f"ssh-ng://{who}{self.host}" + (f":{self.port}" if self.port else "")
 
 
-@dataclass(frozen=True)
 class TcpAddress(DaemonAddress):
     """A storekeeper daemon's TCP listener; ``key_file`` holds the key it issued
     (None: the default, ``$XDG_CONFIG_HOME/storekeeper/tcp-key``).  ``socket_path`` is unused."""
 
-    host: str = ""
-    port: int = 0
-    key_file: str | None = None
+    __slots__ = ("host", "port", "key_file")
+    _fields = DaemonAddress._fields + __slots__
+    host: str
+    port: int
+    key_file: str | None
+
+    def __init__(self, socket_path: str, store_dir: str = DEFAULT_STORE_DIR, host: str = "",
+                 port: int = 0, key_file: str | None = None) -> None:
+        self._init(socket_path=socket_path, store_dir=store_dir, host=host, port=port,
+                   key_file=key_file)
 
     @property
     def url(self) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, Iterator
 
 from .openat import NOT_A_DIR, open_dir, open_dir_forcing_access
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 #: events: a directory opened (its ``fd`` is valid, nothing listed yet), a
 #: non-directory entry, a directory done (its ``fd`` still valid)

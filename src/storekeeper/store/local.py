@@ -44,6 +44,7 @@ from ..fs.atomic import write_new_file
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
+from .gcnotify import NotifyingTempRoots
 from .locks import PathLocks, lock_fd, open_lock_file
 from .optimise import open_pool, optimise_path
 from .reader import StoreReader
@@ -64,6 +65,8 @@ class LocalStore(StoreReader):
     ``path_info``, ``query_references``, ``query_closure`` and ``topo_sort``
     from :class:`DerivedQueries`.
     """
+
+    temp_roots_class = NotifyingTempRoots  # pins, telling a running GC
 
     _last_auto_gc_check = float("-inf")  # monotonic time of the last auto-GC check
     #: where Nix's informational lines go (the daemon: to the client), e.g. "running auto-GC …"

@@ -22,10 +22,13 @@ import errno
 import fcntl
 import os
 import stat
-from typing import Iterable
 
 from .. import fs
 from ..errors import StoreError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 # How often a lock file may be found squatted or stale in a row before we give up.
 _MAX_ATTEMPTS = 64

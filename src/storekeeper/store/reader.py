@@ -14,18 +14,21 @@ from __future__ import annotations
 import grp
 import os
 import stat
-from typing import TYPE_CHECKING, Iterable, Self
 
 from .. import fs
-from ..api import DerivedQueries
 from ..errors import InvalidPath, StoreError
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StoreDir, StorePath
+from ..queries import DerivedQueries
 from .db import StoreDB
 from .settings import StoreSettings
 from .temproots import TempRoots
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Self
+
     from ..formats.url import LocalLayout
 
 
@@ -36,6 +39,9 @@ class StoreReader(DerivedQueries):
     ``path_info``, ``query_references``, ``query_closure`` and ``topo_sort``
     come from :class:`DerivedQueries`.
     """
+
+    #: a reader never pins: its temp roots cannot tell a running GC (no socket)
+    temp_roots_class: type[TempRoots] = TempRoots
 
     def __init__(self, layout: LocalLayout, create: bool = True,
                  settings: StoreSettings | None = None) -> None:
@@ -50,7 +56,7 @@ class StoreReader(DerivedQueries):
         elif not os.path.isdir(os.path.join(layout.db_dir)):
             raise StoreError(f"no store at '{layout.real_store_dir}' (state dir '{layout.state_dir}')")
         self.db = StoreDB(layout.db_dir, self.store_dir, create=create, read_only=self.read_only)
-        self.temp_roots = TempRoots(self.state_dir)
+        self.temp_roots = self.temp_roots_class(self.state_dir)
 
     # --- set-up -------------------------------------------------------------
 

@@ -9,14 +9,19 @@ fatal.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Mapping
 
 from ..config import nixconf
 from ..config import settings as table
 from ..config.nixconf import SettingError, nix_conf_path
 from ..errors import StoreError
+from ..formats.frozen import Frozen
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import Any
 
 __all__ = ["SettingsError", "StoreSettings", "apply_settings", "nix_conf_path", "parse_bool",
            "parse_nix_conf", "parse_size", "read_nix_conf"]
@@ -60,37 +65,61 @@ def parse_size(name: str, value: str) -> int:
         return table.parse_size(name, value)
 
 
-def apply_settings(view, component: str, pairs: Iterable[tuple[str, str]] | Mapping[str, str]):
-    """``view`` with ``pairs`` applied through the settings table (component ``component``);
-    a view with an ``unknown`` field collects the names nobody knows."""
+def settings_changes(view: Any, component: str,
+                     pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, Any]:
+    """The fields ``pairs`` change in ``view`` through the settings table (component
+    ``component``); for a view with an ``unknown`` field, also the names nobody knows."""
     pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
     unknown = list(getattr(view, "unknown", ())) if hasattr(view, "unknown") else None
     with as_store_error():
         changes = table.apply(view, component, pairs, unknown)
     if unknown is not None:
         changes["unknown"] = tuple(unknown)
-    return replace(view, **changes)
+    return changes
 
 
-_d = table.default_of
+def apply_settings(view: Any, component: str,
+                   pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> Any:
+    """``view`` with ``pairs`` applied through the settings table (component ``component``):
+    a new view, made by the view's ``_replace`` (``dataclasses.replace`` for a dataclass)."""
+    return view._replace(**settings_changes(view, component, pairs))
 
 
-@dataclass(frozen=True)
-class StoreSettings:
+class StoreSettings(Frozen):
     """What the local store itself obeys (nix.conf names with '-' for '_'; defaults,
-    parsing and meaning in :mod:`storekeeper.config.settings`)."""
+    parsing and meaning in :mod:`storekeeper.config.settings`).  A frozen value
+    (:class:`~storekeeper.formats.frozen.Frozen`); ``unknown`` takes no part in equality."""
 
-    keep_outputs: bool = field(default_factory=_d("keep-outputs"))
-    keep_derivations: bool = field(default_factory=_d("keep-derivations"))
-    min_free: int = field(default_factory=_d("min-free"))                # 0: auto-GC off
-    max_free: int = field(default_factory=_d("max-free"))
-    min_free_check_interval: int = field(default_factory=_d("min-free-check-interval"))
-    auto_optimise_store: bool = field(default_factory=_d("auto-optimise-store"))
-    indirect_root_grace: int = field(default_factory=_d("indirect-root-grace"))
-    runtime_roots: str = field(default_factory=_d("runtime-roots"))
-    runtime_root_lease: int = field(default_factory=_d("runtime-root-lease"))
-    max_root_registrations: int = field(default_factory=_d("max-root-registrations"))
-    unknown: tuple[str, ...] = field(default=(), compare=False)
+    __slots__ = ("keep_outputs", "keep_derivations", "min_free", "max_free",
+                 "min_free_check_interval", "auto_optimise_store", "indirect_root_grace",
+                 "runtime_roots", "runtime_root_lease", "max_root_registrations", "unknown")
+    _fields = __slots__
+    keep_outputs: bool
+    keep_derivations: bool
+    min_free: int                # 0: auto-GC off
+    max_free: int
+    min_free_check_interval: int
+    auto_optimise_store: bool
+    indirect_root_grace: int
+    runtime_roots: str
+    runtime_root_lease: int
+    max_root_registrations: int
+    unknown: tuple[str, ...]
+
+    def __init__(self, **values: Any) -> None:
+        """Every field by name (``keep_outputs=True``); a field not given has the
+        settings table's default."""
+        bad = set(values) - set(self._fields)
+        if bad:
+            raise TypeError(f"StoreSettings has no field '{sorted(bad)[0]}'")
+        for name in self._fields[:-1]:
+            if name not in values:
+                values[name] = table.SETTINGS[name.replace("_", "-")].default_value()
+        values.setdefault("unknown", ())
+        self._init(**values)
+
+    def _key(self) -> tuple[Any, ...]:
+        return self._values()[:-1]  # not ``unknown`` (compare=False in the dataclass)
 
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "StoreSettings":
         return apply_settings(self, table.STORE, pairs)

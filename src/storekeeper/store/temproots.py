@@ -20,21 +20,23 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
-import time
 
+from ..errors import StoreError
 from .locks import lock_fd, open_lock_file, unlock_fd
 
 
 class TempRoots:
+    """This process's temp roots (see the module docstring).  Telling a running GC
+    about a new root needs its socket: :class:`~.gcnotify.NotifyingTempRoots` does, for
+    the local store; this base, for a store opened for queries only (which never pins),
+    leaves out the socket module (cold start, bench/startup.py)."""
+
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self._pid = -1
         self._fd: int | None = None
         self._gc_lock_fd: int | None = None
-        self._gc_sock: socket.socket | None = None
         self._added: set[str] = set()
 
     @property
@@ -49,10 +51,8 @@ class TempRoots:
                     os.close(fd)
                 except OSError:
                     pass
-        if self._gc_sock is not None:
-            self._gc_sock.detach()
+        self._close_gc_socket(detach=True)
         self._fd = self._gc_lock_fd = None
-        self._gc_sock = None
         self._added = set()
         self._pid = os.getpid()
 
@@ -91,38 +91,21 @@ class TempRoots:
         self._added.add(path)
 
     def _tell_running_gc(self, path: str) -> bool:
-        """Send the root to the running GC; False means try the lock again."""
-        if self._gc_sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(os.path.join(self.state_dir, "gc-socket", "socket"))
-            except OSError as e:
-                sock.close()
-                if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                    # The GC has the lock but no socket yet (or just finished).
-                    time.sleep(0.01)
-                    return False
-                raise
-            self._gc_sock = sock
-        try:
-            self._gc_sock.sendall(path.encode() + b"\n")
-            reply = self._gc_sock.recv(1)
-        except (BrokenPipeError, ConnectionResetError):
-            reply = b""
-        if reply != b"1":
-            self._gc_sock.close()
-            self._gc_sock = None
-            return False
-        return True
+        """Send the root to the running GC; False means try the lock again.  Here (a
+        store opened for queries only, which never pins) there is no way to: the
+        local store's :class:`~.gcnotify.NotifyingTempRoots` talks to the GC's socket."""
+        raise StoreError(f"cannot pin '{path}' while a garbage collection runs: "
+                         f"this store was opened for queries only")
+
+    def _close_gc_socket(self, detach: bool = False) -> None:
+        """(No socket here: see :class:`~.gcnotify.NotifyingTempRoots`.)"""
 
     def close(self) -> None:
         """Drop all roots of this process (the file is unlinked)."""
         if self._pid != os.getpid():
             self._reset_after_fork()
             return
-        if self._gc_sock is not None:
-            self._gc_sock.close()
-            self._gc_sock = None
+        self._close_gc_socket()
         if self._gc_lock_fd is not None:
             os.close(self._gc_lock_fd)
             self._gc_lock_fd = None

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from ..common import UsageError, daemon_of, needs_local, print_paths, valid
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: query's cold start
 if TYPE_CHECKING:
+    import argparse
+
     from ...formats.storepath import StorePath
     from ..common import Store
 

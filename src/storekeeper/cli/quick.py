@@ -1,0 +1,62 @@
+"""A hand parser for the command lines run most often from scripts: ``--version`` and
+``query`` (cold start, issue 12: argparse, with the gettext, locale and shutil it loads,
+is a third of a query's start).
+
+It takes only the plain shape of those command lines and answers None for anything
+else (an abbreviation, ``--opt=value``, ``--``, ``-h``, a repeated or missing option, an
+argument that starts with ``-``): the caller then parses with argparse
+(:mod:`storekeeper.cli.parser`), which gives every usage error and all help.  So what
+it takes parses to the same values argparse gives (``tests/test_cli_quick.py``).
+"""
+
+from __future__ import annotations
+
+from .. import __version__
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from argparse import Namespace as Args
+    from collections.abc import Sequence
+else:
+    class Args:
+        """The parsed command line: the attributes argparse's Namespace would have."""
+
+        def __init__(self, **values: object) -> None:
+            self.__dict__.update(values)
+
+
+#: ``query``'s mutually exclusive (and required) choice of what to print (the argparse
+#: parser's too)
+QUERY_WHAT = ("references", "referrers", "requisites", "hash", "size", "deriver", "outputs")
+_WHAT_OPTS = {f"--{w}": w for w in QUERY_WHAT}
+
+
+def parse(argv: Sequence[str]) -> Args | str | None:
+    """``query``'s arguments as argparse would parse them; the text to print for a lone
+    ``--version``; None when argparse must decide."""
+    if list(argv) == ["--version"]:
+        return f"storekeeper {__version__}"
+    i, store = 0, None
+    if len(argv) >= 2 and argv[0] == "--store":
+        store, i = argv[1], 2
+        if store.startswith("-"):
+            return None
+    if i >= len(argv) or argv[i] != "query":
+        return None
+    what, include_outputs = None, False
+    paths: list[str] = []
+    for a in argv[i + 1:]:
+        if paths or not a.startswith("-"):
+            if not a or a.startswith("-"):
+                return None
+            paths.append(a)
+        elif a in _WHAT_OPTS and what is None:
+            what = _WHAT_OPTS[a]
+        elif a == "--include-outputs" and not include_outputs:
+            include_outputs = True
+        else:
+            return None
+    if what is None or not paths:
+        return None
+    return Args(store=store, command="query", what=what, include_outputs=include_outputs,
+                paths=paths, func="paths.cmd_query", queries_only=True)
