@@ -177,15 +177,21 @@ class GarbageCollector:
             roots: list[Root] = list(finder.temp_roots(cleanup=deleting))
             with self._cond:
                 self._temp_hashes.update(r.path.hash_part for r in roots)
-            if not opts.ignore_liveness:
-                self.log("finding garbage collector roots...")
-                roots += finder.permanent_roots(cleanup=deleting)
-                roots += finder.user_roots(cleanup=deleting)
-                roots += finder.runtime_roots()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gc-proc") as bg:
+                # The /proc scan (mostly waiting on the kernel) runs beside the
+                # root walk and the graph load: it is the longest part of a GC
+                # on a busy machine, and every pin waits for the GC to finish.
+                runtime = None if opts.ignore_liveness else bg.submit(lambda: list(finder.runtime_roots()))
+                if not opts.ignore_liveness:
+                    self.log("finding garbage collector roots...")
+                    roots += finder.permanent_roots(cleanup=deleting)
+                    roots += finder.user_roots(cleanup=deleting)
+                graph = Graph(store.db)
+                if runtime is not None:
+                    roots += runtime.result()
             # as Nix does, while the roots are found (stale links, unreadable roots)
             for m in finder.messages:
                 self._note(result, m)
-            graph = Graph(store.db)
             sd = store.store_dir
             alive: set[int] = set()
             root_ids = [graph.id_of[p] for p in (sd.print(r.path) for r in roots) if p in graph.id_of]
