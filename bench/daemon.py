@@ -63,10 +63,14 @@ def remove_scratch(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start(kind: str, root: str, sock: str, env: dict[str, str], log) -> subprocess.Popen:
+def start(kind: str, root: str, sock: str, env: dict[str, str], log,
+          config: str | None = None) -> subprocess.Popen:
+    """Start one daemon on a fresh store; ``config``: a settings file for ours only."""
     env = dict(env)
     if kind == "storekeeper":
         cmd = [sys.executable, "-m", "storekeeper.daemon", "--store", root, "--socket", sock]
+        if config is not None:
+            cmd += ["--config", config]
     else:
         # A fresh store is created before the daemon starts: 2.8's first
         # connections race to create it.

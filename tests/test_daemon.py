@@ -637,6 +637,68 @@ def test_client_vanishing_mid_nar_registers_nothing(daemons, tmp_path):
     assert Client.connect(d.socket).handshake().op(WireWriter().u64(1).string(HELLO), 1)[1] == 0
 
 
+def _temp_root_files(d, c: Client) -> list[str]:
+    """Pin HELLO on connection ``c``; the temp-root files then (``temproots/<pid>``)."""
+    c.op(WireWriter().u64(11).string(HELLO), 11)
+    return sorted(os.listdir(os.path.join(d.root, "nix/var/nix/temproots")))
+
+
+def _wait_no_temp_roots(d) -> None:
+    temproots = os.path.join(d.root, "nix/var/nix/temproots")
+    deadline = time.monotonic() + 10
+    while os.listdir(temproots) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert os.listdir(temproots) == []
+
+
+def test_a_connection_process_serves_its_users_next_connection_afresh(daemons, tmp_path):
+    d = daemons("ours")
+    with d.store() as store:
+        add_hello(store)
+    c = Client.connect(d.socket).handshake()
+    first = _temp_root_files(d, c)
+    c.close()
+    _wait_no_temp_roots(d)  # the connection's store was closed: its roots are gone
+    time.sleep(0.2)  # (the process has told the daemon it is free)
+    c = Client.connect(d.socket).handshake()
+    again = _temp_root_files(d, c)
+    assert len(first) == 1 and again == first  # the same process, with a new temp-roots file
+    with open(os.path.join(d.root, "nix/var/nix/temproots", again[0]), "rb") as f:
+        assert f.read() == HELLO.encode() + b"\0"
+    c.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_a_connection_process_never_serves_another_user(shared_dir, tmp_path):
+    root, sock = os.path.join(shared_dir, "root"), os.path.join(shared_dir, "d.sock")
+    with LocalStore(LocalLayout.chroot(root)) as store:
+        add_hello(store)
+    proc = start_daemon("ours", root, sock, nix_env(str(tmp_path)))
+    d = Daemon(proc, sock, root, "")
+    try:
+        c = Client.connect(sock).handshake()
+        root_process = _temp_root_files(d, c)
+        c.close()
+        _wait_no_temp_roots(d)
+        time.sleep(0.2)
+        tests = os.path.dirname(os.path.abspath(__file__))
+        script = (f"import sys; sys.path.insert(0, {tests!r}); from daemon_util import Client; "
+                  "from storekeeper.formats.wire import WireWriter; "
+                  f"c = Client.connect({sock!r}).handshake(); "
+                  f"c.op(WireWriter().u64(11).string({HELLO!r}), 11); "
+                  "print('pinned', flush=True); sys.stdin.read()")
+        nobody = subprocess.Popen([sys.executable, "-c", script], user=65534, group=65534,
+                                  extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+        try:
+            assert nobody.stdout.readline() == b"pinned\n"
+            files = sorted(os.listdir(os.path.join(root, "nix/var/nix/temproots")))
+            assert len(files) == 1 and files != root_process  # a fresh process for uid 65534
+        finally:
+            nobody.communicate(b"", timeout=30)
+    finally:
+        stop_process(proc)
+
+
 def test_sigterm_stops_accepting_and_ends_idle_children(daemons, tmp_path):
     d = daemons("ours")
     idle = Client.connect(d.socket).handshake()

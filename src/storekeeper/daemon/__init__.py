@@ -1,8 +1,8 @@
 """The store daemon: the Nix worker protocol (1.32 .. 1.38) over a Unix socket, TCP or stdio.
 
 Layering: imports ``store`` and ``formats`` only.  Entry points:
-:func:`serve` (Unix socket and optional TCP listeners, one forked process per
-connection), :func:`serve_stdio` (one connection on stdin/stdout: relayed to
+:func:`serve` (Unix socket and optional TCP listeners, a forked process per
+connection, kept for the same user's next ones: :mod:`.workers`), :func:`serve_stdio` (one connection on stdin/stdout: relayed to
 the running daemon, else served as the invoking user) and :class:`Session`
 (one connection on any pair of streams, used by all and by tests).
 """

@@ -1,23 +1,26 @@
-"""The daemon process: a Unix socket, one forked child per connection.
+"""The daemon process: a Unix socket, forked connection processes.
 
 Invariants:
 
 * **Identity before bytes.**  Each accepted connection's peer credentials are
   read with ``SO_PEERCRED`` in the parent; a peer that may not connect is
   closed before a single byte is written (spec §3, §11).
-* **One process per connection.**  The child opens its own
-  :class:`LocalStore`, so its database connection and its temp roots
-  (``temproots/<child pid>``) live exactly as long as the connection; the
-  parent never holds the store open while it forks.
+* **One process per connection at a time, one user per process.**  A
+  connection is served by a forked child, or by an idle child that served
+  the same uid before (:mod:`.workers`).  For each connection the child
+  opens its own :class:`LocalStore`, so its database connection and its temp
+  roots (``temproots/<child pid>``) live exactly as long as the connection;
+  the parent never holds the store open while it forks.
 * **Each connection opens the store afresh, as nix-daemon does**, creating
   what is missing: a store whose directories or database were removed (and
   re-created, empty) under a running daemon is initialised by the next
   connection.  Connections that find the same new store at once initialise it
   one after the other (:meth:`StoreDB._initialise`).
 * **Children are reaped** on every turn of the accept loop, and on SIGTERM or
-  SIGINT the parent stops accepting, removes its socket, asks the children to
-  stop (each finishes the operation in progress, or leaves at once when idle)
-  and kills those still running after a grace period.
+  SIGINT the parent stops accepting, removes its socket, closes the workers'
+  control sockets, asks the children to stop (each finishes the operation in
+  progress, or leaves at once when idle) and kills those still running after
+  a grace period.
 * The socket is created with mode 0666: who may connect is decided by
   ``allowed-users``, not by file permissions.
 * **TCP listeners** (``--listen-tcp``, off by default) are served by the same
@@ -35,17 +38,18 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import select
 import signal
 import socket
-import sqlite3
 import stat
 import sys
 import threading
 import time
 from contextlib import suppress
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..build import BuildSettings
@@ -56,12 +60,14 @@ from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 from ..store.tcpkeys import TcpKeys
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
+from .keeper import DatabaseKeeper
 from .sdnotify import sd_notify
 from .session import Session, error_message
 from .stdio import connect_unix
 from .stdio import relay as relay_stdio
 from .tcp import SealedChannel, TcpRefused, authenticate, bound_address, listen_tcp, peer_label
 from .trust import DaemonConfig, PeerInfo
+from .workers import IDLE_KEEP, MAX_IDLE, Worker, serve_more
 
 log = logging.getLogger("storekeeper.daemon")
 
@@ -87,10 +93,15 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
     config = config or DaemonConfig()
     socket_path = os.path.abspath(socket_path or default_socket_path(layout))
     settings = settings or StoreSettings.from_nix_conf()
+    if build is None:
+        # Read once here, not by every connection process (~1 ms each).
+        build = BuildSettings.from_nix_conf()
+        if config.build_users_group is not None:
+            build = replace(build, build_users_group=config.build_users_group)
     # Create the store (or fail on a broken one) before listening; closed again
     # so that no database connection is inherited by the children.
     LocalStore(layout, settings=settings).close()
-    keeper = _DatabaseKeeper(layout)  # (forked before there is a socket it could inherit)
+    keeper = DatabaseKeeper(layout)  # (forked before there is a socket it could inherit)
     try:
         listener, owned = _listen(socket_path)
         tcp_listeners: list[socket.socket] = []
@@ -254,88 +265,6 @@ def _remove_socket(path: str, owned: tuple[int, int]) -> None:
             os.unlink(path)
 
 
-class _DatabaseKeeper:
-    """A child process holding the store's database open until the daemon exits (see the
-    module docstring).  It dies with the daemon: its pipe reaches end of file.
-
-    The database may be removed and re-created under the running daemon (a test
-    harness wiping the store): every :data:`_KEEPER_CHECK` seconds the keeper
-    looks whether ``db.sqlite`` is still the file it holds, and if not lets go of
-    the old one and holds the new one once it is initialised (``db/schema``
-    exists; it never creates a database itself)."""
-
-    def __init__(self, layout: LocalLayout) -> None:
-        self.pid: int | None = None
-        self._pipe: int | None = None
-        if layout.read_only:
-            return
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the keeper
-            code = 0
-            try:
-                os.close(wfd)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we go
-                _keep(layout.db_dir, rfd)
-            except BaseException:  # noqa: BLE001 -- a keeper only ever exits
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(rfd)
-        self.pid, self._pipe = pid, wfd
-
-    def close_in_child(self) -> None:
-        """In a connection process: let go of the keeper's pipe."""
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-
-    def stop(self) -> None:
-        self.close_in_child()
-        if self.pid is not None:
-            with suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-            self.pid = None
-
-
-_KEEPER_CHECK = 1.0
-
-
-def _keep(db_dir: str, pipe: int) -> None:
-    """The keeper's loop (see :class:`_DatabaseKeeper`): until ``pipe`` reaches EOF."""
-    db = os.path.join(db_dir, "db.sqlite")
-    conn: sqlite3.Connection | None = None
-    held: tuple[int, int] | None = None
-    try:
-        while True:
-            try:
-                st = os.stat(db)
-                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
-            except OSError:
-                current = None
-            if current != held:
-                if conn is not None:
-                    conn.close()
-                    conn, held = None, None
-                if current is not None and os.path.exists(os.path.join(db_dir, "schema")):
-                    c = None
-                    try:
-                        c = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=5.0)
-                        c.execute("select count(*) from ValidPaths").fetchall()  # maps the WAL index
-                        conn, held, c = c, current, None
-                    except sqlite3.Error:
-                        pass  # (not ready yet: tried again next time)
-                    finally:
-                        if c is not None:
-                            c.close()
-            ready, _, _ = select.select([pipe], [], [], _KEEPER_CHECK)
-            if ready and not os.read(pipe, 1):
-                return
-    finally:
-        if conn is not None:
-            conn.close()
-
-
 class _Server:
     """The accept loop (see the module docstring).
 
@@ -352,7 +281,7 @@ class _Server:
     """
 
     def __init__(self, layout: LocalLayout, listener: socket.socket, config: DaemonConfig,
-                 grace: float, settings: StoreSettings, keeper: _DatabaseKeeper,
+                 grace: float, settings: StoreSettings, keeper: DatabaseKeeper,
                  tcp_listeners: list[socket.socket] | None = None,
                  build: BuildSettings | None = None) -> None:
         self.layout = layout
@@ -363,8 +292,10 @@ class _Server:
         self.settings = settings
         self.build = build
         self.keeper = keeper
-        self.children: dict[int, int | None] = {}
+        self.children: dict[int, int | None] = {}  # busy connection processes -> uid
         self.refusers: set[int] = set()
+        self.workers: dict[int, Worker] = {}  # reusable connection processes, busy or idle
+        self.idle: list[Worker] = []          # the idle ones, longest idle first
         self._refused_log: dict[int | None, tuple[float, int]] = {}
         self.stopping = False
 
@@ -375,12 +306,18 @@ class _Server:
         for sock in (self.listener, *self.tcp_listeners):
             sock.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # Everything allocated so far (the imported modules, the settings) goes to
+        # the collector's permanent generation: a child's collections then never
+        # write to those objects' pages, so fewer pages are copied after fork.
+        gc.collect()
+        gc.freeze()
         log.info("listening (pid %d)", os.getpid())
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving the store")
         try:
             while not self.stopping:
+                busy = {w.ctl: w for w in self.workers.values() if w not in self.idle}
                 try:
-                    ready, _, _ = select.select([self.listener, *self.tcp_listeners], [], [],
+                    ready, _, _ = select.select([self.listener, *self.tcp_listeners, *busy], [], [],
                                                 _POLL_INTERVAL)
                 except InterruptedError:
                     ready = []
@@ -390,8 +327,11 @@ class _Server:
                         break
                     if sock is self.listener:
                         self._accept()
+                    elif sock in busy:
+                        self._worker_said(busy[sock])
                     else:
                         self._accept_tcp(sock)
+                self._retire_idle()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -463,17 +403,64 @@ class _Server:
                 self._refuse(conn, limit)
                 return
             trusted = self.config.is_trusted(peer)
-            pid = os.fork()
+            pid = self._hand_to_idle(conn, peer.uid, trusted)
+            if pid is None:
+                ours, theirs = socket.socketpair()
+                try:
+                    pid = os.fork()
+                except OSError:
+                    ours.close()
+                    theirs.close()
+                    raise
+                if pid == 0:
+                    ours.close()
+                    self._child(conn, peer, trusted, ctl=theirs)  # never returns
+                theirs.close()
+                self.workers[pid] = Worker(pid, ours, peer.uid)
         except OSError as e:
             log.error("cannot serve a connection: %s", e)
             conn.close()
             return
-        if pid == 0:
-            self._child(conn, peer, trusted)  # never returns
         conn.close()
         self.children[pid] = peer.uid
         log.info("connection from %s%s: child %d", peer.describe(),
                  " (trusted)" if trusted else "", pid)
+
+    def _hand_to_idle(self, conn: socket.socket, uid: int, trusted: bool) -> int | None:
+        """Pass ``conn`` to an idle worker of ``uid`` (see :mod:`.workers`); its pid, or None."""
+        for i in range(len(self.idle) - 1, -1, -1):
+            w = self.idle[i]
+            if w.uid != uid:
+                continue
+            del self.idle[i]
+            if w.hand(conn, trusted):
+                return w.pid
+            self._forget(w)
+        return None
+
+    def _worker_said(self, w: Worker) -> None:
+        """A busy worker is idle (its connection is over), or is exiting."""
+        try:
+            data = w.ctl.recv(16)
+        except OSError:
+            data = b""
+        if data == b"R":
+            self.children.pop(w.pid, None)
+            w.idle_since = time.monotonic()
+            self.idle.append(w)
+        else:
+            self._forget(w)  # (it exits; reaped as a child)
+
+    def _forget(self, w: Worker) -> None:
+        w.retire()
+        self.workers.pop(w.pid, None)
+        with suppress(ValueError):
+            self.idle.remove(w)
+
+    def _retire_idle(self) -> None:
+        now = time.monotonic()
+        while self.idle and (len(self.idle) > MAX_IDLE or now - self.idle[0].idle_since > IDLE_KEEP):
+            self._forget(self.idle[0])
 
     def _accept_tcp(self, listener: socket.socket) -> None:
         try:
@@ -505,24 +492,32 @@ class _Server:
         die of the signals the parent handles."""
         for sock in (self.listener, *self.tcp_listeners):
             sock.close()
+        for w in self.workers.values():
+            w.ctl.close()  # (the other workers' control sockets)
+        self.workers, self.idle = {}, []
         self.keeper.close_in_child()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def _child(self, conn: socket.socket, peer: PeerInfo | None, trusted: bool,
-               tcp_label: str | None = None) -> None:
+               tcp_label: str | None = None, ctl: socket.socket | None = None) -> None:
+        """A connection process: serve ``conn``; a Unix one (``ctl``) may then serve
+        more connections of the same user (:mod:`.workers`)."""
         code = 1
         try:
             self._enter_child()
-            with conn:
-                rfile = conn.makefile("rb")
-                write = conn.sendall
-                if tcp_label is not None:
-                    peer, trusted, rfile, write = self._authenticate(conn, rfile, tcp_label)
-                if peer is not None:
-                    _serve_one(self.layout, rfile, write, trusted=trusted,
-                               config=self.config, peer=peer, settings=self.settings,
-                               build=self.build)
+            if tcp_label is not None:
+                with conn:
+                    peer, trusted, rfile, write = self._authenticate(conn, conn.makefile("rb"), tcp_label)
+                    if peer is not None:
+                        _serve_one(self.layout, rfile, write, trusted=trusted,
+                                   config=self.config, peer=peer, settings=self.settings,
+                                   build=self.build)
+            else:
+                assert peer is not None and ctl is not None
+                self._serve_unix(conn, peer, trusted)
+                with ctl:
+                    serve_more(ctl, peer.uid, lambda c, t: self._serve_unix(c, PeerInfo.of_socket(c), t))
             code = 0
         except BaseException:  # noqa: BLE001 -- a child must never return into the accept loop
             with suppress(BaseException):
@@ -531,6 +526,15 @@ class _Server:
             with suppress(BaseException):
                 logging.shutdown()
             os._exit(code)
+
+    def _serve_unix(self, conn: socket.socket, peer: PeerInfo, trusted: bool) -> None:
+        rfile = conn.makefile("rb")
+        try:
+            _serve_one(self.layout, rfile, conn.sendall, trusted=trusted, config=self.config,
+                       peer=peer, settings=self.settings, build=self.build)
+        finally:
+            rfile.close()  # (else the fd outlives conn.close(): the client would wait)
+            conn.close()
 
     def _authenticate(self, conn: socket.socket, rfile, label: str):
         """(peer, trusted, read stream, write) of a TCP connection; peer None if refused."""
@@ -547,7 +551,7 @@ class _Server:
         return peer, trusted, channel, channel.write
 
     def _reap(self) -> None:
-        while self.children or self.refusers:
+        while self.children or self.refusers or self.workers:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -558,9 +562,18 @@ class _Server:
                 return
             self.children.pop(pid, None)
             self.refusers.discard(pid)
+            w = self.workers.get(pid)
+            if w is not None:
+                self._forget(w)
 
     def stop_children(self) -> None:
         """Ask every child to stop; kill those still running after the grace period."""
+        for w in list(self.workers.values()):
+            # Idle ones read end of file and exit; busy ones exit after their
+            # connection instead of waiting for another.
+            if w in self.idle:
+                self.children[w.pid] = w.uid  # (waited for below, like the busy ones)
+            self._forget(w)
         for pid in list(self.children) + list(self.refusers):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

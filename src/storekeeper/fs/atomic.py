@@ -123,11 +123,14 @@ def write_new_file(path: str, data: bytes, mode: int, sync: bool = True) -> None
         os.close(fd)
 
 
-def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+def write_file_atomic(path: str, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically.  Not ``durable``: without the two fsyncs,
+    for records whose loss in a crash is harmless (the caller says why); after a
+    crash such a file may be the old one, or empty."""
     directory = os.path.dirname(path) or "."
     tmp = temp_name(directory, "." + os.path.basename(path) + ".tmp-")
     try:
-        write_new_file(tmp, data, mode)
+        write_new_file(tmp, data, mode, durable)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -135,7 +138,8 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def symlink_atomic(target: str, link: str) -> None:

@@ -6,6 +6,24 @@ import os
 import re
 from typing import Iterable, Iterator
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _read(dir_fd: int, name: str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
 
 def scan_proc(prefixes: Iterable[str], uid: int | None = None,
               proc: str = "/proc") -> Iterator[tuple[str, str]]:
@@ -19,44 +37,61 @@ def scan_proc(prefixes: Iterable[str], uid: int | None = None,
                         rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
     maps_re = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
 
+    # (This runs for every fd and mapping of every process on each GC: one C-level test.)
+    starts = tuple(p + "/" for p in prefixes)
+    exact = frozenset(prefixes)
+    needles = tuple(p.encode() for p in prefixes)
+
     def wanted(target: str) -> bool:
-        return any(target == p or target.startswith(p + "/") for p in prefixes)
+        return target.startswith(starts) or target in exact
 
     try:
         pids = [n for n in os.listdir(proc) if n.isdigit()]
     except OSError:
         return
+    bare = tuple(prefixes)
     for pid in pids:
         base = f"{proc}/{pid}"
+        # Everything relative to the process's directory: one path walk in /proc
+        # per process, not one per link and file (this runs on every GC).
         try:
-            if uid is not None and os.stat(base).st_uid != uid:
-                continue
+            pfd = os.open(base, _DIR)
         except OSError:
             continue
-        found: list[tuple[str, str]] = []
-        for leaf in ("exe", "cwd"):
-            try:
-                found.append((os.readlink(f"{base}/{leaf}"), f"{base}/{leaf}"))
-            except OSError:
-                pass
         try:
-            for fd in os.listdir(f"{base}/fd"):
-                try:
-                    t = os.readlink(f"{base}/fd/{fd}")
-                except OSError:
-                    continue
-                if t.startswith("/"):
-                    found.append((t, f"{base}/fd/{fd}"))
-        except OSError:
-            pass
-        for leaf, rx in (("maps", maps_re), ("environ", env_re)):
-            try:
-                with open(f"{base}/{leaf}", "rb") as f:
-                    data = f.read()
-            except OSError:
+            if uid is not None and os.fstat(pfd).st_uid != uid:
                 continue
-            for m in rx.finditer(data):
-                found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
+            found: list[tuple[str, str]] = []
+            for leaf in ("exe", "cwd"):
+                try:
+                    found.append((os.readlink(leaf, dir_fd=pfd), f"{base}/{leaf}"))
+                except OSError:
+                    pass
+            try:
+                fds = os.open("fd", _DIR, dir_fd=pfd)
+            except OSError:
+                fds = -1
+            if fds >= 0:
+                try:
+                    for fd in os.listdir(fds):
+                        try:
+                            t = os.readlink(fd, dir_fd=fds)
+                        except OSError:
+                            continue
+                        if t.startswith(bare):
+                            found.append((t, f"{base}/fd/{fd}"))
+                except OSError:
+                    pass
+                finally:
+                    os.close(fds)
+            for leaf, rx in (("maps", maps_re), ("environ", env_re)):
+                data = _read(pfd, leaf)
+                if data is None or not any(n in data for n in needles):
+                    continue  # (most processes: no line to parse)
+                for m in rx.finditer(data):
+                    found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
+        finally:
+            os.close(pfd)
         for target, where in found:
             if target.endswith(" (deleted)"):
                 target = target[:-len(" (deleted)")]

@@ -82,7 +82,8 @@ def _claim_indirect_root(s: Session, link: str) -> None:
     st = s.store
     peer = s.peer
     read_link = None
-    if peer is not None:
+    # root reading as root needs no child process of its own (a fork per root op).
+    if peer is not None and not (peer.uid == 0 and os.geteuid() == 0):
         groups = _peer_groups(s)
         read_link = lambda p: read_link_as(p, peer.uid, peer.gid, groups)  # noqa: E731
     try:

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,6 +53,7 @@ from .graph import Graph
 
 BATCH = 1024
 UNLINK_THREADS = 4
+SMALL_BATCH = 64
 
 
 class GarbageCollector:
@@ -187,15 +188,21 @@ class GarbageCollector:
             roots: list[Root] = list(finder.temp_roots(cleanup=deleting))
             with self._cond:
                 self._temp_hashes.update(r.path.hash_part for r in roots)
-            if not opts.ignore_liveness:
-                self.log("finding garbage collector roots...")
-                roots += finder.permanent_roots(cleanup=deleting)
-                roots += finder.user_roots(cleanup=deleting)
-                roots += finder.runtime_roots()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gc-proc") as bg:
+                # The /proc scan (mostly waiting on the kernel) runs beside the
+                # root walk and the graph load: it is the longest part of a GC
+                # on a busy machine, and every pin waits for the GC to finish.
+                runtime = None if opts.ignore_liveness else bg.submit(lambda: list(finder.runtime_roots()))
+                if not opts.ignore_liveness:
+                    self.log("finding garbage collector roots...")
+                    roots += finder.permanent_roots(cleanup=deleting)
+                    roots += finder.user_roots(cleanup=deleting)
+                graph = Graph(store.db)
+                if runtime is not None:
+                    roots += runtime.result()
             # as Nix does, while the roots are found (stale links, unreadable roots)
             for m in finder.messages:
                 self._note(result, m)
-            graph = Graph(store.db)
             sd = store.store_dir
             alive: set[int] = set()
             root_ids = [graph.id_of[p] for p in (sd.print(r.path) for r in roots) if p in graph.id_of]
@@ -401,6 +408,16 @@ class GarbageCollector:
         # unlinking a small file.
         b.ids = go
         reals = [os.path.join(store.real_store_dir, graph.path_of[i][len(sd.path) + 1:]) for i in go]
+        if len(reals) <= SMALL_BATCH:
+            # A few paths (a GC on a busy daemon): unlinked here, at once; starting
+            # a thread costs more than that, and waits for a CPU on a loaded machine.
+            done: Future = Future()
+            try:
+                done.set_result(_delete_trees(reals))
+            except Exception as e:  # noqa: BLE001 -- raised by _finish_batch, as from a thread
+                done.set_exception(e)
+            b.futures = [done]
+            return
         step = -(-len(reals) // UNLINK_THREADS)
         b.futures = [self._unlinker.submit(_delete_trees, reals[k:k + step])
                      for k in range(0, len(reals), step)]

@@ -70,10 +70,21 @@ class IndirectRootMemory:
             os.close(fd)
 
     def _write(self, name: str, rec: dict) -> None:
+        # Not synced (two fsyncs were most of an AddIndirectRoot's time): a record
+        # lost or emptied by a crash reads as none.  The link then roots its path
+        # as in Nix 2.8 (while it is readable), and the next claim of an existing
+        # link without a record marks it UNCLAIMED (the cautious reading).
         if self.get(name) != rec:
-            write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o600)
+            write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o600,
+                              sync=False)
 
     def put(self, name: str, link: str, path: str | None, first_missed: float | None) -> None:
+        rec = self.get(name)
+        if rec is not None and rec.get("link") == link and rec.get("path") == path \
+                and rec.get("first_missed") == first_missed:
+            # Already so (what every GC finds for every root that still resolves): no
+            # lock, no write.  A claim racing with us is simply the later change.
+            return
         with self._locked():
             old = self.get(name) or {}
             rec = {"link": link, "path": path, "first_missed": first_missed}
