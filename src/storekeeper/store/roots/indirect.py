@@ -76,7 +76,7 @@ class IndirectRootMemory:
         # link without a record marks it UNCLAIMED (the cautious reading).
         if self.get(name) != rec:
             write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o600,
-                              sync=False)
+                              durable=False)
 
     def put(self, name: str, link: str, path: str | None, first_missed: float | None) -> None:
         rec = self.get(name)
