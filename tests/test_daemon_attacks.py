@@ -207,6 +207,7 @@ def test_attack3_a_user_cannot_remove_another_users_indirect_root(setup):
     assert not os.path.lexists(entry)
 
 
+@pytest.mark.slow  # (waits out a stalled client: seconds)
 def test_attack7_a_gc_client_that_stops_reading_wedges_nobody(setup):
     """Attack 7: alice starts a GC over many dead paths with every message asked for, and
     never reads (a tiny receive buffer).  Before the fix the collector blocked in a
@@ -239,6 +240,7 @@ def test_attack7_a_gc_client_that_stops_reading_wedges_nobody(setup):
     assert d.proc.poll() is None
 
 
+@pytest.mark.slow  # (idle and auth time-outs: seconds)
 def test_attack9_limits_connections_idle_requests_registrations(setup):
     """Attack 9: unbounded resources.  Each limit is a setting; exceeding it gives the
     client a one-line error, the daemon logs it once, and other users are served.

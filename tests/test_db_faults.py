@@ -99,6 +99,7 @@ def test_database_that_cannot_be_opened(populated, tmp_path):
     one_error_line(r, db)
 
 
+@pytest.mark.slow  # (waits for the busy warning: seconds)
 def test_a_waiting_writer_says_so_once(populated, tmp_path):
     root, db, _ = populated
     holder = subprocess.Popen(
