@@ -14,7 +14,7 @@ from .errors import InvalidPath, StoreError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from .formats.pathinfo import ValidPathInfo
     from .formats.storepath import StorePath
@@ -71,27 +71,38 @@ class DerivedQueries:
                 refs[p] = sorted(self.path_info(p).references & wanted)
             return refs[p]
 
-        order: list[StorePath] = []
-        state: dict[StorePath, int] = {}  # 1 = on the stack, 2 = done
-        for start in sorted(wanted):
-            if state.get(start):
-                continue
-            stack = [(start, iter(references(start)))]
-            state[start] = 1
-            while stack:
-                node, it = stack[-1]
-                nxt = next(it, None)
-                if nxt is None:
-                    stack.pop()
-                    state[node] = 2
-                    order.append(node)
-                elif nxt == node or state.get(nxt) == 2:
-                    continue
-                elif state.get(nxt) == 1:
-                    raise StoreError(f"cycle detected in the references of "
-                                     f"'{self.store_dir.print(nxt)}'")  # type: ignore[attr-defined]
-                else:
-                    state[nxt] = 1
-                    stack.append((nxt, iter(references(nxt))))
+        order = references_first(
+            sorted(wanted), references,
+            self.store_dir.print)  # type: ignore[attr-defined]
         order.reverse()
         return order
+
+
+def references_first(starts: Iterable[StorePath],
+                     references: Callable[[StorePath], Iterable[StorePath]],
+                     print_path: Callable[[StorePath], str]) -> list[StorePath]:
+    """Every path reachable from ``starts`` (in that order) through ``references``,
+    each after all of its references (a self-reference is ignored); a cycle is a
+    :class:`StoreError`.  Iterative: a long chain does not hit the recursion limit."""
+    order: list[StorePath] = []
+    state: dict[StorePath, int] = {}  # 1 = on the stack, 2 = done
+    for start in starts:
+        if state.get(start):
+            continue
+        stack = [(start, iter(references(start)))]
+        state[start] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                state[node] = 2
+                order.append(node)
+            elif nxt == node or state.get(nxt) == 2:
+                continue
+            elif state.get(nxt) == 1:
+                raise StoreError(f"cycle detected in the references of '{print_path(nxt)}'")
+            else:
+                state[nxt] = 1
+                stack.append((nxt, iter(references(nxt))))
+    return order

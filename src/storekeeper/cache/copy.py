@@ -26,6 +26,7 @@ from ..errors import InvalidPath, StoreError
 from ..formats.narinfo import NarInfo
 from ..formats.signatures import PublicKey, is_trusted
 from ..formats.storepath import StorePath
+from ..queries import references_first
 from .backends import CacheError
 from .binary import BinaryCache, Prepared
 
@@ -144,28 +145,8 @@ def closure_in_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath
 
 def _topo(infos: Mapping[StorePath, NarInfo]) -> list[StorePath]:
     """References first; deterministic."""
-    order: list[StorePath] = []
-    state: dict[StorePath, int] = {}
-    for start in sorted(infos):
-        stack = [(start, iter(sorted(infos[start].references)))]
-        if state.get(start):
-            continue
-        state[start] = 1
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                stack.pop()
-                state[node] = 2
-                order.append(node)
-            elif nxt == node or state.get(nxt) == 2:
-                continue
-            elif state.get(nxt) == 1:
-                raise StoreError(f"cycle in the references of '{infos[nxt].store_dir.print(nxt)}'")
-            else:
-                state[nxt] = 1
-                stack.append((nxt, iter(sorted(infos[nxt].references))))
-    return order
+    return references_first(sorted(infos), lambda p: sorted(infos[p].references),
+                            lambda p: infos[p].store_dir.print(p))
 
 
 def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath],
