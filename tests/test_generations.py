@@ -11,7 +11,14 @@ import time
 import pytest
 from conftest import needs_nix, nix_env
 
-from storekeeper.store.generations import Generation, Selection, select
+from storekeeper.store.generations import (
+    Generation,
+    Selection,
+    delete_all_generations,
+    delete_generations,
+    select,
+    switch,
+)
 
 SK = [sys.executable, "-m", "storekeeper.cli.main"]
 DAY = 86400.0
@@ -149,3 +156,22 @@ def test_gc_delete_generations_like_nix_collect_garbage(tmp_path, flags):
         assert state(os.path.join(theirs, sub)) == state(os.path.join(mine, sub)), sub
     left = [n for n in state(mine) if n.startswith("p-")]
     assert 1 <= len(left) < 6 and "p-4-link" in left  # some went; never the current one
+
+
+def test_a_profile_dir_swapped_for_a_symlink_is_never_followed(tmp_path):
+    """A user owns their profiles dir and may swap it for a link to somewhere else between the
+    GC's walk and its deletions: nothing outside is touched (generations.open_profile_dir)."""
+    now = time.time()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    make_profile(str(elsewhere), 3, 3, now)
+    before = state(str(elsewhere))
+    profiles = tmp_path / "profiles" / "per-user"
+    profiles.mkdir(parents=True)
+    os.symlink(str(elsewhere), str(profiles / "alice"))
+    with pytest.raises(OSError):
+        delete_generations(str(profiles / "alice" / "p"), Selection("old"))
+    with pytest.raises(OSError):
+        switch(str(profiles / "alice" / "p"), 1)
+    assert delete_all_generations(str(tmp_path / "profiles"), Selection("old")) == []
+    assert state(str(elsewhere)) == before

@@ -5,7 +5,13 @@ A profile ``P`` is a symlink to ``P-N-link`` (a name relative to P's directory),
 ``P-N-link`` is a symlink to a store path: generation ``N``.  A generation's creation time
 is its link's own mtime.  The *current* generation is the one ``P`` points to: no deletion
 ever removes it.  Changes hold ``P.lock`` (flock, as Nix does) and replace ``P`` atomically
-(a new link renamed over it).  Deletion rules, as Nix 2.8 applies them:
+(a new link renamed over it).
+
+Profiles live in directories users own (``profiles/per-user/<user>``, homes), and a root GC
+with ``--delete-generations`` acts on them: every change is made relative to one fd of the
+profile's directory, opened without following its last component (storekeeper.fs rule 1),
+and :func:`profiles_under` finds profiles with the no-follow walker; a directory swapped for a
+symlink meanwhile is met as that symlink, never entered.  Deletion rules, as Nix 2.8 applies them:
 
 * ``IDS``: those generations (naming the current one is an error);
 * ``old``: every generation but the current one;
@@ -26,7 +32,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import NotFound, UsageError
-from ..fs.atomic import symlink_atomic
+from ..fs import ENTRY, LNK, open_dir, proc_fd, split_top, walk
+from ..fs.atomic import temp_name
 
 _GEN = re.compile(r"^(.*)-(\d+)-link$")
 
@@ -47,32 +54,44 @@ def gen_link(profile: str, n: int) -> str:
     return f"{profile}-{n}-link"
 
 
-def generations(profile: str) -> tuple[list[Generation], int | None]:
-    """The profile's generations, oldest first, and the current one's number."""
+def open_profile_dir(profile: str) -> tuple[int, str]:
+    """(fd of the profile's directory, opened without following its last component; the
+    profile's name in it).  The caller closes the fd."""
+    d, base = os.path.split(os.path.abspath(profile))
+    pfd, name = split_top(d) if d != "/" else (os.open("/", os.O_RDONLY | os.O_DIRECTORY), b".")
+    try:
+        return open_dir(name, pfd), base
+    finally:
+        os.close(pfd)
+
+
+def generations(profile: str, dir_fd: int | None = None) -> tuple[list[Generation], int | None]:
+    """The profile's generations, oldest first, and the current one's number (listed
+    relative to ``dir_fd``, the profile's directory, when given)."""
     d, base = os.path.split(os.path.abspath(profile))
     out = []
     try:
-        names = os.listdir(d)
+        names = os.listdir(d if dir_fd is None else dir_fd)
     except FileNotFoundError:
         names = []
     for name in names:
         m = _GEN.match(name)
         if m is None or m.group(1) != base:
             continue
-        link = os.path.join(d, name)
         try:
-            st = os.lstat(link)
-            target = os.readlink(link)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if dir_fd is not None \
+                else os.lstat(os.path.join(d, name))
+            target = os.readlink(name if dir_fd is not None else os.path.join(d, name), dir_fd=dir_fd)
         except OSError:
             continue
-        out.append(Generation(int(m.group(2)), link, target, st.st_mtime))
+        out.append(Generation(int(m.group(2)), os.path.join(d, name), target, st.st_mtime))
     out.sort(key=lambda g: g.number)
-    return out, current_generation(profile)
+    return out, current_generation(profile, dir_fd)
 
 
-def current_generation(profile: str) -> int | None:
+def current_generation(profile: str, dir_fd: int | None = None) -> int | None:
     try:
-        target = os.readlink(profile)
+        target = os.readlink(profile if dir_fd is None else os.path.basename(profile), dir_fd=dir_fd)
     except OSError:
         return None
     m = _GEN.match(os.path.basename(target))
@@ -82,19 +101,27 @@ def current_generation(profile: str) -> int | None:
 
 
 class ProfileLock:
-    """``P.lock`` held with flock while a profile changes; removed after, as Nix does."""
+    """``P.lock`` held with flock while a profile changes; removed after, as Nix does.
+    Holds the fd of the profile's directory (:func:`open_profile_dir`) as ``dir_fd``: every
+    change under the lock is made relative to it."""
 
     def __init__(self, profile: str) -> None:
-        self.path = os.path.abspath(profile) + ".lock"
+        self.profile = profile
+        self.dir_fd = -1
+        self.name = ""
         self.fd = -1
 
     def __enter__(self) -> "ProfileLock":
+        self.dir_fd, base = open_profile_dir(self.profile)
+        self.name = base + ".lock"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                         dir_fd=self.dir_fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
             # the holder before us may have removed the file: lock the one on disk
             try:
-                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
+                same = os.path.samestat(os.fstat(fd), os.stat(self.name, dir_fd=self.dir_fd,
+                                                              follow_symlinks=False))
             except FileNotFoundError:
                 same = False
             if same:
@@ -104,10 +131,11 @@ class ProfileLock:
 
     def __exit__(self, *exc) -> None:
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self.dir_fd)
         except FileNotFoundError:
             pass
         os.close(self.fd)
+        os.close(self.dir_fd)
 
 
 @dataclass(frozen=True)
@@ -197,13 +225,13 @@ def select(gens: list[Generation], current: int | None, sel: Selection,
 def delete_generations(profile: str, sel: Selection, now: float | None = None,
                        dry_run: bool = False) -> list[Generation]:
     """Delete what ``sel`` names in ``profile``; the generations deleted (or that would be)."""
-    with ProfileLock(profile):
-        gens, current = generations(profile)
+    with ProfileLock(profile) as lock:
+        gens, current = generations(profile, lock.dir_fd)
         doomed = select(gens, current, sel, now)
         if not dry_run:
             for g in doomed:
                 try:
-                    os.unlink(g.link)
+                    os.unlink(os.path.basename(g.link), dir_fd=lock.dir_fd)
                 except FileNotFoundError:
                     pass
         return doomed
@@ -212,8 +240,8 @@ def delete_generations(profile: str, sel: Selection, now: float | None = None,
 def switch(profile: str, number: int | None = None) -> tuple[int | None, int]:
     """Point the profile at generation ``number`` (None: the newest one before the current,
     i.e. ``--rollback``); returns (from, to)."""
-    with ProfileLock(profile):
-        gens, current = generations(profile)
+    with ProfileLock(profile) as lock:
+        gens, current = generations(profile, lock.dir_fd)
         if number is None:
             older = [g.number for g in gens if current is None or g.number < current]
             if not older:
@@ -221,33 +249,51 @@ def switch(profile: str, number: int | None = None) -> tuple[int | None, int]:
             number = older[-1]
         elif number not in {g.number for g in gens}:
             raise NotFound(f"generation {number} does not exist")
-        symlink_atomic(os.path.basename(gen_link(profile, number)), profile)
+        base = os.path.basename(profile)
+        tmp = temp_name(".", base + ".tmp-")[2:]  # (a name in the profile's directory)
+        os.symlink(os.path.basename(gen_link(profile, number)), tmp, dir_fd=lock.dir_fd)
+        try:
+            os.replace(tmp, base, src_dir_fd=lock.dir_fd, dst_dir_fd=lock.dir_fd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=lock.dir_fd)
+            raise
         return current, number
 
 
 def profiles_under(top: str) -> Iterator[str]:
     """Every profile under ``top``, as nix-collect-garbage picks them: a symlink whose target
-    names a generation link (``…-link``), in a directory this process may write."""
+    names a generation link (``…-link``), in a directory this process may write.  Found with
+    the no-follow walker (a user's directory is never followed elsewhere)."""
+    found = []
     try:
-        it = list(os.scandir(top))
+        for ev, node in walk(top, sort=True, on_error=lambda n, e: None):
+            if ev != ENTRY or node.kind != LNK or node.parent_fd is None:
+                continue
+            if not os.access(proc_fd(node.parent_fd), os.W_OK):
+                continue
+            try:
+                if "link" in os.readlink(node.name, dir_fd=node.parent_fd):
+                    found.append(os.path.join(top, node.path))
+            except OSError:
+                continue
     except OSError as err:
         if err.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
-            return
+            return iter(())
         raise
-    writable = os.access(top, os.W_OK)
-    for ent in sorted(it, key=lambda x: x.name):
-        if ent.is_dir(follow_symlinks=False):
-            yield from profiles_under(ent.path)
-        elif ent.is_symlink() and writable:
-            try:
-                if "link" in os.readlink(ent.path):
-                    yield ent.path
-            except FileNotFoundError:
-                continue
+    return iter(found)
 
 
 def delete_all_generations(profiles_dir: str, sel: Selection, now: float | None = None,
                            dry_run: bool = False) -> list[tuple[str, list[Generation]]]:
     """``sel`` applied to every profile under ``profiles_dir`` (``nix-collect-garbage -d`` is
     ``old``, ``--delete-older-than Nd`` is ``Nd``)."""
-    return [(p, delete_generations(p, sel, now, dry_run)) for p in profiles_under(profiles_dir)]
+    out = []
+    for p in profiles_under(profiles_dir):
+        try:
+            out.append((p, delete_generations(p, sel, now, dry_run)))
+        except OSError as e:
+            # its directory was swapped for a symlink (or removed) since the walk: not a
+            # profile under profiles_dir any more
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise
+    return out
