@@ -7,6 +7,7 @@ read-only, a slow client not holding up another, the access log."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -33,16 +34,6 @@ pytestmark = needs_nix
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
 
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        n = len(self._data) - self._pos if n < 0 else n
-        out = self._data[self._pos:self._pos + n]
-        self._pos += len(out)
-        return out
-
 
 @pytest.fixture
 def source(tmp_path):
@@ -59,7 +50,7 @@ def source(tmp_path):
         ia = sd.parse(f"{sd.path}/{'1' * 32}-served")  # input-addressed: needs a signature
         drv = sd.parse(f"{sd.path}/{'2' * 32}-served.drv")
         store.add_nar(ValidPathInfo(ia, Hash("sha256", hashlib.sha256(nar).digest()), len(nar),
-                                    frozenset({dep}), drv), _Bytes(nar))
+                                    frozenset({dep}), drv), io.BytesIO(nar))
         big = store.add_text("big.bin", os.urandom(1 << 20).hex().encode() * 4).path
         log = os.path.join(store.layout.log_dir, "drvs", drv.base[:2], drv.base[2:])
         os.makedirs(os.path.dirname(log))

@@ -8,6 +8,7 @@ real nix-daemon / real Nix given the same caches."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -213,7 +214,7 @@ def test_nix_build_substitutes_an_output_a_cache_has_instead_of_building(tmp_pat
         sd = store.store_dir
         info = ValidPathInfo(sd.parse(out), Hash("sha256", hashlib.sha256(nar).digest()),
                              len(nar), frozenset(), sd.parse(drv))
-        store.add_nar(info, _Bytes(nar))
+        store.add_nar(info, io.BytesIO(nar))
     subprocess.run(["nix-store", "--generate-binary-cache-key", "t-1", str(tmp_path / "sk"),
                     str(tmp_path / "pk")], env=env, check=True)
     cache = str(tmp_path / "cache")
@@ -237,16 +238,6 @@ def test_nix_build_substitutes_an_output_a_cache_has_instead_of_building(tmp_pat
                         env=env, capture_output=True, text=True, timeout=120)
     assert r2.returncode != 0
 
-
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        n = len(self._data) - self._pos if n < 0 else n
-        out = self._data[self._pos:self._pos + n]
-        self._pos += len(out)
-        return out
 
 
 @pytest.fixture
