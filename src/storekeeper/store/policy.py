@@ -25,6 +25,7 @@ does it.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -272,6 +273,10 @@ def apply(store, now: float | None = None, log: Callable[[str], None] | None = N
             delete_generations(profile, Selection("ids", ids=frozenset(ids)), now)
         except UsageError as e:  # it became current since the plan: it stays
             say(f"policy: {profile} left alone: {e}")
+        except OSError as e:  # its directory was swapped for a link or removed since
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise
+            say(f"policy: {profile} left alone: {e.strerror}")
     if cfg.keep_recently_used > 0:
         table = UsageTable(store.state_dir)
         try:
