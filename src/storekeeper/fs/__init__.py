@@ -34,6 +34,7 @@ Top-level scans of a single directory (the store dir, ``/proc``) are not
 trees; they open the directory once and act on names relative to that fd.
 """
 
+from .du import Usage, usage, usages
 from .openat import (
     FS_IMMUTABLE_FL,
     HAVE_PROC_FD,
@@ -54,7 +55,6 @@ from .openat import (
     write_all,
 )
 from .tree import remove_tree
-from .du import Usage, usage, usages
 from .walker import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, Node, kind_of, walk
 
 __all__ = [
