@@ -173,6 +173,12 @@ def test_inspection_through_our_daemon_answers_as_the_local_store(stores, tmp_pa
     roots = [dict(r, ageSeconds=None) for r in json.loads(both("roots", "--json")[1])]
     assert [(r["link"], r["target"]) for r in roots] == [(gcroot, ref)]
     assert roots[0]["closureSize"] > 3 * 2000 * len("same\n")
+    for args in (["du", "--json"], ["du", "--json", "--nar", "--by", "user"], ["du"]):
+        code, out, _ = both(*args)
+        assert code == 0 and out
+    du = json.loads(both("du", "--json")[1])
+    assert [(r["link"], r["target"]) for r in du["roots"]] == [(gcroot, ref)]
+    assert du["livePaths"] == 3 and du["unit"] == "disk"
     assert sk("query", "--hash", junk)[0] == 0  # the dry runs deleted nothing
 
 
@@ -182,7 +188,8 @@ def test_inspection_through_nix_daemon_says_why_not_in_one_line(stores, tmp_path
     sk = stores("nix")
     (tmp_path / "a.txt").write_text("a\n")
     a = sk("add", str(tmp_path / "a.txt"))[1].strip()
-    for args, op in ((["stats"], 1200), (["gc", "--dry-run"], 1201), (["why-alive", a], 1202)):
+    for args, op in ((["stats"], 1200), (["gc", "--dry-run"], 1201), (["why-alive", a], 1202),
+                     (["du"], 1203)):
         code, out, err = sk(*args)
         assert (code, out) == (1, ""), args
         assert err.startswith("error: ") and err.count("\n") == 1, err

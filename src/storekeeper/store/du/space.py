@@ -47,6 +47,10 @@ class PathSpace:
         return {"path": self.path, "bytes": self.bytes, "narSize": self.nar_size,
                 "holders": self.holders, "groupBytes": self.group_bytes}
 
+    @classmethod
+    def from_json(cls, o: dict) -> PathSpace:
+        return cls(o["path"], o["bytes"], o["narSize"], o["holders"], o["groupBytes"])
+
 
 @dataclass
 class RootSpace:
@@ -74,6 +78,13 @@ class RootSpace:
                 "largest": [p.to_json() for p in self.largest],
                 "largestExclusive": [p.to_json() for p in self.largest_exclusive]}
 
+    @classmethod
+    def from_json(cls, o: dict) -> RootSpace:
+        return cls(o["kind"], o["link"], o["target"], o["owner"], o["closureBytes"],
+                   o["exclusiveBytes"], o["closurePaths"], o["exclusivePaths"],
+                   [PathSpace.from_json(p) for p in o["largest"]],
+                   [PathSpace.from_json(p) for p in o["largestExclusive"]], o["links"])
+
 
 @dataclass
 class Group:
@@ -86,6 +97,10 @@ class Group:
     def to_json(self) -> dict:
         return {"holders": self.holders, "bytes": self.bytes, "paths": self.paths,
                 "largest": [p.to_json() for p in self.largest]}
+
+    @classmethod
+    def from_json(cls, o: dict) -> Group:
+        return cls(o["holders"], o["bytes"], o["paths"], [PathSpace.from_json(p) for p in o["largest"]])
 
 
 @dataclass
@@ -107,6 +122,20 @@ class SpaceReport:
                 "roots": [r.to_json() for r in self.roots],
                 "shared": [g.to_json() for g in self.groups],
                 "largest": [p.to_json() for p in self.largest]}
+
+    def to_wire(self) -> dict:
+        """What a daemon sends (ExtOp.SpaceReport): the JSON and what ``by_owner`` needs."""
+        obj = self.to_json()
+        obj["masks"] = [[m, b, p] for m, (b, p) in self.masks.items()]
+        obj["bits"] = self.bits
+        return obj
+
+    @classmethod
+    def from_wire(cls, o: dict) -> SpaceReport:
+        return cls(o["unit"], [RootSpace.from_json(r) for r in o["roots"]],
+                   [Group.from_json(g) for g in o["shared"]], o["liveBytes"], o["livePaths"],
+                   [PathSpace.from_json(p) for p in o["largest"]],
+                   {m: (b, p) for m, b, p in o["masks"]}, o["bits"])
 
     def _distinct(self) -> list[RootSpace]:
         seen: set[str] = set()
@@ -197,9 +226,10 @@ def _bits(m: int) -> Iterable[int]:
 
 def compute(store, nar: bool = False, top: int = TOP,
             progress: Callable[[int, int], None] | None = None,
-            use_cache: bool = True) -> SpaceReport:
+            use_cache: bool = True, hide: Callable[[Any], bool] | None = None) -> SpaceReport:
     """The space report of ``store`` (a LocalStore) now; read-only but for the measurement
-    cache (:mod:`.cache`)."""
+    cache (:mod:`.cache`).  ``hide(root)``: roots whose link the asker may not see (a
+    daemon's untrusted client) are listed as ``{censored}``, their bytes still counted."""
     cfg = store.settings
     graph = Graph(store.db)
     nar_size = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
@@ -313,8 +343,9 @@ def compute(store, nar: bool = False, top: int = TOP,
     for r, i in entries:
         bit = bit_of[i]
         owner, _age = _owner_and_age(r, store.state_dir)
+        link = "{censored}" if hide is not None and hide(r) else r.link
         out_roots.append(RootSpace(
-            r.kind, r.link, graph.path_of[i], owner, closure_b[bit], g_bytes.get(1 << bit, 0),
+            r.kind, link, graph.path_of[i], owner, closure_b[bit], g_bytes.get(1 << bit, 0),
             closure_p[bit], g_paths.get(1 << bit, 0), ranked(tops[bit]),
             ranked(g_top.get(1 << bit, [])), links_per_target[i]))
     # a group's holders name the first root entry of each target
