@@ -1,29 +1,35 @@
-"""The sandbox launcher: the program that puts one builder into its sandbox.
+"""The sandbox launcher: the program that puts builders into their sandboxes.
 
-This file is **not imported** by storekeeper: :mod:`.sandbox` reads its source
-and runs it as ``python3 -I -S -c <source> <fd>`` (so it needs nothing but the
-standard library, runs in a fresh single-threaded interpreter whatever threads
-the daemon has).  The spec comes from the
-memfd ``<fd>`` (``marshal``; :meth:`storekeeper.build.sandbox.Sandbox.launcher_argv`
-writes it).  It runs as the daemon's user (root, or the unprivileged user
-running the daemon); the build's host identity (the build user, or the
-daemon's own ids) is in the spec.
+This file is **not imported** by storekeeper: :mod:`.forkserver` reads its
+source and runs it once per build session as a *fork server*, ``python3 -I -S
+-c <source> <socket fd>`` (it needs nothing but the standard library, and it is
+a fresh single-threaded interpreter whatever threads the daemon has: each build
+is a ``fork`` of it, safe only because it never has a second thread).  For each
+build the daemon sends the spec (a memfd holding a ``marshal``led dict,
+:meth:`storekeeper.build.sandbox.Sandbox.spec_fd`) and the log pipe; the
+server forks a child (:func:`start`: its own session, stdout and stderr the
+log) that sets up the sandbox and execs the builder, kills or reaps it when
+asked (:func:`serve` has the protocol).  Starting an interpreter per build
+cost 15-40 ms, more than the rest of the sandbox together.  The server runs
+as the daemon's user (root, or the unprivileged user running the daemon); the
+build's host identity (the build user, or the daemon's own ids) is in the spec.
 
 What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's):
 
 1. Supplementary groups dropped (root only: impossible inside), then ``fork``;
    the child ``unshare``s user, mount, pid, ipc, uts and (unless fixed-output)
-   net namespaces and waits; *this* process, outside, writes its maps: inside
+   net namespaces and waits; the build's first process (the server's child,
+   :func:`start`), outside, writes its maps: inside
    uid 1000 = the host uid, gid 100 = the host gid, nothing else (root may map
    a build user; anyone may map their own ids, after denying ``setgroups``).
    Mapping from outside keeps the child's host root identity (as root) for the
    set-up, so it can reach bind sources under root-only directories.
 2. The child forks PID 1 of the new pid namespace and stays as its monitor;
-   this process monitors the child; each exits as its child did (status, or
+   the first process monitors the child; each exits as its child did (status, or
    death by the same signal), keeping the log pipe open until then.  When PID
    1 exits, the kernel kills everything else in the namespace: nothing of the
-   build survives it.  ``PDEATHSIG`` SIGKILL chains the three, so killing the
-   outer one kills the sandbox.
+   build survives it.  ``PDEATHSIG`` SIGKILL chains them to the server, so
+   killing the first one (or the server, or the daemon) kills the sandbox.
 3. PID 1: ``lo`` up, hostname ``localhost``, domain name ``(none)``, every
    mount private (so nothing propagates to the host), the chroot and store
    dir file systems (:func:`file_systems`), the binds of the spec (each input read-only; a read-only
@@ -39,13 +45,15 @@ Failures: one line on stderr (the
 build log) and exit status 1, as an exec failure of the builder itself.
 """
 
-# (_signal, not signal, and no socket module: they import enum and selectors, a third
-# of this program's start-up time; every build pays it)
+# (_signal, not signal, and _socket, not socket: they import enum and selectors, a
+# third of this program's start-up time, which the first build of a session pays)
 import _signal as signal  # type: ignore[import-not-found]
+import _socket
 import ctypes
 import marshal
 import os
 import resource
+import select
 import struct
 import sys
 
@@ -276,10 +284,8 @@ def child(spec, go):
     monitor(pid)
 
 
-def main():
-    fd = int(sys.argv[1])
-    with open(fd, "rb") as f:
-        spec = marshal.loads(f.read())
+def launch(spec):
+    """One build, in a process of its own (the server's child; never returns)."""
     if os.geteuid() == 0:
         os.setgroups([])  # (only possible outside the user namespace)
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
@@ -314,5 +320,117 @@ def main():
     monitor(pid)
 
 
+def start(server_pid, spec_fd, log_fd):
+    """In the server's fresh child: the process the daemon knows as the builder."""
+    try:
+        check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
+        if os.getppid() != server_pid:
+            os._exit(1)  # (the server died before PDEATHSIG was set)
+        os.setsid()  # (its own session: the daemon kills its process group)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.umask(0o022)
+        for sig in (2, 15, 1):
+            signal.signal(sig, signal.SIG_DFL)
+        with open(spec_fd, "rb", closefd=False) as f:
+            spec = marshal.loads(f.read())
+        os.closerange(3, 1 << 20)  # (the server's socket, the other builds' pidfds)
+    except BaseException as e:  # noqa: BLE001
+        die(str(e) or e.__class__.__name__)
+    launch(spec)
+
+
+def serve(sock_fd):
+    """The fork server (module docstring): requests and answers are ``marshal``led
+    tuples on the ``SOCK_SEQPACKET`` socket ``sock_fd``:
+
+    * ``("start",)`` with the fds (spec memfd, log pipe): a child for one build,
+      answered ``("started", pid)``;
+    * ``("kill", pid)``: SIGKILL to that child's process group (never after it
+      was reaped, so never to a recycled pid; no answer);
+    * ``("wait", pid)``: answered ``("exited", pid, wait status, user and system
+      CPU microseconds)`` once the child has exited; only then is it reaped.
+
+    End of file on the socket (the daemon is gone or done): every child killed,
+    exit."""
+    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
+    for sig in (2, 15, 1):
+        signal.signal(sig, signal.SIG_IGN if sig == 2 else signal.SIG_DFL)
+    sock = _socket.socket(fileno=sock_fd)
+    me = os.getpid()
+    poll = select.poll()
+    poll.register(sock_fd, select.POLLIN)
+    pidfds = {}      # pidfd -> pid, for the children not yet seen to exit
+    children = {}    # pid -> pidfd, until reaped
+    exited, waited = set(), set()
+
+    def send(*msg):
+        sock.send(marshal.dumps(msg))
+
+    def reap(pid):
+        _, status, ru = os.wait4(pid, 0)
+        os.close(children.pop(pid))
+        exited.discard(pid)
+        waited.discard(pid)
+        send("exited", pid, status, int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6))
+
+    space = _socket.CMSG_SPACE(2 * 4)
+    while True:
+        for fd, _ in poll.poll():
+            if fd in pidfds:
+                pid = pidfds.pop(fd)
+                poll.unregister(fd)
+                exited.add(pid)
+                if pid in waited:
+                    reap(pid)
+                continue
+            data, anc, _, _ = sock.recvmsg(1 << 16, space)
+            fds = []
+            for level, kind, raw in anc:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                    fds += struct.unpack("%di" % (len(raw) // 4), raw[:len(raw) - len(raw) % 4])
+            if not data:
+                for pid in children:
+                    try:
+                        os.killpg(pid, 9)
+                    except OSError:
+                        pass
+                os._exit(0)
+            msg = marshal.loads(data)
+            if msg[0] == "start" and len(fds) == 2:
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    pid = -1
+                    send("error", "cannot fork: %s" % e.strerror)
+                if pid == 0:
+                    start(me, fds[0], fds[1])
+                for x in fds:
+                    os.close(x)
+                if pid < 0:
+                    continue
+                pidfd = os.pidfd_open(pid)
+                children[pid] = pidfd
+                pidfds[pidfd] = pid
+                poll.register(pidfd, select.POLLIN)
+                send("started", pid)
+            elif msg[0] == "kill":
+                if msg[1] in children and msg[1] not in exited:
+                    try:
+                        os.killpg(msg[1], 9)
+                    except OSError:
+                        pass
+            elif msg[0] == "wait" and msg[1] in children:
+                waited.add(msg[1])
+                if msg[1] in exited:
+                    reap(msg[1])
+            else:
+                for x in fds:
+                    os.close(x)
+                send("error", "bad request %r" % (msg[:1],))
+
+
 if __name__ == "__main__":
-    main()
+    serve(int(sys.argv[1]))

@@ -162,9 +162,10 @@ class Sandbox:
             out[var] = self.build_dir
         return out
 
-    def launcher_argv(self, builder: str, argv: list[str], env: dict[str, str],
-                      flt: bytes | None) -> tuple[list[str], int]:
-        """(Popen args, fd to pass and then close) that run ``builder`` in this sandbox."""
+    def spec_fd(self, builder: str, argv: list[str], env: dict[str, str],
+                flt: bytes | None) -> int:
+        """A memfd holding what the launcher needs to run ``builder`` in this sandbox
+        (the caller closes it)."""
         enc = os.fsencode
         spec = {
             "root": enc(self.root), "cwd": enc(self.build_dir),
@@ -187,7 +188,7 @@ class Sandbox:
         except BaseException:
             os.close(fd)
             raise
-        return [python_for_builders(), "-I", "-S", "-c", launcher_source(), str(fd)], fd
+        return fd
 
     def move_outputs(self, store, paths: Iterable[StorePath]) -> None:
         """Rename what the builder made at ``paths`` into the real store (once it is dead)."""
@@ -200,13 +201,6 @@ class Sandbox:
 
     def remove(self) -> None:
         fs.remove_tree(self.top)
-
-
-@functools.lru_cache(maxsize=None)
-def launcher_source() -> str:
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py"),
-              encoding="utf-8") as f:
-        return f.read()
 
 
 def parse_sandbox_paths(entries: Iterable[str]) -> list[tuple[str, str, bool]]:

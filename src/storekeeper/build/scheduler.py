@@ -33,6 +33,7 @@ from ..store.locks import PathLocks
 from . import process, sandbox
 from .attrs import AttrError
 from .environment import GraphSource, builder_environment
+from .forkserver import LauncherServer
 from .goals import DrvGoal, Goal, GoalGraph
 from .hooks import run_post_build_hook
 from .jsonlog import BuilderJSONLog
@@ -70,6 +71,9 @@ class Builder:
         self._cancelled = False
         self._expected = self._done = self._failed = 0
         self._acts = Activities(self.logger)
+        #: the sandbox launcher's fork server, started by the first sandboxed build
+        #: and stopped when the request ends (:mod:`.forkserver`)
+        self._launcher = LauncherServer()
 
     # --- public entry points --------------------------------------------------
 
@@ -93,8 +97,11 @@ class Builder:
                     pg = self.goals.path_goal(dp.path)
                     pg.top = True
                     tops.append(pg)
-            self._plan()
-            self._execute(tops)
+            try:
+                self._plan()
+                self._execute(tops)
+            finally:
+                self._launcher.close()
         return [g.result for g in tops]  # type: ignore[misc]
 
     def build_basic(self, drv_path: StorePath, drv: Derivation,
@@ -106,8 +113,11 @@ class Builder:
         g = DrvGoal(top=True, drv_path=drv_path, drv=drv, basic=True, wanted=None, mode=mode)
         self.goals.drvs[drv_path] = g
         with self._acts:
-            self._plan()
-            self._execute([g])
+            try:
+                self._plan()
+                self._execute([g])
+            finally:
+                self._launcher.close()
         return g.result  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -392,7 +402,7 @@ class Builder:
             run.json_log = json_log
             self._running.append(run)
             self._progress()
-            process.start_builder(run, drv.builder, args, env, st.filter_syscalls)
+            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._launcher)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
