@@ -317,8 +317,12 @@ def test_sees_only_its_input_closure_under_the_store_dir(tmp_path):
             dep = store.add_text("dep", b"an input's reference\n").path
             inp = store.add_text("input", store.store_dir.print(dep).encode(), [dep]).path
             bb = shell_path(store)
+            # (without build users the builder is the inputs' owner inside: only the
+            # read-only mount stops the chmod)
+            p = store.store_dir.print(inp)
             drv = add_drv(store, "closure", 'ls $NIX_STORE > $TMPDIR/l; '
-                          f'echo x > {store.store_dir.print(inp)} 2>/dev/null && echo wrote >> $TMPDIR/l; '
+                          f'chmod u+w {p} 2>/dev/null && echo chmod >> $TMPDIR/l; '
+                          f'echo x > {p} 2>/dev/null && echo wrote >> $TMPDIR/l; '
                           'mv $TMPDIR/l $out', srcs=(inp,))
             res, out = build(store, drv, SANDBOXED if kind == "root" else UNSANDBOXED)
             assert res.status == BuildStatus.BUILT, res.error_msg
@@ -326,7 +330,7 @@ def test_sees_only_its_input_closure_under_the_store_dir(tmp_path):
             if kind == "root":
                 assert sorted(seen) == sorted(p.base for p in (bb, inp, dep))
             else:
-                assert other.base in seen
+                assert other.base in seen and "chmod" in seen and "wrote" in seen
         finally:
             store.close()
 

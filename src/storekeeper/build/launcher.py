@@ -75,6 +75,11 @@ libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                        ctypes.c_ulong]
 libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
+# (a second handle: its ``syscall`` gets mount_setattr's argument types)
+libc2 = ctypes.CDLL(None, use_errno=True)
+libc2.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
+                          ctypes.c_void_p, ctypes.c_size_t]
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 1
 
 
 def die(msg, prefix="error: sandbox: "):
@@ -102,7 +107,40 @@ def bind(src, target, readonly, recursive):
     flags = MS_BIND | (MS_REC if recursive else 0)
     mount(src, target, None, flags)
     if readonly:
-        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target))
+        remount_readonly(target)
+
+
+def remount_readonly(target):
+    mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target))
+
+
+def set_readonly(path, recursive):
+    """``mount_setattr``: the mount at ``path`` (and with ``recursive`` every mount
+    below it) read-only, or (not ``recursive``) writable again.  False if the
+    kernel has no ``mount_setattr`` (before 5.12)."""
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY if recursive else 0,
+                       0 if recursive else MOUNT_ATTR_RDONLY, 0, 0)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    if libc2.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path, AT_RECURSIVE if recursive else 0,
+                     ctypes.addressof(buf), len(attr)) == 0:
+        return True
+    if ctypes.get_errno() == 38:  # ENOSYS
+        return False
+    check(-1, "mount_setattr on %r" % path)
+
+
+def bind_inputs(root, store, binds):
+    """The input closure, bound read-only below the store dir: ``binds`` in one
+    ``mount_setattr`` on the whole tree (then the store dir's own mount, where
+    the outputs go, writable again) instead of a remount each -- 2000 inputs
+    took 4000 mount calls and as many ``statvfs``."""
+    for src, target in binds:
+        bind(src, root + target, False, False)
+    if set_readonly(root + store, True):
+        set_readonly(root + store, False)
+        return
+    for _, target in binds:
+        remount_readonly(root + target)
 
 
 def write_file(path, data):
@@ -204,8 +242,14 @@ def pid1(spec):
     mount(None, b"/", None, MS_REC | MS_PRIVATE)
     root = spec["root"]
     file_systems(spec)
+    store = spec["store"]
+    inputs = []
     for src, target, readonly, recursive in spec["binds"]:
-        bind(src, root + target, readonly, recursive)
+        if readonly and not recursive and target.startswith(store + b"/"):
+            inputs.append((src, target))
+        else:
+            bind(src, root + target, readonly, recursive)
+    bind_inputs(root, store, inputs)
     mount(b"proc", root + b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # Kernel knobs: look only.  (Without build users a root daemon's builder is host
     # root's uid, which owns these files; capabilities it has none of outside.)
