@@ -143,6 +143,25 @@ def test_builds_on_a_chroot_store_with_the_logical_store_dir_inside(chroot_store
     assert not [n for n in os.listdir(chroot_store.real_store_dir) if n.endswith(".chroot")]
 
 
+def test_one_launcher_per_session_runs_parallel_builds_and_leaves_no_process(chroot_store):
+    """The fork server (build/forkserver.py): several sandboxed builds at once in one
+    request, each with its own status and log; no child of ours is left afterwards
+    (a daemon's connection process is reused only without one)."""
+    drvs = [add_drv(chroot_store, f"par{i}", f"sleep 0.{i}; echo {i}; echo {i} > $out")
+            for i in range(4)]
+    drvs.append(add_drv(chroot_store, "fails", "echo oops; exit 3"))
+    st = BuildSettings().with_settings(SANDBOXED + [("max-jobs", "3"), ("keep-going", "true")])
+    res = Builder(chroot_store, st).build([DerivedPath(d, frozenset({"out"})) for d in drvs])
+    assert [r.status for r in res[:4]] == [BuildStatus.BUILT] * 4, [r.error_msg for r in res]
+    for i, d in enumerate(drvs[:4]):
+        out = chroot_store.real_path(chroot_store.query_derivation_outputs(d)["out"])
+        assert read_out(out) == f"{i}\n"
+    assert res[4].status == BuildStatus.PERMANENT_FAILURE
+    assert "failed with exit code 3" in res[4].error_msg and "> oops" in res[4].error_msg
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
 def both(tmp_path, name: str, script: str, sandboxed=SANDBOXED, unsandboxed=UNSANDBOXED,
          **kw) -> tuple[str, str]:
     """The output of ``script`` built in the sandbox (chroot store) and without it (a store
