@@ -32,7 +32,7 @@ from ..fs import remove_tree
 from ..store.locks import PathLocks
 from . import process, sandbox
 from .attrs import AttrError
-from .environment import GraphSource, builder_environment
+from .environment import GraphSource, builder_environment, impure_sources
 from .forkserver import LauncherServer
 from .goals import DrvGoal, Goal, GoalGraph
 from .hooks import run_post_build_hook
@@ -429,7 +429,8 @@ class Builder:
         try:
             built = builder_environment(
                 self.sd, g.parsed_attrs(self.sd), tmpdir, self.settings.cores, scratch, rewrites,
-                derivation_type(drv) is DerivationType.CA_FIXED, os.environ, graphs)
+                derivation_type(drv) is DerivationType.CA_FIXED,
+                impure_sources(self.settings.impure_env), graphs)
         except InputRejected as e:
             raise Failure(BuildStatus.INPUT_REJECTED, str(e)) from None
         except (AttrError, StoreError) as e:
