@@ -359,9 +359,8 @@ class Builder:
             else:
                 scratch[name] = path
         for path in set(scratch.values()) | {p for o, p in g.outputs.items() if not valid[o]}:
-            real = store.real_path(path)
-            if os.path.lexists(real):  # (we hold its lock: nothing else creates it now)
-                remove_tree(real)  # leftovers of an interrupted build
+            # leftovers of an interrupted build (we hold its lock: nothing else makes it now)
+            remove_tree(store.real_path(path))
         tmpdir = process.make_build_dir(st, drv_name=g.drv_path.name)
         run: Run | None = None
         sb: sandbox.Sandbox | None = None
