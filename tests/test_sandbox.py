@@ -162,6 +162,50 @@ def test_one_launcher_per_session_runs_parallel_builds_and_leaves_no_process(chr
         os.waitpid(-1, os.WNOHANG)
 
 
+def _our_launcher() -> int | None:
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == os.getpid() and b"fork server" in cmd:
+            return int(pid)
+    return None
+
+
+def test_a_dead_launcher_takes_its_builds_with_it(chroot_store):
+    """Killing the fork server kills its sandboxes (PDEATHSIG): the build fails as
+    killed, nothing of it is left, and the next request starts a new server."""
+    marker = f"sandbox-orphan-{os.getpid()}"
+    drv = add_drv(chroot_store, "orphan", f'echo started; sh -c "sleep 30; echo {marker}"')
+    killed = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not killed:
+            pid = _our_launcher()
+            if pid is not None and _processes_with(marker):
+                os.kill(pid, 9)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    start = time.monotonic()
+    res, _ = build(chroot_store, drv, SANDBOXED)
+    t.join()
+    assert killed and time.monotonic() - start < 20
+    assert res.status == BuildStatus.PERMANENT_FAILURE
+    assert "failed due to signal 9 (Killed)" in res.error_msg and "> started" in res.error_msg
+    time.sleep(0.3)
+    assert _processes_with(marker) == []
+    res, out = build(chroot_store, add_drv(chroot_store, "after", "echo ok > $out"), SANDBOXED)
+    assert res.status == BuildStatus.BUILT and read_out(out) == "ok\n"
+
+
 def both(tmp_path, name: str, script: str, sandboxed=SANDBOXED, unsandboxed=UNSANDBOXED,
          **kw) -> tuple[str, str]:
     """The output of ``script`` built in the sandbox (chroot store) and without it (a store

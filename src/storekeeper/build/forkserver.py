@@ -138,7 +138,11 @@ class LauncherServer:
         with self._lock:
             if self._sock is None or self._owner != os.getpid():
                 return 9, (None, None)  # (killed with the server: as by SIGKILL)
-            _, got, status, utime, stime = self._request(("wait", pid))
+            try:
+                _, got, status, utime, stime = self._request(("wait", pid))
+            except LauncherError:
+                # the server died, and with it (PDEATHSIG) the whole sandbox
+                return 9, (None, None)
         assert got == pid
         return status, (utime, stime)
 
