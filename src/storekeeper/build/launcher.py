@@ -16,24 +16,25 @@ build's host identity (the build user, or the daemon's own ids) is in the spec.
 
 What it does, in order (Linux, ``ctypes`` on libc; numbers are x86_64/aarch64's):
 
-1. Supplementary groups dropped (root only: impossible inside), then ``fork``;
-   the child ``unshare``s user, mount, pid, ipc, uts and (unless fixed-output)
-   net namespaces and waits; the build's first process (the server's child,
-   :func:`start`), outside, writes its maps: inside
-   uid 1000 = the host uid, gid 100 = the host gid, nothing else (root may map
-   a build user; anyone may map their own ids, after denying ``setgroups``).
-   Mapping from outside keeps the child's host root identity (as root) for the
-   set-up, so it can reach bind sources under root-only directories.
-2. The child forks PID 1 of the new pid namespace and stays as its monitor;
-   the first process monitors the child; each exits as its child did (status, or
-   death by the same signal), keeping the log pipe open until then.  When PID
-   1 exits, the kernel kills everything else in the namespace: nothing of the
-   build survives it.  ``PDEATHSIG`` SIGKILL chains them to the server, so
-   killing the first one (or the server, or the daemon) kills the sandbox.
+1. The server forks the build's first process (:func:`start`), which drops
+   its supplementary groups (root only: impossible inside), ``unshare``s
+   user, mount, pid, ipc, uts and (unless fixed-output) net namespaces and
+   waits; the server, outside, writes its maps (:func:`map_ids`): inside uid
+   1000 = the host uid, gid 100 = the host gid, nothing else (root may map a
+   build user; anyone may map their own ids, after denying ``setgroups``).
+2. The first process forks PID 1 of the new pid namespace and stays as its
+   monitor; it exits as its child did (status, or death by the same signal),
+   keeping the log pipe open until then.  When PID 1 exits, the kernel kills
+   everything else in the namespace: nothing of the build survives it.
+   ``PDEATHSIG`` SIGKILL chains them to the server, so killing the first one
+   (or the server, or the daemon) kills the sandbox.  (Two Python processes
+   and one more for the file systems per build: each fork and wake-up is
+   paid again on a loaded machine.)
 3. PID 1: ``lo`` up, hostname ``localhost``, domain name ``(none)``, every
    mount private (so nothing propagates to the host), the chroot and store
-   dir file systems (:func:`file_systems`), the binds of the spec (each input read-only; a read-only
-   remount must keep the flags the kernel locked on the source mount --
+   dir file systems (:func:`file_systems`), the binds of the spec (the inputs
+   made read-only together, :func:`bind_inputs`; any other read-only remount
+   must keep the flags the kernel locked on the source mount --
    nosuid/nodev/noexec -- or it fails with EPERM, hence ``statvfs``), a fresh
    ``proc``, a ``tmpfs`` on ``/dev/shm``, a ``devpts`` (optional), then
    ``pivot_root(".", ".")`` and a lazy unmount of the old root, ``chdir``
@@ -50,6 +51,7 @@ build log) and exit status 1, as an exec failure of the builder itself.
 import _signal as signal  # type: ignore[import-not-found]
 import _socket
 import ctypes
+import gc
 import marshal
 import os
 import resource
@@ -313,10 +315,10 @@ def monitor(pid):
 
 
 def child(spec, go):
-    """In the new namespaces once the outside process has mapped our ids: PID 1."""
-    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
+    """The build's first process, in its new namespaces once the server has mapped
+    our ids: forks PID 1 and monitors it."""
     if os.read(go, 1) != b"1":
-        os._exit(1)  # the outside process failed (and said why)
+        os._exit(1)  # the server failed (and said why)
     os.close(go)
     pid = os.fork()
     if pid == 0:
@@ -328,44 +330,10 @@ def child(spec, go):
     monitor(pid)
 
 
-def launch(spec):
-    """One build, in a process of its own (the server's child; never returns)."""
-    if os.geteuid() == 0:
-        os.setgroups([])  # (only possible outside the user namespace)
-    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    if spec["private_net"]:
-        flags |= CLONE_NEWNET
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(ready_r)
-        os.close(go_w)
-        check(libc.unshare(flags), "cannot create the build's namespaces")
-        os.write(ready_w, b"1")
-        os.close(ready_w)
-        child(spec, go_r)
-    os.close(ready_w)
-    os.close(go_r)
-    if os.read(ready_r, 1) == b"1":
-        # Written from outside: root may map the build user's ids (a process may
-        # always map only its own); ``setgroups`` is denied first, as the kernel
-        # requires of the latter.
-        proc = "/proc/%d/" % pid
-        try:
-            write_file(proc + "uid_map", b"%d %d 1\n" % (spec["uid"], spec["host_uid"]))
-            write_file(proc + "setgroups", b"deny\n")
-            write_file(proc + "gid_map", b"%d %d 1\n" % (spec["gid"], spec["host_gid"]))
-        except OSError as e:
-            os.kill(pid, 9)
-            die("cannot map the build's user ids: %s" % e.strerror)
-        os.write(go_w, b"1")
-    os.close(go_w)
-    monitor(pid)
-
-
-def start(server_pid, spec_fd, log_fd):
-    """In the server's fresh child: the process the daemon knows as the builder."""
+def start(server_pid, spec, log_fd, ready, go):
+    """In the server's fresh child: the process the daemon knows as the builder.  Its
+    own session, the log as stdout and stderr, then the namespaces (``ready``: the
+    server may write our maps; ``go``: it has)."""
     try:
         check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
         if os.getppid() != server_pid:
@@ -378,12 +346,69 @@ def start(server_pid, spec_fd, log_fd):
         os.umask(0o022)
         for sig in (2, 15, 1):
             signal.signal(sig, signal.SIG_DFL)
-        with open(spec_fd, "rb", closefd=False) as f:
-            spec = marshal.loads(f.read())
-        os.closerange(3, 1 << 20)  # (the server's socket, the other builds' pidfds)
+        # (the server's socket, the other builds' pidfds: all but our two pipes)
+        low, high = sorted((ready, go))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 20)
+        if os.geteuid() == 0:
+            os.setgroups([])  # (only possible outside the user namespace)
     except BaseException as e:  # noqa: BLE001
         die(str(e) or e.__class__.__name__)
-    launch(spec)
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if spec["private_net"]:
+        flags |= CLONE_NEWNET
+    check(libc.unshare(flags), "cannot create the build's namespaces")
+    os.write(ready, b"1")
+    os.close(ready)
+    child(spec, go)
+
+
+def map_ids(pid, spec, ready, go, log_fd):
+    """In the server, once ``pid`` has made its namespaces: write its maps from outside
+    (root may map the build user's ids; a process may always map only its own), then
+    let it go on.  ``setgroups`` is denied first, as the kernel requires of the latter.
+    Mapping from outside keeps the child's host identity for the set-up, so it can
+    reach bind sources under root-only directories."""
+    if os.read(ready, 1) != b"1":
+        return  # (it failed, and said why in the log)
+    proc = "/proc/%d/" % pid
+    try:
+        write_file(proc + "uid_map", b"%d %d 1\n" % (spec["uid"], spec["host_uid"]))
+        write_file(proc + "setgroups", b"deny\n")
+        write_file(proc + "gid_map", b"%d %d 1\n" % (spec["gid"], spec["host_gid"]))
+    except OSError as e:
+        os.kill(pid, 9)
+        os.write(log_fd, b"error: sandbox: cannot map the build's user ids: %s\n"
+                 % e.strerror.encode())
+        return
+    os.write(go, b"1")
+
+
+def begin(me, spec_fd, log_fd):
+    """Fork the build's first process (:func:`start`) and map its ids; its pid."""
+    with open(spec_fd, "rb", closefd=False) as f:
+        spec = marshal.loads(f.read())
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                os.close(go_w)
+                start(me, spec, log_fd, ready_w, go_r)
+            finally:
+                os._exit(1)  # (never back into the server's loop)
+        os.close(ready_w)
+        os.close(go_r)
+        ready_w = go_r = -1
+        map_ids(pid, spec, ready_r, go_w, log_fd)
+        return pid
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def serve(sock_fd):
@@ -402,6 +427,10 @@ def serve(sock_fd):
     check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
     for sig in (2, 15, 1):
         signal.signal(sig, signal.SIG_IGN if sig == 2 else signal.SIG_DFL)
+    # No collector here or in the children: it would write to every object's header,
+    # and each child would copy those pages on write (this loop makes no cycles).
+    gc.disable()
+    gc.freeze()
     sock = _socket.socket(fileno=sock_fd)
     me = os.getpid()
     poll = select.poll()
@@ -445,14 +474,13 @@ def serve(sock_fd):
             msg = marshal.loads(data)
             if msg[0] == "start" and len(fds) == 2:
                 try:
-                    pid = os.fork()
+                    pid = begin(me, fds[0], fds[1])
                 except OSError as e:
                     pid = -1
-                    send("error", "cannot fork: %s" % e.strerror)
-                if pid == 0:
-                    start(me, fds[0], fds[1])
-                for x in fds:
-                    os.close(x)
+                    send("error", "cannot start the build: %s" % e.strerror)
+                finally:
+                    for x in fds:
+                        os.close(x)
                 if pid < 0:
                     continue
                 pidfd = os.pidfd_open(pid)
