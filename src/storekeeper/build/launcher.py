@@ -439,8 +439,19 @@ def serve(sock_fd):
     children = {}    # pid -> pidfd, until reaped
     exited, waited = set(), set()
 
+    def stop():
+        for pid in children:
+            try:
+                os.killpg(pid, 9)
+            except OSError:
+                pass
+        os._exit(0)
+
     def send(*msg):
-        sock.send(marshal.dumps(msg))
+        try:
+            sock.send(marshal.dumps(msg))
+        except OSError:
+            stop()  # (the daemon is gone)
 
     def reap(pid):
         _, status, ru = os.wait4(pid, 0)
@@ -459,25 +470,24 @@ def serve(sock_fd):
                 if pid in waited:
                     reap(pid)
                 continue
-            data, anc, _, _ = sock.recvmsg(1 << 16, space)
+            try:
+                data, anc, _, _ = sock.recvmsg(1 << 16, space)
+            except OSError:
+                stop()
             fds = []
             for level, kind, raw in anc:
                 if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                     fds += struct.unpack("%di" % (len(raw) // 4), raw[:len(raw) - len(raw) % 4])
             if not data:
-                for pid in children:
-                    try:
-                        os.killpg(pid, 9)
-                    except OSError:
-                        pass
-                os._exit(0)
+                stop()
             msg = marshal.loads(data)
             if msg[0] == "start" and len(fds) == 2:
                 try:
                     pid = begin(me, fds[0], fds[1])
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 - answered, never a dead server
                     pid = -1
-                    send("error", "cannot start the build: %s" % e.strerror)
+                    send("error", "cannot start the build: %s"
+                         % (getattr(e, "strerror", None) or e))
                 finally:
                     for x in fds:
                         os.close(x)
