@@ -183,11 +183,17 @@ def test_a_dead_launcher_takes_its_builds_with_it(chroot_store):
     drv = add_drv(chroot_store, "orphan", f'echo started; sh -c "sleep 30; echo {marker}"')
     killed = []
 
+    def inner_started() -> bool:
+        # (the inner sh, started after "started" was written; the builder's own command
+        # line names the marker too, before it has written anything)
+        return bool(_processes_with(f"sleep 30; echo {marker}")) and \
+            len(_processes_with(marker)) > len(_processes_with("echo started; sh -c"))
+
     def killer() -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not killed:
             pid = _our_launcher()
-            if pid is not None and _processes_with(marker):
+            if pid is not None and inner_started():
                 os.kill(pid, 9)
                 killed.append(pid)
             time.sleep(0.05)
