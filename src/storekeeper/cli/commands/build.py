@@ -1,5 +1,11 @@
-"""``build``: realise derivations on a local store (sandboxed where the settings or
-the store ask for it), printing their output paths as ``nix-store --realise`` does."""
+"""``build``: realise derivations (and other store paths) on a local store, sandboxed where
+the settings or the store ask for it, printing their output paths as ``nix-store
+--realise`` does.
+
+With ``substituters`` (nix.conf or ``--option``) set, what a cache has is downloaded
+instead of built, through the daemon's own code (:class:`~storekeeper.build.Substituters`:
+the same priorities, signature checks and falling through to the next cache); a path
+that is not a derivation can then be realised too (the ``nix-store -r PATH`` case)."""
 
 from __future__ import annotations
 
@@ -7,10 +13,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from ...build import Builder, BuildSettings
+from ...build import Builder, BuildSettings, Substituters, SubstituteSettings
+from ...config.nixconf import environment_settings
 from ...errors import StoreError
 from ...formats.wire import DerivedPath, ResultType
-from ..common import needs_local, valid
+from ..common import needs_local, resolve_path, valid
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -43,20 +50,37 @@ class _StderrLogger:
 
 def cmd_build(store: Store, args: argparse.Namespace) -> int:
     local = needs_local(store, "build")
+    options = [(n, v) for n, v in args.option]
     settings = BuildSettings.from_nix_conf().with_settings(
-        [(n, v) for n, v in args.option] + ([("keep-failed", "true")] if args.keep_failed else []))
+        options + ([("keep-failed", "true")] if args.keep_failed else []))
+    logger = _StderrLogger(args.quiet)
+    subs = Substituters(local, SubstituteSettings().with_settings(
+        environment_settings() + options), logger)
     targets = []
     for arg in args.paths:
-        path, _, outs = arg.partition("!")
-        drv = valid(local, path)
-        if not drv.base.endswith(".drv"):
-            raise StoreError(f"'{path}' is not a derivation")
+        path, sep, outs = arg.partition("!")
+        if not sep and subs.enabled:
+            sp = resolve_path(local, path)  # not valid yet: a cache may have it
+        else:
+            sp = valid(local, path)
+        if not sp.base.endswith(".drv") or (not sep and subs.enabled and not local.is_valid(sp)):
+            if sep:
+                raise StoreError(f"'{path}' is not a derivation")
+            targets.append(DerivedPath(sp))  # opaque: substituted (or already valid)
+            continue
         names = frozenset(o for o in outs.split(",") if o) if outs and outs != "*" else frozenset()
-        targets.append(DerivedPath(drv, names) if names else DerivedPath(drv, frozenset(), True))
-    results = Builder(local, settings, logger=_StderrLogger(args.quiet)).build(targets)
+        targets.append(DerivedPath(sp, names) if names else DerivedPath(sp, frozenset(), True))
+    builder = Builder(local, settings, logger=logger, substituters=subs if subs.enabled else None)
+    try:
+        results = builder.build(targets)
+    finally:
+        builder.close()
+        subs.close()
     failed = [r for r in results if not r.success]
     for t, r in zip(targets, results):
-        if r.success:
+        if r.success and not t.is_built:
+            print(local.print_path(t.path))
+        elif r.success:
             outs = local.query_derivation_outputs(t.path)
             for name in sorted(outs):
                 if t.all_outputs or name in (t.outputs or ()):
