@@ -127,3 +127,60 @@ def test_local_cli_falls_through_broken_caches_as_nix_store_r(tmp_path):
                 "of the keys in 'trusted-public-keys'") in fail.stderr, (kind, fail.stderr)
         assert "Traceback" not in fail.stderr + ok.stderr
     assert got["ours"] == got["nix"] == (True, 0, B + "\n")
+
+
+# --- secret-key-files signs what we build -----------------------------------------------------
+
+DEMO_NIX = ('derivation { name = "signed-demo"; system = builtins.currentSystem; '
+            'builder = "/bin/sh"; args = [ "-c" "echo hello > $out" ]; }\n')
+
+
+def test_built_outputs_are_signed_with_secret_key_files_like_nix(tmp_path):
+    """The same derivation built at the same store path by Nix 2.8, then (its store moved
+    aside) by us: the output's signature is byte-identical (ed25519 is deterministic)."""
+    base = str(tmp_path)
+    env = nix_env(base)
+    run_nix(["nix-store", "--generate-binary-cache-key", "sign-test-1", f"{base}/sk",
+             f"{base}/pk"], base, env=env)
+    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+        f.write(f"secret-key-files = {base}/sk\nexperimental-features = nix-command\n")
+    (tmp_path / "d.nix").write_text(DEMO_NIX)
+    (tmp_path / "f.txt").write_text("added, not built\n")
+    nenv = {**env, "NIX_STORE_DIR": f"{base}/store", "NIX_STATE_DIR": f"{base}/nstate",
+            "NIX_LOG_DIR": f"{base}/nlog", "NIX_REMOTE": "local"}
+    drv = nix("nix-instantiate", f"{base}/d.nix", env=nenv, check=True).stdout.strip()
+    out = nix("nix-store", "-r", drv, env=nenv, check=True).stdout.strip()
+    theirs = json.loads(nix("nix", "path-info", "--json", out, env=nenv, check=True).stdout)[0]
+    added = nix("nix-store", "--add", f"{base}/f.txt", env=nenv, check=True).stdout.strip()
+    assert "signatures" not in json.loads(nix("nix", "path-info", "--json", added, env=nenv,
+                                              check=True).stdout)[0]
+    drv_text = open(drv).read()
+    # a key file that cannot be read fails the build (Nix's words; checked on us below)
+    (tmp_path / "d.nix").write_text(DEMO_NIX.replace("signed-demo", "signed-demo-2"))
+    drv2 = nix("nix-instantiate", f"{base}/d.nix", env=nenv, check=True).stdout.strip()
+    drv2_text = open(drv2).read()
+    r = nix("nix-store", "-r", drv2, "--option", "secret-key-files", f"{base}/no-such-key",
+            env=nenv)
+    assert f"error: opening file '{base}/no-such-key': No such file or directory" in r.stderr
+    shutil.move(f"{base}/store", f"{base}/nix-store")
+    url = f"local?store={base}/store&state={base}/state&log={base}/log"
+    (tmp_path / "drv").write_text(drv_text)
+    assert sk("--store", url, "add-text", os.path.basename(drv)[33:], f"{base}/drv",
+              env=env).stdout.strip() == drv
+    assert sk("--store", url, "build", "-Q", drv, env=env).stdout.strip() == out
+    ours = json.loads(sk("--store", url, "path-info", "--json", out, env=env).stdout)[0]
+    assert theirs["signatures"][0].startswith("sign-test-1:")
+    assert ours["signatures"] == theirs["signatures"]
+    # as in Nix, a path added (not built) is not signed
+    a2 = sk("--store", url, "add", f"{base}/f.txt", env=env).stdout.strip()
+    assert a2 == added
+    assert "signatures" not in json.loads(sk("--store", url, "path-info", "--json", a2,
+                                             env=env).stdout)[0]
+    # a key file that cannot be read fails the build, as in Nix (its words)
+    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+        f.write(f"secret-key-files = {base}/no-such-key\n")
+    (tmp_path / "drv").write_text(drv2_text)
+    sk("--store", url, "add-text", os.path.basename(drv2)[33:], f"{base}/drv", env=env)
+    r2 = sk("--store", url, "build", "-Q", drv2, env=env, check=False)
+    assert r2.returncode != 0 and r.returncode != 0
+    assert f"opening file '{base}/no-such-key': No such file or directory" in r2.stderr, r2.stderr

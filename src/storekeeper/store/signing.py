@@ -6,14 +6,18 @@ name, the first key of a name wins.  A path info is trusted if its CA field
 reproduces its path (its content is checked on import), or one signature by a
 trusted key verifies (``formats.signatures``).  ``require-sigs`` is the daemon's
 decision (it asks ``add_nar`` to check or not).
+
+Signing keys: what the store builds is signed with every ``secret-key-files`` key
+(Nix 2.8 signs built outputs, not paths added with ``add``); there a key file that
+cannot be read is an error, as in Nix, not skipped.
 """
 
 from __future__ import annotations
 
-from ..errors import BadArchive
+from ..errors import BadArchive, StoreError
 from ..formats.errors import FormatError
 from ..formats.pathinfo import ValidPathInfo
-from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys
+from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys, sign_info
 from ..formats.storepath import StoreDir
 from .settings import SettingsError, StoreSettings
 
@@ -35,6 +39,29 @@ def trusted_keys(settings: StoreSettings) -> dict[str, PublicKey]:
             raise SettingsError(f"secret-key-files '{path}': {e}") from None
         keys.setdefault(pk.name, pk)
     return keys
+
+
+def signing_keys(settings: StoreSettings) -> list[SecretKey]:
+    """The ``secret-key-files`` keys (an unreadable or malformed file is a StoreError)."""
+    keys = []
+    for path in settings.secret_key_files:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise StoreError(f"opening file '{path}': {e.strerror}") from None
+        try:
+            keys.append(SecretKey.parse(text))
+        except FormatError as e:
+            raise StoreError(f"secret-key-files '{path}': {e}") from None
+    return keys
+
+
+def signed(store_dir: StoreDir, info: ValidPathInfo, keys: list[SecretKey]) -> ValidPathInfo:
+    """``info`` with one more signature per key (none it has already)."""
+    if not keys:
+        return info
+    return info.with_(sigs=info.sigs | {sign_info(store_dir, info, k) for k in keys})
 
 
 def check_trusted(store_dir: StoreDir, info: ValidPathInfo, settings: StoreSettings) -> None:
