@@ -62,14 +62,19 @@ def broken_caches(tmp_path) -> dict[str, str]:
             out.write(bytes(data))
     # without its CA line a path needs a signature: the one there is by research-bc-1,
     # which is not in trusted-public-keys (the default key only)
-    for f in os.listdir(caches["wrong-key"]):
+    strip_ca(caches["wrong-key"])
+    return caches
+
+
+def strip_ca(cache: str) -> None:
+    """Drop the narinfos' CA lines: the paths then count as input-addressed."""
+    for f in os.listdir(cache):
         if f.endswith(".narinfo"):
-            p = os.path.join(caches["wrong-key"], f)
+            p = os.path.join(cache, f)
             text = open(p).read()
             with open(p, "w") as out:
                 out.write("".join(line for line in text.splitlines(True)
                                   if not line.startswith("CA: ")))
-    return caches
 
 
 # --- local substitution (no daemon) ---------------------------------------------------------
@@ -184,3 +189,77 @@ def test_built_outputs_are_signed_with_secret_key_files_like_nix(tmp_path):
     r2 = sk("--store", url, "build", "-Q", drv2, env=env, check=False)
     assert r2.returncode != 0 and r.returncode != 0
     assert f"opening file '{base}/no-such-key': No such file or directory" in r2.stderr, r2.stderr
+
+
+# --- verify --sigs, path-info --sigs, AddSignatures -------------------------------------------
+
+CS = "/tmp/research-bc/cs/store"
+DEMO = f"{CS}/qsy18l8rk7lnkvv5cn8zf7xa7hvmz2ak-demo-1.0"
+DEP = f"{CS}/47azgk2sj1r1p469lpmqhmm00jsirb06-dep.txt"
+
+
+def test_verify_sigs_reports_untrusted_paths_as_nix_store_verify(tmp_path):
+    """One store (the signed, input-addressed demo-1.0 and its text-CA dep, substituted by
+    real Nix from its own cache), checked by ``nix store verify`` and by ``storekeeper
+    verify --sigs``: same untrusted paths, same words, same exit codes; then a signature
+    added through each daemon (AddSignatures) makes it trusted for another key."""
+    from daemon_util import start_daemon, stop_process
+    base = str(tmp_path)
+    env = {**nix_env(base), "NIX_STORE_DIR": CS}
+    cache = copy_cache(tmp_path, "nix28-file-xz", "cache")
+    with open(os.path.join(VECTORS, "keys", "research-bc-1.public")) as f:
+        key = f.read().strip()
+    url = f"local?store={CS}&real={base}/real&state={base}/state&log={base}/log"
+    r = nix("nix-store", "--store", url, "-r", DEMO, "--option", "substituters",
+            f"file://{cache}", "--option", "trusted-public-keys", key, env=env)
+    assert r.returncode == 0, r.stderr
+    run_nix(["nix-store", "--generate-binary-cache-key", "other-1", f"{base}/o.sk",
+             f"{base}/o.pk"], base, env=env)
+    other = (tmp_path / "o.pk").read_text()
+
+    def untrusted(stderr: str) -> list[str]:
+        return re.findall(r"^path '([^']*)' is untrusted$", stderr, re.M)
+
+    for extra in ([], ["--trusted-public-keys", key], ["--trusted-public-keys", key,
+                                                         "--sigs-needed", "2"],
+                  ["--trusted-public-keys", other]):
+        theirs = nix("nix", "--extra-experimental-features", "nix-command", "store", "verify",
+                     "--store", url, "--all", "--no-contents", *extra, env=env)
+        ours = sk("--store", url, "verify", "--sigs", *extra, env=env, check=False)
+        assert (ours.returncode, untrusted(ours.stderr)) == (theirs.returncode,
+                                                            untrusted(theirs.stderr)), extra
+        assert "Traceback" not in ours.stderr
+    assert untrusted(ours.stderr) == [DEMO] and ours.returncode == 2
+    # path-info --sigs: Nix's column ('ca:…' then the signatures)
+    theirs = nix("nix", "--extra-experimental-features", "nix-command", "path-info", "--store",
+                 url, "--sigs", DEMO, DEP, env=env, check=True).stdout
+    ours = sk("--store", url, "path-info", "--sigs", DEMO, DEP, env=env).stdout
+    assert ([line.split("\t")[-1] for line in ours.splitlines()]
+            == [line.split("\t")[-1] for line in theirs.splitlines()])
+    # AddSignatures through each daemon (nix store sign), then verify through it
+    got = {}
+    for kind in ("nix", "ours"):
+        root = f"{base}/{kind}-root"
+        no_ca = copy_cache(tmp_path, "nix28-file-none", kind)
+        strip_ca(no_ca)  # input-addressed now: signed by research-bc-1, not by other-1
+        r = nix("nix-store", "--store", root, "-r", "/nix/store/abdy0gp06c21k6cn2fd0w9l07x5drjgh-b.txt",
+                "--option", "substituters", f"file://{no_ca}", "--option", "trusted-public-keys",
+                key, env={**env, "NIX_STORE_DIR": "/nix/store"})
+        assert r.returncode == 0, r.stderr
+        sock = f"{base}/{kind}.sock"
+        denv = {**env, "NIX_STORE_DIR": "/nix/store"}
+        proc = start_daemon(kind, root, sock, denv)
+        try:
+            b = "/nix/store/abdy0gp06c21k6cn2fd0w9l07x5drjgh-b.txt"
+            before = sk("--store", f"unix://{sock}", "verify", "--sigs", "--sigs-needed", "1",
+                        "--trusted-public-keys", other, b, env=denv, check=False)
+            signed = nix("nix", "--extra-experimental-features", "nix-command", "store", "sign",
+                         "--store", f"unix://{sock}", "-k", f"{base}/o.sk", b, env=denv)
+            after = sk("--store", f"unix://{sock}", "verify", "--sigs", "--sigs-needed", "1",
+                       "--trusted-public-keys", other, b, env=denv, check=False)
+            got[kind] = (before.returncode, signed.returncode, after.returncode,
+                         untrusted(before.stderr), untrusted(after.stderr))
+        finally:
+            stop_process(proc)
+    assert got["ours"] == got["nix"]
+    assert got["ours"][:3] == (2, 0, 0)

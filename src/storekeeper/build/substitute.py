@@ -33,10 +33,11 @@ from ..config import settings as settings_table
 from ..errors import StoreError
 from ..formats.errors import FormatError
 from ..formats.narinfo import NarInfo
-from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys
+from ..formats.signatures import PublicKey, is_trusted
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
 from ..store.settings import apply_settings
+from ..store.signing import trusted_keys
 from .logger import BuildLogger, NullLogger
 from .narinfo_cache import NarInfoDiskCache, disk_cached
 
@@ -68,15 +69,7 @@ class SubstituteSettings:
     def public_keys(self) -> dict[str, PublicKey]:
         """``trusted-public-keys`` plus the public halves of the readable
         ``secret-key-files`` (first key of a name wins, spec §5.3)."""
-        keys = parse_public_keys(self.trusted_public_keys)
-        for path in self.secret_key_files:
-            try:
-                with open(path) as f:
-                    pk = SecretKey.parse(f.read()).public()
-            except (OSError, FormatError):
-                continue  # unreadable key files are skipped, as by Nix
-            keys.setdefault(pk.name, pk)
-        return keys
+        return trusted_keys(self)
 
 
 class Substituters:

@@ -14,15 +14,35 @@ cannot be read is an error, as in Nix, not skipped.
 
 from __future__ import annotations
 
-from ..errors import BadArchive, StoreError
+from typing import Iterable, Iterator, Mapping, Protocol
+
+from ..api import Store
+from ..errors import BadArchive, InvalidPath, StoreError
 from ..formats.errors import FormatError
 from ..formats.pathinfo import ValidPathInfo
-from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys, sign_info
-from ..formats.storepath import StoreDir
+from ..formats.signatures import (
+    PublicKey,
+    SecretKey,
+    has_enough_sigs,
+    is_trusted,
+    parse_public_keys,
+    sign_info,
+)
+from ..formats.storepath import StoreDir, StorePath
 from .settings import SettingsError, StoreSettings
 
 
-def trusted_keys(settings: StoreSettings) -> dict[str, PublicKey]:
+class SubstituteKeys(Protocol):
+    """The two settings :func:`trusted_keys` reads (also on build's SubstituteSettings)."""
+
+    @property
+    def trusted_public_keys(self) -> tuple[str, ...]: ...
+    @property
+    def secret_key_files(self) -> tuple[str, ...]: ...
+
+
+def trusted_keys(settings: SubstituteKeys) -> dict[str, PublicKey]:
+    """Every trusted key (module docstring); a malformed key is a SettingsError."""
     try:
         keys = parse_public_keys(settings.trusted_public_keys)
     except FormatError as e:
@@ -39,6 +59,22 @@ def trusted_keys(settings: StoreSettings) -> dict[str, PublicKey]:
             raise SettingsError(f"secret-key-files '{path}': {e}") from None
         keys.setdefault(pk.name, pk)
     return keys
+
+
+def untrusted_paths(store: Store, paths: Iterable[StorePath], keys: Mapping[str, PublicKey],
+                    sigs_needed: int = 0) -> Iterator[StorePath]:
+    """The valid ``paths`` of ``store`` (any store: local or through a daemon) that lack
+    the signatures ``nix store verify --sigs-needed`` asks for (``has_enough_sigs``)."""
+    for sp in paths:
+        info = store.query_path_info(sp)
+        if info is None:
+            raise InvalidPath(f"path '{store.store_dir.print(sp)}' is not valid")
+        try:
+            ok = has_enough_sigs(store.store_dir, info, keys, sigs_needed)
+        except FormatError as e:
+            raise StoreError(f"path '{store.store_dir.print(sp)}': {e}") from None
+        if not ok:
+            yield sp
 
 
 def signing_keys(settings: StoreSettings) -> list[SecretKey]:

@@ -69,21 +69,13 @@ def cmd_sign(store: Store, args: argparse.Namespace) -> int:
 
 def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
     """``trusted-public-keys`` (nix.conf, or ``--trusted-public-keys``) and the public
-    halves of the readable ``secret-key-files`` (spec §5.3)."""
-    from ...formats.signatures import SecretKey, parse_public_keys
+    halves of the readable ``secret-key-files`` (spec §5.3): the store's own rule."""
+    from ...store import signing
     from ...store.settings import StoreSettings
     settings = StoreSettings.from_nix_conf()
-    texts = (args.trusted_public_keys.split() if args.trusted_public_keys is not None
-             else list(settings.trusted_public_keys))
-    keys = parse_public_keys(texts)
-    for path in settings.secret_key_files:
-        try:
-            with open(path) as f:
-                pk = SecretKey.parse(f.read()).public()
-        except OSError:
-            continue  # unreadable key files are skipped, as Nix does
-        keys.setdefault(pk.name, pk)
-    return keys
+    if args.trusted_public_keys is not None:
+        settings = settings.with_settings([("trusted-public-keys", args.trusted_public_keys)])
+    return signing.trusted_keys(settings)
 
 
 def cmd_copy(store: Store, args: argparse.Namespace) -> int:
