@@ -263,3 +263,78 @@ def test_verify_sigs_reports_untrusted_paths_as_nix_store_verify(tmp_path):
             stop_process(proc)
     assert got["ours"] == got["nix"]
     assert got["ours"][:3] == (2, 0, 0)
+
+
+# --- build logs in caches -----------------------------------------------------------------------
+
+LOG_NIX = ('derivation { name = "logged-demo"; system = builtins.currentSystem; '
+           'builder = "/bin/sh"; args = [ "-c" "echo line one; echo line two >&2; echo out > $out" ]; }\n')
+
+
+def test_copy_logs_then_nix_log_reads_them_and_we_read_nixs(tmp_path):
+    """The same derivation built by Nix 2.8 and by us at the same store path: ``nix store
+    copy-log`` and ``storekeeper copy --logs`` write the same ``log/<drv>`` bytes, and
+    ``nix log --store file://…`` reads ours (by the drv and by the output's Deriver)."""
+    base = str(tmp_path)
+    env = nix_env(base)
+    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+        f.write("experimental-features = nix-command\n")
+    (tmp_path / "d.nix").write_text(LOG_NIX)
+    nenv = {**env, "NIX_STORE_DIR": f"{base}/store", "NIX_STATE_DIR": f"{base}/nstate",
+            "NIX_LOG_DIR": f"{base}/nlog", "NIX_REMOTE": "local"}
+    drv = nix("nix-instantiate", f"{base}/d.nix", env=nenv, check=True).stdout.strip()
+    out = nix("nix-store", "-r", drv, env=nenv, check=True).stdout.strip()
+    nix("nix", "store", "copy-log", "--to", f"file://{base}/ncache", drv, env=nenv, check=True)
+    drv_text = open(drv).read()
+    shutil.move(f"{base}/store", f"{base}/nix-store")
+    url = f"local?store={base}/store&state={base}/state&log={base}/log"
+    (tmp_path / "drv").write_text(drv_text)
+    sk("--store", url, "add-text", os.path.basename(drv)[33:], f"{base}/drv", env=env)
+    assert sk("--store", url, "build", "-Q", drv, env=env).stdout.strip() == out
+    r = sk("--store", url, "copy", "--json", "--logs", "--to",
+           f"file://{base}/cache?compression=none", out, env=env)
+    assert json.loads(r.stdout)["logs"] == [drv]
+    key = f"log/{os.path.basename(drv)}"
+    ours = (tmp_path / "cache" / key).read_bytes()
+    assert b"line one" in ours and b"line two" in ours
+    assert ours == (tmp_path / "ncache" / key).read_bytes()
+    # real Nix reads it back from our cache through the output's Deriver (by the .drv itself
+    # Nix 2.8 wants the .drv valid in the cache: "is not a valid store path", for its own too)
+    for p in (out,):
+        got = subprocess.run(["nix", "log", "--store", f"file://{base}/cache", p],
+                             env={**env, "NIX_STORE_DIR": f"{base}/store"}, capture_output=True,
+                             timeout=60)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == ours
+    # and we read what Nix wrote, with its words
+    got2 = subprocess.run([sys.executable, "-m", "storekeeper.cli.main", "cache", "log",
+                           f"file://{base}/ncache", drv], env=env, capture_output=True, timeout=60)
+    assert got2.returncode == 0, got2.stderr
+    assert got2.stdout == ours
+    assert f"got build log for '{drv}' from 'file://{base}/ncache'".encode() in got2.stderr
+    # that cache has no narinfo of the output, so no Deriver to go by: both say so
+    no = [subprocess.run(cmd + [f"file://{base}/ncache", out], capture_output=True, timeout=60,
+                         env={**env, "NIX_STORE_DIR": f"{base}/store"})
+          for cmd in ([sys.executable, "-m", "storekeeper.cli.main", "cache", "log"],
+                      ["nix", "log", "--store"])]
+    assert no[0].returncode != 0 and no[1].returncode != 0
+    assert no[0].stderr == no[1].stderr == f"error: build log of '{out}' is not available\n".encode()
+
+
+def test_cache_log_reads_nixs_vector_like_nix_log(tmp_path):
+    """The vector cache Nix 2.8 wrote with ``nix store copy-log``: our reader and ``nix log``
+    print the same bytes, and the same error for a path with no log."""
+    cache = f"file://{VECTORS}/nix28-file-ls"
+    env = {**nix_env(str(tmp_path)), "NIX_STORE_DIR": CS}
+    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+        f.write("experimental-features = nix-command\n")
+    drv = f"{CS}/0s9wh6al076z7hm4k0pmfxkzhrqf9p61-demo-1.0.drv"
+    for p in (drv, DEMO, DEP):
+        theirs = subprocess.run(["nix", "log", "--store", cache, p], env=env, capture_output=True,
+                                timeout=60)
+        ours = subprocess.run([sys.executable, "-m", "storekeeper.cli.main", "cache", "log",
+                               cache, p], env=env, capture_output=True, timeout=60)
+        assert (ours.returncode == 0) == (theirs.returncode == 0), p
+        assert ours.stdout == theirs.stdout
+        assert ours.stderr.splitlines()[-1] == theirs.stderr.splitlines()[-1], p
+    assert theirs.stderr.endswith(f"error: build log of '{DEP}' is not available\n".encode())

@@ -299,6 +299,9 @@ def _copy(sub: _Sub) -> None:
                    help="--from: accept paths without a trusted signature")
     s.add_argument("--trusted-public-keys", metavar="KEYS",
                    help="--from: these keys instead of nix.conf's trusted-public-keys")
+    s.add_argument("--logs", action="store_true",
+                   help="--to from a local store: also the build logs of the paths' derivers, "
+                        "to log/<drv> (as nix store copy-log; paths without a log are skipped)")
     s.set_defaults(func="cache.cmd_copy")
 
 
@@ -309,6 +312,11 @@ def _cache(sub: _Sub) -> None:
     i.add_argument("url", metavar="URL")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func="cache.cmd_cache_info", no_store=True)
+    g = cs.add_parser("log", help="print the build log a cache has for a derivation or for "
+                      "the deriver of PATH (as nix log --store URL)")
+    g.add_argument("url", metavar="URL")
+    g.add_argument("paths", nargs="+", metavar="PATH")
+    g.set_defaults(func="cache.cmd_cache_log", no_store=True)
 
 
 def _serve(sub: _Sub) -> None:
