@@ -338,3 +338,45 @@ def test_cache_log_reads_nixs_vector_like_nix_log(tmp_path):
         assert ours.stdout == theirs.stdout
         assert ours.stderr.splitlines()[-1] == theirs.stderr.splitlines()[-1], p
     assert theirs.stderr.endswith(f"error: build log of '{DEP}' is not available\n".encode())
+
+
+def test_copy_log_into_our_daemon_like_into_nix_daemon(tmp_path):
+    """``nix store copy-log --from file://CACHE --to unix://DAEMON DRV`` (AddBuildLog): both
+    daemons keep the log where ``nix-store -l`` finds it (bzip2), the same bytes; a second
+    copy keeps the first log, as Nix."""
+    import bz2
+
+    from daemon_util import start_daemon, stop_process
+    base = str(tmp_path)
+    env = nix_env(base)
+    with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
+        f.write("experimental-features = nix-command\n")
+    (tmp_path / "d.nix").write_text(LOG_NIX)
+    drv = nix("nix-instantiate", "--store", f"{base}/scratch", f"{base}/d.nix", env=env,
+              check=True).stdout.strip()
+    cache = f"{base}/cache"
+    # (nix copy would build a .drv it is given)
+    sk("--store", f"{base}/scratch", "copy", "-q", "--to", f"file://{cache}", drv, env=env)
+    log = b"a log\nwith two lines\n"
+    os.makedirs(f"{cache}/log", exist_ok=True)
+    with open(f"{cache}/log/{os.path.basename(drv)}", "wb") as f:
+        f.write(log)
+    got = {}
+    for kind in ("nix", "ours"):
+        root, sock = f"{base}/{kind}-root", f"{base}/{kind}.sock"
+        proc = start_daemon(kind, root, sock, env)
+        try:
+            for _ in range(2):
+                r = nix("nix", "store", "copy-log", "--from", f"file://{cache}", "--to",
+                        f"unix://{sock}", drv, env=env)
+                assert r.returncode == 0, (kind, r.stderr)
+                with open(f"{cache}/log/{os.path.basename(drv)}", "wb") as f:
+                    f.write(b"replaced\n")  # the second copy must not replace the first
+            name = os.path.basename(drv)
+            with open(f"{root}/nix/var/log/nix/drvs/{name[:2]}/{name[2:]}.bz2", "rb") as f:
+                got[kind] = bz2.decompress(f.read())
+        finally:
+            stop_process(proc)
+            with open(f"{cache}/log/{os.path.basename(drv)}", "wb") as f:
+                f.write(log)
+    assert got["ours"] == got["nix"] == log
