@@ -380,3 +380,50 @@ def test_copy_log_into_our_daemon_like_into_nix_daemon(tmp_path):
             with open(f"{cache}/log/{os.path.basename(drv)}", "wb") as f:
                 f.write(log)
     assert got["ours"] == got["nix"] == log
+
+
+def test_local_build_substitutes_outputs_instead_of_building(tmp_path):
+    """``storekeeper build DRV`` with no daemon: the output a cache has (signed by a trusted
+    key) is downloaded, the builder (which would fail) never runs; as ``nix-store -r DRV``."""
+    import hashlib
+    import io
+
+    from storekeeper.formats.hashes import Hash
+    from storekeeper.formats.nar import dump_string
+    from storekeeper.formats.pathinfo import ValidPathInfo
+    from storekeeper.formats.url import LocalLayout
+    from storekeeper.store.local import LocalStore
+    base = str(tmp_path)
+    env = nix_env(base)
+    (tmp_path / "d.nix").write_text(
+        'derivation { name = "subst-local"; system = builtins.currentSystem; '
+        'builder = "/bin/sh"; args = [ "-c" "echo the builder ran; exit 1" ]; }\n')
+    drvs = {k: nix("nix-instantiate", "--store", f"{base}/{k}", f"{base}/d.nix", env=env,
+                   check=True).stdout.strip() for k in ("ours", "nix", "src")}
+    drv = drvs["src"]
+    assert drvs["ours"] == drvs["nix"] == drv
+    out = nix("nix-store", "--store", f"{base}/src", "-q", "--outputs", drv, env=env,
+              check=True).stdout.strip()
+    nar = dump_string(b"substituted, not built\n")
+    with LocalStore(LocalLayout.chroot(f"{base}/src")) as store:
+        sd = store.store_dir
+        store.add_nar(ValidPathInfo(sd.parse(out), Hash("sha256", hashlib.sha256(nar).digest()),
+                                    len(nar), frozenset(), sd.parse(drv)), io.BytesIO(nar))
+    sk("key", "generate", "--name", "t-1", "--secret", f"{base}/sk", "--public", f"{base}/pk",
+       env=env)
+    sk("--store", f"{base}/src", "copy", "-q", "--to", f"file://{base}/cache?secret-key={base}/sk",
+       out, env=env)
+    opt = ["--option", "substituters", f"file://{base}/cache", "--option",
+           "trusted-public-keys", (tmp_path / "pk").read_text()]
+    ours = sk("--store", f"{base}/ours", "build", drv, *opt, env=env, check=False)
+    theirs = nix("nix-store", "--store", f"{base}/nix", "-r", drv, *opt, env=env)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (0, out + "\n")
+    assert "the builder ran" not in ours.stderr
+    assert f"copying path '{out}' from 'file://{base}/cache'" in ours.stderr
+    # without a trusted key for it neither takes it (and the builder cannot make it)
+    nix("nix-instantiate", "--store", f"{base}/ours2", f"{base}/d.nix", env=env, check=True)
+    bad = sk("--store", f"{base}/ours2", "build", drv, "--option", "substituters",
+             f"file://{base}/cache", env=env, check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert (f"the substitute for '{out}' from 'file://{base}/cache' is not signed by any of the "
+            "keys in 'trusted-public-keys'") in bad.stderr, bad.stderr
