@@ -427,3 +427,27 @@ def test_local_build_substitutes_outputs_instead_of_building(tmp_path):
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert (f"the substitute for '{out}' from 'file://{base}/cache' is not signed by any of the "
             "keys in 'trusted-public-keys'") in bad.stderr, bad.stderr
+
+
+def test_copy_from_honours_require_sigs_like_nix_copy(tmp_path):
+    """An input-addressed path signed by an untrusted key: ``nix copy --from`` and
+    ``storekeeper copy --from`` refuse it, and both take it with ``require-sigs = false``
+    (NIX_CONFIG, read by both)."""
+    env = nix_env(str(tmp_path))
+    cache = copy_cache(tmp_path, "nix28-file-none", "cache")
+    strip_ca(cache)
+    got = {}
+    for require in ("true", "false"):
+        e = {**env, "NIX_CONFIG": f"require-sigs = {require}\nexperimental-features = nix-command"}
+        theirs = nix("nix", "copy", "--from", f"file://{cache}", "--to",
+                     str(tmp_path / f"nix-{require}"), B, env=e)
+        ours = sk("--store", str(tmp_path / f"ours-{require}"), "copy", "-q", "--from",
+                  f"file://{cache}", B, env=e, check=False)
+        got[require] = (theirs.returncode == 0, ours.returncode == 0)
+        if require == "true":
+            assert f"cannot add path '{A}' because it lacks a valid signature" in theirs.stderr
+            assert f"cannot add path '{A}' because it lacks a valid signature" in ours.stderr
+    assert got == {"true": (False, False), "false": (True, True)}
+    h = [nix("nix-store", "--store", str(tmp_path / f"{k}-false"), "-q", "--hash", B,
+             env=env).stdout for k in ("nix", "ours")]
+    assert h[0] == h[1] != ""

@@ -74,8 +74,8 @@ def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
     """``trusted-public-keys`` (nix.conf, or ``--trusted-public-keys``) and the public
     halves of the readable ``secret-key-files`` (spec §5.3): the store's own rule."""
     from ...store import signing
-    from ...store.settings import StoreSettings
-    settings = StoreSettings.from_nix_conf()
+    from ...store.settings import StoreSettings, environment_settings
+    settings = StoreSettings().with_settings(environment_settings())  # nix.conf, NIX_CONFIG
     if args.trusted_public_keys is not None:
         settings = settings.with_settings([("trusted-public-keys", args.trusted_public_keys)])
     return signing.trusted_keys(settings)
@@ -107,8 +107,10 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
         else:
             paths = [_store_path(store, p) for p in args.paths]
             local = is_local(store)
-            result = copy_from_cache(cache, store, paths, trusted_keys(args),
-                                     check_sigs=not args.no_check_sigs,
+            # require-sigs = false (nix.conf, NIX_CONFIG) lets unsigned paths in, as in Nix;
+            # a daemon decides by its own require-sigs
+            check = not args.no_check_sigs and _require_sigs()
+            result = copy_from_cache(cache, store, paths, trusted_keys(args), check_sigs=check,
                                      store_checks_sigs=not local and not args.no_check_sigs,
                                      log=log, progress=progress)
     finally:
@@ -142,6 +144,12 @@ def _copy_logs(store: Store, cache: BinaryCache, paths: list[StorePath],
         if log:
             log(f"copied build log of '{store.print_path(drv)}' to '{cache.url}'")
     return done
+
+
+def _require_sigs() -> bool:
+    from ...build import SubstituteSettings
+    from ...store.settings import environment_settings
+    return SubstituteSettings().with_settings(environment_settings()).require_sigs
 
 
 def _store_path(store: Store, arg: str) -> StorePath:

@@ -142,8 +142,8 @@ def cmd_verify(store: Store, args: argparse.Namespace) -> int:
     checked = report.checked if report else 0
     if args.sigs:
         from ...store import signing
-        from ...store.settings import StoreSettings
-        settings = StoreSettings.from_nix_conf()
+        from ...store.settings import StoreSettings, environment_settings
+        settings = StoreSettings().with_settings(environment_settings())  # nix.conf, NIX_CONFIG
         if args.trusted_public_keys is not None:
             settings = settings.with_settings([("trusted-public-keys", args.trusted_public_keys)])
         paths = ([valid(store, p) for p in args.paths] if args.paths
