@@ -189,6 +189,14 @@ def test_built_outputs_are_signed_with_secret_key_files_like_nix(tmp_path):
     r2 = sk("--store", url, "build", "-Q", drv2, env=env, check=False)
     assert r2.returncode != 0 and r.returncode != 0
     assert f"opening file '{base}/no-such-key': No such file or directory" in r2.stderr, r2.stderr
+    # --option overrides nix.conf for the store's settings too
+    r3 = sk("--store", url, "build", "-Q", drv2, "--option", "secret-key-files", f"{base}/sk",
+            env=env)
+    out2 = r3.stdout.strip()
+    assert sk("--store", url, "verify", "--sigs", "--sigs-needed", "1", "--trusted-public-keys",
+              (tmp_path / "pk").read_text(), out2, env=env, check=False).returncode == 0
+    assert sk("--store", url, "verify", "--sigs", "--sigs-needed", "1", out2, env=env,
+              check=False).returncode == 2
 
 
 # --- verify --sigs, path-info --sigs, AddSignatures -------------------------------------------

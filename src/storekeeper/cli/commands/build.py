@@ -53,6 +53,8 @@ def cmd_build(store: Store, args: argparse.Namespace) -> int:
     options = [(n, v) for n, v in args.option]
     settings = BuildSettings.from_nix_conf().with_settings(
         options + ([("keep-failed", "true")] if args.keep_failed else []))
+    if options:  # the store's own settings too (secret-key-files, …), as Nix's --option
+        local.settings = local.settings.with_settings(options)
     logger = _StderrLogger(args.quiet)
     subs = Substituters(local, SubstituteSettings().with_settings(
         environment_settings() + options), logger)
