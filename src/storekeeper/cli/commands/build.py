@@ -13,13 +13,21 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from ...build import Builder, BuildSettings, Substituters, SubstituteSettings
+from ...build import (
+    Builder,
+    BuildSettings,
+    Missing,
+    Substituters,
+    SubstituteSettings,
+    what_is_missing,
+)
 from ...config.nixconf import environment_settings
 from ...errors import StoreError
 from ...formats.wire import DerivedPath, ResultType
 from ..common import needs_local, resolve_path, valid
 
 if TYPE_CHECKING:
+    from ...store.local import LocalStore
     from ..common import Store
 
 
@@ -37,7 +45,7 @@ class _StderrLogger:
                        fields: Sequence[int | str] = (), parent: int = 0) -> int:
         self._n += 1
         if text and not self.quiet and level <= 3:
-            print(text, file=sys.stderr)
+            print(text + "...", file=sys.stderr)  # as Nix's plain (non-tty) logger
         return self._n
 
     def stop_activity(self, act_id: int) -> None:
@@ -46,6 +54,29 @@ class _StderrLogger:
     def result(self, act_id: int, result_type: int, fields: Sequence[int | str]) -> None:
         if result_type == ResultType.BUILD_LOG_LINE and not self.quiet:
             print(fields[0], file=sys.stderr)
+
+
+def _print_missing(store: LocalStore, m: Missing) -> None:
+    """What nix-store -r says before it starts (derivations to build, paths to fetch with
+    their sizes in MiB, paths nobody knows how to make)."""
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+    if m.will_build:
+        n = len(m.will_build)
+        say("this derivation will be built:" if n == 1 else f"these {n} derivations will be built:")
+        for p in reversed(store.topo_sort(m.will_build)):
+            say(f"  {store.print_path(p)}")
+    if m.will_substitute:
+        n = len(m.will_substitute)
+        sizes = f"({m.download_size / 2**20:.2f} MiB download, {m.nar_size / 2**20:.2f} MiB unpacked)"
+        say(f"this path will be fetched {sizes}:" if n == 1
+            else f"these {n} paths will be fetched {sizes}:")
+        for p in sorted(m.will_substitute, key=store.print_path):
+            say(f"  {store.print_path(p)}")
+    if m.unknown:
+        say("don't know how to build these paths:")
+        for p in sorted(m.unknown, key=store.print_path):
+            say(f"  {store.print_path(p)}")
 
 
 def cmd_build(store: Store, args: argparse.Namespace) -> int:
@@ -73,6 +104,8 @@ def cmd_build(store: Store, args: argparse.Namespace) -> int:
         names = frozenset(o for o in outs.split(",") if o) if outs and outs != "*" else frozenset()
         targets.append(DerivedPath(sp, names) if names else DerivedPath(sp, frozenset(), True))
     builder = Builder(local, settings, logger=logger, substituters=subs if subs.enabled else None)
+    if not args.quiet:
+        _print_missing(local, what_is_missing(local, targets, subs if subs.enabled else None))
     try:
         results = builder.build(targets)
     finally:
