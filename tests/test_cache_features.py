@@ -462,3 +462,45 @@ def test_copy_from_honours_require_sigs_like_nix_copy(tmp_path):
     h = [nix("nix-store", "--store", str(tmp_path / f"{k}-false"), "-q", "--hash", B,
              env=env).stdout for k in ("nix", "ours")]
     assert h[0] == h[1] != ""
+
+
+def test_local_cli_substitutes_over_http_with_the_narinfo_disk_cache(tmp_path):
+    """From an http:// cache: the second substitution into a fresh store asks the server
+    for no narinfo (the disk cache answers, positive TTL), for us as for nix-store -r."""
+    import http.server
+    import threading
+    www = tmp_path / "www"
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-zstd"), www / "c")
+    log: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(www), **kw)
+
+        def log_message(self, format, *args):  # noqa: A002 -- the base class's name
+            log.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/c"
+    try:
+        env = nix_env(str(tmp_path))
+        got = {}
+        for kind in ("nix", "ours"):
+            runs = []
+            for n in (1, 2):
+                log.clear()
+                root = str(tmp_path / f"{kind}-{n}")
+                opt = ["--option", "substituters", url]
+                r = (nix("nix-store", "--store", root, "-r", B, *opt, env=env) if kind == "nix"
+                     else sk("--store", root, "build", B, *opt, env=env, check=False))
+                assert r.returncode == 0, (kind, r.stderr)
+                runs.append((r.stdout, sorted(p for p in log if p.endswith(".narinfo")),
+                             sorted(p for p in log if "/nar/" in p)))
+            got[kind] = runs
+        assert got["ours"] == got["nix"]
+        first, second = got["ours"]
+        assert len(first[1]) == 2 and second[1] == [] and len(second[2]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
