@@ -92,21 +92,19 @@ def cmd_build(store: Store, args: argparse.Namespace) -> int:
     targets = []
     for arg in args.paths:
         path, sep, outs = arg.partition("!")
-        if not sep and subs.enabled:
-            sp = resolve_path(local, path)  # not valid yet: a cache may have it
-        else:
-            sp = valid(local, path)
-        if not sp.base.endswith(".drv") or (not sep and subs.enabled and not local.is_valid(sp)):
-            if sep:
-                raise StoreError(f"'{path}' is not a derivation")
-            targets.append(DerivedPath(sp))  # opaque: substituted (or already valid)
+        # with substituters, a path that is not valid yet may come from a cache
+        sp = resolve_path(local, path) if subs.enabled and not sep else valid(local, path)
+        if sep and not sp.is_derivation:
+            raise StoreError(f"'{path}' is not a derivation")
+        if not sep and (not sp.is_derivation or not local.is_valid(sp)):
+            targets.append(DerivedPath(sp))  # opaque: substituted (or valid already)
             continue
         names = frozenset(o for o in outs.split(",") if o) if outs and outs != "*" else frozenset()
         targets.append(DerivedPath(sp, names) if names else DerivedPath(sp, frozenset(), True))
     builder = Builder(local, settings, logger=logger, substituters=subs if subs.enabled else None)
-    if not args.quiet:
-        _print_missing(local, what_is_missing(local, targets, subs if subs.enabled else None))
     try:
+        if not args.quiet:
+            _print_missing(local, what_is_missing(local, targets, builder.substituters))
         results = builder.build(targets)
     finally:
         builder.close()
