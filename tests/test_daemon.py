@@ -199,6 +199,7 @@ def test_unsupported_ops_answer_and_keep_the_connection(mem_store):
                  .strings([]).string("x86_64-linux").string("/bin/sh").strings(["-c", "x"])
                  .string_map({"out": Y}).u64(0).take())
     requests = (WireWriter().u64(34).take() + is_valid + basic_drv + is_valid
+                # AddBuildLog of a name that is no store path: an answer, the log read past
                 + WireWriter().u64(45).string("x.drv").raw(frame(b"log line\n" * 1000, 100)).take()
                 + WireWriter().u64(20).u64(1).strings([]).boolean(False).u64(2**64 - 1).u64(0).u64(0).u64(0)
                 .take()
