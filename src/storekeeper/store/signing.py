@@ -61,20 +61,33 @@ def trusted_keys(settings: SubstituteKeys) -> dict[str, PublicKey]:
     return keys
 
 
-def untrusted_paths(store: Store, paths: Iterable[StorePath], keys: Mapping[str, PublicKey],
-                    sigs_needed: int = 0) -> Iterator[StorePath]:
-    """The valid ``paths`` of ``store`` (any store: local or through a daemon) that lack
-    the signatures ``nix store verify --sigs-needed`` asks for (``has_enough_sigs``)."""
-    for sp in paths:
-        info = store.query_path_info(sp)
-        if info is None:
-            raise InvalidPath(f"path '{store.store_dir.print(sp)}' is not valid")
+def untrusted_paths(store: Store, paths: Iterable[StorePath] | None,
+                    keys: Mapping[str, PublicKey], sigs_needed: int = 0) -> Iterator[StorePath]:
+    """The valid ``paths`` (None: all) of ``store`` (any store: local or through a daemon)
+    that lack the signatures ``nix store verify --sigs-needed`` asks for
+    (``has_enough_sigs``), in path order."""
+    sd = store.store_dir
+    infos: Iterable[ValidPathInfo]
+    bulk = getattr(store, "query_all_infos", None)  # a local store reads them all at once
+    if paths is None and bulk is not None:
+        infos = sorted(bulk(), key=lambda i: i.path)
+    else:
+        infos = (_info(store, sp) for sp in sorted(store.query_all_valid_paths()
+                                                   if paths is None else paths))
+    for info in infos:
         try:
-            ok = has_enough_sigs(store.store_dir, info, keys, sigs_needed)
+            ok = has_enough_sigs(sd, info, keys, sigs_needed)
         except FormatError as e:
-            raise StoreError(f"path '{store.store_dir.print(sp)}': {e}") from None
+            raise StoreError(f"path '{sd.print(info.path)}': {e}") from None
         if not ok:
-            yield sp
+            yield info.path
+
+
+def _info(store: Store, sp: StorePath) -> ValidPathInfo:
+    info = store.query_path_info(sp)
+    if info is None:
+        raise InvalidPath(f"path '{store.store_dir.print(sp)}' is not valid")
+    return info
 
 
 def signing_keys(settings: StoreSettings) -> list[SecretKey]:

@@ -146,13 +146,14 @@ def cmd_verify(store: Store, args: argparse.Namespace) -> int:
         settings = StoreSettings().with_settings(environment_settings())  # nix.conf, NIX_CONFIG
         if args.trusted_public_keys is not None:
             settings = settings.with_settings([("trusted-public-keys", args.trusted_public_keys)])
-        paths = ([valid(store, p) for p in args.paths] if args.paths
-                 else sorted(store.query_all_valid_paths()))
-        checked = max(checked, len(paths))
+        paths = [valid(store, p) for p in args.paths] if args.paths else None
         for sp in signing.untrusted_paths(store, paths, signing.trusted_keys(settings),
                                           args.sigs_needed):
             untrusted.append(store.print_path(sp))
             print(f"path '{untrusted[-1]}' is untrusted", file=sys.stderr)
+        if args.json:
+            checked = max(checked, len(paths) if paths is not None else
+                          len(store.query_all_valid_paths()))
     if args.json:
         import json  # only for --json: off the query path (cold start)
 
