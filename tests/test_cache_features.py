@@ -504,3 +504,46 @@ def test_local_cli_substitutes_over_http_with_the_narinfo_disk_cache(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_untrusted_user_cannot_add_signatures(shared_dir):
+    """``nix store sign`` (AddSignatures) through each daemon as an unprivileged user:
+    refused, with the real daemon's words, and no signature added."""
+    from daemon_util import start_daemon, stop_process
+    from realusers import needs_root_users, real_users
+    if needs_root_users.args[0]:
+        pytest.skip(needs_root_users.kwargs["reason"])
+    cache = os.path.join(shared_dir, "cache")
+    shutil.copytree(os.path.join(VECTORS, "nix28-file-zstd"), cache)
+    key = os.path.join(shared_dir, "k.sk")
+    subprocess.run(["nix-store", "--generate-binary-cache-key", "u-1", key, key + ".pub"],
+                   env=nix_env(shared_dir), check=True)
+    os.chmod(key, 0o644)
+    with real_users(shared_dir, "u") as users:
+        u = users["u"]
+        got = {}
+        for kind in ("nix", "ours"):
+            base = os.path.join(shared_dir, kind)
+            os.mkdir(base)
+            env = nix_env(base)
+            root, sock = os.path.join(base, "root"), os.path.join(base, "sock")
+            r = nix("nix-store", "--store", root, "-r", B, "--option", "substituters",
+                    f"file://{cache}", env=env)
+            assert r.returncode == 0, r.stderr
+            proc = start_daemon(kind, root, sock, env)
+            try:
+                def run(*args: str, sock: str = sock) -> subprocess.CompletedProcess:
+                    return subprocess.run(
+                        ["runuser", "-u", u.pw_name, "--", "env", "-i", f"HOME={u.home}",
+                         f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}",
+                         f"NIX_CONF_DIR={u.home}", "nix", "--extra-experimental-features",
+                         "nix-command", *args, "--store", f"unix://{sock}"],
+                        capture_output=True, text=True, timeout=60)
+                sign = run("store", "sign", "-k", key, B)
+                info = nix("nix", "--extra-experimental-features", "nix-command", "path-info",
+                           "--json", "--store", f"unix://{sock}", B, env=env, check=True).stdout
+                got[kind] = (sign.returncode != 0, "u-1:" in info)
+                assert "you are not privileged to add signatures" in sign.stderr, (kind, sign.stderr)
+            finally:
+                stop_process(proc)
+        assert got["ours"] == got["nix"] == (True, False)
