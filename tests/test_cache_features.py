@@ -7,16 +7,28 @@ signing what we build; ``verify --sigs``; build logs in caches.  The caches are 
 
 from __future__ import annotations
 
+import bz2
+import hashlib
+import http.server
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import needs_nix, nix_env, run_nix
-from daemon_util import SHARED
+from daemon_util import SHARED, start_daemon, stop_process
+from realusers import needs_root_users, real_users
+
+from storekeeper.formats.hashes import Hash
+from storekeeper.formats.nar import dump_string
+from storekeeper.formats.pathinfo import ValidPathInfo
+from storekeeper.formats.url import LocalLayout
+from storekeeper.store.local import LocalStore
 
 pytestmark = [needs_nix, pytest.mark.nix]
 
@@ -214,7 +226,6 @@ def test_verify_sigs_reports_untrusted_paths_as_nix_store_verify(tmp_path):
     real Nix from its own cache), checked by ``nix store verify`` and by ``storekeeper
     verify --sigs``: same untrusted paths, same words, same exit codes; then a signature
     added through each daemon (AddSignatures) makes it trusted for another key."""
-    from daemon_util import start_daemon, stop_process
     base = str(tmp_path)
     env = {**nix_env(base), "NIX_STORE_DIR": CS}
     cache = copy_cache(tmp_path, "nix28-file-xz", "cache")
@@ -355,9 +366,6 @@ def test_copy_log_into_our_daemon_like_into_nix_daemon(tmp_path):
     """``nix store copy-log --from file://CACHE --to unix://DAEMON DRV`` (AddBuildLog): both
     daemons keep the log where ``nix-store -l`` finds it (bzip2), the same bytes; a second
     copy keeps the first log, as Nix."""
-    import bz2
-
-    from daemon_util import start_daemon, stop_process
     base = str(tmp_path)
     env = nix_env(base)
     with open(os.path.join(env["NIX_CONF_DIR"], "nix.conf"), "a") as f:
@@ -396,14 +404,6 @@ def test_copy_log_into_our_daemon_like_into_nix_daemon(tmp_path):
 def test_local_build_substitutes_outputs_instead_of_building(tmp_path):
     """``storekeeper build DRV`` with no daemon: the output a cache has (signed by a trusted
     key) is downloaded, the builder (which would fail) never runs; as ``nix-store -r DRV``."""
-    import hashlib
-    import io
-
-    from storekeeper.formats.hashes import Hash
-    from storekeeper.formats.nar import dump_string
-    from storekeeper.formats.pathinfo import ValidPathInfo
-    from storekeeper.formats.url import LocalLayout
-    from storekeeper.store.local import LocalStore
     base = str(tmp_path)
     env = nix_env(base)
     (tmp_path / "d.nix").write_text(
@@ -467,8 +467,6 @@ def test_copy_from_honours_require_sigs_like_nix_copy(tmp_path):
 def test_local_cli_substitutes_over_http_with_the_narinfo_disk_cache(tmp_path):
     """From an http:// cache: the second substitution into a fresh store asks the server
     for no narinfo (the disk cache answers, positive TTL), for us as for nix-store -r."""
-    import http.server
-    import threading
     www = tmp_path / "www"
     shutil.copytree(os.path.join(VECTORS, "nix28-file-zstd"), www / "c")
     log: list[str] = []
@@ -509,8 +507,6 @@ def test_local_cli_substitutes_over_http_with_the_narinfo_disk_cache(tmp_path):
 def test_an_untrusted_user_cannot_add_signatures(shared_dir):
     """``nix store sign`` (AddSignatures) through each daemon as an unprivileged user:
     refused, with the real daemon's words, and no signature added."""
-    from daemon_util import start_daemon, stop_process
-    from realusers import needs_root_users, real_users
     if needs_root_users.args[0]:
         pytest.skip(needs_root_users.kwargs["reason"])
     cache = os.path.join(shared_dir, "cache")
