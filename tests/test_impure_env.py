@@ -21,7 +21,6 @@ from test_build import HELLO_SHA256, SYSTEM, area_factory, drv_expr  # noqa: F40
 from test_sandbox import BUSYBOX, add_drv
 
 from storekeeper.build import sandbox as sandbox_mod
-from storekeeper.config.settings import SettingError, client_may_set, lookup
 from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import WireWriter
 from storekeeper.store.local import LocalStore
@@ -149,14 +148,3 @@ def test_a_local_build_passes_the_invoking_environment(tmp_path):
     assert build("fixed-option", "--option", "impure-env", "SK_OTHER=from-the-option") == [
         "seen: imp=[from-the-invoker] other=[from-the-option]"]
     assert build("plain") == ["seen: imp=[unset] other=[unset]"]
-
-
-def test_impure_env_setting_parses_and_is_never_an_untrusted_clients():
-    setting, _ = lookup("impure-env")
-    assert setting is not None and setting.is_list
-    assert setting.parse("impure-env", " A=1 B= A=2 ") == (("A", "1"), ("B", ""), ("A", "2"))
-    with pytest.raises(SettingError, match="'B' is not of the form NAME=VALUE"):
-        setting.parse("impure-env", "A=1 B")
-    never = lambda name: ()  # noqa: E731
-    assert client_may_set("impure-env", "A=1", False, never, print) is None
-    assert client_may_set("impure-env", "A=1", True, never, print) == "A=1"
