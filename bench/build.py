@@ -56,23 +56,22 @@ in node {n - 1}
 """
 
 
-# The daemon forks a child per connection: profile in each child, dump at its _exit.
+# The daemon serves each connection in a forked (and possibly reused) process:
+# profile each connection and dump its stats when it ends.
 _PROFILED = """
-import cProfile, os, runpy, sys
+import cProfile, os, runpy, sys, time
 out = sys.argv[1]
-fork, exit_, prof = os.fork, os._exit, []
-def profiled_fork():
-    pid = fork()
-    if pid == 0:
-        prof[:] = [cProfile.Profile()]
-        prof[0].enable()
-    return pid
-def dumping_exit(code):
-    if prof:
-        prof[0].disable()
-        prof[0].dump_stats(f"{out}.{os.getpid()}")
-    exit_(code)
-os.fork, os._exit = profiled_fork, dumping_exit
+import storekeeper.daemon.server as server
+serve_one = server._serve_one
+def profiled(*a, **k):
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return serve_one(*a, **k)
+    finally:
+        prof.disable()
+        prof.dump_stats(f"{out}.{time.monotonic_ns()}")
+server._serve_one = profiled
 sys.argv = ["storekeeper.daemon", *sys.argv[2:]]
 runpy.run_module("storekeeper.daemon", run_name="__main__", alter_sys=True)
 """
@@ -85,10 +84,20 @@ def merge_profiles(out: str) -> None:
     if not parts:
         print("no profile was written")
         return
-    stats = pstats.Stats(*parts)
-    stats.dump_stats(out)
+    stats = None
     for p in parts:
+        try:  # (a child killed while dumping leaves a truncated file)
+            if stats is None:
+                stats = pstats.Stats(p)
+            else:
+                stats.add(p)
+        except (EOFError, ValueError, TypeError):
+            pass
         os.unlink(p)
+    if stats is None:
+        print("no readable profile was written")
+        return
+    stats.dump_stats(out)
     stats.sort_stats("cumulative").print_stats(40)
     stats.sort_stats("tottime").print_stats(25)
 

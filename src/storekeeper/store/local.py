@@ -21,8 +21,9 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
   synced (setting ``fsync-store-paths``): their files, directories and
   renames reach the disk before their rows can, so a crash or a forced
   read-only mount never leaves a valid path with missing or stale contents.
-  A few files are fsynced each; a bigger batch costs one ``syncfs``
-  (:func:`storekeeper.fs.atomic.sync_new_trees`).
+  A registration waits for one ``syncfs`` of the store's file system that
+  began after its files were written; concurrent registrations share one
+  (:class:`~storekeeper.store.durable.SyncCoordinator`).
 * **Nothing outside the store and state dirs is written.**
 """
 
@@ -46,11 +47,12 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath, check_name
 from ..formats.streams import Readable
 from ..fs import remove_tree
-from ..fs.atomic import sync_new_trees, write_new_file
+from ..fs.atomic import write_new_file
 from ..fs.crash import crash_point
 from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
 from . import policy
 from .canonicalise import canonicalise_paths
+from .durable import SyncCoordinator
 from .gc import GarbageCollector
 from .gcnotify import NotifyingTempRoots
 from .locks import PathLocks, lock_fd
@@ -93,6 +95,13 @@ class LocalStore(StoreReader):
                  settings: StoreSettings | None = None) -> None:
         super().__init__(layout, create, settings)
         self.db.busy_log = self._busy_warning
+        self.syncer = SyncCoordinator(self.real_store_dir, self.state_dir)
+
+    def close(self) -> None:
+        try:
+            self.syncer.close()
+        finally:
+            super().close()
 
     def _busy_warning(self, message: str) -> None:
         """The database's "waiting for another writer" line: to the daemon's client when
@@ -311,7 +320,7 @@ class LocalStore(StoreReader):
             self._pin_references(info.references - new, info.path)
         if infos and self.settings.fsync_store_paths:
             with naming(self.real_store_dir):
-                sync_new_trees([self.real_path(i.path) for i in infos], self.real_store_dir)
+                self.syncer.sync()
         crash_point("register.synced")
         with self.db.transaction():
             ids = {i.path: self.db.upsert_info(i) for i in infos}
