@@ -14,6 +14,7 @@ run.
 
     python3 bench/build.py --runs 3 --n 200
 
+``--no-fsync`` runs our daemon with ``fsync-store-paths = false``.
 ``--profile FILE`` profiles our daemon's connection processes (cProfile in
 each forked child, stats merged into FILE; the timings are then not
 comparable) and prints the top functions.
@@ -103,12 +104,13 @@ def merge_profiles(out: str) -> None:
 
 
 class Daemon:
-    def __init__(self, kind: str, base: str, env: dict[str, str], profile: str | None) -> None:
+    def __init__(self, kind: str, base: str, env: dict[str, str], profile: str | None,
+                 extra_conf: str = "") -> None:
         self.kind, self.base = kind, base
         for d in ("store", "state", "log", "etc"):
             os.makedirs(os.path.join(base, d), exist_ok=True)
         with open(os.path.join(base, "etc", "nix.conf"), "w") as f:
-            f.write("substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = 2\n")
+            f.write("substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = 2\n" + extra_conf)
         self.sock = os.path.join(base, "sock")
         self.env = dict(env, NIX_CONF_DIR=os.path.join(base, "etc"),
                         NIX_STORE_DIR=os.path.join(base, "store"),
@@ -174,7 +176,8 @@ def one_run(i: int, scratch: str, env: dict[str, str], args) -> dict[str, dict[s
     outs = {}
     for kind in order:
         d = Daemon(kind, os.path.join(scratch, f"{kind}-{i}"), env,
-                   args.profile if kind == "storekeeper" else None)
+                   args.profile if kind == "storekeeper" else None,
+                   "fsync-store-paths = false\n" if kind == "storekeeper" and args.no_fsync else "")
         try:
             t_inst, drv = d.run("nix-instantiate", expr)
             t_build, out = d.run("nix-store", "-r", drv)
@@ -200,6 +203,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=4, help="a leaf for every EVERY-th node")
     ap.add_argument("--profile", metavar="FILE", help="cProfile our daemon into FILE")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="our daemon with fsync-store-paths = false (Nix 2.8 syncs nothing)")
     args = ap.parse_args()
     # world-traversable: builders may run as other users
     scratch = tempfile.mkdtemp(prefix="sk-bench-build-", dir="/tmp")

@@ -39,6 +39,7 @@ from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
 from .sandbox import Sandbox
 from .settings import BuildSettings
+from .spawner import SpawnedBuilder, Spawner
 from .users import BuildUser
 
 
@@ -47,7 +48,7 @@ class Run:
     """One builder process and what belongs to it until it is reaped."""
 
     goal: DrvGoal
-    proc: subprocess.Popen | None
+    proc: subprocess.Popen | SpawnedBuilder | None
     fd: int | None
     locks: PathLocks
     user: BuildUser | None
@@ -166,6 +167,8 @@ def wait_with_times(proc) -> tuple[int, tuple[int | None, int | None]]:
     waited-for descendants included), or (None, None) when they cannot be had."""
     if proc is None:
         return 1, (None, None)
+    if isinstance(proc, SpawnedBuilder):
+        return proc.wait_with_times()
     if proc.returncode is None:
         try:
             _, st, ru = os.wait4(proc.pid, 0)
@@ -246,9 +249,11 @@ def _store_dir_for(store, user: BuildUser) -> None:
 
 
 def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
-                  filter_syscalls: bool) -> None:
+                  filter_syscalls: bool, spawner: Spawner | None = None) -> None:
     """Start ``builder`` for ``run`` (module docstring).  A builder that cannot be
-    executed is, as in Nix, a log line and exit status 1 (``run.exec_error``)."""
+    executed is, as in Nix, a log line and exit status 1 (``run.exec_error``).
+    Confined builders start through ``spawner`` when it can be had (:mod:`.spawner`
+    says why)."""
     rfd, wfd = os.pipe()
     run.fd = rfd
     os.set_blocking(rfd, False)
@@ -281,6 +286,11 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
             if preexec is None:
                 argv, spec_fd = confine.confined_argv(program, argv, env, confine.host_filter())
                 executable, child_env, pass_fds = None, {}, (spec_fd,)
+            elif spawner is not None and spawner.start(preexec):
+                run.proc = spawner.spawn(wfd, args=argv, executable=executable, env=child_env,
+                                         user=uid, group=gid, extra_groups=groups,
+                                         cwd=run.tmpdir, umask=0o022)
+                return
         run.proc = subprocess.Popen(
             argv, executable=executable, env=child_env, pass_fds=pass_fds,
             user=uid, group=gid, extra_groups=groups, preexec_fn=preexec,

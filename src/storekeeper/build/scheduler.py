@@ -70,6 +70,7 @@ class Builder:
         self._cancelled = False
         self._expected = self._done = self._failed = 0
         self._acts = Activities(self.logger)
+        self._spawner = process.Spawner()  # (started by the first confined builder)
 
     # --- public entry points --------------------------------------------------
 
@@ -179,6 +180,7 @@ class Builder:
                     self._reap(run, cancelled=True)
                 except Exception:  # noqa: BLE001 -- the first error is already on its way up
                     pass
+            self._spawner.close()
 
     def _has_waiters(self) -> bool:
         return any(g.ready and not g.done and g.waiting_note for g in self.goals.drvs.values())
@@ -392,7 +394,7 @@ class Builder:
             run.json_log = json_log
             self._running.append(run)
             self._progress()
-            process.start_builder(run, drv.builder, args, env, st.filter_syscalls)
+            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._spawner)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
