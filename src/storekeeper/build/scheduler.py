@@ -71,6 +71,7 @@ class Builder:
         self._expected = self._done = self._failed = 0
         self._acts = Activities(self.logger)
         self._spawner = process.Spawner()  # (started by the first confined builder)
+        self._trash = process.Trash()
 
     # --- public entry points --------------------------------------------------
 
@@ -156,6 +157,7 @@ class Builder:
                     self._cancel_rest()
                     continue
                 changed = self._start_ready()
+                self._trash.empty()  # (while the new builders run)
                 if self._running:
                     self._wait(self.POLL if self._has_waiters()
                                else process.next_deadline(self._running, self.settings))
@@ -181,6 +183,7 @@ class Builder:
                 except Exception:  # noqa: BLE001 -- the first error is already on its way up
                     pass
             self._spawner.close()
+            self._trash.empty()
 
     def _has_waiters(self) -> bool:
         return any(g.ready and not g.done and g.waiting_note for g in self.goals.drvs.values())
@@ -502,7 +505,8 @@ class Builder:
             self._finish(g, result, quiet=cancelled)
         finally:
             try:
-                process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger)
+                process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger,
+                                 self._trash)
             finally:
                 if run.json_log is not None:
                     run.json_log.close()

@@ -229,6 +229,8 @@ class LocalStore(StoreReader):
                              ca=ContentAddress(TEXT, content_hash).render())
         if not self.read_only:
             self.auto_gc(len(text))
+        if sp.is_derivation:
+            self._remember_drv(sp, text)  # (registration checks it: no reading it back)
         # synced with the rest of the batch at registration (fsync-store-paths), not
         # one fsync per .drv: that was 2/3 of nix-instantiate's time (bench/build.py)
         return self._install(info, lambda real: write_new_file(real, text, 0o444, sync=False),
@@ -337,7 +339,8 @@ class LocalStore(StoreReader):
                     for name, out in drv.outputs.items():
                         if out.path:
                             self.db.add_derivation_output(ids[info.path], name, out.path)
-            self.topo_sort(new)  # raises on a cycle, rolling everything back
+            if len(new) > 1:  # (one path cannot make a cycle: its self-reference is allowed)
+                self.topo_sort(new)  # raises on a cycle, rolling everything back
             crash_point("register.written")
 
     def _check_drv_outputs(self, drv_path: StorePath, drv) -> None:
@@ -351,6 +354,19 @@ class LocalStore(StoreReader):
             check_derivation_outputs(self.print_path(drv_path), drv, self.store_dir, read, cache)
         except FormatError as e:
             raise StoreError(str(e)) from None
+
+    def _remember_drv(self, drv: StorePath, text: bytes) -> None:
+        """Cache the parse of a ``.drv`` being added from memory (if it parses: if not,
+        registration reads the file and says why)."""
+        cache = self.__dict__.setdefault("_drv_cache", {})
+        if drv not in cache:
+            try:
+                parsed = parse_derivation(text, self.store_dir)
+            except FormatError:
+                return
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[drv] = parsed
 
     def _read_drv_file(self, drv: StorePath):
         """The parsed ``.drv``, read once per store object: a ``.drv``'s path is its
