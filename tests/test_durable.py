@@ -18,24 +18,44 @@ from storekeeper.store.local import LocalStore
 from storekeeper.store.settings import StoreSettings
 
 
-def test_every_registration_syncs_before_its_rows_exist(tmp_path, monkeypatch):
-    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
-    seen: list[tuple[str, bool]] = []
-    real_sync = store.syncer.sync
+def _rows(store: LocalStore) -> int:
+    return store.db.conn.execute("select count(*) from ValidPaths").fetchone()[0]
 
-    def watching_sync() -> None:
-        # the rows of the path being added must not be there (not even uncommitted)
-        rows = store.db.conn.execute("select count(*) from ValidPaths").fetchone()[0]
-        seen.append(("sync", rows))
-        real_sync()
-    monkeypatch.setattr(store.syncer, "sync", watching_sync)
+
+def test_a_small_path_is_fsynced_file_by_file_before_its_row_exists(tmp_path, monkeypatch):
+    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def watching_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), _rows(store)))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", watching_fsync)
+    monkeypatch.setattr(durable, "sync_filesystem", lambda p: pytest.fail("no syncfs for 3 entries"))
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "f").write_bytes(b"data\n")
+    info = store.add_path(str(src))
+    real = store.real_path(info.path)
+    assert {p for p, _ in synced} == {real, f"{real}/sub", f"{real}/sub/f", store.real_store_dir}
+    assert {rows for _, rows in synced} == {0}  # all before the row was written
+    assert _rows(store) == 1
+    store.close()
+
+
+def test_a_big_batch_waits_for_a_syncfs_before_its_row_exists(tmp_path, monkeypatch):
+    store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")))
+    seen: list[int] = []
+    real = durable.sync_filesystem
+    monkeypatch.setattr(durable, "sync_filesystem", lambda p: (seen.append(_rows(store)), real(p)))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(70):
+        (src / f"f{i}").write_bytes(b"%d\n" % i)
     store.add_path(str(src))
-    store.add_text("t", b"text")
-    assert seen == [("sync", 0), ("sync", 1)]
-    assert store.db.conn.execute("select count(*) from ValidPaths").fetchone()[0] == 2
+    store.add_text("t", b"text")  # (small: fsynced, no syncfs)
+    assert seen == [0]
+    assert _rows(store) == 2
     store.close()
 
 
@@ -43,7 +63,7 @@ def test_without_fsync_store_paths_nothing_is_synced(tmp_path, monkeypatch):
     settings = StoreSettings().with_settings([("fsync-store-paths", "false")])
     store = LocalStore(LocalLayout.chroot(str(tmp_path / "root")), settings=settings)
     calls = []
-    monkeypatch.setattr(store.syncer, "sync", lambda: calls.append(1))
+    monkeypatch.setattr(store.syncer, "sync_new", lambda paths: calls.append(1))
     store.add_text("t", b"text")
     assert calls == []
     store.close()

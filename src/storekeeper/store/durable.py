@@ -1,13 +1,16 @@
-"""Group commit of the syncs that make new store paths durable before they are registered.
+"""Syncing new store paths before they are registered, sharing the ``syncfs`` of big batches.
 
 A registration must not commit its rows before the new paths' files, directories
-and renames are on disk (LocalStore's "registration is durable").  One
-``syncfs`` of the store's file system does that for every path written so far,
-at the cost of one journal commit, where an ``fsync`` per file and per directory
-costs a commit or a cache flush each.  Registrations that happen at the same time
-(several daemon connections, parallel builds, several local processes) need not
-each pay for one: a ``syncfs`` that *began after* a registration's writes covers
-them, whoever called it.
+and renames are on disk (LocalStore's "registration is durable").  A few
+entries are fsynced one by one, then the store dir: that waits for nothing but
+them (measured at load 11 on this 2-CPU machine: 2.0 ms for a new file and its
+directory, 3.5 ms median and 7.4 ms mean for a ``syncfs``, which also writes
+back every other process's dirty data; quiet: 0.55 vs 0.37 ms).  A bigger batch
+costs one ``syncfs``, and registrations that happen at the same time (several
+daemon connections, parallel builds, local processes) need not each pay for
+one: a ``syncfs`` that *began after* a registration's writes covers them,
+whoever called it.  (Concurrent small fsyncs are grouped by the file system's
+journal itself.)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import struct
 import threading
 
-from ..fs.atomic import sync_filesystem
+from ..fs.atomic import sync_filesystem, sync_new_trees
 from .locks import lock_fd, open_lock_file, unlock_fd
 
 _GEN = struct.Struct("<QQ")  # next generation to start, last generation completed
@@ -83,6 +86,12 @@ class SyncCoordinator:
                 return nxt, done
             finally:
                 unlock_fd(gen_fd)
+
+    def sync_new(self, paths: list[str]) -> None:
+        """Make the new trees ``paths`` (in the store dir) durable: one by one if they
+        are small (:func:`~storekeeper.fs.atomic.sync_new_trees`), else by a shared
+        :meth:`sync`."""
+        sync_new_trees(paths, self.real_store_dir, self.sync)
 
     def sync(self) -> None:
         """Return once everything written before this call is durable (class docstring)."""

@@ -21,8 +21,8 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
   synced (setting ``fsync-store-paths``): their files, directories and
   renames reach the disk before their rows can, so a crash or a forced
   read-only mount never leaves a valid path with missing or stale contents.
-  A registration waits for one ``syncfs`` of the store's file system that
-  began after its files were written; concurrent registrations share one
+  A few files are fsynced each; a bigger batch waits for one ``syncfs`` that
+  began after its files were written, which concurrent registrations share
   (:class:`~storekeeper.store.durable.SyncCoordinator`).
 * **Nothing outside the store and state dirs is written.**
 """
@@ -322,7 +322,7 @@ class LocalStore(StoreReader):
             self._pin_references(info.references - new, info.path)
         if infos and self.settings.fsync_store_paths:
             with naming(self.real_store_dir):
-                self.syncer.sync()
+                self.syncer.sync_new([self.real_path(i.path) for i in infos])
         crash_point("register.synced")
         with self.db.transaction():
             ids = {i.path: self.db.upsert_info(i) for i in infos}
