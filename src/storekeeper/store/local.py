@@ -29,6 +29,7 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import sys
@@ -248,6 +249,13 @@ class LocalStore(StoreReader):
             if len(head) <= _TEXT_IN_MEMORY:
                 return self.add_text(name, head, refs, repair)
             stream = _Prefixed(head, stream)
+        if method == RECURSIVE and algo == "sha256":
+            # a small NAR (nix-store --add of a file, say) is hashed in memory and
+            # restored at its final name: no scratch dir to make, rename and remove
+            head = _read_up_to(stream, _TEXT_IN_MEMORY + 1)
+            if len(head) <= _TEXT_IN_MEMORY:
+                return self._add_small_nar(head, name, refs, repair)
+            stream = _Prefixed(head, stream)
         with self._temp_dir() as tmp:
             staged = os.path.join(tmp, "x")
             if method == RECURSIVE:
@@ -262,6 +270,30 @@ class LocalStore(StoreReader):
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
             return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def _add_small_nar(self, nar: bytes, name: str, refs: frozenset[StorePath],
+                       repair: bool) -> ValidPathInfo:
+        reader = io.BytesIO(nar)
+        try:
+            narfmt.read_nar(reader, narfmt.NullSink())  # (a bad one: nothing made)
+        except narfmt.NarError as e:
+            raise BadArchive(str(e)) from None
+        nar = nar[:reader.tell()]  # (bytes after it are not the NAR's, as when streamed)
+        nar_hash = Hash.of("sha256", nar)
+        ca = ContentAddress(RECURSIVE, nar_hash)
+        sp = ca.store_path(self.store_dir, name, refs)
+        info = ValidPathInfo(sp, nar_hash, len(nar), refs, ca=ca.render())
+        if not self.read_only:
+            self.auto_gc(len(nar))
+
+        def restore(real: str) -> None:
+            try:
+                _restore_checked(io.BytesIO(nar), real)
+            except BaseException:
+                if os.path.lexists(real):
+                    remove_tree(real)  # (never a partial tree at a path's final name)
+                raise
+        return self._install(info, restore, repair)
 
     def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
                 check_sigs: bool = False) -> ValidPathInfo:
