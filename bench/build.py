@@ -94,7 +94,8 @@ def merge_profiles(out: str) -> None:
                 stats.add(p)
         except (EOFError, ValueError, TypeError):
             pass
-        os.unlink(p)
+        if not os.environ.get("KEEP_PROFILE_PARTS"):
+            os.unlink(p)
     if stats is None:
         print("no readable profile was written")
         return
