@@ -189,7 +189,7 @@ class LocalStore(StoreReader):
                 if self.settings.auto_optimise_store:
                     optimise_path(self, sp, set())  # empty inode set, as Nix does
                 crash_point("add.canonical")
-                self.register_valid_paths([info])
+                self.register_valid_paths([info], references_pinned=True)
                 crash_point("register.committed")
             except BaseException:
                 # never leave unregistered files at a path's final name
@@ -345,12 +345,14 @@ class LocalStore(StoreReader):
         if h != ca.hash or expected != info.path:
             raise BadArchive(_mismatch("ca hash", where, ca.hash.typed("nix32"), h.typed("nix32")))
 
-    def register_valid_paths(self, infos: Iterable[ValidPathInfo]) -> None:
-        """Register paths whose files are complete and canonical, in one transaction."""
+    def register_valid_paths(self, infos: Iterable[ValidPathInfo],
+                             references_pinned: bool = False) -> None:
+        """Register paths whose files are complete and canonical, in one transaction
+        (``references_pinned``: the caller pinned and checked every reference)."""
         infos = list(infos)
         self._check_writable()
         new = {i.path for i in infos}
-        for info in infos:
+        for info in infos if not references_pinned else ():
             self._pin_references(info.references - new, info.path)
         if infos and self.settings.fsync_store_paths:
             with naming(self.real_store_dir):
