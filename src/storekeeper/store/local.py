@@ -354,7 +354,12 @@ class LocalStore(StoreReader):
         new = {i.path for i in infos}
         for info in infos if not references_pinned else ():
             self._pin_references(info.references - new, info.path)
+        drvs = {i.path: self._read_drv_file(i.path) for i in infos if i.path.is_derivation}
+        for path, drv in drvs.items():
+            self._check_drv_outputs(path, drv)  # (before the sync: a bad one costs none)
         if infos and self.settings.fsync_store_paths:
+            # (overlapping this sync with the output check in a thread was slower at
+            # load 23 on 2 CPUs: 3.6 vs 2.7 s for 250 .drv files)
             with naming(self.real_store_dir):
                 self.syncer.sync_new([self.real_path(i.path) for i in infos])
         crash_point("register.synced")
@@ -366,13 +371,10 @@ class LocalStore(StoreReader):
                     if ref_id is None:
                         raise InvalidPath(f"path '{self.print_path(ref)}' is not valid")
                     self.db.add_reference(ids[info.path], ref_id)
-            for info in infos:
-                if info.path.is_derivation:
-                    drv = self._read_drv_file(info.path)
-                    self._check_drv_outputs(info.path, drv)
-                    for name, out in drv.outputs.items():
-                        if out.path:
-                            self.db.add_derivation_output(ids[info.path], name, out.path)
+            for path, drv in drvs.items():
+                for name, out in drv.outputs.items():
+                    if out.path:
+                        self.db.add_derivation_output(ids[path], name, out.path)
             if len(new) > 1:  # (one path cannot make a cycle: its self-reference is allowed)
                 self.topo_sort(new)  # raises on a cycle, rolling everything back
             crash_point("register.written")
