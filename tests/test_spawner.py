@@ -11,8 +11,20 @@ import threading
 
 import pytest
 
-from storekeeper.build import confine
+from storekeeper.build import Builder, BuildSettings, BuildStatus, confine
 from storekeeper.build.spawner import Spawner
+from storekeeper.config.settings import this_system
+from storekeeper.formats.derivation import (
+    Derivation,
+    DerivationOutput,
+    fill_output_paths,
+    print_derivation,
+)
+from storekeeper.formats.url import LocalLayout
+from storekeeper.formats.wire import DerivedPath
+from storekeeper.store.local import LocalStore
+
+SYSTEM = this_system()
 
 
 def _confiner():
@@ -93,3 +105,42 @@ def test_a_spawner_that_cannot_confine_itself_is_not_used(tmp_path):
     sp.close()
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_a_chain_built_in_process_is_confined_and_leaves_no_build_dir(tmp_path, monkeypatch):
+    """Through the Builder (a single-threaded process: the spawner's path): every builder
+    runs under NO_NEW_PRIVS, no build dir is left and no child process either."""
+    _confiner()
+    spawned: list[int] = []
+    spawn = Spawner.spawn
+    monkeypatch.setattr(Spawner, "spawn", lambda self, fd, **kw: (spawned.append(1), spawn(self, fd, **kw))[1])
+    base = str(tmp_path)
+    store = LocalStore(LocalLayout.custom(base + "/store", base + "/state", base + "/log"))
+    os.mkdir(base + "/b")
+    try:
+        sd = store.store_dir
+        drvs: dict[str, Derivation] = {}
+        path = out = None
+        for i in range(3):
+            script = "PATH=/bin:/usr/bin; grep NoNewPrivs /proc/self/status > $out" + (
+                f"; cat {out} >> $out" if out else "")
+            inputs = {sd.print(path): frozenset({"out"})} if path else {}
+            drv = fill_output_paths(Derivation(
+                outputs={"out": DerivationOutput()}, platform=SYSTEM, builder="/bin/sh",
+                args=["-c", script], input_drvs=inputs,
+                env={"builder": "/bin/sh", "name": f"n{i}", "system": SYSTEM}), sd, drvs.__getitem__)
+            path = store.add_text(f"n{i}.drv", print_derivation(drv), [path] if path else []).path
+            drvs[sd.print(path)] = drv
+            out = drv.outputs["out"].path
+        settings = BuildSettings(build_users_group="", sandbox="false", build_dir=base + "/b",
+                                 max_jobs=2)
+        [r] = Builder(store, settings).build([DerivedPath(path, frozenset({"out"}))])
+        assert r.status == BuildStatus.BUILT, r.error_msg
+        with open(out) as f:  # (a custom store: logical and real paths are the same)
+            assert f.read().split() == ["NoNewPrivs:", "1"] * 3
+        assert len(spawned) == 3  # (all through the spawner)
+        assert os.listdir(base + "/b") == []
+        with pytest.raises(ChildProcessError):
+            os.waitpid(-1, os.WNOHANG)
+    finally:
+        store.close()
