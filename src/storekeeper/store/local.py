@@ -43,19 +43,28 @@ from ..formats import nar as narfmt
 from ..formats.contentaddress import FLAT, RECURSIVE, TEXT, ContentAddress
 from ..formats.derivation import check_derivation_outputs, parse_derivation
 from ..formats.errors import FormatError
-from ..formats.hashes import Hash, new_hasher
+from ..formats.hashes import Hash
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath, check_name
 from ..formats.streams import Readable
 from ..fs import remove_tree
 from ..fs.atomic import write_new_file
 from ..fs.crash import crash_point
-from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
+from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path
 from . import policy
 from .canonicalise import canonicalise_paths
 from .durable import SyncCoordinator
 from .gc import GarbageCollector
 from .gcnotify import NotifyingTempRoots
+from .incoming import (
+    IN_MEMORY_MAX,
+    Prefixed,
+    copy_stream_hashing,
+    hash_file,
+    mismatch,
+    read_up_to,
+    restore_checked,
+)
 from .locks import PathLocks, lock_fd
 from .optimise import optimise_path
 from .reader import StoreReader
@@ -68,12 +77,6 @@ if TYPE_CHECKING:
     from .settings import StoreSettings
 
 TEMP_DIR_PREFIX = "tmp-sk-"
-
-
-def _mismatch(what: str, where: str, specified: object, got: object) -> str:
-    """Nix's words for a NAR that does not match its metadata (scripts and users know
-    them from nix-daemon): the values on lines of their own, aligned."""
-    return f"{what} mismatch {where};\n  specified: {specified}\n  got:       {got}"
 
 
 class LocalStore(StoreReader):
@@ -213,7 +216,7 @@ class LocalStore(StoreReader):
                 ca_hash = nar_hash if algo == "sha256" else nar_hash_path(staged, algo)[0]
                 ca = ContentAddress(RECURSIVE, ca_hash)
             else:
-                ca = ContentAddress(FLAT, _hash_file(staged, algo))
+                ca = ContentAddress(FLAT, hash_file(staged, algo))
             refs = frozenset(references)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
@@ -245,26 +248,26 @@ class LocalStore(StoreReader):
         if method == TEXT:
             # .drv files and builtins.toFile: small, kept in memory (as Nix does), no
             # scratch dir; a big one is staged like any other dump
-            head = _read_up_to(stream, _TEXT_IN_MEMORY + 1)
-            if len(head) <= _TEXT_IN_MEMORY:
+            head = read_up_to(stream, IN_MEMORY_MAX + 1)
+            if len(head) <= IN_MEMORY_MAX:
                 return self.add_text(name, head, refs, repair)
-            stream = _Prefixed(head, stream)
+            stream = Prefixed(head, stream)
         if method == RECURSIVE and algo == "sha256":
             # a small NAR (nix-store --add of a file, say) is hashed in memory and
             # restored at its final name: no scratch dir to make, rename and remove
-            head = _read_up_to(stream, _TEXT_IN_MEMORY + 1)
-            if len(head) <= _TEXT_IN_MEMORY:
+            head = read_up_to(stream, IN_MEMORY_MAX + 1)
+            if len(head) <= IN_MEMORY_MAX:
                 return self._add_small_nar(head, name, refs, repair)
-            stream = _Prefixed(head, stream)
+            stream = Prefixed(head, stream)
         with self._temp_dir() as tmp:
             staged = os.path.join(tmp, "x")
             if method == RECURSIVE:
                 reader = narfmt.HashingReader(stream, "sha256")
-                _restore_checked(reader, staged)
+                restore_checked(reader, staged)
                 nar_hash, nar_size = reader.hash(), reader.size
                 ca_hash = nar_hash if algo == "sha256" else nar_hash_path(staged, algo)[0]
             else:
-                ca_hash = _copy_stream_hashing(stream, staged, algo)
+                ca_hash = copy_stream_hashing(stream, staged, algo)
                 nar_hash, nar_size = nar_hash_path(staged)
             ca = ContentAddress(method, ca_hash)
             sp = ca.store_path(self.store_dir, name, refs)
@@ -288,7 +291,7 @@ class LocalStore(StoreReader):
 
         def restore(real: str) -> None:
             try:
-                _restore_checked(io.BytesIO(nar), real)
+                restore_checked(io.BytesIO(nar), real)
             except BaseException:
                 if os.path.lexists(real):
                     remove_tree(real)  # (never a partial tree at a path's final name)
@@ -312,13 +315,13 @@ class LocalStore(StoreReader):
         with self._temp_dir(info.nar_size) as tmp:
             staged = os.path.join(tmp, "x")
             reader = narfmt.HashingReader(stream, info.nar_hash.algo)
-            _restore_checked(reader, staged)
+            restore_checked(reader, staged)
             got = reader.hash()
             where = f"importing path '{self.print_path(info.path)}'"
             if got != info.nar_hash:
-                raise BadArchive(_mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
+                raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
             if info.nar_size and reader.size != info.nar_size:
-                raise BadArchive(_mismatch("size", where, info.nar_size, reader.size))
+                raise BadArchive(mismatch("size", where, info.nar_size, reader.size))
             if info.ca:
                 self._check_ca(info, staged, where)
             if info.nar_hash.algo != "sha256":
@@ -335,7 +338,7 @@ class LocalStore(StoreReader):
         if ca.method == RECURSIVE:
             h = nar_hash_path(staged, ca.hash.algo)[0]
         else:
-            h = _hash_file(staged, ca.hash.algo)
+            h = hash_file(staged, ca.hash.algo)
         self_ref = info.path in info.references
         refs = info.references - {info.path}
         try:
@@ -343,7 +346,7 @@ class LocalStore(StoreReader):
         except FormatError as e:
             raise BadArchive(f"{where}: {e}") from None
         if h != ca.hash or expected != info.path:
-            raise BadArchive(_mismatch("ca hash", where, ca.hash.typed("nix32"), h.typed("nix32")))
+            raise BadArchive(mismatch("ca hash", where, ca.hash.typed("nix32"), h.typed("nix32")))
 
     def register_valid_paths(self, infos: Iterable[ValidPathInfo],
                              references_pinned: bool = False) -> None:
@@ -522,56 +525,3 @@ class LocalStore(StoreReader):
                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """``nix-store --verify``: every valid path exists, (optionally) with its recorded content."""
         return verify_store(self, check_contents, repair, progress)
-
-
-# --- helpers ------------------------------------------------------------------
-
-def _hash_file(path: str, algo: str) -> Hash:
-    h = new_hasher(algo)
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return Hash(algo, h.digest())
-
-
-#: text dumps up to this size are added from memory
-_TEXT_IN_MEMORY = 1 << 20
-
-
-def _read_up_to(stream: Readable, n: int) -> bytes:
-    parts, left = [], n
-    while left > 0 and (chunk := stream.read(min(left, 1 << 16))):
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
-
-
-class _Prefixed:
-    """``head``, then the rest of ``stream``."""
-
-    def __init__(self, head: bytes, stream: Readable) -> None:
-        self._head, self._stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            data = self._head if n < 0 else self._head[:n]
-            self._head = self._head[len(data):]
-            return data
-        return self._stream.read(n)
-
-
-def _copy_stream_hashing(stream: Readable, dest: str, algo: str) -> Hash:
-    h = new_hasher(algo)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with open(fd, "wb") as f:
-        while chunk := stream.read(1 << 20):
-            h.update(chunk)
-            f.write(chunk)
-    return Hash(algo, h.digest())
-
-
-def _restore_checked(reader: Readable, dest: str) -> None:
-    try:
-        restore_nar(reader, dest)
-    except narfmt.NarError as e:
-        raise BadArchive(str(e)) from None
