@@ -12,8 +12,11 @@ Invariants this class keeps (on top of those of :class:`StoreDB`,
 * **A valid path is complete and canonical.**  New content is written under a
   temp dir inside the store (``tmp-sk-<pid>-<rand>``, mode 0700, ``flock``-ed
   while in use), canonicalised, then renamed into place under the path's
-  ``.lock``, and only then registered.  A crash leaves at worst an unregistered
-  directory, which the GC removes; never a valid path with missing files.
+  ``.lock``, and only then registered; a small dump already checked and hashed
+  in memory (a text file, a NAR up to 1 MiB) is written straight at its final
+  name under that lock, and removed there if writing it fails.  A crash leaves
+  at worst an unregistered path, which the GC removes (and the next add of it
+  replaces, under the lock); never a valid path with missing files.
 * **Registration is atomic.**  A path's row, its references and its
   ``DerivationOutputs`` go into the DB in one transaction, after every
   reference has been pinned and found valid.
