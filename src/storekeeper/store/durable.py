@@ -28,9 +28,12 @@ _GEN = struct.Struct("<QQ")  # next generation to start, last generation complet
 class SyncCoordinator:
     """Shares ``syncfs`` calls between the registrations of one store.
 
-    Invariant: :meth:`sync` returns only once a ``syncfs`` of the store's file
-    system that began after :meth:`sync` was called has completed without error
-    (so every write the caller finished before calling it is durable).
+    Invariants: :meth:`sync_new` returns only once the new trees it is given are
+    durable (their files, directories and entries in the store dir: fsynced one
+    by one, or by :meth:`sync`); :meth:`sync` returns only once a ``syncfs`` of
+    the store's file system that began after :meth:`sync` was called has
+    completed without error (so every write the caller finished before calling
+    it is durable).  Either raises if a sync fails: the caller registers nothing.
 
     How, across processes and threads: every ``syncfs`` gets a generation
     number.  ``<state>/storekeeper/sync.gen`` holds two counters, the next
