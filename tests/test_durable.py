@@ -126,9 +126,10 @@ from storekeeper.store import durable
 def fake(path):
     with open(sys.argv[2], "a") as f:
         f.write("s\\n")
-    time.sleep(0.2)
+    time.sleep(0.5)
 durable.sync_filesystem = fake
 c = durable.SyncCoordinator(sys.argv[1], sys.argv[1] + "/state")
+print("ready", flush=True)
 sys.stdin.read(1)
 c.sync()
 """
@@ -140,8 +141,9 @@ def test_processes_share_syncs(tmp_path):
     syncfs (one may have begun before some of them arrived), not 6."""
     log = tmp_path / "log"
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), str(log)],
-                              stdin=subprocess.PIPE) for _ in range(6)]
-    time.sleep(1.0)  # (all imported and waiting)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(6)]
+    for p in procs:
+        assert p.stdout.readline() == b"ready\n"  # (all imported and waiting)
     for p in procs:
         p.stdin.write(b"x")
         p.stdin.close()
