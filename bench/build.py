@@ -15,8 +15,9 @@ run.
     python3 bench/build.py --runs 3 --n 200
 
 ``--no-fsync`` runs our daemon with ``fsync-store-paths = false``.
-``--profile FILE`` profiles our daemon's connection processes (cProfile in
-each forked child, stats merged into FILE; the timings are then not
+``--profile FILE`` profiles our daemon's connections (cProfile around each
+connection, in whichever process serves it; stats merged into FILE, the parts
+kept as ``FILE.<n>`` with ``KEEP_PROFILE_PARTS=1``; the timings are then not
 comparable) and prints the top functions.
 """
 
