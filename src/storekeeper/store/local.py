@@ -48,7 +48,7 @@ from ..formats.streams import Readable
 from ..fs import remove_tree
 from ..fs.atomic import sync_new_trees, write_new_file
 from ..fs.crash import crash_point
-from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path, restore_nar
+from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path
 from . import policy
 from .canonicalise import canonicalise_paths
 from .gc import GarbageCollector
@@ -58,20 +58,14 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .signing import check_trusted
+from .staging import TEMP_DIR_PREFIX, StagedNar, install_staged, stage_nar
+from .staging import mismatch as _mismatch
+from .staging import restore_checked as _restore_checked
 from .verify import verify_store
 
 if TYPE_CHECKING:
     from ..formats.url import LocalLayout
     from .settings import StoreSettings
-
-TEMP_DIR_PREFIX = "tmp-sk-"
-
-
-def _mismatch(what: str, where: str, specified: object, got: object) -> str:
-    """Nix's words for a NAR that does not match its metadata (scripts and users know
-    them from nix-daemon): the values on lines of their own, aligned."""
-    return f"{what} mismatch {where};\n  specified: {specified}\n  got:       {got}"
-
 
 class LocalStore(StoreReader):
     """A local Nix store (see module docstring for the invariants it keeps).
@@ -283,6 +277,15 @@ class LocalStore(StoreReader):
                 info = info.with_(nar_hash=h)
             info = info.with_(nar_size=reader.size)
             return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def stage_nar(self, info: ValidPathInfo, stream: Readable) -> StagedNar:
+        """``add_nar``'s unpacking and checks, in a scratch dir; any thread (:mod:`.staging`)."""
+        self._check_writable()
+        return stage_nar(self, info, stream)
+
+    def add_staged(self, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
+        """Install and register staged paths as one batch (:mod:`.staging`)."""
+        return install_staged(self, items)
 
     def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:
         try:
@@ -508,9 +511,3 @@ def _copy_stream_hashing(stream: Readable, dest: str, algo: str) -> Hash:
             f.write(chunk)
     return Hash(algo, h.digest())
 
-
-def _restore_checked(reader: Readable, dest: str) -> None:
-    try:
-        restore_nar(reader, dest)
-    except narfmt.NarError as e:
-        raise BadArchive(str(e)) from None

@@ -110,7 +110,8 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             result = copy_from_cache(cache, store, paths, trusted_keys(args),
                                      check_sigs=not args.no_check_sigs,
                                      store_checks_sigs=not local and not args.no_check_sigs,
-                                     log=log, progress=progress)
+                                     log=log, progress=progress,
+                                     jobs=args.jobs or (8 if local else 1))
     finally:
         bar.close()
         cache.close()
