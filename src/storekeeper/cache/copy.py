@@ -87,13 +87,15 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
             queue = deque(todo)
             try:
                 while queue or futures:
-                    while queue and len(futures) < 2 * jobs:
+                    while queue and len(futures) < BATCH + 2 * jobs:
                         p = queue.popleft()
                         futures.append(pool.submit(prepare_and_upload, p, store.dump_path(p)))
                     batch.append(futures.popleft().result())
-                    while futures and futures[0].done() and len(batch) < BATCH:
+                    while futures and futures[0].done():
                         batch.append(futures.popleft().result())
-                    flush()
+                    # one barrier per BATCH narinfos; the workers go on meanwhile
+                    if len(batch) >= BATCH or not (queue or futures):
+                        flush()
             except BaseException:
                 for f in futures:
                     f.cancel()
