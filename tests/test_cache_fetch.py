@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from storekeeper.build.substitute import Substituters, SubstituteSettings
 from storekeeper.build.logger import NullLogger
+from storekeeper.build.substitute import Substituters, SubstituteSettings
 from storekeeper.cache import open_cache
 from storekeeper.cache.copy import copy_from_cache, copy_to_cache
 from storekeeper.cache.fetch import Job, fetch_all
@@ -22,7 +22,6 @@ from storekeeper.formats.storepath import StorePath
 from storekeeper.formats.url import LocalLayout
 from storekeeper.store.local import LocalStore
 from storekeeper.store.staging import TEMP_DIR_PREFIX
-
 
 # --- the scheduler alone ----------------------------------------------------------------
 
