@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..cache import BinaryCache, NarMissing, open_cache
 from ..cache.copy import stage_from
-from ..cache.fetch import Job, can_stage, fetch_all
+from ..cache.fetch import Job, can_stage, fetch_all, fetch_threads
 from ..config import settings as settings_table
 from ..errors import StoreError
 from ..formats.errors import FormatError
@@ -403,7 +403,9 @@ class Substituters:
             else:
                 self.logger.log(Verbosity.ERROR, f"error: substituting '{self.sd.print(p)}' "
                                 f"from '{cache.url}' failed: {e}")
-        fetch_all(self.store, jobs, self.settings.max_substitution_jobs, start, done, failed)
+        fetch_all(self.store, jobs, fetch_threads(self.settings.max_substitution_jobs,
+                                                  {cache for cache, _ in plan.values()}),
+                  start, done, failed)
 
     def _download(self, cache: BinaryCache, ni: NarInfo) -> None:
         printed = self.sd.print(ni.path)

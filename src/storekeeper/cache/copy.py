@@ -29,7 +29,7 @@ from ..formats.storepath import StorePath
 from ..queries import references_first
 from .backends import CacheError
 from .binary import BinaryCache, Prepared
-from .fetch import Job, Staged, StagingStore, can_stage, fetch_all
+from .fetch import Job, Staged, StagingStore, can_stage, fetch_all, fetch_threads
 
 #: progress(paths done or skipped, paths in the closure, NAR bytes copied)
 Progress = Callable[[int, int, int], None]
@@ -248,7 +248,7 @@ def _fetch_parallel(cache: BinaryCache, store: Store, nis: list[NarInfo], jobs: 
     def failed(p: StorePath, e: BaseException | None) -> None:
         if e is not None:
             errors.append((p, e))
-    fetch_all(sstore, plan, jobs, started, done, failed)
+    fetch_all(sstore, plan, fetch_threads(jobs, [cache]), started, done, failed)
     if errors:
         p, e = errors[0]
         if isinstance(e, StoreError):

@@ -22,10 +22,11 @@ with the store's latency and the sync cost is shared.
 
 from __future__ import annotations
 
+import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath
@@ -45,7 +46,7 @@ class StagingStore(Protocol):
 
 
 #: seconds a thread may hold the GIL while another waits, during :func:`fetch_all`
-SWITCH_INTERVAL = 0.0005
+SWITCH_INTERVAL = 0.0002
 
 
 @dataclass
@@ -53,6 +54,15 @@ class Job:
     path: StorePath
     references: frozenset[StorePath]  # those in the plan (others must be valid already)
     stage: Callable[[], Staged]        # a worker's part: fetch, check, unpack
+
+
+def fetch_threads(jobs: int, caches: Iterable[Any]) -> int:
+    """Threads for ``jobs`` fetches at once: reading a local (``file://``) cache is
+    decoding and unpacking, work for the CPUs (and the GIL), so at most two per core;
+    a remote one waits on the network, so ``jobs``."""
+    if all(str(getattr(c, "url", "")).startswith("file://") for c in caches):
+        return max(1, min(jobs, 2 * (os.cpu_count() or 1)))
+    return max(1, jobs)
 
 
 def can_stage(store: object) -> bool:

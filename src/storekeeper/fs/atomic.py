@@ -49,17 +49,22 @@ def sync_filesystem(path: str) -> None:
 FSYNC_THREADS = 8
 
 
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+
+
 def fsync_all(fds: list[int]) -> None:
     """fsync each of ``fds``; a few at once, so the file system commits them together
     (one journal commit for a group instead of one per file)."""
+    global _pool
     if len(fds) <= 2:
         for fd in fds:
             os.fsync(fd)
         return
-    # a pool per call: a daemon's connection processes are forked, and a pool's
-    # threads do not survive a fork
-    with ThreadPoolExecutor(min(FSYNC_THREADS, len(fds))) as pool:
-        list(pool.map(os.fsync, fds))
+    # one pool per process: a daemon's connection processes are forked, and a pool's
+    # threads do not survive a fork (a child makes its own)
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="sk-fsync"))
+    list(_pool[1].map(os.fsync, fds))
 
 
 #: a batch of new trees with more entries than this is synced with one ``syncfs``

@@ -111,7 +111,7 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
                                      check_sigs=not args.no_check_sigs,
                                      store_checks_sigs=not local and not args.no_check_sigs,
                                      log=log, progress=progress,
-                                     jobs=args.jobs or (8 if local else 1))
+                                     jobs=args.jobs or (16 if local else 1))
     finally:
         bar.close()
         cache.close()
