@@ -242,3 +242,32 @@ def test_substitution_of_a_path_no_cache_has_intact(tmp_path):
     assert all(dst.is_valid(p) for p in leaves[1:])
     assert any("some references of path" in line and "-mid'" in line for line in log.lines), log.lines
     assert not _scratch_left(dst)
+
+
+# --- copy --to: NARs compressed in the cache's own directory ----------------------------
+
+def test_copy_to_leaves_no_temp_files_and_readable_nars(tmp_path):
+    src, leaves, mid, top, url = _closure(tmp_path)
+    nar_dir = tmp_path / "cache" / "nar"
+    names = os.listdir(nar_dir)
+    assert len(names) == len(leaves) + 2
+    assert not [n for n in names if n.startswith(".")]
+    assert all(os.stat(nar_dir / n).st_mode & 0o777 == 0o644 for n in names)
+    dst = LocalStore(LocalLayout.chroot(str(tmp_path / "dst")))
+    copy_from_cache(open_cache(url), dst, [top], keys={}, jobs=1)
+    assert dst.is_valid(top)
+
+
+def test_copy_to_a_damaged_path_leaves_no_temp_file(tmp_path):
+    src = LocalStore(LocalLayout.chroot(str(tmp_path / "src")))
+    paths = [src.add_text(f"t{i}", b"x" * (1000 + i)).path for i in range(6)]
+    real = src.real_path(paths[3])
+    os.chmod(real, 0o644)
+    with open(real, "ab") as f:
+        f.write(b"damage")
+    cache = open_cache(f"file://{tmp_path}/c?compression=xz")
+    with pytest.raises(StoreError, match="corrupt"):
+        copy_to_cache(src, cache, paths, jobs=3)
+    cache.close()
+    assert not [n for n in os.listdir(tmp_path / "c" / "nar") if n.startswith(".")]
+    assert not (tmp_path / "c" / f"{paths[3].hash_part}.narinfo").exists()
