@@ -12,6 +12,9 @@ Invariant, **pin, then import, references first**: a path is pinned (temp root)
 before its validity is checked and before it is registered, and it is registered
 only after every one of its references is valid; so a concurrent GC never sees a
 substituted path without its closure, nor deletes a path a client was just given.
+A closure is fetched ``max-substitution-jobs`` paths at a time
+(:mod:`storekeeper.cache.fetch`, which keeps the rule for batches); what fails there
+is retried one by one from the next cache, where the errors are said as before.
 
 Answers of http(s)/s3 caches are kept in the narinfo disk cache
 (:mod:`.narinfo_cache`) with Nix's TTLs.
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from ..cache import BinaryCache, NarMissing, open_cache
-from ..cache.copy import stage_from
+from ..cache.copy import make_room, stage_from
 from ..cache.fetch import Job, can_stage, fetch_all, fetch_threads
 from ..config import settings as settings_table
 from ..errors import StoreError
@@ -370,6 +373,7 @@ class Substituters:
         jobs = {p: Job(p, ni.references & plan.keys() - {p}, stage_from(cache, self.store, ni))
                 for p, (cache, ni) in plan.items()}
         acts: dict[StorePath, tuple[int, int]] = {}
+        make_room(self.store, [ni for _, ni in plan.values()])
 
         def start(p: StorePath) -> None:
             cache = plan[p][0]

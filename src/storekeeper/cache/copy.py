@@ -226,6 +226,14 @@ def stage_from(cache: BinaryCache, store: StagingStore, ni: NarInfo) -> Callable
     return run
 
 
+def make_room(store: object, nis: Iterable[NarInfo]) -> None:
+    """The auto-GC check a one-by-one ``add_nar`` makes, once for the whole batch
+    of ``nis`` (staging in threads does not make it: it is the store thread's)."""
+    auto_gc = getattr(store, "auto_gc", None)
+    if auto_gc is not None:
+        auto_gc(sum(ni.nar_size for ni in nis))
+
+
 def _fetch_parallel(cache: BinaryCache, store: Store, nis: list[NarInfo], jobs: int,
                     result: CopyResult, log: Callable[[str], None] | None,
                     progress: Callable[[], None] | None = None) -> None:
@@ -234,6 +242,7 @@ def _fetch_parallel(cache: BinaryCache, store: Store, nis: list[NarInfo], jobs: 
     plan = {ni.path: Job(ni.path, ni.references & byp.keys() - {ni.path},
                          stage_from(cache, sstore, ni)) for ni in nis}
     errors: list[tuple[StorePath, BaseException]] = []
+    make_room(store, nis)
 
     def started(p: StorePath) -> None:
         store.pin(p)  # before it becomes valid
