@@ -172,7 +172,8 @@ def main() -> None:
             for rnd in range(args.rounds):
                 flip = rnd % 2 == 1
 
-                def pair(what: str, runs: dict[str, list[str]]) -> None:
+                def pair(what: str, runs: dict[str, list[str]], flip: bool = flip,
+                         times: dict[str, list[float]] = times) -> None:
                     for k in (reversed(list(runs)) if flip else list(runs)):
                         times.setdefault(f"{what} {k}", []).append(timed(runs[k], env))
 
