@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 
 def fsync_dir(path: str) -> None:
@@ -49,7 +50,37 @@ def sync_filesystem(path: str) -> None:
 FSYNC_THREADS = 8
 
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+class _FsyncPool:
+    """Threads that fsync the fds they are given (made on first use in each process: a
+    daemon's connection processes are forked, and threads do not survive a fork).
+    Threads and a queue, not concurrent.futures: a query's start-up must not load it."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(FSYNC_THREADS):
+            threading.Thread(target=self._work, name="sk-fsync", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fd, done = self.tasks.get()
+            try:
+                os.fsync(fd)
+                done.put(None)
+            except BaseException as e:  # handed to the caller
+                done.put(e)
+
+    def run(self, fds: list[int]) -> None:
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for fd in fds:
+            self.tasks.put((fd, done))
+        errors = [done.get() for _ in fds]
+        for e in errors:
+            if e is not None:
+                raise e
+
+
+_pool: _FsyncPool | None = None
 
 
 def fsync_all(fds: list[int]) -> None:
@@ -60,11 +91,9 @@ def fsync_all(fds: list[int]) -> None:
         for fd in fds:
             os.fsync(fd)
         return
-    # one pool per process: a daemon's connection processes are forked, and a pool's
-    # threads do not survive a fork (a child makes its own)
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="sk-fsync"))
-    list(_pool[1].map(os.fsync, fds))
+    if _pool is None or _pool.pid != os.getpid():
+        _pool = _FsyncPool()
+    _pool.run(fds)
 
 
 #: a batch of new trees with more entries than this is synced with one ``syncfs``
