@@ -32,6 +32,7 @@ from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import Verbosity
 from ..store.locks import PathLocks
 from . import builtins, confine
+from .forkserver import Launched, LauncherError, LauncherServer
 from .goals import DrvGoal
 from .jsonlog import BuilderJSONLog
 from .logger import BuildLogger
@@ -39,6 +40,7 @@ from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
 from .sandbox import Sandbox
 from .settings import BuildSettings
+from .spawner import SpawnedBuilder, Spawner
 from .users import BuildUser
 
 
@@ -47,7 +49,9 @@ class Run:
     """One builder process and what belongs to it until it is reaped."""
 
     goal: DrvGoal
-    proc: subprocess.Popen | None
+    #: the builder: our child, (sandboxed) the launcher server's, or (confined,
+    #: unsandboxed) the spawner's
+    proc: subprocess.Popen | Launched | SpawnedBuilder | None
     fd: int | None
     locks: PathLocks
     user: BuildUser | None
@@ -69,7 +73,9 @@ class Run:
 
     def kill(self) -> None:
         """SIGKILL to the builder's session (it is its own process group)."""
-        if self.proc is not None and self.proc.returncode is None:
+        if isinstance(self.proc, Launched):
+            self.proc.kill()
+        elif self.proc is not None and self.proc.returncode is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -166,6 +172,10 @@ def wait_with_times(proc) -> tuple[int, tuple[int | None, int | None]]:
     waited-for descendants included), or (None, None) when they cannot be had."""
     if proc is None:
         return 1, (None, None)
+    if isinstance(proc, SpawnedBuilder):
+        return proc.wait_with_times()
+    if isinstance(proc, Launched):
+        return proc.wait(), proc.cpu
     if proc.returncode is None:
         try:
             _, st, ru = os.wait4(proc.pid, 0)
@@ -246,9 +256,12 @@ def _store_dir_for(store, user: BuildUser) -> None:
 
 
 def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
-                  filter_syscalls: bool) -> None:
-    """Start ``builder`` for ``run`` (module docstring).  A builder that cannot be
-    executed is, as in Nix, a log line and exit status 1 (``run.exec_error``)."""
+                  filter_syscalls: bool, launcher: LauncherServer,
+                  spawner: Spawner | None = None) -> None:
+    """Start ``builder`` for ``run`` (module docstring); a sandboxed one through the
+    session's ``launcher``, a confined unsandboxed one through ``spawner`` when it can
+    be had (:mod:`.spawner` says why).  A builder that cannot be executed is, as in
+    Nix, a log line and exit status 1 (``run.exec_error``)."""
     rfd, wfd = os.pipe()
     run.fd = rfd
     os.set_blocking(rfd, False)
@@ -268,12 +281,13 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
         pass_fds: tuple[int, ...] = ()
         preexec = None
         if run.sandbox is not None:
-            # namespaces, chroot, NO_NEW_PRIVS and seccomp (launcher.py)
-            argv, spec_fd = run.sandbox.launcher_argv(
+            # namespaces, chroot, NO_NEW_PRIVS and seccomp (launcher.py), in a fork
+            # of the session's launcher server (which maps the build user's ids)
+            spec_fd = run.sandbox.spec_fd(
                 program, argv, env, confine.host_filter() if filter_syscalls else None)
-            executable, child_env, pass_fds = None, {}, (spec_fd,)
-            uid = gid = groups = None  # (the launcher maps the build user's ids itself)
-        elif filter_syscalls:
+            run.proc = launcher.launch(spec_fd, wfd)
+            return
+        if filter_syscalls:
             # NO_NEW_PRIVS + seccomp: in the forked child when that is safe, else set
             # by a trampoline that then exec's the builder (confine.py says why, and
             # what each costs)
@@ -281,11 +295,21 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
             if preexec is None:
                 argv, spec_fd = confine.confined_argv(program, argv, env, confine.host_filter())
                 executable, child_env, pass_fds = None, {}, (spec_fd,)
+            elif spawner is not None and spawner.start(preexec):
+                run.proc = spawner.spawn(wfd, args=argv, executable=executable, env=child_env,
+                                         user=uid, group=gid, extra_groups=groups,
+                                         cwd=run.tmpdir, umask=0o022)
+                return
         run.proc = subprocess.Popen(
             argv, executable=executable, env=child_env, pass_fds=pass_fds,
             user=uid, group=gid, extra_groups=groups, preexec_fn=preexec,
             cwd=run.tmpdir, stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, close_fds=True,
             start_new_session=True, umask=0o022)
+    except LauncherError as e:
+        run.exec_error = f"error: {e}"
+        run.splitter.feed(run.exec_error.encode() + b"\n")
+        if run.log_file is not None:
+            run.log_file.write(run.exec_error.encode() + b"\n")
     except subprocess.SubprocessError:
         # (the preexec_fn failed in the child: NNP or the filter could not be set)
         run.exec_error = ("cannot set no_new_privs or load the seccomp filter for the builder "
@@ -330,9 +354,27 @@ def wait_readable(runs: Iterable[Run], timeout: float) -> list[Run]:
     return [fds[fd] for fd in ready]
 
 
-def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildLogger) -> None:
+class Trash:
+    """Build dirs to remove once the next builders are started: off the path from one
+    build to the next in a chain (deleting even a tiny dir costs ~1 ms on ext4 with
+    ``discard``).  Only dirs of builds without a build user wait here (nothing but
+    this daemon can touch them); :meth:`empty` runs before the scheduler waits and
+    when the request ends."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def empty(self) -> None:
+        paths, self.paths = self.paths, []
+        for path in paths:
+            fs.remove_tree(path)
+
+
+def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildLogger,
+             trash: Trash | None = None) -> None:
     """Give back what ``run`` held: scratch copies, a failed build's outputs and
-    build dir (unless ``keep-failed``), its build user and its output locks."""
+    build dir (unless ``keep-failed``; into ``trash`` when there is no build user),
+    its build user and its output locks."""
     g = run.goal
     try:
         for name, path in run.scratch.items():
@@ -344,7 +386,9 @@ def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildL
                     fs.remove_tree(store.real_path(path))
         if run.sandbox is not None:
             run.sandbox.remove()
-        if succeeded or not keep_failed:
+        if (succeeded or not keep_failed) and trash is not None and run.user is None:
+            trash.paths.append(run.tmpdir)
+        elif succeeded or not keep_failed:
             fs.remove_tree(run.tmpdir)
         else:
             keep_build_dir(run, logger)

@@ -26,9 +26,10 @@ from ..formats import nar as narfmt
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.streams import Readable
 from ..fs import remove_tree
-from ..fs.narfs import nar_hash_path, restore_nar
+from ..fs.narfs import nar_hash_path
 from ..queries import references_first
 from .canonicalise import canonicalise_paths
+from .incoming import mismatch, restore_checked
 from .locks import PathLocks, lock_fd
 from .optimise import optimise_path
 from .reserve import naming
@@ -37,19 +38,6 @@ if TYPE_CHECKING:
     from .local import LocalStore
 
 TEMP_DIR_PREFIX = "tmp-sk-"
-
-
-def mismatch(what: str, where: str, specified: object, got: object) -> str:
-    """Nix's words for a NAR that does not match its metadata (scripts and users know
-    them from nix-daemon): the values on lines of their own, aligned."""
-    return f"{what} mismatch {where};\n  specified: {specified}\n  got:       {got}"
-
-
-def restore_checked(reader: Readable, dest: str) -> None:
-    try:
-        restore_nar(reader, dest)
-    except narfmt.NarError as e:
-        raise BadArchive(str(e)) from None
 
 
 class StagedNar:
