@@ -141,7 +141,6 @@ class FileBackend(Backend):
         self._dirty: set[str] = set()      # directories with new entries
         self._unsynced: list[str] = []     # files whose data is not synced yet
         self._dirty_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # fsyncs, kept across barriers
 
     def scratch_dir(self) -> str:
         d = os.path.join(self.root, "nar")
@@ -161,11 +160,10 @@ class FileBackend(Backend):
         if len(items) == 1:
             fn(items[0])
             return
-        with self._dirty_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(8, thread_name_prefix="sk-fsync")
-            pool = self._pool
-        list(pool.map(fn, items))
+        # a pool per barrier (one per batch of narinfos), gone when it returns: no
+        # thread outlives the call in a process that may fork
+        with ThreadPoolExecutor(min(8, len(items)), thread_name_prefix="sk-fsync") as pool:
+            list(pool.map(fn, items))
 
     def _changed(self, path: str, data: bool) -> None:
         with self._dirty_lock:
@@ -183,12 +181,7 @@ class FileBackend(Backend):
             self._parallel(fsync_dir, sorted(dirs))
 
     def close(self) -> None:
-        try:
-            self.barrier()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
+        self.barrier()
 
     def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
         tmps = [self._temp(k, d) for k, d in items]

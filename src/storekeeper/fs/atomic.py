@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import stat
 import threading
 
@@ -54,50 +53,30 @@ def sync_filesystem(path: str) -> None:
 FSYNC_THREADS = 8
 
 
-class _FsyncPool:
-    """Threads that fsync the fds they are given (made on first use in each process: a
-    daemon's connection processes are forked, and threads do not survive a fork).
-    Threads and a queue, not concurrent.futures: a query's start-up must not load it."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(FSYNC_THREADS):
-            threading.Thread(target=self._work, name="sk-fsync", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            fd, done = self.tasks.get()
-            try:
-                os.fsync(fd)
-                done.put(None)
-            except BaseException as e:  # handed to the caller
-                done.put(e)
-
-    def run(self, fds: list[int]) -> None:
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        for fd in fds:
-            self.tasks.put((fd, done))
-        errors = [done.get() for _ in fds]
-        for e in errors:
-            if e is not None:
-                raise e
-
-
-_pool: _FsyncPool | None = None
-
-
 def fsync_all(fds: list[int]) -> None:
     """fsync each of ``fds``; a few at once, so the file system commits them together
-    (one journal commit for a group instead of one per file)."""
-    global _pool
+    (one journal commit for a group instead of one per file).  The threads end before
+    this returns: a process that forks (build launchers) must not keep any."""
     if len(fds) <= 2:
         for fd in fds:
             os.fsync(fd)
         return
-    if _pool is None or _pool.pid != os.getpid():
-        _pool = _FsyncPool()
-    _pool.run(fds)
+    errors: list[BaseException] = []
+
+    def work(part: list[int]) -> None:
+        try:
+            for fd in part:
+                os.fsync(fd)
+        except BaseException as e:  # handed to the caller
+            errors.append(e)
+    n = min(FSYNC_THREADS, len(fds))
+    threads = [threading.Thread(target=work, args=(fds[i::n],), name="sk-fsync") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 #: a batch of new trees with more entries than this is synced with one ``syncfs``
