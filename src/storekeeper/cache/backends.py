@@ -28,7 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from ..errors import StoreError
 from ..formats.streams import Readable
@@ -70,6 +70,14 @@ class CacheError(StoreError):
     """A binary cache could not be read or written (the message names the cache)."""
 
 
+class Entry(NamedTuple):
+    """One listed key: its size in bytes and its modification time (Unix seconds)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
 class Backend(ABC):
     """A flat key space; see the module docstring."""
 
@@ -93,6 +101,15 @@ class Backend(ABC):
     @abstractmethod
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` unless it exists: True if written, False if it was there."""
+
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        """Every key starting with ``prefix`` (a directory prefix ending in ``/`` or ``""``),
+        with its size and modification time; only where the key space can be listed."""
+        raise CacheError(f"binary cache '{self.url}' cannot be listed")
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` (an absent one is not an error)."""
+        raise CacheError(f"binary cache '{self.url}' does not support deletion")
 
     def close_stream(self, stream: Any) -> None:
         close = getattr(stream, "close", None)
@@ -215,6 +232,32 @@ class FileBackend(Backend):
 
     def create(self, key: str, data: bytes) -> bool:
         return self.create_many([(key, data)])[0]
+
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        start = self._path(prefix.rstrip("/")) if prefix else self.root
+        yield from self._walk(start, prefix.rstrip("/") + "/" if prefix else "")
+
+    def _walk(self, path: str, rel: str) -> Iterator[Entry]:
+        try:
+            it = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    yield from self._walk(e.path, rel + e.name + "/")
+                elif e.is_file(follow_symlinks=False):
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while listed
+                    yield Entry(rel + e.name, st.st_size, st.st_mtime)
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            _unlink(path)
+            self._changed(path, data=False)
 
 
 def _fsync_file(path: str) -> None:
