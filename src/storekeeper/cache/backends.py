@@ -261,7 +261,10 @@ class FileBackend(Backend):
 
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # deleted since (a collection, or a replaced lease): nothing to make durable
     try:
         os.fsync(fd)
     finally:
