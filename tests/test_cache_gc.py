@@ -6,18 +6,30 @@ breaking them without a lease."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import pytest
 from gc_cache_util import Graph, clock, present, timings, violations
+from test_cache import store_for
 from test_cache_s3 import moto  # noqa: F401 -- fixture
 
 from storekeeper.cache import open_cache
 from storekeeper.cache.copy import copy_from_cache, copy_to_cache
-from storekeeper.cache.gc import Collector, audit, copy_with_lease, live_roots, pin, put_root, read_roots, unpin
+from storekeeper.cache.gc import (
+    Collector,
+    audit,
+    copy_with_lease,
+    live_roots,
+    pin,
+    put_root,
+    read_roots,
+    unpin,
+)
 from storekeeper.cache.gc.objects import CONDEMNED, LEASES
+from storekeeper.cli.main import main
 from storekeeper.errors import StoreError
-from test_cache import store_for
 
 KINDS = ["file", pytest.param("s3", marks=pytest.mark.slow)]
 
@@ -240,7 +252,7 @@ def test_half_finished_uploads_go_after_the_temp_grace(g, url):
         tmp = os.path.join(url[7:].split("?")[0], "nar", ".x.nar.tmp-1-ab")
         open(tmp, "w").write("partial")
     assert Collector(cache.backend, t, clk).run().nars_deleted == 0   # young: maybe in flight
-    clk.t += 1001
+    clk.t = time.time() + 1001  # S3's LastModified is the server's real time
     rep = Collector(cache.backend, t, clk).run()
     assert rep.nars_deleted == 1 and present(cache, g.lib) == [True]
     assert rep.others_deleted == (1 if url.startswith("file://") else 0)
@@ -313,3 +325,43 @@ def test_audit_finds_and_repairs_what_a_plain_writer_lost(g, url):
     rep = audit(cache, g.store, repair=True, clock=clk, timings=t)
     assert sorted(rep.repaired) == sorted([g.lib.base, g.top.base]) and rep.unrepaired == []
     assert audit(cache, clock=clk, timings=t).problems == 0 and violations(cache) == []
+
+
+FAST = ["--settle", "0.05", "--lease-ttl", "0.1", "--skew", "0", "--margin", "0", "--nar-grace", "0"]
+
+
+def test_cli_copy_root_pin_gc_audit(tmp_path, capsys, monkeypatch):
+
+    monkeypatch.delenv("NIX_REMOTE", raising=False)
+    root = str(tmp_path / "root")
+
+    def sk(*args):
+        code = main(["--store", root, *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    src = tmp_path / "f"
+    src.write_text("payload")
+    code, out, _ = sk("add", str(src))
+    p = out.strip()
+    src.write_text("other")
+    q = sk("add", str(src))[1].strip()
+    cache = f"file://{tmp_path}/c"
+    assert sk("copy", "--to", cache, "--root", "ci/1", "--keep", "1", "-q", p)[0] == 0
+    assert sk("copy", "--to", cache, "-q", q)[0] == 0
+    code, out, _ = sk("cache", "roots", "--json", cache)
+    assert [(r["name"], r["paths"], r["live"]) for r in json.loads(out)] == [
+        ("ci/1", [p.rsplit("/", 1)[1]], True)]
+    code, out, _ = sk("cache", "gc", "--dry-run", "--json", cache, *FAST)
+    dry = json.loads(out)
+    assert (dry["narinfosDeleted"], dry["narsDeleted"], dry["dryRun"]) == (1, 1, True)
+    code, out, _ = sk("cache", "gc", "--json", cache, *FAST)
+    assert json.loads(out)["bytesFreed"] == dry["bytesFreed"] > 0
+    assert sk("cache", "audit", cache)[0] == 0
+    assert sk("cache", "pin", cache, "x", q)[0] == 1          # gone: cannot pin
+    code, _, err = sk("cache", "unpin", cache, "nope")
+    assert code != 0 and err.startswith("error: ") and "no root 'nope'" in err
+    assert sk("cache", "unpin", cache, "ci/1")[0] == 0
+    code, out, _ = sk("cache", "gc", cache, *FAST)
+    assert "deleted 1 narinfos, 1 NARs" in out
+    code, _, err = sk("cache", "gc", cache, "--settle", "1", "--lease-ttl", "600")
+    assert code != 0 and "settle period" in err

@@ -88,7 +88,8 @@ def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
 
 def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     from ...cache import open_cache
-    from ...cache.copy import copy_from_cache, copy_to_cache
+    from ...cache.copy import copy_from_cache
+    from ...cache.gc import copy_with_lease
     from ..progress import Progress
     bar = Progress("copying")
     log = None if args.json or args.quiet else bar.log
@@ -96,6 +97,8 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     def progress(done: int, total: int, nar_bytes: int) -> None:
         bar.label = f"copying ({nar_bytes / 2**20:.1f} MiB)"
         bar.update(done, total)
+    if args.from_ and (args.root or args.root_ttl or args.keep):
+        raise UsageError("--root, --root-ttl and --keep go with --to")
     cache = open_cache(args.to or args.from_)
     try:
         if args.to:
@@ -103,7 +106,9 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             jobs = args.jobs if args.jobs else (min(4, os.cpu_count() or 1) if is_local(store) else 1)
             if not is_local(store):
                 jobs = 1  # one daemon connection: NARs come one after the other
-            result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
+            # a lease while uploading (the cache may be collected meanwhile: docs/CACHE-GC.md)
+            result = copy_with_lease(store, cache, paths, root=args.root, root_ttl=args.root_ttl,
+                                     keep=args.keep, jobs=jobs, log=log, progress=progress)
         else:
             paths = [_store_path(store, p) for p in args.paths]
             local = is_local(store)
