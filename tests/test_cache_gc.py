@@ -27,7 +27,7 @@ from storekeeper.cache.gc import (
     read_roots,
     unpin,
 )
-from storekeeper.cache.gc.objects import CONDEMNED, LEASES
+from storekeeper.cache.gc.objects import CONDEMNED, LEASES, Record
 from storekeeper.cli.main import main
 from storekeeper.errors import StoreError
 
@@ -251,12 +251,18 @@ def test_half_finished_uploads_go_after_the_temp_grace(g, url):
     if url.startswith("file://"):
         tmp = os.path.join(url[7:].split("?")[0], "nar", ".x.nar.tmp-1-ab")
         open(tmp, "w").write("partial")
+    stale = Record("gc/leases/dead-writer", paths=[g.lib.base], expires=clk.now() + 10)
+    cache.backend.put(stale.key, stale.to_json())
+    dead_gc = Record("gc/condemned/dead-gc", narinfos=[g.lib.hash_part], deadline=clk.now() + 10)
+    cache.backend.put(dead_gc.key, dead_gc.to_json())
     assert Collector(cache.backend, t, clk).run().nars_deleted == 0   # young: maybe in flight
+    assert len(list(cache.backend.list_keys("gc/"))) == 3              # root, lease, condemned
     clk.t = time.time() + 1001  # S3's LastModified is the server's real time
     rep = Collector(cache.backend, t, clk).run()
     assert rep.nars_deleted == 1 and present(cache, g.lib) == [True]
     assert rep.others_deleted == (1 if url.startswith("file://") else 0)
     assert [e.key for e in cache.backend.list_keys("nar/")] != [] and violations(cache) == []
+    assert [e.key for e in cache.backend.list_keys("gc/")] == ["gc/roots/r"]  # stale ones went
 
 
 def test_dry_run_bytes_are_exact(g, url):

@@ -133,13 +133,14 @@ class Collector:
         self.condemned_key = CONDEMNED + self.id
         self.deadline = 0.0
         self.published = False
+        self.stale: list[str] = []             # dead writers' leases, dead collections' sets
 
     # --- C1 ------------------------------------------------------------------------------
 
     def mark(self) -> GcReport:
         now = self.clock.now()
         t = self.timings
-        roots, leases, deferred = [], [], []
+        roots, leases, deferred, condemned = [], [], [], []
         for e in self.backend.list_keys(""):
             k = e.key
             if is_temp(k):
@@ -156,9 +157,17 @@ class Collector:
                 leases.append(k)
             elif k.startswith(DEFERRED):
                 deferred.append(k)
+            elif k.startswith(CONDEMNED):
+                condemned.append(k)
         self.deferred = read_records(self.backend, DEFERRED, deferred)
-        seeds = self._seeds(read_records(self.backend, ROOTS, roots),
-                            read_records(self.backend, LEASES, leases), now)
+        lease_recs = read_records(self.backend, LEASES, leases)
+        seeds = self._seeds(read_records(self.backend, ROOTS, roots), lease_recs, now)
+        # leftovers of writers and collectors that died: a lease past its expiry is never
+        # renewed (Lease.renew), a condemned set past its deadline deletes nothing more
+        gone = now - t.skew - t.margin
+        self.stale = [r.key for r in lease_recs if r.expires is not None and r.expires < gone]
+        self.stale += [r.key for r in read_records(self.backend, CONDEMNED, condemned)
+                       if r.deadline is not None and r.deadline < gone]
         self._read_graph()
         self.live = self._closure(seeds[0])
         self.dead = set(self.graph) - self.live
@@ -356,6 +365,7 @@ class Collector:
                 if all(k in self.dead_nars or k in live_urls or k not in self.nar_entries
                        for k in rec.nars) and not r.stopped]
         done += [self.condemned_key] if self.published else []
+        done += self.stale
         if done:
             self.backend.delete_many(done)
         self.hook("gc.done", self)
