@@ -41,7 +41,7 @@ class Lease:
         self.paths: set[str] = set()
         self.nars: set[str] = set()
         self.expires = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the renewer thread puts too
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,9 +65,10 @@ class Lease:
     def add_nars(self, keys: Iterable[str]) -> None:
         """W4: the lease names these NAR keys once this returns."""
         keys = set(keys)
-        if keys - self.nars:
-            self.nars |= keys
-            self._put()
+        with self._lock:
+            if keys - self.nars:
+                self.nars |= keys
+                self._put()
 
     def lapsed(self) -> bool:
         """True when a collection may have ignored this lease (or will before a step of
