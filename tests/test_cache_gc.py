@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from itertools import combinations_with_replacement
 
 import pytest
 from gc_cache_util import Graph, clock, present, timings, violations
@@ -371,3 +372,57 @@ def test_cli_copy_root_pin_gc_audit(tmp_path, capsys, monkeypatch):
     assert "deleted 1 narinfos, 1 NARs" in out
     code, _, err = sk("cache", "gc", cache, "--settle", "1", "--lease-ttl", "600")
     assert code != 0 and "settle period" in err
+
+
+# --- every interleaving of one writer and one collection ------------------------------
+
+WRITER_POINTS = ["start", "lease.taken", "writer.checked", "writer.nars_leased", "writer.uploaded",
+                 "writer.committed", "writer.rooted", "writer.done"]
+GC_STEPS = ["mark", "publish", "reread", "sweep"]
+
+
+def _placements():
+    """Every way to run the GC's 4 steps, in order, at the writer's 8 hook points."""
+
+    return list(combinations_with_replacement(range(len(WRITER_POINTS)), len(GC_STEPS)))
+
+
+def _interleave(tmp_path, at):
+    g = Graph(tmp_path)
+    url = f"file://{tmp_path}/cache?compression=none"
+    clk, t = clock(), timings()
+    _push(g, url, [g.app1, g.twin_b], clk, t)            # all unrooted: all dead at the mark
+    cache = open_cache(url)
+    gc = Collector(cache.backend, t, clk)
+    steps = {"mark": gc.mark, "publish": lambda: (gc.publish(), gc.settle()),
+             "reread": gc.reread, "sweep": lambda: (gc.sweep(), gc.finish())}
+    todo = list(zip(at, GC_STEPS))
+
+    def run_due(point):
+        while todo and WRITER_POINTS[todo[0][0]] == point:
+            steps[todo.pop(0)[1]]()
+
+    def on_sleep(_s):  # the writer waits for the collection: it runs to its end meanwhile
+        while todo:
+            steps[todo.pop(0)[1]]()
+    clk.on_sleep = on_sleep
+    run_due("start")
+    _push(g, url, [g.top, g.twin_a], clk, t, root="r", hook=lambda step, _a: run_due(step))
+    on_sleep(0)
+    bad = violations(cache)
+    missing = [p.base for p in (g.lib, g.app2, g.top, g.twin_a) if not present(cache, p)[0]]
+    return bad, missing
+
+
+def test_every_interleaving_sample(tmp_path):
+    """Every 16th placement (the full set is the slow test below)."""
+    for n, at in enumerate(_placements()[::16]):
+        bad, missing = _interleave(tmp_path / str(n), at)
+        assert (bad, missing) == ([], []), at
+
+
+@pytest.mark.slow
+def test_every_interleaving_of_a_writer_and_a_collection(tmp_path):
+    for n, at in enumerate(_placements()):
+        bad, missing = _interleave(tmp_path / str(n), at)
+        assert (bad, missing) == ([], []), at

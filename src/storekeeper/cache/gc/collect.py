@@ -133,6 +133,7 @@ class Collector:
         self.condemned_key = CONDEMNED + self.id
         self.deadline = 0.0
         self.published = False
+        self.fetched: set[str] = set()         # narinfos read after the listing (not listed)
         self.stale: list[str] = []             # dead writers' leases, dead collections' sets
 
     # --- C1 ------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ class Collector:
                        if r.deadline is not None and r.deadline < gone]
         self._read_graph()
         self.live = self._closure(seeds[0])
-        self.dead = set(self.graph) - self.live
+        self.dead = set(self.graph) - self.live - self.fetched
         live_urls = {self.graph[h].url for h in self.live} | seeds[1]
         dead_urls = {self.graph[h].url for h in self.dead}
         deferred_at: dict[str, float] = {}
@@ -233,14 +234,24 @@ class Collector:
             self.progress("mark", total, total)
 
     def _closure(self, seeds: set[str]) -> set[str]:
+        """Hash parts reachable from ``seeds``.  A root names only its top paths; those (and
+        what they refer to) may have been written after the listing, so a narinfo the
+        graph lacks is read now: a root is stored after its closure's narinfos."""
         out: set[str] = set()
-        stack = [h for h in seeds if h in self.graph]
+        stack = list(seeds)
         while stack:
             h = stack.pop()
             if h in out:
                 continue
+            if h not in self.graph:
+                data = self.backend.get(h + ".narinfo")
+                node = parse_node(data) if data is not None else None
+                if node is None or node.base[:32] != h:
+                    continue
+                self.graph[h] = node
+                self.fetched.add(h)
             out.add(h)
-            stack.extend(r for r in self.graph[h].refs if r in self.graph and r not in out)
+            stack.extend(r for r in self.graph[h].refs if r not in out)
         return out
 
     def would_free(self) -> tuple[int, int]:
@@ -273,10 +284,11 @@ class Collector:
         now = self.clock.now()
         hashes, nars = self._seeds(read_records(self.backend, ROOTS),
                                    read_records(self.backend, LEASES), now)
-        spared = self._closure(hashes) & self.dead
+        reachable = self._closure(hashes)
+        spared = reachable & self.dead
         self.report.spared = len(spared)
         self.dead -= spared
-        self.live |= spared
+        self.live |= reachable
         keep = nars | {self.graph[h].url for h in self.live}
         self.dead_nars -= keep
         self.hook("gc.reread", self)
