@@ -20,6 +20,7 @@ What it keeps:
 from __future__ import annotations
 
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +45,8 @@ from .roots import live_roots
 
 _NARINFO = re.compile(r"[0-9a-df-np-sv-z]{32}\.narinfo")
 _LISTING = re.compile(r"[0-9a-df-np-sv-z]{32}\.ls")
+#: narinfos read (in threads) per chunk of the mark
+READ_CHUNK = 1024
 #: keys deleted per request (S3 DeleteObjects takes 1000)
 DELETE_BATCH = 1000
 
@@ -51,13 +54,13 @@ DELETE_BATCH = 1000
 GcProgress = Callable[[str, int, int], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
-    """What the mark needs of one narinfo."""
+    """What the mark needs of one narinfo (held for every narinfo: kept small)."""
 
-    base: str          # store path basename
-    refs: list[str]    # hash parts of its references (itself excluded)
-    url: str           # NAR key
+    base: str               # store path basename
+    refs: tuple[str, ...]   # hash parts of its references (itself excluded)
+    url: str                # NAR key
 
 
 @dataclass
@@ -101,7 +104,7 @@ def parse_node(data: bytes) -> Node | None:
             refs = [r[:32] for r in value.split()]
     if len(base) < 34 or not url:
         return None
-    return Node(base, [r for r in refs if r != base[:32]], url)
+    return Node(base, tuple(sys.intern(r) for r in refs if r != base[:32]), sys.intern(url))
 
 
 class Collector:
@@ -213,20 +216,22 @@ class Collector:
             return h, self.backend.get(h + ".narinfo")
         total, done = len(keys), 0
         pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        results = pool.map(read, keys) if pool is not None else map(read, keys)
         try:
-            for h, data in results:
-                done += 1
-                if self.progress and done % 256 == 0:
+            for i in range(0, total, READ_CHUNK):  # a chunk at a time: bounded memory
+                chunk = keys[i:i + READ_CHUNK]
+                results = pool.map(read, chunk) if pool is not None else map(read, chunk)
+                for h, data in results:
+                    done += 1
+                    if data is None:
+                        del self.narinfo_entries[h]  # deleted since the listing
+                        continue
+                    node = parse_node(data)
+                    if node is None or node.base[:32] != h:
+                        self.report.unreadable.append(h + ".narinfo")  # never deleted by us
+                        continue
+                    self.graph[sys.intern(h)] = node
+                if self.progress:
                     self.progress("mark", done, total)
-                if data is None:
-                    del self.narinfo_entries[h]  # deleted since the listing
-                    continue
-                node = parse_node(data)
-                if node is None or node.base[:32] != h:
-                    self.report.unreadable.append(h + ".narinfo")  # never deleted by us
-                    continue
-                self.graph[h] = node
         finally:
             if pool is not None:
                 pool.shutdown()
