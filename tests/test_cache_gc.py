@@ -19,7 +19,9 @@ from test_cache_s3 import moto  # noqa: F401 -- fixture
 from storekeeper.cache import open_cache
 from storekeeper.cache.copy import copy_from_cache, copy_to_cache
 from storekeeper.cache.gc import (
+    Clock,
     Collector,
+    Lease,
     audit,
     copy_with_lease,
     live_roots,
@@ -426,3 +428,17 @@ def test_every_interleaving_of_a_writer_and_a_collection(tmp_path):
     for n, at in enumerate(_placements()):
         bad, missing = _interleave(tmp_path / str(n), at)
         assert (bad, missing) == ([], []), at
+
+
+def test_lease_renews_in_the_background_and_drop_removes_it(tmp_path):
+    """Real time, bounded (~0.5 s): a lease of 0.3 s renewed every 0.1 s outlives its TTL."""
+
+    cache = open_cache(f"file://{tmp_path}/c")
+    lease = Lease(cache.backend, timings(lease_ttl=0.3, skew=0.0, margin=0.05), Clock())
+    lease.take(["x" * 32 + "-p"])
+    first = lease.expires
+    lease.start_renewing()
+    time.sleep(0.5)
+    assert lease.expires > first + 0.2 and not lease.lapsed()
+    lease.drop()
+    assert list(cache.backend.list_keys(LEASES)) == []

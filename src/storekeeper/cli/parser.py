@@ -287,6 +287,9 @@ def _copy(sub: _Sub) -> None:
                    help="--from: accept paths without a trusted signature")
     s.add_argument("--trusted-public-keys", metavar="KEYS",
                    help="--from: these keys instead of nix.conf's trusted-public-keys")
+    s.add_argument("--no-lease", action="store_true",
+                   help="--to: no writer's lease (credentials that cannot list or delete; "
+                   "a concurrent cache gc may then break what is uploaded)")
     s.add_argument("--root", metavar="NAME",
                    help="--to: pin the given paths as the cache root NAME (docs/CACHE-GC.md)")
     s.add_argument("--root-ttl", type=float, metavar="SECONDS", help="--root: expire after this")

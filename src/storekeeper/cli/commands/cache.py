@@ -88,7 +88,7 @@ def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
 
 def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     from ...cache import open_cache
-    from ...cache.copy import copy_from_cache
+    from ...cache.copy import copy_from_cache, copy_to_cache
     from ...cache.gc import copy_with_lease
     from ..progress import Progress
     bar = Progress("copying")
@@ -107,8 +107,14 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             if not is_local(store):
                 jobs = 1  # one daemon connection: NARs come one after the other
             # a lease while uploading (the cache may be collected meanwhile: docs/CACHE-GC.md)
-            result = copy_with_lease(store, cache, paths, root=args.root, root_ttl=args.root_ttl,
-                                     keep=args.keep, jobs=jobs, log=log, progress=progress)
+            if args.no_lease:
+                if args.root:
+                    raise UsageError("--root needs the lease (drop --no-lease)")
+                result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
+            else:
+                result = copy_with_lease(store, cache, paths, root=args.root,
+                                         root_ttl=args.root_ttl, keep=args.keep, jobs=jobs,
+                                         log=log, progress=progress)
         else:
             paths = [_store_path(store, p) for p in args.paths]
             local = is_local(store)
