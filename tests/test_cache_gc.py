@@ -417,8 +417,8 @@ def _interleave(tmp_path, at):
 
 
 def test_every_interleaving_sample(tmp_path):
-    """Every 16th placement (the full set is the slow test below)."""
-    for n, at in enumerate(_placements()[::16]):
+    """Every 32nd placement (the full set is the slow test below)."""
+    for n, at in enumerate(_placements()[::32]):
         bad, missing = _interleave(tmp_path / str(n), at)
         assert (bad, missing) == ([], []), at
 
@@ -442,3 +442,40 @@ def test_lease_renews_in_the_background_and_drop_removes_it(tmp_path):
     assert lease.expires > first + 0.2 and not lease.lapsed()
     lease.drop()
     assert list(cache.backend.list_keys(LEASES)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", list(combinations_with_replacement(range(3), 4)))
+def test_every_interleaving_of_a_pin_and_a_collection(tmp_path, at):
+    """A pin either fails cleanly (no root left) or its closure survives the collection."""
+    g = Graph(tmp_path)
+    url = f"file://{tmp_path}/cache?compression=none"
+    clk, t = clock(), timings()
+    _push(g, url, [g.app1], clk, t)
+    cache = open_cache(url)
+    gc = Collector(cache.backend, t, clk)
+    steps = [gc.mark, lambda: (gc.publish(), gc.settle()), gc.reread, lambda: (gc.sweep(), gc.finish())]
+    todo = list(zip(at, steps))
+    points = ["start", "pin.stored", "end"]
+
+    def run_due(point):
+        while todo and points[todo[0][0]] == point:
+            todo.pop(0)[1]()
+
+    def on_sleep(_s):
+        while todo:
+            todo.pop(0)[1]()
+    clk.on_sleep = on_sleep
+    run_due("start")
+    try:
+        pin(cache, "p", [g.app1], clk, t, hook=lambda step, _a: run_due(step))
+        pinned = True
+    except StoreError:
+        pinned = False
+    run_due("end")
+    on_sleep(0)
+    assert violations(cache) == []
+    if pinned:
+        assert present(cache, g.lib, g.app1) == [True, True]
+    else:
+        assert read_roots(cache.backend) == [] and gc.report.narinfos_deleted == 2
