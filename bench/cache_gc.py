@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import socket
 import statistics
@@ -108,7 +107,16 @@ def child(url: str, threads: int) -> None:
                       "deleted_nars": r.nars_deleted, "bytes": r.bytes_freed,
                       "requests": requests["n"], "mark_requests": mark_requests,
                       "deleted_keys": deleted_keys,
-                      "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mib": _peak_rss_mib()}))
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM: this program's own peak (ru_maxrss would carry the parent's over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run_child(url: str, threads: int) -> dict:
