@@ -37,7 +37,7 @@ PUSHES = 6        # per writer
 SLOW = 3.0        # a writer pauses up to this long between its presence check and upload
 WRITERS = 4
 #: short but consistent timings: settle > renewal (ttl / 3); margin covers one commit
-T = dict(lease_ttl=6.0, settle=2.5, skew=0.2, margin=2.0, nar_grace=0.0, temp_grace=60.0,
+T = dict(lease_ttl=12.0, settle=4.5, skew=0.2, margin=2.0, nar_grace=0.0, temp_grace=60.0,
          sweep_budget=60.0, poll=0.05)
 
 
