@@ -52,6 +52,7 @@ from typing import Iterable
 from .. import fs
 from ..formats.derivation import Derivation, DerivationType, derivation_type
 from ..formats.storepath import StorePath
+from ..fs.crash import crash_point
 from .confine import python_for_builders
 from .results import BuildStatus, Failure
 from .users import BuildUser
@@ -197,6 +198,7 @@ class Sandbox:
                 dest = store.real_path(p)
                 fs.remove_tree(dest)
                 os.rename(src, dest)
+                crash_point("build.output")
 
     def remove(self) -> None:
         fs.remove_tree(self.top)

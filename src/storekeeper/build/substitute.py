@@ -36,6 +36,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
+from ..fs.crash import crash_point
 from ..store.settings import apply_settings
 from .logger import BuildLogger, NullLogger
 from .narinfo_cache import NarInfoDiskCache, disk_cached
@@ -316,12 +317,14 @@ class Substituters:
                 f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
             try:
                 self.store.pin(ni.path)  # before it becomes valid
+                crash_point("substitute.fetched")
                 stream = cache.open_nar(ni)
                 try:
                     # signatures were checked above (or the cache is trusted)
                     self.store.add_nar(ni.path_info(), stream, check_sigs=False)
                 finally:
                     stream.close()
+                crash_point("substitute.registered")
             finally:
                 self.logger.stop_activity(act)
         finally:

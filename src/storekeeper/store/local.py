@@ -176,6 +176,7 @@ class LocalStore(StoreReader):
             crash_point("add.moved")
             try:
                 canonicalise_paths([real])
+                crash_point("add.canonicalised")
                 if self.settings.auto_optimise_store:
                     optimise_path(self, sp, set())  # empty inode set, as Nix does
                 crash_point("add.canonical")
@@ -207,6 +208,7 @@ class LocalStore(StoreReader):
             refs = frozenset(references)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def add_text(self, name: str, text: bytes, references: Iterable[StorePath] = (),
@@ -250,6 +252,7 @@ class LocalStore(StoreReader):
             ca = ContentAddress(method, ca_hash)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def add_nar(self, info: ValidPathInfo, stream: Readable, repair: bool = False,
@@ -282,6 +285,7 @@ class LocalStore(StoreReader):
                 h, _ = nar_hash_path(staged)
                 info = info.with_(nar_hash=h)
             info = info.with_(nar_size=reader.size)
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:

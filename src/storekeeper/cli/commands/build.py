@@ -1,5 +1,6 @@
 """``build``: realise derivations on a local store (sandboxed where the settings or
-the store ask for it), printing their output paths as ``nix-store --realise`` does."""
+the store ask for it), substituting from nix.conf's ``substituters`` what a cache has,
+printing their output paths as ``nix-store --realise`` does."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from ...build import Builder, BuildSettings
+from ...build import Builder, BuildSettings, Substituters, SubstituteSettings
+from ...config.nixconf import environment_settings
 from ...errors import StoreError
 from ...formats.wire import DerivedPath, ResultType
 from ..common import needs_local, valid
@@ -53,7 +55,10 @@ def cmd_build(store: Store, args: argparse.Namespace) -> int:
             raise StoreError(f"'{path}' is not a derivation")
         names = frozenset(o for o in outs.split(",") if o) if outs and outs != "*" else frozenset()
         targets.append(DerivedPath(drv, names) if names else DerivedPath(drv, frozenset(), True))
-    results = Builder(local, settings, logger=_StderrLogger(args.quiet)).build(targets)
+    logger = _StderrLogger(args.quiet)
+    subs = SubstituteSettings().with_settings([*environment_settings(), *args.option])
+    results = Builder(local, settings, logger=logger,
+                      substituters=Substituters(local, subs, logger)).build(targets)
     failed = [r for r in results if not r.success]
     for t, r in zip(targets, results):
         if r.success:
