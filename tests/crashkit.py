@@ -222,8 +222,11 @@ class Harness:
                 info = store.path_info(valid[p])
                 if info.nar_hash.typed("base32") != h:
                     return f"{p}: its recorded hash changed"
-                if nar_hash_path(store.real_path(valid[p]))[0].typed("base32") != h:
-                    return f"{p} changed on disk"
+                try:
+                    if nar_hash_path(store.real_path(valid[p]))[0].typed("base32") != h:
+                        return f"{p} changed on disk"
+                except OSError as e:
+                    return f"{p} is valid but cannot be read: {e}"
             prof = os.path.join(root, GEN_PROFILE)
             try:  # profile -> profile-N-link -> /nix/store/... (in the chroot)
                 target = os.readlink(os.path.join(os.path.dirname(prof), os.readlink(prof)))

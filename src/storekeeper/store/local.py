@@ -317,7 +317,7 @@ class LocalStore(StoreReader):
             with naming(self.real_store_dir):
                 sync_new_trees([self.real_path(i.path) for i in infos], self.real_store_dir)
         crash_point("register.synced")
-        with self.db.transaction():
+        with self.db.transaction(durable=self.settings.fsync_store_paths):
             ids = {i.path: self.db.upsert_info(i) for i in infos}
             for info in infos:
                 for ref in info.references:
