@@ -11,7 +11,7 @@ reaches each point; then it is killed at ``(point, n)`` for every n up to ``--li
 that: the first ones, spread ones and the last).  tests/test_crash_points.py kills each
 ``(scenario, point)`` once.
 
-    python3 bench/crashes.py            # about 250 kills
+    python3 bench/crashes.py            # about 400 kills, 250 distinct (point, n)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from storekeeper.fs.crash import POINTS  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=10, help="kills per (scenario, point) at most")
+    ap.add_argument("--limit", type=int, default=20, help="kills per (scenario, point) at most")
     ap.add_argument("--only", action="append", help="only these scenarios")
     args = ap.parse_args()
     scratch = tempfile.mkdtemp(prefix="sk-crashes-")
