@@ -309,7 +309,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--gc-every", type=float, default=3, metavar="SECONDS")
     ap.add_argument("--max-roots", type=int, default=25, help="rooted paths per client at most")
-    ap.add_argument("--mean-kib", type=int, default=512, help="mean size of an added file")
+    ap.add_argument("--mean-kib", type=int, default=128, help="mean size of an added file "
+                    "(the roots at most: clients x max-roots x ~2.5 files: keep well below --fs-mib)")
     ap.add_argument("--fs-mib", type=int, default=256, help="the store's file system (root only)")
     ap.add_argument("--min-free-mib", type=int, default=128)
     ap.add_argument("--max-free-mib", type=int, default=160)

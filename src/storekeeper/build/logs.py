@@ -18,6 +18,8 @@ import re
 from collections import deque
 from typing import BinaryIO, Callable
 
+from ..store.reserve import naming
+
 
 def log_path(log_dir: str, drv_base: str, compressed: bool) -> str:
     return os.path.join(log_dir, "drvs", drv_base[:2], drv_base[2:] + (".bz2" if compressed else ""))
@@ -91,15 +93,17 @@ class BuildLogFile:
     def write(self, data: bytes) -> None:
         if self._f is None:
             return
-        self._f.write(self._z.compress(data) if self._z else data)
+        with naming(self.path):  # (a full disk: say where, as a write to a file does not)
+            self._f.write(self._z.compress(data) if self._z else data)
 
     def close(self) -> None:
         if self._f is None:
             return
         try:
-            if self._z:
-                self._f.write(self._z.flush())
-            self._f.close()
+            with naming(self.path):
+                if self._z:
+                    self._f.write(self._z.flush())
+                self._f.close()
             os.chmod(self._tmp, 0o644)
             os.replace(self._tmp, self.path)
         finally:
