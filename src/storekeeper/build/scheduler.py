@@ -75,6 +75,8 @@ class Builder:
         #: the sandbox launcher's fork server, started by the first sandboxed build
         #: and stopped when the request ends (:mod:`.forkserver`)
         self._launcher = LauncherServer()
+        self._spawner = process.Spawner()  # (started by the first confined builder)
+        self._trash = process.Trash()
 
     # --- public entry points --------------------------------------------------
 
@@ -166,6 +168,7 @@ class Builder:
                     self._cancel_rest()
                     continue
                 changed = self._start_ready()
+                self._trash.empty()  # (while the new builders run)
                 if self._running:
                     self._wait(self.POLL if self._has_waiters()
                                else process.next_deadline(self._running, self.settings))
@@ -190,6 +193,8 @@ class Builder:
                     self._reap(run, cancelled=True)
                 except Exception:  # noqa: BLE001 -- the first error is already on its way up
                     pass
+            self._spawner.close()
+            self._trash.empty()
 
     def _has_waiters(self) -> bool:
         return any(g.ready and not g.done and g.waiting_note for g in self.goals.drvs.values())
@@ -402,7 +407,8 @@ class Builder:
             run.json_log = json_log
             self._running.append(run)
             self._progress()
-            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._launcher)
+            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._launcher,
+                                  self._spawner)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
@@ -513,7 +519,8 @@ class Builder:
             self._finish(g, result, quiet=cancelled)
         finally:
             try:
-                process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger)
+                process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger,
+                                 self._trash)
             finally:
                 if run.json_log is not None:
                     run.json_log.close()
