@@ -44,6 +44,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signatures import PublicKey
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
+from ..fs.crash import crash_point
 from ..queries import references_first
 from ..store.settings import apply_settings
 from ..store.signing import trusted_keys
@@ -373,6 +374,7 @@ class Substituters:
             cache = plan[p][0]
             printed = self.sd.print(p)
             self.store.pin(p)  # before it becomes valid
+            crash_point("substitute.fetched")
             sub = self.logger.start_activity(Verbosity.ERROR, ActivityType.SUBSTITUTE, "",
                                              [printed, cache.url])
             act = self.logger.start_activity(
@@ -386,6 +388,7 @@ class Substituters:
             self.logger.stop_activity(sub)
 
         def done(p: StorePath) -> None:
+            crash_point("substitute.registered")
             stop(p)
             self._done[p] = True
 
@@ -415,8 +418,10 @@ class Substituters:
                 f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
             try:
                 self.store.pin(ni.path)  # before it becomes valid
+                crash_point("substitute.fetched")
                 # signatures were checked above (or the cache is trusted)
                 import_nar(cache, self.store, ni, check_sigs=False)
+                crash_point("substitute.registered")
             finally:
                 self.logger.stop_activity(act)
         finally:

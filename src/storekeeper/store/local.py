@@ -190,6 +190,7 @@ class LocalStore(StoreReader):
             crash_point("add.moved")
             try:
                 canonicalise_paths([real])
+                crash_point("add.canonicalised")
                 if self.settings.auto_optimise_store:
                     optimise_path(self, sp, set())  # empty inode set, as Nix does
                 crash_point("add.canonical")
@@ -221,6 +222,7 @@ class LocalStore(StoreReader):
             refs = frozenset(references)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def add_text(self, name: str, text: bytes, references: Iterable[StorePath] = (),
@@ -273,6 +275,7 @@ class LocalStore(StoreReader):
             ca = ContentAddress(method, ca_hash)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def _add_small_nar(self, nar: bytes, name: str, refs: frozenset[StorePath],
@@ -329,6 +332,7 @@ class LocalStore(StoreReader):
                 h, _ = nar_hash_path(staged)
                 info = info.with_(nar_hash=h)
             info = info.with_(nar_size=reader.size)
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def stage_nar(self, info: ValidPathInfo, stream: Readable) -> StagedNar:
@@ -376,7 +380,7 @@ class LocalStore(StoreReader):
             with naming(self.real_store_dir):
                 self.syncer.sync_new([self.real_path(i.path) for i in infos])
         crash_point("register.synced")
-        with self.db.transaction():
+        with self.db.transaction(durable=self.settings.fsync_store_paths):
             ids = {i.path: self.db.upsert_info(i) for i in infos}
             for info in infos:
                 for ref in info.references:

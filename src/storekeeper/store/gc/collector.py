@@ -474,6 +474,7 @@ class GarbageCollector:
                     continue
                 try:
                     result.bytes_freed += delete_tree(full)
+                    crash_point("gc.junk")
                 finally:
                     locks.delete_on_release = True
                     locks.release()
@@ -501,7 +502,11 @@ class _Batch:
 
 
 def _delete_trees(paths: list[str]) -> list[int]:
-    return [delete_tree(p) for p in paths]
+    freed = []
+    for p in paths:
+        freed.append(delete_tree(p))
+        crash_point("gc.deleted")
+    return freed
 
 
 SCRATCH_GRACE_SECONDS = 300
