@@ -31,6 +31,7 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
 
 from __future__ import annotations
 
+import heapq
 import os
 import socket
 import threading
@@ -318,8 +319,11 @@ class GarbageCollector:
     @staticmethod
     def _referrers_first(graph: Graph, dead_ids: array, nodes: bytearray) -> array:
         """The marked nodes, each after every marked node that refers to it (Kahn's
-        algorithm over the CSR arrays); among the ready ones, by id (the order the
-        paths were registered in, which is roughly where their inodes are)."""
+        algorithm over the CSR arrays).  Among the ready ones the highest id goes first:
+        ids follow registration, and inodes creation, so the deletion walks the inode
+        table (and the DB's rowid order) nearly sequentially, from the newest down,
+        instead of jumping around it in name (hash) order, which on a cold cache costs
+        a disk read per path."""
         off, ref = graph.off, graph.ref
         indeg = array("I", bytes(4 * graph.size))
         members = [i for i in dead_ids if nodes[i]]
@@ -327,16 +331,17 @@ class GarbageCollector:
             for j in ref[off[i]:off[i + 1]]:
                 if nodes[j] and j != i:
                     indeg[j] += 1
-        ready = sorted((i for i in members if not indeg[i]), reverse=True)
+        ready = [-i for i in members if not indeg[i]]
+        heapq.heapify(ready)
         order = array("I")
         while ready:
-            i = ready.pop()
+            i = -heapq.heappop(ready)
             order.append(i)
             for j in ref[off[i]:off[i + 1]]:
                 if nodes[j] and j != i:
                     indeg[j] -= 1
                     if not indeg[j]:
-                        ready.append(j)
+                        heapq.heappush(ready, -j)
         if len(order) != len(members):
             raise StoreError("cycle in the reference graph of dead paths")
         return order
@@ -344,9 +349,14 @@ class GarbageCollector:
     def _delete(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
         self._lock_files = {n for n in os.listdir(self.store.real_store_dir) if n.endswith(".lock")}
-        with ThreadPoolExecutor(max_workers=UNLINK_THREADS, thread_name_prefix="gc-unlink") as ex:
-            self._unlinker = ex
-            self._delete_loop(graph, order, alive, opts, result, keep_outputs, keep_derivations)
+        # every dead path is unlinked relative to one fd of the store directory
+        self._store_fd = fs.open_dir(self.store.real_store_dir)
+        try:
+            with ThreadPoolExecutor(max_workers=UNLINK_THREADS, thread_name_prefix="gc-unlink") as ex:
+                self._unlinker = ex
+                self._delete_loop(graph, order, alive, opts, result, keep_outputs, keep_derivations)
+        finally:
+            os.close(self._store_fd)
 
     def _delete_loop(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                      result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
@@ -437,20 +447,21 @@ class GarbageCollector:
         # task per slice of the batch, not per path: futures cost more than
         # unlinking a small file.
         b.ids = go
-        reals = [os.path.join(store.real_store_dir, self._name(i)[len(sd.path) + 1:]) for i in go]
-        if len(reals) <= SMALL_BATCH:
+        names = [self._name(i)[len(sd.path) + 1:] for i in go]
+        if len(names) <= SMALL_BATCH:
             # A few paths (a GC on a busy daemon): unlinked here, at once; starting
             # a thread costs more than that, and waits for a CPU on a loaded machine.
             done: Future = Future()
             try:
-                done.set_result(_delete_trees(reals))
+                done.set_result(_delete_trees(self._store_fd, names))
             except Exception as e:  # noqa: BLE001 -- raised by _finish_batch, as from a thread
                 done.set_exception(e)
             b.futures = [done]
             return
-        step = -(-len(reals) // UNLINK_THREADS)
-        b.futures = [self._unlinker.submit(_delete_trees, reals[k:k + step])
-                     for k in range(0, len(reals), step)]
+        # contiguous slices: each thread keeps to its own stretch of the inode table
+        step = -(-len(names) // UNLINK_THREADS)
+        b.futures = [self._unlinker.submit(_delete_trees, self._store_fd, names[k:k + step])
+                     for k in range(0, len(names), step)]
 
     def _finish_batch(self, graph: Graph, b: "_Batch", result: GCResult) -> None:
         try:
@@ -534,8 +545,8 @@ class _Batch:
     locks: list[PathLocks] = field(default_factory=list)
 
 
-def _delete_trees(paths: list[str]) -> list[int]:
-    return [delete_tree(p) for p in paths]
+def _delete_trees(store_fd: int, names: list[str]) -> list[int]:
+    return [fs.remove_tree(n, dir_fd=store_fd) for n in names]
 
 
 SCRATCH_GRACE_SECONDS = 300
