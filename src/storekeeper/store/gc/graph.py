@@ -20,7 +20,6 @@ import sqlite3
 import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import deque
 from contextlib import contextmanager
 from itertools import accumulate, compress, islice, repeat
 from operator import le
@@ -158,23 +157,26 @@ class Graph:
         return nxt
 
     def closure(self, start: Iterable[int], alive: bytearray, keep_outputs: bool,
-                keep_derivations: bool) -> int:
-        """Mark everything reachable from ``start`` in ``alive``; return how many were new."""
+                keep_derivations: bool) -> None:
+        """Mark everything reachable from ``start`` in ``alive`` (depth-first, iterative)."""
         stack = [i for i in start if 0 <= i < self.size and not alive[i]]
         for i in stack:
             alive[i] = 1
-        new = len(stack)
-        off, ref = self.off, self.ref
-        extra = keep_outputs or (keep_derivations and self._has_drv)
-        while stack:
-            i = stack.pop()
-            nxt = self.successors(i, keep_outputs, keep_derivations) if extra else ref[off[i]:off[i + 1]]
-            for j in nxt:
+        off, ref, push, pop = self.off, self.ref, stack.append, stack.pop
+        if keep_outputs or (keep_derivations and self._has_drv):
+            succ = self.successors
+            while stack:
+                for j in succ(pop(), keep_outputs, keep_derivations):
+                    if not alive[j]:
+                        alive[j] = 1
+                        push(j)
+            return
+        while stack:  # (references only: the hot loop of a GC, kept bare)
+            i = pop()
+            for j in ref[off[i]:off[i + 1]]:
                 if not alive[j]:
                     alive[j] = 1
-                    stack.append(j)
-                    new += 1
-        return new
+                    push(j)
 
     def closure_ids(self, start: Iterable[int], keep_outputs: bool, keep_derivations: bool) -> list[int]:
         seen = self.marks()
@@ -193,26 +195,32 @@ class Graph:
     def shortest_chain(self, roots: dict[int, str], target: int, keep_outputs: bool,
                        keep_derivations: bool) -> list[tuple[int, str]] | None:
         """Breadth-first from every root: [(root, root link), (next, edge kind), …, (target, kind)]."""
-        parent: dict[int, tuple[int | None, str]] = {}
-        queue: deque[int] = deque()
-        for r, link in sorted(roots.items(), key=lambda kv: kv[1]):
-            if r not in parent:
-                parent[r] = (None, link)
+        parent = array("i", [-1]) * self.size  # -1 unseen; a root is its own parent
+        queue: list[int] = []
+        for r, _ in sorted(roots.items(), key=lambda kv: kv[1]):
+            if 0 <= r < self.size and parent[r] < 0:
+                parent[r] = r
                 queue.append(r)
-        while queue and target not in parent:
-            i = queue.popleft()
-            for j, kind in self.edges(i, keep_outputs, keep_derivations):
-                if j not in parent:
-                    parent[j] = (i, kind)
-                    queue.append(j)
-        if target not in parent:
+        extra = keep_outputs or (keep_derivations and self._has_drv)
+        off, ref, push = self.off, self.ref, queue.append
+        k = 0
+        while k < len(queue) and parent[target] < 0:
+            i = queue[k]
+            k += 1
+            for j in (self.successors(i, keep_outputs, keep_derivations) if extra else ref[off[i]:off[i + 1]]):
+                if parent[j] < 0:
+                    parent[j] = i
+                    push(j)
+        if not 0 <= target < self.size or parent[target] < 0:
             return None
         chain = []
-        node: int | None = target
-        while node is not None:
-            prev, label = parent[node]
-            chain.append((node, label))
+        node = target
+        while parent[node] != node:
+            prev = parent[node]
+            chain.append((node, next(kind for j, kind in self.edges(prev, keep_outputs, keep_derivations)
+                                     if j == node)))
             node = prev
+        chain.append((node, roots[node]))
         return chain[::-1]
 
     # --- names: from the DB, only where needed ----------------------------------------
@@ -248,6 +256,16 @@ class Graph:
                               "from (select id, path from ValidPaths where substr(?1, id + 1, 1) = ?2 "
                               "order by path)", (blob, want)).fetchone()
         return _ids(ids_hex), (text.split("\n") if text else [])
+
+    def nar_sizes(self) -> array:
+        """``narSize`` by id (0 where unknown), read in bulk."""
+        out = array("Q", bytes(8 * self.size))
+        with _snapshot(self.db.conn) as q:
+            ids, sizes = q("select group_concat(id), group_concat(coalesce(narSize, 0)) from ValidPaths "
+                           "where id < ?", (self.size,)).fetchone()
+        for i, n in zip(_decimal(ids), _decimal(sizes)):
+            out[i] = n
+        return out
 
     @property
     def path_of(self) -> dict[int, str]:

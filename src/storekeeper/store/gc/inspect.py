@@ -10,8 +10,8 @@ import os
 import pwd
 import stat
 import time
+from array import array
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Callable, Iterable, Iterator
 
 from ... import fs
@@ -109,15 +109,15 @@ def list_roots(store) -> list[RootInfo]:
     unique = {(r, r.uid): r for r in roots}.values()
     cfg = store.settings
     closure_bytes: dict[int, int] = {}  # per distinct target: many links share one
-    sizes: dict[int, int] | None = None
+    sizes: array | None = None
     for r in sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0)):
         p = store.print_path(r.path)
         i = graph.id_of_path(p)
         if i is not None and i not in closure_bytes:
             if sizes is None:
-                sizes = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
-            closure_bytes[i] = sum(map(sizes.get, graph.closure_ids([i], cfg.keep_outputs,
-                                                                    cfg.keep_derivations), repeat(0)))
+                sizes = graph.nar_sizes()
+            closure_bytes[i] = sum(map(sizes.__getitem__, graph.closure_ids([i], cfg.keep_outputs,
+                                                                            cfg.keep_derivations)))
         owner, age = _owner_and_age(r, store.state_dir)
         out.append(RootInfo(r.kind, r.link, p, owner, age, closure_bytes.get(i, 0) if i else 0,
                             i is not None, r.uid, r.first_missed, r.expires))
