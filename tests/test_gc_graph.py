@@ -3,12 +3,14 @@ also across id gaps left by collections and across the chunks it reads in."""
 
 from __future__ import annotations
 
+import os
+
 from test_gc import generate
 
 from storekeeper.api import DELETE_SPECIFIC, GCOptions
 from storekeeper.formats.url import LocalLayout
 from storekeeper.store.gc import graph as graph_mod
-from storekeeper.store.gc.graph import Graph
+from storekeeper.store.gc.graph import Graph, stray_names
 from storekeeper.store.local import LocalStore
 
 
@@ -57,3 +59,15 @@ def test_graph_equals_the_db_rows_with_gaps(tmp_path, monkeypatch):
         by_id = dict(s.db.conn.execute("select id, path from ValidPaths"))
         assert list(paths) == sorted(by_id[i] for i in valid if not alive[i])
         assert [by_id[i] for i in ids] == list(paths)
+
+
+def test_stray_names_are_the_entries_that_are_not_valid(tmp_path, monkeypatch):
+    monkeypatch.setattr(graph_mod, "_CHUNK", 4)
+    root = str(tmp_path / "s")
+    generate(root, seed=5, n=20)
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        entries = os.listdir(s.real_store_dir)
+        junk = ["00000000000000000000000000000000-junk", "tmp-123", "x.lock"]
+        assert stray_names(s.db, s.store_dir, entries + junk) == set(junk) | ({".links"} & set(entries))
+        # valid paths missing from the listing are not strays (nor anything else)
+        assert stray_names(s.db, s.store_dir, junk) == set(junk)
