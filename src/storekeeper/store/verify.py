@@ -49,12 +49,14 @@ def verify_store(store: LocalStore, check_contents: bool = False, repair: bool =
         present = set(os.listdir(store.real_store_dir))
         skip = len(store.store_dir.path) + 1
         paths = sorted(store.db.all_valid_paths())
-        for n, path in enumerate(paths):
+        todo = paths if check_contents else [p for p in paths if p[skip:] not in present]
+        done = len(paths) - len(todo)  # (present, and nothing more to check)
+        report.checked += done
+        for n, path in enumerate(todo, done):
             if progress:
                 progress(n, len(paths))
             report.checked += 1
-            if check_contents or path[skip:] not in present:
-                _verify_one(store, store.store_dir.parse(path, lax=True), check_contents, repair, report)
+            _verify_one(store, store.store_dir.parse(path, lax=True), check_contents, repair, report)
         if check_contents:
             _verify_links(store, repair, report)
     finally:
