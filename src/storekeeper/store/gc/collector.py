@@ -223,13 +223,13 @@ class GarbageCollector:
             if opts.action != DELETE_SPECIFIC and opts.max_freed > 0:
                 self.log("deleting garbage..." if deleting else "determining live/dead paths...")
             if opts.action == LIVE:
-                _, live = graph.select(alive, 1)
+                _, live = graph.select(alive, 1, ids=False)
                 if opts.specific:
                     wanted = set(map(sd.print, opts.paths))
                     live = [p for p in live if p in wanted]
                 result.paths = live
                 return result
-            dead_ids, dead_paths = graph.select(alive, 0)
+            dead_ids, dead_paths = graph.select(alive, 0, ids=opts.action != DEAD or opts.specific)
             candidates = self._candidates(graph, alive, dead_ids, opts, sd)
             if opts.action == DEAD:
                 if candidates is None:

@@ -246,15 +246,16 @@ class Graph:
         return [i for (i,) in self.db.conn.execute(
             "select id from ValidPaths where path >= ? and path < ?", (lo, hi)) if i < self.size]
 
-    def select(self, marks: bytearray, value: int) -> tuple[array, list[str]]:
+    def select(self, marks: bytearray, value: int, ids: bool = True) -> tuple[array, list[str]]:
         """(ids, paths) of the valid paths of the snapshot whose mark is ``value``, in path
-        order; SQLite filters and joins them in one step per query."""
+        order (no ids unless ``ids``); SQLite filters and joins them in one step."""
         blob = bytes(marks)
         want = bytes([value])
+        id_text = "group_concat(printf('%08x', id), '')" if ids else "null"
         with _snapshot(self.db.conn) as q:
-            ids_hex, text = q("select group_concat(printf('%08x', id), ''), group_concat(path, char(10)) "
-                              "from (select id, path from ValidPaths where substr(?1, id + 1, 1) = ?2 "
-                              "order by path)", (blob, want)).fetchone()
+            ids_hex, text = q(f"select {id_text}, group_concat(path, char(10)) from (select id, path "
+                              "from ValidPaths where substr(?1, id + 1, 1) = ?2 order by path)",
+                              (blob, want)).fetchone()
         return _ids(ids_hex), (text.split("\n") if text else [])
 
     def nar_sizes(self) -> array:
