@@ -179,8 +179,16 @@ def test_missing_tampered_and_other_store_dir_fall_through_to_the_next_cache(tmp
     _break(missing, "missing")
     tampered = copy_cache(tmp_path, "nix28-file-none", "tampered")
     _break(tampered, "tampered")
+    # without its CA line a path needs a signature: research-bc-1's is not trusted here
+    wrong_key = copy_cache(tmp_path, "nix28-file-none", "wrong-key")
+    for f in os.listdir(wrong_key):
+        if f.endswith(".narinfo"):
+            with open(os.path.join(wrong_key, f)) as fh:
+                text = fh.read()
+            with open(os.path.join(wrong_key, f), "w") as fh:
+                fh.write("".join(x for x in text.splitlines(True) if not x.startswith("CA: ")))
     good = copy_cache(tmp_path, "nix28-file-none", "good")
-    broken = " ".join(f"file://{c}" for c in (other_dir, missing, tampered))
+    broken = " ".join(f"file://{c}" for c in (other_dir, missing, tampered, wrong_key))
     results = {}
     for kind in ("ours", "nix"):
         daemons.start(kind)
@@ -194,6 +202,8 @@ def test_missing_tampered_and_other_store_dir_fall_through_to_the_next_cache(tmp
             assert "does not exist in binary cache" in fail.stderr
             assert f"hash mismatch importing path '{A}'" in fail.stderr
             assert "Traceback" not in fail.stderr + ok.stderr
+        assert (f"the substitute for '{A}' from 'file://{wrong_key}' is not signed by any of "
+                "the keys in 'trusted-public-keys'") in fail.stderr, (kind, fail.stderr)
     assert results["ours"] == results["nix"] == (True, 0, B + "\n")
 
 

@@ -18,6 +18,8 @@ import re
 from collections import deque
 from typing import BinaryIO, Callable
 
+from ..fs.atomic import write_file_atomic
+
 
 def log_path(log_dir: str, drv_base: str, compressed: bool) -> str:
     return os.path.join(log_dir, "drvs", drv_base[:2], drv_base[2:] + (".bz2" if compressed else ""))
@@ -33,6 +35,17 @@ def read_build_log(log_dir: str, drv_base: str) -> bytes | None:
             continue
         return bz2.decompress(data) if compressed else data
     return None
+
+
+def add_build_log(log_dir: str, drv_base: str, log: bytes) -> bool:
+    """Keep ``log`` (bzip2-compressed) as the log of ``drv_base`` unless it has one already
+    (as Nix's AddBuildLog: a log is never replaced); written atomically.  True if written."""
+    if read_build_log(log_dir, drv_base) is not None:
+        return False
+    path = log_path(log_dir, drv_base, True)
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    write_file_atomic(path, bz2.compress(log), 0o644)
+    return True
 
 
 class LineSplitter:

@@ -14,7 +14,7 @@ Invariants:
   have their declared hash; outputs may not refer to each other in a cycle.
 * **All outputs of a build are registered in one transaction** (deriver = the
   ``.drv``, ``ultimate``, NAR hash and size, references, content address for
-  fixed outputs), or none is.  A failed build registers nothing (except, as in
+  fixed outputs, a signature per ``secret-key-files`` key), or none is.  A failed build registers nothing (except, as in
   Nix 2.8, a fixed output with the wrong hash, which becomes valid under the
   path its actual content gives).
 * ``--check`` compares the rebuilt outputs with the registered NAR hashes and
@@ -41,6 +41,7 @@ from ..fs.narfs import dump_path
 from ..store.canonicalise import canonicalise_paths
 from ..store.locks import PathLocks
 from ..store.optimise import optimise_path
+from ..store.signing import signed, signing_keys
 from . import refgraph
 from .attrs import AttrError, apply_checks, output_checks
 from .goals import DrvGoal, GoalGraph
@@ -124,6 +125,11 @@ def register_outputs(store, graph: GoalGraph, run: Run, settings: BuildSettings,
         infos[name] = info
     check_cycles(sd, g, refs_by_out)
     check_reference_rules(store, g, infos)
+    try:
+        keys = signing_keys(store.settings)
+    except StoreError as e:
+        raise Failure(BuildStatus.MISC_FAILURE, str(e)) from None
+    infos = {name: signed(sd, info, keys) for name, info in infos.items()}
     _auto_optimise(store, [i.path for i in infos.values()])
     crash_point("build.moved")
     store.register_valid_paths(infos.values())

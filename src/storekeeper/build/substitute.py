@@ -8,6 +8,9 @@ decide whether a cache's copy may be used: a signature by a key in
 ``trusted-public-keys`` unless the path is content-addressed, ``require-sigs`` is
 off, or the cache is ``?trusted=1``.
 
+The signature rule and the import step (download, decode, check while streaming,
+``add_nar``) are :mod:`storekeeper.cache.copy`'s, shared with ``copy --from``.
+
 Invariant, **pin, then import, references first**: a path is pinned (temp root)
 before its validity is checked and before it is registered, and it is registered
 only after every one of its references is valid; so a concurrent GC never sees a
@@ -29,14 +32,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from ..cache import BinaryCache, NarMissing, open_cache
+from ..cache.copy import import_nar, signed_enough
 from ..config import settings as settings_table
 from ..errors import StoreError
 from ..formats.errors import FormatError
 from ..formats.narinfo import NarInfo
-from ..formats.signatures import PublicKey, SecretKey, is_trusted, parse_public_keys
+from ..formats.signatures import PublicKey
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
 from ..store.settings import apply_settings
+from ..store.signing import trusted_keys
 from .logger import BuildLogger, NullLogger
 from .narinfo_cache import NarInfoDiskCache, disk_cached
 
@@ -68,15 +73,7 @@ class SubstituteSettings:
     def public_keys(self) -> dict[str, PublicKey]:
         """``trusted-public-keys`` plus the public halves of the readable
         ``secret-key-files`` (first key of a name wins, spec §5.3)."""
-        keys = parse_public_keys(self.trusted_public_keys)
-        for path in self.secret_key_files:
-            try:
-                with open(path) as f:
-                    pk = SecretKey.parse(f.read()).public()
-            except (OSError, FormatError):
-                continue  # unreadable key files are skipped, as by Nix
-            keys.setdefault(pk.name, pk)
-        return keys
+        return trusted_keys(self)
 
 
 class Substituters:
@@ -280,8 +277,7 @@ class Substituters:
             if ni is None:
                 continue
             info = ni.path_info()
-            if self.settings.require_sigs and not cache.params.trusted \
-                    and not is_trusted(sd, info, self.keys()):
+            if self.settings.require_sigs and not signed_enough(cache, ni, self.keys()):
                 self.logger.log(Verbosity.WARN, f"warning: the substitute for '{printed}' from "
                                 f"'{cache.url}' is not signed by any of the keys in "
                                 "'trusted-public-keys'")
@@ -316,12 +312,8 @@ class Substituters:
                 f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
             try:
                 self.store.pin(ni.path)  # before it becomes valid
-                stream = cache.open_nar(ni)
-                try:
-                    # signatures were checked above (or the cache is trusted)
-                    self.store.add_nar(ni.path_info(), stream, check_sigs=False)
-                finally:
-                    stream.close()
+                # signatures were checked above (or the cache is trusted)
+                import_nar(cache, self.store, ni, check_sigs=False)
             finally:
                 self.logger.stop_activity(act)
         finally:

@@ -166,9 +166,9 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
     valid = store.query_valid_paths(order)
     result = CopyResult(skipped=[p for p in order if p in valid])
     todo = [p for p in order if p not in valid]
-    if check_sigs and not cache.params.trusted:
+    if check_sigs:
         for p in todo:
-            if not is_trusted(sd, infos[p].path_info(), keys):
+            if not signed_enough(cache, infos[p], keys):
                 raise StoreError(f"cannot add path '{sd.print(p)}' because it lacks a valid "
                                  f"signature (none of its signatures is by a key in "
                                  f"'trusted-public-keys'; cache '{cache.url}')")
@@ -181,16 +181,29 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
         ni = infos[p]
         if log:
             log(f"copying path '{sd.print(p)}' from '{cache.url}'")
-        stream = cache.open_nar(ni)
-        try:
-            store.add_nar(ni.path_info(), stream, check_sigs=store_checks_sigs)
-            stream.finish()
-        finally:
-            stream.close()
+        import_nar(cache, store, ni, store_checks_sigs)
         _count(result, ni)
         if progress:
             progress(len(result.copied) + len(result.skipped), len(order), result.nar_bytes)
     return result
+
+
+def signed_enough(cache: BinaryCache, ni: NarInfo, keys: Mapping[str, PublicKey]) -> bool:
+    """May ``ni`` be taken from ``cache`` when signatures are required (spec §5.3): the
+    cache is ``?trusted=1``, or the path is content-addressed or signed by one of ``keys``.
+    The one rule of ``copy --from`` and of substitution (daemon and local CLI)."""
+    return cache.params.trusted or is_trusted(ni.store_dir, ni.path_info(), keys)
+
+
+def import_nar(cache: BinaryCache, store: Store, ni: NarInfo, check_sigs: bool) -> None:
+    """Download ``ni``'s NAR and add it to ``store``, checked while it streams (NarHash,
+    NarSize, FileHash): the one import step of ``copy --from`` and of substitution."""
+    stream = cache.open_nar(ni)
+    try:
+        store.add_nar(ni.path_info(), stream, check_sigs=check_sigs)
+        stream.finish()
+    finally:
+        stream.close()
 
 
 def _count(result: CopyResult, ni: NarInfo) -> None:
@@ -259,4 +272,5 @@ def _add_prefetched(cache: BinaryCache, store: Store, nis: list[NarInfo], store_
             raise
 
 
-__all__ = ["CacheError", "CopyResult", "closure_in_cache", "copy_from_cache", "copy_to_cache"]
+__all__ = ["CacheError", "CopyResult", "closure_in_cache", "copy_from_cache", "copy_to_cache",
+           "import_nar", "signed_enough"]

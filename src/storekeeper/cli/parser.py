@@ -75,6 +75,8 @@ def _path_info(sub: _Sub) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
     s.add_argument("-S", "--closure-size", action="store_true")
+    s.add_argument("--sigs", action="store_true",
+                   help="a column with 'ultimate', 'ca:…' and the signatures, as nix path-info")
     s.set_defaults(func="paths.cmd_path_info", queries_only=True)
 
 
@@ -187,6 +189,16 @@ def _verify(sub: _Sub) -> None:
     s.add_argument("--check-contents", action="store_true")
     s.add_argument("--repair", action="store_true")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--sigs", action="store_true",
+                   help="check signatures instead (with --check-contents: as well): report each "
+                        "path that is neither built here, content-addressed nor signed by a key "
+                        "in trusted-public-keys, as nix store verify; exit code 2 if any")
+    s.add_argument("--sigs-needed", type=int, default=0, metavar="N",
+                   help="with --sigs: N signatures by trusted keys (built paths too)")
+    s.add_argument("--trusted-public-keys", metavar="KEYS",
+                   help="with --sigs: these keys instead of nix.conf's trusted-public-keys")
+    s.add_argument("paths", nargs="*", metavar="PATH",
+                   help="with --sigs: only these paths (default: every valid path)")
     s.set_defaults(func="paths.cmd_verify")
 
 
@@ -287,6 +299,9 @@ def _copy(sub: _Sub) -> None:
                    help="--from: accept paths without a trusted signature")
     s.add_argument("--trusted-public-keys", metavar="KEYS",
                    help="--from: these keys instead of nix.conf's trusted-public-keys")
+    s.add_argument("--logs", action="store_true",
+                   help="--to from a local store: also the build logs of the paths' derivers, "
+                        "to log/<drv> (as nix store copy-log; paths without a log are skipped)")
     s.set_defaults(func="cache.cmd_copy")
 
 
@@ -297,6 +312,11 @@ def _cache(sub: _Sub) -> None:
     i.add_argument("url", metavar="URL")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func="cache.cmd_cache_info", no_store=True)
+    g = cs.add_parser("log", help="print the build log a cache has for a derivation or for "
+                      "the deriver of PATH (as nix log --store URL)")
+    g.add_argument("url", metavar="URL")
+    g.add_argument("paths", nargs="+", metavar="PATH")
+    g.set_defaults(func="cache.cmd_cache_log", no_store=True)
 
 
 def _serve(sub: _Sub) -> None:

@@ -177,3 +177,21 @@ def is_trusted(store_dir: StoreDir, info: ValidPathInfo, keys: Mapping[str, Publ
     if is_content_addressed(store_dir, info):
         return True
     return any(verify_sig(store_dir, info, s, keys) for s in sorted(info.sigs))
+
+
+def count_valid_sigs(store_dir: StoreDir, info: ValidPathInfo,
+                     keys: Mapping[str, PublicKey]) -> int:
+    """How many of ``info``'s signatures verify with a trusted key."""
+    return sum(verify_sig(store_dir, info, s, keys) for s in sorted(info.sigs))
+
+
+def has_enough_sigs(store_dir: StoreDir, info: ValidPathInfo, keys: Mapping[str, PublicKey],
+                    sigs_needed: int = 0) -> bool:
+    """``nix store verify``'s rule: a path built here (``ultimate``) is trusted when no
+    count is asked for; a content-addressed one always; else ``max(1, sigs_needed)``
+    signatures by trusted keys."""
+    if info.ultimate and not sigs_needed:
+        return True
+    if is_content_addressed(store_dir, info):
+        return True
+    return count_valid_sigs(store_dir, info, keys) >= max(1, sigs_needed)

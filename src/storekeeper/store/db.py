@@ -395,6 +395,16 @@ class StoreDB:
             return None
         return self._row_to_info(row, self.references_of_id(row[0]))
 
+    def all_infos(self) -> list[ValidPathInfo]:
+        """Every valid path's info, read in two queries (whole-store checks: one query
+        pair per path costs more than the check itself)."""
+        refs: dict[int, list[str]] = {}
+        for referrer, path in self.conn.execute(
+                "select referrer, path from Refs join ValidPaths on reference = id"):
+            refs.setdefault(referrer, []).append(path)
+        return [self._row_to_info(row, refs.get(row[0], ()))
+                for row in self.conn.execute(f"select {_INFO_COLS} from ValidPaths")]
+
     def references_of_id(self, path_id: int) -> list[str]:
         return [r[0] for r in self.conn.execute(
             "select path from Refs join ValidPaths on reference = id where referrer = ?",

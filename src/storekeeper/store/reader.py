@@ -149,6 +149,10 @@ class StoreReader(DerivedQueries):
     def query_all_valid_paths(self) -> set[StorePath]:
         return {self.store_dir.parse(p, lax=True) for p in self.db.all_valid_paths()}
 
+    def query_all_infos(self) -> list[ValidPathInfo]:
+        """Every valid path's info, in one read of the database (``verify --sigs``)."""
+        return self.db.all_infos()
+
     def query_path_from_hash_part(self, hash_part: str) -> StorePath | None:
         p = self.db.path_from_hash_part(hash_part)
         return self.store_dir.parse(p, lax=True) if p else None

@@ -1,5 +1,5 @@
 """Binary caches and signatures: ``key generate``, ``key public``, ``sign``, ``copy``,
-``cache info``."""
+``cache info``, ``cache log``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, is_local, resolve_path, valid
+from ..common import UsageError, is_local, local_of, resolve_path, valid
 
 if TYPE_CHECKING:
+    from typing import Callable
+
+    from ...cache import BinaryCache
     from ...formats.signatures import PublicKey, SecretKey
     from ...formats.storepath import StorePath
     from ..common import Store
@@ -69,21 +72,13 @@ def cmd_sign(store: Store, args: argparse.Namespace) -> int:
 
 def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
     """``trusted-public-keys`` (nix.conf, or ``--trusted-public-keys``) and the public
-    halves of the readable ``secret-key-files`` (spec §5.3)."""
-    from ...formats.signatures import SecretKey, parse_public_keys
-    from ...store.settings import StoreSettings
-    settings = StoreSettings.from_nix_conf()
-    texts = (args.trusted_public_keys.split() if args.trusted_public_keys is not None
-             else list(settings.trusted_public_keys))
-    keys = parse_public_keys(texts)
-    for path in settings.secret_key_files:
-        try:
-            with open(path) as f:
-                pk = SecretKey.parse(f.read()).public()
-        except OSError:
-            continue  # unreadable key files are skipped, as Nix does
-        keys.setdefault(pk.name, pk)
-    return keys
+    halves of the readable ``secret-key-files`` (spec §5.3): the store's own rule."""
+    from ...store import signing
+    from ...store.settings import StoreSettings, environment_settings
+    settings = StoreSettings().with_settings(environment_settings())  # nix.conf, NIX_CONFIG
+    if args.trusted_public_keys is not None:
+        settings = settings.with_settings([("trusted-public-keys", args.trusted_public_keys)])
+    return signing.trusted_keys(settings)
 
 
 def cmd_copy(store: Store, args: argparse.Namespace) -> int:
@@ -96,6 +91,9 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     def progress(done: int, total: int, nar_bytes: int) -> None:
         bar.label = f"copying ({nar_bytes / 2**20:.1f} MiB)"
         bar.update(done, total)
+    if args.logs and not args.to:
+        raise UsageError("--logs goes with --to")
+    logs: list[StorePath] = []
     cache = open_cache(args.to or args.from_)
     try:
         if args.to:
@@ -104,25 +102,85 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             if not is_local(store):
                 jobs = 1  # one daemon connection: NARs come one after the other
             result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
+            if args.logs:
+                logs = _copy_logs(store, cache, result.copied + result.skipped, log)
         else:
             paths = [_store_path(store, p) for p in args.paths]
             local = is_local(store)
-            result = copy_from_cache(cache, store, paths, trusted_keys(args),
-                                     check_sigs=not args.no_check_sigs,
+            # require-sigs = false (nix.conf, NIX_CONFIG) lets unsigned paths in, as in Nix;
+            # a daemon decides by its own require-sigs
+            check = not args.no_check_sigs and _require_sigs()
+            result = copy_from_cache(cache, store, paths, trusted_keys(args), check_sigs=check,
                                      store_checks_sigs=not local and not args.no_check_sigs,
                                      log=log, progress=progress)
     finally:
         bar.close()
         cache.close()
     if args.json:
-        print(json.dumps(result.to_json(store.print_path)))
+        out = result.to_json(store.print_path)
+        if args.logs:
+            out["logs"] = [store.print_path(d) for d in logs]
+        print(json.dumps(out))
     return 0
+
+
+def _copy_logs(store: Store, cache: BinaryCache, paths: list[StorePath],
+               log: Callable[[str], None] | None) -> list[StorePath]:
+    """Upload the build log of each path's deriver that this local store has."""
+    from ...build.logs import read_build_log
+    from ...cache.logs import add_build_log
+    local = local_of(store)
+    if local is None:
+        raise UsageError("copy --logs reads the build logs of a local store (a daemon does not "
+                         "send them)")
+    done: list[StorePath] = []
+    drvs = {p if p.is_derivation else store.path_info(p).deriver for p in paths}
+    for drv in sorted(d for d in drvs if d is not None):
+        data = read_build_log(local.layout.log_dir, drv.base)
+        if data is None:
+            continue
+        add_build_log(cache, drv, data)
+        done.append(drv)
+        if log:
+            log(f"copied build log of '{store.print_path(drv)}' to '{cache.url}'")
+    return done
+
+
+def _require_sigs() -> bool:
+    from ...build import SubstituteSettings
+    from ...store.settings import environment_settings
+    return SubstituteSettings().with_settings(environment_settings()).require_sigs
 
 
 def _store_path(store: Store, arg: str) -> StorePath:
     if arg.startswith(store.store_dir.path + "/"):
         return store.store_dir.parse(arg)
     return resolve_path(store, arg)
+
+
+def cmd_cache_log(store: None, args: argparse.Namespace) -> int:
+    """``nix log --store URL PATH…``: each log on stdout, Nix's words on stderr."""
+    from ...cache import CacheError, open_cache
+    from ...cache.logs import build_log
+    from ...errors import InvalidPath
+    from ...formats.storepath import StoreDir
+    cache = open_cache(args.url)
+    try:
+        info = cache.info()
+        if info is None:
+            raise CacheError(f"'{cache.url}' does not appear to be a binary cache")
+        sd = StoreDir(info.store_dir)
+        for arg in args.paths:
+            sp = sd.parse(arg if arg.startswith("/") else f"{sd.path}/{arg}")
+            found = build_log(cache, sd, sp)
+            if found is None:
+                raise InvalidPath(f"build log of '{sd.print(sp)}' is not available")
+            print(f"got build log for '{sd.print(sp)}' from '{cache.url}'", file=sys.stderr)
+            sys.stdout.buffer.write(found[1])
+            sys.stdout.flush()
+    finally:
+        cache.close()
+    return 0
 
 
 def cmd_cache_info(store: None, args: argparse.Namespace) -> int:

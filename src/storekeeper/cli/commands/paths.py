@@ -96,6 +96,9 @@ def cmd_path_info(store: Store, args: argparse.Namespace) -> int:
         line += f"\t{info.nar_size:>12}"
         if args.closure_size:
             line += f"\t{sum(store.path_info(q).nar_size for q in store.query_closure([info.path])):>12}"
+        if getattr(args, "sigs", False):
+            line += "\t" + " ".join(["ultimate"] * info.ultimate + [f"ca:{info.ca}"] * bool(info.ca)
+                                    + sorted(info.sigs))
         print(line)
     return 0
 
@@ -124,16 +127,43 @@ def cmd_restore(store: Store | None, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(store: Store, args: argparse.Namespace) -> int:
-    report = store.verify(check_contents=args.check_contents, repair=args.repair)
-    for line in report.repaired:
-        print(f"repaired: {line}", file=sys.stderr)
-    for line in report.errors:
-        print(f"error: {line}", file=sys.stderr)
+    """``nix-store --verify``; with ``--sigs`` the trust check of ``nix store verify``, and
+    Nix's exit code bits: 1 an error of the store, 2 an untrusted path."""
+    if (args.paths or args.sigs_needed or args.trusted_public_keys) and not args.sigs:
+        raise UsageError("PATH, --sigs-needed and --trusted-public-keys go with --sigs")
+    report = None
+    if not args.sigs or args.check_contents or args.repair:
+        report = store.verify(check_contents=args.check_contents, repair=args.repair)
+        for line in report.repaired:
+            print(f"repaired: {line}", file=sys.stderr)
+        for line in report.errors:
+            print(f"error: {line}", file=sys.stderr)
+    untrusted: list[str] = []
+    checked = report.checked if report else 0
+    if args.sigs:
+        from ...store import signing
+        from ...store.settings import StoreSettings, environment_settings
+        settings = StoreSettings().with_settings(environment_settings())  # nix.conf, NIX_CONFIG
+        if args.trusted_public_keys is not None:
+            settings = settings.with_settings([("trusted-public-keys", args.trusted_public_keys)])
+        paths = [valid(store, p) for p in args.paths] if args.paths else None
+        for sp in signing.untrusted_paths(store, paths, signing.trusted_keys(settings),
+                                          args.sigs_needed):
+            untrusted.append(store.print_path(sp))
+            print(f"path '{untrusted[-1]}' is untrusted", file=sys.stderr)
+        if args.json:
+            checked = max(checked, len(paths) if paths is not None else
+                          len(store.query_all_valid_paths()))
     if args.json:
         import json  # only for --json: off the query path (cold start)
 
-        json.dump({"checked": report.checked, "errors": report.errors,
-                   "repaired": report.repaired}, sys.stdout)
+        out: dict = {"checked": checked}
+        if report:
+            out.update(errors=report.errors, repaired=report.repaired)
+        if args.sigs:
+            out["untrusted"] = untrusted
+        json.dump(out, sys.stdout)
         sys.stdout.write("\n")
-    return 0 if report.ok else 1
+    return (0 if report is None or report.ok else 1) | (2 if untrusted else 0)
+
 
