@@ -31,7 +31,6 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
 
 from __future__ import annotations
 
-import heapq
 import os
 import socket
 import threading
@@ -43,7 +42,7 @@ from typing import Callable
 
 from ... import fs
 from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
-from ...errors import PathInUse, StoreError
+from ...errors import PathInUse
 from ...formats.storepath import StorePath, StorePathError
 from ...fs.crash import crash_point
 from ..locks import PathLocks, lock_fd, open_lock_file
@@ -247,7 +246,7 @@ class GarbageCollector:
                 candidates = graph.marks()
                 for i in dead_ids:
                     candidates[i] = 1
-            order = self._referrers_first(graph, dead_ids, candidates)
+            order = graph.referrers_first(dead_ids, candidates)
             del candidates
             self._total = len(order)
             self._delete(graph, order, alive, opts, result, keep_outputs, keep_derivations)
@@ -315,36 +314,6 @@ class GarbageCollector:
                         stack.append(r)
             out[i] = 1
         return out
-
-    @staticmethod
-    def _referrers_first(graph: Graph, dead_ids: array, nodes: bytearray) -> array:
-        """The marked nodes, each after every marked node that refers to it (Kahn's
-        algorithm over the CSR arrays).  Among the ready ones the highest id goes first:
-        ids follow registration, and inodes creation, so the deletion walks the inode
-        table (and the DB's rowid order) nearly sequentially, from the newest down,
-        instead of jumping around it in name (hash) order, which on a cold cache costs
-        a disk read per path."""
-        off, ref = graph.off, graph.ref
-        indeg = array("I", bytes(4 * graph.size))
-        members = [i for i in dead_ids if nodes[i]]
-        for i in members:
-            for j in ref[off[i]:off[i + 1]]:
-                if nodes[j] and j != i:
-                    indeg[j] += 1
-        ready = [-i for i in members if not indeg[i]]
-        heapq.heapify(ready)
-        order = array("I")
-        while ready:
-            i = -heapq.heappop(ready)
-            order.append(i)
-            for j in ref[off[i]:off[i + 1]]:
-                if nodes[j] and j != i:
-                    indeg[j] -= 1
-                    if not indeg[j]:
-                        heapq.heappush(ready, -j)
-        if len(order) != len(members):
-            raise StoreError("cycle in the reference graph of dead paths")
-        return order
 
     def _delete(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:

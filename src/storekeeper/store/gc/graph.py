@@ -15,6 +15,7 @@ only where one is needed.
 
 from __future__ import annotations
 
+import heapq
 import json
 import sqlite3
 import sys
@@ -222,6 +223,35 @@ class Graph:
             node = prev
         chain.append((node, roots[node]))
         return chain[::-1]
+
+    def referrers_first(self, ids: Iterable[int], nodes: bytearray) -> array:
+        """Those of ``ids`` marked in ``nodes``, each after every marked node that refers to
+        it (Kahn's algorithm over the CSR arrays).  Among the ready ones the highest id goes
+        first: ids follow registration, and inodes creation, so a deletion in this order
+        walks the inode table (and the DB's rowid order) nearly sequentially, from the
+        newest down, instead of jumping around it in name (hash) order, which on a cold
+        cache costs a disk read per path."""
+        off, ref = self.off, self.ref
+        indeg = _zeros(self.size)
+        members = [i for i in ids if nodes[i]]
+        for i in members:
+            for j in ref[off[i]:off[i + 1]]:
+                if nodes[j] and j != i:
+                    indeg[j] += 1
+        ready = [-i for i in members if not indeg[i]]
+        heapq.heapify(ready)
+        order = array("I")
+        while ready:
+            i = -heapq.heappop(ready)
+            order.append(i)
+            for j in ref[off[i]:off[i + 1]]:
+                if nodes[j] and j != i:
+                    indeg[j] -= 1
+                    if not indeg[j]:
+                        heapq.heappush(ready, -j)
+        if len(order) != len(members):
+            raise StoreError("cycle in the reference graph of dead paths")
+        return order
 
     # --- names: from the DB, only where needed ----------------------------------------
 
