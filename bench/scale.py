@@ -43,9 +43,13 @@ from _nixenv import copy, isolated_nix_env, rmtree
 TIME = "/usr/bin/time"
 
 
+CPU: dict[str, float] = {}  # CPU seconds (user + sys) of the last run of each command
+
+
 def run(cmd: list[str], env: dict[str, str], capture: bool = False,
         check: bool = True) -> tuple[float, int, bytes]:
-    """Seconds, peak RSS in MiB, stdout (when ``capture``).
+    """Seconds, peak RSS in MiB, stdout (when ``capture``); its CPU seconds in ``CPU``
+    (on a loaded machine the wall time is mostly waiting for a core).
 
     The peak RSS is taken by GNU time, a small process: a child forked straight
     from this one would report at least this process's own peak (Linux keeps
@@ -53,7 +57,7 @@ def run(cmd: list[str], env: dict[str, str], capture: bool = False,
     million-path dead list.
     """
     with tempfile.NamedTemporaryFile("r") as rss_file:
-        wrap = [TIME, "-f", "%M", "-o", rss_file.name] if os.path.exists(TIME) else []
+        wrap = [TIME, "-f", "%U %S %M", "-o", rss_file.name] if os.path.exists(TIME) else []
         t0 = time.perf_counter()
         p = subprocess.Popen(wrap + cmd, env=env, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -63,8 +67,11 @@ def run(cmd: list[str], env: dict[str, str], capture: bool = False,
         code = os.waitstatus_to_exitcode(status)
         if check and code != 0:
             raise SystemExit(f"{' '.join(cmd[:6])}... failed ({code})")
-        text = rss_file.read().strip().splitlines()
-        kib = int(text[-1]) if wrap and text and text[-1].isdigit() else ru.ru_maxrss
+        last = (rss_file.read().strip().splitlines() or [""])[-1].split()
+        timed = bool(wrap) and len(last) == 3
+        kib = int(last[2]) if timed else ru.ru_maxrss
+        CPU[cmd[0] if cmd[0] != sys.executable else "storekeeper"] = \
+            float(last[0]) + float(last[1]) if timed else ru.ru_utime + ru.ru_stime
     return secs, kib // 1024, out
 
 
@@ -94,32 +101,38 @@ class Bench:
         """Median seconds and max peak RSS of ours (and Nix's) over ``runs``; their outputs."""
         if warm:
             run(ours, self.env)  # the page cache and bytecode warm for both
-        secs, rss, out = [], [], b""
+        secs, rss, cpu, out = [], [], [], b""
         for _ in range(runs):
             s, m, out = run(ours, self.env, capture=True)
             secs.append(s)
             rss.append(m)
-        row = {"ours": statistics.median(secs), "ours_rss": max(rss), "runs": runs, "load": load()}
+            cpu.append(CPU["storekeeper"])
+        row = {"ours": statistics.median(secs), "ours_rss": max(rss), "ours_cpu": statistics.median(cpu),
+               "runs": runs, "load": load()}
         nix_out = None
         if nix is not None and not self.args.skip_nix and not (self.old.get(name, {}).get("nix")):
-            ns, nm = [], []
+            ns, nm, nc = [], [], []
             for _ in range(nix_runs):
                 s, m, nix_out = run(nix, self.env, capture=True)
                 ns.append(s)
                 nm.append(m)
-            row.update(nix=statistics.median(ns), nix_rss=max(nm), nix_load=load(), nix_reused=False)
+                nc.append(CPU[nix[0]])
+            row.update(nix=statistics.median(ns), nix_rss=max(nm), nix_cpu=statistics.median(nc),
+                       nix_load=load(), nix_reused=False)
         elif nix is not None and self.old.get(name, {}).get("nix"):
             o = self.old[name]
-            row.update(nix=o["nix"], nix_rss=o["nix_rss"], nix_load=o.get("nix_load"), nix_reused=True)
+            row.update(nix=o["nix"], nix_rss=o["nix_rss"], nix_cpu=o.get("nix_cpu"), nix_load=o.get("nix_load"),
+                       nix_reused=True)
         self.rows[name] = row
         self.report(name)
         return out, nix_out
 
     def report(self, name: str) -> None:
         r = self.rows[name]
-        line = f"{name}: ours {r['ours']:.2f}s {r['ours_rss']} MiB"
+        line = f"{name}: ours {r['ours']:.2f}s (cpu {r.get('ours_cpu') or 0:.2f}s) {r['ours_rss']} MiB"
         if "nix" in r:
-            line += (f"; nix {r['nix']:.2f}s {r['nix_rss']} MiB{' (earlier run)' if r['nix_reused'] else ''}"
+            line += (f"; nix {r['nix']:.2f}s (cpu {r.get('nix_cpu') or 0:.2f}s) {r['nix_rss']} MiB"
+                     f"{' (earlier run)' if r['nix_reused'] else ''}"
                      f"; ratio {r['ours'] / r['nix']:.3f}x")
         if "rm" in r:
             line += f"; rm -rf {r['rm']:.2f}s; ours/rm {r['ours'] / r['rm']:.3f}x"
@@ -219,17 +232,17 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"label": args.label, "store": root, "rows": b.rows}, f, indent=1)
-        print(f"\n| op ({args.label}) | storekeeper s | Nix 2.8 s | ratio | our peak RSS MiB | "
+        print(f"\n| op ({args.label}) | storekeeper s | Nix 2.8 s | ratio | our CPU s | our peak RSS MiB | "
               "Nix peak RSS MiB | load |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for name, r in b.rows.items():
             if "rm" in r:
                 print(f"| deletion vs rm -rf | {r['ours']:.1f} | rm -rf {r['rm']:.1f} | "
-                      f"{r['ours'] / r['rm']:.2f}x | {r['ours_rss']} | - | {r['load']} |")
+                      f"{r['ours'] / r['rm']:.2f}x | - | {r['ours_rss']} | - | {r['load']} |")
                 continue
             nix = f"{r['nix']:.2f}" + (" (earlier run)" if r.get("nix_reused") else "") if "nix" in r else "-"
             ratio = f"{r['ours'] / r['nix']:.3f}x" if "nix" in r else "-"
-            print(f"| {name} | {r['ours']:.2f} | {nix} | {ratio} | {r['ours_rss']} | "
+            print(f"| {name} | {r['ours']:.2f} | {nix} | {ratio} | {r.get('ours_cpu', 0):.2f} | {r['ours_rss']} | "
                   f"{r.get('nix_rss', '-')} | {r['load']} |")
         return 0
     finally:
