@@ -11,7 +11,7 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
    root handed over from a temp root to a symlink (or to a user's
    registration or lease, which the daemon writes only after pinning) is
    never missed.
-2. The reference graph is loaded in one pass (three queries); liveness is the
+2. The reference graph is loaded from one DB snapshot (:mod:`.graph`); liveness is the
    forward closure of the roots over references, plus derivers when
    ``keep-derivations`` and derivation outputs when ``keep-outputs``.
 3. Dead paths are deleted referrers-first, in batches.  Before a batch is
