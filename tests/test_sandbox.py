@@ -143,6 +143,75 @@ def test_builds_on_a_chroot_store_with_the_logical_store_dir_inside(chroot_store
     assert not [n for n in os.listdir(chroot_store.real_store_dir) if n.endswith(".chroot")]
 
 
+def test_one_launcher_per_session_runs_parallel_builds_and_leaves_no_process(chroot_store):
+    """The fork server (build/forkserver.py): several sandboxed builds at once in one
+    request, each with its own status and log; no child of ours is left afterwards
+    (a daemon's connection process is reused only without one)."""
+    drvs = [add_drv(chroot_store, f"par{i}", f"sleep 0.{i}; echo {i}; echo {i} > $out")
+            for i in range(4)]
+    drvs.append(add_drv(chroot_store, "fails", "echo oops; exit 3"))
+    st = BuildSettings().with_settings(SANDBOXED + [("max-jobs", "3"), ("keep-going", "true")])
+    res = Builder(chroot_store, st).build([DerivedPath(d, frozenset({"out"})) for d in drvs])
+    assert [r.status for r in res[:4]] == [BuildStatus.BUILT] * 4, [r.error_msg for r in res]
+    for i, d in enumerate(drvs[:4]):
+        out = chroot_store.real_path(chroot_store.query_derivation_outputs(d)["out"])
+        assert read_out(out) == f"{i}\n"
+    assert res[4].status == BuildStatus.PERMANENT_FAILURE
+    assert "failed with exit code 3" in res[4].error_msg and "> oops" in res[4].error_msg
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def _our_launcher() -> int | None:
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == os.getpid() and b"fork server" in cmd:
+            return int(pid)
+    return None
+
+
+def test_a_dead_launcher_takes_its_builds_with_it(chroot_store):
+    """Killing the fork server kills its sandboxes (PDEATHSIG): the build fails as
+    killed, nothing of it is left, and the next request starts a new server."""
+    marker = f"sandbox-orphan-{os.getpid()}"
+    drv = add_drv(chroot_store, "orphan", f'echo started; sh -c "sleep 30; echo {marker}"')
+    killed = []
+
+    def inner_started() -> bool:
+        # (the inner sh, started after "started" was written; the builder's own command
+        # line names the marker too, before it has written anything)
+        return bool(_processes_with(f"sleep 30; echo {marker}")) and \
+            len(_processes_with(marker)) > len(_processes_with("echo started; sh -c"))
+
+    def killer() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not killed:
+            pid = _our_launcher()
+            if pid is not None and inner_started():
+                os.kill(pid, 9)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    start = time.monotonic()
+    res, _ = build(chroot_store, drv, SANDBOXED)
+    t.join()
+    assert killed and time.monotonic() - start < 20
+    assert res.status == BuildStatus.PERMANENT_FAILURE
+    assert "failed due to signal 9 (Killed)" in res.error_msg and "> started" in res.error_msg
+    time.sleep(0.3)
+    assert _processes_with(marker) == []
+    res, out = build(chroot_store, add_drv(chroot_store, "after", "echo ok > $out"), SANDBOXED)
+    assert res.status == BuildStatus.BUILT and read_out(out) == "ok\n"
+
+
 def both(tmp_path, name: str, script: str, sandboxed=SANDBOXED, unsandboxed=UNSANDBOXED,
          **kw) -> tuple[str, str]:
     """The output of ``script`` built in the sandbox (chroot store) and without it (a store
@@ -317,8 +386,12 @@ def test_sees_only_its_input_closure_under_the_store_dir(tmp_path):
             dep = store.add_text("dep", b"an input's reference\n").path
             inp = store.add_text("input", store.store_dir.print(dep).encode(), [dep]).path
             bb = shell_path(store)
+            # (without build users the builder is the inputs' owner inside: only the
+            # read-only mount stops the chmod)
+            p = store.store_dir.print(inp)
             drv = add_drv(store, "closure", 'ls $NIX_STORE > $TMPDIR/l; '
-                          f'echo x > {store.store_dir.print(inp)} 2>/dev/null && echo wrote >> $TMPDIR/l; '
+                          f'chmod u+w {p} 2>/dev/null && echo chmod >> $TMPDIR/l; '
+                          f'echo x > {p} 2>/dev/null && echo wrote >> $TMPDIR/l; '
                           'mv $TMPDIR/l $out', srcs=(inp,))
             res, out = build(store, drv, SANDBOXED if kind == "root" else UNSANDBOXED)
             assert res.status == BuildStatus.BUILT, res.error_msg
@@ -326,7 +399,7 @@ def test_sees_only_its_input_closure_under_the_store_dir(tmp_path):
             if kind == "root":
                 assert sorted(seen) == sorted(p.base for p in (bb, inp, dep))
             else:
-                assert other.base in seen
+                assert other.base in seen and "chmod" in seen and "wrote" in seen
         finally:
             store.close()
 
@@ -481,11 +554,13 @@ def test_real_nix_build_against_a_root_daemon_with_build_users(area_factory, bui
     os.symlink("busybox", os.path.join(d, "sh"))
     expr = (f'derivation {{ name = "users"; system = "{SYSTEM}"; builder = "${{./bb}}/sh"; '
             'args = ["-c" "id -u > $out; id -g >> $out; stat -c %u:%g /build >> $out; '
-            'ls /proc | grep -c ^[0-9] >> $out"]; }')
+            'ls /proc > p; grep -c ^[0-9] p >> $out"]; }')
     r = a.run(["nix-build", "--no-out-link", "-E", expr])
     assert r.returncode == 0, r.stderr.decode()
     out = r.stdout.decode().strip()
-    assert read_out(out).split() == ["1000", "100", "1000:100", "3"]
+    # (the sandbox's processes while ls ran: the builder and ls; not a pipe, whose
+    # grep may or may not have been forked yet)
+    assert read_out(out).split() == ["1000", "100", "1000:100", "2"]
     assert os.lstat(out).st_uid == 0
     assert not [n for n in os.listdir(a.store) if n.endswith(".chroot")]
     with a.local_store() as store:

@@ -148,3 +148,15 @@ def test_untrusted_set_options_cannot_set_what_the_table_forbids(tmp_path):
         assert (b.post_build_hook, b.diff_hook, b.run_diff_hook) == ("/tmp/hook", "/tmp/diff", True)
     finally:
         store.close()
+
+
+def test_impure_env_setting_parses_and_is_never_an_untrusted_clients():
+    """``impure-env`` (tests/test_impure_env.py has what builds do with it)."""
+    setting, _ = lookup("impure-env")
+    assert setting is not None and setting.is_list
+    assert setting.parse("impure-env", " A=1 B= A=2 ") == (("A", "1"), ("B", ""), ("A", "2"))
+    with pytest.raises(SettingError, match="'B' is not of the form NAME=VALUE"):
+        setting.parse("impure-env", "A=1 B")
+    never = lambda name: ()  # noqa: E731
+    assert client_may_set("impure-env", "A=1", False, never, print) is None
+    assert client_may_set("impure-env", "A=1", True, never, print) == "A=1"

@@ -14,8 +14,21 @@ What a builder gets, in this order (later entries win):
 structured derivations ``.attrs.json``/``.attrs.sh`` and
 ``NIX_ATTRS_JSON_FILE``/``NIX_ATTRS_SH_FILE`` (and none of the .drv's
 variables); for fixed outputs ``NIX_OUTPUT_CHECKED=1`` and each
-``impureEnvVars`` entry from the daemon's environment (empty when unset);
+``impureEnvVars`` entry (:func:`impure_sources`; empty when unset);
 ``NIX_LOG_FD=2``, ``TERM=xterm-256color``.
+
+Where ``impureEnvVars`` come from (only for fixed-output derivations, as in
+Nix; the others never see them): the ``impure-env`` setting when it names the
+variable, else **the environment of the process that runs the build**.  For
+the daemon that is the daemon's own environment, which is what nix-daemon 2.8
+does (``tests/test_sandbox_env.py`` checks it against the real one): the worker
+protocol carries no client environment, only settings, so "the client's
+environment" (issue 15's words) cannot be had through a daemon; a client that
+wants a value sent uses ``impure-env`` (newer Nix's setting; like Nix, only a
+trusted client may set it: an untrusted one could otherwise feed any fixed-output
+build, e.g. a fetcher's proxy variables).  For a local build (``storekeeper
+build``, in the invoking process) the building process *is* the client, so its
+environment is the invoking user's, as with Nix's ``nix-build`` on a local store.
 
 Invariants: every ``name=value``, and every file written, is rewritten with
 the output rewrites (:func:`.rewrite.input_rewrites`: placeholders to the paths
@@ -25,7 +38,8 @@ variable the builder gets contains a NUL (or ``=`` in its name).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..formats.pathinfo import ValidPathInfo
@@ -74,15 +88,23 @@ def _memo(src: GraphSource) -> GraphSource:
     return GraphSource(src.inputs, info_of, src.outputs_of)
 
 
+def impure_sources(impure_env: Iterable[tuple[str, str]],
+                   environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where fixed-output builds' ``impureEnvVars`` come from (module docstring):
+    ``environ`` (this process's environment) overridden by ``impure-env``."""
+    return {**(os.environ if environ is None else environ), **dict(impure_env)}
+
+
 def _encode(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
 def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
                         scratch: Mapping[str, StorePath], rewrites: Mapping[str, str],
-                        fixed: bool, daemon_env: Mapping[str, str],
+                        fixed: bool, impure: Mapping[str, str],
                         graphs: Callable[[], GraphSource]) -> BuildEnv:
     """``attrs``: the derivation's; ``scratch``: output name -> path written to;
+    ``impure``: where ``impureEnvVars`` come from (:func:`impure_sources`);
     ``graphs``: called only when the derivation exports references."""
     env: dict[str, str] = {
         "PATH": "/path-not-set",
@@ -129,7 +151,7 @@ def builder_environment(sd: StoreDir, attrs: DrvAttrs, tmpdir: str, cores: int,
     if fixed:
         env["NIX_OUTPUT_CHECKED"] = "1"
         for var in attrs.get_strings("impureEnvVars") or ():
-            env[var] = daemon_env.get(var, "")
+            env[var] = impure.get(var, "")
     env["NIX_LOG_FD"] = "2"
     env["TERM"] = "xterm-256color"
     final: dict[str, str] = {}

@@ -112,8 +112,8 @@ class BuildLogFile:
         try:
             if self._z:
                 self._f.write(self._z.flush())
+            os.fchmod(self._f.fileno(), 0o644)
             self._f.close()
-            os.chmod(self._tmp, 0o644)
             os.replace(self._tmp, self.path)
         finally:
             self._f = None

@@ -23,11 +23,14 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import time
 from typing import Mapping
 
+from .. import fs
 from ..errors import StoreError
 from ..formats.contentaddress import FLAT, RECURSIVE, ContentAddress
 from ..formats.errors import FormatError
@@ -63,27 +66,39 @@ def register_outputs(store, graph: GoalGraph, run: Run, settings: BuildSettings,
     if os.path.lexists("/homeless-shelter"):
         raise Failure(BuildStatus.MISC_FAILURE, "home directory '/homeless-shelter' exists; "
                       "please remove it to assure purity of builds without sandboxing")
-    scratch_reals = {}
-    for name in sorted(g.outputs):
-        real = store.real_path(run.scratch[name])
-        try:
-            st = os.lstat(real)
-        except FileNotFoundError:
-            raise Failure(BuildStatus.OUTPUT_REJECTED,
-                          f"builder for '{sd.print(g.drv_path)}' failed to produce output path for "
-                          f"output '{name}' at '{sd.print(run.scratch[name])}'") from None
-        if (not os.path.islink(real) and st.st_mode & 0o022) or \
+    scratch_reals = {name: store.real_path(run.scratch[name]) for name in sorted(g.outputs)}
+    by_real = {real: name for name, real in scratch_reals.items()}
+
+    def suspicious(shown: str, st: os.stat_result) -> None:
+        # (Nix's test; canonicalise makes it again on the fd it then changes)
+        name = by_real[shown]
+        if (not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022) or \
                 (run.user is not None and st.st_uid != run.user.uid):
             raise Failure(BuildStatus.OUTPUT_REJECTED,
                           f"suspicious ownership or permission on '{sd.print(run.scratch[name])}' "
                           f"for output '{name}'; rejecting this build output")
-        scratch_reals[name] = real
+
+    sfd = fs.open_dir(store.real_store_dir)
+    try:
+        for name, real in scratch_reals.items():
+            try:
+                st = os.stat(run.scratch[name].base, dir_fd=sfd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise Failure(BuildStatus.OUTPUT_REJECTED,
+                              f"builder for '{sd.print(g.drv_path)}' failed to produce output path "
+                              f"for output '{name}' at '{sd.print(run.scratch[name])}'") from None
+            suspicious(real, st)
+    finally:
+        os.close(sfd)
     try:
         canonicalise_paths(list(scratch_reals.values()),
                            from_uid=run.user.uid if run.user is not None else None,
-                           check_links=True)
+                           check_links=True, top_check=suspicious)
     except StoreError as e:
         raise Failure(BuildStatus.OUTPUT_REJECTED, str(e)) from None
+    except FileNotFoundError as e:  # (gone since: only a racing writer does that)
+        raise Failure(BuildStatus.OUTPUT_REJECTED, f"output '{e.filename}' vanished while it "
+                      "was checked; rejecting this build output") from None
 
     # scratch hash part -> real one, in every output's bytes
     rewrites = {run.scratch[o].hash_part.encode(): g.outputs[o].hash_part.encode()
@@ -103,7 +118,7 @@ def register_outputs(store, graph: GoalGraph, run: Run, settings: BuildSettings,
             copy_rewritten(src, tmp, rewrites)
             if tmp != dest:
                 remove_tree(dest)
-                os.rename(tmp, dest)
+                _rename_in_store(store, tmp, dest)
             canonicalise_paths([dest])
 
     candidates: dict[str, StorePath] = {p.hash_part: p for p in graph.input_closure(g)}
@@ -154,12 +169,9 @@ def check_fixed(store, g: DrvGoal, name: str, info: ValidPathInfo,
         got = _nar_hash(real, wanted.algo)
         method = RECURSIVE
     else:
-        if os.path.islink(real) or not os.path.isfile(real) or os.stat(real).st_mode & 0o100:
-            raise Failure(BuildStatus.OUTPUT_REJECTED,
-                          f"output path '{sd.print(info.path)}' should be a non-executable "
-                          "regular file since recursive hashing is not enabled "
-                          "(outputHashMode=flat)")
-        got = _file_hash(real, wanted.algo)
+        got = _flat_hash(real, wanted.algo, f"output path '{sd.print(info.path)}' should be a "
+                         "non-executable regular file since recursive hashing is not enabled "
+                         "(outputHashMode=flat)")
         method = FLAT
     ca = ContentAddress(method, got)
     info = info.with_(references=frozenset(), ca=ca.render())
@@ -175,7 +187,7 @@ def check_fixed(store, g: DrvGoal, name: str, info: ValidPathInfo,
     with PathLocks() as locks:
         locks.lock([store.real_path(actual)])
         remove_tree(store.real_path(actual))
-        os.rename(real, store.real_path(actual))
+        _rename_in_store(store, real, store.real_path(actual))
         locks.delete_on_release = True
     return info.with_(path=actual), msg
 
@@ -298,9 +310,37 @@ def _nar_hash(real: str, algo: str) -> Hash:
     return Hash(algo, h.digest())
 
 
-def _file_hash(real: str, algo: str) -> Hash:
-    h = new_hasher(algo)
-    with open(real, "rb") as f:
-        while chunk := f.read(1 << 20):
+def _flat_hash(real: str, algo: str, refusal: str) -> Hash:
+    """The hash of the regular, non-executable file at ``real``: checked and read on
+    one ``O_NOFOLLOW`` fd (a symlink swapped in is refused, never followed)."""
+    pfd, name = fs.split_top(real)
+    try:
+        fd = os.open(name, fs.O_FILE, dir_fd=pfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):
+            raise Failure(BuildStatus.OUTPUT_REJECTED, refusal) from None
+        raise
+    finally:
+        os.close(pfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o100:
+            raise Failure(BuildStatus.OUTPUT_REJECTED, refusal)
+        h = new_hasher(algo)
+        while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
-    return Hash(algo, h.digest())
+        return Hash(algo, h.digest())
+    finally:
+        os.close(fd)
+
+
+def _rename_in_store(store, src: str, dest: str) -> None:
+    """Rename an entry of the real store dir to another name there, relative to one
+    fd of the store dir (no path above it is looked up again)."""
+    for p in (src, dest):
+        assert os.path.dirname(p) == os.path.normpath(store.real_store_dir), p
+    sfd = fs.open_dir(store.real_store_dir)
+    try:
+        os.rename(os.path.basename(src), os.path.basename(dest), src_dir_fd=sfd, dst_dir_fd=sfd)
+    finally:
+        os.close(sfd)

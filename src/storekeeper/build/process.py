@@ -32,6 +32,7 @@ from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import Verbosity
 from ..store.locks import PathLocks
 from . import builtins, confine
+from .forkserver import Launched, LauncherError, LauncherServer
 from .goals import DrvGoal
 from .jsonlog import BuilderJSONLog
 from .logger import BuildLogger
@@ -47,7 +48,8 @@ class Run:
     """One builder process and what belongs to it until it is reaped."""
 
     goal: DrvGoal
-    proc: subprocess.Popen | None
+    #: the builder: our child, or (sandboxed) the launcher server's
+    proc: subprocess.Popen | Launched | None
     fd: int | None
     locks: PathLocks
     user: BuildUser | None
@@ -69,7 +71,9 @@ class Run:
 
     def kill(self) -> None:
         """SIGKILL to the builder's session (it is its own process group)."""
-        if self.proc is not None and self.proc.returncode is None:
+        if isinstance(self.proc, Launched):
+            self.proc.kill()
+        elif self.proc is not None and self.proc.returncode is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -166,6 +170,8 @@ def wait_with_times(proc) -> tuple[int, tuple[int | None, int | None]]:
     waited-for descendants included), or (None, None) when they cannot be had."""
     if proc is None:
         return 1, (None, None)
+    if isinstance(proc, Launched):
+        return proc.wait(), proc.cpu
     if proc.returncode is None:
         try:
             _, st, ru = os.wait4(proc.pid, 0)
@@ -246,9 +252,10 @@ def _store_dir_for(store, user: BuildUser) -> None:
 
 
 def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
-                  filter_syscalls: bool) -> None:
-    """Start ``builder`` for ``run`` (module docstring).  A builder that cannot be
-    executed is, as in Nix, a log line and exit status 1 (``run.exec_error``)."""
+                  filter_syscalls: bool, launcher: LauncherServer) -> None:
+    """Start ``builder`` for ``run`` (module docstring); a sandboxed one through the
+    session's ``launcher``.  A builder that cannot be executed is, as in Nix, a log
+    line and exit status 1 (``run.exec_error``)."""
     rfd, wfd = os.pipe()
     run.fd = rfd
     os.set_blocking(rfd, False)
@@ -268,12 +275,13 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
         pass_fds: tuple[int, ...] = ()
         preexec = None
         if run.sandbox is not None:
-            # namespaces, chroot, NO_NEW_PRIVS and seccomp (launcher.py)
-            argv, spec_fd = run.sandbox.launcher_argv(
+            # namespaces, chroot, NO_NEW_PRIVS and seccomp (launcher.py), in a fork
+            # of the session's launcher server (which maps the build user's ids)
+            spec_fd = run.sandbox.spec_fd(
                 program, argv, env, confine.host_filter() if filter_syscalls else None)
-            executable, child_env, pass_fds = None, {}, (spec_fd,)
-            uid = gid = groups = None  # (the launcher maps the build user's ids itself)
-        elif filter_syscalls:
+            run.proc = launcher.launch(spec_fd, wfd)
+            return
+        if filter_syscalls:
             # NO_NEW_PRIVS + seccomp: in the forked child when that is safe, else set
             # by a trampoline that then exec's the builder (confine.py says why, and
             # what each costs)
@@ -286,6 +294,11 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
             user=uid, group=gid, extra_groups=groups, preexec_fn=preexec,
             cwd=run.tmpdir, stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, close_fds=True,
             start_new_session=True, umask=0o022)
+    except LauncherError as e:
+        run.exec_error = f"error: {e}"
+        run.splitter.feed(run.exec_error.encode() + b"\n")
+        if run.log_file is not None:
+            run.log_file.write(run.exec_error.encode() + b"\n")
     except subprocess.SubprocessError:
         # (the preexec_fn failed in the child: NNP or the filter could not be set)
         run.exec_error = ("cannot set no_new_privs or load the seccomp filter for the builder "

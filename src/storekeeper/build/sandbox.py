@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import marshal
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -162,9 +163,10 @@ class Sandbox:
             out[var] = self.build_dir
         return out
 
-    def launcher_argv(self, builder: str, argv: list[str], env: dict[str, str],
-                      flt: bytes | None) -> tuple[list[str], int]:
-        """(Popen args, fd to pass and then close) that run ``builder`` in this sandbox."""
+    def spec_fd(self, builder: str, argv: list[str], env: dict[str, str],
+                flt: bytes | None) -> int:
+        """A memfd holding what the launcher needs to run ``builder`` in this sandbox
+        (the caller closes it)."""
         enc = os.fsencode
         spec = {
             "root": enc(self.root), "cwd": enc(self.build_dir),
@@ -187,26 +189,29 @@ class Sandbox:
         except BaseException:
             os.close(fd)
             raise
-        return [python_for_builders(), "-I", "-S", "-c", launcher_source(), str(fd)], fd
+        return fd
 
     def move_outputs(self, store, paths: Iterable[StorePath]) -> None:
-        """Rename what the builder made at ``paths`` into the real store (once it is dead)."""
-        for p in paths:
-            src = os.path.join(self.top, "upper", p.base)
-            if os.path.lexists(src):
-                dest = store.real_path(p)
-                fs.remove_tree(dest)
-                os.rename(src, dest)
+        """Rename what the builder made at ``paths`` into the real store (once it is dead),
+        relative to fds of ``upper`` and of the store dir."""
+        ufd = fs.open_dir(os.path.join(self.top, "upper"))
+        try:
+            sfd = fs.open_dir(store.real_store_dir)
+            try:
+                for p in paths:
+                    try:
+                        os.stat(p.base, dir_fd=ufd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # (not made: the output checks say so)
+                    fs.remove_tree(p.base, sfd)
+                    os.rename(p.base, p.base, src_dir_fd=ufd, dst_dir_fd=sfd)
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(ufd)
 
     def remove(self) -> None:
         fs.remove_tree(self.top)
-
-
-@functools.lru_cache(maxsize=None)
-def launcher_source() -> str:
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py"),
-              encoding="utf-8") as f:
-        return f.read()
 
 
 def parse_sandbox_paths(entries: Iterable[str]) -> list[tuple[str, str, bool]]:
@@ -347,17 +352,30 @@ def _layout(sb: Sandbox, store, host_build_dir: str, user: BuildUser | None,
     # (made by the launcher: thousands of entries on disk would cost more than
     # the mounts) and ``upper``, on the store's file system, where the builder's
     # outputs land (module docstring).
-    upper = os.path.join(sb.top, "upper")
-    if user is not None:
-        os.chown(upper, 0, gid)
-        os.chmod(upper, 0o1775)
-        os.chown(os.path.join(sb.top, "work"), user.uid, gid)  # (overlayfs' own, as the mounter)
-    else:
-        os.chmod(upper, 0o755)
-    for p in sorted(closure, key=lambda p: p.base):
-        real = store.real_path(p)
-        if os.path.islink(real):
-            sb.entries.append((p.base, "l", os.readlink(real)))
-            continue
-        sb.entries.append((p.base, "d" if os.path.isdir(real) else "f", ""))
-        sb.binds.append((real, os.path.join(sd.path, p.base), True, False))
+    tfd = fs.open_dir(sb.top)  # (ours, 0700, made by prepare: these are its fresh dirs)
+    try:
+        ufd = fs.open_dir("upper", tfd)
+        try:
+            if user is not None:
+                os.fchown(ufd, 0, gid)
+                os.fchmod(ufd, 0o1775)
+                os.chown("work", user.uid, gid, dir_fd=tfd, follow_symlinks=False)  # (overlayfs')
+            else:
+                os.fchmod(ufd, 0o755)
+        finally:
+            os.close(ufd)
+    finally:
+        os.close(tfd)
+    # (valid inputs: the store's own, immutable while pinned; one lstat each, by name in
+    # the store dir)
+    sfd = fs.open_dir(store.real_store_dir)
+    try:
+        for p in sorted(closure, key=lambda p: p.base):
+            st = os.stat(p.base, dir_fd=sfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                sb.entries.append((p.base, "l", os.readlink(p.base, dir_fd=sfd)))
+                continue
+            sb.entries.append((p.base, "d" if stat.S_ISDIR(st.st_mode) else "f", ""))
+            sb.binds.append((store.real_path(p), os.path.join(sd.path, p.base), True, False))
+    finally:
+        os.close(sfd)

@@ -32,7 +32,8 @@ from ..fs import remove_tree
 from ..store.locks import PathLocks
 from . import process, sandbox
 from .attrs import AttrError
-from .environment import GraphSource, builder_environment
+from .environment import GraphSource, builder_environment, impure_sources
+from .forkserver import LauncherServer
 from .goals import DrvGoal, Goal, GoalGraph
 from .hooks import run_post_build_hook
 from .jsonlog import BuilderJSONLog
@@ -70,6 +71,9 @@ class Builder:
         self._cancelled = False
         self._expected = self._done = self._failed = 0
         self._acts = Activities(self.logger)
+        #: the sandbox launcher's fork server, started by the first sandboxed build
+        #: and stopped when the request ends (:mod:`.forkserver`)
+        self._launcher = LauncherServer()
 
     # --- public entry points --------------------------------------------------
 
@@ -93,8 +97,11 @@ class Builder:
                     pg = self.goals.path_goal(dp.path)
                     pg.top = True
                     tops.append(pg)
-            self._plan()
-            self._execute(tops)
+            try:
+                self._plan()
+                self._execute(tops)
+            finally:
+                self._launcher.close()
         return [g.result for g in tops]  # type: ignore[misc]
 
     def build_basic(self, drv_path: StorePath, drv: Derivation,
@@ -106,8 +113,11 @@ class Builder:
         g = DrvGoal(top=True, drv_path=drv_path, drv=drv, basic=True, wanted=None, mode=mode)
         self.goals.drvs[drv_path] = g
         with self._acts:
-            self._plan()
-            self._execute([g])
+            try:
+                self._plan()
+                self._execute([g])
+            finally:
+                self._launcher.close()
         return g.result  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -349,9 +359,8 @@ class Builder:
             else:
                 scratch[name] = path
         for path in set(scratch.values()) | {p for o, p in g.outputs.items() if not valid[o]}:
-            real = store.real_path(path)
-            if os.path.lexists(real):  # (we hold its lock: nothing else creates it now)
-                remove_tree(real)  # leftovers of an interrupted build
+            # leftovers of an interrupted build (we hold its lock: nothing else makes it now)
+            remove_tree(store.real_path(path))
         tmpdir = process.make_build_dir(st, drv_name=g.drv_path.name)
         run: Run | None = None
         sb: sandbox.Sandbox | None = None
@@ -392,7 +401,7 @@ class Builder:
             run.json_log = json_log
             self._running.append(run)
             self._progress()
-            process.start_builder(run, drv.builder, args, env, st.filter_syscalls)
+            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._launcher)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
@@ -419,7 +428,8 @@ class Builder:
         try:
             built = builder_environment(
                 self.sd, g.parsed_attrs(self.sd), tmpdir, self.settings.cores, scratch, rewrites,
-                derivation_type(drv) is DerivationType.CA_FIXED, os.environ, graphs)
+                derivation_type(drv) is DerivationType.CA_FIXED,
+                impure_sources(self.settings.impure_env), graphs)
         except InputRejected as e:
             raise Failure(BuildStatus.INPUT_REJECTED, str(e)) from None
         except (AttrError, StoreError) as e:

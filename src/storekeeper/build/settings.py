@@ -58,6 +58,9 @@ class BuildSettings:
     #: NO_NEW_PRIVS and a seccomp filter (no setuid/setgid files, no xattrs) for every
     #: builder (:mod:`~storekeeper.build.confine`); false: neither, as Nix 2.8
     filter_syscalls: bool = field(default_factory=_d("filter-syscalls"))
+    #: (name, value): what a fixed-output build's ``impureEnvVars`` get instead of the
+    #: building process's environment (:mod:`.environment` says why that one)
+    impure_env: tuple[tuple[str, str], ...] = field(default_factory=_d("impure-env"))
     #: not a nix.conf setting: whether this client may have a builder run as the daemon's
     #: own user (no build users).  The daemon sets it per connection (trusted, or the
     #: daemon's own uid); the local CLI on its own store keeps the default.

@@ -119,6 +119,17 @@ def parse_cores(name: str, value: str) -> int:
     return (os.cpu_count() or 1) if value.strip() == "" else parse_int(name, value)
 
 
+def parse_env_list(name: str, value: str) -> tuple[tuple[str, str], ...]:
+    """``NAME=VALUE ...`` (``impure-env``) as (name, value) pairs; the last of a name wins."""
+    out = []
+    for item in value.split():
+        var, eq, val = item.partition("=")
+        if not eq or not var:
+            raise SettingError(f"setting '{name}': '{item}' is not of the form NAME=VALUE")
+        out.append((var, val))
+    return tuple(out)
+
+
 def parse_sandbox(name: str, value: str) -> str:
     """``true``, ``false`` or ``relaxed`` (Nix's Boolean spellings accepted)."""
     v = value.strip()
@@ -299,6 +310,11 @@ _TABLE = [
     _s("run-diff-hook", parse_bool, "false", [BUILD]),
     _s("filter-syscalls", parse_bool, "true", [BUILD],
        doc="NO_NEW_PRIVS and a seccomp filter for builders (build.confine)"),
+    # (newer Nix's, behind its experimental feature configurable-impure-env; NEVER:
+    # an untrusted client's is ignored, as there)
+    Setting("impure-env", parse_env_list, "", (BUILD,), (), NEVER, True,
+            "NAME=VALUE ...: what a fixed-output build's impureEnvVars get instead of the "
+            "value in the building process's environment (build.environment)"),
     # --- the daemon: who may connect, and its limits ---
     _s("trusted-users", parse_list, "root", [DAEMON]),
     _s("allowed-users", parse_list, "*", [DAEMON]),

@@ -22,6 +22,11 @@ pass did not see, or a link count that grew: ``ln /etc/shadow $out/sub/x``
 into a world-writable directory) is refused without being touched.  Builds
 run as the daemon's own user skip the ownership check (everything is the
 daemon's) but keep the hard-link checks.
+
+A caller's own check of each top (``top_check``: a build's "suspicious
+ownership or permission") runs in both passes on the fd the pass holds, in
+the second right before that fd is changed; the top's final owner is read on
+that fd too.  No check by path is followed by a change by path.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .. import fs
 from ..errors import StoreError
@@ -45,10 +50,15 @@ class CanonicaliseError(StoreError):
     pass
 
 
+#: ``top_check(shown, lstat)``: raises to reject a top (module docstring)
+TopCheck = Callable[[str, os.stat_result], None]
+
+
 @dataclass
 class _Walk:
     from_uid: int | None
     check_links: bool
+    top_check: TopCheck | None = None
     euid: int = field(default_factory=os.geteuid)
     egid: int = field(default_factory=os.getegid)
     # (dev, ino) -> [nlink, links seen inside the outputs, first path]
@@ -72,6 +82,8 @@ def _check_tree(top: str, w: _Walk) -> None:
             continue
         st = node.lstat()
         shown = node.show(top)
+        if node.depth == 0 and w.top_check is not None:
+            w.top_check(shown, st)
         if node.kind not in (REG, fs.DIR, LNK) or fs.kind_of(st.st_mode) != node.kind:
             raise CanonicaliseError(f"file '{shown}' has an unsupported type")
         if w.from_uid is not None and st.st_uid != w.from_uid:
@@ -119,6 +131,8 @@ def _canon_entry(node: fs.Node, shown: str, w: _Walk) -> None:
     fd = _open_nofollow(node.name, node.parent_fd)
     try:
         st = os.fstat(fd)
+        if node.depth == 0 and w.top_check is not None:
+            w.top_check(shown, st)
         kind = fs.kind_of(st.st_mode)
         if kind == LNK:
             # No fd reaches a symlink's own metadata; by name, relative to a
@@ -130,6 +144,8 @@ def _canon_entry(node: fs.Node, shown: str, w: _Walk) -> None:
                          follow_symlinks=False)
             if st.st_uid != w.euid:
                 os.chown(node.name, w.euid, w.egid, dir_fd=node.parent_fd, follow_symlinks=False)
+            if node.depth == 0:
+                _owned(os.stat(node.name, dir_fd=node.parent_fd, follow_symlinks=False), shown, w)
             return
         if kind != REG:
             raise CanonicaliseError(f"file '{shown}' has an unsupported type")
@@ -144,8 +160,16 @@ def _canon_entry(node: fs.Node, shown: str, w: _Walk) -> None:
         _fix(fd, st, _file_mode(st.st_mode & 0o7777), shown, w)
         if st.st_mtime_ns != _MTIME_NS:
             fs.set_mtime_fd(fd, st.st_atime_ns, _MTIME_NS)
+        if node.depth == 0:
+            _owned(os.fstat(fd), shown, w)
     finally:
         os.close(fd)
+
+
+def _owned(st: os.stat_result, shown: str, w: _Walk) -> None:
+    """A top, once changed, must be ours (a failed chown would leave it the builder's)."""
+    if st.st_uid != w.euid:
+        raise CanonicaliseError(f"wrong ownership of top-level store path '{shown}'")
 
 
 def _canon_tree(top: str, w: _Walk) -> None:
@@ -159,9 +183,13 @@ def _canon_tree(top: str, w: _Walk) -> None:
             assert node.fd is not None
             st = os.fstat(node.fd)
             if ev == ENTER:
+                if node.depth == 0 and w.top_check is not None:
+                    w.top_check(shown, st)
                 if not w.owner_ok(st):
                     raise CanonicaliseError(f"invalid ownership on file '{shown}'")
                 _fix(node.fd, st, 0o555, shown, w)  # locked down before it is listed
+                if node.depth == 0:
+                    _owned(os.fstat(node.fd), shown, w)
             elif st.st_mtime_ns != _MTIME_NS:
                 fs.set_mtime_fd(node.fd, st.st_atime_ns, _MTIME_NS)
     finally:
@@ -169,19 +197,21 @@ def _canon_tree(top: str, w: _Walk) -> None:
 
 
 def canonicalise_paths(real_paths: Iterable[str], from_uid: int | None = None, *,
-                       check_links: bool | None = None) -> None:
+                       check_links: bool | None = None, top_check: TopCheck | None = None) -> None:
     """Bring each tree to canonical metadata (module docstring).
 
     With ``from_uid`` (a build's outputs, checked together) ownership and
     outside hard links are verified first, and re-verified on each fd as it
     is changed; a victim reached through a link is never changed.
     ``check_links=True`` without ``from_uid`` checks the hard links only
-    (outputs of a build run as the daemon's own user).
+    (outputs of a build run as the daemon's own user).  ``top_check(shown,
+    lstat)`` is the caller's check of each top, made on the fd each pass holds
+    (a missing top raises FileNotFoundError before it is called).
     """
     real_paths = list(real_paths)
     if check_links is None:
         check_links = from_uid is not None
-    w = _Walk(from_uid, check_links)
+    w = _Walk(from_uid, check_links, top_check)
     if check_links:
         for p in real_paths:
             _check_tree(p, w)
@@ -191,7 +221,3 @@ def canonicalise_paths(real_paths: Iterable[str], from_uid: int | None = None, *
                                         f"build output ({nlink} links, {seen} inside)")
     for p in real_paths:
         _canon_tree(p, w)
-    for p in real_paths:
-        st = os.lstat(p)
-        if st.st_uid != w.euid:
-            raise CanonicaliseError(f"wrong ownership of top-level store path '{p}'")
