@@ -14,8 +14,10 @@ run.
 
     python3 bench/build.py --runs 3 --n 200
 
-``--profile FILE`` profiles our daemon's connection processes (cProfile in
-each forked child, stats merged into FILE; the timings are then not
+``--no-fsync`` runs our daemon with ``fsync-store-paths = false``.
+``--profile FILE`` profiles our daemon's connections (cProfile around each
+connection, in whichever process serves it; stats merged into FILE, the parts
+kept as ``FILE.<n>`` with ``KEEP_PROFILE_PARTS=1``; the timings are then not
 comparable) and prints the top functions.
 """
 
@@ -56,23 +58,22 @@ in node {n - 1}
 """
 
 
-# The daemon forks a child per connection: profile in each child, dump at its _exit.
+# The daemon serves each connection in a forked (and possibly reused) process:
+# profile each connection and dump its stats when it ends.
 _PROFILED = """
-import cProfile, os, runpy, sys
+import cProfile, os, runpy, sys, time
 out = sys.argv[1]
-fork, exit_, prof = os.fork, os._exit, []
-def profiled_fork():
-    pid = fork()
-    if pid == 0:
-        prof[:] = [cProfile.Profile()]
-        prof[0].enable()
-    return pid
-def dumping_exit(code):
-    if prof:
-        prof[0].disable()
-        prof[0].dump_stats(f"{out}.{os.getpid()}")
-    exit_(code)
-os.fork, os._exit = profiled_fork, dumping_exit
+import storekeeper.daemon.server as server
+serve_one = server._serve_one
+def profiled(*a, **k):
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return serve_one(*a, **k)
+    finally:
+        prof.disable()
+        prof.dump_stats(f"{out}.{time.monotonic_ns()}")
+server._serve_one = profiled
 sys.argv = ["storekeeper.daemon", *sys.argv[2:]]
 runpy.run_module("storekeeper.daemon", run_name="__main__", alter_sys=True)
 """
@@ -85,21 +86,33 @@ def merge_profiles(out: str) -> None:
     if not parts:
         print("no profile was written")
         return
-    stats = pstats.Stats(*parts)
-    stats.dump_stats(out)
+    stats = None
     for p in parts:
-        os.unlink(p)
+        try:  # (a child killed while dumping leaves a truncated file)
+            if stats is None:
+                stats = pstats.Stats(p)
+            else:
+                stats.add(p)
+        except (EOFError, ValueError, TypeError):
+            pass
+        if not os.environ.get("KEEP_PROFILE_PARTS"):
+            os.unlink(p)
+    if stats is None:
+        print("no readable profile was written")
+        return
+    stats.dump_stats(out)
     stats.sort_stats("cumulative").print_stats(40)
     stats.sort_stats("tottime").print_stats(25)
 
 
 class Daemon:
-    def __init__(self, kind: str, base: str, env: dict[str, str], profile: str | None) -> None:
+    def __init__(self, kind: str, base: str, env: dict[str, str], profile: str | None,
+                 extra_conf: str = "") -> None:
         self.kind, self.base = kind, base
         for d in ("store", "state", "log", "etc"):
             os.makedirs(os.path.join(base, d), exist_ok=True)
         with open(os.path.join(base, "etc", "nix.conf"), "w") as f:
-            f.write("substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = 2\n")
+            f.write("substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = 2\n" + extra_conf)
         self.sock = os.path.join(base, "sock")
         self.env = dict(env, NIX_CONF_DIR=os.path.join(base, "etc"),
                         NIX_STORE_DIR=os.path.join(base, "store"),
@@ -165,7 +178,8 @@ def one_run(i: int, scratch: str, env: dict[str, str], args) -> dict[str, dict[s
     outs = {}
     for kind in order:
         d = Daemon(kind, os.path.join(scratch, f"{kind}-{i}"), env,
-                   args.profile if kind == "storekeeper" else None)
+                   args.profile if kind == "storekeeper" else None,
+                   "fsync-store-paths = false\n" if kind == "storekeeper" and args.no_fsync else "")
         try:
             t_inst, drv = d.run("nix-instantiate", expr)
             t_build, out = d.run("nix-store", "-r", drv)
@@ -191,6 +205,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=4, help="a leaf for every EVERY-th node")
     ap.add_argument("--profile", metavar="FILE", help="cProfile our daemon into FILE")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="our daemon with fsync-store-paths = false (Nix 2.8 syncs nothing)")
     args = ap.parse_args()
     # world-traversable: builders may run as other users
     scratch = tempfile.mkdtemp(prefix="sk-bench-build-", dir="/tmp")

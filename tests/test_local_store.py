@@ -300,3 +300,13 @@ def test_read_only_store_refuses_writes(chroot_root, tmp_path):
         assert s.is_valid(info.path)
         with pytest.raises(StoreError, match="read-only"):
             s.add_text("new", b"new")
+
+
+def test_small_dump_in_memory_ignores_bytes_after_the_nar(store):
+    """A small NAR dump is hashed in memory: bytes after the NAR in the frame are not
+    hashed (as when it is streamed), and the recorded hash is the path's."""
+    nar = dump_string(b"hello\n")
+    info = store.add_dump(io.BytesIO(nar + b"trailing"), "a.txt", "recursive")
+    assert store.print_path(info.path) == TV1
+    assert info.nar_size == len(nar) and info.nar_hash == Hash.of("sha256", nar)
+    assert store.verify(check_contents=True).ok

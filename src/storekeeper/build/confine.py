@@ -64,10 +64,13 @@ as the daemon's own user (no build users, or an unprivileged daemon).
   purity guarantee; fixed outputs are checked by hash).
 
 How the filter is installed.  When the process that starts the builder has a
-single thread (``/proc/self/task``; a daemon connection's process has), a
-``preexec_fn`` (:func:`preexec_confiner`) sets ``NO_NEW_PRIVS`` and loads the
-filter in the forked child, after the switch to the build user, right before
-the exec: no cost beyond a fork instead of a vfork.  Otherwise Popen exec's a
+single thread (``/proc/self/task``; a daemon connection's process has), the
+same two ``prctl`` calls (:func:`preexec_confiner`) confine a spawner forked
+once per build request, which starts every builder with a ``vfork``
+(:mod:`.spawner`); if that helper cannot be had, they run as a
+``preexec_fn`` in each forked child, after the switch to the build user,
+right before the exec (a fork of the whole process instead of a vfork:
+~2 ms per builder).  Otherwise Popen exec's a
 tiny stdlib-only Python trampoline (``python3 -I -S -c``) as the builder's user, which reads the
 filter, the builder's argv and its exact environment from an inherited
 memfd, sets ``NO_NEW_PRIVS``, loads the filter with

@@ -40,6 +40,7 @@ from .logs import BuildLogFile, LineSplitter
 from .results import BuildStatus, Failure
 from .sandbox import Sandbox
 from .settings import BuildSettings
+from .spawner import SpawnedBuilder, Spawner
 from .users import BuildUser
 
 
@@ -48,8 +49,9 @@ class Run:
     """One builder process and what belongs to it until it is reaped."""
 
     goal: DrvGoal
-    #: the builder: our child, or (sandboxed) the launcher server's
-    proc: subprocess.Popen | Launched | None
+    #: the builder: our child, (sandboxed) the launcher server's, or (confined,
+    #: unsandboxed) the spawner's
+    proc: subprocess.Popen | Launched | SpawnedBuilder | None
     fd: int | None
     locks: PathLocks
     user: BuildUser | None
@@ -170,6 +172,8 @@ def wait_with_times(proc) -> tuple[int, tuple[int | None, int | None]]:
     waited-for descendants included), or (None, None) when they cannot be had."""
     if proc is None:
         return 1, (None, None)
+    if isinstance(proc, SpawnedBuilder):
+        return proc.wait_with_times()
     if isinstance(proc, Launched):
         return proc.wait(), proc.cpu
     if proc.returncode is None:
@@ -252,10 +256,12 @@ def _store_dir_for(store, user: BuildUser) -> None:
 
 
 def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
-                  filter_syscalls: bool, launcher: LauncherServer) -> None:
+                  filter_syscalls: bool, launcher: LauncherServer,
+                  spawner: Spawner | None = None) -> None:
     """Start ``builder`` for ``run`` (module docstring); a sandboxed one through the
-    session's ``launcher``.  A builder that cannot be executed is, as in Nix, a log
-    line and exit status 1 (``run.exec_error``)."""
+    session's ``launcher``, a confined unsandboxed one through ``spawner`` when it can
+    be had (:mod:`.spawner` says why).  A builder that cannot be executed is, as in
+    Nix, a log line and exit status 1 (``run.exec_error``)."""
     rfd, wfd = os.pipe()
     run.fd = rfd
     os.set_blocking(rfd, False)
@@ -289,6 +295,11 @@ def start_builder(run: Run, builder: str, args: list[str], env: dict[str, str],
             if preexec is None:
                 argv, spec_fd = confine.confined_argv(program, argv, env, confine.host_filter())
                 executable, child_env, pass_fds = None, {}, (spec_fd,)
+            elif spawner is not None and spawner.start(preexec):
+                run.proc = spawner.spawn(wfd, args=argv, executable=executable, env=child_env,
+                                         user=uid, group=gid, extra_groups=groups,
+                                         cwd=run.tmpdir, umask=0o022)
+                return
         run.proc = subprocess.Popen(
             argv, executable=executable, env=child_env, pass_fds=pass_fds,
             user=uid, group=gid, extra_groups=groups, preexec_fn=preexec,
@@ -343,9 +354,27 @@ def wait_readable(runs: Iterable[Run], timeout: float) -> list[Run]:
     return [fds[fd] for fd in ready]
 
 
-def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildLogger) -> None:
+class Trash:
+    """Build dirs to remove once the next builders are started: off the path from one
+    build to the next in a chain (deleting even a tiny dir costs ~1 ms on ext4 with
+    ``discard``).  Only dirs of builds without a build user wait here (nothing but
+    this daemon can touch them); :meth:`empty` runs before the scheduler waits and
+    when the request ends."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def empty(self) -> None:
+        paths, self.paths = self.paths, []
+        for path in paths:
+            fs.remove_tree(path)
+
+
+def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildLogger,
+             trash: Trash | None = None) -> None:
     """Give back what ``run`` held: scratch copies, a failed build's outputs and
-    build dir (unless ``keep-failed``), its build user and its output locks."""
+    build dir (unless ``keep-failed``; into ``trash`` when there is no build user),
+    its build user and its output locks."""
     g = run.goal
     try:
         for name, path in run.scratch.items():
@@ -357,7 +386,9 @@ def clean_up(run: Run, store, succeeded: bool, keep_failed: bool, logger: BuildL
                     fs.remove_tree(store.real_path(path))
         if run.sandbox is not None:
             run.sandbox.remove()
-        if succeeded or not keep_failed:
+        if (succeeded or not keep_failed) and trash is not None and run.user is None:
+            trash.paths.append(run.tmpdir)
+        elif succeeded or not keep_failed:
             fs.remove_tree(run.tmpdir)
         else:
             keep_build_dir(run, logger)

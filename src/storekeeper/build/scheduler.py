@@ -30,6 +30,7 @@ from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
 from ..store.locks import PathLocks
+from ..store.reserve import naming
 from . import process, sandbox
 from .attrs import AttrError
 from .environment import GraphSource, builder_environment, impure_sources
@@ -74,6 +75,8 @@ class Builder:
         #: the sandbox launcher's fork server, started by the first sandboxed build
         #: and stopped when the request ends (:mod:`.forkserver`)
         self._launcher = LauncherServer()
+        self._spawner = process.Spawner()  # (started by the first confined builder)
+        self._trash = process.Trash()
 
     # --- public entry points --------------------------------------------------
 
@@ -165,6 +168,7 @@ class Builder:
                     self._cancel_rest()
                     continue
                 changed = self._start_ready()
+                self._trash.empty()  # (while the new builders run)
                 if self._running:
                     self._wait(self.POLL if self._has_waiters()
                                else process.next_deadline(self._running, self.settings))
@@ -189,6 +193,8 @@ class Builder:
                     self._reap(run, cancelled=True)
                 except Exception:  # noqa: BLE001 -- the first error is already on its way up
                     pass
+            self._spawner.close()
+            self._trash.empty()
 
     def _has_waiters(self) -> bool:
         return any(g.ready and not g.done and g.waiting_note for g in self.goals.drvs.values())
@@ -401,7 +407,8 @@ class Builder:
             run.json_log = json_log
             self._running.append(run)
             self._progress()
-            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._launcher)
+            process.start_builder(run, drv.builder, args, env, st.filter_syscalls, self._launcher,
+                                  self._spawner)
         except BaseException:
             if run is None:
                 remove_tree(tmpdir)
@@ -484,7 +491,8 @@ class Builder:
                     raise run.killed_for
                 if status != 0:
                     raise Failure(run.failure_status(), run.failure_message(status, self.sd))
-                result = register_outputs(self.store, self.goals, run, self.settings, self.logger)
+                with naming(self.store.real_store_dir):  # (an fd's write names nothing)
+                    result = register_outputs(self.store, self.goals, run, self.settings, self.logger)
                 result.start_time, result.stop_time, result.times_built = start, stop, 1
                 result.cpu_user, result.cpu_system = cpu
                 succeeded = True
@@ -498,7 +506,8 @@ class Builder:
             except BuildError:
                 raise  # fails the whole request (cleaned up below), as in Nix
             except (StoreError, FormatError, OSError) as e:
-                msg = str(e) if not isinstance(e, OSError) else f"{e.strerror}: '{e.filename}'"
+                msg = str(e) if not isinstance(e, OSError) else \
+                    f"{e.strerror}: '{os.fsdecode(e.filename)}'" if e.filename else f"{e.strerror}"
                 result = BuildResult(BuildStatus.MISC_FAILURE, msg, times_built=1,
                                      start_time=start, stop_time=stop, own_error=not cancelled)
             if succeeded and self.settings.post_build_hook:
@@ -510,7 +519,8 @@ class Builder:
             self._finish(g, result, quiet=cancelled)
         finally:
             try:
-                process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger)
+                process.clean_up(run, self.store, succeeded, self.settings.keep_failed, self.logger,
+                                 self._trash)
             finally:
                 if run.json_log is not None:
                     run.json_log.close()

@@ -40,6 +40,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signatures import PublicKey
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
+from ..fs.crash import crash_point
 from ..store.settings import apply_settings
 from ..store.signing import trusted_keys
 from .logger import BuildLogger, NullLogger
@@ -312,8 +313,10 @@ class Substituters:
                 f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
             try:
                 self.store.pin(ni.path)  # before it becomes valid
+                crash_point("substitute.fetched")
                 # signatures were checked above (or the cache is trusted)
                 import_nar(cache, self.store, ni, check_sigs=False)
+                crash_point("substitute.registered")
             finally:
                 self.logger.stop_activity(act)
         finally:

