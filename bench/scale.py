@@ -8,7 +8,7 @@ The store is made once, outside this script (it takes minutes and ~12 GB):
 
 Then, on that store (read-only operations run on it directly, with a warm cache):
   * liveness   `storekeeper gc --print-dead`   vs `nix-store --gc --print-dead` (dead sets compared)
-  * roots      `storekeeper roots`             vs `nix-store --gc --print-roots`
+  * roots      `storekeeper roots [--no-size]` vs `nix-store --gc --print-roots` (no sizes: like for like)
   * why-alive  `storekeeper why-alive P`       vs `nix-store -q --roots P` (Nix's nearest operation)
   * verify     `storekeeper verify`            vs `nix-store --verify`
   * du         `storekeeper du --nar`          (Nix has no such operation)
@@ -160,6 +160,9 @@ class Bench:
     def read_only_ops(self, root: str, dead: list[bytes]) -> None:
         runs = self.args.runs
         self.measure("roots", self.sk + [root, "roots"],
+                     ["nix-store", "--store", root, "--gc", "--print-roots"], runs, nix_runs=runs)
+        # like for like: Nix's --print-roots computes no closure sizes
+        self.measure("roots --no-size", self.sk + [root, "roots", "--no-size"],
                      ["nix-store", "--store", root, "--gc", "--print-roots"], runs, nix_runs=runs)
         # some live path (the first in name order: a random one, the same each run)
         live = run(self.sk + [root, "gc", "--print-live"], self.env, capture=True)[2].split()

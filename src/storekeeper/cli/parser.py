@@ -129,6 +129,8 @@ def _gc(sub: _Sub) -> None:
 def _roots(sub: _Sub) -> None:
     s = sub.add_parser("roots", help="list every GC root: kind, owner, age, closure size (read-only)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--no-size", action="store_true",
+                   help="leave out closure sizes (much faster on a big store: no reference graph)")
     s.set_defaults(func="roots.cmd_roots")
 
 
