@@ -122,6 +122,19 @@ class Backend(ABC):
         self.barrier()
         return [self.create(k, d) for k, d in items]
 
+    def scratch_dir(self) -> str | None:
+        """Where a writer's temp files go (None: the system's temp dir); a file backend
+        gives one on its own file system, so :meth:`put_file` renames instead of copying."""
+        return None
+
+    def put_file(self, key: str, path: str) -> None:
+        """:meth:`put` of the temp file ``path``, which is gone afterwards."""
+        try:
+            with open(path, "rb") as f:
+                self.put(key, f)
+        finally:
+            os.unlink(path)
+
     def barrier(self) -> None:  # noqa: B027 -- remote stores are durable once they answer
         """Make every write so far durable before any later one (the file backend's
         directory syncs; a no-op where a write is durable when acknowledged)."""
@@ -146,6 +159,29 @@ class FileBackend(Backend):
         self._unsynced: list[str] = []     # files whose data is not synced yet
         self._dirty_lock = threading.Lock()
 
+    def scratch_dir(self) -> str:
+        d = os.path.join(self.root, "nar")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def put_file(self, key: str, path: str) -> None:
+        try:
+            os.chmod(path, 0o644)
+            os.replace(path, self._path(key))
+        except BaseException:
+            _unlink(path)
+            raise
+        self._changed(self._path(key), data=True)
+
+    def _parallel(self, fn: Callable[[str], None], items: list[str]) -> None:
+        if len(items) == 1:
+            fn(items[0])
+            return
+        # a pool per barrier (one per batch of narinfos), gone when it returns: no
+        # thread outlives the call in a process that may fork
+        with ThreadPoolExecutor(min(8, len(items)), thread_name_prefix="sk-fsync") as pool:
+            list(pool.map(fn, items))
+
     def _changed(self, path: str, data: bool) -> None:
         with self._dirty_lock:
             self._dirty.add(os.path.dirname(path))
@@ -157,9 +193,9 @@ class FileBackend(Backend):
             files, self._unsynced = self._unsynced, []
             dirs, self._dirty = self._dirty, set()
         if files:
-            _parallel(_fsync_file, files)
+            self._parallel(_fsync_file, files)
         if dirs:
-            _parallel(fsync_dir, sorted(dirs))
+            self._parallel(fsync_dir, sorted(dirs))
 
     def close(self) -> None:
         self.barrier()
@@ -276,14 +312,6 @@ def _fsync_file(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _parallel(fn: Callable[[str], None], items: list[str]) -> None:
-    if len(items) == 1:
-        fn(items[0])
-        return
-    with ThreadPoolExecutor(min(8, len(items))) as pool:
-        list(pool.map(fn, items))
 
 
 def _unlink(path: str) -> None:

@@ -73,14 +73,12 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .signing import check_trusted
+from .staging import TEMP_DIR_PREFIX, StagedNar, install_staged, stage_nar
 from .verify import verify_store
 
 if TYPE_CHECKING:
     from ..formats.url import LocalLayout
     from .settings import StoreSettings
-
-TEMP_DIR_PREFIX = "tmp-sk-"
-
 
 class LocalStore(StoreReader):
     """A local Nix store (see module docstring for the invariants it keeps).
@@ -336,6 +334,15 @@ class LocalStore(StoreReader):
             info = info.with_(nar_size=reader.size)
             crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def stage_nar(self, info: ValidPathInfo, stream: Readable) -> StagedNar:
+        """``add_nar``'s unpacking and checks, in a scratch dir; any thread (:mod:`.staging`)."""
+        self._check_writable()
+        return stage_nar(self, info, stream)
+
+    def add_staged(self, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
+        """Install and register staged paths as one batch (:mod:`.staging`)."""
+        return install_staged(self, items)
 
     def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:
         try:

@@ -123,7 +123,8 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             check = not args.no_check_sigs and _require_sigs()
             result = copy_from_cache(cache, store, paths, trusted_keys(args), check_sigs=check,
                                      store_checks_sigs=not local and not args.no_check_sigs,
-                                     log=log, progress=progress)
+                                     log=log, progress=progress,
+                                     jobs=args.jobs or (16 if local else 1))
     finally:
         bar.close()
         cache.close()
