@@ -1,124 +1,70 @@
 #!/usr/bin/env python3
-"""SIGKILL storekeeper at many crash points (``STOREKEEPER_CRASH_AT=<point>:<n>``) and check
-the store after each: no rooted path lost or changed, our ``verify --check-contents`` and real
-``nix-store --verify --check-contents`` pass, and the interrupted command then succeeds.
+"""SIGKILL storekeeper at every crash point it reaches, at many arrivals of each, and check
+the store after each kill (tests/crashkit.py): no valid path lost (beyond what the whole
+operation deletes) or changed, our ``verify --check-contents`` and real ``nix-store --verify
+--check-contents`` pass, a profile still points at a valid generation, and the killed
+command then succeeds.
 
-tests/test_crash_points.py drives every point once (and builds through the daemon); this
-drives the n-th arrival at each point too (the 3rd file of an add, the 5th GC batch, …).
+Each scenario (add, add with auto-optimise, gc, gc -d, optimise, build, substitution,
+profile rollback) first runs once with ``STOREKEEPER_CRASH_LOG`` to count how often it
+reaches each point; then it is killed at ``(point, n)`` for every n up to ``--limit`` (beyond
+that: the first ones, spread ones and the last).  tests/test_crash_points.py kills each
+``(scenario, point)`` once.
 
-    python3 bench/crashes.py --max-n 20        # about 190 crashes
+    python3 bench/crashes.py            # about 400 kills, 250 distinct (point, n)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-from _nixenv import isolated_nix_env
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from storekeeper.formats.url import LocalLayout
-from storekeeper.fs.crash import ENV
-from storekeeper.fs.narfs import nar_hash_path
-from storekeeper.store.local import LocalStore
+from crashkit import SCENARIOS, Harness, occurrences, remove  # noqa: E402
 
-SK = [sys.executable, "-m", "storekeeper.cli.main"]
-N_ADD = 20  # files given to one `add`, so add.* points are reached that often
-
-#: point -> command (in-store GC with a byte budget deletes one path per batch)
-DRIVE = {
-    "add.staged": "add", "add.moved": "add", "add.canonical": "add",
-    "register.synced": "add", "register.written": "add", "register.committed": "add",
-    "gc.invalidated": "gc", "gc.unlinked": "gc",
-    "optimise.linked": "optimise", "optimise.renamed": "optimise",
-}
-
-
-def prepare(d: str) -> tuple[str, dict[str, str], list[str]]:
-    root = os.path.join(d, "root")
-    rooted: dict[str, str] = {}
-    with LocalStore(LocalLayout.chroot(root)) as store:
-        for i in range(30):
-            src = os.path.join(d, f"t{i}")
-            os.makedirs(os.path.join(src, "sub"))
-            with open(os.path.join(src, "same"), "wb") as f:
-                f.write(b"shared\n" * 200)
-            with open(os.path.join(src, "sub", "own"), "wb") as f:
-                f.write(f"own {i}\n".encode() * 50)
-            info = store.add_path(src)
-            p = store.print_path(info.path)
-            if i % 2 == 0:
-                rooted[p] = info.nar_hash.typed("base32")
-                os.symlink(p, os.path.join(store.state_dir, "gcroots", f"r{i}"))
-    new = []
-    for i in range(N_ADD):
-        f = os.path.join(d, f"new{i}")
-        with open(f, "wb") as out:
-            out.write(f"new {i}\n".encode() * 300 + b"shared\n" * 200)
-        new.append(f)
-    return root, rooted, new
-
-
-def check(root: str, rooted: dict[str, str], env: dict[str, str]) -> str | None:
-    with LocalStore(LocalLayout.chroot(root)) as store:
-        for p, h in rooted.items():
-            sp = store.parse_path(p)
-            if not store.is_valid(sp):
-                return f"{p} lost"
-            if nar_hash_path(store.real_path(sp))[0].typed("base32") != h:
-                return f"{p} changed"
-    r = subprocess.run([*SK, "--store", root, "verify", "--check-contents"], capture_output=True,
-                       text=True, env=env, timeout=300)
-    if r.returncode != 0:
-        return "our verify: " + r.stdout + r.stderr
-    n = subprocess.run(["nix-store", "--store", root, "--verify", "--check-contents"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    if n.returncode != 0 or "modified" in n.stderr:
-        return "nix verify: " + n.stderr
-    return None
+from storekeeper.fs.crash import POINTS  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-n", type=int, default=20, help="crash at the 1st .. n-th arrival")
+    ap.add_argument("--limit", type=int, default=20, help="kills per (scenario, point) at most")
+    ap.add_argument("--only", action="append", help="only these scenarios")
     args = ap.parse_args()
     scratch = tempfile.mkdtemp(prefix="sk-crashes-")
-    env = isolated_nix_env(scratch)
-    done = failed = unreached = 0
     t0 = time.monotonic()
+    kills = failed = 0
+    pairs: set[tuple[str, int]] = set()
+    reached: set[str] = set()
     try:
-        for point, op in DRIVE.items():
-            for n in range(1, args.max_n + 1):
-                d = tempfile.mkdtemp(dir=scratch)
-                root, rooted, new = prepare(d)
-                cmd = {"add": ["add", *new], "gc": ["gc", "--max-freed", str(2**40)],
-                       "optimise": ["optimise"]}[op]
-                r = subprocess.run([*SK, "--store", root, *cmd], capture_output=True, text=True,
-                                   env={**env, ENV: f"{point}:{n}"}, timeout=300)
-                if r.returncode != -9:
-                    unreached += 1  # fewer than n arrivals: nothing to test
-                    shutil.rmtree(d, ignore_errors=True)
-                    continue
-                done += 1
-                problem = check(root, rooted, env)
-                if problem is None:
-                    again = subprocess.run([*SK, "--store", root, *cmd], capture_output=True,
-                                           text=True, env=env, timeout=300)
-                    problem = None if again.returncode == 0 else "rerun: " + again.stderr
-                    problem = problem or check(root, rooted, env)
-                if problem:
-                    failed += 1
-                    print(f"FAIL {point}:{n}: {problem.strip()}", flush=True)
-                shutil.rmtree(d, ignore_errors=True)
+        h = Harness(scratch)
+        for sc in SCENARIOS:
+            if args.only and sc.name not in args.only:
+                continue
+            h.survey(sc)
+            reached |= set(sc.counts)
+            n_sc = 0
+            for point in sorted(sc.counts):
+                for n in occurrences(sc.counts[point], args.limit):
+                    problem = h.kill(sc, point, n)
+                    kills += 1
+                    n_sc += 1
+                    pairs.add((point, n))
+                    if problem:
+                        failed += 1
+                        print(f"FAIL {sc.name} {point}:{n}: {problem}", flush=True)
+            print(f"{sc.name}: {n_sc} kills at {len(sc.counts)} points "
+                  f"({sum(sc.counts.values())} arrivals in a full run)", flush=True)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(f"{done} crashes ({unreached} points not reached that often), {failed} stores failing "
-          f"a check, {time.monotonic() - t0:.0f} s")
-    return 1 if failed else 0
+        remove(scratch)
+    missing = sorted(set(POINTS) - reached)
+    print(f"{kills} kills, {len(pairs)} distinct (point, n), {len(reached)}/{len(POINTS)} points "
+          f"reached{' (not: ' + ', '.join(missing) + ')' if missing else ''}; {failed} stores "
+          f"failing a check; {time.monotonic() - t0:.0f} s")
+    return 1 if failed or missing and not args.only else 0
 
 
 if __name__ == "__main__":

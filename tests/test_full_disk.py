@@ -166,3 +166,35 @@ def test_read_only_file_system_is_named(small_fs, tmp_path):
             assert small_fs in r.stderr and "Read-only file system" in r.stderr
     finally:
         subprocess.run(["mount", "-o", "remount,rw", small_fs], timeout=30)
+
+
+def test_out_of_space_and_read_only_through_the_daemon_name_the_path(small_fs, tmp_path):
+    """Item 8: what a real client of our daemon is told on a full disk names where, and
+    a daemon started on a read-only file system says which file it could not write."""
+    env = nix_env(str(tmp_path))
+    root = os.path.join(small_fs, "root")
+    add_dead_paths(root, env, str(tmp_path), n=1, size=MiB)
+    sock = str(tmp_path / "sock")
+    proc = start_daemon("ours", root, sock, env)
+    try:
+        fill(small_fs)
+        big, small = tmp_path / "big", tmp_path / "small"
+        big.write_bytes(os.urandom(2 * MiB))
+        small.write_bytes(b"small\n")
+        for blob in (big, small):
+            r = subprocess.run(["nix-store", "--store", f"unix://{sock}", "--add", str(blob)], env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            assert "No space left on device" in r.stderr and f"'{small_fs}/" in r.stderr, r.stderr
+    finally:
+        stop_process(proc)
+    os.unlink(os.path.join(small_fs, "filler"))
+    subprocess.run(["mount", "-o", "remount,ro", small_fs], check=True, timeout=30)
+    try:
+        r = subprocess.run([sys.executable, "-m", "storekeeper.daemon", "--store", root, "--socket", sock],
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        last = r.stderr.splitlines()[-1]
+        assert last.startswith(f"error: Read-only file system: '{small_fs}/"), r.stderr
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", small_fs], timeout=30)

@@ -377,6 +377,11 @@ def test_roots_listing_and_why_alive(tmp_path):
         assert ("direct", s.print_path(c)) in roots and ("indirect", s.print_path(b)) in roots
         info = next(r for r in list_roots(s) if r.kind == "direct")
         assert info.owner and info.closure_size == sum(s.path_info(p).nar_size for p in (a, b, c))
+        # without sizes (no reference graph read): the same roots, validity and owners
+        unsized = list_roots(s, sizes=False)
+        assert [r.closure_size for r in unsized] == [None] * len(unsized)
+        assert ([(r.kind, r.link, r.target, r.owner, r.valid) for r in unsized]
+                == [(r.kind, r.link, r.target, r.owner, r.valid) for r in list_roots(s)])
         chain = why_alive(s, a)
         # shortest chain: through the indirect root at b, not the longer one through c
         assert [p for _, p in chain] == [s.print_path(b), s.print_path(a)]

@@ -19,6 +19,7 @@ from collections import deque
 from typing import BinaryIO, Callable
 
 from ..fs.atomic import write_file_atomic
+from ..store.reserve import naming
 
 
 def log_path(log_dir: str, drv_base: str, compressed: bool) -> str:
@@ -104,16 +105,18 @@ class BuildLogFile:
     def write(self, data: bytes) -> None:
         if self._f is None:
             return
-        self._f.write(self._z.compress(data) if self._z else data)
+        with naming(self.path):  # (a full disk: say where, as a write to a file does not)
+            self._f.write(self._z.compress(data) if self._z else data)
 
     def close(self) -> None:
         if self._f is None:
             return
         try:
-            if self._z:
-                self._f.write(self._z.flush())
-            os.fchmod(self._f.fileno(), 0o644)
-            self._f.close()
+            with naming(self.path):
+                if self._z:
+                    self._f.write(self._z.flush())
+                os.fchmod(self._f.fileno(), 0o644)
+                self._f.close()
             os.replace(self._tmp, self.path)
         finally:
             self._f = None

@@ -120,6 +120,7 @@ def register_outputs(store, graph: GoalGraph, run: Run, settings: BuildSettings,
                 remove_tree(dest)
                 _rename_in_store(store, tmp, dest)
             canonicalise_paths([dest])
+            crash_point("build.output")
 
     candidates: dict[str, StorePath] = {p.hash_part: p for p in graph.input_closure(g)}
     candidates.update({p.hash_part: p for p in g.outputs.values()})

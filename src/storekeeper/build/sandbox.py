@@ -53,6 +53,7 @@ from typing import Iterable
 from .. import fs
 from ..formats.derivation import Derivation, DerivationType, derivation_type
 from ..formats.storepath import StorePath
+from ..fs.crash import crash_point
 from .confine import python_for_builders
 from .results import BuildStatus, Failure
 from .users import BuildUser
@@ -205,6 +206,7 @@ class Sandbox:
                         continue  # (not made: the output checks say so)
                     fs.remove_tree(p.base, sfd)
                     os.rename(p.base, p.base, src_dir_fd=ufd, dst_dir_fd=sfd)
+                    crash_point("build.output")
             finally:
                 os.close(sfd)
         finally:

@@ -30,6 +30,7 @@ from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, DerivedPath, ResultType, Verbosity
 from ..fs import remove_tree
 from ..store.locks import PathLocks
+from ..store.reserve import naming
 from . import process, sandbox
 from .attrs import AttrError
 from .environment import GraphSource, builder_environment, impure_sources
@@ -490,7 +491,8 @@ class Builder:
                     raise run.killed_for
                 if status != 0:
                     raise Failure(run.failure_status(), run.failure_message(status, self.sd))
-                result = register_outputs(self.store, self.goals, run, self.settings, self.logger)
+                with naming(self.store.real_store_dir):  # (an fd's write names nothing)
+                    result = register_outputs(self.store, self.goals, run, self.settings, self.logger)
                 result.start_time, result.stop_time, result.times_built = start, stop, 1
                 result.cpu_user, result.cpu_system = cpu
                 succeeded = True
@@ -504,7 +506,8 @@ class Builder:
             except BuildError:
                 raise  # fails the whole request (cleaned up below), as in Nix
             except (StoreError, FormatError, OSError) as e:
-                msg = str(e) if not isinstance(e, OSError) else f"{e.strerror}: '{e.filename}'"
+                msg = str(e) if not isinstance(e, OSError) else \
+                    f"{e.strerror}: '{os.fsdecode(e.filename)}'" if e.filename else f"{e.strerror}"
                 result = BuildResult(BuildStatus.MISC_FAILURE, msg, times_built=1,
                                      start_time=start, stop_time=stop, own_error=not cancelled)
             if succeeded and self.settings.post_build_hook:

@@ -15,6 +15,9 @@ Invariant, **pin, then import, references first**: a path is pinned (temp root)
 before its validity is checked and before it is registered, and it is registered
 only after every one of its references is valid; so a concurrent GC never sees a
 substituted path without its closure, nor deletes a path a client was just given.
+A closure is fetched ``max-substitution-jobs`` paths at a time
+(:mod:`storekeeper.cache.fetch`, which keeps the rule for batches); what fails there
+is retried one by one from the next cache, where the errors are said as before.
 
 Answers of http(s)/s3 caches are kept in the narinfo disk cache
 (:mod:`.narinfo_cache`) with Nix's TTLs.
@@ -32,7 +35,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from ..cache import BinaryCache, NarMissing, open_cache
-from ..cache.copy import import_nar, signed_enough
+from ..cache.copy import import_nar, make_room, signed_enough, stage_from
+from ..cache.fetch import Job, can_stage, fetch_all, fetch_threads
 from ..config import settings as settings_table
 from ..errors import StoreError
 from ..formats.errors import FormatError
@@ -40,6 +44,8 @@ from ..formats.narinfo import NarInfo
 from ..formats.signatures import PublicKey
 from ..formats.storepath import StorePath
 from ..formats.wire import ActivityType, Verbosity
+from ..fs.crash import crash_point
+from ..queries import references_first
 from ..store.settings import apply_settings
 from ..store.signing import trusted_keys
 from .logger import BuildLogger, NullLogger
@@ -57,6 +63,7 @@ class SubstituteSettings:
     trusted_public_keys: tuple[str, ...] = field(default_factory=_d("trusted-public-keys"))
     secret_key_files: tuple[str, ...] = field(default_factory=_d("secret-key-files"))
     require_sigs: bool = field(default_factory=_d("require-sigs"))
+    max_substitution_jobs: int = field(default_factory=_d("max-substitution-jobs"))
     #: SetOptions' ``useSubstitutes``
     substitute: bool = field(default_factory=_d("substitute"))
     #: SetOptions' ``tryFallback``
@@ -99,6 +106,8 @@ class Substituters:
         self._own_disk = False
         #: (cache URL, path) -> narinfo or None: this request's answers (in front of the disk cache)
         self._memo: dict[tuple[str, StorePath], NarInfo | None] = {}
+        #: (cache URL, path) whose download failed in this request: not tried again
+        self._failed: set[tuple[str, StorePath]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -262,6 +271,9 @@ class Substituters:
         done = self._done.get(path)
         if done is not None:
             return done
+        if self.settings.max_substitution_jobs > 1 and can_stage(self.store) \
+                and not self.store.pin_valid(path):
+            self._realise_parallel(path)
         self._done[path] = False  # a reference cycle through ``path`` ends here
         ok = self._realise(path)
         self._done[path] = ok
@@ -273,6 +285,8 @@ class Substituters:
             return True
         printed = sd.print(path)
         for cache in self.caches():
+            if (cache.url, path) in self._failed:
+                continue  # already failed in this request (and said so)
             ni = self._lookup(cache, path)
             if ni is None:
                 continue
@@ -302,6 +316,98 @@ class Substituters:
             return True
         return False
 
+    def _acceptable(self, path: StorePath) -> tuple[BinaryCache, NarInfo] | None:
+        """The first cache whose narinfo for ``path`` may be used (as :meth:`_realise`
+        chooses, without its warnings: the one-by-one pass that follows says them)."""
+        for cache in self.caches():
+            if (cache.url, path) in self._failed:
+                continue
+            ni = self._lookup(cache, path)
+            if ni is None:
+                continue
+            if self.settings.require_sigs and not signed_enough(cache, ni, self.keys()):
+                continue
+            return cache, ni
+        return None
+
+    def _plan(self, root: StorePath) -> dict[StorePath, tuple[BinaryCache, NarInfo]]:
+        """The invalid paths of ``root``'s closure and where each comes from, references
+        first, without those that cannot be had with all of their references (the
+        one-by-one pass deals with them)."""
+        plan: dict[StorePath, tuple[BinaryCache, NarInfo]] = {}
+        seen: set[StorePath] = set()
+        frontier = [root]
+        while frontier:
+            need = [p for p in dict.fromkeys(frontier) if p not in seen and
+                    self._done.get(p) is None and not self.store.is_valid(p)]
+            seen.update(frontier)
+            self.prefetch(need)
+            frontier = []
+            for p in need:
+                hit = self._acceptable(p)
+                if hit is not None:
+                    plan[p] = hit
+                    frontier.extend(hit[1].references - {p})
+        refs = {p: ni.references - {p} for p, (_, ni) in plan.items()}
+        missing = {r for rs in refs.values() for r in rs if r not in plan
+                   and not self._done.get(r) and not self.store.is_valid(r)}
+        order = references_first(sorted(plan), lambda p: sorted(refs[p] & plan.keys()), self.sd.print)
+        for p in order:  # references first: one pass drops every referrer of a missing path
+            if refs[p] & missing:
+                missing.add(p)
+        return {p: plan[p] for p in order if p not in missing}
+
+    def _realise_parallel(self, root: StorePath) -> None:
+        """Substitute ``root``'s closure ``max-substitution-jobs`` paths at a time
+        (:mod:`storekeeper.cache.fetch`: fetched in threads, registered here in
+        batches, references first, each pinned before it is staged).  What fails is
+        left to :meth:`_realise`, which tries the next cache and says why."""
+        plan = self._plan(root)
+        if len(plan) < 2:
+            return
+        jobs = {p: Job(p, ni.references & plan.keys() - {p}, stage_from(cache, self.store, ni))
+                for p, (cache, ni) in plan.items()}
+        acts: dict[StorePath, tuple[int, int]] = {}
+        make_room(self.store, [ni for _, ni in plan.values()])
+
+        def start(p: StorePath) -> None:
+            cache = plan[p][0]
+            printed = self.sd.print(p)
+            self.store.pin(p)  # before it becomes valid
+            crash_point("substitute.fetched")
+            sub = self.logger.start_activity(Verbosity.ERROR, ActivityType.SUBSTITUTE, "",
+                                             [printed, cache.url])
+            act = self.logger.start_activity(
+                Verbosity.INFO, ActivityType.COPY_PATH,
+                f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
+            acts[p] = (sub, act)
+
+        def stop(p: StorePath) -> None:
+            sub, act = acts.pop(p)
+            self.logger.stop_activity(act)
+            self.logger.stop_activity(sub)
+
+        def done(p: StorePath) -> None:
+            crash_point("substitute.registered")
+            stop(p)
+            self._done[p] = True
+
+        def failed(p: StorePath, e: BaseException | None) -> None:
+            if p in acts:
+                stop(p)
+            if e is None:
+                return  # a reference failed: the one-by-one pass says so
+            cache = plan[p][0]
+            self._failed.add((cache.url, p))
+            if isinstance(e, NarMissing):
+                self.logger.log(Verbosity.ERROR, f"error: {e}")
+            else:
+                self.logger.log(Verbosity.ERROR, f"error: substituting '{self.sd.print(p)}' "
+                                f"from '{cache.url}' failed: {e}")
+        fetch_all(self.store, jobs, fetch_threads(self.settings.max_substitution_jobs,
+                                                  {cache for cache, _ in plan.values()}),
+                  start, done, failed)
+
     def _download(self, cache: BinaryCache, ni: NarInfo) -> None:
         printed = self.sd.print(ni.path)
         sub = self.logger.start_activity(Verbosity.ERROR, ActivityType.SUBSTITUTE,
@@ -312,8 +418,10 @@ class Substituters:
                 f"copying path '{printed}' from '{cache.url}'", [printed, cache.url, "local"], sub)
             try:
                 self.store.pin(ni.path)  # before it becomes valid
+                crash_point("substitute.fetched")
                 # signatures were checked above (or the cache is trusted)
                 import_nar(cache, self.store, ni, check_sigs=False)
+                crash_point("substitute.registered")
             finally:
                 self.logger.stop_activity(act)
         finally:

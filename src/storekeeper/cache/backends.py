@@ -28,7 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from ..errors import StoreError
 from ..formats.streams import Readable
@@ -70,6 +70,14 @@ class CacheError(StoreError):
     """A binary cache could not be read or written (the message names the cache)."""
 
 
+class Entry(NamedTuple):
+    """One listed key: its size in bytes and its modification time (Unix seconds)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
 class Backend(ABC):
     """A flat key space; see the module docstring."""
 
@@ -94,6 +102,15 @@ class Backend(ABC):
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` unless it exists: True if written, False if it was there."""
 
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        """Every key starting with ``prefix`` (a directory prefix ending in ``/`` or ``""``),
+        with its size and modification time; only where the key space can be listed."""
+        raise CacheError(f"binary cache '{self.url}' cannot be listed")
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` (an absent one is not an error)."""
+        raise CacheError(f"binary cache '{self.url}' does not support deletion")
+
     def close_stream(self, stream: Any) -> None:
         close = getattr(stream, "close", None)
         if close is not None:
@@ -104,6 +121,19 @@ class Backend(ABC):
         any of them appears (the file backend syncs once for the whole batch)."""
         self.barrier()
         return [self.create(k, d) for k, d in items]
+
+    def scratch_dir(self) -> str | None:
+        """Where a writer's temp files go (None: the system's temp dir); a file backend
+        gives one on its own file system, so :meth:`put_file` renames instead of copying."""
+        return None
+
+    def put_file(self, key: str, path: str) -> None:
+        """:meth:`put` of the temp file ``path``, which is gone afterwards."""
+        try:
+            with open(path, "rb") as f:
+                self.put(key, f)
+        finally:
+            os.unlink(path)
 
     def barrier(self) -> None:  # noqa: B027 -- remote stores are durable once they answer
         """Make every write so far durable before any later one (the file backend's
@@ -129,6 +159,29 @@ class FileBackend(Backend):
         self._unsynced: list[str] = []     # files whose data is not synced yet
         self._dirty_lock = threading.Lock()
 
+    def scratch_dir(self) -> str:
+        d = os.path.join(self.root, "nar")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def put_file(self, key: str, path: str) -> None:
+        try:
+            os.chmod(path, 0o644)
+            os.replace(path, self._path(key))
+        except BaseException:
+            _unlink(path)
+            raise
+        self._changed(self._path(key), data=True)
+
+    def _parallel(self, fn: Callable[[str], None], items: list[str]) -> None:
+        if len(items) == 1:
+            fn(items[0])
+            return
+        # a pool per barrier (one per batch of narinfos), gone when it returns: no
+        # thread outlives the call in a process that may fork
+        with ThreadPoolExecutor(min(8, len(items)), thread_name_prefix="sk-fsync") as pool:
+            list(pool.map(fn, items))
+
     def _changed(self, path: str, data: bool) -> None:
         with self._dirty_lock:
             self._dirty.add(os.path.dirname(path))
@@ -140,9 +193,9 @@ class FileBackend(Backend):
             files, self._unsynced = self._unsynced, []
             dirs, self._dirty = self._dirty, set()
         if files:
-            _parallel(_fsync_file, files)
+            self._parallel(_fsync_file, files)
         if dirs:
-            _parallel(fsync_dir, sorted(dirs))
+            self._parallel(fsync_dir, sorted(dirs))
 
     def close(self) -> None:
         self.barrier()
@@ -216,21 +269,49 @@ class FileBackend(Backend):
     def create(self, key: str, data: bytes) -> bool:
         return self.create_many([(key, data)])[0]
 
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        start = self._path(prefix.rstrip("/")) if prefix else self.root
+        yield from self._walk(start, prefix.rstrip("/") + "/" if prefix else "")
+
+    def _walk(self, path: str, rel: str) -> Iterator[Entry]:
+        try:
+            it = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    yield from self._walk(e.path, rel + e.name + "/")
+                elif e.is_file(follow_symlinks=False):
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while listed
+                    yield Entry(rel + e.name, st.st_size, st.st_mtime)
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Unlinks from a few threads at once: an unlink waits on the file system's
+        journal, not on the CPU (4000 unlinks: 1.65 s alone, 0.37 s from 4 threads)."""
+        paths = [self._path(key) for key in keys]
+        if len(paths) > 64:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(_unlink, paths, chunksize=64))
+        else:
+            for path in paths:
+                _unlink(path)
+        with self._dirty_lock:
+            self._dirty.update({os.path.dirname(p) for p in paths})
+
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # deleted since (a collection, or a replaced lease): nothing to make durable
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _parallel(fn: Callable[[str], None], items: list[str]) -> None:
-    if len(items) == 1:
-        fn(items[0])
-        return
-    with ThreadPoolExecutor(min(8, len(items))) as pool:
-        list(pool.map(fn, items))
 
 
 def _unlink(path: str) -> None:

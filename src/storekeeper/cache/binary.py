@@ -223,7 +223,7 @@ class BinaryCache:
         p = self.params
         comp = compressor(p.compression, p.compression_level,
                           os.cpu_count() or 1 if p.parallel_compression else 1)
-        fd, tmp = tempfile.mkstemp(prefix="sk-nar-", dir=tmp_dir)
+        fd, tmp = tempfile.mkstemp(prefix=".sk-nar-", dir=tmp_dir or self.backend.scratch_dir())
         try:
             with os.fdopen(fd, "wb") as out:
                 tee = _Tee(iter(chunks), comp, out)
@@ -257,15 +257,12 @@ class BinaryCache:
 
     def upload(self, prep: Prepared) -> bool:
         """Upload a prepared NAR unless the same file is there; True if uploaded."""
-        try:
-            key = prep.narinfo.url
-            if self.backend.exists(key):
-                return False
-            with open(prep.tmp, "rb") as f:
-                self.backend.put(key, f)
-            return True
-        finally:
+        key = prep.narinfo.url
+        if self.backend.exists(key):
             os.unlink(prep.tmp)
+            return False
+        self.backend.put_file(key, prep.tmp)
+        return True
 
     def commit_batch(self, preps: list[Prepared], present: set[StorePath]) -> list[bool]:
         """Write the listings and narinfos of ``preps`` (in order, references first; each

@@ -19,7 +19,7 @@ import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, cast
 
 from ..api import Store
 from ..errors import InvalidPath, StoreError
@@ -29,6 +29,7 @@ from ..formats.storepath import StorePath
 from ..queries import references_first
 from .backends import CacheError
 from .binary import BinaryCache, Prepared
+from .fetch import Job, Staged, StagingStore, can_stage, fetch_all, fetch_threads
 
 #: progress(paths done or skipped, paths in the closure, NAR bytes copied)
 Progress = Callable[[int, int, int], None]
@@ -86,13 +87,15 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
             queue = deque(todo)
             try:
                 while queue or futures:
-                    while queue and len(futures) < 2 * jobs:
+                    while queue and len(futures) < BATCH + 2 * jobs:
                         p = queue.popleft()
                         futures.append(pool.submit(prepare_and_upload, p, store.dump_path(p)))
                     batch.append(futures.popleft().result())
-                    while futures and futures[0].done() and len(batch) < BATCH:
+                    while futures and futures[0].done():
                         batch.append(futures.popleft().result())
-                    flush()
+                    # one barrier per BATCH narinfos; the workers go on meanwhile
+                    if len(batch) >= BATCH or not (queue or futures):
+                        flush()
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -153,8 +156,9 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
                     keys: Mapping[str, PublicKey], check_sigs: bool = True,
                     store_checks_sigs: bool = False,
                     log: Callable[[str], None] | None = None,
-                    progress: Progress | None = None) -> CopyResult:
-    """Copy the closure of ``paths`` from ``cache`` into ``store``.
+                    progress: Progress | None = None, jobs: int = 1) -> CopyResult:
+    """Copy the closure of ``paths`` from ``cache`` into ``store``.  ``jobs`` > 1: a
+    store that stages (a local one) gets ``jobs`` paths fetched at once (:mod:`.fetch`).
 
     ``check_sigs``: refuse paths that are neither content-addressed nor signed by one of
     ``keys`` (unless the cache is ``?trusted=1``), before anything is downloaded.
@@ -172,6 +176,11 @@ def copy_from_cache(cache: BinaryCache, store: Store, paths: Iterable[StorePath]
                 raise StoreError(f"cannot add path '{sd.print(p)}' because it lacks a valid "
                                  f"signature (none of its signatures is by a key in "
                                  f"'trusted-public-keys'; cache '{cache.url}')")
+    if jobs > 1 and len(todo) > 1 and can_stage(store):
+        _fetch_parallel(cache, store, [infos[p] for p in todo], jobs, result, log,
+                        progress=progress and (lambda: progress(
+                            len(result.copied) + len(result.skipped), len(order), result.nar_bytes)))
+        return result
     if cache.threads > 1 and len(todo) > 1:
         _add_prefetched(cache, store, [infos[p] for p in todo], store_checks_sigs, result, log,
                         progress=progress and (lambda: progress(
@@ -210,6 +219,63 @@ def _count(result: CopyResult, ni: NarInfo) -> None:
     result.copied.append(ni.path)
     result.nar_bytes += ni.nar_size
     result.file_bytes += ni.file_size or 0
+
+
+def stage_from(cache: BinaryCache, store: StagingStore, ni: NarInfo) -> Callable[[], Staged]:
+    """A worker's part of fetching ``ni``: download, decode and check it, unpack it into
+    the store's scratch space (a :mod:`.fetch` job)."""
+    def run() -> Staged:
+        stream = cache.open_nar(ni)
+        try:
+            staged = store.stage_nar(ni.path_info(), stream)
+            try:
+                stream.finish()
+            except BaseException:
+                staged.discard()
+                raise
+            return staged
+        finally:
+            stream.close()
+    return run
+
+
+def make_room(store: object, nis: Iterable[NarInfo]) -> None:
+    """The auto-GC check a one-by-one ``add_nar`` makes, once for the whole batch
+    of ``nis`` (staging in threads does not make it: it is the store thread's)."""
+    auto_gc = getattr(store, "auto_gc", None)
+    if auto_gc is not None:
+        auto_gc(sum(ni.nar_size for ni in nis))
+
+
+def _fetch_parallel(cache: BinaryCache, store: Store, nis: list[NarInfo], jobs: int,
+                    result: CopyResult, log: Callable[[str], None] | None,
+                    progress: Callable[[], None] | None = None) -> None:
+    sstore = cast(StagingStore, store)
+    byp = {ni.path: ni for ni in nis}
+    plan = {ni.path: Job(ni.path, ni.references & byp.keys() - {ni.path},
+                         stage_from(cache, sstore, ni)) for ni in nis}
+    errors: list[tuple[StorePath, BaseException]] = []
+    make_room(store, nis)
+
+    def started(p: StorePath) -> None:
+        store.pin(p)  # before it becomes valid
+        if log:
+            log(f"copying path '{store.store_dir.print(p)}' from '{cache.url}'")
+
+    def done(p: StorePath) -> None:
+        _count(result, byp[p])
+        if progress:
+            progress()
+
+    def failed(p: StorePath, e: BaseException | None) -> None:
+        if e is not None:
+            errors.append((p, e))
+    fetch_all(sstore, plan, fetch_threads(jobs, [cache]), started, done, failed)
+    if errors:
+        p, e = errors[0]
+        if isinstance(e, StoreError):
+            raise e
+        raise StoreError(f"copying '{store.store_dir.print(p)}' from '{cache.url}': {e}") from e
 
 
 #: NARs downloaded ahead of the one being added (remote caches)

@@ -9,11 +9,11 @@ never lets two writers overwrite each other's narinfo.
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 from ..errors import UsageError
 from ..formats.streams import Readable
-from .backends import Backend, CacheError, content_type, decode_content
+from .backends import Backend, CacheError, Entry, content_type, decode_content
 
 _ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound", "403", "AccessDenied"})
 
@@ -106,6 +106,31 @@ class S3Backend(Backend):
                 return False
             raise self._fail("upload", key, e) from None
         return True
+
+    def list_keys(self, prefix: str = "") -> Iterator[Entry]:
+        """ListObjectsV2, 1000 keys a request."""
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for o in page.get("Contents", ()):
+                    yield Entry(o["Key"], int(o["Size"]), o["LastModified"].timestamp())
+        except self._errors as e:
+            raise self._fail("list", prefix, e) from None
+
+    def delete_many(self, keys: list[str]) -> None:
+        """DeleteObjects, 1000 keys a request."""
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i:i + 1000]
+            try:
+                out = self._s3.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in chunk], "Quiet": True})
+            except self._errors as e:
+                raise self._fail("delete", chunk[0], e) from None
+            errors = [e for e in out.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                raise CacheError(f"unable to delete '{self.url}/{errors[0]['Key']}': "
+                                 f"{errors[0].get('Code')} {errors[0].get('Message', '')}")
 
     def close(self) -> None:
         self._s3.close()

@@ -22,6 +22,7 @@ of the hot path (:mod:`storekeeper.cli.quick`: ``--version``, plain ``query``) l
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from ..errors import EXIT_IO, StorekeeperError
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except OSError as e:
-        where = f" '{e.filename}':" if e.filename else ""
+        where = f" '{os.fsdecode(e.filename)}':" if e.filename else ""
         print(f"error:{where} {e.strerror or e}", file=sys.stderr)
         return EXIT_IO
     except KeyboardInterrupt:

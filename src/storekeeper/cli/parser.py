@@ -129,6 +129,8 @@ def _gc(sub: _Sub) -> None:
 def _roots(sub: _Sub) -> None:
     s = sub.add_parser("roots", help="list every GC root: kind, owner, age, closure size (read-only)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--no-size", action="store_true",
+                   help="leave out closure sizes (much faster on a big store: no reference graph)")
     s.set_defaults(func="roots.cmd_roots")
 
 
@@ -299,6 +301,14 @@ def _copy(sub: _Sub) -> None:
                    help="--from: accept paths without a trusted signature")
     s.add_argument("--trusted-public-keys", metavar="KEYS",
                    help="--from: these keys instead of nix.conf's trusted-public-keys")
+    s.add_argument("--no-lease", action="store_true",
+                   help="--to: no writer's lease (credentials that cannot list or delete; "
+                   "a concurrent cache gc may then break what is uploaded)")
+    s.add_argument("--root", metavar="NAME",
+                   help="--to: pin the given paths as the cache root NAME (docs/CACHE-GC.md)")
+    s.add_argument("--root-ttl", type=float, metavar="SECONDS", help="--root: expire after this")
+    s.add_argument("--keep", type=int, metavar="N",
+                   help="--root: keep only the N newest roots of NAME's group (NAME up to its last '/')")
     s.add_argument("--logs", action="store_true",
                    help="--to from a local store: also the build logs of the paths' derivers, "
                         "to log/<drv> (as nix store copy-log; paths without a log are skipped)")
@@ -312,6 +322,42 @@ def _cache(sub: _Sub) -> None:
     i.add_argument("url", metavar="URL")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func="cache.cmd_cache_info", no_store=True)
+    r = cs.add_parser("roots", help="the cache's named roots (fleet cache GC, docs/CACHE-GC.md)")
+    r.add_argument("url", metavar="URL")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func="cache_gc.cmd_roots", no_store=True)
+    p = cs.add_parser("pin", help="root paths (and their closures, which must be in the cache)")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="the root expires after this")
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="keep only the N newest roots of NAME's group (NAME up to its last '/')")
+    p.set_defaults(func="cache_gc.cmd_pin", no_store=True)
+    u = cs.add_parser("unpin", help="remove a named root")
+    u.add_argument("url", metavar="URL")
+    u.add_argument("name", metavar="NAME")
+    u.set_defaults(func="cache_gc.cmd_unpin", no_store=True)
+    g = cs.add_parser("gc", help="delete what no root or writer's lease reaches")
+    g.add_argument("url", metavar="URL")
+    g.add_argument("--dry-run", action="store_true", help="only say what would go (exact bytes)")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--max-freed", type=int, metavar="BYTES", help="stop once this much is freed")
+    for opt, default, what in (("--settle", 300, "wait between publishing and re-reading"),
+                               ("--lease-ttl", 600, "writers' lease TTL (must match theirs)"),
+                               ("--nar-grace", 86400, "keep a dead narinfo's NAR this long"),
+                               ("--temp-grace", 86400, "half-finished uploads older than this go"),
+                               ("--skew", 60, "clock skew allowed between machines"),
+                               ("--margin", 60, "longest step between a check and its write")):
+        g.add_argument(opt, type=float, default=default, metavar="SECONDS",
+                       help=f"{what} (default {default})")
+    g.set_defaults(func="cache_gc.cmd_gc", no_store=True)
+    a = cs.add_parser("audit", help="closures with a missing narinfo or NAR")
+    a.add_argument("url", metavar="URL")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--repair", action="store_true",
+                   help="upload what is missing again, from the store (--store)")
+    a.set_defaults(func="cache_gc.cmd_audit", no_store=True)
     g = cs.add_parser("log", help="print the build log a cache has for a derivation or for "
                       "the deriver of PATH (as nix log --store URL)")
     g.add_argument("url", metavar="URL")

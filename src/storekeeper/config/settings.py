@@ -322,6 +322,9 @@ _TABLE = [
        client=TRUSTED_SUBSTITUTERS),
     _s("trusted-substituters", parse_list, "", [DAEMON], ["trusted-binary-caches"]),
     _s("require-sigs", parse_bool, "true", [DAEMON, SUBSTITUTE]),
+    # Nix 2.8 substitutes max-jobs paths at a time; later Nix has this setting (same default)
+    _s("max-substitution-jobs", parse_int, "16", [DAEMON, SUBSTITUTE], client=LOWER,
+       doc="paths downloaded and unpacked at once when substituting (1: one after the other)"),
     # --- substitution (spec binary-cache.md §8, §9); SetOptions' useSubstitutes and
     # tryFallback set the first two for every client ---
     _s("substitute", parse_bool, "true", [SUBSTITUTE], ["build-use-substitutes"], ALWAYS),

@@ -29,6 +29,7 @@ from ..formats.errors import FormatError
 from ..formats.url import DaemonAddress, LocalLayout, daemon_socket_path, parse_store_url
 from ..store.settings import StoreSettings, environment_settings, nix_conf_path, read_nix_conf
 from .server import default_socket_path, serve, serve_stdio
+from .session import error_message
 from .tcp import parse_listen_address
 from .trust import DaemonConfig
 
@@ -128,7 +129,7 @@ def main_daemon(argv: Sequence[str] | None = None) -> int:
                   on_listening=lambda where: print(f"storekeeper daemon: listening on tcp {where}",
                                                    file=sys.stderr, flush=True))
     except (StoreError, FormatError, SettingError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)  # (an OSError: its path too)
         return 1
     return 0
 
@@ -173,7 +174,7 @@ def main_nix_daemon(argv: Sequence[str] | None = None, env: Mapping[str, str] | 
         else:
             serve(layout, daemon_socket_path(env), config, settings=store_settings, build=build)
     except (StoreError, FormatError, SettingError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)  # (an OSError: its path too)
         return 1
     return 0
 

@@ -134,7 +134,7 @@ def error_message(e: BaseException) -> str:
         # be used where text is needed (a database key, a file's contents).
         return "a string in the request is not valid UTF-8, and this operation needs text"
     if isinstance(e, OSError):
-        where = f": '{e.filename}'" if e.filename else ""
+        where = f": '{os.fsdecode(e.filename)}'" if e.filename else ""
         return f"{e.strerror or e}{where}"
     return f"unexpected error: {type(e).__name__}: {e}"
 

@@ -109,6 +109,7 @@ class DaemonConfig:
     # When false, untrusted clients may import unsigned, non-content-addressed
     # paths (nix.conf ``require-sigs = false``).
     require_sigs: bool = field(default_factory=_d("require-sigs"))
+    max_substitution_jobs: int = field(default_factory=_d("max-substitution-jobs"))
     # Limits on what users may make the daemon do (0: none); see config.settings.
     max_connections: int = field(default_factory=_d("max-connections"))
     max_connections_per_user: int = field(default_factory=_d("max-connections-per-user"))

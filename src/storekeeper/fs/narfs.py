@@ -34,6 +34,7 @@ from ..formats.nar import (
     symlink_node,
 )
 from ..formats.streams import Readable
+from .crash import crash_point
 
 #: most bytes of file contents in one chunk from dump_path
 CHUNK_SIZE = 1 << 20
@@ -258,6 +259,7 @@ class _TreeWriter:
             self._start_writeback()
         self._fd = -1
         os.close(fd)
+        crash_point("add.copied")
 
     def _start_writeback(self) -> None:
         # The store syncs new paths before registering them: starting the disk

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
+from .crash import crash_point
 from .openat import clear_immutable, split_top
 from .walker import DIR, ENTER, ENTRY, walk
 
@@ -45,8 +46,10 @@ def _remove(name, dir_fd: int, rewalks: int) -> int:
                 _make_writable(node.fd, node.name, node.parent_fd)
             elif ev == ENTRY:
                 freed += _unlink(node.name, node.parent_fd, node.kind == DIR, rewalks)
+                crash_point("fs.removed")
             else:
                 _rmdir(node.name, node.parent_fd, rewalks)
+                crash_point("fs.removed")
     except FileNotFoundError:
         pass
     return freed

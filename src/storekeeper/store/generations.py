@@ -34,6 +34,7 @@ from typing import Iterator
 from ..errors import NotFound, UsageError
 from ..fs import ENTRY, LNK, open_dir, proc_fd, split_top, walk
 from ..fs.atomic import temp_name
+from ..fs.crash import crash_point
 
 _GEN = re.compile(r"^(.*)-(\d+)-link$")
 
@@ -234,6 +235,7 @@ def delete_generations(profile: str, sel: Selection, now: float | None = None,
                     os.unlink(os.path.basename(g.link), dir_fd=lock.dir_fd)
                 except FileNotFoundError:
                     pass
+                crash_point("profile.deleted")
         return doomed
 
 
@@ -253,10 +255,12 @@ def switch(profile: str, number: int | None = None) -> tuple[int | None, int]:
         tmp = temp_name(".", base + ".tmp-")[2:]  # (a name in the profile's directory)
         os.symlink(os.path.basename(gen_link(profile, number)), tmp, dir_fd=lock.dir_fd)
         try:
+            crash_point("profile.linked")
             os.replace(tmp, base, src_dir_fd=lock.dir_fd, dst_dir_fd=lock.dir_fd)
         except BaseException:
             os.unlink(tmp, dir_fd=lock.dir_fd)
             raise
+        crash_point("profile.switched")
         return current, number
 
 

@@ -73,14 +73,12 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .signing import check_trusted
+from .staging import TEMP_DIR_PREFIX, StagedNar, install_staged, stage_nar
 from .verify import verify_store
 
 if TYPE_CHECKING:
     from ..formats.url import LocalLayout
     from .settings import StoreSettings
-
-TEMP_DIR_PREFIX = "tmp-sk-"
-
 
 class LocalStore(StoreReader):
     """A local Nix store (see module docstring for the invariants it keeps).
@@ -192,6 +190,7 @@ class LocalStore(StoreReader):
             crash_point("add.moved")
             try:
                 canonicalise_paths([real])
+                crash_point("add.canonicalised")
                 if self.settings.auto_optimise_store:
                     optimise_path(self, sp, set())  # empty inode set, as Nix does
                 crash_point("add.canonical")
@@ -223,6 +222,7 @@ class LocalStore(StoreReader):
             refs = frozenset(references)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def add_text(self, name: str, text: bytes, references: Iterable[StorePath] = (),
@@ -275,6 +275,7 @@ class LocalStore(StoreReader):
             ca = ContentAddress(method, ca_hash)
             sp = ca.store_path(self.store_dir, name, refs)
             info = ValidPathInfo(sp, nar_hash, nar_size, refs, ca=ca.render())
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 
     def _add_small_nar(self, nar: bytes, name: str, refs: frozenset[StorePath],
@@ -331,7 +332,17 @@ class LocalStore(StoreReader):
                 h, _ = nar_hash_path(staged)
                 info = info.with_(nar_hash=h)
             info = info.with_(nar_size=reader.size)
+            crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
+
+    def stage_nar(self, info: ValidPathInfo, stream: Readable) -> StagedNar:
+        """``add_nar``'s unpacking and checks, in a scratch dir; any thread (:mod:`.staging`)."""
+        self._check_writable()
+        return stage_nar(self, info, stream)
+
+    def add_staged(self, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
+        """Install and register staged paths as one batch (:mod:`.staging`)."""
+        return install_staged(self, items)
 
     def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:
         try:
@@ -369,7 +380,7 @@ class LocalStore(StoreReader):
             with naming(self.real_store_dir):
                 self.syncer.sync_new([self.real_path(i.path) for i in infos])
         crash_point("register.synced")
-        with self.db.transaction():
+        with self.db.transaction(durable=self.settings.fsync_store_paths):
             ids = {i.path: self.db.upsert_info(i) for i in infos}
             for info in infos:
                 for ref in info.references:

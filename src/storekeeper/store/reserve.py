@@ -135,10 +135,17 @@ _FS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 @contextmanager
 def naming(path: str) -> Iterator[None]:
     """An OSError of the file system (full, read-only, I/O) raised inside names ``path``
-    when it names nothing itself (a ``write`` to an fd does not)."""
+    when it names nothing itself (a ``write`` to an fd does not) or only a name relative
+    to some directory fd (``b'd'``, meaningless to a reader); an absolute bytes name is
+    made text."""
     try:
         yield
     except OSError as e:
-        if e.filename is None and e.errno in _FS_ERRNOS:
+        if e.errno not in _FS_ERRNOS:
+            raise
+        name = os.fsdecode(e.filename) if e.filename is not None else None
+        if name is None or not os.path.isabs(name):
             raise OSError(e.errno, e.strerror, path) from None
+        if name != e.filename:
+            raise OSError(e.errno, e.strerror, name) from None
         raise

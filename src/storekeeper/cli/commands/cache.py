@@ -84,6 +84,7 @@ def trusted_keys(args: argparse.Namespace) -> dict[str, PublicKey]:
 def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     from ...cache import open_cache
     from ...cache.copy import copy_from_cache, copy_to_cache
+    from ...cache.gc import copy_with_lease
     from ..progress import Progress
     bar = Progress("copying")
     log = None if args.json or args.quiet else bar.log
@@ -91,6 +92,8 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
     def progress(done: int, total: int, nar_bytes: int) -> None:
         bar.label = f"copying ({nar_bytes / 2**20:.1f} MiB)"
         bar.update(done, total)
+    if args.from_ and (args.root or args.root_ttl or args.keep):
+        raise UsageError("--root, --root-ttl and --keep go with --to")
     if args.logs and not args.to:
         raise UsageError("--logs goes with --to")
     logs: list[StorePath] = []
@@ -101,7 +104,15 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             jobs = args.jobs if args.jobs else (min(4, os.cpu_count() or 1) if is_local(store) else 1)
             if not is_local(store):
                 jobs = 1  # one daemon connection: NARs come one after the other
-            result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
+            # a lease while uploading (the cache may be collected meanwhile: docs/CACHE-GC.md)
+            if args.no_lease:
+                if args.root:
+                    raise UsageError("--root needs the lease (drop --no-lease)")
+                result = copy_to_cache(store, cache, paths, jobs=jobs, log=log, progress=progress)
+            else:
+                result = copy_with_lease(store, cache, paths, root=args.root,
+                                         root_ttl=args.root_ttl, keep=args.keep, jobs=jobs,
+                                         log=log, progress=progress)
             if args.logs:
                 logs = _copy_logs(store, cache, result.copied + result.skipped, log)
         else:
@@ -112,7 +123,8 @@ def cmd_copy(store: Store, args: argparse.Namespace) -> int:
             check = not args.no_check_sigs and _require_sigs()
             result = copy_from_cache(cache, store, paths, trusted_keys(args), check_sigs=check,
                                      store_checks_sigs=not local and not args.no_check_sigs,
-                                     log=log, progress=progress)
+                                     log=log, progress=progress,
+                                     jobs=args.jobs or (16 if local else 1))
     finally:
         bar.close()
         cache.close()

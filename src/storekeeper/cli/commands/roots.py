@@ -74,7 +74,7 @@ def cmd_roots(store: Store, args: argparse.Namespace) -> int:
     if not is_local(store):
         return remote_roots(store, args.store, args.json)
     from ...store.gc.inspect import list_roots
-    print_root_infos(list_roots(store), args.json)
+    print_root_infos(list_roots(store, sizes=not args.no_size), args.json)
     if not args.json:
         from .policy import print_policy_plan
         print_policy_plan(store, with_bytes=False)
@@ -94,7 +94,8 @@ def print_root_infos(infos: list[RootInfo], as_json: bool) -> None:
         shown_age = "-" if r.age_seconds is None else age(r.age_seconds)
         flag = "" if r.valid or not r.target else "  (invalid target)"
         detail = r.detail()
-        print(f"{r.kind:9} {r.owner or '-':10} {shown_age:>6} {r.closure_size / 2**20:10.2f} MiB  "
+        size = "-" if r.closure_size is None else f"{r.closure_size / 2**20:.2f}"
+        print(f"{r.kind:9} {r.owner or '-':10} {shown_age:>6} {size:>10} MiB  "
               f"{r.link} -> {r.target or '?'}{flag}" + (f"  [{detail}]" if detail else ""))
 
 

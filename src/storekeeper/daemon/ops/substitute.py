@@ -25,6 +25,7 @@ def substituters(s: Session) -> Substituters:
     store_settings = getattr(s.store, "settings", None)
     base = SubstituteSettings(
         substituters=s.config.substituters, require_sigs=s.config.require_sigs,
+        max_substitution_jobs=s.config.max_substitution_jobs,
         trusted_public_keys=getattr(store_settings, "trusted_public_keys",
                                     SubstituteSettings().trusted_public_keys),
         secret_key_files=getattr(store_settings, "secret_key_files", ()),

@@ -11,7 +11,7 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
    root handed over from a temp root to a symlink (or to a user's
    registration or lease, which the daemon writes only after pinning) is
    never missed.
-2. The reference graph is loaded in one pass (three queries); liveness is the
+2. The reference graph is loaded from one DB snapshot (:mod:`.graph`); liveness is the
    forward closure of the roots over references, plus derivers when
    ``keep-derivations`` and derivation outputs when ``keep-outputs``.
 3. Dead paths are deleted referrers-first, in batches.  Before a batch is
@@ -35,21 +35,21 @@ import os
 import socket
 import threading
 import time
-from collections import deque
+from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ... import fs
 from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
-from ...errors import PathInUse, StoreError
+from ...errors import PathInUse
 from ...formats.storepath import StorePath, StorePathError
 from ...fs.crash import crash_point
 from ..locks import PathLocks, lock_fd, open_lock_file
 from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
-from .graph import Graph
+from .graph import Graph, stray_names
 
 BATCH = 1024
 UNLINK_THREADS = 4
@@ -188,11 +188,16 @@ class GarbageCollector:
             roots: list[Root] = list(finder.temp_roots(cleanup=deleting))
             with self._cond:
                 self._temp_hashes.update(r.path.hash_part for r in roots)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gc-proc") as bg:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gc-proc") as bg:
                 # The /proc scan (mostly waiting on the kernel) runs beside the
                 # root walk and the graph load: it is the longest part of a GC
                 # on a busy machine, and every pin waits for the GC to finish.
                 runtime = None if opts.ignore_liveness else bg.submit(lambda: list(finder.runtime_roots()))
+                # So does the listing of the store directory that a report of dead
+                # paths needs (a million entries; the graph load mostly runs in
+                # SQLite, without the GIL).
+                listing = bg.submit(os.listdir, store.real_store_dir) \
+                    if opts.action == DEAD and not opts.specific else None
                 if not opts.ignore_liveness:
                     self.log("finding garbage collector roots...")
                     roots += finder.permanent_roots(cleanup=deleting)
@@ -204,34 +209,50 @@ class GarbageCollector:
             for m in finder.messages:
                 self._note(result, m)
             sd = store.store_dir
-            alive: set[int] = set()
-            root_ids = [graph.id_of[p] for p in (sd.print(r.path) for r in roots) if p in graph.id_of]
-            graph.closure(root_ids, alive, keep_outputs, keep_derivations)
+            alive = graph.marks()
+            root_paths = {sd.print(r.path) for r in roots}
+            graph.closure([i for i in map(graph.id_of_path, sorted(root_paths)) if i is not None],
+                          alive, keep_outputs, keep_derivations)
             with self._cond:
-                pinned = [i for i, p in graph.path_of.items()
-                          if p[len(sd.path) + 1:][:32] in self._temp_hashes]
+                temp = sorted(self._temp_hashes)
+            pinned = [i for h in temp for i in graph.ids_of_hash(f"{sd.path}/{h}")]
             graph.closure(pinned, alive, keep_outputs, keep_derivations)
 
             # Nix 2.8 says which kind of pass this is (not for deleteSpecific, nor maxFreed 0)
             if opts.action != DELETE_SPECIFIC and opts.max_freed > 0:
                 self.log("deleting garbage..." if deleting else "determining live/dead paths...")
             if opts.action == LIVE:
-                live = alive
+                _, live = graph.select(alive, 1, ids=False)
                 if opts.specific:
-                    live = alive & {graph.id_of[p] for p in map(sd.print, opts.paths) if p in graph.id_of}
-                result.paths = sorted(graph.path_of[i] for i in live)
+                    wanted = set(map(sd.print, opts.paths))
+                    live = [p for p in live if p in wanted]
+                result.paths = live
                 return result
-            candidates = self._candidates(graph, alive, opts, sd)
+            dead_ids, dead_paths = graph.select(alive, 0, ids=opts.action != DEAD or opts.specific)
+            candidates = self._candidates(graph, alive, dead_ids, opts, sd)
             if opts.action == DEAD:
-                result.paths = sorted(graph.path_of[i] for i in candidates) + \
-                    ([] if opts.specific else self._invalid_entries(graph, dry=True))
+                if candidates is None:
+                    assert listing is not None
+                    result.paths = dead_paths + self._invalid_entries(dry=True, entries=listing.result())
+                else:
+                    result.paths = [p for i, p in zip(dead_ids, dead_paths) if candidates[i]]
                 return result
-            order = self._referrers_first(graph, candidates)
+            # a dead path's name by id: its place in (dead_ids, dead_paths)
+            where = array("I", bytes(4 * graph.size))
+            for k, i in enumerate(dead_ids):
+                where[i] = k
+            self._name = lambda i: dead_paths[where[i]]
+            if candidates is None:
+                candidates = graph.marks()
+                for i in dead_ids:
+                    candidates[i] = 1
+            order = graph.referrers_first(dead_ids, candidates)
+            del candidates
             self._total = len(order)
             self._delete(graph, order, alive, opts, result, keep_outputs, keep_derivations)
             if opts.action == DELETE_DEAD and not opts.specific \
                     and result.bytes_freed <= opts.max_freed:
-                self._invalid_entries(graph, dry=False, result=result)
+                self._invalid_entries(dry=False, result=result)
             if deleting:
                 self._remove_unused_links(result)
             return result
@@ -246,79 +267,67 @@ class GarbageCollector:
         result.messages.append(message)
         self.log(message)
 
-    def _candidates(self, graph: Graph, alive: set[int], opts: GCOptions, sd) -> set[int]:
-        dead = set(graph.path_of) - alive
+    def _candidates(self, graph: Graph, alive: bytearray, dead_ids: array, opts: GCOptions,
+                    sd) -> bytearray | None:
+        """The marks of the paths to delete; None for "every dead path"."""
         if opts.action != DELETE_SPECIFIC and not opts.specific:
-            return dead
+            return None
         wanted: set[int] = set()
         for sp in opts.paths:
-            p = sd.print(sp)
-            i = graph.id_of.get(p)
-            if i is None:
-                continue  # not valid: nothing to do
-            wanted.add(i)
+            i = graph.id_of_path(sd.print(sp))
+            if i is not None:  # (not valid: nothing to do)
+                wanted.add(i)
         if opts.delete_referrers:
             stack = list(wanted)
             while stack:
-                for r in graph.referrers.get(stack.pop(), ()):
+                for r in graph.referrers_of(stack.pop()):
                     if r not in wanted:
                         wanted.add(r)
                         stack.append(r)
+        out = graph.marks()
         if opts.action != DELETE_SPECIFIC:
             # The dead part of the set: those dead paths all of whose referrers go too
             # (an alive path, or one a kept path refers to, is skipped, not an error).
-            keep = wanted & dead
+            keep = {i for i in wanted if not alive[i]}
+            referrers = {i: graph.referrers_of(i) for i in keep}
             changed = True
             while changed:
                 changed = False
                 for i in list(keep):
-                    if any(r != i and r not in keep for r in graph.referrers.get(i, ())):
+                    if any(r != i and r not in keep for r in referrers[i]):
                         keep.discard(i)
                         changed = True
-            return keep
+            for i in keep:
+                out[i] = 1
+            return out
         for i in wanted:
             # deletable only if dead and every (transitive) referrer is deleted with it
             stack, seen = [i], {i}
             while stack:
                 j = stack.pop()
-                if j not in dead or j not in wanted:
-                    raise PathInUse(f"Cannot delete path '{graph.path_of[i]}' since it is still alive. "
+                if alive[j] or j not in wanted:
+                    raise PathInUse(f"Cannot delete path '{graph.path_of_id(i)}' since it is still alive. "
                                     "To find out why, use: nix-store --query --roots")
-                for r in graph.referrers.get(j, ()):
+                for r in graph.referrers_of(j):
                     if r != j and r not in seen:
                         seen.add(r)
                         stack.append(r)
-        return wanted
+            out[i] = 1
+        return out
 
-    @staticmethod
-    def _referrers_first(graph: Graph, nodes: set[int]) -> list[int]:
-        indeg = dict.fromkeys(nodes, 0)
-        for i in nodes:
-            for j in graph.refs.get(i, ()):
-                if j in indeg and j != i:
-                    indeg[j] += 1
-        queue = deque(sorted((i for i, d in indeg.items() if d == 0), key=graph.path_of.__getitem__))
-        order = []
-        while queue:
-            i = queue.popleft()
-            order.append(i)
-            for j in graph.refs.get(i, ()):
-                if j in nodes and j != i:
-                    indeg[j] -= 1
-                    if indeg[j] == 0:
-                        queue.append(j)
-        if len(order) != len(nodes):
-            raise StoreError("cycle in the reference graph of dead paths")
-        return order
-
-    def _delete(self, graph: Graph, order: list[int], alive: set[int], opts: GCOptions,
+    def _delete(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
         self._lock_files = {n for n in os.listdir(self.store.real_store_dir) if n.endswith(".lock")}
-        with ThreadPoolExecutor(max_workers=UNLINK_THREADS, thread_name_prefix="gc-unlink") as ex:
-            self._unlinker = ex
-            self._delete_loop(graph, order, alive, opts, result, keep_outputs, keep_derivations)
+        # every dead path is unlinked relative to one fd of the store directory
+        self._store_fd = fs.open_dir(self.store.real_store_dir)
+        try:
+            with ThreadPoolExecutor(max_workers=UNLINK_THREADS, thread_name_prefix="gc-unlink") as ex:
+                self._unlinker = ex
+                self._delete_loop(graph, order, alive, opts, result, keep_outputs, keep_derivations)
+        finally:
+            os.close(self._store_fd)
 
-    def _delete_loop(self, graph: Graph, order: list[int], alive: set[int], opts: GCOptions,
+    def _delete_loop(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                      result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
         """Two batches in flight: the next one is invalidated while the files of
         the previous one are unlinked.  Both stay *pending* until their files are gone."""
@@ -341,14 +350,14 @@ class GarbageCollector:
                     while pos < len(order) and len(batch) < batch_size:
                         i = order[pos]
                         pos += 1
-                        if i in alive:
+                        if alive[i]:
                             continue
-                        p = graph.path_of[i]
+                        p = self._name(i)
                         if p[len(sd.path) + 1:][:32] in self._temp_hashes:
                             graph.closure([i], alive, keep_outputs, keep_derivations)
                             continue
                         batch.append(i)
-                    hashes = {graph.path_of[i][len(sd.path) + 1:][:32] for i in batch}
+                    hashes = {self._name(i)[len(sd.path) + 1:][:32] for i in batch}
                     self._pending |= hashes
                 current = _Batch(hashes)
                 try:
@@ -367,13 +376,13 @@ class GarbageCollector:
             if inflight is not None:
                 self._finish_batch(graph, inflight, result)
 
-    def _start_batch(self, graph: Graph, batch: list[int], alive: set[int], keep_outputs: bool,
+    def _start_batch(self, graph: Graph, batch: list[int], alive: bytearray, keep_outputs: bool,
                      keep_derivations: bool, b: "_Batch") -> None:
         """Lock what needs locking, invalidate (one transaction), start unlinking."""
         store, sd = self.store, self.store.store_dir
         go: list[int] = []
         for i in batch:
-            base = graph.path_of[i][len(sd.path) + 1:]
+            base = self._name(i)[len(sd.path) + 1:]
             real = os.path.join(store.real_store_dir, base)
             # Only a path someone holds a lock file for can be in use by a
             # locker (a repair or a build); anyone who locks it later must
@@ -389,7 +398,7 @@ class GarbageCollector:
                 pl.delete_on_release = True
                 b.locks.append(pl)
             go.append(i)
-        go = [i for i in go if i not in alive]
+        go = [i for i in go if not alive[i]]
         if not go:
             return
         with store.db.transaction() as conn:
@@ -407,20 +416,21 @@ class GarbageCollector:
         # task per slice of the batch, not per path: futures cost more than
         # unlinking a small file.
         b.ids = go
-        reals = [os.path.join(store.real_store_dir, graph.path_of[i][len(sd.path) + 1:]) for i in go]
-        if len(reals) <= SMALL_BATCH:
+        names = [self._name(i)[len(sd.path) + 1:] for i in go]
+        if len(names) <= SMALL_BATCH:
             # A few paths (a GC on a busy daemon): unlinked here, at once; starting
             # a thread costs more than that, and waits for a CPU on a loaded machine.
             done: Future = Future()
             try:
-                done.set_result(_delete_trees(reals))
+                done.set_result(_delete_trees(self._store_fd, names))
             except Exception as e:  # noqa: BLE001 -- raised by _finish_batch, as from a thread
                 done.set_exception(e)
             b.futures = [done]
             return
-        step = -(-len(reals) // UNLINK_THREADS)
-        b.futures = [self._unlinker.submit(_delete_trees, reals[k:k + step])
-                     for k in range(0, len(reals), step)]
+        # contiguous slices: each thread keeps to its own stretch of the inode table
+        step = -(-len(names) // UNLINK_THREADS)
+        b.futures = [self._unlinker.submit(_delete_trees, self._store_fd, names[k:k + step])
+                     for k in range(0, len(names), step)]
 
     def _finish_batch(self, graph: Graph, b: "_Batch", result: GCResult) -> None:
         try:
@@ -428,7 +438,7 @@ class GarbageCollector:
             if b.ids:
                 crash_point("gc.unlinked")
             for i, n in zip(b.ids, freed):
-                p = graph.path_of[i]
+                p = self._name(i)
                 self.log(f"deleting '{p}'")
                 result.bytes_freed += n
                 result.paths.append(p)
@@ -440,12 +450,16 @@ class GarbageCollector:
                 self._pending -= b.hashes
                 self._cond.notify_all()
 
-    def _invalid_entries(self, graph: Graph, dry: bool, result: GCResult | None = None) -> list[str]:
+    def _invalid_entries(self, dry: bool, result: GCResult | None = None,
+                         entries: list[str] | None = None) -> list[str]:
         """Store-dir entries that are not valid paths (leftovers, junk); deleted unless in use."""
         store, sd = self.store, self.store.store_dir
         names: list[str] = []
-        for name in os.listdir(store.real_store_dir):
-            if name == ".links" or f"{sd.path}/{name}" in graph.id_of:
+        if entries is None:
+            entries = os.listdir(store.real_store_dir)
+        strays = stray_names(store.db, sd, entries)
+        for name in entries:
+            if name == ".links" or name not in strays:
                 continue
             full = os.path.join(store.real_store_dir, name)
             try:
@@ -474,6 +488,7 @@ class GarbageCollector:
                     continue
                 try:
                     result.bytes_freed += delete_tree(full)
+                    crash_point("gc.junk")
                 finally:
                     locks.delete_on_release = True
                     locks.release()
@@ -500,8 +515,12 @@ class _Batch:
     locks: list[PathLocks] = field(default_factory=list)
 
 
-def _delete_trees(paths: list[str]) -> list[int]:
-    return [delete_tree(p) for p in paths]
+def _delete_trees(store_fd: int, names: list[str]) -> list[int]:
+    freed = []
+    for n in names:
+        freed.append(fs.remove_tree(n, dir_fd=store_fd))
+        crash_point("gc.deleted")
+    return freed
 
 
 SCRATCH_GRACE_SECONDS = 300

@@ -1,104 +1,416 @@
-"""The reference graph of a whole store, loaded in one pass, as integer adjacency lists.
+"""The reference graph of a whole store, loaded in one read snapshot, as compact integer arrays.
 
 Liveness is the forward closure of the roots over references, plus a path's
 deriver when ``keep-derivations`` and a derivation's outputs when
 ``keep-outputs`` (spec §6.8: the same verdicts as Nix's referrer walk).
+
+A million-path store has four million references: one Python object per path
+or per edge costs a gigabyte and most of the time.  So the graph keeps no
+object per path: nodes are the DB's ``ValidPaths`` ids used as indices into
+``array('I')`` columns, the edges are read in bulk as hex text that SQLite
+formats (one step per chunk, the GIL released while it runs) and Python turns
+into machine integers without a loop, and a path's name is looked up in the DB
+only where one is needed.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Iterable
+import heapq
+import json
+import sqlite3
+import sys
+from array import array
+from bisect import bisect_left, bisect_right
+from contextlib import contextmanager
+from itertools import accumulate, compress, islice, repeat
+from operator import le
+from typing import Iterable, Iterator
+
+from ...errors import StoreError
+from ..db import database_error
 
 REFERENCE, DERIVER, OUTPUT = "reference", "deriver", "output"
 
+# referrer ids per bulk query: bounds the hex text SQLite builds at once (~16 bytes per edge)
+_CHUNK = 1 << 18
+
+
+def _ids(hex_text: str | None) -> array:
+    """'0000002a00000007…' (8 hex digits per id, big-endian) → array('I', [42, 7, …])."""
+    out = array("I")
+    if hex_text:
+        out.frombytes(bytes.fromhex(hex_text))
+        if sys.byteorder == "little":
+            out.byteswap()
+    return out
+
+
+def _decimal(text: str | None) -> list[int]:
+    """'42,7,…' → [42, 7, …] (json's scanner: in C)."""
+    return json.loads(f"[{text}]") if text else []
+
+
+def _zeros(n: int) -> array:
+    return array("I", bytes(4 * n))
+
 
 class Graph:
-    """The whole reference graph as integer adjacency lists (one DB pass)."""
+    """The reference graph of one DB snapshot in compressed-sparse-row form.
+
+    Node ``i`` is the valid path whose ``ValidPaths.id`` is ``i``; every column
+    is indexed by id (``size`` is the largest id + 1; id 0 is never used).
+    Node ``i`` refers to ``ref[off[i]:off[i + 1]]`` (self-references
+    included); ``drv[i]`` is the id of its valid deriver (0: none); a
+    derivation's valid outputs are the ``out_id`` entries whose ``out_drv`` is
+    its id (both sorted by ``out_drv``).  Marks (alive, dead, seen) are
+    ``bytearray(size)``s owned by the caller.
+    """
 
     def __init__(self, db) -> None:
-        conn = db.conn
-        rows = conn.execute("select id, path, deriver from ValidPaths").fetchall()
-        self.path_of: dict[int, str] = {}
-        self.id_of: dict[str, int] = {}
-        deriver_of: dict[int, str] = {}
-        for i, p, d in rows:
-            self.path_of[i] = p
-            self.id_of[p] = i
-            if d:
-                deriver_of[i] = d
-        self.refs: dict[int, list[int]] = {}
-        refs = self.refs
-        for a, b in conn.execute("select referrer, reference from Refs").fetchall():
-            if a in refs:
-                refs[a].append(b)
-            else:
-                refs[a] = [b]
-        self._referrers: dict[int, list[int]] | None = None
-        self.deriver: dict[int, int] = {i: self.id_of[d] for i, d in deriver_of.items() if d in self.id_of}
-        self.outputs: dict[int, list[int]] = {}
-        for drv, p in conn.execute("select drv, path from DerivationOutputs"):
-            o = self.id_of.get(p)
-            if o is not None:
-                self.outputs.setdefault(drv, []).append(o)
+        self.db = db
+        self._path_of: dict[int, str] | None = None
+        with _snapshot(db.conn) as q:
+            (top,) = q("select coalesce(max(id), 0) from ValidPaths").fetchone()
+            self.size = top + 1
+            self.off, self.ref = self._load_refs(q)
+            if max(self.ref, default=0) >= self.size:
+                raise StoreError("a reference to a path that is not valid")
+            self.drv = _zeros(self.size)
+            pairs = _ids(q("select group_concat(printf('%08x%08x', v.id, d.id), '') from ValidPaths v "
+                           "join ValidPaths d on d.path = v.deriver where v.deriver is not null")
+                         .fetchone()[0])
+            drv = self.drv
+            for k in range(0, len(pairs), 2):
+                drv[pairs[k]] = pairs[k + 1]
+            pairs = _ids(q("select group_concat(printf('%08x%08x', drv, id), '') from (select o.drv, "
+                           "v.id from DerivationOutputs o join ValidPaths v on v.path = o.path "
+                           "order by o.drv)").fetchone()[0])
+            self.out_drv, self.out_id = pairs[0::2], pairs[1::2]
+            self._has_drv = any(drv)
+            if not _sorted(self.out_drv):
+                order = sorted(range(len(self.out_drv)), key=self.out_drv.__getitem__)
+                self.out_drv = array("I", (self.out_drv[k] for k in order))
+                self.out_id = array("I", (pairs[2 * k + 1] for k in order))
 
-    @property
-    def referrers(self) -> dict[int, list[int]]:
-        """Reverse edges, built on first use (only deleting named paths needs them)."""
-        if self._referrers is None:
-            rev: dict[int, list[int]] = {}
-            for a, bs in self.refs.items():
-                for b in bs:
-                    rev.setdefault(b, []).append(a)
-            self._referrers = rev
-        return self._referrers
+    @classmethod
+    def from_edges(cls, size: int, refs: dict[int, list[int]], deriver: dict[int, int] | None = None,
+                   outputs: dict[int, list[int]] | None = None) -> "Graph":
+        """A graph of nodes ``0..size-1`` given in memory (no DB; paths named ``/nix/store/<id>``;
+        node 0 cannot be a deriver)."""
+        g = cls.__new__(cls)
+        g.db, g.size = None, size
+        g._path_of = {i: f"/nix/store/{i}" for i in range(size)}
+        g.off = array("I", accumulate((len(refs.get(i, ())) for i in range(size)), initial=0))
+        g.ref = array("I", (j for i in range(size) for j in refs.get(i, ())))
+        g.drv = _zeros(size)
+        for i, d in (deriver or {}).items():
+            g.drv[i] = d
+        g._has_drv = any(g.drv)
+        pairs = sorted((d, o) for d, os_ in (outputs or {}).items() for o in os_)
+        g.out_drv, g.out_id = array("I", (d for d, _ in pairs)), array("I", (o for _, o in pairs))
+        return g
 
-    def closure(self, start: Iterable[int], alive: set[int], keep_outputs: bool,
-                keep_derivations: bool) -> None:
-        queue = deque(i for i in start if i not in alive)
-        alive.update(queue)
-        while queue:
-            i = queue.popleft()
-            nxt = list(self.refs.get(i, ()))
-            if keep_derivations and i in self.deriver:
-                nxt.append(self.deriver[i])
-            if keep_outputs:
-                nxt.extend(self.outputs.get(i, ()))
-            for j in nxt:
-                if j not in alive:
-                    alive.add(j)
-                    queue.append(j)
+    def _load_refs(self, q) -> tuple[array, array]:
+        """(off, ref): the Refs table as CSR, read in chunks of referrer ids.
 
-    def edges(self, i: int, keep_outputs: bool, keep_derivations: bool) -> Iterable[tuple[int, str]]:
-        for j in self.refs.get(i, ()):
-            yield j, REFERENCE
-        if keep_derivations and i in self.deriver:
-            yield self.deriver[i], DERIVER
+        Per chunk two statements, each one SQLite step with the GIL released: the
+        references in (referrer, reference) order as decimal text, and each
+        referrer's count in the same order; ``json`` parses the text in C.
+        """
+        ref = array("I")
+        counts = _zeros(self.size)
+        for lo in range(0, self.size, _CHUNK):
+            hi = min(lo + _CHUNK, self.size)
+            who, many = q("select group_concat(referrer), group_concat(c) from (select referrer, count(*) c "
+                          "from Refs where referrer >= ?1 and referrer < ?2 group by referrer "
+                          "order by referrer)", (lo, hi)).fetchone()
+            if not who:
+                continue
+            refs = q("select group_concat(reference) from (select reference from Refs where referrer >= ?1 "
+                     "and referrer < ?2 order by referrer, reference)", (lo, hi)).fetchone()[0]
+            ref.extend(_decimal(refs))
+            per = dict(zip(_decimal(who), _decimal(many)))
+            counts[lo:hi] = array("I", map(per.get, range(lo, hi), repeat(0)))
+        off = array("I", accumulate(counts, initial=0))
+        if off[-1] != len(ref):
+            raise StoreError("the Refs table changed while it was read")
+        return off, ref
+
+    # --- walking --------------------------------------------------------------------
+
+    def marks(self) -> bytearray:
+        return bytearray(self.size)
+
+    def outputs_of(self, i: int) -> array:
+        lo = bisect_left(self.out_drv, i)
+        if lo == len(self.out_drv) or self.out_drv[lo] != i:
+            return array("I")
+        return self.out_id[lo:bisect_right(self.out_drv, i)]
+
+    def successors(self, i: int, keep_outputs: bool, keep_derivations: bool) -> Iterable[int]:
+        nxt: Iterable[int] = self.ref[self.off[i]:self.off[i + 1]]
+        if keep_derivations and self.drv[i]:
+            nxt = [*nxt, self.drv[i]]
         if keep_outputs:
-            for j in self.outputs.get(i, ()):
+            outs = self.outputs_of(i)
+            if outs:
+                nxt = [*nxt, *outs]
+        return nxt
+
+    def closure(self, start: Iterable[int], alive: bytearray, keep_outputs: bool,
+                keep_derivations: bool) -> None:
+        """Mark everything reachable from ``start`` in ``alive`` (depth-first, iterative)."""
+        stack = [i for i in start if 0 <= i < self.size and not alive[i]]
+        for i in stack:
+            alive[i] = 1
+        off, ref, push, pop = self.off, self.ref, stack.append, stack.pop
+        if keep_outputs or (keep_derivations and self._has_drv):
+            succ = self.successors
+            while stack:
+                for j in succ(pop(), keep_outputs, keep_derivations):
+                    if not alive[j]:
+                        alive[j] = 1
+                        push(j)
+            return
+        while stack:  # (references only: the hot loop of a GC, kept bare)
+            i = pop()
+            for j in ref[off[i]:off[i + 1]]:
+                if not alive[j]:
+                    alive[j] = 1
+                    push(j)
+
+    def closure_ids(self, start: Iterable[int], keep_outputs: bool, keep_derivations: bool) -> list[int]:
+        seen = self.marks()
+        self.closure(start, seen, keep_outputs, keep_derivations)
+        return list(compress(range(self.size), seen))
+
+    def edges(self, i: int, keep_outputs: bool, keep_derivations: bool) -> Iterator[tuple[int, str]]:
+        for j in self.ref[self.off[i]:self.off[i + 1]]:
+            yield j, REFERENCE
+        if keep_derivations and self.drv[i]:
+            yield self.drv[i], DERIVER
+        if keep_outputs:
+            for j in self.outputs_of(i):
                 yield j, OUTPUT
 
     def shortest_chain(self, roots: dict[int, str], target: int, keep_outputs: bool,
                        keep_derivations: bool) -> list[tuple[int, str]] | None:
         """Breadth-first from every root: [(root, root link), (next, edge kind), …, (target, kind)]."""
-        parent: dict[int, tuple[int | None, str]] = {}
-        queue: deque[int] = deque()
-        for r, link in sorted(roots.items(), key=lambda kv: kv[1]):
-            if r not in parent:
-                parent[r] = (None, link)
+        parent = array("i", [-1]) * self.size  # -1 unseen; a root is its own parent
+        queue: list[int] = []
+        for r, _ in sorted(roots.items(), key=lambda kv: kv[1]):
+            if 0 <= r < self.size and parent[r] < 0:
+                parent[r] = r
                 queue.append(r)
-        while queue and target not in parent:
-            i = queue.popleft()
-            for j, kind in self.edges(i, keep_outputs, keep_derivations):
-                if j not in parent:
-                    parent[j] = (i, kind)
-                    queue.append(j)
-        if target not in parent:
+        extra = keep_outputs or (keep_derivations and self._has_drv)
+        off, ref, push = self.off, self.ref, queue.append
+        k = 0
+        while k < len(queue) and parent[target] < 0:
+            i = queue[k]
+            k += 1
+            for j in (self.successors(i, keep_outputs, keep_derivations) if extra else ref[off[i]:off[i + 1]]):
+                if parent[j] < 0:
+                    parent[j] = i
+                    push(j)
+        if not 0 <= target < self.size or parent[target] < 0:
             return None
         chain = []
-        node: int | None = target
-        while node is not None:
-            prev, label = parent[node]
-            chain.append((node, label))
+        node = target
+        while parent[node] != node:
+            prev = parent[node]
+            chain.append((node, next(kind for j, kind in self.edges(prev, keep_outputs, keep_derivations)
+                                     if j == node)))
             node = prev
+        chain.append((node, roots[node]))
         return chain[::-1]
+
+    def referrers_first(self, ids: Iterable[int], nodes: bytearray) -> array:
+        """Those of ``ids`` marked in ``nodes``, each after every marked node that refers to
+        it (Kahn's algorithm over the CSR arrays).  Among the ready ones the highest id goes
+        first: ids follow registration, and inodes creation, so a deletion in this order
+        walks the inode table (and the DB's rowid order) nearly sequentially, from the
+        newest down, instead of jumping around it in name (hash) order, which on a cold
+        cache costs a disk read per path."""
+        off, ref = self.off, self.ref
+        indeg = _zeros(self.size)
+        members = [i for i in ids if nodes[i]]
+        for i in members:
+            for j in ref[off[i]:off[i + 1]]:
+                if nodes[j] and j != i:
+                    indeg[j] += 1
+        ready = [-i for i in members if not indeg[i]]
+        heapq.heapify(ready)
+        order = array("I")
+        while ready:
+            i = -heapq.heappop(ready)
+            order.append(i)
+            for j in ref[off[i]:off[i + 1]]:
+                if nodes[j] and j != i:
+                    indeg[j] -= 1
+                    if not indeg[j]:
+                        heapq.heappush(ready, -j)
+        if len(order) != len(members):
+            raise StoreError("cycle in the reference graph of dead paths")
+        return order
+
+    # --- names: from the DB, only where needed ----------------------------------------
+
+    def id_of_path(self, path: str) -> int | None:
+        if self.db is None:  # (from_edges)
+            return next((i for i, p in self.path_of.items() if p == path), None)
+        row = self.db.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
+        return row[0] if row and row[0] < self.size else None
+
+    def path_of_id(self, i: int) -> str:
+        if self.db is None:
+            return self.path_of[i]
+        row = self.db.conn.execute("select path from ValidPaths where id = ?", (i,)).fetchone()
+        if row is None:
+            raise KeyError(i)
+        return row[0]
+
+    def ids_of_hash(self, store_path_prefix: str) -> list[int]:
+        """Ids of the valid paths whose name starts ``<store>/<hash>-``."""
+        lo = store_path_prefix + "-"
+        hi = store_path_prefix + "."  # ('-' + 1)
+        return [i for (i,) in self.db.conn.execute(
+            "select id from ValidPaths where path >= ? and path < ?", (lo, hi)) if i < self.size]
+
+    def select(self, marks: bytearray, value: int, ids: bool = True) -> tuple[array, list[str]]:
+        """(ids, paths) of the valid paths of the snapshot whose mark is ``value``, in path
+        order (no ids unless ``ids``); SQLite filters and joins them in one step."""
+        blob = bytes(marks)
+        want = bytes([value])
+        id_text = "group_concat(printf('%08x', id), '')" if ids else "null"
+        with _snapshot(self.db.conn) as q:
+            ids_hex, text = q(f"select {id_text}, group_concat(path, char(10)) from (select id, path "
+                              "from ValidPaths where substr(?1, id + 1, 1) = ?2 order by path)",
+                              (blob, want)).fetchone()
+        return _ids(ids_hex), (text.split("\n") if text else [])
+
+    def nar_sizes(self) -> array:
+        """``narSize`` by id (0 where unknown), read in bulk."""
+        out = array("Q", bytes(8 * self.size))
+        with _snapshot(self.db.conn) as q:
+            ids, sizes = q("select group_concat(id), group_concat(coalesce(narSize, 0)) from ValidPaths "
+                           "where id < ?", (self.size,)).fetchone()
+        for i, n in zip(_decimal(ids), _decimal(sizes)):
+            out[i] = n
+        return out
+
+    @property
+    def path_of(self) -> dict[int, str]:
+        """Every path by id (a dict of the whole store: for callers that need most names)."""
+        if self._path_of is None:
+            self._path_of = {i: p for i, p in self.db.conn.execute("select id, path from ValidPaths")
+                             if i < self.size}
+        return self._path_of
+
+    # --- the adjacency as mappings (callers written for dict-of-lists graphs) ---------
+
+    @property
+    def id_of(self) -> "_IdOf":
+        return _IdOf(self)
+
+    @property
+    def refs(self) -> "_Refs":
+        return _Refs(self)
+
+    @property
+    def deriver(self) -> "_Deriver":
+        return _Deriver(self)
+
+    @property
+    def outputs(self) -> "_Outputs":
+        return _Outputs(self)
+
+    def referrers_of(self, i: int) -> list[int]:
+        """Reverse edges from the DB's index (only deleting named paths needs them)."""
+        return [r for (r,) in self.db.conn.execute("select referrer from Refs where reference = ?", (i,))
+                if r < self.size]
+
+
+class _IdOf:
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+
+    def get(self, path: str, default: int | None = None) -> int | None:
+        i = self.g.id_of_path(path)
+        return default if i is None else i
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.g.id_of_path(path) is not None
+
+    def __getitem__(self, path: str) -> int:
+        i = self.g.id_of_path(path)
+        if i is None:
+            raise KeyError(path)
+        return i
+
+
+class _Refs:
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+
+    def get(self, i: int, default=()):
+        g = self.g
+        if not 0 <= i < g.size or g.off[i] == g.off[i + 1]:
+            return default
+        return g.ref[g.off[i]:g.off[i + 1]]
+
+
+class _Deriver:
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+
+    def __contains__(self, i: int) -> bool:
+        return 0 <= i < self.g.size and self.g.drv[i] != 0
+
+    def __getitem__(self, i: int) -> int:
+        if i not in self:
+            raise KeyError(i)
+        return self.g.drv[i]
+
+
+class _Outputs:
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+
+    def get(self, i: int, default=()):
+        return self.g.outputs_of(i) or default
+
+
+def stray_names(db, store_dir, entries: Iterable[str]) -> set[str]:
+    """Those of the store directory's ``entries`` that are not valid paths now (set
+    differences in C, a chunk of ids at a time: no Python loop over a million names,
+    and never a million of them held twice)."""
+    names = set(entries)
+    with _snapshot(db.conn) as q:
+        (top,) = q("select coalesce(max(id), 0) from ValidPaths").fetchone()
+        for lo in range(0, top + 1, _CHUNK):
+            (text,) = q("select group_concat(substr(path, ?1), char(10)) from ValidPaths "
+                        "where id >= ?2 and id < ?3", (len(store_dir.path) + 2, lo, lo + _CHUNK)).fetchone()
+            if text:
+                names.difference_update(text.split("\n"))
+    return names
+
+
+def _sorted(a: array) -> bool:
+    return all(map(le, a, islice(a, 1, None)))
+
+
+@contextmanager
+def _snapshot(conn) -> Iterator:
+    """One read transaction (unless the caller has one open); statements on plain
+    cursors, so rows are stepped in C, with SQLite errors translated as the DB's own."""
+    own = not conn.in_transaction
+    try:
+        if own:
+            conn.execute("begin")
+        try:
+            yield lambda sql, params=(): sqlite3.Cursor(conn).execute(sql, params)
+        finally:
+            if own and conn.in_transaction:
+                conn.execute("commit")
+    except sqlite3.Error as e:
+        raise database_error(e, getattr(conn, "db_path", "")) from None

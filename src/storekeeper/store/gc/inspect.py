@@ -10,6 +10,7 @@ import os
 import pwd
 import stat
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -27,7 +28,7 @@ class RootInfo:
     target: str  # "" for an unreadable indirect root that never resolved
     owner: str | None
     age_seconds: float | None
-    closure_size: int  # NAR bytes of the target's closure
+    closure_size: int | None  # NAR bytes of the target's closure (None: not computed)
     valid: bool
     uid: int | None = None
     first_missed: float | None = None  # indirect-unresolved: when it was first unreadable
@@ -99,28 +100,48 @@ def all_roots(store, finder: RootFinder | None = None) -> list[Root]:
             + list(f.temp_roots()))
 
 
-def list_roots(store) -> list[RootInfo]:
-    """Every root, and the unreadable indirect roots that hold nothing (never resolved)."""
-    graph = Graph(store.db)
-    sizes = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
+def list_roots(store, sizes: bool = True) -> list[RootInfo]:
+    """Every root, and the unreadable indirect roots that hold nothing (never resolved).
+
+    ``sizes=False`` leaves every closure size 0 and reads no reference graph (what
+    ``nix-store --gc --print-roots`` does: on a million paths the graph is most of
+    the time)."""
+    graph: Graph | _Validity = Graph(store.db) if sizes else _Validity(store.db)
     out = []
     finder = _finder(store)
     roots = all_roots(store, finder)
     unique = {(r, r.uid): r for r in roots}.values()
+    cfg = store.settings
+    closure_bytes: dict[int, int] = {}  # per distinct target: many links share one
+    nar_sizes: array | None = None
     for r in sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0)):
         p = store.print_path(r.path)
-        i = graph.id_of.get(p)
-        closure: set[int] = set()
-        if i is not None:
-            graph.closure([i], closure, store.settings.keep_outputs, store.settings.keep_derivations)
+        i = graph.id_of_path(p)
+        if i is not None and i not in closure_bytes and isinstance(graph, Graph):
+            if nar_sizes is None:
+                nar_sizes = graph.nar_sizes()
+            closure_bytes[i] = sum(map(nar_sizes.__getitem__,
+                                       graph.closure_ids([i], cfg.keep_outputs, cfg.keep_derivations)))
         owner, age = _owner_and_age(r, store.state_dir)
-        out.append(RootInfo(r.kind, r.link, p, owner, age, sum(sizes[j] for j in closure), i is not None,
-                            r.uid, r.first_missed, r.expires))
+        size = (closure_bytes.get(i, 0) if i else 0) if sizes else None
+        out.append(RootInfo(r.kind, r.link, p, owner, age, size,
+                            i is not None, r.uid, r.first_missed, r.expires))
     for u in finder.unresolved:
         if u["path"] is None:
             out.append(RootInfo("indirect-unresolved", u["link"], "", None, None, 0, False, None,
                                 u["first_missed"], u["kept_until"]))
     return out
+
+
+class _Validity:
+    """The one thing ``list_roots`` asks of a graph when it needs no sizes."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+
+    def id_of_path(self, path: str) -> int | None:
+        row = self.db.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
+        return row[0] if row else None
 
 
 def why_alive(store, sp: StorePath,
@@ -131,12 +152,12 @@ def why_alive(store, sp: StorePath,
     labelled ``{censored}`` (a visible root of the same path is preferred).
     """
     graph = Graph(store.db)
-    target = graph.id_of.get(store.print_path(sp))
+    target = graph.id_of_path(store.print_path(sp))
     if target is None:
         return None
     roots: dict[int, str] = {}
     for r in all_roots(store):
-        i = graph.id_of.get(store.print_path(r.path))
+        i = graph.id_of_path(store.print_path(r.path))
         if i is None:
             continue
         if hide_link(r):
@@ -147,7 +168,7 @@ def why_alive(store, sp: StorePath,
     chain = graph.shortest_chain(roots, target, s.keep_outputs, s.keep_derivations)
     if chain is None:
         return None
-    return [(label, graph.path_of[i]) for i, label in chain]
+    return [(label, graph.path_of_id(i)) for i, label in chain]
 
 
 def gc_dry_run(store, options: GCOptions | None = None,

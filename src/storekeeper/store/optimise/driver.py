@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from ...formats.storepath import StorePath
+from ..reserve import naming
 
 if TYPE_CHECKING:
     pass
@@ -49,7 +50,8 @@ def optimise_store(store, dry_run: bool = False, trust_link_count: bool = False,
     """
     links = os.path.join(store.real_store_dir, LINKS_DIR)
     before = _dir_bytes(links)
-    stats = _optimise(store, dry_run, trust_link_count, progress, log, threads, processes)
+    with naming(store.real_store_dir):  # a full or read-only disk: say which (a write to an fd does not)
+        stats = _optimise(store, dry_run, trust_link_count, progress, log, threads, processes)
     if not dry_run:
         stats.pool_dir_growth = _dir_bytes(links) - before
     return stats

@@ -12,6 +12,7 @@ from ... import fs
 from ...api import PoolStats
 from ...errors import StoreError
 from ...fs import clear_immutable
+from ...fs.crash import crash_point
 from ..locks import lock_fd, open_lock_file, unlock_fd
 
 if TYPE_CHECKING:
@@ -200,6 +201,7 @@ def remove_unused_links(store, log: Callable[[str], None] | None = None) -> tupl
                             _unlink_clearing(name, lfd)
                         except FileNotFoundError:
                             continue
+                        crash_point("gc.pool")
                         freed += st.st_size
             finally:
                 lock.close()

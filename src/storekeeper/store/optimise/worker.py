@@ -301,6 +301,7 @@ class _Worker:
             if e.errno == errno.EPERM and (clear_immutable(name, dfd) | clear_immutable(".", lfd)):
                 return _RETRY
             raise
+        crash_point("optimise.pooled")
         run.inodes.add(st.st_ino)
         run.verified.add(st.st_ino)
         stats.new_pool_entries += 1
@@ -484,6 +485,7 @@ class _DirState:
         if self.chmodded:
             os.fchmod(self.dfd, 0o555)
         os.utime(self.dfd, ns=(os.fstat(self.dfd).st_atime_ns, _MTIME_NS))
+        crash_point("optimise.restored")
 
 
 def _equal(name: str, dfd: int, st: os.stat_result, h: str, lfd: int, pst: os.stat_result) -> bool:

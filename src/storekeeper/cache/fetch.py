@@ -1,0 +1,154 @@
+"""Fetching many paths at once: downloads, decompression and unpacking of independent
+paths in worker threads, registration in the caller's thread, in batches.
+
+Rules :func:`fetch_all` keeps (the store's part is :mod:`storekeeper.store.staging`):
+
+* **references first**: a path is handed to the store for registration only when
+  each of its references in the plan is registered (or in the same batch, which the
+  store registers references first in one transaction);
+* **a failure stops its referrers**: a path whose fetch failed, or one of whose
+  references failed, is never registered; its staged files are dropped and it is
+  reported failed (``on_fail``) so the caller may try another cache;
+* **the caller's thread owns the store and the log**: workers only download and
+  unpack into scratch dirs (``stage``); pins, validity, registration and every
+  callback happen in the thread that called :func:`fetch_all`;
+* bounded: at most ``threads`` fetches run, at most ``2 * threads`` are queued, and a
+  path is not started while one of its references has failed.
+
+A batch is registered as soon as something is ready and the caller's thread is
+free; while it is (syncing, registering), workers go on fetching, so batches grow
+with the store's latency and the sync cost is shared.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from ..formats.pathinfo import ValidPathInfo
+from ..formats.storepath import StorePath
+
+
+class Staged(Protocol):
+    info: ValidPathInfo
+
+    def discard(self) -> None: ...
+
+
+class StagingStore(Protocol):
+    """What a store offers for batched imports (a LocalStore does)."""
+
+    def stage_nar(self, info: ValidPathInfo, stream: Any) -> Staged: ...
+    def add_staged(self, items: list[Any]) -> list[ValidPathInfo]: ...
+
+
+#: seconds a thread may hold the GIL while another waits, during :func:`fetch_all`
+SWITCH_INTERVAL = 0.0002
+
+
+@dataclass
+class Job:
+    path: StorePath
+    references: frozenset[StorePath]  # those in the plan (others must be valid already)
+    stage: Callable[[], Staged]        # a worker's part: fetch, check, unpack
+
+
+def fetch_threads(jobs: int, caches: Iterable[Any]) -> int:
+    """Threads for ``jobs`` fetches at once: reading a local (``file://``) cache is
+    decoding and unpacking, work for the CPUs (and the GIL), so at most two per core;
+    a remote one waits on the network, so ``jobs``."""
+    if all(str(getattr(c, "url", "")).startswith("file://") for c in caches):
+        return max(1, min(jobs, 2 * (os.cpu_count() or 1)))
+    return max(1, jobs)
+
+
+def can_stage(store: object) -> bool:
+    return callable(getattr(store, "stage_nar", None)) and callable(getattr(store, "add_staged", None))
+
+
+def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
+              on_start: Callable[[StorePath], None] = lambda p: None,
+              on_done: Callable[[StorePath], None] = lambda p: None,
+              on_fail: Callable[[StorePath, BaseException | None], None] = lambda p, e: None,
+              ) -> set[StorePath]:
+    """Run ``jobs`` (in references-first order) and register what they stage; the
+    paths registered.  ``on_fail(path, error)``: error None when a reference failed."""
+    order = list(jobs)
+    index = {p: i for i, p in enumerate(order)}
+    installed: set[StorePath] = set()
+    failed: set[StorePath] = set()
+    ready: dict[StorePath, Staged] = {}
+    running: dict[Future[Staged], StorePath] = {}
+    nxt = 0
+
+    def fail(p: StorePath, e: BaseException | None) -> None:
+        failed.add(p)
+        on_fail(p, e)
+
+    def collect(done: set[Future[Staged]]) -> None:
+        for fut in done:
+            p = running.pop(fut)
+            try:
+                ready[p] = fut.result()
+            except Exception as e:  # this path only: its referrers follow it
+                fail(p, e)
+
+    interval = sys.getswitchinterval()
+    # the workers hold the GIL between their C calls: this thread, blocking in many
+    # short syscalls (renames, locks, closes), gets it back sooner
+    sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        try:
+            while nxt < len(order) or running or ready:
+                while nxt < len(order) and len(running) < 2 * max(1, threads):
+                    p = order[nxt]
+                    nxt += 1
+                    if jobs[p].references & failed:
+                        fail(p, None)
+                        continue
+                    on_start(p)
+                    running[pool.submit(jobs[p].stage)] = p
+                collect({f for f in running if f.done()})
+                for p in [p for p in ready if jobs[p].references & failed]:
+                    ready.pop(p).discard()
+                    fail(p, None)
+                batch: list[StorePath] = []
+                chosen: set[StorePath] = set()
+                for p in sorted(ready, key=index.__getitem__):  # references first
+                    if jobs[p].references <= installed | chosen:
+                        batch.append(p)
+                        chosen.add(p)
+                if batch:
+                    items = [ready.pop(p) for p in batch]
+                    try:
+                        store.add_staged(items)
+                    except Exception as e:
+                        for p in batch:
+                            fail(p, e)
+                        continue
+                    installed |= chosen
+                    for p in batch:
+                        on_done(p)
+                elif running:
+                    collect(wait(list(running), return_when=FIRST_COMPLETED)[0])
+                elif ready and nxt >= len(order):
+                    # waiting for references that will never come: not a valid plan
+                    for p in list(ready):
+                        ready.pop(p).discard()
+                        fail(p, None)
+        finally:
+            for fut in running:
+                fut.cancel()
+            for fut in running:
+                if not fut.cancelled():
+                    try:
+                        fut.result().discard()
+                    except BaseException:  # already failing: only clean up
+                        pass
+            for staged in ready.values():
+                staged.discard()
+            sys.setswitchinterval(interval)
+    return installed

@@ -1,0 +1,144 @@
+"""``copy --to`` under a lease (docs/CACHE-GC.md, "The writer", W1–W7).
+
+The copy itself is :mod:`storekeeper.cache.copy`'s (same narinfos, same NARs, same
+closure invariant); what this adds is the order: lease, then condemned sets, then
+presence; NAR keys leased before their existence is asked; the lease checked before
+every narinfo batch, and the whole copy started again under a new lease when it
+lapsed.  Only caches that can be listed (``file://``, ``s3://``) take part; an
+``http(s)://`` cache gets the plain copy.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
+
+from ...api import Store
+from ...formats.storepath import StorePath
+from ..backends import Backend, CacheError, FileBackend
+from ..binary import BinaryCache, Prepared
+from ..copy import BATCH, CopyResult, Progress, _record, copy_to_cache
+from ..s3 import S3Backend
+from .leases import Lease, wait_collections
+from .objects import Clock, Hook, Timings, no_hook
+from .roots import put_root, root_key
+
+#: how often a copy starts again under a new lease before giving up
+ATTEMPTS = 3
+
+
+class _Lapsed(Exception):
+    """The lease may have been ignored by a collection: start again."""
+
+
+def takes_part(backend: Backend) -> bool:
+    """Whether the cache can be collected (listed and deleted from), so writers lease."""
+    return isinstance(backend, (FileBackend, S3Backend))
+
+
+def copy_with_lease(store: Store, cache: BinaryCache, paths: Iterable[StorePath], *,
+                    root: str | None = None, root_ttl: float | None = None,
+                    keep: int | None = None, timings: Timings | None = None,
+                    clock: Clock | None = None, hook: Hook = no_hook, jobs: int = 1,
+                    log: Callable[[str], None] | None = None, tmp_dir: str | None = None,
+                    progress: Progress | None = None, renew_in_background: bool = True
+                    ) -> CopyResult:
+    """Copy the closure of ``paths`` into ``cache`` as a lease-holding writer; with ``root``,
+    pin ``paths`` under that name before the lease is dropped."""
+    paths = list(paths)
+    if root is not None:
+        root_key(root)  # a bad name fails before anything is uploaded
+    if not takes_part(cache.backend):
+        if root is not None:
+            raise CacheError(f"binary cache '{cache.url}' cannot hold roots (only file:// and s3://)")
+        return copy_to_cache(store, cache, paths, jobs=jobs, log=log, tmp_dir=tmp_dir,
+                             progress=progress)
+    timings = timings or Timings()
+    clock = clock or Clock()
+    sd = store.store_dir
+    cache.check_store_dir(sd, create=True)
+    closure = store.query_closure(paths)
+    order = list(reversed(store.topo_sort(closure)))  # references first
+    for _attempt in range(ATTEMPTS):
+        lease = Lease(cache.backend, timings, clock, hook)
+        lease.take(p.base for p in order)                                    # W1
+        if renew_in_background:
+            lease.start_renewing()
+        try:
+            result = _push(store, cache, order, lease, hook, jobs, log, tmp_dir, progress)
+            if root is not None:                                               # W6
+                if lease.lapsed():
+                    raise _Lapsed
+                put_root(cache.backend, root, [p.base for p in paths], clock, root_ttl, keep)
+                hook("writer.rooted", lease)
+        except _Lapsed:
+            hook("writer.lapsed", lease)
+            lease.drop()
+            continue
+        except BaseException:
+            lease.drop()
+            raise
+        lease.drop()                                                           # W7
+        hook("writer.done", result)
+        return result
+    raise CacheError(f"copy to '{cache.url}': the lease lapsed {ATTEMPTS} times "
+                     f"(uploads slower than the lease TTL of {timings.lease_ttl:g} s?)")
+
+
+def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease, hook: Hook,
+          jobs: int, log: Callable[[str], None] | None, tmp_dir: str | None,
+          progress: Progress | None) -> CopyResult:
+    backend, timings, clock = cache.backend, lease.timings, lease.clock
+    sd = store.store_dir
+    wait_collections(backend, clock, timings, narinfos={p.hash_part for p in order}, hook=hook)  # W2
+    present = cache.has(order)                                                # W3
+    hook("writer.checked", present)
+    result = CopyResult(skipped=[p for p in order if p in present])
+    todo = [p for p in order if p not in present]
+    infos = {p: store.path_info(p) for p in todo}
+    pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+    try:
+        for i in range(0, len(todo), BATCH):
+            batch = todo[i:i + BATCH]
+            preps: list[Prepared] = []
+            try:
+                if pool is not None:
+                    futures = [pool.submit(cache.prepare, sd, infos[p], store.dump_path(p), tmp_dir)
+                               for p in batch]
+                    for f in futures:
+                        preps.append(f.result())
+                else:
+                    for p in batch:
+                        preps.append(cache.prepare(sd, infos[p], store.dump_path(p), tmp_dir))
+                keys = {prep.narinfo.url for prep in preps}
+                lease.add_nars(keys)                                          # W4
+                wait_collections(backend, clock, timings, nars=keys, hook=hook)
+                hook("writer.nars_leased", keys)
+                uploaded = (list(pool.map(cache.upload, preps)) if pool is not None
+                            else [cache.upload(prep) for prep in preps])
+            except BaseException:
+                for prep in preps:
+                    _unlink(prep.tmp)
+                raise
+            hook("writer.uploaded", batch)
+            if lease.lapsed():                                                # W5
+                raise _Lapsed
+            written = cache.commit_batch(preps, present)
+            for prep, up, w in zip(preps, uploaded, written):
+                _record(cache, prep, up, w, result, log)
+            hook("writer.committed", batch)
+            if progress:
+                progress(len(result.copied) + len(result.skipped), len(order), result.nar_bytes)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    backend.barrier()
+    return result
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

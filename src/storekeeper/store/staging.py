@@ -1,0 +1,133 @@
+"""Importing many NARs at once: unpacked in any thread, installed in batches.
+
+A :class:`StagedNar` is one path's files, unpacked from its NAR and checked (NarHash,
+NarSize, content address) in a private scratch dir inside the store (``tmp-sk-…``,
+0700, ``flock``-ed, so a GC leaves it alone), not yet at the path's name.  Staging
+touches neither the database nor the temp roots, so callers run it in worker threads
+(downloads and decompression of independent paths side by side).
+
+:func:`install_staged` runs in the store's own thread and keeps LocalStore's
+invariants for a whole batch: each path is pinned *before* its validity is checked,
+locked, renamed to its name and canonicalised; then the batch is synced once (one
+``syncfs`` for a big batch instead of an fsync per file) and registered in one
+transaction.  A path is registered only with all its references valid or in the same
+batch, so a path whose reference failed is never registered; a batch that fails is
+removed whole (never unregistered files at a path's name) and the caller may retry
+its paths one by one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Iterable
+
+from ..errors import BadArchive
+from ..formats import nar as narfmt
+from ..formats.pathinfo import ValidPathInfo
+from ..formats.streams import Readable
+from ..fs import remove_tree
+from ..fs.narfs import nar_hash_path
+from ..queries import references_first
+from .canonicalise import canonicalise_paths
+from .incoming import mismatch, restore_checked
+from .locks import PathLocks, lock_fd
+from .optimise import optimise_path
+from .reserve import naming
+
+if TYPE_CHECKING:
+    from .local import LocalStore
+
+TEMP_DIR_PREFIX = "tmp-sk-"
+
+
+class StagedNar:
+    """One path unpacked and checked in its own locked scratch dir (module docstring).
+    :meth:`discard` removes it; installing moves its tree out first."""
+
+    def __init__(self, info: ValidPathInfo, scratch: str, fd: int) -> None:
+        self.info = info
+        self.scratch = scratch
+        self.tree = os.path.join(scratch, "x")
+        self._fd: int | None = fd
+
+    def discard(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            remove_tree(self.scratch)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def stage_nar(store: LocalStore, info: ValidPathInfo, stream: Readable) -> StagedNar:
+    """Unpack ``stream`` (the NAR of ``info``) and check it; any thread (no DB)."""
+    scratch = os.path.join(store.real_store_dir,
+                           f"{TEMP_DIR_PREFIX}{os.getpid()}-{os.urandom(8).hex()}")
+    os.mkdir(scratch, 0o700)
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    staged = StagedNar(info, scratch, fd)
+    try:
+        lock_fd(fd, exclusive=True)
+        reader = narfmt.HashingReader(stream, info.nar_hash.algo)
+        with naming(store.real_store_dir):
+            restore_checked(reader, staged.tree)
+        got = reader.hash()
+        where = f"importing path '{store.print_path(info.path)}'"
+        if got != info.nar_hash:
+            raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
+        if info.nar_size and reader.size != info.nar_size:
+            raise BadArchive(mismatch("size", where, info.nar_size, reader.size))
+        if info.ca:
+            store._check_ca(info, staged.tree, where)
+        if info.nar_hash.algo != "sha256":
+            info = info.with_(nar_hash=nar_hash_path(staged.tree)[0])
+        staged.info = info.with_(nar_size=reader.size)
+        return staged
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
+    """Install and register a batch (references before referrers, or all in it); the
+    store's thread only.  Paths found valid already are skipped (their staged copy
+    dropped).  Every item is discarded when this returns, installed or not."""
+    items = list(items)
+    try:
+        store._check_writable()
+        todo = [s for s in items if not store.pin_valid(s.info.path)]  # pin, then check
+        if not todo:
+            return [store.path_info(s.info.path) for s in items]
+        batch = {s.info.path: s for s in todo}
+        order = references_first(sorted(batch), lambda p: batch[p].info.references & batch.keys(),
+                                 store.print_path)
+        with PathLocks() as locks:
+            locks.lock([store.real_path(p) for p in batch])
+            todo = [batch[p] for p in order if not store.is_valid(p)]
+            for s in todo:
+                store._pin_references(s.info.references - batch.keys(), s.info.path)
+            reals: list[str] = []
+            try:
+                with naming(store.real_store_dir):
+                    for s in todo:
+                        real = store.real_path(s.info.path)
+                        if os.path.lexists(real):
+                            remove_tree(real)
+                        os.rename(s.tree, real)
+                        reals.append(real)
+                canonicalise_paths(reals)
+                if store.settings.auto_optimise_store:
+                    for s in todo:
+                        optimise_path(store, s.info.path, set())
+                store.register_valid_paths([s.info for s in todo])
+            except BaseException:
+                for real in reals:  # never unregistered files at a path's name
+                    remove_tree(real)
+                raise
+            locks.delete_on_release = True
+        return [store.path_info(s.info.path) for s in items]
+    finally:
+        for s in items:
+            s.discard()
+
