@@ -132,9 +132,10 @@ def test_daemon_url_from_nix_remote_and_local_only_commands(stores, tmp_path, mo
     assert code == 1 and "cannot connect to the daemon" in err
 
 
-def test_inspection_through_our_daemon_answers_as_the_local_store(stores, tmp_path):
-    """stats, gc --dry-run, why-alive and roots (with closure sizes) through storekeeper's
-    daemon (its own operations) print what the same commands print on the store itself."""
+def test_inspection_through_our_daemon_answers_as_the_local_store(stores, tmp_path, monkeypatch):
+    """stats, gc --dry-run, why-alive, roots (with closure sizes) and du through storekeeper's
+    daemon (its own operations) print what the same commands print on the store itself;
+    profile list reads the profile where nix-env does (this machine's state dir)."""
     sk = stores("ours")
     root = str(tmp_path / "ours-root")
     for name in ("hello.txt", "junk.txt"):
@@ -173,6 +174,21 @@ def test_inspection_through_our_daemon_answers_as_the_local_store(stores, tmp_pa
     roots = [dict(r, ageSeconds=None) for r in json.loads(both("roots", "--json")[1])]
     assert [(r["link"], r["target"]) for r in roots] == [(gcroot, ref)]
     assert roots[0]["closureSize"] > 3 * 2000 * len("same\n")
+    for args in (["du", "--json"], ["du", "--json", "--nar", "--by", "user"], ["du"]):
+        code, out, _ = both(*args)
+        assert code == 0 and out
+    du = json.loads(both("du", "--json")[1])
+    assert [(r["link"], r["target"]) for r in du["roots"]] == [(gcroot, ref)]
+    assert du["livePaths"] == 3 and du["unit"] == "disk"
+    profiles = f"{root}/nix/var/nix/profiles"
+    os.makedirs(profiles, exist_ok=True)
+    for n, target in ((1, hello), (2, ref)):
+        os.symlink(target, f"{profiles}/default-{n}-link")
+    os.symlink("default-2-link", f"{profiles}/default")
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.nix-profile: the default profile)
+    monkeypatch.setenv("NIX_STATE_DIR", f"{root}/nix/var/nix")
+    gens = json.loads(both("profile", "list", "--json")[1])
+    assert [g["number"] for g in gens] == [1, 2]
     assert sk("query", "--hash", junk)[0] == 0  # the dry runs deleted nothing
 
 
@@ -182,7 +198,8 @@ def test_inspection_through_nix_daemon_says_why_not_in_one_line(stores, tmp_path
     sk = stores("nix")
     (tmp_path / "a.txt").write_text("a\n")
     a = sk("add", str(tmp_path / "a.txt"))[1].strip()
-    for args, op in ((["stats"], 1200), (["gc", "--dry-run"], 1201), (["why-alive", a], 1202)):
+    for args, op in ((["stats"], 1200), (["gc", "--dry-run"], 1201), (["why-alive", a], 1202),
+                     (["du"], 1203)):
         code, out, err = sk(*args)
         assert (code, out) == (1, ""), args
         assert err.startswith("error: ") and err.count("\n") == 1, err

@@ -83,3 +83,39 @@ def test_why_alive_of_an_invalid_path_is_an_error(layout):
     ok, msgs = read_log(r)
     assert not ok and msgs[-1].payload.message == f"path '{nope}' is not valid"
     store.close()
+
+
+def test_space_report_through_the_daemon_is_the_local_report(layout):
+    """``du`` through a daemon (ExtOp.SpaceReport): the report the store computes locally,
+    masks and root bits included (``--by user``); an untrusted peer is not shown the
+    link of another user's registered root, but its bytes are counted the same."""
+    from storekeeper.store.du import SpaceReport, by_owner, compute
+    with LocalStore(layout) as adder:
+        a = adder.add_text("a.txt", b"a" * 30000).path
+        b = adder.add_text("b.txt", f"uses {adder.print_path(a)}".encode(), [a]).path
+        c = adder.add_text("c.txt", b"c" * 9000).path
+        registrations.register_roots(adder, OTHER_UID, [(SECRET, b)])
+        registrations.register_roots(adder, 1000, [("mine", c)])
+    store = LocalStore(layout)
+    requests = (WireWriter().u64(ExtOp.SpaceReport).u64(0).u64(5)
+                .u64(ExtOp.SpaceReport).u64(1).u64(5).take())
+    for trusted in (True, False):
+        r = ask(store, requests, trusted)
+        got = []
+        for _ in range(2):
+            assert read_log(r)[0]
+            got.append(json.loads(r.string()))
+        for obj, nar in zip(got, (False, True)):
+            local = compute(store, nar=nar, top=5)
+            back = SpaceReport.from_wire(obj)
+            assert by_owner(back) == by_owner(local)
+            links = sorted(x.link for x in back.roots)
+            if trusted:
+                assert obj == local.to_wire()
+                assert back.to_json() == local.to_json()
+                assert SECRET in links
+            else:
+                assert SECRET not in links and "{censored}" in links and "mine" in links
+                assert back.live_bytes == local.live_bytes and back.masks == local.masks
+    assert got[1]["liveBytes"] == sum(store.query_path_info(p).nar_size for p in (a, b, c))
+    store.close()

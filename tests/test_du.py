@@ -252,15 +252,15 @@ def test_cached_measurements_match_a_fresh_walk_across_optimise(tmp_path, monkey
             os.symlink(s.print_path(sp), os.path.join(s.state_dir, "gcroots", f"r{k}"))
 
     from storekeeper.store.du import space
-    walk = space.disk_usage
+    walk = space.measure
 
     def both(walks: bool = True):
-        def no_walk(path):
-            raise AssertionError(f"walked {path} although it was cached")
+        def no_walk(store_dir, bases):
+            raise AssertionError(f"walked {bases} although they were cached")
         with LocalStore(LocalLayout.chroot(root)) as s:
-            monkeypatch.setattr(space, "disk_usage", walk if walks else no_walk)
+            monkeypatch.setattr(space, "measure", walk if walks else no_walk)
             cached = compute(s).to_json()
-            monkeypatch.setattr(space, "disk_usage", walk)
+            monkeypatch.setattr(space, "measure", walk)
             return cached, compute(s, use_cache=False).to_json()
 
     first = both()

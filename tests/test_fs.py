@@ -286,3 +286,84 @@ def test_path_locks_give_up_on_a_lock_name_that_keeps_being_replaced(tmp_path, m
     monkeypatch.setattr(locks.os, "open", always_a_dir)
     with pytest.raises(locks.StoreError, match="keeps replacing it"):
         PathLocks().lock([target])
+
+
+def _gnu_du(*paths: str) -> int:
+    """GNU du's allocated bytes (each inode once, symlinks not followed)."""
+    import subprocess
+    out = subprocess.run(["du", "-s", "-c", "-B1", *paths], capture_output=True, text=True,
+                         check=True).stdout
+    return int(out.splitlines()[-1].split()[0])
+
+
+def _total(u: fs.Usage) -> int:
+    return u[0] + sum(b for _, _, b in u[1])
+
+
+def test_usage_counts_blocks_like_gnu_du_and_each_inode_once(tmp_path, victim):
+    from storekeeper.fs.du import usage
+    top = str(tmp_path / "t")
+    make_tree(top, {"a": b"a" * 10000, "sub": {"big": os.urandom(70000), "deeper": {"y": b"y"}},
+                    "out": ("link", victim), "rel": ("link", "a")})
+    os.link(os.path.join(top, "sub", "big"), os.path.join(top, "big2"))  # linked twice inside
+    os.link(os.path.join(top, "a"), str(tmp_path / "a-outside"))  # and a link from outside
+    dfd = fs.open_dir(str(tmp_path))
+    try:
+        own, shared = usage("t", dfd)
+        assert own + sum(b for _, _, b in shared) == _gnu_du(top)  # victim never counted
+        assert len(shared) == 2 and len({(d, i) for d, i, _ in shared}) == 2
+        a = os.stat(os.path.join(top, "a"))
+        assert (a.st_dev, a.st_ino, a.st_blocks * 512) in shared
+        # a single file or link is a tree of one entry; a missing name measures nothing
+        assert _total(usage("a-outside", dfd)) == a.st_blocks * 512
+        assert usage("missing", dfd) == (0, ())
+    finally:
+        os.close(dfd)
+
+
+def test_usages_in_two_processes_equal_one(tmp_path, monkeypatch):
+    from storekeeper.fs import du as usage_mod
+    names = []
+    for k in range(7):
+        name = f"p{k}"
+        make_tree(str(tmp_path / name), {"f": os.urandom(5000 * k), "d": {"g": b"g" * (k * 9000)}})
+        names.append(name)
+    (tmp_path / "single").write_bytes(b"s" * 20000)
+    names += ["single", "gone"]
+    dfd = fs.open_dir(str(tmp_path))
+    try:
+        one = fs.usages(names, dfd)
+        monkeypatch.setattr(usage_mod, "PARALLEL_MIN", 1)
+        for n in (2, 3):
+            assert fs.usages(names, dfd, processes=n) == one
+    finally:
+        os.close(dfd)
+    assert [_total(u) for u in one[:-1]] == [_gnu_du(str(tmp_path / n)) for n in names[:-1]]
+    assert one[-1] == (0, ())
+
+
+def test_usage_never_follows_a_symlink_swapped_in(tmp_path, victim, monkeypatch):
+    from storekeeper.fs import du as usage_mod
+    top = str(tmp_path / "t")
+    make_tree(top, TREE)
+    real_scan = usage_mod._scan
+    done = []
+
+    def hooked(fd, shared):
+        out = real_scan(fd, shared)
+        if not done and "sub" in out[1]:  # `sub` listed as a directory: now make it a link
+            os.rename(os.path.join(top, "sub"), os.path.join(top, "sub.moved"))
+            os.symlink(victim, os.path.join(top, "sub"))
+            done.append(1)
+        return out
+    monkeypatch.setattr(usage_mod, "_scan", hooked)
+    dfd = fs.open_dir(str(tmp_path))
+    try:
+        own, shared = usage_mod.usage("t", dfd)
+    finally:
+        os.close(dfd)
+    assert done and not shared
+    # the top, `a`, `z` and the lstat of `sub` as it was listed; nothing of the victim
+    blocks = lambda p: os.lstat(os.path.join(top, p)).st_blocks * 512  # noqa: E731
+    assert own == (_gnu_du(top) - _gnu_du(os.path.join(top, "sub.moved")) - blocks("sub")
+                   + blocks("sub.moved"))

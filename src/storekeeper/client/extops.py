@@ -87,6 +87,13 @@ class StorekeeperOps:
             chain = [(r.string("label"), r.string("path")) for _ in range(r.count("chain"))]
         return chain or None
 
+    def space_report(self, nar: bool = False, top: int = 10) -> dict:
+        """``du``'s report computed by the daemon on its store (SpaceReport), as
+        ``SpaceReport.to_wire`` gives it; links of roots we may not see are ``{censored}``."""
+        request = WireWriter().u64(ExtOp.SpaceReport).u64(int(nar)).u64(top)
+        with self.ext_exchange(request, ExtOp.SpaceReport) as r:
+            return json.loads(r.string("report", 1 << 30))
+
     def list_roots(self) -> dict:
         """Every root with its kind, owner, age and closure size, and the settings that
         decide them (ListRoots); links we may not see are ``{censored}``."""

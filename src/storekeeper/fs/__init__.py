@@ -24,7 +24,8 @@ symlink, a hard link or another file at any moment by someone else.  So:
    (canonicalising a build output): the walker yields a directory before it
    lists it, so its mode and owner can be fixed first; whatever was added
    before is then seen and checked.
-5. **One walker, one deleter.**  :func:`walk` is the only tree traversal,
+5. **One walker, one deleter.**  :func:`walk` is the only tree traversal
+   (:func:`usage` its cut-down twin for counting blocks, same rules),
    :func:`remove_tree` the only recursive delete.  Code outside this package
    calls them; it does not ``os.walk``, ``os.scandir(path)``, ``shutil.rmtree``
    or ``os.chmod(path)`` a store or user tree.
@@ -33,6 +34,7 @@ Top-level scans of a single directory (the store dir, ``/proc``) are not
 trees; they open the directory once and act on names relative to that fd.
 """
 
+from .du import Usage, usage, usages
 from .openat import (
     FS_IMMUTABLE_FL,
     HAVE_PROC_FD,
@@ -59,5 +61,5 @@ __all__ = [
     "DIR", "ENTER", "ENTRY", "FS_IMMUTABLE_FL", "HAVE_PROC_FD", "LEAVE", "LNK", "Node", "OTHER",
     "O_DIR", "O_FILE", "O_HANDLE", "O_PATH", "REG", "chmod_fd", "chown_fd", "clear_immutable", "entries",
     "kind_of", "open_dir", "open_dir_forcing_access", "open_handle", "proc_fd", "remove_tree",
-    "set_mtime_fd", "split_top", "walk", "write_all",
+    "set_mtime_fd", "split_top", "usage", "usages", "Usage", "walk", "write_all",
 ]

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, needs_local
+from ..common import UsageError, daemon_of
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -20,10 +20,13 @@ def _mib(b: int) -> str:
 
 def cmd_du(store: Store, args: argparse.Namespace) -> int:
     from ...fs.atomic import write_file_atomic
-    from ...store.du import by_owner, compute
+    from ...store.du import SpaceReport, by_owner, compute
     from ...store.du.html import render
-    local = needs_local(store, "du")
-    report = compute(local, nar=args.nar, top=args.top)
+    daemon = daemon_of(store)
+    if daemon is not None:  # measured where the files are, by storekeeper's daemon
+        report = SpaceReport.from_wire(daemon.space_report(args.nar, args.top))
+    else:
+        report = compute(store, nar=args.nar, top=args.top)
     if args.html:
         write_file_atomic(args.html, render(report).encode())
         print(f"wrote {args.html}", file=sys.stderr)

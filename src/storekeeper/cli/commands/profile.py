@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, needs_local
+from ..common import UsageError, local_of
 
 if TYPE_CHECKING:
     from ..common import Store
@@ -20,12 +20,19 @@ if TYPE_CHECKING:
 
 def default_profile(store: Store) -> str:
     """Nix's default: where ``~/.nix-profile`` points, else root's ``profiles/default`` or
-    the user's ``profiles/per-user/<name>/profile`` (nothing is created)."""
+    the user's ``profiles/per-user/<name>/profile`` (nothing is created).  Through a daemon
+    the state dir is this machine's (``NIX_STATE_DIR`` or /nix/var/nix), as for nix-env:
+    profiles are symlinks the client reads and changes itself."""
     try:
         return os.path.join(os.path.expanduser("~"), os.readlink(os.path.expanduser("~/.nix-profile")))
     except OSError:
         pass
-    state = needs_local(store, "profile (without --profile)").state_dir
+    local = local_of(store)
+    if local is not None:
+        state = local.state_dir
+    else:
+        from ...formats.url import DEFAULT_STATE_DIR
+        state = os.environ.get("NIX_STATE_DIR") or DEFAULT_STATE_DIR
     if os.getuid() == 0:
         return os.path.join(state, "profiles", "default")
     return os.path.join(state, "profiles", "per-user", pwd.getpwuid(os.getuid()).pw_name, "profile")

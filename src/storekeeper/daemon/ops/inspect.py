@@ -1,6 +1,6 @@
 """Read-only inspection over the worker protocol, storekeeper's own operations
-(:class:`~storekeeper.formats.wire.ExtOp` 1200–1202): ``storekeeper stats``,
-``gc --dry-run`` and ``why-alive`` through a daemon (``roots`` is ListRoots,
+(:class:`~storekeeper.formats.wire.ExtOp` 1200–1203): ``storekeeper stats``,
+``gc --dry-run``, ``why-alive`` and ``du`` through a daemon (``roots`` is ListRoots,
 :mod:`.user_roots`).
 
 Any client may ask (Nix lets any client collect garbage and list the roots).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from ...formats.wire import ExtOp, Verbosity
+from ...store.du import compute
 from ...store.gc.inspect import gc_dry_run, why_alive
 from ...store.optimise import pool_stats
 from ..registry import invalid, op
@@ -54,3 +55,13 @@ def why_alive_op(s: Session) -> None:
     for label, path in chain:
         s.w.string(label)
         s.w.string(path)
+
+
+@op(ExtOp.SpaceReport)
+def space_report(s: Session) -> None:
+    nar = bool(s.r.u64("nar"))
+    top = min(s.r.u64("top"), 1000)
+    s.start_work()
+    report = compute(s.store, nar=nar, top=top, hide=lambda r: not may_see(s, r.kind, r.uid))
+    s.stop_work()
+    s.w.string(json.dumps(report.to_wire()))

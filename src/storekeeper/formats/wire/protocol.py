@@ -133,6 +133,8 @@ class ExtOp(enum.IntEnum):
     * 1202 WhyAlive.  C: string path.  R: u64 n, n × (string label, string path): the
       shortest chain from a root (first: root label, root path; then edge kind, path);
       n = 0: no root reaches the path.
+    * 1203 SpaceReport.  C: u64 nar (1: NAR sizes from the DB, 0: disk bytes), u64 top.
+      R: string (JSON: ``du``'s report, its holder masks and root bits).
     """
 
     RegisterRoots = 1000
@@ -144,6 +146,7 @@ class ExtOp(enum.IntEnum):
     StoreStats = 1200
     GCDryRun = 1201
     WhyAlive = 1202
+    SpaceReport = 1203
 
 
 class Verbosity(enum.IntEnum):

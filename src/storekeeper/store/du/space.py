@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -47,6 +46,10 @@ class PathSpace:
     def to_json(self) -> dict:
         return {"path": self.path, "bytes": self.bytes, "narSize": self.nar_size,
                 "holders": self.holders, "groupBytes": self.group_bytes}
+
+    @classmethod
+    def from_json(cls, o: dict) -> PathSpace:
+        return cls(o["path"], o["bytes"], o["narSize"], o["holders"], o["groupBytes"])
 
 
 @dataclass
@@ -75,6 +78,13 @@ class RootSpace:
                 "largest": [p.to_json() for p in self.largest],
                 "largestExclusive": [p.to_json() for p in self.largest_exclusive]}
 
+    @classmethod
+    def from_json(cls, o: dict) -> RootSpace:
+        return cls(o["kind"], o["link"], o["target"], o["owner"], o["closureBytes"],
+                   o["exclusiveBytes"], o["closurePaths"], o["exclusivePaths"],
+                   [PathSpace.from_json(p) for p in o["largest"]],
+                   [PathSpace.from_json(p) for p in o["largestExclusive"]], o["links"])
+
 
 @dataclass
 class Group:
@@ -87,6 +97,10 @@ class Group:
     def to_json(self) -> dict:
         return {"holders": self.holders, "bytes": self.bytes, "paths": self.paths,
                 "largest": [p.to_json() for p in self.largest]}
+
+    @classmethod
+    def from_json(cls, o: dict) -> Group:
+        return cls(o["holders"], o["bytes"], o["paths"], [PathSpace.from_json(p) for p in o["largest"]])
 
 
 @dataclass
@@ -108,6 +122,20 @@ class SpaceReport:
                 "roots": [r.to_json() for r in self.roots],
                 "shared": [g.to_json() for g in self.groups],
                 "largest": [p.to_json() for p in self.largest]}
+
+    def to_wire(self) -> dict:
+        """What a daemon sends (ExtOp.SpaceReport): the JSON and what ``by_owner`` needs."""
+        obj = self.to_json()
+        obj["masks"] = [[m, b, p] for m, (b, p) in self.masks.items()]
+        obj["bits"] = self.bits
+        return obj
+
+    @classmethod
+    def from_wire(cls, o: dict) -> SpaceReport:
+        return cls(o["unit"], [RootSpace.from_json(r) for r in o["roots"]],
+                   [Group.from_json(g) for g in o["shared"]], o["liveBytes"], o["livePaths"],
+                   [PathSpace.from_json(p) for p in o["largest"]],
+                   {m: (b, p) for m, b, p in o["masks"]}, o["bits"])
 
     def _distinct(self) -> list[RootSpace]:
         seen: set[str] = set()
@@ -171,23 +199,22 @@ def holder_masks(graph: Graph, targets: list[int], keep_outputs: bool,
             return mask
 
 
-def disk_usage(real_path: str) -> tuple[int, tuple[tuple[int, int, int], ...]]:
-    """(bytes of the tree's singly-linked entries, its multiply-linked inodes as
-    (dev, ino, bytes)); an inode linked twice inside the tree is listed once."""
-    own = 0
-    shared: dict[tuple[int, int], int] = {}
+#: processes measuring the store's files (at most; fewer for a small store)
+WALKERS = 2
+
+
+def measure(real_store_dir: str, bases: list[str]) -> list[fs.Usage]:
+    """Disk usage of the store paths ``bases`` (names in the store dir), in order: one
+    fd-relative, no-follow walk each, spread over :data:`WALKERS` processes."""
     try:
-        for ev, node in fs.walk(real_path):
-            if ev == fs.LEAVE:
-                continue
-            st = node.lstat()
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                shared[(st.st_dev, st.st_ino)] = st.st_blocks * 512
-            else:
-                own += st.st_blocks * 512
-    except FileNotFoundError:
-        pass
-    return own, tuple((d, i, b) for (d, i), b in shared.items())
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    dfd = fs.open_dir(real_store_dir)
+    try:
+        return fs.usages(bases, dfd, max(1, min(WALKERS, cpus)))
+    finally:
+        os.close(dfd)
 
 
 def _bits(m: int) -> Iterable[int]:
@@ -199,9 +226,10 @@ def _bits(m: int) -> Iterable[int]:
 
 def compute(store, nar: bool = False, top: int = TOP,
             progress: Callable[[int, int], None] | None = None,
-            use_cache: bool = True) -> SpaceReport:
+            use_cache: bool = True, hide: Callable[[Any], bool] | None = None) -> SpaceReport:
     """The space report of ``store`` (a LocalStore) now; read-only but for the measurement
-    cache (:mod:`.cache`)."""
+    cache (:mod:`.cache`).  ``hide(root)``: roots whose link the asker may not see (a
+    daemon's untrusted client) are listed as ``{censored}``, their bytes still counted."""
     cfg = store.settings
     graph = Graph(store.db)
     nar_size = dict(store.db.conn.execute("select id, coalesce(narSize, 0) from ValidPaths"))
@@ -229,30 +257,39 @@ def compute(store, nar: bool = False, top: int = TOP,
     if nar:
         size = {i: nar_size.get(i, 0) for i in mask}
     else:
-        total = len(mask)
         cache = DiskCache(store.state_dir, store.real_store_dir) if use_cache else None
-        for n, i in enumerate(mask):
-            path = graph.path_of[i]
-            entry = cache.get(i, path) if cache is not None else None
+        measured: dict[int, fs.Usage] = {}
+        walk: list[int] = []
+        for i in mask:
+            entry = cache.get(i, graph.path_of[i]) if cache is not None else None
             if entry is None:
-                own, inodes = disk_usage(os.path.join(store.real_store_dir, os.path.basename(path)))
-                if cache is not None:
-                    cache.put(i, (path, own, inodes))
+                walk.append(i)
             else:
-                _, own, inodes = entry
-            linked = []
-            for dev, ino, b in inodes:
-                inode_bytes[(dev, ino)] = b
-                linked.append((dev, ino))
-            m = mask[i]
-            for key in linked:
-                inode_mask[key] = inode_mask.get(key, 0) | m
-            if linked:
+                measured[i] = (entry[1], entry[2])
+        if walk:
+            if progress is not None:
+                progress(len(measured), len(mask))
+            got = measure(store.real_store_dir, [os.path.basename(graph.path_of[i]) for i in walk])
+            for i, u in zip(walk, got):
+                measured[i] = u
+                if cache is not None:
+                    cache.put(i, (graph.path_of[i], u[0], u[1]))
+        for i, m in mask.items():
+            own, inodes = measured[i]
+            b = own
+            if inodes:
+                linked = []
+                for dev, ino, nb in inodes:
+                    key = (dev, ino)
+                    inode_bytes[key] = nb
+                    inode_mask[key] = inode_mask.get(key, 0) | m
+                    linked.append(key)
+                    b += nb
                 linked_of[i] = linked
-            size[i] = own + sum(inode_bytes[k] for k in linked)
+            size[i] = b
             own_of[i] = own
-            if progress is not None and n % 1000 == 0:
-                progress(n, total)
+        if progress is not None:
+            progress(len(mask), len(mask))
         if cache is not None:
             cache.save(set(graph.path_of))
 
@@ -260,14 +297,11 @@ def compute(store, nar: bool = False, top: int = TOP,
     g_bytes: dict[int, int] = {}
     g_paths: dict[int, int] = {}
     g_top: dict[int, list[tuple[int, int]]] = {}
-    in_group: dict[int, int] = {}
     for i, m in mask.items():
         counted = nar_size.get(i, 0) if nar else own_of[i]
         g_bytes[m] = g_bytes.get(m, 0) + counted
         g_paths[m] = g_paths.get(m, 0) + 1
         h = g_top.setdefault(m, [])
-        in_group[i] = counted + sum(inode_bytes[k] for k in linked_of.get(i, ())
-                                    if inode_mask[k] == m)
         item = (size[i], -i)
         if len(h) < top:
             heapq.heappush(h, item)
@@ -278,9 +312,11 @@ def compute(store, nar: bool = False, top: int = TOP,
         g_paths.setdefault(m, 0)
         g_top.setdefault(m, [])
 
-    def space(i: int) -> PathSpace:
-        return PathSpace(graph.path_of[i], size[i], nar_size.get(i, 0), bin(mask[i]).count("1"),
-                         in_group[i])
+    def space(i: int) -> PathSpace:  # (only for the few paths listed)
+        m = mask[i]
+        in_group = (nar_size.get(i, 0) if nar else own_of[i]) + sum(
+            inode_bytes[k] for k in linked_of.get(i, ()) if inode_mask[k] == m)
+        return PathSpace(graph.path_of[i], size[i], nar_size.get(i, 0), bin(m).count("1"), in_group)
 
     n = len(targets)
     closure_b = [0] * n
@@ -307,8 +343,9 @@ def compute(store, nar: bool = False, top: int = TOP,
     for r, i in entries:
         bit = bit_of[i]
         owner, _age = _owner_and_age(r, store.state_dir)
+        link = "{censored}" if hide is not None and hide(r) else r.link
         out_roots.append(RootSpace(
-            r.kind, r.link, graph.path_of[i], owner, closure_b[bit], g_bytes.get(1 << bit, 0),
+            r.kind, link, graph.path_of[i], owner, closure_b[bit], g_bytes.get(1 << bit, 0),
             closure_p[bit], g_paths.get(1 << bit, 0), ranked(tops[bit]),
             ranked(g_top.get(1 << bit, [])), links_per_target[i]))
     # a group's holders name the first root entry of each target
