@@ -152,14 +152,16 @@ def expected_gain(root: str) -> tuple[int, int, int]:
     return linked, len(groups), freed
 
 
-def check_pool(root: str) -> None:
-    """Every pool entry's contents match its name; no temp link is left anywhere."""
+def check_pool(root: str, other_pids: tuple[int, ...] = ()) -> None:
+    """Every pool entry's contents match its name; no temp link is left anywhere (but
+    those of ``other_pids``: real Nix's optimiser, ``.tmp-link-<pid>-…``)."""
     sd = os.path.join(root, "nix", "store")
     links = os.path.join(sd, ".links")
     for name in os.listdir(links):
         digest, _ = file_nar_hash(os.path.join(links, name))
         assert nix32_sha256(digest) == name
-    assert not [n for n in os.listdir(sd) if n.startswith(".tmp-link-")]
+    theirs = tuple(f".tmp-link-{pid}-" for pid in other_pids)
+    assert not [n for n in os.listdir(sd) if n.startswith(".tmp-link-") and not n.startswith(theirs)]
 
 
 def check_canonical(root: str) -> None:
@@ -692,7 +694,9 @@ def test_nix_gc_and_our_optimiser_and_nix_optimiser_together(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert procs[0].returncode == 0, outs[0][1].decode()
-    check_pool(root)
+    # Nix 2.8's optimiser racing its own GC can fail and leave its temp link (about 1
+    # run in 5 here): that one is not ours to judge
+    check_pool(root, other_pids=(procs[1].pid,))
     nix_store_ops(root, str(tmp_path), "--verify", "--check-contents")
     with open_store(root) as s:
         assert s.verify(check_contents=True).ok
