@@ -15,15 +15,19 @@ Rules :func:`fetch_all` keeps (the store's part is :mod:`storekeeper.store.stagi
 * bounded: at most ``threads`` fetches run, at most ``2 * threads`` are queued, and a
   path is not started while one of its references has failed.
 
-A batch is registered as soon as something is ready and the caller's thread is
-free; while it is (syncing, registering), workers go on fetching, so batches grow
-with the store's latency and the sync cost is shared.
+A batch is registered once :data:`MIN_BATCH` paths are ready for it, or nothing
+more is being fetched, or its first path has waited :data:`MAX_WAIT` seconds;
+while the caller's thread registers (syncing, one transaction), workers go on
+fetching.  Each registration costs a durable sync and a durable commit whatever
+its size (~15-25 ms here), so registering whatever is ready at once made ~4-path
+batches from a ``file://`` cache: 127 syncs for 502 paths, most of a copy's time.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -44,6 +48,12 @@ class StagingStore(Protocol):
     def stage_nar(self, info: ValidPathInfo, stream: Any) -> Staged: ...
     def add_staged(self, items: list[Any]) -> list[ValidPathInfo]: ...
 
+
+#: paths a registration waits for while more are being fetched (a batch this big is
+#: synced with one ``syncfs``: see :func:`storekeeper.fs.atomic.sync_new_trees`)
+MIN_BATCH = 32
+#: seconds a fetched path may wait for its batch to fill (progress keeps moving on a slow cache)
+MAX_WAIT = 0.5
 
 #: seconds a thread may hold the GIL while another waits, during :func:`fetch_all`
 SWITCH_INTERVAL = 0.0002
@@ -81,6 +91,7 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     installed: set[StorePath] = set()
     failed: set[StorePath] = set()
     ready: dict[StorePath, Staged] = {}
+    ready_at: dict[StorePath, float] = {}
     running: dict[Future[Staged], StorePath] = {}
     nxt = 0
 
@@ -93,6 +104,7 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
             p = running.pop(fut)
             try:
                 ready[p] = fut.result()
+                ready_at[p] = time.monotonic()
             except Exception as e:  # this path only: its referrers follow it
                 fail(p, e)
 
@@ -121,7 +133,9 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                     if jobs[p].references <= installed | chosen:
                         batch.append(p)
                         chosen.add(p)
-                if batch:
+                now = time.monotonic()
+                oldest = min((ready_at[p] for p in batch), default=now)
+                if batch and (len(batch) >= MIN_BATCH or not running or now - oldest >= MAX_WAIT):
                     items = [ready.pop(p) for p in batch]
                     try:
                         store.add_staged(items)
@@ -133,7 +147,8 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                     for p in batch:
                         on_done(p)
                 elif running:
-                    collect(wait(list(running), return_when=FIRST_COMPLETED)[0])
+                    timeout = max(0.0, oldest + MAX_WAIT - now) if batch else None
+                    collect(wait(list(running), timeout, return_when=FIRST_COMPLETED)[0])
                 elif ready and nxt >= len(order):
                     # waiting for references that will never come: not a valid plan
                     for p in list(ready):

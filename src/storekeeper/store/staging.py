@@ -79,7 +79,7 @@ def stage_nar(store: LocalStore, info: ValidPathInfo, stream: Readable) -> Stage
         if info.nar_size and reader.size != info.nar_size:
             raise BadArchive(mismatch("size", where, info.nar_size, reader.size))
         if info.ca:
-            store._check_ca(info, staged.tree, where)
+            store._check_ca(info, staged.tree, where, got)
         if info.nar_hash.algo != "sha256":
             info = info.with_(nar_hash=nar_hash_path(staged.tree)[0])
         staged.info = info.with_(nar_size=reader.size)
