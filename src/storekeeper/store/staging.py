@@ -69,10 +69,15 @@ def stage_nar(store: LocalStore, info: ValidPathInfo, stream: Readable) -> Stage
     staged = StagedNar(info, scratch, fd)
     try:
         lock_fd(fd, exclusive=True)
-        reader = narfmt.HashingReader(stream, info.nar_hash.algo)
+        # a stream that checks this NarHash and NarSize itself (a binary cache's): a
+        # second sha256 of every byte was a fifth of a copy's CPU time
+        trusted = getattr(stream, "checks", None) == (info.nar_hash, info.nar_size)
+        reader = _Counting(stream) if trusted else narfmt.HashingReader(stream, info.nar_hash.algo)
         with naming(store.real_store_dir):
             restore_checked(reader, staged.tree)
-        got = reader.hash()
+        if trusted:
+            stream.finish()  # type: ignore[attr-defined]  # (raises unless it was the NAR of ``info``)
+        got = info.nar_hash if isinstance(reader, _Counting) else reader.hash()
         where = f"importing path '{store.print_path(info.path)}'"
         if got != info.nar_hash:
             raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
@@ -87,6 +92,17 @@ def stage_nar(store: LocalStore, info: ValidPathInfo, stream: Readable) -> Stage
     except BaseException:
         staged.discard()
         raise
+
+
+class _Counting:
+    def __init__(self, stream: Readable) -> None:
+        self._stream = stream
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self.size += len(data)
+        return data
 
 
 def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
