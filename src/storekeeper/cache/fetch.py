@@ -12,7 +12,8 @@ Rules :func:`fetch_all` keeps (the store's part is :mod:`storekeeper.store.stagi
 * **the caller's thread owns the store and the log**: workers only download and
   unpack into scratch dirs (``stage``); pins, validity, registration and every
   callback happen in the thread that called :func:`fetch_all`;
-* bounded: at most ``threads`` fetches run, at most ``2 * threads`` are queued, and a
+* bounded: at most ``threads`` fetches run, at most :func:`queue_depth` are queued
+  (enough to keep the workers busy through a registration's sync), and a
   path is not started while one of its references has failed.
 
 A batch is registered once :data:`MIN_BATCH` paths are ready for it, or nothing
@@ -75,6 +76,15 @@ def fetch_threads(jobs: int, caches: Iterable[Any]) -> int:
     return max(1, jobs)
 
 
+def queue_depth(threads: int) -> int:
+    """Fetches queued or running at once.  The caller's thread submits them, so while it
+    syncs a batch (a ``syncfs``: 40-70 ms here, under load) the workers have only these:
+    with ``2 * threads`` (8 for a ``file://`` cache on 2 CPUs) they sat idle for most of
+    each sync; two batches' worth keeps them going (staged trees wait on disk, not in
+    memory)."""
+    return max(2 * max(1, threads), 2 * MIN_BATCH)
+
+
 def can_stage(store: object) -> bool:
     return callable(getattr(store, "stage_nar", None)) and callable(getattr(store, "add_staged", None))
 
@@ -87,6 +97,7 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     """Run ``jobs`` (in references-first order) and register what they stage; the
     paths registered.  ``on_fail(path, error)``: error None when a reference failed."""
     order = list(jobs)
+    depth = queue_depth(threads)
     index = {p: i for i, p in enumerate(order)}
     installed: set[StorePath] = set()
     failed: set[StorePath] = set()
@@ -115,7 +126,7 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     with ThreadPoolExecutor(max(1, threads)) as pool:
         try:
             while nxt < len(order) or running or ready:
-                while nxt < len(order) and len(running) < 2 * max(1, threads):
+                while nxt < len(order) and len(running) < depth:
                     p = order[nxt]
                     nxt += 1
                     if jobs[p].references & failed:
