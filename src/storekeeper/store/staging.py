@@ -1,16 +1,17 @@
 """Importing many NARs at once: unpacked in any thread, installed in batches.
 
-A :class:`StagedNar` is one path's files, unpacked from its NAR and checked (NarHash,
-NarSize, content address) in a private scratch dir inside the store (``tmp-sk-…``,
-0700, ``flock``-ed, so a GC leaves it alone), not yet at the path's name.  Staging
+A :class:`StagedNar` is one path's files, unpacked from its NAR, checked (NarHash,
+NarSize, content address) and canonicalised in a private scratch dir inside the store
+(``tmp-sk-…``, 0700, ``flock``-ed, so a GC leaves it alone and no one else reaches
+the tree), not yet at the path's name.  Staging
 touches neither the database nor the temp roots, so callers run it in worker threads
 (downloads and decompression of independent paths side by side).
 
 :func:`install_staged` runs in the store's own thread and keeps LocalStore's
 invariants for a whole batch: each path is pinned *before* its validity is checked,
-locked, renamed to its name and canonicalised; then the batch is synced once (one
-``syncfs`` for a big batch instead of an fsync per file) and registered in one
-transaction.  A path is registered only with all its references valid or in the same
+locked and renamed to its name (a rename keeps the canonical metadata); then the
+batch is synced once (one ``syncfs`` for a big batch instead of an fsync per file)
+and registered in one transaction.  A path is registered only with all its references valid or in the same
 batch, so a path whose reference failed is never registered; a batch that fails is
 removed whole (never unregistered files at a path's name) and the caller may retry
 its paths one by one.
@@ -88,6 +89,9 @@ def stage_nar(store: LocalStore, info: ValidPathInfo, stream: Readable) -> Stage
         if info.nar_hash.algo != "sha256":
             info = info.with_(nar_hash=nar_hash_path(staged.tree)[0])
         staged.info = info.with_(nar_size=reader.size)
+        # here, in the worker: the store's thread registering batches was mostly
+        # waiting for the GIL around these few thousand chmod/utime/listxattr calls
+        canonicalise_paths([staged.tree])
         return staged
     except BaseException:
         staged.discard()
@@ -132,7 +136,6 @@ def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> list[ValidP
                             remove_tree(real)
                         os.rename(s.tree, real)
                         reals.append(real)
-                canonicalise_paths(reals)
                 if store.settings.auto_optimise_store:
                     for s in todo:
                         optimise_path(store, s.info.path, set())
