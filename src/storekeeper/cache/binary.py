@@ -362,6 +362,12 @@ class VerifiedNar:
         self.size = 0
         self._checked = False
 
+    @property
+    def checks(self) -> tuple[Hash, int]:
+        """(NarHash, NarSize): what this stream checks itself, by its last byte or by
+        :meth:`finish` (a store unpacking it need not hash it a second time)."""
+        return self.ni.nar_hash, self.ni.nar_size
+
     def read(self, n: int = -1) -> bytes:
         if self._checked or n == 0:
             return b""
