@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterable
 from ..errors import BadArchive
 from ..formats import nar as narfmt
 from ..formats.pathinfo import ValidPathInfo
-from ..formats.streams import Readable
+from ..formats.streams import Readable, SelfChecking
 from ..fs import remove_tree
 from ..fs.narfs import nar_hash_path
 from ..queries import references_first
@@ -88,12 +88,13 @@ def restore_verified(store: LocalStore, info: ValidPathInfo, stream: Readable,
     hash (what the database records)."""
     # a stream that checks this NarHash and NarSize itself (a binary cache's): a
     # second sha256 of every byte was a fifth of a copy's CPU time
-    trusted = getattr(stream, "checks", None) == (info.nar_hash, info.nar_size)
-    reader = _Counting(stream) if trusted else narfmt.HashingReader(stream, info.nar_hash.algo)
+    checker = (stream if isinstance(stream, SelfChecking)
+               and stream.checks == (info.nar_hash, info.nar_size) else None)
+    reader = _Counting(stream) if checker is not None else narfmt.HashingReader(stream, info.nar_hash.algo)
     with naming(store.real_store_dir):
         restore_checked(reader, tree)
-    if trusted:
-        stream.finish()  # type: ignore[attr-defined]  # (raises unless it was the NAR of ``info``)
+    if checker is not None:
+        checker.finish()  # (raises unless it was the NAR of ``info``)
     got = info.nar_hash if isinstance(reader, _Counting) else reader.hash()
     where = f"importing path '{store.print_path(info.path)}'"
     if got != info.nar_hash:
