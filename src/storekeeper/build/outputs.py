@@ -313,26 +313,42 @@ def _nar_hash(real: str, algo: str) -> Hash:
 
 def _flat_hash(real: str, algo: str, refusal: str) -> Hash:
     """The hash of the regular, non-executable file at ``real``: checked and read on
-    one ``O_NOFOLLOW`` fd (a symlink swapped in is refused, never followed)."""
+    one ``O_NOFOLLOW`` fd (a symlink swapped in is refused, never followed).
+
+    A process the builder left behind may swap the name for a hard link to another
+    file and back while we look: the hashed inode must still be the one at ``real``
+    afterwards and have no other link, else the output is refused without a hash
+    (which would tell the content of a file outside the output)."""
     pfd, name = fs.split_top(real)
     try:
-        fd = os.open(name, fs.O_FILE, dir_fd=pfd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):
-            raise Failure(BuildStatus.OUTPUT_REJECTED, refusal) from None
-        raise
+        try:
+            fd = os.open(name, fs.O_FILE, dir_fd=pfd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):
+                raise Failure(BuildStatus.OUTPUT_REJECTED, refusal) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o100:
+                raise Failure(BuildStatus.OUTPUT_REJECTED, refusal)
+            h = new_hasher(algo)
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+            after = os.fstat(fd)
+            try:
+                now = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if (after.st_nlink != 1 or now is None
+                    or (now.st_dev, now.st_ino) != (after.st_dev, after.st_ino)):
+                raise Failure(BuildStatus.OUTPUT_REJECTED,
+                              f"output path '{real}' was changed or linked elsewhere while it "
+                              "was being checked")
+            return Hash(algo, h.digest())
+        finally:
+            os.close(fd)
     finally:
         os.close(pfd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o100:
-            raise Failure(BuildStatus.OUTPUT_REJECTED, refusal)
-        h = new_hasher(algo)
-        while chunk := os.read(fd, 1 << 20):
-            h.update(chunk)
-        return Hash(algo, h.digest())
-    finally:
-        os.close(fd)
 
 
 def _rename_in_store(store, src: str, dest: str) -> None:
