@@ -479,3 +479,22 @@ def test_every_interleaving_of_a_pin_and_a_collection(tmp_path, at):
         assert present(cache, g.lib, g.app1) == [True, True]
     else:
         assert read_roots(cache.backend) == [] and gc.report.narinfos_deleted == 2
+
+
+def test_file_cache_never_lists_or_deletes_through_a_link(tmp_path):
+    """A shared cache dir: someone swaps gc/ for a link to elsewhere; a collector's
+    listing and deletions stay inside the cache (fd-relative, no link followed)."""
+    from storekeeper.cache.backends import FileBackend
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"keep me")
+    cache = tmp_path / "cache"
+    (cache / "nar").mkdir(parents=True)
+    (cache / "nar" / "a.nar").write_bytes(b"nar")
+    os.symlink(outside, cache / "gc")
+    b = FileBackend(str(cache))
+    assert [e.key for e in b.list_keys()] == ["nar/a.nar"]
+    assert list(b.list_keys("gc/")) == []
+    b.delete_many(["gc/precious", "nar/a.nar"] + [f"gc/x{i}" for i in range(70)])
+    assert (outside / "precious").read_bytes() == b"keep me"
+    assert not (cache / "nar" / "a.nar").exists()
