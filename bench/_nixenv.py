@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import storekeeper
 
@@ -33,3 +35,20 @@ def rmtree(path: str) -> None:
     """Remove a copy of a store (its files and dirs are read-only)."""
     subprocess.run(["chmod", "-R", "u+w", path], capture_output=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Until a daemon started as ``proc`` accepts on ``path`` (RuntimeError if it exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise RuntimeError(f"daemon did not listen on {path} within {timeout} s")

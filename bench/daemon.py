@@ -21,31 +21,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from _nixenv import wait_for_socket  # noqa: E402
+
 NIX_CMD = ["--extra-experimental-features", "nix-command"]
 PHASES = ("add", "query", "text", "path-info", "verify")
-
-
-def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-            return
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            probe.close()
-    raise RuntimeError(f"daemon socket {path} did not appear")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -28,13 +28,14 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from _nixenv import wait_for_socket  # noqa: E402
 
 from storekeeper.formats import nar as narfmt
 from storekeeper.formats.hashes import Hash
@@ -177,7 +178,7 @@ class Soak:
         daemon = subprocess.Popen([sys.executable, "-m", "storekeeper.daemon", "--store", self.root,
                                    "--socket", self.sock], env=self.env, stdout=subprocess.DEVNULL,
                                   stderr=open(os.path.join(self.scratch, "daemon.log"), "wb"))
-        _wait_for_socket(self.sock, daemon)
+        wait_for_socket(self.sock, daemon)
         load0 = os.getloadavg()
         threads = [threading.Thread(target=self.client, args=(k,)) for k in range(self.args.clients)]
         threads += [threading.Thread(target=self.gc_loop), threading.Thread(target=self.optimise_loop),
@@ -285,22 +286,6 @@ def _memory(pid: int) -> tuple[int, int]:
     except OSError:
         pass
     return pss, hwm
-
-
-def _wait_for_socket(path: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-            return
-        except OSError:
-            time.sleep(0.05)
-        finally:
-            probe.close()
-    raise RuntimeError("daemon socket did not appear")
 
 
 def main() -> int:

@@ -73,7 +73,7 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .signing import check_trusted
-from .staging import TEMP_DIR_PREFIX, StagedNar, install_staged, stage_nar
+from .staging import TEMP_DIR_PREFIX, StagedNar, install_staged, restore_verified, stage_nar
 from .verify import verify_store
 
 if TYPE_CHECKING:
@@ -318,20 +318,7 @@ class LocalStore(StoreReader):
                 raise
         with self._temp_dir(info.nar_size) as tmp:
             staged = os.path.join(tmp, "x")
-            reader = narfmt.HashingReader(stream, info.nar_hash.algo)
-            restore_checked(reader, staged)
-            got = reader.hash()
-            where = f"importing path '{self.print_path(info.path)}'"
-            if got != info.nar_hash:
-                raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
-            if info.nar_size and reader.size != info.nar_size:
-                raise BadArchive(mismatch("size", where, info.nar_size, reader.size))
-            if info.ca:
-                self._check_ca(info, staged, where)
-            if info.nar_hash.algo != "sha256":
-                h, _ = nar_hash_path(staged)
-                info = info.with_(nar_hash=h)
-            info = info.with_(nar_size=reader.size)
+            info = restore_verified(self, info, stream, staged)
             crash_point("add.hashed")
             return self._install(info, lambda real: os.rename(staged, real), repair)
 

@@ -69,24 +69,33 @@ def stage_nar(store: LocalStore, info: ValidPathInfo, stream: Readable) -> Stage
     staged = StagedNar(info, scratch, fd)
     try:
         lock_fd(fd, exclusive=True)
-        reader = narfmt.HashingReader(stream, info.nar_hash.algo)
-        with naming(store.real_store_dir):
-            restore_checked(reader, staged.tree)
-        got = reader.hash()
-        where = f"importing path '{store.print_path(info.path)}'"
-        if got != info.nar_hash:
-            raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
-        if info.nar_size and reader.size != info.nar_size:
-            raise BadArchive(mismatch("size", where, info.nar_size, reader.size))
-        if info.ca:
-            store._check_ca(info, staged.tree, where)
-        if info.nar_hash.algo != "sha256":
-            info = info.with_(nar_hash=nar_hash_path(staged.tree)[0])
-        staged.info = info.with_(nar_size=reader.size)
+        staged.info = restore_verified(store, info, stream, staged.tree)
         return staged
     except BaseException:
         staged.discard()
         raise
+
+
+def restore_verified(store: LocalStore, info: ValidPathInfo, stream: Readable,
+                     tree: str) -> ValidPathInfo:
+    """Unpack the NAR of ``info`` from ``stream`` at ``tree`` (a new name in a scratch
+    dir) and check it against ``info`` (NarHash, NarSize, content address): BadArchive
+    in Nix's words otherwise.  Returns ``info`` with the NAR's size and its sha256
+    hash (what the database records)."""
+    reader = narfmt.HashingReader(stream, info.nar_hash.algo)
+    with naming(store.real_store_dir):
+        restore_checked(reader, tree)
+    got = reader.hash()
+    where = f"importing path '{store.print_path(info.path)}'"
+    if got != info.nar_hash:
+        raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
+    if info.nar_size and reader.size != info.nar_size:
+        raise BadArchive(mismatch("size", where, info.nar_size, reader.size))
+    if info.ca:
+        store._check_ca(info, tree, where)
+    if info.nar_hash.algo != "sha256":
+        info = info.with_(nar_hash=nar_hash_path(tree)[0])
+    return info.with_(nar_size=reader.size)
 
 
 def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
