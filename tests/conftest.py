@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 
 import pytest
 
@@ -14,6 +15,30 @@ from storekeeper.store.local import LocalStore
 
 HAVE_NIX = shutil.which("nix-store") is not None
 needs_nix = pytest.mark.skipif(not HAVE_NIX, reason="real Nix (nix-bin) not installed")
+
+
+@pytest.fixture(autouse=True)
+def _stores_closed_after_each_test(monkeypatch):
+    """Every LocalStore a test opens (and did not close) is closed when the test ends:
+    an open store holds ~6 fds, and the suite's one process would otherwise pass
+    1024 of them (where select() stops working, which once hid as test failures)."""
+    opened: list[weakref.ref] = []
+    init = LocalStore.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(weakref.ref(self))
+
+    monkeypatch.setattr(LocalStore, "__init__", tracking_init)
+    yield
+    monkeypatch.setattr(LocalStore, "__init__", init)
+    for ref in opened:
+        store = ref()
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 -- a test may have closed or broken it
+                pass
 
 
 def nix_env(tmp: str) -> dict[str, str]:

@@ -367,3 +367,30 @@ def test_usage_never_follows_a_symlink_swapped_in(tmp_path, victim, monkeypatch)
     blocks = lambda p: os.lstat(os.path.join(top, p)).st_blocks * 512  # noqa: E731
     assert own == (_gnu_du(top) - _gnu_du(os.path.join(top, "sub.moved")) - blocks("sub")
                    + blocks("sub.moved"))
+
+
+def test_readable_waits_on_fds_past_selects_limit():
+    """select() refuses fd numbers >= 1024; builds and the daemon wait with poll."""
+    import resource
+
+    from storekeeper.fs.waiting import readable
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard if hard != resource.RLIM_INFINITY else 4096) < 1600:
+        pytest.skip("fd limit too low for an fd numbered 1500")
+    if soft < 1600:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1600, hard))  # this process only
+    r, w = os.pipe()
+    high = os.dup2(r, 1500)
+    try:
+        assert readable([high], 0.01) == []  # nothing yet: a timeout, not an error
+        os.write(w, b"x")
+        assert readable([high, r], 1.0) == [high, r]
+        os.close(w)
+        w = -1
+        os.read(high, 1)
+        assert readable([high], 1.0) == [high]  # at its end: readable, as with select
+    finally:
+        for fd in (r, high, w):
+            if fd >= 0:
+                os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

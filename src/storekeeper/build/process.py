@@ -18,7 +18,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import time
@@ -30,6 +29,7 @@ from ..errors import StoreError
 from ..formats.derivation import DerivationType, derivation_type
 from ..formats.storepath import StoreDir, StorePath
 from ..formats.wire import Verbosity
+from ..fs.waiting import readable
 from ..store.locks import PathLocks
 from . import builtins, confine
 from .forkserver import Launched, LauncherError, LauncherServer
@@ -347,11 +347,7 @@ def wait_readable(runs: Iterable[Run], timeout: float) -> list[Run]:
     if not fds:
         time.sleep(min(timeout, 0.05))
         return []
-    try:
-        ready, _, _ = select.select(list(fds), [], [], timeout)
-    except InterruptedError:
-        return []
-    return [fds[fd] for fd in ready]
+    return [fds[fd] for fd in readable(list(fds), timeout)]
 
 
 class Trash:

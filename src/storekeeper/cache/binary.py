@@ -45,7 +45,7 @@ from ..formats.narlisting import ListingSink
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import SecretKey, sign_info
 from ..formats.storepath import StoreDir, StorePath
-from ..formats.streams import Readable
+from ..formats.streams import Readable, SelfChecking
 from .backends import Backend, CacheError, HttpBackend
 from .compression import CHUNK, Compressor, Decompressing, compressor
 
@@ -343,7 +343,7 @@ class _Tee:
         self._emit(self._comp.flush())
 
 
-class VerifiedNar:
+class VerifiedNar(SelfChecking):
     """The decoded NAR of a narinfo, checked while read: the compressed bytes against
     FileHash/FileSize, the decoded ones against NarHash/NarSize.  The check happens as
     the last byte is read (NarSize reached), so a consumer that stops exactly at the
@@ -361,6 +361,12 @@ class VerifiedNar:
         self._hasher = new_hasher(ni.nar_hash.algo)
         self.size = 0
         self._checked = False
+
+    @property
+    def checks(self) -> tuple[object, int]:
+        """(NarHash, NarSize): what this stream checks itself, by its last byte or by
+        :meth:`finish` (a store unpacking it need not hash it a second time)."""
+        return self.ni.nar_hash, self.ni.nar_size
 
     def read(self, n: int = -1) -> bytes:
         if self._checked or n == 0:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import sqlite3
 from contextlib import suppress
 
 from ..formats.url import LocalLayout
+from ..fs.waiting import readable
 
 
 class DatabaseKeeper:
@@ -85,7 +85,7 @@ def _keep(db_dir: str, pipe: int) -> None:
                     finally:
                         if c is not None:
                             c.close()
-            ready, _, _ = select.select([pipe], [], [], _KEEPER_CHECK)
+            ready = readable([pipe], _KEEPER_CHECK)
             if ready and not os.read(pipe, 1):
                 return
     finally:

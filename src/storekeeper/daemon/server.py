@@ -41,7 +41,6 @@ import errno
 import gc
 import logging
 import os
-import select
 import signal
 import socket
 import stat
@@ -56,6 +55,7 @@ from ..build import BuildSettings
 from ..errors import StoreError
 from ..formats import derivation as _derivation  # noqa: F401 -- (registering a .drv parses it)
 from ..formats.url import LocalLayout
+from ..fs.waiting import readable
 from ..store.local import LocalStore
 from ..store.settings import StoreSettings
 from ..store.tcpkeys import TcpKeys
@@ -316,11 +316,7 @@ class _Server:
         try:
             while not self.stopping:
                 busy = {w.ctl: w for w in self.workers.values() if w not in self.idle}
-                try:
-                    ready, _, _ = select.select([self.listener, *self.tcp_listeners, *busy], [], [],
-                                                _POLL_INTERVAL)
-                except InterruptedError:
-                    ready = []
+                ready = readable([self.listener, *self.tcp_listeners, *busy], _POLL_INTERVAL)
                 self._reap()
                 for sock in ready:
                     if self.stopping:

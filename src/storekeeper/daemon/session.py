@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import time
@@ -67,6 +66,7 @@ from ..formats.wire import (
     write_start_activity,
     write_stop_activity,
 )
+from ..fs.waiting import readable
 from ..store.local import LocalStore
 from .errors import NotSupported, OpError  # noqa: F401 -- re-exported
 from .registry import OPS
@@ -507,7 +507,7 @@ class Session:
         deadline = time.monotonic() + most
         try:
             while time.monotonic() < deadline:
-                ready, _, _ = select.select([sock], [], [], quiet)
+                ready = readable([sock], quiet)
                 if not ready or not sock.recv(1 << 16):
                     return
         except OSError:

@@ -331,12 +331,18 @@ class LocalStore(StoreReader):
         """Install and register staged paths as one batch (:mod:`.staging`)."""
         return install_staged(self, items)
 
-    def _check_ca(self, info: ValidPathInfo, staged: str, where: str) -> None:
+    def _check_ca(self, info: ValidPathInfo, staged: str, where: str,
+                  nar_hash: Hash | None = None) -> None:
+        """``nar_hash``: the hash of the NAR ``staged`` was unpacked from, already checked;
+        the strict reader takes only canonical NARs, so it is the tree's NAR hash too and
+        a recursive content address in its algorithm needs no second read of the files."""
         try:
             ca = ContentAddress.parse(info.ca or "")
         except FormatError as e:
             raise BadArchive(f"bad content address {where}: {e}") from None
-        if ca.method == RECURSIVE:
+        if ca.method == RECURSIVE and nar_hash is not None and nar_hash.algo == ca.hash.algo:
+            h = nar_hash
+        elif ca.method == RECURSIVE:
             h = nar_hash_path(staged, ca.hash.algo)[0]
         else:
             h = hash_file(staged, ca.hash.algo)

@@ -11,8 +11,9 @@ Invariants (Nix 2.8 keeps the same file; setting ``gc-reserved-space``, 8 MiB):
   the database, a temp-roots file, a lease, the gc-socket) gives up one
   :data:`STEP` of the reserve and is tried once more: on a full disk that gets
   the store open long enough to collect, while the rest stays for the GC
-  itself (an add on a full disk still fails).  A write that fails again fails
-  as usual.
+  itself.  An add on a full disk still fails unless its content fits in that
+  one step (a path of a few bytes may).  A write that fails again fails as
+  usual.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import signal
 import stat
 import time
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ...formats.gcroots import indirect_root_name
 from ...fs.atomic import symlink_atomic, write_file_atomic
+from ...fs.waiting import readable
 from ..locks import lock_fd, open_shared_lock
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def _as_user(action: Callable[[], bytes], uid: int, gid: int, groups: list[int],
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            if left <= 0 or not readable([rfd], left):
                 os.kill(pid, signal.SIGKILL)  # (a hung file system)
                 break
             chunk = os.read(rfd, 65536)
