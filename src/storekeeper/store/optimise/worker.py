@@ -247,14 +247,32 @@ class _Worker:
     def _link(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str,
               dir_state: "_DirState") -> int | None:
         run, stats = self.run, self.stats
+        seen = run.seen
         for _ in range(_RETRIES):
             lfd = run.links_fd()
+            known = seen.get(h)
+            if known is not None and known in run.verified:
+                # made or linked to by this process: no lookup needed (the temp
+                # link's inode is checked in _replace; a vanished or replaced
+                # entry means the slow path again)
+                if known == st.st_ino:
+                    stats.files_already_linked += 1
+                    return known
+                if not (self.lock and self.lock.held):
+                    self._hold()
+                out = self._replace(dfd, shown, name, st, h, lfd, known, dir_state)
+                if out is not _RETRY:
+                    return out
+                seen.pop(h, None)
+                continue
             # Try to make the file the entry first: no lookup (and no lock) needed
             # for the common case of a content seen for the first time.
             out = self._new_entry(dfd, name, st, h, lfd)
             if out is not _EXISTS:
                 if out is _RETRY:
                     continue
+                if out is not None:
+                    seen[h] = out
                 return out
             if not (self.lock and self.lock.held):
                 # From this lookup until the rename the entry must not be GC'd
@@ -273,8 +291,10 @@ class _Worker:
                 if not self._same_contents(dfd, shown, name, st, h, lfd, pst):
                     return None
                 run.verified.add(pst.st_ino)
-            out = self._replace(dfd, shown, name, st, h, lfd, pst, dir_state)
+            out = self._replace(dfd, shown, name, st, h, lfd, pst.st_ino, dir_state)
             if out is not _RETRY:
+                if out == pst.st_ino:
+                    seen[h] = out
                 return out
         run.warn(f"gave up linking '{shown}/{name}': its pool entry kept changing")
         return None
@@ -342,7 +362,7 @@ class _Worker:
         return False
 
     def _replace(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str, lfd: int,
-                 pst: os.stat_result, dir_state: "_DirState"):
+                 pino: int, dir_state: "_DirState"):
         """link the entry to a temp name in the store, rename that over the file."""
         run, stats = self.run, self.stats
         tmp = f"{run.tmp_prefix}{next(run.counter)}"
@@ -365,7 +385,7 @@ class _Worker:
                 tst = os.stat(tmp, dir_fd=sfd, follow_symlinks=False)
             except FileNotFoundError:
                 return _RETRY  # swept as junk by a GC
-            if tst.st_ino != pst.st_ino:
+            if tst.st_ino != pino:
                 run.pool_disturbed = True
                 return _RETRY  # the entry was replaced since we compared it
             crash_point("optimise.linked")
@@ -389,18 +409,18 @@ class _Worker:
                     os.unlink(tmp, dir_fd=sfd)
                     renamed = True
                     stats.files_already_linked += 1
-                    return pst.st_ino
+                    return pino
                 except FileNotFoundError:
                     renamed = True
                 stats.files_linked += 1
                 crash_point("optimise.renamed")
-                run.inodes.add(pst.st_ino)
+                run.inodes.add(pino)
                 if os.fstat(ffd).st_nlink == 0:
                     freed = True
                     stats.inodes_freed += 1
                     stats.bytes_freed += fst.st_blocks * 512
                     stats.apparent_bytes_freed += fst.st_size
-                return pst.st_ino
+                return pino
             finally:
                 if freed:
                     self._close_later(ffd)  # the blocks are released at this close
