@@ -405,7 +405,7 @@ def test_dirs_batches_each_directory_and_never_follows_a_swapped_subdirectory(tm
         assert got == {"": [("a", fs.REG), ("l", fs.LNK), ("z", fs.REG)], "sub": [("x", fs.REG)],
                        "sub/deeper": [("y", fs.REG)], "other": [("w", fs.REG)]}
         # d_ino comes with each entry
-        for fd, rel, files in fs.dirs("t", dfd):
+        for fd, _rel, files in fs.dirs("t", dfd):
             for name, ino, _ in files:
                 assert os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino == ino
         # `sub` listed as a directory, then swapped for a link to the victim: reported, not followed
