@@ -73,7 +73,8 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .signing import check_trusted
-from .staging import TEMP_DIR_PREFIX, StagedNar, install_staged, restore_verified, stage_nar
+from .staging import (TEMP_DIR_PREFIX, StagedNar, StagingArea, install_staged, restore_verified,
+                      stage_nar)
 from .verify import verify_store
 
 if TYPE_CHECKING:
@@ -101,9 +102,12 @@ class LocalStore(StoreReader):
         super().__init__(layout, create, settings)
         self.db.busy_log = self._busy_warning
         self.syncer = SyncCoordinator(self.real_store_dir, self.state_dir)
+        #: where :meth:`stage_nar` unpacks, made on first use
+        self.staging_area = StagingArea(self.real_store_dir)
 
     def close(self) -> None:
         try:
+            self.staging_area.close()
             self.syncer.close()
         finally:
             super().close()
