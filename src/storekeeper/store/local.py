@@ -73,8 +73,14 @@ from .optimise import optimise_path
 from .reader import StoreReader
 from .reserve import naming
 from .signing import check_trusted
-from .staging import (TEMP_DIR_PREFIX, StagedNar, StagingArea, install_staged, restore_verified,
-                      stage_nar)
+from .staging import (
+    TEMP_DIR_PREFIX,
+    StagedNar,
+    StagingArea,
+    install_staged,
+    restore_verified,
+    stage_nar,
+)
 from .verify import verify_store
 
 if TYPE_CHECKING:
@@ -331,9 +337,9 @@ class LocalStore(StoreReader):
         self._check_writable()
         return stage_nar(self, info, stream)
 
-    def add_staged(self, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
+    def add_staged(self, items: Iterable[StagedNar]) -> None:
         """Install and register staged paths as one batch (:mod:`.staging`)."""
-        return install_staged(self, items)
+        install_staged(self, items)
 
     def _check_ca(self, info: ValidPathInfo, staged: str, where: str,
                   nar_hash: Hash | None = None) -> None:

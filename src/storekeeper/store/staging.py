@@ -18,12 +18,13 @@ its paths one by one.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
 from typing import TYPE_CHECKING, Iterable
 
-from ..errors import BadArchive
+from ..errors import BadArchive, InvalidPath
 from ..formats import nar as narfmt
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.streams import Readable, SelfChecking
@@ -179,46 +180,59 @@ class _Counting:
         return data
 
 
-def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> list[ValidPathInfo]:
+def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> None:
     """Install and register a batch (references before referrers, or all in it); the
     store's thread only.  Paths found valid already are skipped (their staged copy
-    dropped).  Every item is discarded when this returns, installed or not."""
+    dropped).  Every item is discarded when this returns, installed or not.
+
+    Pins, validity checks and the references' checks are one append and one query
+    for the whole batch, not one each per path: each syscall of this thread waits for
+    the GIL held by the unpacking workers, and this thread set the pace of a copy."""
     items = list(items)
     try:
         store._check_writable()
-        todo = [s for s in items if not store.pin_valid(s.info.path)]  # pin, then check
-        if not todo:
-            return [store.path_info(s.info.path) for s in items]
-        batch = {s.info.path: s for s in todo}
+        valid = store.pin_valid_all(s.info.path for s in items)  # pin, then check
+        batch = {s.info.path: s for s in items if s.info.path not in valid}
+        if not batch:
+            return
         order = references_first(sorted(batch), lambda p: batch[p].info.references & batch.keys(),
                                  store.print_path)
         with PathLocks() as locks:
             locks.lock([store.real_path(p) for p in batch])
-            todo = [batch[p] for p in order if not store.is_valid(p)]
+            now_valid = store.db.valid_among([store.print_path(p) for p in batch])
+            todo = [batch[p] for p in order if store.print_path(p) not in now_valid]
+            outside = {r for s in todo for r in s.info.references} - batch.keys()
+            missing = outside - store.pin_valid_all(outside)
             for s in todo:
-                store._pin_references(s.info.references - batch.keys(), s.info.path)
+                if s.info.references & missing:
+                    ref = min(s.info.references & missing)
+                    raise InvalidPath(f"cannot add '{store.print_path(s.info.path)}': its reference "
+                                      f"'{store.print_path(ref)}' is not valid")
             reals: list[str] = []
             try:
                 with naming(store.real_store_dir):
                     for s in todo:
                         real = store.real_path(s.info.path)
-                        if os.path.lexists(real):
-                            remove_tree(real)
                         assert s.tree is not None
-                        os.rename(s.tree, real)
+                        try:
+                            os.rename(s.tree, real)
+                        except OSError as e:  # something (invalid) at its name: replaced
+                            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR,
+                                               errno.EISDIR):
+                                raise
+                            remove_tree(real)
+                            os.rename(s.tree, real)
                         reals.append(real)
                         s.installed()
                 if store.settings.auto_optimise_store:
                     for s in todo:
                         optimise_path(store, s.info.path, set())
-                store.register_valid_paths([s.info for s in todo])
+                store.register_valid_paths([s.info for s in todo], references_pinned=True)
             except BaseException:
                 for real in reals:  # never unregistered files at a path's name
                     remove_tree(real)
                 raise
             locks.delete_on_release = True
-        return [store.path_info(s.info.path) for s in items]
     finally:
         for s in items:
             s.discard()
-
