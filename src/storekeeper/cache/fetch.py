@@ -31,7 +31,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Collection, Iterable, Mapping, Protocol
 
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath
@@ -43,11 +43,19 @@ class Staged(Protocol):
     def discard(self) -> None: ...
 
 
+class Pending(Protocol):
+    """A batch at its names, not yet registered (:class:`storekeeper.store.staging.PendingBatch`)."""
+
+    def sync(self) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class StagingStore(Protocol):
     """What a store offers for batched imports (a LocalStore does)."""
 
     def stage_nar(self, info: ValidPathInfo, stream: Any) -> Staged: ...
-    def add_staged(self, items: list[Any]) -> object: ...
+    def begin_staged(self, items: list[Any], pending: Collection[StorePath]) -> Pending: ...
 
 
 #: paths a registration waits for while more are being fetched (a batch this big is
@@ -86,7 +94,7 @@ def queue_depth(threads: int) -> int:
 
 
 def can_stage(store: object) -> bool:
-    return callable(getattr(store, "stage_nar", None)) and callable(getattr(store, "add_staged", None))
+    return callable(getattr(store, "stage_nar", None)) and callable(getattr(store, "begin_staged", None))
 
 
 def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
@@ -104,6 +112,8 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     ready: dict[StorePath, Staged] = {}
     ready_at: dict[StorePath, float] = {}
     running: dict[Future[Staged], StorePath] = {}
+    # the batch being synced (by ``syncer``) while this thread prepares the next one
+    syncing: tuple[list[StorePath], Pending, Future[None]] | None = None
     nxt = 0
 
     def fail(p: StorePath, e: BaseException | None) -> None:
@@ -119,13 +129,30 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
             except Exception as e:  # this path only: its referrers follow it
                 fail(p, e)
 
+    def commit_synced() -> None:
+        nonlocal syncing
+        assert syncing is not None
+        batch, pending, fut = syncing
+        syncing = None
+        try:
+            fut.result()
+            pending.commit()
+        except Exception as e:
+            pending.abort()
+            for p in batch:
+                fail(p, e)
+            return
+        installed.update(batch)
+        for p in batch:
+            on_done(p)
+
     interval = sys.getswitchinterval()
     # the workers hold the GIL between their C calls: this thread, blocking in many
     # short syscalls (renames, locks, closes), gets it back sooner
     sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(max(1, threads)) as pool, ThreadPoolExecutor(1) as syncer:
         try:
-            while nxt < len(order) or running or ready:
+            while nxt < len(order) or running or ready or syncing:
                 while nxt < len(order) and len(running) < depth:
                     p = order[nxt]
                     nxt += 1
@@ -135,13 +162,15 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                     on_start(p)
                     running[pool.submit(jobs[p].stage)] = p
                 collect({f for f in running if f.done()})
+                if syncing and syncing[2].done():
+                    commit_synced()
                 for p in [p for p in ready if jobs[p].references & failed]:
                     ready.pop(p).discard()
                     fail(p, None)
                 batch: list[StorePath] = []
-                chosen: set[StorePath] = set()
+                chosen = installed | set(syncing[0] if syncing else ())  # registered before
                 for p in sorted(ready, key=index.__getitem__):  # references first
-                    if jobs[p].references <= installed | chosen:
+                    if jobs[p].references <= chosen:
                         batch.append(p)
                         chosen.add(p)
                 now = time.monotonic()
@@ -149,23 +178,34 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                 if batch and (len(batch) >= MIN_BATCH or not running or now - oldest >= MAX_WAIT):
                     items = [ready.pop(p) for p in batch]
                     try:
-                        store.add_staged(items)
+                        # renamed while the batch before is being synced
+                        pending = store.begin_staged(items, syncing[0] if syncing else ())
                     except Exception as e:
                         for p in batch:
                             fail(p, e)
                         continue
-                    installed |= chosen
-                    for p in batch:
-                        on_done(p)
-                elif running:
+                    if syncing:
+                        commit_synced()  # (references first: the batch before, then this one)
+                    syncing = (batch, pending, syncer.submit(pending.sync))
+                elif running or syncing:
                     timeout = max(0.0, oldest + MAX_WAIT - now) if batch else None
-                    collect(wait(list(running), timeout, return_when=FIRST_COMPLETED)[0])
+                    waiting: list[Future[Any]] = list(running)
+                    if syncing:
+                        waiting.append(syncing[2])
+                    collect(wait(waiting, timeout, return_when=FIRST_COMPLETED)[0] - {
+                        syncing[2] if syncing else None})
                 elif ready and nxt >= len(order):
                     # waiting for references that will never come: not a valid plan
                     for p in list(ready):
                         ready.pop(p).discard()
                         fail(p, None)
         finally:
+            if syncing:  # (only when failing: a normal end commits it)
+                try:
+                    syncing[2].result()
+                except BaseException:
+                    pass
+                syncing[1].abort()
             for fut in running:
                 fut.cancel()
             for fut in running:

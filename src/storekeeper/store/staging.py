@@ -6,14 +6,15 @@ NarSize, content address) and canonicalised at a new name in the store's
 touches neither the database nor the temp roots, so callers run it in worker threads
 (downloads and decompression of independent paths side by side).
 
-:func:`install_staged` runs in the store's own thread and keeps LocalStore's
-invariants for a whole batch: each path is pinned *before* its validity is checked,
-locked and renamed to its name (a rename keeps the canonical metadata); then the
-batch is synced once (one ``syncfs`` for a big batch instead of an fsync per file)
-and registered in one transaction.  A path is registered only with all its references valid or in the same
-batch, so a path whose reference failed is never registered; a batch that fails is
-removed whole (never unregistered files at a path's name) and the caller may retry
-its paths one by one.
+:func:`begin_staged` and :class:`PendingBatch` keep LocalStore's invariants for a
+whole batch, in the store's own thread: each path is pinned *before* its validity is
+checked, locked and renamed to its name (a rename keeps the canonical metadata); then
+the batch is synced once (one ``syncfs`` for a big batch instead of an fsync per file;
+this part may run in another thread, beside the next batch's renames) and registered
+in one transaction.  A path is registered only with all its references valid or in
+the same batch, so a path whose reference failed is never registered; a batch that
+fails is removed whole (never unregistered files at a path's name) and the caller may
+retry its paths one by one.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import errno
 import itertools
 import os
 import threading
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Collection, Iterable
 
 from ..errors import BadArchive, InvalidPath
 from ..formats import nar as narfmt
 from ..formats.pathinfo import ValidPathInfo
+from ..formats.storepath import StorePath
 from ..formats.streams import Readable, SelfChecking
 from ..fs import remove_tree
 from ..fs.narfs import nar_hash_path
@@ -180,10 +182,52 @@ class _Counting:
         return data
 
 
-def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> None:
-    """Install and register a batch (references before referrers, or all in it); the
-    store's thread only.  Paths found valid already are skipped (their staged copy
-    dropped).  Every item is discarded when this returns, installed or not.
+class PendingBatch:
+    """A batch at its paths' names, pinned and locked, not yet registered.  :meth:`sync`
+    (any thread: a fetch runs it beside the next batch's renames) makes its files
+    durable, then :meth:`commit` (the store's thread) registers it in one transaction;
+    until then, or on :meth:`abort`, its files are removed if anything fails (never
+    unregistered files at a path's name once this batch's locks are released)."""
+
+    def __init__(self, store: LocalStore, infos: list[ValidPathInfo], reals: list[str],
+                 locks: PathLocks) -> None:
+        self._store = store
+        self.infos = infos
+        self._reals = reals
+        self._locks = locks
+        self._synced = False
+
+    def sync(self) -> None:
+        if self._reals and self._store.settings.fsync_store_paths:
+            with naming(self._store.real_store_dir):
+                self._store.syncer.sync_new(self._reals)
+        self._synced = True
+
+    def commit(self) -> None:
+        assert self._synced, "commit before sync"
+        try:
+            if self.infos:
+                self._store.register_valid_paths(self.infos, references_pinned=True, synced=True)
+            self._locks.delete_on_release = True
+        except BaseException:
+            self.abort()
+            raise
+        self._locks.release()
+
+    def abort(self) -> None:
+        try:
+            for real in self._reals:
+                remove_tree(real)
+        finally:
+            self._locks.release()
+
+
+def begin_staged(store: LocalStore, items: Iterable[StagedNar],
+                 pending: Collection[StorePath] = ()) -> PendingBatch:
+    """Pin, check, lock and rename a batch (references before referrers, or in it, or in
+    ``pending``: the batch committed before this one, whose registration checks those);
+    the store's thread only.  Paths found valid already are skipped (their staged copy
+    dropped).  Every item is discarded when this returns, moved to its name or not.
 
     Pins, validity checks and the references' checks are one append and one query
     for the whole batch, not one each per path: each syscall of this thread waits for
@@ -193,46 +237,42 @@ def install_staged(store: LocalStore, items: Iterable[StagedNar]) -> None:
         store._check_writable()
         valid = store.pin_valid_all(s.info.path for s in items)  # pin, then check
         batch = {s.info.path: s for s in items if s.info.path not in valid}
-        if not batch:
-            return
         order = references_first(sorted(batch), lambda p: batch[p].info.references & batch.keys(),
                                  store.print_path)
-        with PathLocks() as locks:
+        locks = PathLocks()
+        reals: list[str] = []
+        try:
             locks.lock([store.real_path(p) for p in batch])
             now_valid = store.db.valid_among([store.print_path(p) for p in batch])
             todo = [batch[p] for p in order if store.print_path(p) not in now_valid]
-            outside = {r for s in todo for r in s.info.references} - batch.keys()
+            outside = {r for s in todo for r in s.info.references} - batch.keys() - set(pending)
             missing = outside - store.pin_valid_all(outside)
             for s in todo:
                 if s.info.references & missing:
                     ref = min(s.info.references & missing)
                     raise InvalidPath(f"cannot add '{store.print_path(s.info.path)}': its reference "
                                       f"'{store.print_path(ref)}' is not valid")
-            reals: list[str] = []
-            try:
-                with naming(store.real_store_dir):
-                    for s in todo:
-                        real = store.real_path(s.info.path)
-                        assert s.tree is not None
-                        try:
-                            os.rename(s.tree, real)
-                        except OSError as e:  # something (invalid) at its name: replaced
-                            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR,
-                                               errno.EISDIR):
-                                raise
-                            remove_tree(real)
-                            os.rename(s.tree, real)
-                        reals.append(real)
-                        s.installed()
-                if store.settings.auto_optimise_store:
-                    for s in todo:
-                        optimise_path(store, s.info.path, set())
-                store.register_valid_paths([s.info for s in todo], references_pinned=True)
-            except BaseException:
-                for real in reals:  # never unregistered files at a path's name
-                    remove_tree(real)
-                raise
-            locks.delete_on_release = True
+            with naming(store.real_store_dir):
+                for s in todo:
+                    real = store.real_path(s.info.path)
+                    assert s.tree is not None
+                    try:
+                        os.rename(s.tree, real)
+                    except OSError as e:  # something (invalid) at its name: replaced
+                        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR,
+                                           errno.EISDIR):
+                            raise
+                        remove_tree(real)
+                        os.rename(s.tree, real)
+                    reals.append(real)
+                    s.installed()
+            if store.settings.auto_optimise_store:
+                for s in todo:
+                    optimise_path(store, s.info.path, set())
+            return PendingBatch(store, [s.info for s in todo], reals, locks)
+        except BaseException:
+            PendingBatch(store, [], reals, locks).abort()
+            raise
     finally:
         for s in items:
             s.discard()
