@@ -29,7 +29,7 @@ from ..errors import BadArchive, InvalidPath
 from ..formats import nar as narfmt
 from ..formats.pathinfo import ValidPathInfo
 from ..formats.storepath import StorePath
-from ..formats.streams import Readable, SelfChecking
+from ..formats.streams import Readable, ReadAhead, SelfChecking
 from ..fs import remove_tree
 from ..fs.narfs import nar_hash_path
 from ..queries import references_first
@@ -150,15 +150,16 @@ def restore_verified(store: LocalStore, info: ValidPathInfo, stream: Readable,
     in Nix's words otherwise.  Returns ``info`` with the NAR's size and its sha256
     hash (what the database records)."""
     # a stream that checks this NarHash and NarSize itself (a binary cache's): a
-    # second sha256 of every byte was a fifth of a copy's CPU time
+    # second sha256 of every byte was a fifth of a copy's CPU time; it holds only this
+    # NAR, so it may be read ahead
     checker = (stream if isinstance(stream, SelfChecking)
                and stream.checks == (info.nar_hash, info.nar_size) else None)
-    reader = _Counting(stream) if checker is not None else narfmt.HashingReader(stream, info.nar_hash.algo)
+    reader = ReadAhead(stream) if checker is not None else narfmt.HashingReader(stream, info.nar_hash.algo)
     with naming(store.real_store_dir):
         restore_checked(reader, tree)
     if checker is not None:
         checker.finish()  # (raises unless it was the NAR of ``info``)
-    got = info.nar_hash if isinstance(reader, _Counting) else reader.hash()
+    got = info.nar_hash if isinstance(reader, ReadAhead) else reader.hash()
     where = f"importing path '{store.print_path(info.path)}'"
     if got != info.nar_hash:
         raise BadArchive(mismatch("hash", where, info.nar_hash.typed("nix32"), got.typed("nix32")))
@@ -169,17 +170,6 @@ def restore_verified(store: LocalStore, info: ValidPathInfo, stream: Readable,
     if info.nar_hash.algo != "sha256":
         info = info.with_(nar_hash=nar_hash_path(tree)[0])
     return info.with_(nar_size=reader.size)
-
-
-class _Counting:
-    def __init__(self, stream: Readable) -> None:
-        self._stream = stream
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
-        self.size += len(data)
-        return data
 
 
 class PendingBatch:
