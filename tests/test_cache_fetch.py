@@ -16,7 +16,7 @@ from storekeeper.build.logger import NullLogger
 from storekeeper.build.substitute import Substituters, SubstituteSettings
 from storekeeper.cache import open_cache
 from storekeeper.cache.copy import copy_from_cache, copy_to_cache
-from storekeeper.cache.fetch import Job, fetch_all
+from storekeeper.cache.fetch import MAX_UNSYNCED, Job, fetch_all, queue_depth
 from storekeeper.errors import StoreError
 from storekeeper.formats.storepath import StorePath
 from storekeeper.formats.url import LocalLayout
@@ -38,8 +38,13 @@ class _Pending:
     def __init__(self, store: "_Store", items: list[_Staged]) -> None:
         self.store, self.paths, self.synced = store, [s.path for s in items], False
 
+    def joined(self, later: "_Pending") -> "_Pending":
+        assert not self.synced and not later.synced
+        self.paths += later.paths
+        return self
+
     def sync(self) -> None:  # (any thread)
-        time.sleep(random.random() / 500)
+        time.sleep(self.store.sync_seconds * random.random())
         self.synced = True
 
     def commit(self) -> None:
@@ -48,6 +53,7 @@ class _Pending:
             assert self.store.refs[p] <= self.store.valid, (p, self.store.refs[p] - self.store.valid)
             self.store.valid.add(p)
         self.store.batches.append(self.paths)
+        self.store.outstanding -= len(self.paths)
 
     def abort(self) -> None:
         self.store.aborted.append(self.paths)
@@ -61,9 +67,15 @@ class _Store:
         self.valid: set[StorePath] = set()
         self.batches: list[list[StorePath]] = []
         self.aborted: list[list[StorePath]] = []
+        self.sync_seconds = 0.002
+        self.begun = 0
+        self.outstanding = self.most_outstanding = 0  # paths moved, not yet registered
 
     def begin_staged(self, items: list[_Staged], pending) -> _Pending:
         assert threading.current_thread() is threading.main_thread()
+        self.begun += 1
+        self.outstanding += len(items)
+        self.most_outstanding = max(self.most_outstanding, self.outstanding)
         names = {s.path for s in items}
         for s in items:  # references: registered, in the batch committed before, or in this one
             assert self.refs[s.path] <= self.valid | set(pending) | names
@@ -105,6 +117,21 @@ def test_references_are_registered_before_referrers(seed):
     assert sorted(done) == sorted(refs) and len(done) == len(set(done))
     assert sorted(discarded) == sorted(refs)  # each staged copy dropped once
     assert len(store.batches) < len(refs)     # some batching happened
+
+
+def test_batches_moved_during_a_slow_sync_are_synced_and_registered_together():
+    refs = _dag(400, 11)
+    store = _Store(refs)
+    store.sync_seconds = 0.05
+
+    def stage(p: StorePath) -> _Staged:
+        time.sleep(0.002)
+        return _Staged(p, [])
+    jobs = {p: Job(p, refs[p], (lambda p=p: stage(p))) for p in refs}
+    installed = fetch_all(store, jobs, 4)  # type: ignore[arg-type]
+    assert installed == set(refs) == store.valid and not store.aborted
+    assert len(store.batches) < store.begun  # joined while a sync ran
+    assert store.most_outstanding <= MAX_UNSYNCED + queue_depth(4)
 
 
 def _referrers(refs, of: set[StorePath]) -> set[StorePath]:

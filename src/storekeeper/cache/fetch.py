@@ -44,8 +44,9 @@ class Staged(Protocol):
 
 
 class Pending(Protocol):
-    """A batch at its names, not yet registered (:class:`storekeeper.store.staging.PendingBatch`)."""
+    """Batches at their names, not yet registered (:class:`storekeeper.store.staging.PendingBatch`)."""
 
+    def joined(self, later: Any) -> Pending: ...
     def sync(self) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
@@ -63,6 +64,9 @@ class StagingStore(Protocol):
 MIN_BATCH = 32
 #: seconds a fetched path may wait for its batch to fill (progress keeps moving on a slow cache)
 MAX_WAIT = 0.5
+#: paths moved to their names and not yet registered, at most (each holds a lock's fd): while a
+#: sync runs, the batches fetched meanwhile are moved to their names, then synced together
+MAX_UNSYNCED = 4 * MIN_BATCH
 
 #: seconds a thread may hold the GIL while another waits, during :func:`fetch_all`
 SWITCH_INTERVAL = 0.0002
@@ -112,16 +116,20 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     ready: dict[StorePath, Staged] = {}
     ready_at: dict[StorePath, float] = {}
     running: dict[Future[Staged], StorePath] = {}
-    # the batch being synced (by ``syncer``) while this thread prepares the next one
+    # batches moved to their names: being synced (by ``syncer``), and the ones moved
+    # since, waiting for the next sync (each group is committed before the next one)
     syncing: tuple[list[StorePath], Pending, Future[None]] | None = None
+    moved: tuple[list[StorePath], Pending] | None = None
     nxt = 0
 
     def fail(p: StorePath, e: BaseException | None) -> None:
         failed.add(p)
         on_fail(p, e)
 
-    def collect(done: set[Future[Staged]]) -> None:
+    def collect(done: set[Future[Any]]) -> None:
         for fut in done:
+            if fut not in running:
+                continue  # (the sync's)
             p = running.pop(fut)
             try:
                 ready[p] = fut.result()
@@ -132,18 +140,18 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     def commit_synced() -> None:
         nonlocal syncing
         assert syncing is not None
-        batch, pending, fut = syncing
+        paths, pending, fut = syncing
         syncing = None
         try:
             fut.result()
             pending.commit()
         except Exception as e:
             pending.abort()
-            for p in batch:
+            for p in paths:
                 fail(p, e)
             return
-        installed.update(batch)
-        for p in batch:
+        installed.update(paths)
+        for p in paths:
             on_done(p)
 
     interval = sys.getswitchinterval()
@@ -152,7 +160,7 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
     sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
     with ThreadPoolExecutor(max(1, threads)) as pool, ThreadPoolExecutor(1) as syncer:
         try:
-            while nxt < len(order) or running or ready or syncing:
+            while nxt < len(order) or running or ready or syncing or moved:
                 while nxt < len(order) and len(running) < depth:
                     p = order[nxt]
                     nxt += 1
@@ -164,48 +172,53 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                 collect({f for f in running if f.done()})
                 if syncing and syncing[2].done():
                     commit_synced()
+                if moved and not syncing:
+                    syncing = (*moved, syncer.submit(moved[1].sync))
+                    moved = None
                 for p in [p for p in ready if jobs[p].references & failed]:
                     ready.pop(p).discard()
                     fail(p, None)
+                # registered before any batch chosen now: those being synced or moved
+                earlier = [*(syncing[0] if syncing else ()), *(moved[0] if moved else ())]
                 batch: list[StorePath] = []
-                chosen = installed | set(syncing[0] if syncing else ())  # registered before
+                chosen = installed | set(earlier)
                 for p in sorted(ready, key=index.__getitem__):  # references first
                     if jobs[p].references <= chosen:
                         batch.append(p)
                         chosen.add(p)
                 now = time.monotonic()
                 oldest = min((ready_at[p] for p in batch), default=now)
-                if batch and (len(batch) >= MIN_BATCH or not running or now - oldest >= MAX_WAIT):
+                if (batch and len(earlier) < MAX_UNSYNCED
+                        and (len(batch) >= MIN_BATCH or not running or now - oldest >= MAX_WAIT)):
                     items = [ready.pop(p) for p in batch]
                     try:
-                        # renamed while the batch before is being synced
-                        pending = store.begin_staged(items, syncing[0] if syncing else ())
+                        pending = store.begin_staged(items, earlier)
                     except Exception as e:
                         for p in batch:
                             fail(p, e)
                         continue
-                    if syncing:
-                        commit_synced()  # (references first: the batch before, then this one)
-                    syncing = (batch, pending, syncer.submit(pending.sync))
+                    moved = (moved[0] + batch, moved[1].joined(pending)) if moved else (batch, pending)
                 elif running or syncing:
-                    timeout = max(0.0, oldest + MAX_WAIT - now) if batch else None
-                    waiting: list[Future[Any]] = list(running)
+                    timeout = (max(0.0, oldest + MAX_WAIT - now)
+                               if batch and len(earlier) < MAX_UNSYNCED else None)
+                    waiting: list[Future[Any]] = [*running]
                     if syncing:
                         waiting.append(syncing[2])
-                    collect(wait(waiting, timeout, return_when=FIRST_COMPLETED)[0] - {
-                        syncing[2] if syncing else None})
-                elif ready and nxt >= len(order):
+                    collect(wait(waiting, timeout, return_when=FIRST_COMPLETED)[0])
+                elif ready and nxt >= len(order) and not moved:
                     # waiting for references that will never come: not a valid plan
                     for p in list(ready):
                         ready.pop(p).discard()
                         fail(p, None)
         finally:
-            if syncing:  # (only when failing: a normal end commits it)
+            if syncing:  # (only when failing: a normal end commits everything)
                 try:
                     syncing[2].result()
                 except BaseException:
                     pass
                 syncing[1].abort()
+            if moved:
+                moved[1].abort()
             for fut in running:
                 fut.cancel()
             for fut in running:

@@ -173,19 +173,24 @@ def restore_verified(store: LocalStore, info: ValidPathInfo, stream: Readable,
 
 
 class PendingBatch:
-    """A batch at its paths' names, pinned and locked, not yet registered.  :meth:`sync`
-    (any thread: a fetch runs it beside the next batch's renames) makes its files
-    durable, then :meth:`commit` (the store's thread) registers it in one transaction;
-    until then, or on :meth:`abort`, its files are removed if anything fails (never
-    unregistered files at a path's name once this batch's locks are released)."""
+    """Batches at their paths' names, pinned and locked, not yet registered.  :meth:`sync`
+    (any thread: a fetch runs it beside the next batches' renames) makes their files
+    durable, then :meth:`commit` (the store's thread) registers them in one transaction;
+    until then, or on :meth:`abort`, their files are removed if anything fails (never
+    unregistered files at a path's name once the locks are released)."""
 
     def __init__(self, store: LocalStore, infos: list[ValidPathInfo], reals: list[str],
-                 locks: PathLocks) -> None:
+                 locks: list[PathLocks]) -> None:
         self._store = store
         self.infos = infos
         self._reals = reals
         self._locks = locks
         self._synced = False
+
+    def joined(self, later: PendingBatch) -> PendingBatch:
+        """This batch and ``later`` (registered after it) as one: one sync, one commit."""
+        return PendingBatch(self._store, self.infos + later.infos, self._reals + later._reals,
+                            self._locks + later._locks)
 
     def sync(self) -> None:
         if self._reals and self._store.settings.fsync_store_paths:
@@ -198,18 +203,23 @@ class PendingBatch:
         try:
             if self.infos:
                 self._store.register_valid_paths(self.infos, references_pinned=True, synced=True)
-            self._locks.delete_on_release = True
         except BaseException:
             self.abort()
             raise
-        self._locks.release()
+        self._release(delete=True)
 
     def abort(self) -> None:
         try:
             for real in self._reals:
                 remove_tree(real)
         finally:
-            self._locks.release()
+            self._release(delete=False)
+
+    def _release(self, delete: bool) -> None:
+        locks, self._locks = self._locks, []
+        for lock in locks:
+            lock.delete_on_release = delete
+            lock.release()
 
 
 def begin_staged(store: LocalStore, items: Iterable[StagedNar],
@@ -259,9 +269,9 @@ def begin_staged(store: LocalStore, items: Iterable[StagedNar],
             if store.settings.auto_optimise_store:
                 for s in todo:
                     optimise_path(store, s.info.path, set())
-            return PendingBatch(store, [s.info for s in todo], reals, locks)
+            return PendingBatch(store, [s.info for s in todo], reals, [locks])
         except BaseException:
-            PendingBatch(store, [], reals, locks).abort()
+            PendingBatch(store, [], reals, [locks]).abort()
             raise
     finally:
         for s in items:
