@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 
 import pytest
+from daemon_util import our_daemon_cmd, wait_for_socket
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"),
@@ -101,3 +103,48 @@ def test_a_non_empty_wal_on_a_read_only_mount_is_reported(tmp_path):
     assert code_a == 0 and out_a.startswith("sha256:")
     assert "-wal' is not empty" in err_a and "may be missing" in err_a
     assert code_c != 0  # the registration only in the WAL is not seen, as the warning says
+
+
+def test_daemon_writes_a_store_mounted_read_only_for_everyone_else(tmp_path):
+    """The store dir bind-mounted read-only on itself (as NixOS mounts /nix/store): our
+    daemon, started as root, writes it from a private mount namespace; every other
+    process (root's shell here) still gets EROFS there."""
+    root, _, b = make_store(tmp_path)
+    store = os.path.join(root, "nix", "store")
+    sock, pidfile = str(tmp_path / "sock"), str(tmp_path / "daemon.pid")
+    daemon = " ".join(our_daemon_cmd("--store", root, "--socket", sock))
+    # the shell stays in the namespace where the store is read-only; the daemon is its child
+    outer = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f"mount --bind {store} {store} && mount -o remount,bind,ro {store} "
+                              f"|| exit 99; {daemon} & echo $! >{pidfile}; wait"])
+    try:
+        wait_for_socket(sock, outer)
+        shell_ns = ["nsenter", "-t", str(outer.pid), "-m"]
+        # outside the daemon: read-only, root or not
+        touch = subprocess.run([*shell_ns, "touch", os.path.join(store, "x")],
+                               capture_output=True, text=True, timeout=30)
+        assert touch.returncode != 0 and "Read-only file system" in touch.stderr
+        # through the daemon, from that same namespace: adds and deletes work
+        (tmp_path / "new").write_text("written through the daemon\n")
+        client = [*shell_ns, *SK, "--store", f"unix://{sock}"]
+        added = subprocess.run([*client, "add", str(tmp_path / "new")], capture_output=True,
+                               text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        new = added.stdout.strip()
+        cat = subprocess.run([*shell_ns, "cat", os.path.join(store, new.rsplit("/", 1)[1])],
+                             capture_output=True, text=True, timeout=30)
+        assert cat.stdout == "written through the daemon\n"
+        gc = subprocess.run([*client, "delete", b], capture_output=True, text=True, timeout=60)
+        assert gc.returncode == 0, gc.stderr
+        assert not os.path.lexists(os.path.join(store, b.rsplit("/", 1)[1]))
+        # and the daemon's own namespace is another one, with the store writable
+        with open(pidfile) as f:
+            daemon_pid = int(f.read())
+        assert os.readlink(f"/proc/{daemon_pid}/ns/mnt") != os.readlink(f"/proc/{outer.pid}/ns/mnt")
+    finally:
+        if os.path.exists(pidfile):
+            with open(pidfile) as f:
+                os.kill(int(f.read()), signal.SIGTERM)  # (the shell then returns)
+        outer.wait(30)
+    # this process's namespace never saw any of the mounts
+    assert not any(store in line for line in open("/proc/self/mountinfo"))
