@@ -53,7 +53,7 @@ class _Tree:
         self.nodes.append(("l", path, target))
 
 
-@settings(max_examples=150)
+@settings(max_examples=100)
 @given(trees, st.integers(0, 2**32), st.integers(1, 80))
 def test_same_tree_and_size_as_without_read_ahead(node, seed, chunk):
     nar = dump_node(node)
