@@ -3,25 +3,31 @@ paths in worker threads, registration in the caller's thread, in batches.
 
 Rules :func:`fetch_all` keeps (the store's part is :mod:`storekeeper.store.staging`):
 
-* **references first**: a path is handed to the store for registration only when
-  each of its references in the plan is registered (or in the same batch, which the
-  store registers references first in one transaction);
+* **references first**: a batch is moved to its names only when each reference of
+  its paths in the plan is registered, or in a batch registered before it, or in the
+  same batch (which the store registers references first in one transaction); the
+  batches are committed in the order they were moved;
 * **a failure stops its referrers**: a path whose fetch failed, or one of whose
   references failed, is never registered; its staged files are dropped and it is
-  reported failed (``on_fail``) so the caller may try another cache;
+  reported failed (``on_fail``) so the caller may try another cache (a batch whose
+  reference's commit failed fails in its own commit: the reference is not valid);
 * **the caller's thread owns the store and the log**: workers only download and
-  unpack into scratch dirs (``stage``); pins, validity, registration and every
-  callback happen in the thread that called :func:`fetch_all`;
+  unpack into the staging area (``stage``); pins, validity, moves, registration and
+  every callback happen in the thread that called :func:`fetch_all`; one more thread
+  only waits for the sync that makes moved batches durable;
 * bounded: at most ``threads`` fetches run, at most :func:`queue_depth` are queued
-  (enough to keep the workers busy through a registration's sync), and a
-  path is not started while one of its references has failed.
+  (enough to keep the workers busy through a registration's sync), at most
+  :data:`MAX_UNSYNCED` paths wait at their names for a sync, and a path is not
+  started while one of its references has failed.
 
-A batch is registered once :data:`MIN_BATCH` paths are ready for it, or nothing
-more is being fetched, or its first path has waited :data:`MAX_WAIT` seconds;
-while the caller's thread registers (syncing, one transaction), workers go on
-fetching.  Each registration costs a durable sync and a durable commit whatever
-its size (~15-25 ms here), so registering whatever is ready at once made ~4-path
-batches from a ``file://`` cache: 127 syncs for 502 paths, most of a copy's time.
+A batch is moved to its names once :data:`MIN_BATCH` paths are ready for it, or
+nothing more is being fetched, or its first path has waited :data:`MAX_WAIT`
+seconds.  Each sync costs the same whatever its size (a ``syncfs``: 40-100 ms here,
+more when others write), so registering whatever was ready at once made ~4-path
+batches from a ``file://`` cache (127 syncs for 502 paths), and syncing in the
+caller's thread kept it from moving the next batch meanwhile: now the batches moved
+while a sync runs are synced together by the next one, then registered in one
+transaction.
 """
 
 from __future__ import annotations
