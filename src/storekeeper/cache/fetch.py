@@ -175,7 +175,9 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                         continue
                     on_start(p)
                     running[pool.submit(jobs[p].stage)] = p
-                collect({f for f in running if f.done()})
+                # (finished fetches are collected by the wait below: scanning all running
+                # ones and sorting all ready ones on every turn was a tenth of this
+                # thread's GIL time, which the workers wait for)
                 if syncing and syncing[2].done():
                     commit_synced()
                 if moved and not syncing:
@@ -186,13 +188,18 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                     fail(p, None)
                 # registered before any batch chosen now: those being synced or moved
                 earlier = [*(syncing[0] if syncing else ()), *(moved[0] if moved else ())]
-                batch: list[StorePath] = []
-                chosen = installed | set(earlier)
-                for p in sorted(ready, key=index.__getitem__):  # references first
-                    if jobs[p].references <= chosen:
-                        batch.append(p)
-                        chosen.add(p)
                 now = time.monotonic()
+                first = min((ready_at[p] for p in ready), default=now)
+                batch: list[StorePath] = []
+                # (a batch can be due only if this holds: it is a subset of ``ready``)
+                due = bool(ready) and (len(ready) >= MIN_BATCH or not running
+                                       or now - first >= MAX_WAIT)
+                if due:
+                    chosen = installed | set(earlier)
+                    for p in sorted(ready, key=index.__getitem__):  # references first
+                        if jobs[p].references <= chosen:
+                            batch.append(p)
+                            chosen.add(p)
                 oldest = min((ready_at[p] for p in batch), default=now)
                 if (batch and len(earlier) < MAX_UNSYNCED
                         and (len(batch) >= MIN_BATCH or not running or now - oldest >= MAX_WAIT)):
@@ -205,8 +212,11 @@ def fetch_all(store: StagingStore, jobs: Mapping[StorePath, Job], threads: int,
                         continue
                     moved = (moved[0] + batch, moved[1].joined(pending)) if moved else (batch, pending)
                 elif running or syncing:
-                    timeout = (max(0.0, oldest + MAX_WAIT - now)
-                               if batch and len(earlier) < MAX_UNSYNCED else None)
+                    timeout: float | None = None
+                    if batch and len(earlier) < MAX_UNSYNCED:
+                        timeout = max(0.0, oldest + MAX_WAIT - now)
+                    elif ready and not due:
+                        timeout = max(0.0, first + MAX_WAIT - now)
                     waiting: list[Future[Any]] = [*running]
                     if syncing:
                         waiting.append(syncing[2])
