@@ -440,6 +440,12 @@ class StoreDB:
         (text,) = self.conn.execute("select group_concat(path, char(10)) from ValidPaths").fetchone()
         return text.split("\n") if text else []
 
+    def all_valid_names(self) -> list[str]:
+        """Every valid path's name in the store dir (``<hash>-<name>``), cut by SQLite."""
+        (text,) = self.conn.execute("select group_concat(substr(path, ?), char(10)) from ValidPaths",
+                                    (len(self.store_dir.path) + 2,)).fetchone()
+        return text.split("\n") if text else []
+
     def path_from_hash_part(self, hash_part: str) -> str | None:
         prefix = f"{self.store_dir.path}/{hash_part}"
         row = self.conn.execute("select path from ValidPaths where path >= ? limit 1",
