@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from .. import fs
 from ..api import VerifyReport
@@ -27,13 +27,16 @@ from .optimise import open_pool, recover_interrupted
 
 if TYPE_CHECKING:
     from .local import LocalStore
+    from .reader import StoreReader
 
 
-def verify_store(store: LocalStore, check_contents: bool = False, repair: bool = False,
+def verify_store(store: StoreReader, check_contents: bool = False, repair: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """``nix-store --verify``: every valid path exists, (optionally) with its recorded content.
 
-    Unlike Nix 2.8, a vanished path is only invalidated with ``repair``.
+    Unlike Nix 2.8, a vanished path is only invalidated with ``repair``.  Without
+    ``repair`` a :class:`StoreReader` will do (what the CLI opens for it: fewer
+    modules to import); a repair needs the :class:`LocalStore`.
     """
     report = VerifyReport()
     # gc.lock SH, as Nix does: no GC deletes anything while we look
@@ -51,12 +54,13 @@ def verify_store(store: LocalStore, check_contents: bool = False, repair: bool =
                 report.errors.append(f"database '{store.db.db_path}' is damaged: {problem}")
         # Existence from one listing of the store directory, as Nix does: a
         # million lstat()s would read a million inodes, at random on a cold cache.
-        # The names are compared as sets (in C): no Python step per valid path.
+        # The names are compared as sets of bytes (in C, nothing decoded): no
+        # Python step per valid path.
         names = store.db.all_valid_names()
         if check_contents:
             todo = sorted(names)
         else:
-            todo = sorted(set(names).difference(os.listdir(store.real_store_dir)))
+            todo = sorted(set(names).difference(os.listdir(os.fsencode(store.real_store_dir))))
         done = len(names) - len(todo)  # (present, and nothing more to check)
         report.checked += done
         prefix = store.store_dir.path + "/"
@@ -64,14 +68,15 @@ def verify_store(store: LocalStore, check_contents: bool = False, repair: bool =
             if progress:
                 progress(n, len(names))
             report.checked += 1
-            _verify_one(store, store.store_dir.parse(prefix + name, lax=True), check_contents, repair, report)
+            path = prefix + name.decode("utf-8", "surrogateescape")
+            _verify_one(store, store.store_dir.parse(path, lax=True), check_contents, repair, report)
         if check_contents:
             _verify_links(store, repair, report)
     finally:
         os.close(gc_fd)
     return report
 
-def _verify_one(store: LocalStore, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
+def _verify_one(store: StoreReader, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
     path = store.print_path(sp)
     real = store.real_path(sp)
     if not os.path.lexists(real):
@@ -79,7 +84,7 @@ def _verify_one(store: LocalStore, sp: StorePath, check_contents: bool, repair: 
         if referrers:
             report.errors.append(f"path '{path}' disappeared, but it still has valid referrers!")
         elif repair:
-            store.invalidate(sp)
+            cast("LocalStore", store).invalidate(sp)
             report.repaired.append(f"path '{path}' disappeared, removed from the database")
         else:
             report.errors.append(f"path '{path}' disappeared (--repair removes it from the database)")
@@ -111,7 +116,7 @@ def _verify_one(store: LocalStore, sp: StorePath, check_contents: bool, repair: 
         else:
             report.errors.append(f"path '{path}': '{problem}' has non-canonical metadata")
 
-def _verify_links(store: LocalStore, repair: bool, report: VerifyReport) -> None:
+def _verify_links(store: StoreReader, repair: bool, report: VerifyReport) -> None:
     links = os.path.join(store.real_store_dir, ".links")
     try:
         lfd = open_pool(None, links)
