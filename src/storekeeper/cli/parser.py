@@ -188,8 +188,12 @@ def _delete(sub: _Sub) -> None:
 
 def _verify(sub: _Sub) -> None:
     s = sub.add_parser("verify", help="check that valid paths exist and (optionally) are intact")
-    s.add_argument("--check-contents", action="store_true")
-    s.add_argument("--repair", action="store_true")
+    s.add_argument("--check-contents", action="store_true",
+                   help="hash every path's files against its NAR hash; also SQLite's quick_check "
+                        "of the whole database (a plain verify reads what nix-store --verify does)")
+    s.add_argument("--repair", action="store_true",
+                   help="invalidate vanished paths (with --check-contents: fix metadata and narSize "
+                        "too); quick_check of the database first")
     s.add_argument("--json", action="store_true")
     s.add_argument("--sigs", action="store_true",
                    help="check signatures instead (with --check-contents: as well): report each "
