@@ -70,11 +70,17 @@ def _query(sub: _Sub) -> None:
 
 
 def _path_info(sub: _Sub) -> None:
-    s = sub.add_parser("path-info", help="show path metadata")
+    # -h is --human-readable, as in nix path-info; help is --help only
+    s = sub.add_parser("path-info", help="show path metadata", add_help=False)
+    s.add_argument("--help", action="help", help="show this help message and exit")
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--json", action="store_true")
     s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
-    s.add_argument("-S", "--closure-size", action="store_true")
+    s.add_argument("-s", "--size", action="store_true", help="a column with the NAR size")
+    s.add_argument("-S", "--closure-size", action="store_true",
+                   help="a column with the closure's NAR size")
+    s.add_argument("-h", "--human-readable", action="store_true",
+                   help="sizes as 5.67G instead of bytes")
     s.add_argument("--sigs", action="store_true",
                    help="a column with 'ultimate', 'ca:…' and the signatures, as nix path-info")
     s.set_defaults(func="paths.cmd_path_info", queries_only=True)

@@ -22,7 +22,7 @@ from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
 from ..fs.narfs import nar_hash_path
 from .canonicalise import canonicalise_paths
-from .locks import lock_fd, open_lock_file
+from .locks import lock_fd, open_lock_unless_read_only_fs
 from .optimise import open_pool, recover_interrupted
 
 if TYPE_CHECKING:
@@ -40,9 +40,11 @@ def verify_store(store: StoreReader, check_contents: bool = False, repair: bool 
     """
     report = VerifyReport()
     # gc.lock SH, as Nix does: no GC deletes anything while we look
-    gc_fd = open_lock_file(os.path.join(store.state_dir, "gc.lock"))
+    gc_fd = open_lock_unless_read_only_fs(os.path.join(store.state_dir, "gc.lock"),
+                                          store.read_only)
     try:
-        lock_fd(gc_fd, exclusive=False)
+        if gc_fd is not None:
+            lock_fd(gc_fd, exclusive=False)
         if not store.read_only:
             # an optimise killed half-way: finish it first (not a fault of the paths)
             recover_interrupted(store.real_store_dir, store.state_dir)
@@ -73,7 +75,8 @@ def verify_store(store: StoreReader, check_contents: bool = False, repair: bool 
         if check_contents:
             _verify_links(store, repair, report)
     finally:
-        os.close(gc_fd)
+        if gc_fd is not None:
+            os.close(gc_fd)
     return report
 
 def _verify_one(store: StoreReader, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
