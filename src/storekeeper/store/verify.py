@@ -57,9 +57,8 @@ def verify_store(store: StoreReader, check_contents: bool = False, repair: bool 
         # Existence from one listing of the store directory, as Nix does: a
         # million lstat()s would read a million inodes, at random on a cold cache.
         # The names are compared as sets of bytes (in C, nothing decoded): no
-        # Python step per valid path.  The DB first, then the listing: a path's
-        # files are in place before its row commits and gc.lock keeps them there,
-        # so a path added meanwhile is never taken for a vanished one.
+        # Python step per valid path.  A name missing from the listing is looked
+        # at again (lstat, in _verify_one): a path added meanwhile is not reported.
         names = store.db.all_valid_names()
         if check_contents:
             todo = sorted(names)
