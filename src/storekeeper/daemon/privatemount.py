@@ -55,7 +55,10 @@ def make_store_writable(real_store_dir: str) -> bool:
     True if it did."""
     if os.geteuid() != 0:
         return False
-    flags = os.statvfs(real_store_dir).f_flag
+    try:
+        flags = os.statvfs(real_store_dir).f_flag
+    except FileNotFoundError:
+        return False  # (a store about to be made)
     if not flags & os.ST_RDONLY or not _is_mount_point(real_store_dir):
         return False
     if threading.active_count() != 1:
