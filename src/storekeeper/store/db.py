@@ -474,6 +474,13 @@ class StoreDB:
         (text,) = self.conn.execute("select group_concat(path, char(10)) from ValidPaths").fetchone()
         return text.split("\n") if text else []
 
+    def all_valid_names(self) -> list[bytes]:
+        """Every valid path's name in the store dir (``<hash>-<name>``, UTF-8), cut by
+        SQLite: bytes, as ``os.listdir`` of a bytes path gives them (nothing decoded)."""
+        (blob,) = self.conn.execute("select cast(group_concat(substr(path, ?), char(10)) as blob) "
+                                    "from ValidPaths", (len(self.store_dir.path) + 2,)).fetchone()
+        return blob.split(b"\n") if blob else []
+
     def path_from_hash_part(self, hash_part: str) -> str | None:
         prefix = f"{self.store_dir.path}/{hash_part}"
         row = self.conn.execute("select path from ValidPaths where path >= ? limit 1",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..common import UsageError, daemon_of, needs_local, print_paths, valid
+from ..common import UsageError, daemon_of, local_of, needs_local, print_paths, valid
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: query's cold start
 if TYPE_CHECKING:
@@ -147,7 +147,14 @@ def cmd_verify(store: Store, args: argparse.Namespace) -> int:
         raise UsageError("PATH, --sigs-needed and --trusted-public-keys go with --sigs")
     report = None
     if not args.sigs or args.check_contents or args.repair:
-        report = store.verify(check_contents=args.check_contents, repair=args.repair)
+        local = local_of(store)
+        if local is not None:
+            # (a plain verify is given a StoreReader: the store's verify function takes
+            # either, and a repair is always given a LocalStore: verify_reads_only)
+            from ...store.verify import verify_store
+            report = verify_store(local, check_contents=args.check_contents, repair=args.repair)
+        else:
+            report = store.verify(check_contents=args.check_contents, repair=args.repair)
         for line in report.repaired:
             print(f"repaired: {line}", file=sys.stderr)
         for line in report.errors:
