@@ -219,7 +219,7 @@ class BinaryCache:
                                  f"{e.strerror}") from None
         return self._key
 
-    def prepare(self, store_dir: StoreDir, info: ValidPathInfo, chunks: Iterable[bytes],
+    def prepare(self, store_dir: StoreDir, info: ValidPathInfo, chunks: Iterable[bytes | memoryview],
                 tmp_dir: str | None = None) -> Prepared:
         """Compress a path's NAR into a temp file, hashing both sides, checking the NAR
         against ``info`` (and building its listing when asked).  Thread-safe."""
@@ -318,7 +318,7 @@ class _Tee:
     """Reads NAR chunks for the NAR parser while compressing them into ``out`` and
     hashing both sides."""
 
-    def __init__(self, chunks: Iterator[bytes], comp: Compressor, out: BinaryIO) -> None:
+    def __init__(self, chunks: Iterator[bytes | memoryview], comp: Compressor, out: BinaryIO) -> None:
         self._chunks = chunks
         self._comp = comp
         self._out = out

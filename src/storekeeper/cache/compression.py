@@ -51,13 +51,13 @@ def brotli() -> Any:
 # --- writing -----------------------------------------------------------------------
 
 class Compressor(Protocol):
-    def compress(self, data: bytes) -> bytes: ...
+    def compress(self, data: bytes | memoryview) -> bytes: ...
     def flush(self) -> bytes: ...
 
 
 class _Identity:
-    def compress(self, data: bytes) -> bytes:
-        return data
+    def compress(self, data: bytes | memoryview) -> bytes:
+        return bytes(data)  # (a view's buffer is filled again after this)
 
     def flush(self) -> bytes:
         return b""
@@ -72,7 +72,7 @@ class _Zstd:
         # Nix writes no content size: a streaming compressor never knows it
         self._obj = zstd.ZstdCompressor(**params).compressobj()
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes | memoryview) -> bytes:
         return self._obj.compress(data)
 
     def flush(self) -> bytes:
@@ -84,7 +84,7 @@ class _Brotli:
         br = brotli()
         self._obj = br.Compressor(quality=11 if level < 0 else level)
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes | memoryview) -> bytes:
         return self._obj.process(data)
 
     def flush(self) -> bytes:

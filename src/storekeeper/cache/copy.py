@@ -50,6 +50,13 @@ class CopyResult:
                 "uploadedNars": self.uploaded_nars}
 
 
+def nar_chunks(store: Store, sp: StorePath) -> Iterable[bytes | memoryview]:
+    """The NAR of ``sp`` for :meth:`BinaryCache.prepare` (which takes each chunk at
+    once): a local store's as views of one reused buffer, no copy per chunk."""
+    views = getattr(store, "dump_path_views", None)
+    return views(sp) if views is not None else store.dump_path(sp)
+
+
 def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                   jobs: int = 1, log: Callable[[str], None] | None = None,
                   tmp_dir: str | None = None, progress: Progress | None = None) -> CopyResult:
@@ -65,7 +72,8 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
     todo = [p for p in order if p not in present]
     infos = {p: store.path_info(p) for p in todo}
 
-    def prepare_and_upload(p: StorePath, chunks: Iterable[bytes]) -> tuple[Prepared, bool]:
+    def prepare_and_upload(p: StorePath, chunks: Iterable[bytes | memoryview]
+                           ) -> tuple[Prepared, bool]:
         prep = cache.prepare(sd, infos[p], chunks, tmp_dir)
         return prep, cache.upload(prep)
 
@@ -89,7 +97,7 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                 while queue or futures:
                     while queue and len(futures) < BATCH + 2 * jobs:
                         p = queue.popleft()
-                        futures.append(pool.submit(prepare_and_upload, p, store.dump_path(p)))
+                        futures.append(pool.submit(prepare_and_upload, p, nar_chunks(store, p)))
                     batch.append(futures.popleft().result())
                     while futures and futures[0].done():
                         batch.append(futures.popleft().result())
@@ -102,7 +110,7 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                 raise
     else:
         for p in todo:
-            batch.append(prepare_and_upload(p, store.dump_path(p)))
+            batch.append(prepare_and_upload(p, nar_chunks(store, p)))
             if progress:
                 progress(len(result.copied) + len(result.skipped) + len(batch), len(order),
                          result.nar_bytes + sum(prep.narinfo.nar_size for prep, _ in batch))

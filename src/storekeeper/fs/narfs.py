@@ -149,6 +149,52 @@ def dump_path(path) -> Iterator[bytes]:
             yield tail
 
 
+def dump_path_views(path, size: int = _PASS_CHUNK) -> Iterator[memoryview]:
+    """The NAR of the file tree at ``path`` as views of one buffer of ``size`` bytes,
+    filled again for each: a view is valid only until the next one is asked for.
+    For a consumer that hashes, compresses or writes each chunk at once: no bytes
+    object per chunk and no joining of headers and contents (half the CPU of
+    :func:`dump_path` plus a hash, for a store of small files)."""
+    root = os.fsencode(path)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    pos = 0
+    for ev in _walk(root):
+        if ev[0] == _FILE:
+            _, rel, head, fd, remaining, _, tail = ev
+            pieces = (head,)
+        else:
+            remaining, pieces, tail = 0, (ev[2],), b""
+        for piece in pieces:
+            n = len(piece)
+            if pos + n > size:
+                yield view[:pos]
+                pos = 0
+                if n > size:  # (a long symlink target with a small buffer)
+                    yield memoryview(piece)
+                    continue
+            buf[pos:pos + n] = piece
+            pos += n
+        while remaining:
+            if pos == size:
+                yield view
+                pos = 0
+            got = os.readv(fd, [view[pos:pos + remaining] if pos + remaining < size else view[pos:]])
+            if not got:
+                raise _shrank(root, rel)
+            pos += got
+            remaining -= got
+        if tail:
+            n = len(tail)
+            if pos + n > size:
+                yield view[:pos]
+                pos = 0
+            buf[pos:pos + n] = tail
+            pos += n
+    if pos:
+        yield view[:pos]
+
+
 def nar_hash_path(path, algo: str = "sha256") -> tuple[Hash, int]:
     """Hash and size of the NAR of the file tree at ``path``."""
     return _nar_pass(os.fsencode(path), algo, None)

@@ -19,7 +19,7 @@ from ...api import Store
 from ...formats.storepath import StorePath
 from ..backends import Backend, CacheError, FileBackend
 from ..binary import BinaryCache, Prepared
-from ..copy import BATCH, CopyResult, Progress, _record, copy_to_cache
+from ..copy import BATCH, CopyResult, Progress, _record, copy_to_cache, nar_chunks
 from ..s3 import S3Backend
 from .leases import Lease, wait_collections
 from .objects import Clock, Hook, Timings, no_hook
@@ -110,7 +110,7 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease
     def prepare(p: StorePath) -> Future[Prepared]:
         fut: Future[Prepared] = Future()
         try:
-            fut.set_result(cache.prepare(sd, infos[p], store.dump_path(p), tmp_dir))
+            fut.set_result(cache.prepare(sd, infos[p], nar_chunks(store, p), tmp_dir))
         except BaseException as e:  # (raised where the result is taken)
             fut.set_exception(e)
         return fut
@@ -120,7 +120,7 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease
                 b = batches[queued]
                 queued += 1
                 # the store is asked in this thread (pins, validity); the NAR read in a worker
-                ahead.append([pool.submit(cache.prepare, sd, infos[p], store.dump_path(p), tmp_dir)
+                ahead.append([pool.submit(cache.prepare, sd, infos[p], nar_chunks(store, p), tmp_dir)
                               for p in b] if pool is not None else [prepare(p) for p in b])
             futures = ahead.popleft()
             preps: list[Prepared] = []
