@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Mapping, cast
 from ..api import Store
 from ..errors import InvalidPath, StoreError
 from ..formats.narinfo import NarInfo
+from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import PublicKey, is_trusted
 from ..formats.storepath import StorePath
 from ..queries import references_first
@@ -57,6 +58,24 @@ def nar_chunks(store: Store, sp: StorePath) -> Iterable[bytes | memoryview]:
     return views(sp) if views is not None else store.dump_path(sp)
 
 
+def closure_order(store: Store, paths: Iterable[StorePath]
+                  ) -> tuple[list[StorePath], dict[StorePath, ValidPathInfo]]:
+    """The closure of ``paths`` references first (``reversed(store.topo_sort(closure))``)
+    and each path's info: one query per path, where closure, sort and infos asked
+    three."""
+    infos: dict[StorePath, ValidPathInfo] = {}
+    queue = deque(paths)
+    while queue:
+        p = queue.popleft()
+        if p not in infos:
+            info = infos[p] = store.path_info(p)
+            queue.extend(info.references)
+    within = infos.keys()
+    order = references_first(sorted(infos), lambda p: sorted(infos[p].references & within),
+                             store.store_dir.print)
+    return order, infos
+
+
 def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                   jobs: int = 1, log: Callable[[str], None] | None = None,
                   tmp_dir: str | None = None, progress: Progress | None = None) -> CopyResult:
@@ -65,12 +84,10 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
     store's are; a daemon connection's are not)."""
     sd = store.store_dir
     cache.check_store_dir(sd, create=True)
-    closure = store.query_closure(paths)
-    order = list(reversed(store.topo_sort(closure)))  # references first
+    order, infos = closure_order(store, paths)  # references first
     present = cache.has(order)
     result = CopyResult(skipped=[p for p in order if p in present])
     todo = [p for p in order if p not in present]
-    infos = {p: store.path_info(p) for p in todo}
 
     def prepare_and_upload(p: StorePath, chunks: Iterable[bytes | memoryview]
                            ) -> tuple[Prepared, bool]:

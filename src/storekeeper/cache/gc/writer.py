@@ -16,10 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from ...api import Store
+from ...formats.pathinfo import ValidPathInfo
 from ...formats.storepath import StorePath
 from ..backends import Backend, CacheError, FileBackend
 from ..binary import BinaryCache, Prepared
-from ..copy import BATCH, CopyResult, Progress, _record, copy_to_cache, nar_chunks
+from ..copy import BATCH, CopyResult, Progress, _record, closure_order, copy_to_cache, nar_chunks
 from ..s3 import S3Backend
 from .leases import Lease, wait_collections
 from .objects import Clock, Hook, Timings, no_hook
@@ -59,15 +60,14 @@ def copy_with_lease(store: Store, cache: BinaryCache, paths: Iterable[StorePath]
     clock = clock or Clock()
     sd = store.store_dir
     cache.check_store_dir(sd, create=True)
-    closure = store.query_closure(paths)
-    order = list(reversed(store.topo_sort(closure)))  # references first
+    order, infos = closure_order(store, paths)  # references first
     for _attempt in range(ATTEMPTS):
         lease = Lease(cache.backend, timings, clock, hook)
         lease.take(p.base for p in order)                                    # W1
         if renew_in_background:
             lease.start_renewing()
         try:
-            result = _push(store, cache, order, lease, hook, jobs, log, tmp_dir, progress)
+            result = _push(store, cache, order, infos, lease, hook, jobs, log, tmp_dir, progress)
             if root is not None:                                               # W6
                 if lease.lapsed():
                     raise _Lapsed
@@ -87,7 +87,8 @@ def copy_with_lease(store: Store, cache: BinaryCache, paths: Iterable[StorePath]
                      f"(uploads slower than the lease TTL of {timings.lease_ttl:g} s?)")
 
 
-def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease, hook: Hook,
+def _push(store: Store, cache: BinaryCache, order: list[StorePath],
+          infos: dict[StorePath, ValidPathInfo], lease: Lease, hook: Hook,
           jobs: int, log: Callable[[str], None] | None, tmp_dir: str | None,
           progress: Progress | None) -> CopyResult:
     backend, timings, clock = cache.backend, lease.timings, lease.clock
@@ -97,7 +98,6 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease
     hook("writer.checked", present)
     result = CopyResult(skipped=[p for p in order if p in present])
     todo = [p for p in order if p not in present]
-    infos = {p: store.path_info(p) for p in todo}
     batches = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
     # The next batches are compressed while this one is leased, uploaded and committed
     # (its barrier waits on the disk): the workers never wait for the store's thread.
