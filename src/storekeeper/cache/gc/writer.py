@@ -157,8 +157,9 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath],
     return result
 
 
-#: batches being compressed at once (the one being committed and the next)
-LOOKAHEAD = 2
+#: batches handed to the workers ahead of the one being committed, so a slow barrier
+#: (a `syncfs` waits for every dirty page of the file system) does not idle them
+LOOKAHEAD = 4
 
 
 def _discard(ahead: deque[list[Future[Prepared]]]) -> None:
