@@ -165,7 +165,8 @@ class FileBackend(Backend):
 
     def scratch_dir(self) -> str:
         d = os.path.join(self.root, "nar")
-        os.makedirs(d, exist_ok=True)
+        if not os.path.isdir(d):  # (one stat: makedirs raises and catches when it exists)
+            os.makedirs(d, exist_ok=True)
         return d
 
     def put_file(self, key: str, path: str) -> None:
@@ -196,7 +197,7 @@ class FileBackend(Backend):
         with self._dirty_lock:
             files, self._unsynced = self._unsynced, []
             dirs, self._dirty = self._dirty, set()
-        if len(files) + len(dirs) > SYNC_EACH_MAX and self._one_fs(dirs) and not os.environ.get("SK_NO_SYNCFS"):
+        if len(files) + len(dirs) > SYNC_EACH_MAX and self._one_fs(dirs):
             sync_filesystem(self.root)
             return
         if files:

@@ -48,6 +48,7 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import SecretKey, sign_info
 from ..formats.storepath import StoreDir, StorePath
 from ..formats.streams import Readable, SelfChecking
+from ..fs.atomic import temp_name
 from .backends import Backend, CacheError
 from .compression import CHUNK, Compressor, Decompressing, compressor
 from .http import HttpBackend
@@ -226,7 +227,8 @@ class BinaryCache:
         p = self.params
         comp = compressor(p.compression, p.compression_level,
                           os.cpu_count() or 1 if p.parallel_compression else 1)
-        fd, tmp = tempfile.mkstemp(prefix=".sk-nar-", dir=tmp_dir or self.backend.scratch_dir())
+        tmp = temp_name(tmp_dir or self.backend.scratch_dir() or tempfile.gettempdir(), ".sk-nar.tmp-")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
                 tee = _Tee(iter(chunks), comp, out)
