@@ -265,16 +265,21 @@ class FileBackend(Backend):
         tmp = temp_name(directory, "." + os.path.basename(path) + ".tmp-")
         try:
             try:
-                f = open(tmp, "xb")
+                fd = os.open(tmp, _O_NEW, 0o644)
             except FileNotFoundError:  # the directory was removed since we made it
                 self._makedirs(directory, again=True)
-                f = open(tmp, "xb")
-            with f:
+                fd = os.open(tmp, _O_NEW, 0o644)
+            try:
+                os.fchmod(fd, 0o644)  # (whatever the umask)
                 if isinstance(data, bytes):
-                    f.write(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
                 else:
-                    shutil.copyfileobj(data, f, 1 << 20)
-            os.chmod(tmp, 0o644)
+                    with os.fdopen(fd, "wb", closefd=False) as f:
+                        shutil.copyfileobj(data, f, 1 << 20)
+            finally:
+                os.close(fd)
         except BaseException:
             _unlink(tmp)
             raise
@@ -361,6 +366,9 @@ def _unlink(path: str) -> None:
     except FileNotFoundError:
         pass
 
+
+#: a temp file of ours: new, never through a link
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 #: the cache's own directory, named by the URL: the one open that follows links
 _TOP_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
