@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Iterator
+from typing import Generator, Iterator
 
 from .. import fs
 from ..errors import StoreError
@@ -158,23 +158,26 @@ def dump_path_views(path, size: int = _PASS_CHUNK) -> Iterator[memoryview]:
     root = os.fsencode(path)
     buf = bytearray(size)
     view = memoryview(buf)
+
+    def place(piece: bytes, pos: int) -> Generator[memoryview, None, int]:  # (the new pos)
+        n = len(piece)
+        if pos + n > size:
+            if pos:
+                yield view[:pos]
+            pos = 0
+            if n > size:  # (a long symlink target with a small buffer)
+                yield memoryview(piece)
+                return 0
+        buf[pos:pos + n] = piece
+        return pos + n
+
     pos = 0
     for ev in _walk(root):
-        if ev[0] == _FILE:
-            _, rel, head, fd, remaining, _, tail = ev
-            pieces = (head,)
-        else:
-            remaining, pieces, tail = 0, (ev[2],), b""
-        for piece in pieces:
-            n = len(piece)
-            if pos + n > size:
-                yield view[:pos]
-                pos = 0
-                if n > size:  # (a long symlink target with a small buffer)
-                    yield memoryview(piece)
-                    continue
-            buf[pos:pos + n] = piece
-            pos += n
+        if ev[0] != _FILE:
+            pos = yield from place(ev[2], pos)
+            continue
+        _, rel, head, fd, remaining, _, tail = ev
+        pos = yield from place(head, pos)
         while remaining:
             if pos == size:
                 yield view
@@ -184,13 +187,7 @@ def dump_path_views(path, size: int = _PASS_CHUNK) -> Iterator[memoryview]:
                 raise _shrank(root, rel)
             pos += got
             remaining -= got
-        if tail:
-            n = len(tail)
-            if pos + n > size:
-                yield view[:pos]
-                pos = 0
-            buf[pos:pos + n] = tail
-            pos += n
+        pos = yield from place(tail, pos)
     if pos:
         yield view[:pos]
 
