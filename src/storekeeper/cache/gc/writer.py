@@ -116,7 +116,7 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath],
         return fut
     try:
         for _ in batches:
-            while queued < len(batches) and len(ahead) < LOOKAHEAD:
+            while queued < len(batches) and len(ahead) < (LOOKAHEAD if pool is not None else 1):
                 b = batches[queued]
                 queued += 1
                 # the store is asked in this thread (pins, validity); the NAR read in a worker
