@@ -1,7 +1,6 @@
 """``copy --to`` a file:// cache as it is made fast (bench/RESULTS.md "cache-to"):
-batches compressed ahead of the one being committed, one ``syncfs`` per big barrier,
-NARs read into one reused buffer, a thread's zstd context reused.  What must still
-hold: every narinfo after its NAR and its references' narinfos (checked over the
+batches compressed ahead of the one being committed, NARs read into one reused
+buffer, a thread's zstd context reused.  What must still hold: every narinfo after its NAR and its references' narinfos (checked over the
 whole cache), nothing left behind when a path fails mid-copy, the same bytes."""
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import zstandard
 from gc_cache_util import violations
 from test_cache import store_for
 
-from storekeeper.cache import backends, open_cache
+from storekeeper.cache import open_cache
 from storekeeper.cache.compression import compressor
 from storekeeper.cache.copy import copy_to_cache
 from storekeeper.cache.gc import copy_with_lease, writer
@@ -70,21 +69,6 @@ def test_copy_in_batches_equals_a_copy_one_by_one(tmp_path, monkeypatch):
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
     assert a == b and len([k for k in a if k.endswith(".narinfo")]) == 40
     assert violations(open_cache(f"file://{tmp_path}/a")) == []
-
-
-def test_a_big_barrier_is_one_syncfs_a_small_one_fsyncs(tmp_path, monkeypatch):
-    calls = []
-    real = backends.sync_filesystem
-    monkeypatch.setattr(backends, "sync_filesystem", lambda p: (calls.append(p), real(p)))
-    fb = backends.FileBackend(str(tmp_path / "c"))
-    for i in range(3):
-        fb.put(f"log/x{i}", b"data")
-    fb.barrier()
-    assert calls == []
-    for i in range(backends.SYNC_EACH_MAX + 1):
-        fb.put(f"log/y{i}", b"data")
-    fb.barrier()
-    assert calls == [str(tmp_path / "c")]
 
 
 def test_zstd_streams_of_one_thread_never_share_a_context():

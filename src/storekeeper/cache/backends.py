@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 from .. import fs
 from ..errors import StoreError
 from ..formats.streams import Readable
-from ..fs.atomic import SYNC_EACH_MAX, fsync_dir, sync_filesystem, temp_name
+from ..fs.atomic import fsync_dir, temp_name
 from .compression import Decompressing
 
 #: Content-Type of each kind of key when uploading (spec §7.1)
@@ -143,11 +143,12 @@ class Backend(ABC):
 
 class FileBackend(Backend):
     """Durability without an fsync per write: new files are written without one and
-    listed; :meth:`barrier` makes all of them and their directories durable at once:
-    a few with fsyncs from a few threads (the file system commits them together), a
-    bigger batch (a copy's NARs and narinfo temp files) with one ``syncfs`` of the
-    cache's file system, as the store syncs its big batches (``fs.atomic``), when every
-    directory written to is on that file system."""
+    listed; :meth:`barrier` fsyncs all of them, then their directories, from a few
+    threads at once (the file system commits them together), so a batch of NARs and
+    narinfo temp files costs about one journal commit instead of one per file.  Not
+    one ``syncfs``: it waits for every dirty page of the file system, other
+    processes' too (35-500 ms on a busy shared disk where such an fsync took 1-20 ms:
+    bench/RESULTS.md "cache-to")."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") or "/"
@@ -156,7 +157,6 @@ class FileBackend(Backend):
         self._unsynced: list[str] = []     # files whose data is not synced yet
         self._dirty_lock = threading.Lock()
         self._made: set[str] = set()       # directories known to exist
-        self._dev: int | None = None       # st_dev of the cache's own directory
 
     def _makedirs(self, d: str, again: bool = False) -> None:
         if again or d not in self._made:
@@ -197,23 +197,10 @@ class FileBackend(Backend):
         with self._dirty_lock:
             files, self._unsynced = self._unsynced, []
             dirs, self._dirty = self._dirty, set()
-        if len(files) + len(dirs) > SYNC_EACH_MAX and self._one_fs(dirs):
-            sync_filesystem(self.root)
-            return
         if files:
             self._parallel(_fsync_file, files)
         if dirs:
             self._parallel(fsync_dir, sorted(dirs))
-
-    def _one_fs(self, dirs: set[str]) -> bool:
-        """Whether every one of ``dirs`` (and so the files in them) is on the cache
-        directory's file system: one ``syncfs`` of it then covers them all."""
-        try:
-            if self._dev is None:
-                self._dev = os.stat(self.root).st_dev
-            return all(os.stat(d).st_dev == self._dev for d in dirs)
-        except OSError:
-            return False  # (one gone: the fsyncs say what is wrong)
 
     def close(self) -> None:
         self.barrier()

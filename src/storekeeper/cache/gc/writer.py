@@ -158,7 +158,7 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath],
 
 
 #: batches handed to the workers ahead of the one being committed, so a slow barrier
-#: (a `syncfs` waits for every dirty page of the file system) does not idle them
+#: (its fsyncs wait for the disk) does not idle them
 LOOKAHEAD = 4
 
 
