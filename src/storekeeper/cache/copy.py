@@ -283,7 +283,7 @@ def _fetch_parallel(cache: BinaryCache, store: Store, nis: list[NarInfo], jobs: 
     make_room(store, nis)
 
     def started(p: StorePath) -> None:
-        store.pin(p)  # before it becomes valid
+        # (the store pins each path of a batch before it checks, moves and registers it)
         if log:
             log(f"copying path '{store.store_dir.print(p)}' from '{cache.url}'")
 

@@ -423,6 +423,15 @@ class StoreDB:
     def is_valid(self, path: str) -> bool:
         return self.path_id(path) is not None
 
+    def valid_among(self, paths: list[str]) -> set[str]:
+        """Those of ``paths`` that are valid (a query per 500, not one per path)."""
+        found: set[str] = set()
+        for i in range(0, len(paths), 500):
+            part = paths[i:i + 500]
+            found.update(r[0] for r in self.conn.execute(
+                f"select path from ValidPaths where path in ({','.join('?' * len(part))})", part))
+        return found
+
     def query_info(self, path: str) -> ValidPathInfo | None:
         row = self.conn.execute(f"select {_INFO_COLS} from ValidPaths where path = ?",
                                 (path,)).fetchone()
