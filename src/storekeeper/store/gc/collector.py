@@ -50,6 +50,7 @@ from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
 from .graph import Graph, stray_names
+from .share import SharedRuns
 
 BATCH = 1024
 UNLINK_THREADS = 4
@@ -168,15 +169,25 @@ class GarbageCollector:
         if deleting:
             release_reserve(db_dir)  # (6.) first, so that every write below has room
         gc_fd = with_reserve(db_dir, lambda: open_lock_file(os.path.join(store.state_dir, "gc.lock")))
+        shared = SharedRuns.for_request(store, opts)
+        # (read before the lock is asked for: see .share)
+        arrived = shared.last_started() if shared is not None else 0
         try:
             if not lock_fd(gc_fd, exclusive=True, wait=False):
                 if not opts.wait_for_lock:
                     self._note(result, "a garbage collection is already running")
                     return result
                 self.log("waiting for the big garbage collector lock...")
-                lock_fd(gc_fd, exclusive=True)
+                if shared is None:
+                    lock_fd(gc_fd, exclusive=True)
+                elif (served := shared.wait(gc_fd, arrived)) is not None:
+                    self._note(served, "a garbage collection that started after this request "
+                                       "has done it (its deleted paths are this request's)")
+                    return served
             if opts.only_if is not None and not opts.only_if():
                 return result
+            if shared is not None:
+                shared.start()  # (before any root is read)
             self._start_server()
             finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
                                 indirect_grace=store.settings.indirect_root_grace,
@@ -255,6 +266,8 @@ class GarbageCollector:
                 self._invalid_entries(dry=False, result=result)
             if deleting:
                 self._remove_unused_links(result)
+            if shared is not None:
+                shared.finish(result)
             return result
         finally:
             self._stop_server()
