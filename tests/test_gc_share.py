@@ -8,6 +8,11 @@ import fcntl
 import json
 import multiprocessing
 import os
+import subprocess
+
+import pytest
+from conftest import needs_nix, nix_env
+from daemon_util import start_daemon, stop_process
 
 from storekeeper.api import DELETE_DEAD, GCOptions
 from storekeeper.formats.url import LocalLayout
@@ -169,3 +174,45 @@ def test_a_record_from_another_boot_serves_no_one(tmp_path):
         p.join(30)
     assert got["gc"][0] == [dead] and not got["gc"][2]
     assert _started(root) == 1
+
+
+@needs_nix
+@pytest.mark.nix
+def test_real_clients_queued_behind_a_gc_through_the_daemon(tmp_path):
+    """Three real `nix-store --gc` through our daemon, queued behind a running collection:
+    all return the same honest summary, one ran, and the rooted path stays."""
+    root, sock = str(tmp_path / "root"), str(tmp_path / "d.sock")
+    env = nix_env(str(tmp_path))
+    proc = start_daemon("ours", root, sock, env)
+    try:
+        env["NIX_REMOTE"] = f"unix://{sock}?root={root}"
+        added = []
+        for i in range(4):
+            (tmp_path / f"f{i}").write_text(f"file {i}\n" * (i + 1))
+            added.append(subprocess.run(["nix-store", "--add", str(tmp_path / f"f{i}")], env=env,
+                                        capture_output=True, text=True, check=True).stdout.strip())
+        subprocess.run(["nix-store", "-r", added[0], "--add-root", str(tmp_path / "result"), "--indirect"],
+                       env=env, capture_output=True, check=True)
+        with LocalStore(LocalLayout.chroot(root)) as s:
+            gc_lock = os.path.join(s.state_dir, "gc.lock")
+        before = _started(root)
+        fd = os.open(gc_lock, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            clients = [subprocess.Popen(["nix-store", "--gc"], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for _ in range(3)]
+            for c in clients:  # each has asked, and waits
+                assert c.stderr is not None and c.stderr.readline().strip() == WAITING
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        outs = [c.communicate(timeout=60) for c in clients]
+        assert all(c.returncode == 0 for c in clients), outs
+        assert {o for o, _ in outs} == {outs[0][0]} and outs[0][0].startswith("3 store paths deleted, ")
+        assert sum(SERVED in e for _, e in outs) == 2
+        assert _started(root) == before + 1
+        with LocalStore(LocalLayout.chroot(root)) as s:
+            assert s.is_valid(s.parse_path(added[0]))
+            assert not any(s.is_valid(s.parse_path(p)) for p in added[1:])
+    finally:
+        stop_process(proc)

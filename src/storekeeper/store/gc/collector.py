@@ -45,12 +45,15 @@ from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ...errors import PathInUse
 from ...formats.storepath import StorePath, StorePathError
 from ...fs.crash import crash_point
+from ...fs.waiting import readable
 from ..locks import PathLocks, lock_fd, open_lock_file
 from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
+from . import threads
 from .graph import Graph, stray_names
 from .share import SharedRuns
+from .threads import Task
 
 BATCH = 1024
 UNLINK_THREADS = 4
@@ -89,16 +92,18 @@ class GarbageCollector:
             raise OSError(e.errno, e.strerror, path) from None
         os.chmod(path, 0o666)
         srv.listen(64)
-        srv.settimeout(0.2)
+        srv.setblocking(False)
         self._server = srv
-        threading.Thread(target=self._accept_loop, daemon=True, name="gc-socket").start()
+        self._wake = os.pipe2(os.O_CLOEXEC)
+        self._accepting = Task(self._accept_loop, srv, self._wake[0])
 
-    def _accept_loop(self) -> None:
-        assert self._server is not None
-        while not self._stop.is_set():
+    def _accept_loop(self, srv: socket.socket, wake: int) -> None:
+        while True:
+            if wake in readable([srv.fileno(), wake], None):
+                return  # (_stop_server)
             try:
-                conn, _ = self._server.accept()
-            except socket.timeout:
+                conn, _ = srv.accept()
+            except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 return
@@ -107,13 +112,13 @@ class GarbageCollector:
                     conn.close()
                     return
                 self._clients.add(conn)
-            threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
+            threads.start(self._serve_client, conn)
 
     def _serve_client(self, conn: socket.socket) -> None:
         sd = self.store.store_dir
         buf = b""
-        conn.settimeout(None)
         with conn:
+            conn.settimeout(None)
             while True:
                 try:
                     data = conn.recv(4096)
@@ -147,7 +152,11 @@ class GarbageCollector:
             self._stop.set()
             clients, self._clients = self._clients, set()
         if self._server is not None:
+            os.write(self._wake[1], b"x")
+            self._accepting.result()
             self._server.close()
+            for fd in self._wake:
+                os.close(fd)
         for conn in clients:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -199,23 +208,24 @@ class GarbageCollector:
             roots: list[Root] = list(finder.temp_roots(cleanup=deleting))
             with self._cond:
                 self._temp_hashes.update(r.path.hash_part for r in roots)
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gc-proc") as bg:
-                # The /proc scan (mostly waiting on the kernel) runs beside the
-                # root walk and the graph load: it is the longest part of a GC
-                # on a busy machine, and every pin waits for the GC to finish.
-                runtime = None if opts.ignore_liveness else bg.submit(lambda: list(finder.runtime_roots()))
-                # So does the listing of the store directory that a report of dead
-                # paths needs (a million entries; the graph load mostly runs in
-                # SQLite, without the GIL).
-                listing = bg.submit(os.listdir, store.real_store_dir) \
-                    if opts.action == DEAD and not opts.specific else None
+            # The /proc scan (mostly waiting on the kernel) runs beside the
+            # root walk and the graph load: it is the longest part of a GC
+            # on a busy machine, and every pin waits for the GC to finish.
+            runtime = None if opts.ignore_liveness else Task(lambda: list(finder.runtime_roots()))
+            # So does the listing of the store directory that a report of dead
+            # paths needs (a million entries; the graph load mostly runs in
+            # SQLite, without the GIL).
+            listing = Task(os.listdir, store.real_store_dir) \
+                if opts.action == DEAD and not opts.specific else None
+            try:
                 if not opts.ignore_liveness:
                     self.log("finding garbage collector roots...")
                     roots += finder.permanent_roots(cleanup=deleting)
                     roots += finder.user_roots(cleanup=deleting)
                 graph = Graph(store.db)
-                if runtime is not None:
-                    roots += runtime.result()
+            finally:  # (never leave a thread behind)
+                found = runtime.result() if runtime is not None else []
+            roots += found
             # as Nix does, while the roots are found (stale links, unreadable roots)
             for m in finder.messages:
                 self._note(result, m)
