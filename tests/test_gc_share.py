@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import needs_nix, nix_env
@@ -216,3 +217,31 @@ def test_real_clients_queued_behind_a_gc_through_the_daemon(tmp_path):
             assert not any(s.is_valid(s.parse_path(p)) for p in added[1:])
     finally:
         stop_process(proc)
+
+
+def test_runtime_scan_in_parts_finds_what_one_scan_finds(tmp_path):
+    from storekeeper.store.roots import RootFinder
+    root = str(tmp_path / "a")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "x").write_text("x")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        d = s.add_path(str(tmp_path / "tree")).path
+        f = s.add_text("opened", b"o").path
+        sd, real, state = s.store_dir, s.real_store_dir, s.state_dir
+        cwd, held = s.real_path(d), s.real_path(f)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); "
+                             "print('ok', flush=True); time.sleep(60)", held],
+                            cwd=cwd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ok\n"
+        finder = RootFinder(sd, real, state)
+        one = {(r.path, r.link) for r in finder.runtime_roots()}
+        assert (d, f"/proc/{proc.pid}/cwd") in one
+        assert any(p == f and link.startswith(f"/proc/{proc.pid}/fd/") for p, link in one)
+        for n in (2, 3, 4):
+            parts = [scan() for scan in finder.runtime_scans(n)]
+            assert len(parts) == n
+            assert {(r.path, r.link) for part in parts for r in part} == one
+    finally:
+        proc.kill()
+        proc.wait()

@@ -58,6 +58,8 @@ from .threads import Task
 BATCH = 1024
 UNLINK_THREADS = 4
 SMALL_BATCH = 64
+#: threads that share the /proc scan (see RootFinder.runtime_scans)
+PROC_THREADS = 4
 
 
 class GarbageCollector:
@@ -209,9 +211,9 @@ class GarbageCollector:
             with self._cond:
                 self._temp_hashes.update(r.path.hash_part for r in roots)
             # The /proc scan (mostly waiting on the kernel) runs beside the
-            # root walk and the graph load: it is the longest part of a GC
-            # on a busy machine, and every pin waits for the GC to finish.
-            runtime = None if opts.ignore_liveness else Task(lambda: list(finder.runtime_roots()))
+            # root walk and the graph load, in parts: it is the longest part of
+            # a GC on a busy machine, and every GC queued behind this one waits.
+            runtime = [] if opts.ignore_liveness else [Task(scan) for scan in finder.runtime_scans(PROC_THREADS)]
             # So does the listing of the store directory that a report of dead
             # paths needs (a million entries; the graph load mostly runs in
             # SQLite, without the GIL).
@@ -224,8 +226,9 @@ class GarbageCollector:
                     roots += finder.user_roots(cleanup=deleting)
                 graph = Graph(store.db)
             finally:  # (never leave a thread behind)
-                found = runtime.result() if runtime is not None else []
-            roots += found
+                found = [task.result() for task in runtime]
+            for part in found:
+                roots += part
             # as Nix does, while the roots are found (stale links, unreadable roots)
             for m in finder.messages:
                 self._note(result, m)
