@@ -57,7 +57,7 @@ from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path
 from . import policy
 from .canonicalise import canonicalise_paths
 from .durable import SyncCoordinator
-from .gc import GarbageCollector
+from .gc.collector import GarbageCollector
 from .gcnotify import NotifyingTempRoots
 from .incoming import (
     IN_MEMORY_MAX,

@@ -46,7 +46,7 @@ from ...errors import PathInUse
 from ...formats.storepath import StorePath, StorePathError
 from ...fs.crash import crash_point
 from ...fs.waiting import readable
-from ..locks import PathLocks, lock_fd, open_lock_file
+from ..locks import PathLocks, lock_fd, open_lock_unless_read_only_fs
 from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
@@ -179,12 +179,13 @@ class GarbageCollector:
         db_dir = store.layout.db_dir
         if deleting:
             release_reserve(db_dir)  # (6.) first, so that every write below has room
-        gc_fd = with_reserve(db_dir, lambda: open_lock_file(os.path.join(store.state_dir, "gc.lock")))
-        shared = SharedRuns.for_request(store, opts)
+        gc_fd = with_reserve(db_dir, lambda: open_lock_unless_read_only_fs(
+            os.path.join(store.state_dir, "gc.lock"), store.read_only))
+        shared = SharedRuns.for_request(store, opts) if gc_fd is not None else None
         # (read before the lock is asked for: see .share)
         arrived = shared.last_started() if shared is not None else 0
         try:
-            if not lock_fd(gc_fd, exclusive=True, wait=False):
+            if gc_fd is not None and not lock_fd(gc_fd, exclusive=True, wait=False):
                 if not opts.wait_for_lock:
                     self._note(result, "a garbage collection is already running")
                     return result
@@ -199,7 +200,8 @@ class GarbageCollector:
                 return result
             if shared is not None:
                 shared.start()  # (before any root is read)
-            self._start_server()
+            if gc_fd is not None:  # (None: nothing can pin or write on a read-only file system)
+                self._start_server()
             finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
                                 indirect_grace=store.settings.indirect_root_grace,
                                 runtime_mode=store.settings.runtime_roots)
@@ -284,7 +286,8 @@ class GarbageCollector:
             return result
         finally:
             self._stop_server()
-            os.close(gc_fd)
+            if gc_fd is not None:
+                os.close(gc_fd)
             if deleting:
                 ensure_reserve(db_dir, store.settings.gc_reserved_space)
 
