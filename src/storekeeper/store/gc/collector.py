@@ -26,7 +26,8 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
 5. Read-only actions (``live``, ``dead``) change nothing on disk: unlike Nix
    2.8 they do not delete stray entries or stale links.
 6. A deleting GC frees the reserve (:mod:`..reserve`) before its first write,
-   so it works on a full disk, and makes it again when it is done.
+   so it works on a full disk, and makes it again when it is done (a request
+   served by another's run, :mod:`.share`, writes nothing and leaves it alone).
 """
 
 from __future__ import annotations
@@ -177,11 +178,14 @@ class GarbageCollector:
             keep_outputs = keep_derivations = False
         result = GCResult()
         db_dir = store.layout.db_dir
-        if deleting:
-            release_reserve(db_dir)  # (6.) first, so that every write below has room
+        shared = SharedRuns.for_request(store, opts)
+        # (6.) first, so that every write below has room; a request that may be
+        # served by another's run (.share) only once it runs itself
+        freed = deleting and shared is None
+        if freed:
+            release_reserve(db_dir)
         gc_fd = with_reserve(db_dir, lambda: open_lock_unless_read_only_fs(
             os.path.join(store.state_dir, "gc.lock"), store.read_only))
-        shared = SharedRuns.for_request(store, opts) if gc_fd is not None else None
         # (read before the lock is asked for: see .share)
         arrived = shared.last_started() if shared is not None else 0
         try:
@@ -199,6 +203,8 @@ class GarbageCollector:
             if opts.only_if is not None and not opts.only_if():
                 return result
             if shared is not None:
+                release_reserve(db_dir)
+                freed = True
                 shared.start()  # (before any root is read)
             if gc_fd is not None:  # (None: nothing can pin or write on a read-only file system)
                 self._start_server()
@@ -288,7 +294,7 @@ class GarbageCollector:
             self._stop_server()
             if gc_fd is not None:
                 os.close(gc_fd)
-            if deleting:
+            if freed:
                 ensure_reserve(db_dir, store.settings.gc_reserved_space)
 
     def _note(self, result: GCResult, message: str) -> None:
