@@ -245,3 +245,24 @@ def test_runtime_scan_in_parts_finds_what_one_scan_finds(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("lookups", [256, 0])  # a lock file looked for per path / in a listing
+def test_dead_path_whose_lock_is_held_is_kept(tmp_path, monkeypatch, lookups):
+    from storekeeper.store.gc import collector
+    from storekeeper.store.locks import PathLocks
+    monkeypatch.setattr(collector, "LOCK_LOOKUPS", lookups)
+    root = str(tmp_path / "a")
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        base = s.add_text("base", b"base").path
+        busy = s.add_text("busy", s.print_path(base).encode(), [base]).path
+        free = s.add_text("free", b"free").path
+    held = PathLocks()
+    with LocalStore(LocalLayout.chroot(root)) as s:
+        assert held.lock([s.real_path(busy)])  # (being repaired or built right now)
+        try:
+            r = s.collect_garbage(GCOptions(action=DELETE_DEAD))
+        finally:
+            held.release()
+        assert r.paths == [s.print_path(free)]
+        assert s.is_valid(busy) and s.is_valid(base)  # kept with what it refers to

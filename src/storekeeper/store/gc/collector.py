@@ -61,6 +61,8 @@ UNLINK_THREADS = 4
 SMALL_BATCH = 64
 #: threads that share the /proc scan (see RootFinder.runtime_scans)
 PROC_THREADS = 4
+#: up to this many dead paths, their lock files are looked for one by one
+LOCK_LOOKUPS = 256
 
 
 class GarbageCollector:
@@ -352,7 +354,11 @@ class GarbageCollector:
 
     def _delete(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
-        self._lock_files = {n for n in os.listdir(self.store.real_store_dir) if n.endswith(".lock")}
+        # Which dead paths have a lock file: one listing of the store for many, a
+        # look per path for a few (a busy daemon's GC deletes a handful of paths,
+        # and listing a store of any size costs more than that).
+        self._lock_files = {n for n in os.listdir(self.store.real_store_dir) if n.endswith(".lock")} \
+            if len(order) > LOCK_LOOKUPS else None
         # every dead path is unlinked relative to one fd of the store directory
         self._store_fd = fs.open_dir(self.store.real_store_dir)
         try:
@@ -424,7 +430,8 @@ class GarbageCollector:
             # pin it first, and that pin waits for this batch.  So the lock
             # is taken only where a lock file exists, sparing a create and
             # an unlink per dead path.
-            if base + ".lock" in self._lock_files:
+            if (base + ".lock" in self._lock_files) if self._lock_files is not None \
+                    else os.path.lexists(real + ".lock"):
                 pl = PathLocks()
                 if not pl.lock([real], wait=False):
                     # being created or built right now: keep it and what it needs
