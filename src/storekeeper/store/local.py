@@ -53,7 +53,7 @@ from ..formats.streams import Readable
 from ..fs import remove_tree
 from ..fs.atomic import write_new_file
 from ..fs.crash import crash_point
-from ..fs.narfs import copy_tree_hashing, dump_path, nar_hash_path
+from ..fs.narfs import copy_tree_hashing, dump_path, dump_path_views, nar_hash_path
 from . import policy
 from .canonicalise import canonicalise_paths
 from .durable import SyncCoordinator
@@ -139,6 +139,12 @@ class LocalStore(StoreReader):
         if not self.pin_valid(sp):
             raise InvalidPath(f"path '{self.print_path(sp)}' is not valid")
         return dump_path(self.real_path(sp))
+
+    def dump_path_views(self, sp: StorePath) -> Iterator[memoryview]:
+        """:meth:`dump_path` as views of one reused buffer (``fs.narfs.dump_path_views``)."""
+        if not self.pin_valid(sp):
+            raise InvalidPath(f"path '{self.print_path(sp)}' is not valid")
+        return dump_path_views(self.real_path(sp))
 
     def read_derivation(self, drv: StorePath):  # -> Derivation
         if not self.pin_valid(drv):
