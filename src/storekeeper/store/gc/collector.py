@@ -33,8 +33,6 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,13 +44,12 @@ from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ...errors import PathInUse
 from ...formats.storepath import StorePath, StorePathError
 from ...fs.crash import crash_point
-from ...fs.waiting import readable
 from ..locks import PathLocks, lock_fd, open_lock_unless_read_only_fs
 from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
-from . import threads
 from .graph import Graph, stray_names
+from .pinserver import PinServer
 from .share import SharedRuns
 from .threads import Task
 
@@ -65,108 +62,16 @@ PROC_THREADS = 4
 LOCK_LOOKUPS = 256
 
 
-class GarbageCollector:
+class GarbageCollector(PinServer):
+    """One garbage collection of ``store`` (module docstring); the pins that reach it
+    while it runs come through :class:`~.pinserver.PinServer`."""
+
     def __init__(self, store, log: Callable[[str], None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
+        super().__init__(store.store_dir, store.state_dir, log or (lambda msg: None))
         self.store = store
-        self.log = log or (lambda msg: None)
         self.progress = progress or (lambda done, total: None)
         self._total = 0
-        self._cond = threading.Condition()
-        self._temp_hashes: set[str] = set()
-        self._pending: set[str] = set()
-        self._server: socket.socket | None = None
-        self._clients: set[socket.socket] = set()
-        self._stop = threading.Event()
-
-    # --- the gc-socket server --------------------------------------------------------
-
-    def _start_server(self) -> None:
-        d = os.path.join(self.store.state_dir, "gc-socket")
-        os.makedirs(d, mode=0o755, exist_ok=True)
-        path = os.path.join(d, "socket")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            srv.bind(path)
-        except OSError as e:
-            srv.close()
-            raise OSError(e.errno, e.strerror, path) from None
-        os.chmod(path, 0o666)
-        srv.listen(64)
-        srv.setblocking(False)
-        self._server = srv
-        self._wake = os.pipe2(os.O_CLOEXEC)
-        self._accepting = Task(self._accept_loop, srv, self._wake[0])
-
-    def _accept_loop(self, srv: socket.socket, wake: int) -> None:
-        while True:
-            if wake in readable([srv.fileno(), wake], None):
-                return  # (_stop_server)
-            try:
-                conn, _ = srv.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return
-            with self._cond:
-                if self._stop.is_set():
-                    conn.close()
-                    return
-                self._clients.add(conn)
-            threads.start(self._serve_client, conn)
-
-    def _serve_client(self, conn: socket.socket) -> None:
-        sd = self.store.store_dir
-        buf = b""
-        with conn:
-            conn.settimeout(None)
-            while True:
-                try:
-                    data = conn.recv(4096)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    try:
-                        h = sd.parse(line.decode(), lax=True).hash_part
-                    except (StorePathError, UnicodeDecodeError):
-                        self.log("received garbage instead of a root from client")
-                        h = None
-                    if h is not None:
-                        with self._cond:
-                            self._temp_hashes.add(h)
-                            while h in self._pending:
-                                self._cond.wait()
-                    try:
-                        conn.sendall(b"1")
-                    except OSError:
-                        return
-
-    def _stop_server(self) -> None:
-        # Every client connection is shut down before gc.lock is released: a
-        # client must never get an acknowledgement from a GC that has finished
-        # (it would skip telling the next one).  It sees EOF and reconnects.
-        with self._cond:
-            self._stop.set()
-            clients, self._clients = self._clients, set()
-        if self._server is not None:
-            os.write(self._wake[1], b"x")
-            self._accepting.result()
-            self._server.close()
-            for fd in self._wake:
-                os.close(fd)
-        for conn in clients:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     # --- the collection ----------------------------------------------------------------
 
