@@ -16,7 +16,7 @@ from storekeeper.build.logger import NullLogger
 from storekeeper.build.substitute import Substituters, SubstituteSettings
 from storekeeper.cache import open_cache
 from storekeeper.cache.copy import copy_from_cache, copy_to_cache
-from storekeeper.cache.fetch import Job, fetch_all
+from storekeeper.cache.fetch import MAX_UNSYNCED, Job, fetch_all, queue_depth
 from storekeeper.errors import StoreError
 from storekeeper.formats.storepath import StorePath
 from storekeeper.formats.url import LocalLayout
@@ -34,6 +34,31 @@ class _Staged:
         self.log.append(self.path)
 
 
+class _Pending:
+    def __init__(self, store: "_Store", items: list[_Staged]) -> None:
+        self.store, self.paths, self.synced = store, [s.path for s in items], False
+
+    def joined(self, later: "_Pending") -> "_Pending":
+        assert not self.synced and not later.synced
+        self.paths += later.paths
+        return self
+
+    def sync(self) -> None:  # (any thread)
+        time.sleep(self.store.sync_seconds * random.random())
+        self.synced = True
+
+    def commit(self) -> None:
+        assert threading.current_thread() is threading.main_thread() and self.synced
+        for p in self.paths:
+            assert self.store.refs[p] <= self.store.valid, (p, self.store.refs[p] - self.store.valid)
+            self.store.valid.add(p)
+        self.store.batches.append(self.paths)
+        self.store.outstanding -= len(self.paths)
+
+    def abort(self) -> None:
+        self.store.aborted.append(self.paths)
+
+
 class _Store:
     """Records batches; refuses one whose references are not registered before it."""
 
@@ -41,16 +66,21 @@ class _Store:
         self.refs = refs
         self.valid: set[StorePath] = set()
         self.batches: list[list[StorePath]] = []
-        self.lock = threading.Lock()
+        self.aborted: list[list[StorePath]] = []
+        self.sync_seconds = 0.002
+        self.begun = 0
+        self.outstanding = self.most_outstanding = 0  # paths moved, not yet registered
 
-    def add_staged(self, items: list[_Staged]) -> list:
+    def begin_staged(self, items: list[_Staged], pending) -> _Pending:
         assert threading.current_thread() is threading.main_thread()
-        for s in items:
-            assert self.refs[s.path] <= self.valid, (s.path, self.refs[s.path] - self.valid)
-            self.valid.add(s.path)
+        self.begun += 1
+        self.outstanding += len(items)
+        self.most_outstanding = max(self.most_outstanding, self.outstanding)
+        names = {s.path for s in items}
+        for s in items:  # references: registered, in the batch committed before, or in this one
+            assert self.refs[s.path] <= self.valid | set(pending) | names
             s.discard()
-        self.batches.append([s.path for s in items])
-        return []
+        return _Pending(self, items)
 
 
 def _dag(n: int, seed: int) -> dict[StorePath, frozenset[StorePath]]:
@@ -89,6 +119,21 @@ def test_references_are_registered_before_referrers(seed):
     assert len(store.batches) < len(refs)     # some batching happened
 
 
+def test_batches_moved_during_a_slow_sync_are_synced_and_registered_together():
+    refs = _dag(400, 11)
+    store = _Store(refs)
+    store.sync_seconds = 0.05
+
+    def stage(p: StorePath) -> _Staged:
+        time.sleep(0.002)
+        return _Staged(p, [])
+    jobs = {p: Job(p, refs[p], (lambda p=p: stage(p))) for p in refs}
+    installed = fetch_all(store, jobs, 4)  # type: ignore[arg-type]
+    assert installed == set(refs) == store.valid and not store.aborted
+    assert len(store.batches) < store.begun  # joined while a sync ran
+    assert store.most_outstanding <= MAX_UNSYNCED + queue_depth(4)
+
+
 def _referrers(refs, of: set[StorePath]) -> set[StorePath]:
     out = set(of)
     for p in refs:  # references first: one pass is enough
@@ -118,12 +163,12 @@ def test_a_failing_batch_fails_its_paths_and_stops_their_referrers():
     refs = _dag(30, 7)
 
     class Refusing(_Store):
-        def add_staged(self, items):
+        def begin_staged(self, items, pending):
             if any(s.path == StorePath(f"{5:032d}-p5") for s in items):
                 for s in items:
                     s.discard()
                 raise OSError("disk full")
-            return super().add_staged(items)
+            return super().begin_staged(items, pending)
     store = Refusing(refs)
     failed: dict = {}
     jobs = {p: Job(p, refs[p], (lambda p=p: _Staged(p, []))) for p in refs}
@@ -168,16 +213,21 @@ def test_copy_from_in_parallel_pins_before_registering(tmp_path):
     src, leaves, mid, top, url = _closure(tmp_path)
     dst = LocalStore(LocalLayout.chroot(str(tmp_path / "dst")))
     seen: list[StorePath] = []
-    real = dst.add_staged
+    real = dst.begin_staged
 
-    def checking(items):
-        items = list(items)
-        for s in items:  # pinned before it becomes valid
-            assert dst.print_path(s.info.path) in _pinned(dst)
-            assert not dst.is_valid(s.info.path)
-            seen.append(s.info.path)
-        return real(items)
-    dst.add_staged = checking  # type: ignore[method-assign]
+    def checking(items, pending):
+        batch = real(items, pending)
+        commit = batch.commit
+
+        def committing():
+            for info in batch.infos:  # pinned before it becomes valid
+                assert dst.print_path(info.path) in _pinned(dst)
+                assert not dst.is_valid(info.path)
+                seen.append(info.path)
+            commit()
+        batch.commit = committing  # type: ignore[method-assign]
+        return batch
+    dst.begin_staged = checking  # type: ignore[method-assign]
     result = copy_from_cache(open_cache(url), dst, [top], keys={}, jobs=4)
     assert sorted(seen) == sorted([*leaves, mid, top]) == sorted(result.copied)
     for p in seen:

@@ -132,3 +132,48 @@ def test_s3_content_encoded_narinfo_is_decoded(bucket, tmp_path):
     s3.put_object(Bucket=name, Key=narinfo_key(A), Body=b"junk", ContentEncoding="snappy")
     with pytest.raises(CacheError, match="unknown Content-Encoding 'snappy'"):
         open_cache(url).narinfo(StoreDir(), A)
+
+
+def test_s3_narinfo_ls_and_log_compression(bucket, tmp_path):
+    """``narinfo-/ls-/log-compression`` (spec §11): those objects are stored compressed
+    with their method as ``Content-Encoding``; our reader and real Nix (over the bucket's
+    HTTP URL) decode them by it; NARs stay as they are."""
+    import gzip
+    import lzma
+
+    import brotli
+
+    from storekeeper.cache.logs import add_build_log, build_log
+    name, url, s3 = bucket
+    src = store_for(tmp_path / "src", "/nix/store")
+    _nix_paths_into(src)
+    writer = open_cache(f"{url}&compression=zstd&write-nar-listing=1&narinfo-compression=xz"
+                        "&ls-compression=br&log-compression=gzip")
+    copy_to_cache(src, writer, [B])
+    drv = StoreDir().parse("/nix/store/" + B.hash_part + "-b.drv")
+    log = b"building b\n" * 200
+    add_build_log(writer, drv, log)
+
+    def raw(key):
+        obj = s3.get_object(Bucket=name, Key=key)
+        return obj.get("ContentEncoding"), obj["Body"].read()
+    enc, body = raw(narinfo_key(B))
+    assert enc == "xz" and lzma.decompress(body) == writer.narinfo(StoreDir(), B).render().encode()
+    enc, body = raw(f"{B.hash_part}.ls")
+    assert enc == "br" and json.loads(brotli.decompress(body))["root"]["type"]
+    enc, body = raw(f"log/{drv.base}")
+    assert enc == "gzip" and gzip.decompress(body) == log
+    nar = writer.narinfo(StoreDir(), B).url
+    assert raw(nar)[0] is None  # NARs: never content-encoded
+    reader = open_cache(url)
+    assert build_log(reader, StoreDir(), drv) == (drv, log)
+    dest = store_for(tmp_path / "dest", "/nix/store")
+    assert set(copy_from_cache(reader, dest, [B], keys=KEYS).copied) == {A, B}
+    with pytest.raises(Exception, match="unknown compression method 'lzma'"):
+        open_cache(f"{url}&log-compression=lzma")
+    if HAVE_NIX:  # Nix 2.8 decodes the narinfo by its Content-Encoding too
+        port = url.split("127.0.0.1:")[1].split("&")[0]
+        nixroot = str(tmp_path / "nix")
+        run_nix(["nix-store", "--store", nixroot, "-r", src.print_path(B), "--option",
+                 "substituters", f"http://127.0.0.1:{port}/{name}"], str(tmp_path))
+        assert os.path.exists(os.path.join(nixroot, "nix", "store", B.base))

@@ -49,6 +49,20 @@ CASES = [
     ["query", "--bogus", "{p}"],
     ["query", "-h"],
     ["query", "--hash", "{p}", "--store", "x"],
+    # the plain roots and verify (issue 20), and what argparse decides for them
+    ["roots"],
+    ["roots", "--no-size"],
+    ["roots", "--json", "--no-size"],
+    ["verify"],
+    ["verify", "--json"],
+    ["verify", "--check-contents", "--json"],
+    ["verify", "--repair"],
+    ["roots", "--no-size", "--no-size"],
+    ["roots", "--no"],
+    ["roots", "-h"],
+    ["verify", "--json", "--json"],
+    ["verify", "--sigs"],
+    ["verify", "{p}"],
 ]
 
 
@@ -111,11 +125,14 @@ def test_what_it_takes_parses_as_argparse_does(case, store, path):
 def test_it_takes_the_hot_path():
     """The plain shapes are taken (else the hand parser would save nothing)."""
     taken = [["--version"], ["query", "--hash", P], ["--store", "/s", "query", "--size", P, P],
-             ["--store", "", "query", "--include-outputs", "--requisites", P]]
+             ["--store", "", "query", "--include-outputs", "--requisites", P],
+             ["roots"], ["--store", "/s", "roots", "--no-size"], ["verify"],
+             ["verify", "--check-contents", "--repair", "--json"]]
     for argv in taken:
         assert quick.parse(argv) is not None, argv
     declined = [["--version", "x"], ["--store", "-x", "query", "--hash", P], ["query", "--hash"],
-                ["gc"], ["query", P, "--hash"], ["--store"], []]
+                ["gc"], ["query", P, "--hash"], ["--store"], [], ["roots", "--size"],
+                ["verify", "--sigs"], ["verify", P]]
     for argv in declined:
         assert quick.parse(argv) is None, argv
 
@@ -140,4 +157,24 @@ def test_query_imports_no_parser_and_no_heavy_module(store, path):
     assert "storekeeper.store.reader" in loaded  # (it did open the store)
     heavy = {"argparse", "dataclasses", "inspect", "typing", "socket", "re", "enum", "random",
              "base64", "shlex", "storekeeper.cli.parser", "storekeeper.api"}
+    assert not heavy & loaded, sorted(heavy & loaded)
+
+
+@pytest.mark.parametrize("command", [["roots", "--no-size"], ["verify"]])
+def test_roots_and_verify_import_no_parser_and_no_local_store(command, store):
+    """Issue 20: `roots --no-size` (Nix's --print-roots is 0.03 s) and a plain verify open
+    a StoreReader: no argparse, and none of the LocalStore's, the collector's (threads),
+    the policies' or the signatures' (cryptography) modules."""
+    code = ("import sys; from storekeeper.cli.main import main\n"
+            "code = main(sys.argv[1:])\n"
+            "print(' '.join(sorted(sys.modules)))\n"
+            "sys.exit(code)")
+    r = subprocess.run([sys.executable, "-c", code, "--store", store, *command],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.splitlines()[-1].split())
+    assert "storekeeper.store.reader" in loaded
+    heavy = {"argparse", "storekeeper.cli.parser", "storekeeper.store.local",
+             "storekeeper.store.gc.collector", "storekeeper.store.policy", "concurrent.futures",
+             "cryptography"}
     assert not heavy & loaded, sorted(heavy & loaded)

@@ -4,6 +4,8 @@ also across id gaps left by collections and across the chunks it reads in."""
 from __future__ import annotations
 
 import os
+import random
+from array import array
 
 from test_gc import generate
 
@@ -71,3 +73,31 @@ def test_stray_names_are_the_entries_that_are_not_valid(tmp_path, monkeypatch):
         assert stray_names(s.db, s.store_dir, entries + junk) == set(junk) | ({".links"} & set(entries))
         # valid paths missing from the listing are not strays (nor anything else)
         assert stray_names(s.db, s.store_dir, junk) == set(junk)
+
+
+def _walked(g: Graph, starts: list[int], weights, keep_outputs: bool, keep_derivations: bool) -> list[int]:
+    return [sum(weights[i] for i in g.closure_ids([s], keep_outputs, keep_derivations)) for s in starts]
+
+
+def test_closure_sums_equal_a_walk_per_start():
+    """One pass for all roots' closure sizes (``roots``) gives each root's walk; on ids out
+    of reference order, or with keep-outputs edges, it declines (None) and the caller walks."""
+    rng = random.Random(7)
+    for trial in range(40):
+        n = rng.randrange(2, 120)
+        # edges to lower ids, as registration orders them, plus self-references
+        refs = {i: sorted({rng.randrange(1, i) for _ in range(rng.randrange(0, 5))} | ({i} if rng.random() < .2 else set()))
+                for i in range(2, n)}
+        deriver = {i: rng.randrange(1, i) for i in range(2, n) if rng.random() < .3}
+        g = Graph.from_edges(n, refs, deriver)
+        weights = array("Q", (rng.randrange(0, 1000) for _ in range(n)))
+        starts = sorted(rng.sample(range(1, n), min(n - 1, rng.randrange(1, 150))))  # > 64: chunks
+        for kd in (False, True):
+            assert g.closure_sums(starts, weights, False, kd) == _walked(g, starts, weights, False, kd), trial
+    # an edge to a higher id: no order to rely on
+    g = Graph.from_edges(4, {1: [3], 2: [1]})
+    assert g.closure_sums([2], array("Q", [0, 1, 2, 4]), False, False) is None
+    # keep-outputs: a derivation's outputs come after it
+    g = Graph.from_edges(4, {3: [1]}, outputs={2: [3]})
+    assert g.closure_sums([2], array("Q", [0, 1, 2, 4]), True, False) is None
+    assert g.closure_sums([2], array("Q", [0, 1, 2, 4]), False, False) == [2]

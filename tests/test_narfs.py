@@ -34,6 +34,7 @@ from storekeeper.fs.narfs import (
     TreeError,
     copy_tree_hashing,
     dump_path,
+    dump_path_views,
     nar_hash_path,
     restore_nar,
 )
@@ -145,6 +146,8 @@ def test_disk_dump_equals_model_and_restore_is_identity(base, node):
     write_tree(root + b"/t", node)
     nar = dump_node(node)
     assert dumped(root + b"/t") == nar
+    for size in (7, 4096, 1 << 20):  # views of one buffer: each taken before the next
+        assert b"".join(bytes(v) for v in dump_path_views(root + b"/t", size)) == nar
     assert nar_hash_path(root + b"/t") == (Hash.of("sha256", nar), len(nar))
 
     stream = io.BytesIO(nar + b"trailing")
@@ -250,6 +253,20 @@ def test_file_shrinking_during_dump_is_an_error(tmp):
     os.truncate(tmp + b"/t/big", 10)
     with pytest.raises(TreeError, match="big' shrank while being read"):
         list(chunks)
+
+
+def test_views_of_big_files_and_long_links_and_shrinking(tmp):
+    tree = Directory({b"big": Regular(True, os.urandom(3 * CHUNK_SIZE + 5)), b"e": Regular(False, b""),
+                      b"l": Symlink(b"x" * 3000), b"s": Regular(False, b"small")})
+    write_tree(tmp + b"/t", tree)
+    for size in (100, 64 << 10, 256 << 10):
+        views = dump_path_views(tmp + b"/t", size)
+        assert b"".join(bytes(v) for v in views) == dump_node(tree)
+    views = dump_path_views(tmp + b"/t", 64 << 10)
+    next(views)  # the big file's header and first bytes: its size is announced
+    os.truncate(tmp + b"/t/big", 10)
+    with pytest.raises(TreeError, match="big' shrank while being read"):
+        list(views)
 
 
 # --- unsupported file types ---------------------------------------------------------

@@ -4,7 +4,8 @@ Layer: beside ``store`` (it imports ``formats``, ``fs``, ``api`` and ``errors``,
 ``store`` or ``build``).  Stores come in as :class:`storekeeper.api.Store`, so the
 daemon, the client side and the CLI can all use it.
 
-* :mod:`.backends`: the key spaces (``file://``, ``http(s)://``), :mod:`.s3` (``s3://``);
+* :mod:`.backends`: the key spaces (``file://``), :mod:`.http` (``http(s)://``),
+  :mod:`.s3` (``s3://``);
 * :mod:`.compression`: NAR codecs, streamed, Nix's sniffing rules;
 * :mod:`.binary`: :class:`BinaryCache` (narinfo/NAR reading, verified while streamed;
   writing with the closure and atomicity invariants in its module docstring);
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..formats.url import parse_qsl, unquote
-from .backends import Backend, CacheError, FileBackend, HttpBackend
+from .backends import Backend, CacheError, FileBackend
 from .binary import BinaryCache, CacheParams, NarCorrupt, NarMissing
+from .http import HttpBackend
 from .s3 import S3Backend
 
 __all__ = ["BinaryCache", "CacheError", "CacheParams", "NarCorrupt", "NarMissing", "open_cache",

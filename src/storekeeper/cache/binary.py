@@ -13,7 +13,9 @@ them, Nix's clients too):
   NarHash is an error, never an overwrite.
 * The NAR's NarHash/NarSize are checked against the source's while it is
   compressed (Nix 2.8 does not check), so a damaged source path never reaches
-  the cache.
+  the cache (the NAR is parsed too only when its listing is wanted or the
+  source's hash is not sha256: a NAR with the recorded sha256 is the one the
+  store validated when it took the path).
 
 Reading checks everything while streaming: the compressed bytes against
 FileHash/FileSize (when given), the decoded NAR against NarHash/NarSize.
@@ -46,8 +48,10 @@ from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import SecretKey, sign_info
 from ..formats.storepath import StoreDir, StorePath
 from ..formats.streams import Readable, SelfChecking
-from .backends import Backend, CacheError, HttpBackend
+from ..fs.atomic import temp_name
+from .backends import Backend, CacheError
 from .compression import CHUNK, Compressor, Decompressing, compressor
+from .http import HttpBackend
 
 
 class NarMissing(CacheError):
@@ -216,24 +220,30 @@ class BinaryCache:
                                  f"{e.strerror}") from None
         return self._key
 
-    def prepare(self, store_dir: StoreDir, info: ValidPathInfo, chunks: Iterable[bytes],
+    def prepare(self, store_dir: StoreDir, info: ValidPathInfo, chunks: Iterable[bytes | memoryview],
                 tmp_dir: str | None = None) -> Prepared:
         """Compress a path's NAR into a temp file, hashing both sides, checking the NAR
         against ``info`` (and building its listing when asked).  Thread-safe."""
         p = self.params
         comp = compressor(p.compression, p.compression_level,
                           os.cpu_count() or 1 if p.parallel_compression else 1)
-        fd, tmp = tempfile.mkstemp(prefix=".sk-nar-", dir=tmp_dir or self.backend.scratch_dir())
+        tmp = temp_name(tmp_dir or self.backend.scratch_dir() or tempfile.gettempdir(), ".sk-nar.tmp-")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
                 tee = _Tee(iter(chunks), comp, out)
                 listing = ListingSink(lambda: tee.nar_size)
-                try:
-                    narfmt.read_nar(tee, listing)
-                except FormatError as e:
-                    raise StoreError(f"NAR of '{store_dir.print(info.path)}': {e}") from None
-                if tee.read(1):
-                    raise StoreError(f"NAR of '{store_dir.print(info.path)}' has data after its end")
+                if p.write_nar_listing or info.nar_hash.algo != "sha256":
+                    try:
+                        narfmt.read_nar(tee, listing)
+                    except FormatError as e:
+                        raise StoreError(f"NAR of '{store_dir.print(info.path)}': {e}") from None
+                    if tee.read(1):
+                        raise StoreError(f"NAR of '{store_dir.print(info.path)}' has data after its end")
+                else:
+                    # no listing wanted: the sha256 check below is the check (a NAR with
+                    # the store's NarHash is the one the store took), no Python parse
+                    tee.drain()
                 tee.finish()
             nar_hash = Hash("sha256", tee.nar_hasher.digest())
             where = store_dir.print(info.path)
@@ -310,7 +320,7 @@ class _Tee:
     """Reads NAR chunks for the NAR parser while compressing them into ``out`` and
     hashing both sides."""
 
-    def __init__(self, chunks: Iterator[bytes], comp: Compressor, out: BinaryIO) -> None:
+    def __init__(self, chunks: Iterator[bytes | memoryview], comp: Compressor, out: BinaryIO) -> None:
         self._chunks = chunks
         self._comp = comp
         self._out = out
@@ -338,6 +348,15 @@ class _Tee:
         self._buf = self._buf[n:]
         self.nar_size += len(out)
         return out
+
+    def drain(self) -> None:
+        """Take every chunk left, unparsed (compressed and hashed as :meth:`read` does)."""
+        assert not self._buf
+        update, compress, emit = self.nar_hasher.update, self._comp.compress, self._emit
+        for chunk in self._chunks:
+            update(chunk)
+            self.nar_size += len(chunk)
+            emit(compress(chunk))
 
     def finish(self) -> None:
         self._emit(self._comp.flush())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import threading
 import zlib
 from typing import Any, Protocol
 
@@ -51,32 +52,41 @@ def brotli() -> Any:
 # --- writing -----------------------------------------------------------------------
 
 class Compressor(Protocol):
-    def compress(self, data: bytes) -> bytes: ...
+    def compress(self, data: bytes | memoryview) -> bytes: ...
     def flush(self) -> bytes: ...
 
 
 class _Identity:
-    def compress(self, data: bytes) -> bytes:
-        return data
+    def compress(self, data: bytes | memoryview) -> bytes:
+        return bytes(data)  # (a view's buffer is filled again after this)
 
     def flush(self) -> bytes:
         return b""
 
 
+#: each thread's idle ZstdCompressor per (level, threads): making one costs about as
+#: much as compressing 100 KiB, and one is made per NAR.  A stream takes it and gives
+#: it back when flushed (its streams share its state: one at a time; not thread-safe)
+_idle_zstd = threading.local()
+
+
 class _Zstd:
     def __init__(self, level: int, threads: int) -> None:
-        zstd = zstandard()
         params = {"level": 3 if level < 0 else level}
         if threads > 1:
             params["threads"] = threads
+        self._key = f"{params['level']}/{threads}"
+        self._cctx = _idle_zstd.__dict__.pop(self._key, None) or zstandard().ZstdCompressor(**params)
         # Nix writes no content size: a streaming compressor never knows it
-        self._obj = zstd.ZstdCompressor(**params).compressobj()
+        self._obj = self._cctx.compressobj()
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes | memoryview) -> bytes:
         return self._obj.compress(data)
 
     def flush(self) -> bytes:
-        return self._obj.flush()
+        out = self._obj.flush()
+        _idle_zstd.__dict__[self._key] = self._cctx  # (in this thread: the one flushing)
+        return out
 
 
 class _Brotli:
@@ -84,7 +94,7 @@ class _Brotli:
         br = brotli()
         self._obj = br.Compressor(quality=11 if level < 0 else level)
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes | memoryview) -> bytes:
         return self._obj.process(data)
 
     def flush(self) -> bytes:

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Mapping, cast
 from ..api import Store
 from ..errors import InvalidPath, StoreError
 from ..formats.narinfo import NarInfo
+from ..formats.pathinfo import ValidPathInfo
 from ..formats.signatures import PublicKey, is_trusted
 from ..formats.storepath import StorePath
 from ..queries import references_first
@@ -50,6 +51,31 @@ class CopyResult:
                 "uploadedNars": self.uploaded_nars}
 
 
+def nar_chunks(store: Store, sp: StorePath) -> Iterable[bytes | memoryview]:
+    """The NAR of ``sp`` for :meth:`BinaryCache.prepare` (which takes each chunk at
+    once): a local store's as views of one reused buffer, no copy per chunk."""
+    views = getattr(store, "dump_path_views", None)
+    return views(sp) if views is not None else store.dump_path(sp)
+
+
+def closure_order(store: Store, paths: Iterable[StorePath]
+                  ) -> tuple[list[StorePath], dict[StorePath, ValidPathInfo]]:
+    """The closure of ``paths`` references first (``reversed(store.topo_sort(closure))``)
+    and each path's info: one query per path, where closure, sort and infos asked
+    three."""
+    infos: dict[StorePath, ValidPathInfo] = {}
+    queue = deque(paths)
+    while queue:
+        p = queue.popleft()
+        if p not in infos:
+            info = infos[p] = store.path_info(p)
+            queue.extend(info.references)
+    within = infos.keys()
+    order = references_first(sorted(infos), lambda p: sorted(infos[p].references & within),
+                             store.store_dir.print)
+    return order, infos
+
+
 def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                   jobs: int = 1, log: Callable[[str], None] | None = None,
                   tmp_dir: str | None = None, progress: Progress | None = None) -> CopyResult:
@@ -58,14 +84,13 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
     store's are; a daemon connection's are not)."""
     sd = store.store_dir
     cache.check_store_dir(sd, create=True)
-    closure = store.query_closure(paths)
-    order = list(reversed(store.topo_sort(closure)))  # references first
+    order, infos = closure_order(store, paths)  # references first
     present = cache.has(order)
     result = CopyResult(skipped=[p for p in order if p in present])
     todo = [p for p in order if p not in present]
-    infos = {p: store.path_info(p) for p in todo}
 
-    def prepare_and_upload(p: StorePath, chunks: Iterable[bytes]) -> tuple[Prepared, bool]:
+    def prepare_and_upload(p: StorePath, chunks: Iterable[bytes | memoryview]
+                           ) -> tuple[Prepared, bool]:
         prep = cache.prepare(sd, infos[p], chunks, tmp_dir)
         return prep, cache.upload(prep)
 
@@ -89,7 +114,7 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                 while queue or futures:
                     while queue and len(futures) < BATCH + 2 * jobs:
                         p = queue.popleft()
-                        futures.append(pool.submit(prepare_and_upload, p, store.dump_path(p)))
+                        futures.append(pool.submit(prepare_and_upload, p, nar_chunks(store, p)))
                     batch.append(futures.popleft().result())
                     while futures and futures[0].done():
                         batch.append(futures.popleft().result())
@@ -102,7 +127,7 @@ def copy_to_cache(store: Store, cache: BinaryCache, paths: Iterable[StorePath],
                 raise
     else:
         for p in todo:
-            batch.append(prepare_and_upload(p, store.dump_path(p)))
+            batch.append(prepare_and_upload(p, nar_chunks(store, p)))
             if progress:
                 progress(len(result.copied) + len(result.skipped) + len(batch), len(order),
                          result.nar_bytes + sum(prep.narinfo.nar_size for prep, _ in batch))
@@ -258,7 +283,7 @@ def _fetch_parallel(cache: BinaryCache, store: Store, nis: list[NarInfo], jobs: 
     make_room(store, nis)
 
     def started(p: StorePath) -> None:
-        store.pin(p)  # before it becomes valid
+        # (the store pins each path of a batch before it checks, moves and registers it)
         if log:
             log(f"copying path '{store.store_dir.print(p)}' from '{cache.url}'")
 

@@ -1,5 +1,7 @@
 """Build logs in a binary cache (spec binary-cache.md §1, §6): ``log/<drv basename>``,
-the raw log bytes (uncompressed, as ``nix store copy-log`` writes them to a cache).
+the raw log bytes (uncompressed, as ``nix store copy-log`` writes them to a cache; an
+S3 cache's ``log-compression`` stores them compressed under a Content-Encoding, which
+the backend decodes when reading).
 
 A log is found by the derivation's basename; for any other path, through the
 ``Deriver`` of its narinfo, as ``nix log --store URL PATH`` does.  Logs are not part of

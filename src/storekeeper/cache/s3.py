@@ -5,6 +5,11 @@ path-style and the URL scheme is ``scheme`` (default https).  ``NoSuchKey``, 404
 and 403/``AccessDenied`` are "absent", as in Nix.  ``create`` is a conditional
 ``PutObject`` (``If-None-Match: *``): a server that honours it (AWS, MinIO, moto)
 never lets two writers overwrite each other's narinfo.
+
+``narinfo-compression``, ``ls-compression`` and ``log-compression`` (spec §11) compress
+narinfos, ``.ls`` listings and ``log/`` objects with that method and name it in the
+object's ``Content-Encoding``, which every reader (ours, Nix's over http(s) or S3)
+decodes by; NARs are never content-encoded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from typing import Any, BinaryIO, Iterator, Mapping
 from ..errors import UsageError
 from ..formats.streams import Readable
 from .backends import Backend, CacheError, Entry, content_type, decode_content
+from .compression import compressor
+
+#: the parameter that content-encodes each kind of key (spec §11)
+_ENCODED_BY = (("narinfo-compression", lambda key: key.endswith(".narinfo")),
+               ("ls-compression", lambda key: key.endswith(".ls")),
+               ("log-compression", lambda key: key.startswith("log/")))
 
 _ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound", "403", "AccessDenied"})
 
@@ -49,6 +60,22 @@ class S3Backend(Backend):
             url = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
         self._s3 = session.client("s3", endpoint_url=url, config=config)
         self._errors = self._s3.exceptions.ClientError
+        self._encodings = []
+        for name, applies in _ENCODED_BY:
+            method = params.get(name, "")
+            if method and method != "none":
+                compressor(method)  # an unknown method: one clear error now
+                self._encodings.append((applies, method))
+
+    def _body(self, key: str, data: bytes | BinaryIO) -> tuple[bytes | BinaryIO, dict[str, str]]:
+        """What to upload for ``key``, and its extra headers: compressed, with its
+        ``Content-Encoding``, when a ``*-compression`` parameter covers the key."""
+        for applies, method in self._encodings:
+            if applies(key):
+                raw = data if isinstance(data, bytes) else data.read()
+                comp = compressor(method)
+                return comp.compress(raw) + comp.flush(), {"ContentEncoding": method}
+        return data, {}
 
     def _absent(self, e: Any) -> bool:
         err = getattr(e, "response", {}).get("Error", {})
@@ -91,15 +118,17 @@ class S3Backend(Backend):
 
     def put(self, key: str, data: bytes | BinaryIO) -> None:
         try:
-            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                ContentType=content_type(key))
+            body, extra = self._body(key, data)
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                ContentType=content_type(key), **extra)
         except self._errors as e:
             raise self._fail("upload", key, e) from None
 
     def create(self, key: str, data: bytes) -> bool:
         try:
-            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                ContentType=content_type(key), IfNoneMatch="*")
+            body, extra = self._body(key, data)
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                ContentType=content_type(key), IfNoneMatch="*", **extra)
         except self._errors as e:
             code = str(getattr(e, "response", {}).get("Error", {}).get("Code"))
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):

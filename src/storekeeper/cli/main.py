@@ -21,6 +21,7 @@ of the hot path (:mod:`storekeeper.cli.quick`: ``--version``, plain ``query``) l
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -73,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as e:
         where = f" '{os.fsdecode(e.filename)}':" if e.filename else ""
-        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
+        hint = (" (a store on a read-only file system is queried with '?read-only=true', e.g. "
+                "--store 'local?root=DIR&read-only=true')" if e.errno == errno.EROFS else "")
+        print(f"error:{where} {e.strerror or e}{hint}", file=sys.stderr)
         return EXIT_IO
     except KeyboardInterrupt:
         return 130

@@ -11,7 +11,7 @@ import argparse
 from typing import TYPE_CHECKING, Sequence
 
 from .. import __version__
-from .quick import QUERY_WHAT
+from .quick import QUERY_WHAT, verify_reads_only
 
 #: ``add --algo`` choices: the keys of :data:`storekeeper.formats.hashes.ALGO_SIZES`
 #: (spelt out so the parser needs no hashing module; tests/test_cli.py checks they agree)
@@ -70,11 +70,17 @@ def _query(sub: _Sub) -> None:
 
 
 def _path_info(sub: _Sub) -> None:
-    s = sub.add_parser("path-info", help="show path metadata")
+    # -h is --human-readable, as in nix path-info; help is --help only
+    s = sub.add_parser("path-info", help="show path metadata", add_help=False)
+    s.add_argument("--help", action="help", help="show this help message and exit")
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--json", action="store_true")
     s.add_argument("-r", "--recursive", action="store_true", help="the whole closure")
-    s.add_argument("-S", "--closure-size", action="store_true")
+    s.add_argument("-s", "--size", action="store_true", help="a column with the NAR size")
+    s.add_argument("-S", "--closure-size", action="store_true",
+                   help="a column with the closure's NAR size")
+    s.add_argument("-h", "--human-readable", action="store_true",
+                   help="sizes as 5.67G instead of bytes")
     s.add_argument("--sigs", action="store_true",
                    help="a column with 'ultimate', 'ca:…' and the signatures, as nix path-info")
     s.set_defaults(func="paths.cmd_path_info", queries_only=True)
@@ -131,7 +137,7 @@ def _roots(sub: _Sub) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--no-size", action="store_true",
                    help="leave out closure sizes (much faster on a big store: no reference graph)")
-    s.set_defaults(func="roots.cmd_roots")
+    s.set_defaults(func="roots.cmd_roots", queries_only=True)
 
 
 def _du(sub: _Sub) -> None:
@@ -188,8 +194,12 @@ def _delete(sub: _Sub) -> None:
 
 def _verify(sub: _Sub) -> None:
     s = sub.add_parser("verify", help="check that valid paths exist and (optionally) are intact")
-    s.add_argument("--check-contents", action="store_true")
-    s.add_argument("--repair", action="store_true")
+    s.add_argument("--check-contents", action="store_true",
+                   help="hash every path's files against its NAR hash; also SQLite's quick_check "
+                        "of the whole database (a plain verify reads what nix-store --verify does)")
+    s.add_argument("--repair", action="store_true",
+                   help="invalidate vanished paths (with --check-contents: fix metadata and narSize "
+                        "too); quick_check of the database first")
     s.add_argument("--json", action="store_true")
     s.add_argument("--sigs", action="store_true",
                    help="check signatures instead (with --check-contents: as well): report each "
@@ -422,4 +432,7 @@ def named_command(argv: Sequence[str]) -> str | None:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line parsed by argparse (``--help``, ``--version`` and usage errors exit)."""
-    return build_parser(named_command(argv)).parse_args(argv)
+    args = build_parser(named_command(argv)).parse_args(argv)
+    if args.command == "verify":
+        args.queries_only = verify_reads_only(args.repair, args.sigs)
+    return args

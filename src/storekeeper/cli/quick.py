@@ -1,6 +1,6 @@
-"""A hand parser for the command lines run most often from scripts: ``--version`` and
-``query`` (cold start, issue 12: argparse, with the gettext, locale and shutil it loads,
-is a third of a query's start).
+"""A hand parser for the command lines run most often from scripts: ``--version``,
+``query``, and the plain ``roots`` and ``verify`` (cold start, issues 12 and 20:
+argparse, with the gettext, locale and shutil it loads, is a third of a query's start).
 
 It takes only the plain shape of those command lines and answers None for anything
 else (an abbreviation, ``--opt=value``, ``--``, ``-h``, a repeated or missing option, an
@@ -31,9 +31,20 @@ QUERY_WHAT = ("references", "referrers", "requisites", "hash", "size", "deriver"
 _WHAT_OPTS = {f"--{w}": w for w in QUERY_WHAT}
 
 
+#: the plain shapes of ``roots`` and ``verify`` taken here: each flag at most once, nothing else
+_FLAGS = {"roots": ("--json", "--no-size"), "verify": ("--check-contents", "--repair", "--json")}
+
+
+def verify_reads_only(repair: bool, sigs: bool) -> bool:
+    """Whether ``verify`` can run on a :class:`~storekeeper.store.reader.StoreReader`
+    (``queries_only``): all but a repair, which invalidates paths through the
+    LocalStore, and the signature check (the trust settings of a LocalStore)."""
+    return not (repair or sigs)
+
+
 def parse(argv: Sequence[str]) -> Args | str | None:
-    """``query``'s arguments as argparse would parse them; the text to print for a lone
-    ``--version``; None when argparse must decide."""
+    """``query``'s, ``roots``' or ``verify``'s arguments as argparse would parse them; the
+    text to print for a lone ``--version``; None when argparse must decide."""
     if list(argv) == ["--version"]:
         return f"storekeeper {__version__}"
     i, store = 0, None
@@ -41,6 +52,8 @@ def parse(argv: Sequence[str]) -> Args | str | None:
         store, i = argv[1], 2
         if store.startswith("-"):
             return None
+    if i < len(argv) and argv[i] in _FLAGS:
+        return _flags_only(argv[i], argv[i + 1:], store)
     if i >= len(argv) or argv[i] != "query":
         return None
     what, include_outputs = None, False
@@ -60,3 +73,15 @@ def parse(argv: Sequence[str]) -> Args | str | None:
         return None
     return Args(store=store, command="query", what=what, include_outputs=include_outputs,
                 paths=paths, func="paths.cmd_query", queries_only=True)
+
+
+def _flags_only(command: str, rest: Sequence[str], store: str | None) -> Args | None:
+    allowed = _FLAGS[command]
+    if len(set(rest)) != len(rest) or not set(rest) <= set(allowed):
+        return None
+    flags = {a[2:].replace("-", "_"): a in rest for a in allowed}
+    if command == "roots":
+        return Args(store=store, command="roots", **flags, func="roots.cmd_roots", queries_only=True)
+    return Args(store=store, command="verify", **flags, sigs=False, sigs_needed=0,
+                trusted_public_keys=None, paths=[], func="paths.cmd_verify",
+                queries_only=verify_reads_only(flags["repair"], False))

@@ -6,8 +6,9 @@ only.  :func:`open_remote` turns a :class:`~storekeeper.formats.url.DaemonAddres
 """
 
 from ..formats.url import DaemonAddress
+from .connection import client_store_dir
 from .errors import ConnectionLost, DaemonError
-from .remote import RemoteStore, client_store_dir
+from .remote import RemoteStore
 from .transports import transport_for
 
 

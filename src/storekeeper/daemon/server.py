@@ -61,6 +61,7 @@ from ..store.settings import StoreSettings
 from ..store.tcpkeys import TcpKeys
 from . import ops as _ops  # noqa: F401 -- loaded once here, not in every forked child
 from .keeper import DatabaseKeeper
+from .privatemount import make_store_writable
 from .sdnotify import sd_notify
 from .session import Session, error_message
 from .stdio import connect_unix
@@ -98,6 +99,8 @@ def serve(layout: LocalLayout, socket_path: str | None = None,
         build = BuildSettings.from_nix_conf()
         if config.build_users_group is not None:
             build = replace(build, build_users_group=config.build_users_group)
+    if not layout.read_only and make_store_writable(layout.real_store_dir):
+        log.info("the store is mounted read-only: writable in the daemon's own mount namespace")
     # Create the store (or fail on a broken one) before listening; closed again
     # so that no database connection is inherited by the children.
     LocalStore(layout, settings=settings).close()

@@ -22,12 +22,19 @@ def nix32_len(nbytes: int) -> int:
     return (nbytes * 8 - 1) // 5 + 1
 
 
+#: the two characters of each 10-bit group (high 5 bits first)
+_NIX32_PAIRS = [a + b for a in NIX32_ALPHABET for b in NIX32_ALPHABET]
+
+
 def nix32_encode(digest: bytes) -> str:
     # The whole digest as one little-endian integer: character n from the end
-    # holds bits 5n..5n+4, which is exactly Nix's byte-walking loop.
+    # holds bits 5n..5n+4, which is exactly Nix's byte-walking loop.  Two
+    # characters per step (every narinfo and path info is printed with it).
     value = int.from_bytes(digest, "little")
     n = nix32_len(len(digest)) if digest else 0
-    return "".join(NIX32_ALPHABET[(value >> (5 * k)) & 31] for k in range(n - 1, -1, -1))
+    head = NIX32_ALPHABET[(value >> (5 * (n - 1))) & 31] if n % 2 else ""
+    pairs = _NIX32_PAIRS
+    return head + "".join([pairs[(value >> (5 * k)) & 1023] for k in range(n - 2 - n % 2, -1, -2)])
 
 
 def nix32_decode(text: str, nbytes: int | None = None) -> bytes:

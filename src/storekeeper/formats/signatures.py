@@ -19,16 +19,23 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Iterable, Mapping
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .contentaddress import ContentAddress
 from .errors import FormatError
 from .pathinfo import ValidPathInfo
 from .storepath import StoreDir
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def _ed25519() -> ModuleType:
+    """``cryptography``'s ed25519 module, imported on first use: importing it costs
+    ~15 ms, and every command that opens a local store imports this module (through
+    the store's trust check) while only signing and checking signatures need it."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415 -- see above
+    return ed25519
 
 _B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
@@ -74,8 +81,9 @@ class PublicKey:
         return f"{self.name}:{base64.b64encode(self.key).decode()}"
 
     def verify(self, message: bytes, sig: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 -- see _ed25519
         try:
-            Ed25519PublicKey.from_public_bytes(self.key).verify(sig, message)
+            _ed25519().Ed25519PublicKey.from_public_bytes(self.key).verify(sig, message)
         except InvalidSignature:
             return False
         return True
@@ -99,7 +107,7 @@ class SecretKey:
     def generate(cls, name: str) -> "SecretKey":
         if not name or ":" in name:
             raise SignatureError(f"key name {name!r} must be non-empty and contain no ':'")
-        seed = Ed25519PrivateKey.generate().private_bytes_raw()
+        seed = _ed25519().Ed25519PrivateKey.generate().private_bytes_raw()
         return cls(name, seed + _public_of(seed))
 
     def render(self) -> str:
@@ -110,13 +118,13 @@ class SecretKey:
 
     def sign(self, message: bytes) -> str:
         """``<name>:<base64 signature>``: a narinfo ``Sig`` value."""
-        sig = Ed25519PrivateKey.from_private_bytes(self.key[:32]).sign(message)
+        sig = _ed25519().Ed25519PrivateKey.from_private_bytes(self.key[:32]).sign(message)
         return f"{self.name}:{base64.b64encode(sig).decode()}"
 
 
 def _public_of(seed: bytes) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
-        Encoding.Raw, PublicFormat.Raw)
+    public: bytes = _ed25519().Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    return public
 
 
 def fingerprint(store_dir: StoreDir, info: ValidPathInfo) -> bytes:

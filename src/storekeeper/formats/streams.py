@@ -27,3 +27,41 @@ class SelfChecking:
     def finish(self) -> None:
         """Read to the end and check; raises if the bytes were not that NAR."""
         raise NotImplementedError
+
+
+class ReadAhead:
+    """Reads ``stream`` ahead in big chunks and serves small reads from memory, counting
+    the bytes it hands out (``size``).  For the NAR parser's many small token reads, one
+    Python call each instead of one per stream layer (a cache's NAR is decompressed,
+    hashed and counted by three).  It reads past what it hands out, so only for a
+    stream that holds nothing else (a :class:`SelfChecking` one: the NAR and its end)."""
+
+    __slots__ = ("_read", "_buf", "_pos", "size", "chunk")
+
+    def __init__(self, stream: Readable, chunk: int = 1 << 16) -> None:
+        self._read = stream.read
+        self._buf = b""
+        self._pos = 0
+        self.size = 0
+        self.chunk = chunk
+
+    def read(self, n: int, /) -> bytes:
+        buf, pos = self._buf, self._pos
+        end = pos + n
+        if end <= len(buf):  # (the common case: a token inside the buffer)
+            self._pos = end
+            self.size += n
+            return buf[pos:end]
+        if pos < len(buf):  # what is left; the caller reads again for the rest
+            self._pos = len(buf)
+            self.size += len(buf) - pos
+            return buf[pos:]
+        if n >= self.chunk:  # file contents: straight through, no copy into the buffer
+            data = self._read(n)
+            self.size += len(data)
+            return data
+        buf = self._buf = self._read(self.chunk)
+        n = min(n, len(buf))
+        self._pos = n
+        self.size += n
+        return buf[:n]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Iterator
+from typing import Generator, Iterator
 
 from .. import fs
 from ..errors import StoreError
@@ -147,6 +147,49 @@ def dump_path(path) -> Iterator[bytes]:
             yield head
             yield from chunks
             yield tail
+
+
+def dump_path_views(path, size: int = _PASS_CHUNK) -> Iterator[memoryview]:
+    """The NAR of the file tree at ``path`` as views of one buffer of ``size`` bytes,
+    filled again for each: a view is valid only until the next one is asked for.
+    For a consumer that hashes, compresses or writes each chunk at once: no bytes
+    object per chunk and no joining of headers and contents (half the CPU of
+    :func:`dump_path` plus a hash, for a store of small files)."""
+    root = os.fsencode(path)
+    buf = bytearray(size)
+    view = memoryview(buf)
+
+    def place(piece: bytes, pos: int) -> Generator[memoryview, None, int]:  # (the new pos)
+        n = len(piece)
+        if pos + n > size:
+            if pos:
+                yield view[:pos]
+            pos = 0
+            if n > size:  # (a long symlink target with a small buffer)
+                yield memoryview(piece)
+                return 0
+        buf[pos:pos + n] = piece
+        return pos + n
+
+    pos = 0
+    for ev in _walk(root):
+        if ev[0] != _FILE:
+            pos = yield from place(ev[2], pos)
+            continue
+        _, rel, head, fd, remaining, _, tail = ev
+        pos = yield from place(head, pos)
+        while remaining:
+            if pos == size:
+                yield view
+                pos = 0
+            got = os.readv(fd, [view[pos:pos + remaining] if pos + remaining < size else view[pos:]])
+            if not got:
+                raise _shrank(root, rel)
+            pos += got
+            remaining -= got
+        pos = yield from place(tail, pos)
+    if pos:
+        yield view[:pos]
 
 
 def nar_hash_path(path, algo: str = "sha256") -> tuple[Hash, int]:

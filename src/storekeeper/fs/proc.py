@@ -25,12 +25,21 @@ def _read(dir_fd: int, name: str) -> bytes | None:
         os.close(fd)
 
 
+def list_pids(proc: str = "/proc") -> list[str]:
+    """The processes we can see now."""
+    try:
+        return [n for n in os.listdir(proc) if n.isdigit()]
+    except OSError:
+        return []
+
+
 def scan_proc(prefixes: Iterable[str], uid: int | None = None,
-              proc: str = "/proc") -> Iterator[tuple[str, str]]:
+              proc: str = "/proc", pids: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """(path, where) for every path under ``prefixes`` that a visible process uses: its exe,
     cwd, open files, mappings and environment.  With ``uid``, only that user's processes
     (as a client finds its own runtime roots: it needs no privilege, and works under
-    ``hidepid=2``, where other users' processes are invisible anyway).
+    ``hidepid=2``, where other users' processes are invisible anyway).  With ``pids``, only
+    those (of :func:`list_pids`: a scan may be split between threads).
     """
     prefixes = sorted(set(prefixes))
     env_re = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in prefixes) +
@@ -45,10 +54,8 @@ def scan_proc(prefixes: Iterable[str], uid: int | None = None,
     def wanted(target: str) -> bool:
         return target.startswith(starts) or target in exact
 
-    try:
-        pids = [n for n in os.listdir(proc) if n.isdigit()]
-    except OSError:
-        return
+    if pids is None:
+        pids = list_pids(proc)
     bare = tuple(prefixes)
     for pid in pids:
         base = f"{proc}/{pid}"

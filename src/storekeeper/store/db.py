@@ -185,6 +185,11 @@ def _stderr_warning(message: str) -> None:
     sys.stderr.flush()
 
 
+def is_read_only_fs(path: str) -> bool:
+    """Whether ``path`` is on a file system mounted read-only (``ST_RDONLY``)."""
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 class StoreDB:
     """One connection to a store's database plus the big lock (see module docstring)."""
 
@@ -198,8 +203,7 @@ class StoreDB:
         self.busy_log: Callable[[str], None] = _stderr_warning
         self._big_lock_fd: int | None = None
         if read_only:
-            uri = f"file:{self.db_path}?mode=ro"
-            self.conn = self._connect(uri, uri=True)
+            self.conn = self._connect(self._read_only_uri(), uri=True)
             return
         if create:
             os.makedirs(db_dir, mode=0o755, exist_ok=True)
@@ -215,6 +219,27 @@ class StoreDB:
         self.conn = with_reserve(db_dir, lambda: self._connect(self.db_path))
         if version < SCHEMA_VERSION:
             self._init_or_migrate(version)
+
+    def _read_only_uri(self) -> str:
+        """``mode=ro`` where SQLite can make its shared-memory file (the database may change
+        under us, as the WAL tells); on a read-only file system ``immutable=1`` as well, as
+        Nix's ``?read-only=true`` does: SQLite then takes no locks and reads no WAL (nothing
+        can write there), so a WAL left non-empty by an unclean shutdown before the file
+        system became read-only is not seen, and we say so."""
+        # (a URI: the three characters that would end or escape the path, escaped)
+        path = self.db_path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+        uri = f"file:{path}?mode=ro"
+        if not is_read_only_fs(self.db_dir):
+            return uri
+        try:
+            wal = os.stat(self.db_path + "-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        if wal:
+            self.busy_log(f"warning: '{self.db_path}-wal' is not empty ({wal} bytes), and a "
+                          "database on a read-only file system is read without it: the most "
+                          "recent registrations may be missing")
+        return uri + "&immutable=1"
 
     def _connect(self, target: str, uri: bool = False) -> sqlite3.Connection:
         conn = None
@@ -398,6 +423,15 @@ class StoreDB:
     def is_valid(self, path: str) -> bool:
         return self.path_id(path) is not None
 
+    def valid_among(self, paths: list[str]) -> set[str]:
+        """Those of ``paths`` that are valid (a query per 500, not one per path)."""
+        found: set[str] = set()
+        for i in range(0, len(paths), 500):
+            part = paths[i:i + 500]
+            found.update(r[0] for r in self.conn.execute(
+                f"select path from ValidPaths where path in ({','.join('?' * len(part))})", part))
+        return found
+
     def query_info(self, path: str) -> ValidPathInfo | None:
         row = self.conn.execute(f"select {_INFO_COLS} from ValidPaths where path = ?",
                                 (path,)).fetchone()
@@ -439,6 +473,13 @@ class StoreDB:
         # one row (SQLite joins the names): no Python step per path of a million
         (text,) = self.conn.execute("select group_concat(path, char(10)) from ValidPaths").fetchone()
         return text.split("\n") if text else []
+
+    def all_valid_names(self) -> list[bytes]:
+        """Every valid path's name in the store dir (``<hash>-<name>``, UTF-8), cut by
+        SQLite: bytes, as ``os.listdir`` of a bytes path gives them (nothing decoded)."""
+        (blob,) = self.conn.execute("select cast(group_concat(substr(path, ?), char(10)) as blob) "
+                                    "from ValidPaths", (len(self.store_dir.path) + 2,)).fetchone()
+        return blob.split(b"\n") if blob else []
 
     def path_from_hash_part(self, hash_part: str) -> str | None:
         prefix = f"{self.store_dir.path}/{hash_part}"

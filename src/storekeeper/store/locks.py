@@ -41,6 +41,18 @@ def open_lock_file(path: str, create: bool = True) -> int:
     return os.open(path, flags, 0o600)
 
 
+def open_lock_unless_read_only_fs(path: str, read_only: bool) -> int | None:
+    """The lock file for a reader that only looks (``gc --print-dead``, ``verify``), or None
+    for a read-only store (``?read-only=true``) on a file system mounted read-only: there
+    it cannot be made or locked, and nothing it guards can change."""
+    try:
+        return open_lock_file(path)
+    except OSError as e:
+        if read_only and e.errno == errno.EROFS:
+            return None
+        raise
+
+
 def open_path_lock(path: str) -> int:
     """Open (or create) ``<store path>.lock`` in the store dir; a squatter there
     (module docstring) is removed first."""

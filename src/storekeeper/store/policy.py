@@ -111,8 +111,7 @@ def record_use(store, paths: Iterable[str], now: float | None = None) -> None:
 
 def active(cfg) -> bool:
     """Is any policy on (in these StoreSettings)?"""
-    return bool(cfg.keep_generations or cfg.delete_generations_older_than or cfg.root_ttl
-                or cfg.user_quota or cfg.keep_recently_used)
+    return bool(cfg.policies_active())
 
 
 def note_use(store, paths: Iterable[str]) -> None:

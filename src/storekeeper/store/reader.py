@@ -120,6 +120,16 @@ class StoreReader(DerivedQueries):
         self.pin(sp)
         return self.db.is_valid(self.print_path(sp))
 
+    def pin_valid_all(self, paths: Iterable[StorePath]) -> set[StorePath]:
+        """:meth:`pin_valid` for many paths (one append to the temp roots, then one
+        query): the valid ones."""
+        paths = list(paths)
+        printed = [self.print_path(p) for p in paths]
+        if not self.read_only:
+            self.temp_roots.add_all(printed)
+        valid = self.db.valid_among(printed)
+        return {p for p, s in zip(paths, printed) if s in valid}
+
     def is_valid(self, sp: StorePath) -> bool:
         """Validity without a pin: for answering queries only, never for relying on the path."""
         return self.db.is_valid(self.print_path(sp))

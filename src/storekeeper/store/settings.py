@@ -133,6 +133,11 @@ class StoreSettings(Frozen):
     def _key(self) -> tuple[Any, ...]:
         return self._values()[:-1]  # not ``unknown`` (compare=False in the dataclass)
 
+    def policies_active(self) -> bool:
+        """Is any retention policy (:mod:`storekeeper.store.policy`) on?"""
+        return bool(self.keep_generations or self.delete_generations_older_than or self.root_ttl
+                    or self.user_quota or self.keep_recently_used)
+
     def with_settings(self, pairs: Iterable[tuple[str, str]]) -> "StoreSettings":
         return apply_settings(self, table.STORE, pairs)
 

@@ -80,23 +80,31 @@ class TempRoots:
 
     def add(self, path: str) -> None:
         """Make ``path`` (a printed store path) a root of this process until it exits."""
+        self.add_all([path])
+
+    def add_all(self, paths: list[str]) -> None:
+        """:meth:`add` for many paths, with one append and one ``gc.lock`` check (a
+        batch of substituted paths: each syscall of the store's thread there waits for
+        the GIL held by the unpacking workers)."""
         fd = with_reserve(self.db_dir, self._ensure_file)
-        if path in self._added:
+        new = [p for p in dict.fromkeys(paths) if p not in self._added]
+        if not new:
             return
         if self._gc_lock_fd is None:
             self._gc_lock_fd = open_lock_file(os.path.join(self.state_dir, "gc.lock"))
-        record = path.encode() + b"\0"
+        record = b"".join(p.encode() + b"\0" for p in new)
         try:
             with_reserve(self.db_dir, lambda: _write_all(fd, record))
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.file_path) from None
-        while True:
+        untold = 0  # new[untold:] are not yet acknowledged by a running GC
+        while untold < len(new):
             if lock_fd(self._gc_lock_fd, exclusive=False, wait=False):
                 unlock_fd(self._gc_lock_fd)
                 break
-            if self._tell_running_gc(path):
-                break
-        self._added.add(path)
+            while untold < len(new) and self._tell_running_gc(new[untold]):
+                untold += 1
+        self._added.update(new)
 
     def _tell_running_gc(self, path: str) -> bool:
         """Send the root to the running GC; False means try the lock again.  Here (a

@@ -11,14 +11,16 @@ lapsed.  Only caches that can be listed (``file://``, ``s3://``) take part; an
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from ...api import Store
+from ...formats.pathinfo import ValidPathInfo
 from ...formats.storepath import StorePath
 from ..backends import Backend, CacheError, FileBackend
 from ..binary import BinaryCache, Prepared
-from ..copy import BATCH, CopyResult, Progress, _record, copy_to_cache
+from ..copy import BATCH, CopyResult, Progress, _record, closure_order, copy_to_cache, nar_chunks
 from ..s3 import S3Backend
 from .leases import Lease, wait_collections
 from .objects import Clock, Hook, Timings, no_hook
@@ -58,15 +60,14 @@ def copy_with_lease(store: Store, cache: BinaryCache, paths: Iterable[StorePath]
     clock = clock or Clock()
     sd = store.store_dir
     cache.check_store_dir(sd, create=True)
-    closure = store.query_closure(paths)
-    order = list(reversed(store.topo_sort(closure)))  # references first
+    order, infos = closure_order(store, paths)  # references first
     for _attempt in range(ATTEMPTS):
         lease = Lease(cache.backend, timings, clock, hook)
         lease.take(p.base for p in order)                                    # W1
         if renew_in_background:
             lease.start_renewing()
         try:
-            result = _push(store, cache, order, lease, hook, jobs, log, tmp_dir, progress)
+            result = _push(store, cache, order, infos, lease, hook, jobs, log, tmp_dir, progress)
             if root is not None:                                               # W6
                 if lease.lapsed():
                     raise _Lapsed
@@ -86,7 +87,8 @@ def copy_with_lease(store: Store, cache: BinaryCache, paths: Iterable[StorePath]
                      f"(uploads slower than the lease TTL of {timings.lease_ttl:g} s?)")
 
 
-def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease, hook: Hook,
+def _push(store: Store, cache: BinaryCache, order: list[StorePath],
+          infos: dict[StorePath, ValidPathInfo], lease: Lease, hook: Hook,
           jobs: int, log: Callable[[str], None] | None, tmp_dir: str | None,
           progress: Progress | None) -> CopyResult:
     backend, timings, clock = cache.backend, lease.timings, lease.clock
@@ -96,31 +98,45 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease
     hook("writer.checked", present)
     result = CopyResult(skipped=[p for p in order if p in present])
     todo = [p for p in order if p not in present]
-    infos = {p: store.path_info(p) for p in todo}
-    pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+    batches = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
+    # The next batches are compressed while this one is leased, uploaded and committed
+    # (its barrier waits on the disk): the workers never wait for the store's thread.
+    # Uploads get their own threads, not queued behind those compressions.
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="sk-nar") if jobs > 1 else None
+    uploader = ThreadPoolExecutor(jobs, thread_name_prefix="sk-upload") if jobs > 1 else None
+    ahead: deque[list[Future[Prepared]]] = deque()
+    queued = 0
+
+    def prepare(p: StorePath) -> Future[Prepared]:
+        fut: Future[Prepared] = Future()
+        try:
+            fut.set_result(cache.prepare(sd, infos[p], nar_chunks(store, p), tmp_dir))
+        except BaseException as e:  # (raised where the result is taken)
+            fut.set_exception(e)
+        return fut
     try:
-        for i in range(0, len(todo), BATCH):
-            batch = todo[i:i + BATCH]
+        for _ in batches:
+            while queued < len(batches) and len(ahead) < (LOOKAHEAD if pool is not None else 1):
+                b = batches[queued]
+                queued += 1
+                # the store is asked in this thread (pins, validity); the NAR read in a worker
+                ahead.append([pool.submit(cache.prepare, sd, infos[p], nar_chunks(store, p), tmp_dir)
+                              for p in b] if pool is not None else [prepare(p) for p in b])
+            futures = ahead.popleft()
             preps: list[Prepared] = []
             try:
-                if pool is not None:
-                    futures = [pool.submit(cache.prepare, sd, infos[p], store.dump_path(p), tmp_dir)
-                               for p in batch]
-                    for f in futures:
-                        preps.append(f.result())
-                else:
-                    for p in batch:
-                        preps.append(cache.prepare(sd, infos[p], store.dump_path(p), tmp_dir))
+                for f in futures:
+                    preps.append(f.result())
                 keys = {prep.narinfo.url for prep in preps}
                 lease.add_nars(keys)                                          # W4
                 wait_collections(backend, clock, timings, nars=keys, hook=hook)
                 hook("writer.nars_leased", keys)
-                uploaded = (list(pool.map(cache.upload, preps)) if pool is not None
+                uploaded = (list(uploader.map(cache.upload, preps)) if uploader is not None
                             else [cache.upload(prep) for prep in preps])
             except BaseException:
-                for prep in preps:
-                    _unlink(prep.tmp)
+                ahead.appendleft(futures)  # (its temp files are removed below)
                 raise
+            batch = [prep.narinfo.path for prep in preps]
             hook("writer.uploaded", batch)
             if lease.lapsed():                                                # W5
                 raise _Lapsed
@@ -130,11 +146,31 @@ def _push(store: Store, cache: BinaryCache, order: list[StorePath], lease: Lease
             hook("writer.committed", batch)
             if progress:
                 progress(len(result.copied) + len(result.skipped), len(order), result.nar_bytes)
+    except BaseException:
+        _discard(ahead)
+        raise
     finally:
-        if pool is not None:
-            pool.shutdown()
+        for p_ in (pool, uploader):
+            if p_ is not None:
+                p_.shutdown()
     backend.barrier()
     return result
+
+
+#: batches handed to the workers ahead of the one being committed, so a slow barrier
+#: (its fsyncs wait for the disk) does not idle them
+LOOKAHEAD = 4
+
+
+def _discard(ahead: deque[list[Future[Prepared]]]) -> None:
+    """After a failure (or a lapsed lease): the temp files of prepared NARs not uploaded."""
+    for futures in ahead:
+        for f in futures:
+            f.cancel()
+    for futures in ahead:
+        for f in futures:
+            if not f.cancelled() and f.exception() is None:
+                _unlink(f.result().tmp)
 
 
 def _unlink(path: str) -> None:

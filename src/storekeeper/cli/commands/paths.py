@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..common import UsageError, daemon_of, needs_local, print_paths, valid
+from ..common import UsageError, daemon_of, local_of, needs_local, print_paths, valid
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: query's cold start
 if TYPE_CHECKING:
@@ -90,17 +90,31 @@ def cmd_path_info(store: Store, args: argparse.Namespace) -> int:
         json.dump(objs, sys.stdout, separators=(",", ":"))
         sys.stdout.write("\n")
         return 0
-    width = max((len(store.print_path(i.path)) for i in infos), default=0)
+    columns = args.size or args.closure_size or args.sigs
+    width = max((len(store.print_path(i.path)) for i in infos), default=0) if columns else 0
+    size = _human_size if args.human_readable else "\t{:>11}".format
     for info in infos:
         line = store.print_path(info.path).ljust(width)
-        line += f"\t{info.nar_size:>12}"
+        if args.size:
+            line += size(info.nar_size)
         if args.closure_size:
-            line += f"\t{sum(store.path_info(q).nar_size for q in store.query_closure([info.path])):>12}"
-        if getattr(args, "sigs", False):
+            line += size(sum(store.path_info(q).nar_size for q in store.query_closure([info.path])))
+        if args.sigs:
             line += "\t" + " ".join(["ultimate"] * info.ultimate + [f"ca:{info.ca}"] * bool(info.ca)
                                     + sorted(info.sigs))
         print(line)
     return 0
+
+
+def _human_size(n: int) -> str:
+    """A size column of ``nix path-info -h``: one decimal and a 1024-power suffix
+    (a space for bytes), six wide."""
+    value, suffixes = float(n), " KMGTPEZY"
+    i = 0
+    while value > 1024 and i < len(suffixes) - 1:
+        value /= 1024
+        i += 1
+    return f"\t{value:6.1f}{suffixes[i]}"
 
 
 def cmd_dump(store: Store, args: argparse.Namespace) -> int:
@@ -133,7 +147,14 @@ def cmd_verify(store: Store, args: argparse.Namespace) -> int:
         raise UsageError("PATH, --sigs-needed and --trusted-public-keys go with --sigs")
     report = None
     if not args.sigs or args.check_contents or args.repair:
-        report = store.verify(check_contents=args.check_contents, repair=args.repair)
+        local = local_of(store)
+        if local is not None:
+            # (a plain verify is given a StoreReader: the store's verify function takes
+            # either, and a repair is always given a LocalStore: verify_reads_only)
+            from ...store.verify import verify_store
+            report = verify_store(local, check_contents=args.check_contents, repair=args.repair)
+        else:
+            report = store.verify(check_contents=args.check_contents, repair=args.repair)
         for line in report.repaired:
             print(f"repaired: {line}", file=sys.stderr)
         for line in report.errors:

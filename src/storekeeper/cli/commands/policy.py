@@ -7,9 +7,9 @@ import sys
 
 def print_policy_plan(local, with_bytes: bool = True) -> None:
     """What each policy would drop now, and the bytes that frees (stderr)."""
-    from ...store.policy import active, plan
-    if not active(local.settings):
-        return
+    if not local.settings.policies_active():
+        return  # (without importing the policies' modules: `roots` starts faster)
+    from ...store.policy import plan
     p = plan(local, with_bytes=with_bytes)
     for d in p.drops:
         print(f"policy {d.policy} would drop {d.link} -> {d.target} ({d.detail})", file=sys.stderr)

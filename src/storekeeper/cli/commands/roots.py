@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING
 from ..common import UsageError, age, daemon_of, is_local, open_store, resolve_path
 
 if TYPE_CHECKING:
+    import argparse
+
     from ...store.gc.inspect import RootInfo
     from ..common import Store
 

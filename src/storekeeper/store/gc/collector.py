@@ -26,14 +26,13 @@ Protocol and invariants (compatible with Nix 2.8 processes on the same store):
 5. Read-only actions (``live``, ``dead``) change nothing on disk: unlike Nix
    2.8 they do not delete stray entries or stale links.
 6. A deleting GC frees the reserve (:mod:`..reserve`) before its first write,
-   so it works on a full disk, and makes it again when it is done.
+   so it works on a full disk, and makes it again when it is done (a request
+   served by another's run, :mod:`.share`, writes nothing and leaves it alone).
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,113 +44,34 @@ from ...api import DEAD, DELETE_DEAD, DELETE_SPECIFIC, LIVE, GCOptions, GCResult
 from ...errors import PathInUse
 from ...formats.storepath import StorePath, StorePathError
 from ...fs.crash import crash_point
-from ..locks import PathLocks, lock_fd, open_lock_file
+from ..locks import PathLocks, lock_fd, open_lock_unless_read_only_fs
 from ..optimise import remove_unused_links
 from ..reserve import ensure_reserve, release_reserve, with_reserve
 from ..roots import Root, RootFinder
 from .graph import Graph, stray_names
+from .pinserver import PinServer
+from .share import SharedRuns
+from .threads import Task
 
 BATCH = 1024
 UNLINK_THREADS = 4
 SMALL_BATCH = 64
+#: threads that share the /proc scan (see RootFinder.runtime_scans)
+PROC_THREADS = 4
+#: up to this many dead paths, their lock files are looked for one by one
+LOCK_LOOKUPS = 256
 
 
-class GarbageCollector:
+class GarbageCollector(PinServer):
+    """One garbage collection of ``store`` (module docstring); the pins that reach it
+    while it runs come through :class:`~.pinserver.PinServer`."""
+
     def __init__(self, store, log: Callable[[str], None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
+        super().__init__(store.store_dir, store.state_dir, log or (lambda msg: None))
         self.store = store
-        self.log = log or (lambda msg: None)
         self.progress = progress or (lambda done, total: None)
         self._total = 0
-        self._cond = threading.Condition()
-        self._temp_hashes: set[str] = set()
-        self._pending: set[str] = set()
-        self._server: socket.socket | None = None
-        self._clients: set[socket.socket] = set()
-        self._stop = threading.Event()
-
-    # --- the gc-socket server --------------------------------------------------------
-
-    def _start_server(self) -> None:
-        d = os.path.join(self.store.state_dir, "gc-socket")
-        os.makedirs(d, mode=0o755, exist_ok=True)
-        path = os.path.join(d, "socket")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            srv.bind(path)
-        except OSError as e:
-            srv.close()
-            raise OSError(e.errno, e.strerror, path) from None
-        os.chmod(path, 0o666)
-        srv.listen(64)
-        srv.settimeout(0.2)
-        self._server = srv
-        threading.Thread(target=self._accept_loop, daemon=True, name="gc-socket").start()
-
-    def _accept_loop(self) -> None:
-        assert self._server is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self._cond:
-                if self._stop.is_set():
-                    conn.close()
-                    return
-                self._clients.add(conn)
-            threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
-
-    def _serve_client(self, conn: socket.socket) -> None:
-        sd = self.store.store_dir
-        buf = b""
-        conn.settimeout(None)
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(4096)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    try:
-                        h = sd.parse(line.decode(), lax=True).hash_part
-                    except (StorePathError, UnicodeDecodeError):
-                        self.log("received garbage instead of a root from client")
-                        h = None
-                    if h is not None:
-                        with self._cond:
-                            self._temp_hashes.add(h)
-                            while h in self._pending:
-                                self._cond.wait()
-                    try:
-                        conn.sendall(b"1")
-                    except OSError:
-                        return
-
-    def _stop_server(self) -> None:
-        # Every client connection is shut down before gc.lock is released: a
-        # client must never get an acknowledgement from a GC that has finished
-        # (it would skip telling the next one).  It sees EOF and reconnects.
-        with self._cond:
-            self._stop.set()
-            clients, self._clients = self._clients, set()
-        if self._server is not None:
-            self._server.close()
-        for conn in clients:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     # --- the collection ----------------------------------------------------------------
 
@@ -165,19 +85,36 @@ class GarbageCollector:
             keep_outputs = keep_derivations = False
         result = GCResult()
         db_dir = store.layout.db_dir
-        if deleting:
-            release_reserve(db_dir)  # (6.) first, so that every write below has room
-        gc_fd = with_reserve(db_dir, lambda: open_lock_file(os.path.join(store.state_dir, "gc.lock")))
+        shared = SharedRuns.for_request(store, opts)
+        # (6.) first, so that every write below has room; a request that may be
+        # served by another's run (.share) only once it runs itself
+        freed = deleting and shared is None
+        if freed:
+            release_reserve(db_dir)
+        gc_fd = with_reserve(db_dir, lambda: open_lock_unless_read_only_fs(
+            os.path.join(store.state_dir, "gc.lock"), store.read_only))
+        # (read before the lock is asked for: see .share)
+        arrived = shared.last_started() if shared is not None else 0
         try:
-            if not lock_fd(gc_fd, exclusive=True, wait=False):
+            if gc_fd is not None and not lock_fd(gc_fd, exclusive=True, wait=False):
                 if not opts.wait_for_lock:
                     self._note(result, "a garbage collection is already running")
                     return result
                 self.log("waiting for the big garbage collector lock...")
-                lock_fd(gc_fd, exclusive=True)
+                if shared is None:
+                    lock_fd(gc_fd, exclusive=True)
+                elif (served := shared.wait(gc_fd, arrived)) is not None:
+                    self._note(served, "a garbage collection that started after this request "
+                                       "has done it (its deleted paths are this request's)")
+                    return served
             if opts.only_if is not None and not opts.only_if():
                 return result
-            self._start_server()
+            if shared is not None:
+                release_reserve(db_dir)
+                freed = True
+                shared.start()  # (before any root is read)
+            if gc_fd is not None:  # (None: nothing can pin or write on a read-only file system)
+                self._start_server()
             finder = RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
                                 indirect_grace=store.settings.indirect_root_grace,
                                 runtime_mode=store.settings.runtime_roots)
@@ -188,23 +125,25 @@ class GarbageCollector:
             roots: list[Root] = list(finder.temp_roots(cleanup=deleting))
             with self._cond:
                 self._temp_hashes.update(r.path.hash_part for r in roots)
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gc-proc") as bg:
-                # The /proc scan (mostly waiting on the kernel) runs beside the
-                # root walk and the graph load: it is the longest part of a GC
-                # on a busy machine, and every pin waits for the GC to finish.
-                runtime = None if opts.ignore_liveness else bg.submit(lambda: list(finder.runtime_roots()))
-                # So does the listing of the store directory that a report of dead
-                # paths needs (a million entries; the graph load mostly runs in
-                # SQLite, without the GIL).
-                listing = bg.submit(os.listdir, store.real_store_dir) \
-                    if opts.action == DEAD and not opts.specific else None
+            # The /proc scan (mostly waiting on the kernel) runs beside the
+            # root walk and the graph load, in parts: it is the longest part of
+            # a GC on a busy machine, and every GC queued behind this one waits.
+            runtime = [] if opts.ignore_liveness else [Task(scan) for scan in finder.runtime_scans(PROC_THREADS)]
+            # So does the listing of the store directory that a report of dead
+            # paths needs (a million entries; the graph load mostly runs in
+            # SQLite, without the GIL).
+            listing = Task(os.listdir, store.real_store_dir) \
+                if opts.action == DEAD and not opts.specific else None
+            try:
                 if not opts.ignore_liveness:
                     self.log("finding garbage collector roots...")
                     roots += finder.permanent_roots(cleanup=deleting)
                     roots += finder.user_roots(cleanup=deleting)
                 graph = Graph(store.db)
-                if runtime is not None:
-                    roots += runtime.result()
+            finally:  # (never leave a thread behind)
+                found = [task.result() for task in runtime]
+            for part in found:
+                roots += part
             # as Nix does, while the roots are found (stale links, unreadable roots)
             for m in finder.messages:
                 self._note(result, m)
@@ -255,11 +194,14 @@ class GarbageCollector:
                 self._invalid_entries(dry=False, result=result)
             if deleting:
                 self._remove_unused_links(result)
+            if shared is not None:
+                shared.finish(result)
             return result
         finally:
             self._stop_server()
-            os.close(gc_fd)
-            if deleting:
+            if gc_fd is not None:
+                os.close(gc_fd)
+            if freed:
                 ensure_reserve(db_dir, store.settings.gc_reserved_space)
 
     def _note(self, result: GCResult, message: str) -> None:
@@ -317,7 +259,11 @@ class GarbageCollector:
 
     def _delete(self, graph: Graph, order: array, alive: bytearray, opts: GCOptions,
                 result: GCResult, keep_outputs: bool, keep_derivations: bool) -> None:
-        self._lock_files = {n for n in os.listdir(self.store.real_store_dir) if n.endswith(".lock")}
+        # Which dead paths have a lock file: one listing of the store for many, a
+        # look per path for a few (a busy daemon's GC deletes a handful of paths,
+        # and listing a store of any size costs more than that).
+        self._lock_files = {n for n in os.listdir(self.store.real_store_dir) if n.endswith(".lock")} \
+            if len(order) > LOCK_LOOKUPS else None
         # every dead path is unlinked relative to one fd of the store directory
         self._store_fd = fs.open_dir(self.store.real_store_dir)
         try:
@@ -389,7 +335,8 @@ class GarbageCollector:
             # pin it first, and that pin waits for this batch.  So the lock
             # is taken only where a lock file exists, sparing a create and
             # an unlink per dead path.
-            if base + ".lock" in self._lock_files:
+            if (base + ".lock" in self._lock_files) if self._lock_files is not None \
+                    else os.path.lexists(real + ".lock"):
                 pl = PathLocks()
                 if not pl.lock([real], wait=False):
                     # being created or built right now: keep it and what it needs

@@ -184,6 +184,53 @@ class Graph:
         self.closure(start, seen, keep_outputs, keep_derivations)
         return list(compress(range(self.size), seen))
 
+    def closure_sums(self, starts: list[int], weights: array, keep_outputs: bool,
+                     keep_derivations: bool) -> list[int] | None:
+        """The sum of ``weights`` over each start's closure, for all starts in one pass
+        per 64 of them, or None when the ids are not in reference order (the caller then
+        walks each closure).
+
+        Ids follow registration, and a path's references and its deriver are
+        registered before it, so an edge almost always goes to a lower id; when every
+        edge reached does, visiting the ids from the highest down finishes each
+        node's *holder mask* (which starts reach it) before pushing it along its edges.
+        A derivation's outputs come after it (``keep-outputs``): no such order.
+        """
+        if keep_outputs and len(self.out_id):
+            return None
+        off, ref, drv = self.off, self.ref, self.drv
+        derivers = keep_derivations and self._has_drv
+        sums = [0] * len(starts)
+        for base in range(0, len(starts), 64):  # (masks of at most 64 bits: machine words)
+            chunk = starts[base:base + 64]
+            masks = [0] * self.size
+            for bit, s in enumerate(chunk):
+                if 0 < s < self.size:
+                    masks[s] |= 1 << bit
+            for i in range(max(chunk, default=0), 0, -1):
+                m = masks[i]
+                if not m:
+                    continue
+                for j in ref[off[i]:off[i + 1]]:
+                    if j >= i:
+                        if j == i:
+                            continue
+                        return None
+                    masks[j] |= m
+                if derivers and drv[i]:
+                    if drv[i] >= i:
+                        return None
+                    masks[drv[i]] |= m
+            groups: dict[int, int] = {}  # mask -> summed weight: paths held alike fall together
+            for i in compress(range(self.size), masks):
+                groups[masks[i]] = groups.get(masks[i], 0) + weights[i]
+            for m, w in groups.items():
+                while m:
+                    low = m & -m
+                    sums[base + low.bit_length() - 1] += w
+                    m ^= low
+        return sums
+
     def edges(self, i: int, keep_outputs: bool, keep_derivations: bool) -> Iterator[tuple[int, str]]:
         for j in self.ref[self.off[i]:self.off[i + 1]]:
             yield j, REFERENCE

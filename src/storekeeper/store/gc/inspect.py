@@ -10,7 +10,6 @@ import os
 import pwd
 import stat
 import time
-from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -112,16 +111,15 @@ def list_roots(store, sizes: bool = True) -> list[RootInfo]:
     roots = all_roots(store, finder)
     unique = {(r, r.uid): r for r in roots}.values()
     cfg = store.settings
+    ordered = sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0))
+    ids = {r: graph.id_of_path(store.print_path(r.path)) for r in ordered}
     closure_bytes: dict[int, int] = {}  # per distinct target: many links share one
-    nar_sizes: array | None = None
-    for r in sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0)):
+    if isinstance(graph, Graph):
+        closure_bytes = _closure_bytes(graph, sorted({i for i in ids.values() if i is not None}),
+                                       cfg.keep_outputs, cfg.keep_derivations)
+    for r in ordered:
         p = store.print_path(r.path)
-        i = graph.id_of_path(p)
-        if i is not None and i not in closure_bytes and isinstance(graph, Graph):
-            if nar_sizes is None:
-                nar_sizes = graph.nar_sizes()
-            closure_bytes[i] = sum(map(nar_sizes.__getitem__,
-                                       graph.closure_ids([i], cfg.keep_outputs, cfg.keep_derivations)))
+        i = ids[r]
         owner, age = _owner_and_age(r, store.state_dir)
         size = (closure_bytes.get(i, 0) if i else 0) if sizes else None
         out.append(RootInfo(r.kind, r.link, p, owner, age, size,
@@ -131,6 +129,20 @@ def list_roots(store, sizes: bool = True) -> list[RootInfo]:
             out.append(RootInfo("indirect-unresolved", u["link"], "", None, None, 0, False, None,
                                 u["first_missed"], u["kept_until"]))
     return out
+
+
+def _closure_bytes(graph: Graph, targets: list[int], keep_outputs: bool,
+                   keep_derivations: bool) -> dict[int, int]:
+    """Each target's closure size (NAR bytes): one pass for all when the ids allow
+    (:meth:`Graph.closure_sums`), else a walk per target."""
+    if not targets:
+        return {}
+    nar_sizes = graph.nar_sizes()
+    sums = graph.closure_sums(targets, nar_sizes, keep_outputs, keep_derivations)
+    if sums is None:
+        sums = [sum(map(nar_sizes.__getitem__, graph.closure_ids([i], keep_outputs, keep_derivations)))
+                for i in targets]
+    return dict(zip(targets, sums))
 
 
 class _Validity:

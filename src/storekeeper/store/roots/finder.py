@@ -4,15 +4,16 @@ and leased (the invariants are the package docstring's)."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ... import fs
 from ...formats.storepath import StoreDir, StorePath, StorePathError
-from ...fs.proc import scan_proc
+from ...fs.proc import list_pids, scan_proc
 from ..locks import lock_fd
 from .indirect import DEFAULT_INDIRECT_GRACE, IndirectRootMemory, _definitely_gone
 from .registrations import UserRoots
@@ -235,21 +236,35 @@ class RootFinder:
     def runtime_roots(self) -> Iterator[Root]:
         """Store paths in use by running processes that we can see (our own under hidepid=2);
         nothing with ``runtime-roots = client``."""
+        for scan in self.runtime_scans(1):
+            yield from scan()
+
+    def runtime_scans(self, n: int) -> list[Callable[[], list[Root]]]:
+        """:meth:`runtime_roots` cut in ``n`` parts over one listing of the processes, to
+        be run at once: reading ``/proc`` of a process in the middle of an exec (or of
+        mapping memory) waits until it is done, and on a busy machine that is most of a
+        scan's time; in parts, one slow process holds up only its own part."""
         if self.runtime_mode == "client":
-            return
+            return []
+        pids = list_pids()
+        return [functools.partial(self._runtime, pids[k::n], k == 0) for k in range(n)]
+
+    def _runtime(self, pids: list[str], kernel: bool) -> list[Root]:
         prefixes = {self.store_dir.path, self.real_store_dir}
-        found = list(scan_proc(prefixes))
+        found = list(scan_proc(prefixes, pids=pids))
         for kf in ("/proc/sys/kernel/modprobe", "/proc/sys/kernel/fbsplash",
-                   "/proc/sys/kernel/poweroff_cmd"):
+                   "/proc/sys/kernel/poweroff_cmd") if kernel else ():
             try:
                 with open(kf) as f:
                     found.append((f.read().strip(), kf))
             except OSError:
                 pass
+        roots = []
         for target, link in found:
             sp = self._to_store_path(target)
             if sp is not None:
-                yield Root(sp, link, "runtime")
+                roots.append(Root(sp, link, "runtime"))
+        return roots
 
     # --- what users told the daemon --------------------------------------------------
 
