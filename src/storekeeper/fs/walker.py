@@ -200,8 +200,8 @@ def dirs(top, dir_fd: int) -> Iterator[tuple[int, str, list[tuple[str, int, int]
     """
     try:
         fd = open_dir(top, dir_fd)
-    except OSError as e:
-        if e.errno not in NOT_A_DIR:
+    except OSError as err:
+        if err.errno not in NOT_A_DIR:
             raise
         yield dir_fd, "", [(top, 0, SWAPPED)]
         return
