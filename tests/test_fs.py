@@ -394,3 +394,32 @@ def test_readable_waits_on_fds_past_selects_limit():
             if fd >= 0:
                 os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_dirs_batches_each_directory_and_never_follows_a_swapped_subdirectory(tmp_path, victim):
+    top = str(tmp_path / "t")
+    make_tree(top, {**TREE, "l": ("link", victim), "other": {"w": b"w"}})
+    dfd = fs.open_dir(str(tmp_path))
+    try:
+        got = {rel: sorted((n, k) for n, _, k in files) for _, rel, files in fs.dirs("t", dfd)}
+        assert got == {"": [("a", fs.REG), ("l", fs.LNK), ("z", fs.REG)], "sub": [("x", fs.REG)],
+                       "sub/deeper": [("y", fs.REG)], "other": [("w", fs.REG)]}
+        # d_ino comes with each entry
+        for fd, _rel, files in fs.dirs("t", dfd):
+            for name, ino, _ in files:
+                assert os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino == ino
+        # `sub` listed as a directory, then swapped for a link to the victim: reported, not followed
+        seen = []
+        for _, rel, files in fs.dirs("t", dfd):
+            seen.append((rel, sorted((n, k) for n, _, k in files)))
+            if len(seen) == 1:
+                os.rename(os.path.join(top, "sub"), os.path.join(top, "sub.moved"))
+                os.symlink(victim, os.path.join(top, "sub"))
+        assert ("", [("sub", fs.SWAPPED)]) in seen
+        assert [rel for rel, _ in seen if rel not in ("",)] == ["other"]
+        # a top that is not a directory; a missing top
+        assert list(fs.dirs("t/a", dfd)) == [(dfd, "", [("t/a", 0, fs.SWAPPED)])]
+        with pytest.raises(FileNotFoundError):
+            list(fs.dirs("t/missing", dfd))
+    finally:
+        os.close(dfd)

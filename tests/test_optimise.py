@@ -393,10 +393,13 @@ def test_emlink_keeps_the_file_and_counts(tmp_path, monkeypatch):
         assert optimise_store(s).files_linked == must_link  # kept files are retried next time
 
 
-@pytest.mark.parametrize("what", ["entry", "temp"])
+@pytest.mark.parametrize("what", ["entry", "temp", "replaced"])
 def test_entry_or_temp_link_vanishing_is_retried(tmp_path, monkeypatch, what):
     """A GC that does not take our lock (real Nix's) deletes the pool entry before our
-    link(), or sweeps our temp link before the rename: retry, as Nix master does."""
+    link(), or sweeps our temp link before the rename: retry, as Nix master does.
+    ``replaced``: another optimiser put a new inode (same contents) under an entry this
+    run made, which the run links to without looking it up: the temp link's inode
+    tells, and the file is linked to the new entry after a byte comparison."""
     root = str(tmp_path / "root")
     make_store(root, n=3, big=0)
     before = nar_hashes(root)
@@ -408,6 +411,17 @@ def test_entry_or_temp_link_vanishing_is_retried(tmp_path, monkeypatch, what):
         if what == "entry" and str(dst).startswith(optimise.TMP_LINK_PREFIX) and hits["n"] < 3:
             hits["n"] += 1
             os.unlink(src, dir_fd=src_dir_fd)  # the entry vanishes right before our link
+        if what == "replaced" and str(dst).startswith(optimise.TMP_LINK_PREFIX) and hits["n"] < 3:
+            hits["n"] += 1
+            fd = os.open(src, os.O_RDONLY, dir_fd=src_dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                data, mode = f.read(), os.fstat(f.fileno()).st_mode & 0o777
+            new = f"{src}.new"
+            nfd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, dir_fd=src_dir_fd)
+            with os.fdopen(nfd, "wb") as f:
+                f.write(data)
+            os.utime(new, ns=(0, 10**9), dir_fd=src_dir_fd)
+            os.rename(new, src, src_dir_fd=src_dir_fd, dst_dir_fd=src_dir_fd)
         return real_link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd,
                          follow_symlinks=follow_symlinks)
 

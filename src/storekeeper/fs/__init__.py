@@ -25,7 +25,8 @@ symlink, a hard link or another file at any moment by someone else.  So:
    lists it, so its mode and owner can be fixed first; whatever was added
    before is then seen and checked.
 5. **One walker, one deleter.**  :func:`walk` is the only tree traversal
-   (:func:`usage` its cut-down twin for counting blocks, same rules),
+   (:func:`usage` its cut-down twin for counting blocks, :func:`dirs` the one
+   for working a directory's files as a batch, same rules),
    :func:`remove_tree` the only recursive delete.  Code outside this package
    calls them; it does not ``os.walk``, ``os.scandir(path)``, ``shutil.rmtree``
    or ``os.chmod(path)`` a store or user tree.
@@ -55,11 +56,11 @@ from .openat import (
     write_all,
 )
 from .tree import remove_tree
-from .walker import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, Node, kind_of, walk
+from .walker import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, SWAPPED, Node, dirs, kind_of, walk
 
 __all__ = [
     "DIR", "ENTER", "ENTRY", "FS_IMMUTABLE_FL", "HAVE_PROC_FD", "LEAVE", "LNK", "Node", "OTHER",
     "O_DIR", "O_FILE", "O_HANDLE", "O_PATH", "REG", "chmod_fd", "chown_fd", "clear_immutable", "entries",
     "kind_of", "open_dir", "open_dir_forcing_access", "open_handle", "proc_fd", "remove_tree",
-    "set_mtime_fd", "split_top", "usage", "usages", "Usage", "walk", "write_all",
+    "SWAPPED", "dirs", "set_mtime_fd", "split_top", "usage", "usages", "Usage", "walk", "write_all",
 ]

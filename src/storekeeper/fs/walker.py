@@ -178,3 +178,80 @@ def walk(top, dir_fd: int | None = None, *, sort: bool = False, force_access: bo
             if frame[0].fd is not None:
                 os.close(frame[0].fd)
                 frame[0].fd = None
+
+
+#: kind of an entry met by :func:`dirs` that was listed as a directory but is not one
+#: any more when opened (swapped for a file or a link after listing; not followed)
+SWAPPED = 4
+
+
+def dirs(top, dir_fd: int) -> Iterator[tuple[int, str, list[tuple[str, int, int]]]]:
+    """The directories of the tree at ``top`` (a directory, relative to ``dir_fd``), pre-order:
+    ``(fd, path relative to top, its non-directories as (name, d_ino, kind))``.
+
+    :func:`walk` cut down for a consumer that works a directory's files as one
+    batch (the optimiser): same rules (``O_DIRECTORY | O_NOFOLLOW`` relative to
+    the parent's fd, at most one open fd per level, a subdirectory that vanished
+    is skipped), no object per entry and no sort.  ``kind`` is from ``d_type``
+    (REG, LNK, OTHER), or :data:`SWAPPED` for a subdirectory that was not one
+    any more when opened (``top`` itself not a directory: ``(dir_fd, "", [(top, 0,
+    SWAPPED)])``).  ``fd`` is valid until the next step of the iterator.  A missing
+    ``top`` raises FileNotFoundError.
+    """
+    try:
+        fd = open_dir(top, dir_fd)
+    except OSError as err:
+        if err.errno not in NOT_A_DIR:
+            raise
+        yield dir_fd, "", [(top, 0, SWAPPED)]
+        return
+    # frames: (fd, path, subdirectory names, next index)
+    stack: list[list] = []
+    try:
+        path = ""
+        while True:
+            files: list[tuple[str, int, int]] = []
+            subdirs: list[str] = []
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        subdirs.append(e.name)
+                    elif e.is_file(follow_symlinks=False):
+                        files.append((e.name, e.inode(), REG))
+                    elif e.is_symlink():
+                        files.append((e.name, e.inode(), LNK))
+                    else:
+                        files.append((e.name, e.inode(), OTHER))
+            stack.append([fd, path, subdirs, 0])
+            fd = -1
+            top_frame = stack[-1]
+            yield top_frame[0], path, files
+            # next directory: depth first
+            while stack:
+                frame = stack[-1]
+                names = frame[2]
+                i = frame[3]
+                if i == len(names):
+                    os.close(frame[0])
+                    stack.pop()
+                    continue
+                frame[3] = i + 1
+                name = names[i]
+                try:
+                    fd = open_dir(name, frame[0])
+                except OSError as err:
+                    if err.errno == errno.ENOENT:
+                        continue
+                    if err.errno not in NOT_A_DIR:
+                        raise
+                    yield frame[0], frame[1], [(name, 0, SWAPPED)]
+                    continue
+                path = f"{frame[1]}/{name}" if frame[1] else name
+                break
+            if fd < 0:
+                return
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for frame in stack:
+            os.close(frame[0])

@@ -36,9 +36,9 @@ class Journal:
         self._pid = -1
         self._mutex = threading.Lock()
 
-    def note(self, dfd: int) -> None:
-        """Record the directory open at ``dfd`` before it is changed."""
-        record = os.fsencode(os.readlink(f"/proc/self/fd/{dfd}")) + b"\0"
+    def note(self, path: str) -> None:
+        """Record the directory at ``path`` (absolute, inside a store path) before it is changed."""
+        record = os.fsencode(path) + b"\0"
         with self._mutex:
             if self._fd is None or self._pid != os.getpid():
                 os.makedirs(self.dir, mode=0o755, exist_ok=True)

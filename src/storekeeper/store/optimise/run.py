@@ -99,6 +99,10 @@ class _Run:
         self.links = os.path.join(self.real, LINKS_DIR)
         self.inodes = inodes        # pool inodes (set.add / `in` are atomic under the GIL)
         self.verified: set[int] = set()  # pool inodes byte-compared with a file this run
+        # hash name -> the pool inode this process made or linked a file to this run:
+        # a content seen again goes straight to the replacing link (no failed
+        # link() and no stat of the entry; the temp link's inode is checked)
+        self.seen: dict[str, int] = {}
         self.dry = dry_run
         self.trust = trust_link_count
         self._log = log

@@ -120,39 +120,28 @@ class _Worker:
         return top.st_ino, top.st_ctime_ns if stat.S_ISDIR(top.st_mode) else _NO_CTIME, self._inodes
 
     def _tree(self, base: str, shown: str) -> None:
-        # one batch per directory: the walker yields a directory's files together
-        d: fs.Node | None = None
-        todo: list[tuple[str, int, os.stat_result | None]] = []
-        for ev, node in fs.walk(base, self.run.store_fd):
-            if ev == fs.ENTRY:
-                if d is not None and node.parent_fd == d.fd:
-                    self._entry(node, todo)
-                else:
+        # one batch per directory: fs.dirs yields a directory's files together
+        run, stats, found = self.run, self.stats, self._inodes
+        pool = run.inodes
+        for dfd, rel, files in fs.dirs(base, run.store_fd):
+            todo: list[tuple[str, int, os.stat_result | None]] = []
+            for name, ino, kind in files:
+                if ino in pool:
+                    # d_ino is a pool inode: linked already (Nix skips these unread too)
+                    stats.files_already_linked += 1
+                    found.append(ino)
+                elif kind == fs.REG:
+                    todo.append((name, ino, None))
+                elif kind == fs.LNK:
+                    try:
+                        todo.append((name, ino, os.stat(name, dir_fd=dfd, follow_symlinks=False)))
+                    except FileNotFoundError:
+                        self._clean = False
+                elif kind == fs.SWAPPED:
                     self._kept()  # a subdirectory swapped for something else mid-walk
-                continue
-            if d is not None and todo:
-                self._batch(d.fd, d.show(shown), todo, is_store_dir=False)  # type: ignore[arg-type]
-                todo = []
-            d = node if ev == fs.ENTER else None
-
-    def _entry(self, node: fs.Node, todo: list[tuple[str, int, os.stat_result | None]]) -> None:
-        e = node.entry
-        if e is None:  # swapped for a file or a link after listing
-            self._kept()
-            return
-        ino = e.inode()
-        if ino in self.run.inodes:
-            # d_ino is a pool inode: linked already (Nix skips these unread too)
-            self.stats.files_already_linked += 1
-            self._inodes.append(ino)
-        elif node.kind == fs.REG:
-            todo.append((e.name, ino, None))
-        elif node.kind == fs.LNK:
-            try:
-                todo.append((e.name, ino, e.stat(follow_symlinks=False)))
-            except FileNotFoundError:
-                self._clean = False
-        # anything else cannot be in a valid path; Nix ignores it too
+                # anything else cannot be in a valid path; Nix ignores it too
+            if todo:
+                self._batch(dfd, f"{shown}/{rel}" if rel else shown, todo, is_store_dir=False)
 
     def _writable(self, shown: str) -> None:
         self.stats.writable_skipped += 1
@@ -215,7 +204,7 @@ class _Worker:
                     os.close(fd)
         if pending:
             self._resolve(hashed)
-        dir_state = _DirState(dfd, is_store_dir, run.journal)
+        dir_state = _DirState(dfd, shown, is_store_dir, run.journal)
         link = self._dry_link if run.dry else self._link
         found = self._inodes
         try:
@@ -247,14 +236,32 @@ class _Worker:
     def _link(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str,
               dir_state: "_DirState") -> int | None:
         run, stats = self.run, self.stats
+        seen = run.seen
         for _ in range(_RETRIES):
             lfd = run.links_fd()
+            known = seen.get(h)
+            if known is not None and known in run.verified:
+                # made or linked to by this process: no lookup needed (the temp
+                # link's inode is checked in _replace; a vanished or replaced
+                # entry means the slow path again)
+                if known == st.st_ino:
+                    stats.files_already_linked += 1
+                    return known
+                if not (self.lock and self.lock.held):
+                    self._hold()
+                out = self._replace(dfd, shown, name, st, h, lfd, known, dir_state)
+                if out is not _RETRY:
+                    return out
+                seen.pop(h, None)
+                continue
             # Try to make the file the entry first: no lookup (and no lock) needed
             # for the common case of a content seen for the first time.
             out = self._new_entry(dfd, name, st, h, lfd)
             if out is not _EXISTS:
                 if out is _RETRY:
                     continue
+                if out is not None:
+                    seen[h] = out
                 return out
             if not (self.lock and self.lock.held):
                 # From this lookup until the rename the entry must not be GC'd
@@ -273,8 +280,10 @@ class _Worker:
                 if not self._same_contents(dfd, shown, name, st, h, lfd, pst):
                     return None
                 run.verified.add(pst.st_ino)
-            out = self._replace(dfd, shown, name, st, h, lfd, pst, dir_state)
+            out = self._replace(dfd, shown, name, st, h, lfd, pst.st_ino, dir_state)
             if out is not _RETRY:
+                if out == pst.st_ino:
+                    seen[h] = out
                 return out
         run.warn(f"gave up linking '{shown}/{name}': its pool entry kept changing")
         return None
@@ -342,7 +351,7 @@ class _Worker:
         return False
 
     def _replace(self, dfd: int, shown: str, name: str, st: os.stat_result, h: str, lfd: int,
-                 pst: os.stat_result, dir_state: "_DirState"):
+                 pino: int, dir_state: "_DirState"):
         """link the entry to a temp name in the store, rename that over the file."""
         run, stats = self.run, self.stats
         tmp = f"{run.tmp_prefix}{next(run.counter)}"
@@ -365,7 +374,7 @@ class _Worker:
                 tst = os.stat(tmp, dir_fd=sfd, follow_symlinks=False)
             except FileNotFoundError:
                 return _RETRY  # swept as junk by a GC
-            if tst.st_ino != pst.st_ino:
+            if tst.st_ino != pino:
                 run.pool_disturbed = True
                 return _RETRY  # the entry was replaced since we compared it
             crash_point("optimise.linked")
@@ -389,18 +398,18 @@ class _Worker:
                     os.unlink(tmp, dir_fd=sfd)
                     renamed = True
                     stats.files_already_linked += 1
-                    return pst.st_ino
+                    return pino
                 except FileNotFoundError:
                     renamed = True
                 stats.files_linked += 1
                 crash_point("optimise.renamed")
-                run.inodes.add(pst.st_ino)
+                run.inodes.add(pino)
                 if os.fstat(ffd).st_nlink == 0:
                     freed = True
                     stats.inodes_freed += 1
                     stats.bytes_freed += fst.st_blocks * 512
                     stats.apparent_bytes_freed += fst.st_size
-                return pst.st_ino
+                return pino
             finally:
                 if freed:
                     self._close_later(ffd)  # the blocks are released at this close
@@ -448,8 +457,9 @@ class _DirState:
     """A directory whose entries are being replaced: made writable only if a rename
     is refused, and put back to canonical mode and mtime afterwards."""
 
-    def __init__(self, dfd: int, is_store_dir: bool, journal: Journal) -> None:
+    def __init__(self, dfd: int, path: str, is_store_dir: bool, journal: Journal) -> None:
         self.dfd = dfd
+        self.path = path  # absolute (the walk's name for it, no readlink of the fd)
         self.is_store_dir = is_store_dir  # the store dir's own metadata is not ours to touch
         self.journal = journal
         self.touched = False
@@ -458,7 +468,7 @@ class _DirState:
     def rename(self, tmp: str, sfd: int, name: str) -> bool:
         """rename; False if the temp link vanished (swept by a GC)."""
         if not self.touched and not self.is_store_dir:
-            self.journal.note(self.dfd)  # (a kill before restore() is undone from here)
+            self.journal.note(self.path)  # (a kill before restore() is undone from here)
         for attempt in range(3):
             try:
                 os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=self.dfd)
