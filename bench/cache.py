@@ -79,6 +79,12 @@ def make_closure(root: str, scratch: str, paths: int, mib: int) -> str:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
+    # Every timed command starts with nothing dirty in the page cache: otherwise the
+    # one that runs right after a copy --to pays for writing back the ~1.2 GB the two
+    # tools' caches left dirty (ours fsyncs what it stores, and an fsync waits behind
+    # that writeback; Nix 2.8 syncs nothing and never waits), and which tool that is
+    # alternates by round.
+    os.sync()
     t = time.monotonic()
     r = subprocess.run(cmd, env=env, capture_output=True)
     if r.returncode != 0:

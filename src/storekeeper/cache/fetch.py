@@ -87,10 +87,12 @@ class Job:
 
 def fetch_threads(jobs: int, caches: Iterable[Any]) -> int:
     """Threads for ``jobs`` fetches at once: reading a local (``file://``) cache is
-    decoding and unpacking, work for the CPUs (and the GIL), so at most two per core;
-    a remote one waits on the network, so ``jobs``."""
+    decoding and unpacking, work for the CPUs (and the GIL), so at most one per core
+    (2 threads on 2 cores copied 1 GiB / 2001 paths in 0.3–0.6 s less than 3 or 4, in
+    each of three interleaved rounds: bench/RESULTS.md, lead's figures of stop 24); a
+    remote one waits on the network, so ``jobs``."""
     if all(str(getattr(c, "url", "")).startswith("file://") for c in caches):
-        return max(1, min(jobs, 2 * (os.cpu_count() or 1)))
+        return max(1, min(jobs, os.cpu_count() or 1))
     return max(1, jobs)
 
 
