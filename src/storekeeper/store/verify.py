@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
+from contextlib import suppress
 from typing import TYPE_CHECKING, Callable, cast
 
 from .. import fs
@@ -23,6 +23,7 @@ from ..formats.errors import FormatError
 from ..formats.storepath import StorePath
 from ..fs.narfs import nar_hash_path
 from .canonicalise import canonicalise_paths
+from .gc.threads import Task
 from .locks import lock_fd, open_lock_unless_read_only_fs
 from .optimise import open_pool, recover_interrupted
 
@@ -86,23 +87,14 @@ def _names_and_listing(store: StoreReader) -> tuple[list[bytes], list[bytes]]:
     """The valid paths' names and the store dir's entries, read at the same time: the
     listing (getdents, the GIL released per entry) in a thread while SQLite reads the
     names (the GIL released while it steps), ~10-15 % of a verify's time when a core is free."""
-    out: list[list[bytes]] = []
-    failed: list[OSError] = []
-
-    def list_dir() -> None:
-        try:
-            out.append(os.listdir(os.fsencode(store.real_store_dir)))
-        except OSError as e:
-            failed.append(e)
-    lister = threading.Thread(target=list_dir, name="verify-listdir")
-    lister.start()
+    lister = Task(os.listdir, os.fsencode(store.real_store_dir))
     try:
         names = store.db.all_valid_names()
-    finally:
-        lister.join()
-    if failed:
-        raise failed[0]
-    return names, out[0]
+    except BaseException:
+        with suppress(OSError):  # (the database's error is the one to tell)
+            lister.result()
+        raise
+    return names, lister.result()
 
 
 def _verify_one(store: StoreReader, sp: StorePath, check_contents: bool, repair: bool, report: VerifyReport) -> None:
