@@ -423,3 +423,79 @@ def test_dirs_batches_each_directory_and_never_follows_a_swapped_subdirectory(tm
             list(fs.dirs("t/missing", dfd))
     finally:
         os.close(dfd)
+
+
+def _atime_updated_by_a_plain_read(path: str) -> bool:
+    """Whether this mount updates atime on a read of a file whose atime is older than
+    its ctime (relatime, strictatime: yes; noatime: no)."""
+    os.utime(path, ns=(10**9, os.stat(path).st_mtime_ns))
+    with open(path, "rb") as f:
+        f.read()
+    return os.stat(path).st_atime_ns != 10**9
+
+
+def test_open_noatime_leaves_atime_alone(tmp_path):
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.write(b"x" * 100)
+    if not _atime_updated_by_a_plain_read(path):
+        pytest.skip("this mount does not update atime on reads (noatime)")
+    mtime = os.stat(path).st_mtime_ns
+    os.utime(path, ns=(10**9, mtime))
+    dfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = fs.open_noatime("f", fs.O_FILE, dfd)
+        try:
+            assert os.read(fd, 200) == b"x" * 100
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    assert os.stat(path).st_atime_ns == 10**9
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_open_noatime_falls_back_for_a_file_that_is_not_ours(tmp_path):
+    # O_NOATIME is only for the file's owner (or CAP_FOWNER): someone else reading a
+    # world-readable file must still get it, just without the flag.
+    import pwd
+    import shutil
+    import tempfile
+    nobody = pwd.getpwnam("nobody").pw_uid
+    top = tempfile.mkdtemp()  # pytest's tmp_path is under a 0700 directory
+    os.chmod(top, 0o755)
+    try:
+        _noatime_as(nobody, os.path.join(top, "f"))
+    finally:
+        shutil.rmtree(top)
+
+
+def _noatime_as(uid: int, path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(b"theirs")
+    os.chmod(path, 0o644)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                os.close(os.open(path, fs.O_FILE | fs.O_NOATIME))
+                plain = b"opened"
+            except PermissionError:
+                plain = b"eperm"
+            fd = fs.open_noatime(path, fs.O_FILE)
+            os.write(w, plain + b" " + os.read(fd, 100))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(r, 200)
+    os.close(r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out == b"eperm theirs"

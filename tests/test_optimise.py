@@ -212,6 +212,36 @@ def test_pool_names_are_nix_file_nar_hashes(tmp_path):
 # --- the optimiser ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("processes", [1, 3])
+def test_optimise_reads_without_touching_atime(tmp_path, processes):
+    # Hashing every file is not a use of it: under relatime each first read since a
+    # change would otherwise rewrite (and dirty) the inode's atime.
+    root = str(tmp_path / "root")
+    make_store(root, n=8)
+    probe = str(tmp_path / "probe")
+    with open(probe, "wb") as f:
+        f.write(b"p")
+    os.utime(probe, ns=(10**9, os.stat(probe).st_mtime_ns))
+    with open(probe, "rb") as f:
+        f.read()
+    if os.stat(probe).st_atime_ns == 10**9:
+        pytest.skip("this mount does not update atime on reads (noatime)")
+    sd = os.path.join(root, "nix", "store")
+    old: list[str] = []
+    for d, dirs, files in os.walk(sd):
+        if d == sd:
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            continue
+        old += [os.path.join(d, n) for n in dirs + files if not os.path.islink(os.path.join(d, n))]
+    for p in old:  # after the walk, which reads every directory
+        os.utime(p, ns=(10**9, os.lstat(p).st_mtime_ns))
+    with open_store(root) as s:
+        stats = optimise_store(s, processes=processes)
+    assert stats.files_linked > 0
+    # replaced names now show their pool inode's atime, also one of the files set above
+    assert {p: os.lstat(p).st_atime_ns for p in old} == {p: 10**9 for p in old}
+
+
+@pytest.mark.parametrize("processes", [1, 3])
 def test_optimise_links_duplicates_with_true_statistics(tmp_path, processes):
     root = str(tmp_path / "root")
     make_store(root, n=8)

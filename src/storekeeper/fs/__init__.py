@@ -42,6 +42,7 @@ from .openat import (
     O_DIR,
     O_FILE,
     O_HANDLE,
+    O_NOATIME,
     O_PATH,
     chmod_fd,
     chown_fd,
@@ -50,6 +51,7 @@ from .openat import (
     open_dir,
     open_dir_forcing_access,
     open_handle,
+    open_noatime,
     proc_fd,
     set_mtime_fd,
     split_top,
@@ -60,7 +62,7 @@ from .walker import DIR, ENTER, ENTRY, LEAVE, LNK, OTHER, REG, SWAPPED, Node, di
 
 __all__ = [
     "DIR", "ENTER", "ENTRY", "FS_IMMUTABLE_FL", "HAVE_PROC_FD", "LEAVE", "LNK", "Node", "OTHER",
-    "O_DIR", "O_FILE", "O_HANDLE", "O_PATH", "REG", "chmod_fd", "chown_fd", "clear_immutable", "entries",
-    "kind_of", "open_dir", "open_dir_forcing_access", "open_handle", "proc_fd", "remove_tree",
+    "O_DIR", "O_FILE", "O_HANDLE", "O_NOATIME", "O_PATH", "REG", "chmod_fd", "chown_fd", "clear_immutable", "entries",
+    "kind_of", "open_dir", "open_dir_forcing_access", "open_handle", "open_noatime", "proc_fd", "remove_tree",
     "SWAPPED", "dirs", "set_mtime_fd", "split_top", "usage", "usages", "Usage", "walk", "write_all",
 ]

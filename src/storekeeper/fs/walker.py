@@ -6,7 +6,7 @@ import errno
 import os
 import stat
 
-from .openat import NOT_A_DIR, open_dir, open_dir_forcing_access
+from .openat import NOT_A_DIR, O_DIR, open_dir, open_dir_forcing_access, open_noatime
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def dirs(top, dir_fd: int) -> Iterator[tuple[int, str, list[tuple[str, int, int]
 
     :func:`walk` cut down for a consumer that works a directory's files as one
     batch (the optimiser): same rules (``O_DIRECTORY | O_NOFOLLOW`` relative to
-    the parent's fd, at most one open fd per level, a subdirectory that vanished
+    the parent's fd, plus ``O_NOATIME`` where allowed: a scan is not a use, at most one open fd per level, a subdirectory that vanished
     is skipped), no object per entry and no sort.  ``kind`` is from ``d_type``
     (REG, LNK, OTHER), or :data:`SWAPPED` for a subdirectory that was not one
     any more when opened (``top`` itself not a directory: ``(dir_fd, "", [(top, 0,
@@ -199,7 +199,7 @@ def dirs(top, dir_fd: int) -> Iterator[tuple[int, str, list[tuple[str, int, int]
     ``top`` raises FileNotFoundError.
     """
     try:
-        fd = open_dir(top, dir_fd)
+        fd = open_noatime(top, O_DIR, dir_fd)
     except OSError as err:
         if err.errno not in NOT_A_DIR:
             raise
@@ -238,7 +238,7 @@ def dirs(top, dir_fd: int) -> Iterator[tuple[int, str, list[tuple[str, int, int]
                 frame[3] = i + 1
                 name = names[i]
                 try:
-                    fd = open_dir(name, frame[0])
+                    fd = open_noatime(name, O_DIR, frame[0])
                 except OSError as err:
                     if err.errno == errno.ENOENT:
                         continue

@@ -42,15 +42,19 @@ Lock protocol between optimisers and the GC's removal of unused pool entries
 
 * An optimiser holds ``optimise.lock`` **shared** from the moment it looks up
   an existing pool entry until the ``rename`` that gives that entry another
-  link, one directory's files at a time (never while hashing, pinning or
-  waiting for anything else).  It takes it by locking ``optimise.gate``
-  exclusively, then ``optimise.lock`` shared, then releasing the gate.
+  link.  It may keep it over the next directories for up to 50 ms
+  (``worker._HOLD_SECONDS``: a lock per directory cost four ``flock`` calls
+  each), so it can be held while small files are read and hashed, but it is
+  let go before any file of 256 KiB or more is read and at the end of each
+  chunk of paths, and it is never held while pinning or waiting for anything
+  else.  It takes it by locking ``optimise.gate`` exclusively, then
+  ``optimise.lock`` shared, then releasing the gate.
 * The GC (:func:`remove_unused_links`) scans ``.links`` unlocked, then takes
   ``optimise.gate`` exclusively and ``optimise.lock`` exclusively, re-reads
   the link count of each candidate and unlinks it only if it is still 1.
   Holding the gate keeps new optimisers out while it waits, so a stream of
   overlapping shared holders cannot starve it; shared holders never wait for
-  the GC, so the wait is bounded by one directory's worth of links.
+  the GC, so the wait is bounded by 50 ms plus one directory's small files.
 * So an entry with link count 1 is removed either before an optimiser looks
   it up (the optimiser finds it missing and makes the file the new entry) or
   after the optimiser's ``rename`` (count is 2 again: kept).  A Nix 2.8 GC or

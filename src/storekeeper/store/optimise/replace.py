@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 
-from ...fs import clear_immutable
+from ...fs import clear_immutable, open_noatime
 from ...fs.crash import crash_point
 from .hashing import _CHUNK, _MTIME_NS, _O_READ
 from .journal import Journal
@@ -68,12 +68,12 @@ def _equal(name: str, dfd: int, st: os.stat_result, h: str, lfd: int, pst: os.st
         except OSError:
             return False
     try:
-        a = os.open(name, _O_READ, dir_fd=dfd)
+        a = open_noatime(name, _O_READ, dfd)
     except OSError:
         return False
     try:
         try:
-            b = os.open(h, _O_READ, dir_fd=lfd)
+            b = open_noatime(h, _O_READ, lfd)
         except OSError:
             return False
         try:

@@ -8,6 +8,7 @@ import os
 import stat
 from hashlib import sha256
 from stat import S_ISLNK, S_ISREG, S_IWUSR
+from time import monotonic
 
 from ... import fs
 from ...formats.nar import symlink_node
@@ -32,6 +33,8 @@ from .replace import _DirState, _equal
 from .run import _Run
 
 _RETRY = object()  # an outcome meaning "look the pool entry up again"
+# the pool lock is kept over the next directories' links up to this long (package docstring)
+_HOLD_SECONDS = 0.05
 _EXISTS = object()  # the pool already has an entry for this hash
 
 
@@ -51,6 +54,7 @@ class _Worker:
         # file ended up on one (then the path is recorded as done)
         self._inodes: list[int] = []
         self._clean = True
+        self._held_since = 0.0
 
     def _close_later(self, fd: int) -> None:
         reaper = self.run.reaper
@@ -76,6 +80,15 @@ class _Worker:
             self.lock = PoolLock(self.run.store.state_dir)
         if not self.lock.held:
             self.lock.acquire_shared()
+            self._held_since = monotonic()
+
+    def _let_go(self, unless_recent: bool) -> None:
+        """Release the pool lock (with ``unless_recent``: only once held for
+        ``_HOLD_SECONDS``: taking it per directory cost four ``flock`` calls each)."""
+        lock = self.lock
+        if lock is not None and lock.held and not (
+                unless_recent and monotonic() - self._held_since < _HOLD_SECONDS):
+            lock.release()
 
     def _kept(self) -> None:
         self._clean = False
@@ -153,6 +166,7 @@ class _Worker:
         """Hash a directory's candidates (unlocked), then link them (locked as needed)."""
         run, stats = self.run, self.stats
         hasher, trust = run.hasher, run.trust
+        read_flags = _O_READ | fs.O_NOATIME
         hashed: list = []  # [name, stat, digest or a future of it]
         pending = 0
         for name, ino, lst in todo:
@@ -164,7 +178,10 @@ class _Worker:
                     target = os.fsencode(os.readlink(name, dir_fd=dfd))
                     hashed.append([name, lst, sha256(_NAR_MAGIC + symlink_node(target)).digest()])
                     continue
-                fd = os.open(name, _O_READ, dir_fd=dfd)
+                try:
+                    fd = os.open(name, read_flags, dir_fd=dfd)
+                except PermissionError:  # EPERM for O_NOATIME: a file that is not ours
+                    fd = fs.open_noatime(name, _O_READ, dfd)
             except OSError as e:
                 if e.errno not in _CHANGED:
                     raise
@@ -179,15 +196,19 @@ class _Worker:
                     self._writable(f"{shown}/{name}")
                 elif trust and st.st_nlink > 1:
                     self._trusted()
-                elif hasher is not None and st.st_size >= _BIG:
-                    # big files are hashed by the pool's threads (reads and hashlib
-                    # drop the GIL), in parallel with each other and with this loop
-                    hashed.append([name, st, hasher.submit(_hash_fd_and_close, fd, st)])
-                    handed = True
-                    pending += 1
-                    if pending >= _MAX_PENDING:  # bound the fds handed over
-                        self._resolve(hashed)
-                        pending = 0
+                elif st.st_size >= _BIG:
+                    self._let_go(unless_recent=False)  # the pool lock is not held over long reads
+                    if hasher is not None:
+                        # big files are hashed by the pool's threads (reads and hashlib
+                        # drop the GIL), in parallel with each other and with this loop
+                        hashed.append([name, st, hasher.submit(_hash_fd_and_close, fd, st)])
+                        handed = True
+                        pending += 1
+                        if pending >= _MAX_PENDING:  # bound the fds handed over
+                            self._resolve(hashed)
+                            pending = 0
+                    else:
+                        hashed.append([name, st, _hash_fd(fd, st)])
                 else:
                     hashed.append([name, st, _hash_fd(fd, st)])
             finally:
@@ -211,8 +232,7 @@ class _Worker:
                 else:
                     found.append(linked)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            self._let_go(unless_recent=True)
             if not run.dry:
                 dir_state.restore()
 
