@@ -31,6 +31,13 @@ from ..db import database_error
 
 REFERENCE, DERIVER, OUTPUT = "reference", "deriver", "output"
 
+# (path id, its valid deriver's id) pairs, and (derivation id, valid output id) pairs in
+# derivation then output-name order: 8 hex digits per id (see _ids)
+DERIVER_PAIRS = ("select group_concat(printf('%08x%08x', v.id, d.id), '') from ValidPaths v "
+                 "join ValidPaths d on d.path = v.deriver where v.deriver is not null")
+OUTPUT_PAIRS = ("select group_concat(printf('%08x%08x', drv, id), '') from (select o.drv, v.id "
+                "from DerivationOutputs o join ValidPaths v on v.path = o.path order by o.drv, o.id)")
+
 # referrer ids per bulk query: bounds the hex text SQLite builds at once (~16 bytes per edge)
 _CHUNK = 1 << 18
 
@@ -76,15 +83,11 @@ class Graph:
             if max(self.ref, default=0) >= self.size:
                 raise StoreError("a reference to a path that is not valid")
             self.drv = _zeros(self.size)
-            pairs = _ids(q("select group_concat(printf('%08x%08x', v.id, d.id), '') from ValidPaths v "
-                           "join ValidPaths d on d.path = v.deriver where v.deriver is not null")
-                         .fetchone()[0])
+            pairs = _ids(q(DERIVER_PAIRS).fetchone()[0])
             drv = self.drv
             for k in range(0, len(pairs), 2):
                 drv[pairs[k]] = pairs[k + 1]
-            pairs = _ids(q("select group_concat(printf('%08x%08x', drv, id), '') from (select o.drv, "
-                           "v.id from DerivationOutputs o join ValidPaths v on v.path = o.path "
-                           "order by o.drv)").fetchone()[0])
+            pairs = _ids(q(OUTPUT_PAIRS).fetchone()[0])
             self.out_drv, self.out_id = pairs[0::2], pairs[1::2]
             self._has_drv = any(drv)
             if not _sorted(self.out_drv):
@@ -230,46 +233,6 @@ class Graph:
                     sums[base + low.bit_length() - 1] += w
                     m ^= low
         return sums
-
-    def edges(self, i: int, keep_outputs: bool, keep_derivations: bool) -> Iterator[tuple[int, str]]:
-        for j in self.ref[self.off[i]:self.off[i + 1]]:
-            yield j, REFERENCE
-        if keep_derivations and self.drv[i]:
-            yield self.drv[i], DERIVER
-        if keep_outputs:
-            for j in self.outputs_of(i):
-                yield j, OUTPUT
-
-    def shortest_chain(self, roots: dict[int, str], target: int, keep_outputs: bool,
-                       keep_derivations: bool) -> list[tuple[int, str]] | None:
-        """Breadth-first from every root: [(root, root link), (next, edge kind), …, (target, kind)]."""
-        parent = array("i", [-1]) * self.size  # -1 unseen; a root is its own parent
-        queue: list[int] = []
-        for r, _ in sorted(roots.items(), key=lambda kv: kv[1]):
-            if 0 <= r < self.size and parent[r] < 0:
-                parent[r] = r
-                queue.append(r)
-        extra = keep_outputs or (keep_derivations and self._has_drv)
-        off, ref, push = self.off, self.ref, queue.append
-        k = 0
-        while k < len(queue) and parent[target] < 0:
-            i = queue[k]
-            k += 1
-            for j in (self.successors(i, keep_outputs, keep_derivations) if extra else ref[off[i]:off[i + 1]]):
-                if parent[j] < 0:
-                    parent[j] = i
-                    push(j)
-        if not 0 <= target < self.size or parent[target] < 0:
-            return None
-        chain = []
-        node = target
-        while parent[node] != node:
-            prev = parent[node]
-            chain.append((node, next(kind for j, kind in self.edges(prev, keep_outputs, keep_derivations)
-                                     if j == node)))
-            node = prev
-        chain.append((node, roots[node]))
-        return chain[::-1]
 
     def referrers_first(self, ids: Iterable[int], nodes: bytearray) -> array:
         """Those of ``ids`` marked in ``nodes``, each after every marked node that refers to

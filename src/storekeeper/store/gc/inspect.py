@@ -17,6 +17,7 @@ from ... import fs
 from ...api import DEAD, GCDryRun, GCOptions
 from ...formats.storepath import StorePath
 from ..roots import CENSORED, Root, RootFinder, registrations
+from .chain import Ancestry
 from .graph import Graph
 
 
@@ -146,7 +147,8 @@ def _closure_bytes(graph: Graph, targets: list[int], keep_outputs: bool,
 
 
 class _Validity:
-    """The one thing ``list_roots`` asks of a graph when it needs no sizes."""
+    """Ids and names from the DB, one row at a time: what ``list_roots`` asks of a graph
+    when it needs no sizes, and ``why_alive`` of the paths it names."""
 
     def __init__(self, db) -> None:
         self.db = db
@@ -154,6 +156,9 @@ class _Validity:
     def id_of_path(self, path: str) -> int | None:
         row = self.db.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
         return row[0] if row else None
+
+    def path_of_id(self, i: int) -> str:
+        return self.db.conn.execute("select path from ValidPaths where id = ?", (i,)).fetchone()[0]
 
 
 def why_alive(store, sp: StorePath,
@@ -163,13 +168,13 @@ def why_alive(store, sp: StorePath,
     ``hide_link`` says which roots' links the asker may not see: such a root is
     labelled ``{censored}`` (a visible root of the same path is preferred).
     """
-    graph = Graph(store.db)
-    target = graph.id_of_path(store.print_path(sp))
+    ids = _Validity(store.db)
+    target = ids.id_of_path(store.print_path(sp))
     if target is None:
         return None
     roots: dict[int, str] = {}
     for r in all_roots(store):
-        i = graph.id_of_path(store.print_path(r.path))
+        i = ids.id_of_path(store.print_path(r.path))
         if i is None:
             continue
         if hide_link(r):
@@ -177,10 +182,10 @@ def why_alive(store, sp: StorePath,
         elif roots.get(i, CENSORED).startswith(CENSORED):
             roots[i] = f"{r.link} ({r.kind} root)"
     s = store.settings
-    chain = graph.shortest_chain(roots, target, s.keep_outputs, s.keep_derivations)
+    chain = Ancestry(store.db, target, s.keep_outputs, s.keep_derivations).shortest_chain(roots)
     if chain is None:
         return None
-    return [(label, graph.path_of_id(i)) for i, label in chain]
+    return [(label, ids.path_of_id(i)) for i, label in chain]
 
 
 def gc_dry_run(store, options: GCOptions | None = None,
