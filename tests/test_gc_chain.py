@@ -10,7 +10,8 @@ from test_gc import generate
 
 from storekeeper.formats.url import LocalLayout
 from storekeeper.store.gc.chain import Ancestry
-from storekeeper.store.gc.inspect import all_roots, why_alive
+from storekeeper.store.gc.inspect import why_alive
+from storekeeper.store.gc.rootlist import all_roots
 from storekeeper.store.local import LocalStore
 
 
