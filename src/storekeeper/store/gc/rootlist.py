@@ -70,17 +70,25 @@ class RootInfo:
         return ""
 
 
-def _user_name(uid: int) -> str:
+def _user_name(uid: int, names: dict[int, str] | None = None) -> str:
+    """The user's name (``names``: the ones looked up so far in this listing; each lookup
+    reads the password database)."""
+    if names is not None and uid in names:
+        return names[uid]
     try:
-        return pwd.getpwuid(uid).pw_name
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
-        return str(uid)
+        name = str(uid)
+    if names is not None:
+        names[uid] = name
+    return name
 
 
-def owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None]:
+def owner_and_age(root: Root, state_dir: str,
+                  names: dict[int, str] | None = None) -> tuple[str | None, float | None]:
     """Who made the root and how long ago (None where the root's kind does not say)."""
     if root.uid is not None:
-        return _user_name(root.uid), None
+        return _user_name(root.uid, names), None
     if root.kind == "indirect-unresolved":
         return None, None
     if root.kind == "temp":
@@ -93,7 +101,7 @@ def owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None]
         st = os.lstat(probe)
     except OSError:
         return None, None
-    return _user_name(st.st_uid), max(0.0, time.time() - st.st_mtime)
+    return _user_name(st.st_uid, names), max(0.0, time.time() - st.st_mtime)
 
 
 def finder(store) -> RootFinder:
@@ -136,9 +144,10 @@ def list_roots(store, closure_sizes: Callable[[list[int]], dict[int, int]] | Non
     ordered = sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0))
     ids = {r: ids_of.id_of_path(store.print_path(r.path)) for r in ordered}
     sizes = closure_sizes(sorted({i for i in ids.values() if i is not None})) if closure_sizes else None
+    names: dict[int, str] = {}
     for r in ordered:
         i = ids[r]
-        owner, age = owner_and_age(r, store.state_dir)
+        owner, age = owner_and_age(r, store.state_dir, names)
         size = None if sizes is None else (sizes.get(i, 0) if i else 0)
         out.append(RootInfo(r.kind, r.link, store.print_path(r.path), owner, age, size,
                             i is not None, r.uid, r.first_missed, r.expires))

@@ -48,9 +48,9 @@ class IndirectRootMemory:
 
     def get(self, name: str) -> dict | None:
         """The record, if any; its ``path`` may be None (never resolved)."""
-        import json  # noqa: PLC0415 -- only when there is a file to read: kept off `roots`' start-up
         try:
             with open(os.path.join(self.dir, name)) as f:
+                import json  # noqa: PLC0415 -- only when there is a record: kept off `roots`' start-up
                 rec = json.load(f)
         except (OSError, ValueError):
             return None

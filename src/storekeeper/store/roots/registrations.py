@@ -120,7 +120,6 @@ class UserRoots:
 
     def _load(self, kind: str, uid: int, messages: list[str] | None = None,
               owners: set[int] | None = None) -> dict:
-        import json  # noqa: PLC0415 -- only when there is a file to read: kept off `roots`' start-up
         path = os.path.join(self._dir(kind), str(uid))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -141,6 +140,7 @@ class UserRoots:
                 data = f.read()
         finally:
             os.close(fd)
+        import json  # noqa: PLC0415 -- only when there is a file: kept off `roots`' start-up
         try:
             obj = json.loads(data)
         except ValueError:
