@@ -9,8 +9,7 @@ from conftest import needs_nix, run_nix
 from test_gc import generate
 
 from storekeeper.formats.url import LocalLayout
-from storekeeper.store.gc.chain import Ancestry
-from storekeeper.store.gc.inspect import why_alive
+from storekeeper.store.gc.chain import Ancestry, why_alive
 from storekeeper.store.gc.rootlist import all_roots
 from storekeeper.store.local import LocalStore
 

@@ -22,7 +22,16 @@ import sys
 from array import array
 from bisect import bisect_left
 
-from .graph import DERIVER, DERIVER_PAIRS, OUTPUT, OUTPUT_PAIRS, REFERENCE, _ids, _snapshot
+from ...formats.storepath import StorePath
+from ..roots import CENSORED, Root
+from .bulk import DERIVER_PAIRS, OUTPUT_PAIRS, ids_of_hex, snapshot
+from .rootlist import Validity, all_roots
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+REFERENCE, DERIVER, OUTPUT = "reference", "deriver", "output"
 
 # referrers of a whole breadth-first layer in one statement (the layer as JSON: one
 # bound parameter, looked up through the reference index)
@@ -55,14 +64,14 @@ class Ancestry:
         self.deriver: dict[int, int] = {}
         self.outputs: dict[int, list[int]] = {}
         holders: dict[int, list[int]] = {}  # reverse of the deriver and output edges
-        with _snapshot(db.conn) as q:
+        with snapshot(db.conn) as q:
             if keep_derivations:
-                pairs = _ids(q(DERIVER_PAIRS).fetchone()[0])
+                pairs = ids_of_hex(q(DERIVER_PAIRS).fetchone()[0])
                 for path, drv in zip(pairs[0::2], pairs[1::2]):
                     self.deriver[path] = drv
                     holders.setdefault(drv, []).append(path)
             if keep_outputs:
-                pairs = _ids(q(OUTPUT_PAIRS).fetchone()[0])
+                pairs = ids_of_hex(q(OUTPUT_PAIRS).fetchone()[0])
                 for drv, out in zip(pairs[0::2], pairs[1::2]):
                     self.outputs.setdefault(drv, []).append(out)
                     holders.setdefault(out, []).append(drv)
@@ -72,7 +81,7 @@ class Ancestry:
             while layer:
                 text = q(_LAYER_REFERRERS, ("[" + ",".join(map(str, layer)) + "]",)).fetchone()[0]
                 edges.extend(_pairs(text))
-                new = set(_ids(text)[0::2])
+                new = set(ids_of_hex(text)[0::2])
                 if holders:
                     for i in layer:
                         new.update(holders.get(i, ()))
@@ -131,3 +140,30 @@ class Ancestry:
             node = prev
         chain.append((node, roots[node]))
         return chain[::-1]
+
+
+def why_alive(store, sp: StorePath,
+              hide_link: Callable[[Root], bool] = lambda r: False) -> list[tuple[str, str]] | None:
+    """The shortest chain root → … → ``sp``: [(root label, root path), (edge kind, path), …].
+
+    ``hide_link`` says which roots' links the asker may not see: such a root is
+    labelled ``{censored}`` (a visible root of the same path is preferred).
+    """
+    ids = Validity(store.db)
+    target = ids.id_of_path(store.print_path(sp))
+    if target is None:
+        return None
+    roots: dict[int, str] = {}
+    for r in all_roots(store):
+        i = ids.id_of_path(store.print_path(r.path))
+        if i is None:
+            continue
+        if hide_link(r):
+            roots.setdefault(i, f"{CENSORED} ({r.kind} root)")
+        elif roots.get(i, CENSORED).startswith(CENSORED):
+            roots[i] = f"{r.link} ({r.kind} root)"
+    s = store.settings
+    chain = Ancestry(store.db, target, s.keep_outputs, s.keep_derivations).shortest_chain(roots)
+    if chain is None:
+        return None
+    return [(label, ids.path_of_id(i)) for i, label in chain]

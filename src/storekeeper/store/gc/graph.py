@@ -17,39 +17,19 @@ from __future__ import annotations
 
 import heapq
 import json
-import sqlite3
-import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from contextlib import contextmanager
 from itertools import accumulate, compress, islice, repeat
 from operator import le
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from ...errors import StoreError
-from ..db import database_error
-
-REFERENCE, DERIVER, OUTPUT = "reference", "deriver", "output"
-
-# (path id, its valid deriver's id) pairs, and (derivation id, valid output id) pairs in
-# derivation then output-name order: 8 hex digits per id (see _ids)
-DERIVER_PAIRS = ("select group_concat(printf('%08x%08x', v.id, d.id), '') from ValidPaths v "
-                 "join ValidPaths d on d.path = v.deriver where v.deriver is not null")
-OUTPUT_PAIRS = ("select group_concat(printf('%08x%08x', drv, id), '') from (select o.drv, v.id "
-                "from DerivationOutputs o join ValidPaths v on v.path = o.path order by o.drv, o.id)")
+from .bulk import DERIVER_PAIRS, OUTPUT_PAIRS
+from .bulk import ids_of_hex as _ids
+from .bulk import snapshot as _snapshot
 
 # referrer ids per bulk query: bounds the hex text SQLite builds at once (~16 bytes per edge)
 _CHUNK = 1 << 18
-
-
-def _ids(hex_text: str | None) -> array:
-    """'0000002a00000007…' (8 hex digits per id, big-endian) → array('I', [42, 7, …])."""
-    out = array("I")
-    if hex_text:
-        out.frombytes(bytes.fromhex(hex_text))
-        if sys.byteorder == "little":
-            out.byteswap()
-    return out
 
 
 def _decimal(text: str | None) -> list[int]:
@@ -407,20 +387,3 @@ def stray_names(db, store_dir, entries: Iterable[str]) -> set[str]:
 
 def _sorted(a: array) -> bool:
     return all(map(le, a, islice(a, 1, None)))
-
-
-@contextmanager
-def _snapshot(conn) -> Iterator:
-    """One read transaction (unless the caller has one open); statements on plain
-    cursors, so rows are stepped in C, with SQLite errors translated as the DB's own."""
-    own = not conn.in_transaction
-    try:
-        if own:
-            conn.execute("begin")
-        try:
-            yield lambda sql, params=(): sqlite3.Cursor(conn).execute(sql, params)
-        finally:
-            if own and conn.in_transaction:
-                conn.execute("commit")
-    except sqlite3.Error as e:
-        raise database_error(e, getattr(conn, "db_path", "")) from None

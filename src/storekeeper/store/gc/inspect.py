@@ -13,11 +13,10 @@ from typing import Callable, Iterable, Iterator
 from ... import fs
 from ...api import DEAD, GCDryRun, GCOptions
 from ...formats.storepath import StorePath
-from ..roots import CENSORED, Root, registrations
+from ..roots import CENSORED, registrations
 from . import rootlist
-from .chain import Ancestry
 from .graph import Graph
-from .rootlist import RootInfo, Validity, all_roots
+from .rootlist import RootInfo
 
 
 def list_roots(store, sizes: bool = True) -> list[RootInfo]:
@@ -44,33 +43,6 @@ def _closure_bytes(graph: Graph, targets: list[int], keep_outputs: bool,
         sums = [sum(map(nar_sizes.__getitem__, graph.closure_ids([i], keep_outputs, keep_derivations)))
                 for i in targets]
     return dict(zip(targets, sums))
-
-
-def why_alive(store, sp: StorePath,
-              hide_link: Callable[[Root], bool] = lambda r: False) -> list[tuple[str, str]] | None:
-    """The shortest chain root → … → ``sp``: [(root label, root path), (edge kind, path), …].
-
-    ``hide_link`` says which roots' links the asker may not see: such a root is
-    labelled ``{censored}`` (a visible root of the same path is preferred).
-    """
-    ids = Validity(store.db)
-    target = ids.id_of_path(store.print_path(sp))
-    if target is None:
-        return None
-    roots: dict[int, str] = {}
-    for r in all_roots(store):
-        i = ids.id_of_path(store.print_path(r.path))
-        if i is None:
-            continue
-        if hide_link(r):
-            roots.setdefault(i, f"{CENSORED} ({r.kind} root)")
-        elif roots.get(i, CENSORED).startswith(CENSORED):
-            roots[i] = f"{r.link} ({r.kind} root)"
-    s = store.settings
-    chain = Ancestry(store.db, target, s.keep_outputs, s.keep_derivations).shortest_chain(roots)
-    if chain is None:
-        return None
-    return [(label, ids.path_of_id(i)) for i, label in chain]
 
 
 def gc_dry_run(store, options: GCOptions | None = None,
