@@ -1,6 +1,6 @@
-"""why-alive's chain (store.gc.chain: a search inside the target's referrer closure only)
-equals a breadth-first search over the whole graph, and names a root that real Nix's
-`nix-store -q --roots` names too."""
+"""why-alive's chain (store.gc.chain: a forward search stopped at the target, or one inside
+the target's referrer closure, whichever finishes first) equals a breadth-first search over
+the whole graph, and names a root that real Nix's `nix-store -q --roots` names too."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from conftest import needs_nix, run_nix
 from test_gc import generate
 
 from storekeeper.formats.url import LocalLayout
-from storekeeper.store.gc.chain import Ancestry, why_alive
+from storekeeper.store.gc.bulk import snapshot
+from storekeeper.store.gc.chain import _Backward, _Extra, shortest_chain, why_alive
 from storekeeper.store.gc.rootlist import all_roots
 from storekeeper.store.local import LocalStore
 
@@ -79,8 +80,9 @@ def test_chain_equals_a_search_of_the_whole_graph(tmp_path, seed):
             for keep_derivations in (False, True):
                 for target in valid:
                     want = _whole_graph_chain(s.db.conn, roots, target, keep_outputs, keep_derivations)
-                    got = Ancestry(s.db, target, keep_outputs, keep_derivations).shortest_chain(roots)
-                    assert got == want, (target, keep_outputs, keep_derivations)
+                    for walk in ("forward", "backward", "both"):
+                        got = shortest_chain(s.db, roots, target, keep_outputs, keep_derivations, walk)
+                        assert got == want, (target, keep_outputs, keep_derivations, walk)
                     kinds.update(k for _, k in (got or [])[1:])
                     alive += got is not None
         # the stores exercise every edge kind, and both answers
@@ -101,11 +103,14 @@ def test_why_alive_names_the_chain_and_reads_only_the_closure(tmp_path):
             want = _whole_graph_chain(s.db.conn, roots, i, cfg.keep_outputs, cfg.keep_derivations)
             got = why_alive(s, sp)
             assert got == (None if want is None else [(label, by_id[j]) for j, label in want])
-            anc = Ancestry(s.db, i, cfg.keep_outputs, cfg.keep_derivations)
-            some += len(anc.members) < len(by_id)
-            # every member reaches the target: what the search leaves out cannot
-            assert all(_whole_graph_chain(s.db.conn, {m: "x"}, i, cfg.keep_outputs, cfg.keep_derivations)
-                       for m in anc.members)
+            with snapshot(s.db.conn) as q:
+                back = _Backward(q, _Extra(q, cfg.keep_outputs, cfg.keep_derivations), i)
+                while not back.done:
+                    back.step()
+            some += len(back.members) < len(by_id)
+            # the closure is exactly the paths that reach the target
+            assert back.members == {m for m in by_id if _whole_graph_chain(
+                s.db.conn, {m: "x"}, i, cfg.keep_outputs, cfg.keep_derivations)}
         assert some  # (a closure smaller than the store: not a whole-graph read in disguise)
 
 
