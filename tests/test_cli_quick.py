@@ -63,6 +63,15 @@ CASES = [
     ["verify", "--json", "--json"],
     ["verify", "--sigs"],
     ["verify", "{p}"],
+    # why-alive PATH (issue 20), and what argparse decides for it
+    ["why-alive", "{p}"],                           # not alive: exit 1
+    ["why-alive", "{q}"],                           # not valid: exit 3
+    ["why-alive", "relative/path"],
+    ["why-alive", "-h"],
+    ["why-alive"],
+    ["why-alive", "{p}", "{p}"],
+    ["why-alive", "--", "{p}"],
+    ["why-alive", ""],
 ]
 
 
@@ -127,12 +136,12 @@ def test_it_takes_the_hot_path():
     taken = [["--version"], ["query", "--hash", P], ["--store", "/s", "query", "--size", P, P],
              ["--store", "", "query", "--include-outputs", "--requisites", P],
              ["roots"], ["--store", "/s", "roots", "--no-size"], ["verify"],
-             ["verify", "--check-contents", "--repair", "--json"]]
+             ["verify", "--check-contents", "--repair", "--json"], ["why-alive", P]]
     for argv in taken:
         assert quick.parse(argv) is not None, argv
     declined = [["--version", "x"], ["--store", "-x", "query", "--hash", P], ["query", "--hash"],
                 ["gc"], ["query", P, "--hash"], ["--store"], [], ["roots", "--size"],
-                ["verify", "--sigs"], ["verify", P]]
+                ["verify", "--sigs"], ["verify", P], ["why-alive"], ["why-alive", P, P], ["why-alive", "-h"]]
     for argv in declined:
         assert quick.parse(argv) is None, argv
 

@@ -13,7 +13,8 @@ from daemon_util import read_log, run_session
 from storekeeper.daemon.trust import PeerInfo
 from storekeeper.formats.url import LocalLayout
 from storekeeper.formats.wire import ExtOp, WireReader, WireWriter
-from storekeeper.store.gc.inspect import gc_dry_run, why_alive
+from storekeeper.store.gc.chain import why_alive
+from storekeeper.store.gc.inspect import gc_dry_run
 from storekeeper.store.local import LocalStore
 from storekeeper.store.optimise import pool_stats
 from storekeeper.store.roots import registrations

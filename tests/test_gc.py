@@ -358,7 +358,8 @@ def test_dry_run_bytes_are_exact_with_hard_links(tmp_path):
 
 
 def test_roots_listing_and_why_alive(tmp_path):
-    from storekeeper.store.gc.inspect import list_roots, why_alive
+    from storekeeper.store.gc.chain import why_alive
+    from storekeeper.store.gc.inspect import list_roots
     root = str(tmp_path / "a")
     with LocalStore(LocalLayout.chroot(root)) as s:
         a = s.add_text("a", b"a").path

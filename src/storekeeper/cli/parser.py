@@ -180,7 +180,7 @@ def _profile(sub: _Sub) -> None:
 def _why_alive(sub: _Sub) -> None:
     s = sub.add_parser("why-alive", help="the shortest chain from a GC root to PATH")
     s.add_argument("path")
-    s.set_defaults(func="gc.cmd_why_alive")
+    s.set_defaults(func="why.cmd_why_alive", queries_only=True)
 
 
 def _delete(sub: _Sub) -> None:

@@ -1,5 +1,5 @@
 """A hand parser for the command lines run most often from scripts: ``--version``,
-``query``, and the plain ``roots`` and ``verify`` (cold start, issues 12 and 20:
+``query``, ``why-alive PATH``, and the plain ``roots`` and ``verify`` (cold start, issues 12 and 20:
 argparse, with the gettext, locale and shutil it loads, is a third of a query's start).
 
 It takes only the plain shape of those command lines and answers None for anything
@@ -43,7 +43,7 @@ def verify_reads_only(repair: bool, sigs: bool) -> bool:
 
 
 def parse(argv: Sequence[str]) -> Args | str | None:
-    """``query``'s, ``roots``' or ``verify``'s arguments as argparse would parse them; the
+    """``query``'s, ``why-alive``'s, ``roots``' or ``verify``'s arguments as argparse would parse them; the
     text to print for a lone ``--version``; None when argparse must decide."""
     if list(argv) == ["--version"]:
         return f"storekeeper {__version__}"
@@ -54,6 +54,9 @@ def parse(argv: Sequence[str]) -> Args | str | None:
             return None
     if i < len(argv) and argv[i] in _FLAGS:
         return _flags_only(argv[i], argv[i + 1:], store)
+    if argv[i:i + 1] == ["why-alive"] and len(argv) == i + 2 and argv[i + 1] and not argv[i + 1].startswith("-"):
+        return Args(store=store, command="why-alive", path=argv[i + 1], func="why.cmd_why_alive",
+                    queries_only=True)
     if i >= len(argv) or argv[i] != "query":
         return None
     what, include_outputs = None, False

@@ -7,9 +7,12 @@ the *last* output character holds bits 0..4.  See spec §1.2.
 from __future__ import annotations
 
 import binascii
-import hashlib
 
 from .errors import FormatError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    import hashlib
 
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _NIX32_INDEX = {c: i for i, c in enumerate(NIX32_ALPHABET)}
@@ -63,6 +66,8 @@ def compress_hash(digest: bytes, size: int = 20) -> bytes:
 
 
 def new_hasher(algo: str) -> "hashlib._Hash":
+    # (imported here: loading OpenSSL is ~2 ms of the start of commands that hash nothing)
+    import hashlib  # noqa: PLC0415
     if algo not in ALGO_SIZES:
         raise FormatError(f"unknown hash algorithm {algo!r}")
     return hashlib.new(algo)

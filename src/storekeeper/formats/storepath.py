@@ -9,11 +9,10 @@ a name that is no store path's be taken for one.  See spec §1.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 
 from .errors import FormatError
-from .hashes import NIX32_ALPHABET, Hash, compress_hash, nix32_encode
+from .hashes import NIX32_ALPHABET, Hash, compress_hash, new_hasher, nix32_encode
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
@@ -198,7 +197,9 @@ class StoreDir:
         if inner.algo != "sha256":
             raise FormatError("store path inner hashes are SHA-256")
         fingerprint = f"{kind}:sha256:{inner.base16}:{self.path}:{name}"
-        digest = compress_hash(hashlib.sha256(fingerprint.encode()).digest(), 20)
+        h = new_hasher("sha256")
+        h.update(fingerprint.encode())
+        digest = compress_hash(h.digest(), 20)
         return StorePath(f"{nix32_encode(digest)}-{name}")
 
     def _kind_with_refs(self, kind: str, refs: Iterable[StorePath], self_ref: bool) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
@@ -69,6 +68,7 @@ def fsync_all(fds: list[int]) -> None:
                 os.fsync(fd)
         except BaseException as e:  # handed to the caller
             errors.append(e)
+    import threading  # noqa: PLC0415 -- only a writer needs it: kept off the start-up of queries
     n = min(FSYNC_THREADS, len(fds))
     threads = [threading.Thread(target=work, args=(fds[i::n],), name="sk-fsync") for i in range(n)]
     for t in threads:

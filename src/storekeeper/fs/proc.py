@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
-from typing import Iterable, Iterator
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from re import Pattern
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -25,6 +28,15 @@ def _read(dir_fd: int, name: str) -> bytes | None:
         os.close(fd)
 
 
+def _patterns(prefixes: list[str]) -> dict[str, Pattern[bytes]]:
+    """The expressions that find store paths in ``maps`` and ``environ``."""
+    import re  # noqa: PLC0415 -- only when a process names the store: kept off `roots`' start-up
+    env = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in prefixes) +
+                     rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
+    maps = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
+    return {"maps": maps, "environ": env}
+
+
 def list_pids(proc: str = "/proc") -> list[str]:
     """The processes we can see now."""
     try:
@@ -42,9 +54,7 @@ def scan_proc(prefixes: Iterable[str], uid: int | None = None,
     those (of :func:`list_pids`: a scan may be split between threads).
     """
     prefixes = sorted(set(prefixes))
-    env_re = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in prefixes) +
-                        rb")/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
-    maps_re = re.compile(rb"^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)$", re.M)
+    patterns: dict[str, Pattern[bytes]] = {}  # (compiled when a process first names a prefix)
 
     # (This runs for every fd and mapping of every process on each GC: one C-level test.)
     starts = tuple(p + "/" for p in prefixes)
@@ -91,11 +101,13 @@ def scan_proc(prefixes: Iterable[str], uid: int | None = None,
                     pass
                 finally:
                     os.close(fds)
-            for leaf, rx in (("maps", maps_re), ("environ", env_re)):
+            for leaf in ("maps", "environ"):
                 data = _read(pfd, leaf)
                 if data is None or not any(n in data for n in needles):
                     continue  # (most processes: no line to parse)
-                for m in rx.finditer(data):
+                if not patterns:
+                    patterns.update(_patterns(prefixes))
+                for m in patterns[leaf].finditer(data):
                     found.append((os.fsdecode(m.group(m.lastindex or 0)), f"{base}/{leaf}"))
         finally:
             os.close(pfd)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import select
-from typing import Protocol, TypeVar, Union
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from typing import Protocol, TypeVar, Union
 
-class _HasFileno(Protocol):
-    def fileno(self) -> int: ...
+    class _HasFileno(Protocol):
+        def fileno(self) -> int: ...
 
-
-W = TypeVar("W", bound=Union[int, _HasFileno])
+    W = TypeVar("W", bound=Union[int, _HasFileno])
 
 _EVENTS = select.POLLIN | select.POLLPRI
 

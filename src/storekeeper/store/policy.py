@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 from .. import fs
 from ..errors import UsageError
 from .du.space import by_owner, compute
-from .gc.inspect import all_roots
+from .gc.rootlist import all_roots
 from .generations import Selection, delete_generations, generations, profiles_under, select
 
 RECENT_DIR = "recently-used"

@@ -1,4 +1,4 @@
-"""Garbage collection: ``gc``, ``delete``, ``why-alive``."""
+"""Garbage collection: ``gc``, ``delete`` (``why-alive``: :mod:`.why`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..common import UsageError, daemon_of, is_local, local_of, needs_local, resolve_path, valid
+from ..common import UsageError, daemon_of, is_local, local_of, needs_local, resolve_path
 
 if TYPE_CHECKING:
     from ...api import GCDryRun
@@ -124,27 +124,6 @@ def _print_dry_run(result: GCDryRun, as_json: bool) -> int:
     print(f"would delete {len(result.paths)} store paths, freeing {disk} bytes "
           f"({disk / 2**20:.2f} MiB on disk, {apparent / 2**20:.2f} MiB of file contents)",
           file=sys.stderr)
-    return 0
-
-
-def cmd_why_alive(store: Store, args: argparse.Namespace) -> int:
-    sp = valid(store, args.path)
-    local = local_of(store)
-    if local is not None:
-        from ...store.gc.inspect import why_alive
-        chain = why_alive(local, sp)
-    else:
-        daemon = daemon_of(store)
-        assert daemon is not None
-        chain = daemon.why_alive(sp)
-    if chain is None:
-        print(f"{store.print_path(sp)} is not reachable from any root: the next GC deletes it")
-        return 1
-    (root_label, first), *rest = chain
-    print(f"{root_label}")
-    print(f"  -> {first}")
-    for kind, path in rest:
-        print(f"  -> {path}   [{kind}]")
     return 0
 
 

@@ -4,17 +4,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from ..common import UsageError, age, daemon_of, is_local, open_store, resolve_path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
     import argparse
 
-    from ...store.gc.inspect import RootInfo
+    from ...store.gc.rootlist import RootInfo
     from ..common import Store
 
 #: hidden ``--skip-step`` values: a test hook that shows what each step is for
@@ -74,8 +73,13 @@ def before_gc(url: str | None, skip=()) -> None:
 def cmd_roots(store: Store, args: argparse.Namespace) -> int:
     if not is_local(store):
         return remote_roots(store, args.store, args.json)
-    from ...store.gc.inspect import list_roots
-    print_root_infos(list_roots(store, sizes=not args.no_size), args.json)
+    if args.no_size:  # (without the reference graph's modules: cold start)
+        from ...store.gc.rootlist import list_roots
+        infos = list_roots(store)
+    else:
+        from ...store.gc.inspect import list_roots as with_sizes
+        infos = with_sizes(store)
+    print_root_infos(infos, args.json)
     if not args.json:
         from .policy import print_policy_plan
         print_policy_plan(store, with_bytes=False)
@@ -88,6 +92,7 @@ def _when(t: float | None) -> str:
 
 def print_root_infos(infos: list[RootInfo], as_json: bool) -> None:
     if as_json:
+        import json  # (only here: the plain listing starts without it)
         json.dump([r.to_json() for r in infos], sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
@@ -104,7 +109,7 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
     """Through storekeeper's daemon: every root with its kind and details (ListRoots);
     through another daemon: links and targets (FindRoots)."""
     from ...client.userroots import NotStorekeeperDaemon
-    from ...store.gc.inspect import RootInfo
+    from ...store.gc.rootlist import RootInfo
     try:
         overview = store.list_roots()
     except NotStorekeeperDaemon:
@@ -118,6 +123,7 @@ def remote_roots(store, url: str | None, as_json: bool) -> int:
         finally:
             other.close()
         if as_json:
+            import json
             json.dump([{"link": link, "target": target} for link, target in pairs], sys.stdout,
                       indent=1)
             sys.stdout.write("\n")

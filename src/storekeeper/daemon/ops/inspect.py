@@ -16,7 +16,8 @@ import json
 
 from ...formats.wire import ExtOp, Verbosity
 from ...store.du import compute
-from ...store.gc.inspect import gc_dry_run, why_alive
+from ...store.gc.chain import why_alive
+from ...store.gc.inspect import gc_dry_run
 from ...store.optimise import pool_stats
 from ..registry import invalid, op
 from ..session import Session

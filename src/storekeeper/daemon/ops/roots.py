@@ -15,7 +15,7 @@ from ...formats.wire import (
     Verbosity,
     format_version,
 )
-from ...store.gc.inspect import all_roots
+from ...store.gc.rootlist import all_roots
 from ...store.optimise import optimise_store as run_optimiser
 from ...store.policy import note_use
 from ...store.roots import CENSORED, RootFinder, make_perm_link, make_perm_link_as, read_link_as

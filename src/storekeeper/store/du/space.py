@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from ... import fs
 from ..gc.graph import Graph
-from ..gc.inspect import _owner_and_age, all_roots
+from ..gc.rootlist import all_roots, owner_and_age
 from .cache import DiskCache
 
 #: how many of the largest paths each root (and the whole store) lists
@@ -342,7 +342,7 @@ def compute(store, nar: bool = False, top: int = TOP,
     out_roots = []
     for r, i in entries:
         bit = bit_of[i]
-        owner, _age = _owner_and_age(r, store.state_dir)
+        owner, _age = owner_and_age(r, store.state_dir)
         link = "{censored}" if hide is not None and hide(r) else r.link
         out_roots.append(RootSpace(
             r.kind, link, graph.path_of[i], owner, closure_b[bit], g_bytes.get(1 << bit, 0),

@@ -17,32 +17,19 @@ from __future__ import annotations
 
 import heapq
 import json
-import sqlite3
-import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from contextlib import contextmanager
 from itertools import accumulate, compress, islice, repeat
 from operator import le
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from ...errors import StoreError
-from ..db import database_error
-
-REFERENCE, DERIVER, OUTPUT = "reference", "deriver", "output"
+from .bulk import DERIVER_PAIRS, OUTPUT_PAIRS
+from .bulk import ids_of_hex as _ids
+from .bulk import snapshot as _snapshot
 
 # referrer ids per bulk query: bounds the hex text SQLite builds at once (~16 bytes per edge)
 _CHUNK = 1 << 18
-
-
-def _ids(hex_text: str | None) -> array:
-    """'0000002a00000007…' (8 hex digits per id, big-endian) → array('I', [42, 7, …])."""
-    out = array("I")
-    if hex_text:
-        out.frombytes(bytes.fromhex(hex_text))
-        if sys.byteorder == "little":
-            out.byteswap()
-    return out
 
 
 def _decimal(text: str | None) -> list[int]:
@@ -76,15 +63,11 @@ class Graph:
             if max(self.ref, default=0) >= self.size:
                 raise StoreError("a reference to a path that is not valid")
             self.drv = _zeros(self.size)
-            pairs = _ids(q("select group_concat(printf('%08x%08x', v.id, d.id), '') from ValidPaths v "
-                           "join ValidPaths d on d.path = v.deriver where v.deriver is not null")
-                         .fetchone()[0])
+            pairs = _ids(q(DERIVER_PAIRS).fetchone()[0])
             drv = self.drv
             for k in range(0, len(pairs), 2):
                 drv[pairs[k]] = pairs[k + 1]
-            pairs = _ids(q("select group_concat(printf('%08x%08x', drv, id), '') from (select o.drv, "
-                           "v.id from DerivationOutputs o join ValidPaths v on v.path = o.path "
-                           "order by o.drv)").fetchone()[0])
+            pairs = _ids(q(OUTPUT_PAIRS).fetchone()[0])
             self.out_drv, self.out_id = pairs[0::2], pairs[1::2]
             self._has_drv = any(drv)
             if not _sorted(self.out_drv):
@@ -230,46 +213,6 @@ class Graph:
                     sums[base + low.bit_length() - 1] += w
                     m ^= low
         return sums
-
-    def edges(self, i: int, keep_outputs: bool, keep_derivations: bool) -> Iterator[tuple[int, str]]:
-        for j in self.ref[self.off[i]:self.off[i + 1]]:
-            yield j, REFERENCE
-        if keep_derivations and self.drv[i]:
-            yield self.drv[i], DERIVER
-        if keep_outputs:
-            for j in self.outputs_of(i):
-                yield j, OUTPUT
-
-    def shortest_chain(self, roots: dict[int, str], target: int, keep_outputs: bool,
-                       keep_derivations: bool) -> list[tuple[int, str]] | None:
-        """Breadth-first from every root: [(root, root link), (next, edge kind), …, (target, kind)]."""
-        parent = array("i", [-1]) * self.size  # -1 unseen; a root is its own parent
-        queue: list[int] = []
-        for r, _ in sorted(roots.items(), key=lambda kv: kv[1]):
-            if 0 <= r < self.size and parent[r] < 0:
-                parent[r] = r
-                queue.append(r)
-        extra = keep_outputs or (keep_derivations and self._has_drv)
-        off, ref, push = self.off, self.ref, queue.append
-        k = 0
-        while k < len(queue) and parent[target] < 0:
-            i = queue[k]
-            k += 1
-            for j in (self.successors(i, keep_outputs, keep_derivations) if extra else ref[off[i]:off[i + 1]]):
-                if parent[j] < 0:
-                    parent[j] = i
-                    push(j)
-        if not 0 <= target < self.size or parent[target] < 0:
-            return None
-        chain = []
-        node = target
-        while parent[node] != node:
-            prev = parent[node]
-            chain.append((node, next(kind for j, kind in self.edges(prev, keep_outputs, keep_derivations)
-                                     if j == node)))
-            node = prev
-        chain.append((node, roots[node]))
-        return chain[::-1]
 
     def referrers_first(self, ids: Iterable[int], nodes: bytearray) -> array:
         """Those of ``ids`` marked in ``nodes``, each after every marked node that refers to
@@ -444,20 +387,3 @@ def stray_names(db, store_dir, entries: Iterable[str]) -> set[str]:
 
 def _sorted(a: array) -> bool:
     return all(map(le, a, islice(a, 1, None)))
-
-
-@contextmanager
-def _snapshot(conn) -> Iterator:
-    """One read transaction (unless the caller has one open); statements on plain
-    cursors, so rows are stepped in C, with SQLite errors translated as the DB's own."""
-    own = not conn.in_transaction
-    try:
-        if own:
-            conn.execute("begin")
-        try:
-            yield lambda sql, params=(): sqlite3.Cursor(conn).execute(sql, params)
-        finally:
-            if own and conn.in_transaction:
-                conn.execute("commit")
-    except sqlite3.Error as e:
-        raise database_error(e, getattr(conn, "db_path", "")) from None

@@ -7,128 +7,28 @@ consistent snapshot of the DB plus what the file system shows.
 from __future__ import annotations
 
 import os
-import pwd
 import stat
-import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ... import fs
 from ...api import DEAD, GCDryRun, GCOptions
 from ...formats.storepath import StorePath
-from ..roots import CENSORED, Root, RootFinder, registrations
+from ..roots import CENSORED, registrations
+from . import rootlist
 from .graph import Graph
-
-
-@dataclass
-class RootInfo:
-    kind: str
-    link: str
-    target: str  # "" for an unreadable indirect root that never resolved
-    owner: str | None
-    age_seconds: float | None
-    closure_size: int | None  # NAR bytes of the target's closure (None: not computed)
-    valid: bool
-    uid: int | None = None
-    first_missed: float | None = None  # indirect-unresolved: when it was first unreadable
-    expires: float | None = None  # lease: end; indirect-unresolved: when it is dropped
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "link": self.link, "target": self.target, "owner": self.owner,
-                "ageSeconds": None if self.age_seconds is None else round(self.age_seconds),
-                "closureSize": self.closure_size, "valid": self.valid, "uid": self.uid,
-                "firstMissed": self.first_missed, "expires": self.expires}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "RootInfo":
-        return cls(obj["kind"], obj["link"], obj["target"], obj.get("owner"), obj.get("ageSeconds"),
-                   obj.get("closureSize", 0), obj.get("valid", False), obj.get("uid"),
-                   obj.get("firstMissed"), obj.get("expires"))
-
-    def detail(self) -> str:
-        """What the kind alone does not say: when an unreadable root was first missed, when a
-        lease ends."""
-        def at(t: float) -> str:
-            return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + " UTC"
-        if self.kind == "indirect-unresolved" and self.first_missed is not None:
-            out = f"unreadable since {at(self.first_missed)}"
-            return out + (f", kept until {at(self.expires)}" if self.expires else "")
-        if self.kind == "lease" and self.expires is not None:
-            return f"lease until {at(self.expires)}"
-        return ""
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _owner_and_age(root: Root, state_dir: str) -> tuple[str | None, float | None]:
-    if root.uid is not None:
-        return _user_name(root.uid), None
-    if root.kind == "indirect-unresolved":
-        return None, None
-    if root.kind == "temp":
-        probe = os.path.join(state_dir, "temproots", root.link[len("{temp:"):-1])
-    elif root.kind == "runtime":
-        probe = "/".join(root.link.split("/")[:3])  # /proc/<pid>
-    else:
-        probe = root.link
-    try:
-        st = os.lstat(probe)
-    except OSError:
-        return None, None
-    try:
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        owner = str(st.st_uid)
-    return owner, max(0.0, time.time() - st.st_mtime)
-
-
-def _finder(store) -> RootFinder:
-    return RootFinder(store.store_dir, store.real_store_dir, store.state_dir,
-                      indirect_grace=store.settings.indirect_root_grace,
-                      runtime_mode=store.settings.runtime_roots)
-
-
-def all_roots(store, finder: RootFinder | None = None) -> list[Root]:
-    f = finder or _finder(store)
-    return (list(f.permanent_roots()) + list(f.user_roots()) + list(f.runtime_roots())
-            + list(f.temp_roots()))
+from .rootlist import RootInfo
 
 
 def list_roots(store, sizes: bool = True) -> list[RootInfo]:
-    """Every root, and the unreadable indirect roots that hold nothing (never resolved).
-
-    ``sizes=False`` leaves every closure size 0 and reads no reference graph (what
-    ``nix-store --gc --print-roots`` does: on a million paths the graph is most of
-    the time)."""
-    graph: Graph | _Validity = Graph(store.db) if sizes else _Validity(store.db)
-    out = []
-    finder = _finder(store)
-    roots = all_roots(store, finder)
-    unique = {(r, r.uid): r for r in roots}.values()
+    """Every root (:func:`.rootlist.list_roots`), with its target's closure size (NAR
+    bytes) unless ``sizes`` is false."""
+    if not sizes:
+        return rootlist.list_roots(store)
     cfg = store.settings
-    ordered = sorted(unique, key=lambda r: (r.kind, r.link, r.path, r.uid or 0))
-    ids = {r: graph.id_of_path(store.print_path(r.path)) for r in ordered}
-    closure_bytes: dict[int, int] = {}  # per distinct target: many links share one
-    if isinstance(graph, Graph):
-        closure_bytes = _closure_bytes(graph, sorted({i for i in ids.values() if i is not None}),
-                                       cfg.keep_outputs, cfg.keep_derivations)
-    for r in ordered:
-        p = store.print_path(r.path)
-        i = ids[r]
-        owner, age = _owner_and_age(r, store.state_dir)
-        size = (closure_bytes.get(i, 0) if i else 0) if sizes else None
-        out.append(RootInfo(r.kind, r.link, p, owner, age, size,
-                            i is not None, r.uid, r.first_missed, r.expires))
-    for u in finder.unresolved:
-        if u["path"] is None:
-            out.append(RootInfo("indirect-unresolved", u["link"], "", None, None, 0, False, None,
-                                u["first_missed"], u["kept_until"]))
-    return out
+
+    def closure_sizes(targets: list[int]) -> dict[int, int]:
+        return _closure_bytes(Graph(store.db), targets, cfg.keep_outputs, cfg.keep_derivations)
+    return rootlist.list_roots(store, closure_sizes)
 
 
 def _closure_bytes(graph: Graph, targets: list[int], keep_outputs: bool,
@@ -143,44 +43,6 @@ def _closure_bytes(graph: Graph, targets: list[int], keep_outputs: bool,
         sums = [sum(map(nar_sizes.__getitem__, graph.closure_ids([i], keep_outputs, keep_derivations)))
                 for i in targets]
     return dict(zip(targets, sums))
-
-
-class _Validity:
-    """The one thing ``list_roots`` asks of a graph when it needs no sizes."""
-
-    def __init__(self, db) -> None:
-        self.db = db
-
-    def id_of_path(self, path: str) -> int | None:
-        row = self.db.conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
-        return row[0] if row else None
-
-
-def why_alive(store, sp: StorePath,
-              hide_link: Callable[[Root], bool] = lambda r: False) -> list[tuple[str, str]] | None:
-    """The shortest chain root → … → ``sp``: [(root label, root path), (edge kind, path), …].
-
-    ``hide_link`` says which roots' links the asker may not see: such a root is
-    labelled ``{censored}`` (a visible root of the same path is preferred).
-    """
-    graph = Graph(store.db)
-    target = graph.id_of_path(store.print_path(sp))
-    if target is None:
-        return None
-    roots: dict[int, str] = {}
-    for r in all_roots(store):
-        i = graph.id_of_path(store.print_path(r.path))
-        if i is None:
-            continue
-        if hide_link(r):
-            roots.setdefault(i, f"{CENSORED} ({r.kind} root)")
-        elif roots.get(i, CENSORED).startswith(CENSORED):
-            roots[i] = f"{r.link} ({r.kind} root)"
-    s = store.settings
-    chain = graph.shortest_chain(roots, target, s.keep_outputs, s.keep_derivations)
-    if chain is None:
-        return None
-    return [(label, graph.path_of_id(i)) for i, label in chain]
 
 
 def gc_dry_run(store, options: GCOptions | None = None,

@@ -8,26 +8,51 @@ import functools
 import os
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from ... import fs
+from ...formats.frozen import Frozen
 from ...formats.storepath import StoreDir, StorePath, StorePathError
 from ...fs.proc import list_pids, scan_proc
 from ..locks import lock_fd
 from .indirect import DEFAULT_INDIRECT_GRACE, IndirectRootMemory, _definitely_gone
 from .registrations import UserRoots
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
-@dataclass(frozen=True, order=True)
-class Root:
+
+class Root(Frozen):
+    """One root: ``path`` is kept alive because of ``link``.  Equal, hashed and ordered by
+    (path, link, kind) only (a frozen class without dataclasses: cold start of ``roots``)."""
+
+    __slots__ = ("path", "link", "kind", "uid", "first_missed", "expires")
+    _fields = __slots__
     path: StorePath
     link: str  # the file that makes it a root, "{temp:<pid>}", "/proc/<pid>/…", a user's root name
     kind: str  # direct | indirect | indirect-unresolved | profile | temp | runtime | registered | lease
-    uid: int | None = field(default=None, compare=False)  # registered, lease: whose
-    first_missed: float | None = field(default=None, compare=False)  # indirect-unresolved
-    expires: float | None = field(default=None, compare=False)  # lease; indirect-unresolved
+    uid: int | None  # registered, lease: whose
+    first_missed: float | None  # indirect-unresolved
+    expires: float | None  # lease; indirect-unresolved
 
+    def __init__(self, path: StorePath, link: str, kind: str, uid: int | None = None,
+                 first_missed: float | None = None, expires: float | None = None) -> None:
+        self._init(path=path, link=link, kind=kind, uid=uid, first_missed=first_missed, expires=expires)
+
+    def _key(self) -> tuple[StorePath, str, str]:
+        return (self.path, self.link, self.kind)
+
+    def __lt__(self, other: Root) -> bool:
+        return self._key() < other._key()
+
+    def __le__(self, other: Root) -> bool:
+        return self._key() <= other._key()
+
+    def __gt__(self, other: Root) -> bool:
+        return self._key() > other._key()
+
+    def __ge__(self, other: Root) -> bool:
+        return self._key() >= other._key()
 
 
 RUNTIME_MODES = ("proc", "client", "both")

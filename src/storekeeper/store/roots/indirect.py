@@ -4,20 +4,20 @@ resolved to, and reading a link with a peer's rights."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import signal
 import stat
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
 
 from ...formats.gcroots import indirect_root_name
 from ...fs.atomic import symlink_atomic, write_file_atomic
 from ...fs.waiting import readable
 from ..locks import lock_fd, open_shared_lock
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from .finder import RootFinder
 
 
@@ -50,6 +50,7 @@ class IndirectRootMemory:
         """The record, if any; its ``path`` may be None (never resolved)."""
         try:
             with open(os.path.join(self.dir, name)) as f:
+                import json  # noqa: PLC0415 -- only when there is a record: kept off `roots`' start-up
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
@@ -74,6 +75,7 @@ class IndirectRootMemory:
         # lost or emptied by a crash reads as none.  The link then roots its path
         # as in Nix 2.8 (while it is readable), and the next claim of an existing
         # link without a record marks it UNCLAIMED (the cautious reading).
+        import json  # noqa: PLC0415 -- (as in get)
         if self.get(name) != rec:
             write_file_atomic(os.path.join(self.dir, name), json.dumps(rec).encode(), mode=0o600,
                               durable=False)
@@ -241,6 +243,7 @@ def _as_user(action: Callable[[], bytes], uid: int, gid: int, groups: list[int],
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not readable([rfd], left):
+                import signal  # noqa: PLC0415 -- (with its enum: kept off `roots`' start-up)
                 os.kill(pid, signal.SIGKILL)  # (a hung file system)
                 break
             chunk = os.read(rfd, 65536)

@@ -35,21 +35,23 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from ...errors import StoreError
+from ...formats.frozen import Frozen
 from ...formats.gcroots import indirect_root_name
 from ...formats.storepath import StorePathError
 from ...fs.atomic import write_file_atomic
 from ..locks import lock_fd, open_shared_lock
 from ..reserve import with_reserve
 from .indirect import IndirectRootMemory, link_owner
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 MAX_REGISTRATIONS = 65536
 MAX_LEASES = 64
@@ -67,20 +69,28 @@ class RegistrationLimit(UserRootsError):
     """A user has as many registered roots as ``max-root-registrations`` allows."""
 
 
-@dataclass(frozen=True)
-class Registration:
+class Registration(Frozen):
+    __slots__ = ("uid", "name", "path", "time")
+    _fields = __slots__
     uid: int
     name: str
     path: str
     time: float
 
+    def __init__(self, uid: int, name: str, path: str, time: float) -> None:
+        self._init(uid=uid, name=name, path=path, time=time)
 
-@dataclass(frozen=True)
-class Lease:
+
+class Lease(Frozen):
+    __slots__ = ("uid", "name", "paths", "expires")
+    _fields = __slots__
     uid: int
     name: str
     paths: tuple[str, ...]
     expires: float
+
+    def __init__(self, uid: int, name: str, paths: tuple[str, ...], expires: float) -> None:
+        self._init(uid=uid, name=name, paths=paths, expires=expires)
 
 
 def check_name(name: str, what: str = "root name") -> None:
@@ -130,6 +140,7 @@ class UserRoots:
                 data = f.read()
         finally:
             os.close(fd)
+        import json  # noqa: PLC0415 -- only when there is a file: kept off `roots`' start-up
         try:
             obj = json.loads(data)
         except ValueError:
@@ -181,6 +192,7 @@ class UserRoots:
 
     @contextmanager
     def _update(self, kind: str, uid: int) -> Iterator[dict]:
+        import json  # noqa: PLC0415 -- (as in _load)
         d = self._dir(kind)
         os.makedirs(d, mode=0o755, exist_ok=True)
         lock = open_shared_lock(os.path.join(d, f"{uid}.lock"))
