@@ -26,9 +26,10 @@ OUTPUT_PAIRS = ("select group_concat(printf('%08x%08x', drv, id), '') from (sele
                 "from DerivationOutputs o join ValidPaths v on v.path = o.path order by o.drv, o.id)")
 
 
-def ids_of_hex(hex_text: str | None) -> array:
-    """'0000002a00000007…' (8 hex digits per id, big-endian) → array('I', [42, 7, …])."""
-    out = array("I")
+def ids_of_hex(hex_text: str | None, typecode: str = "I") -> array:
+    """'0000002a00000007…' (8 hex digits per id, big-endian) → array('I', [42, 7, …]);
+    with typecode 'Q', 16 digits per item (an edge: referrer << 32 | reference)."""
+    out = array(typecode)
     if hex_text:
         out.frombytes(bytes.fromhex(hex_text))
         if sys.byteorder == "little":

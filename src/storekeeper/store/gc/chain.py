@@ -21,7 +21,6 @@ by the forward walk.
 
 from __future__ import annotations
 
-import sys
 from array import array
 from bisect import bisect_left
 
@@ -46,12 +45,7 @@ _LAYER_REFERENCES = ("select group_concat(printf('%08x%08x', referrer, reference
 
 def _pairs(hex_text: str | None) -> array:
     """'0000002a00000007…' (16 hex digits per edge) → array('Q', [42 << 32 | 7, …])."""
-    out = array("Q")
-    if hex_text:
-        out.frombytes(bytes.fromhex(hex_text))
-        if sys.byteorder == "little":
-            out.byteswap()
-    return out
+    return ids_of_hex(hex_text, "Q")
 
 
 def _json_ids(ids: list[int]) -> tuple[str]:
