@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -183,9 +184,12 @@ def test_the_builder_gets_exactly_its_environment_and_default_signals(tmp_path):
               "echo @@; ls /proc/self/fd")
     argv, fd = confine.confined_argv("/bin/sh", ["sh", "-c", script], env,
                                      confine.build_filter() if confine.native_arch() else None)
+    # a daemon started under nohup: its children inherit SIGHUP ignored, builders must not
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         p = subprocess.run(argv, pass_fds=(fd,), env={}, capture_output=True, timeout=60)
     finally:
+        signal.signal(signal.SIGHUP, old)
         os.close(fd)
     status, environ, fds = p.stdout.decode("utf-8", "surrogateescape").split("@@\n")
     assert "SigIgn:\t0000000000000000" in status and "SigBlk:\t0000000000000000" in status

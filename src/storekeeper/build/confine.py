@@ -74,8 +74,9 @@ right before the exec (a fork of the whole process instead of a vfork:
 tiny stdlib-only Python trampoline (``python3 -I -S -c``) as the builder's user, which reads the
 filter, the builder's argv and its exact environment from an inherited
 memfd, sets ``NO_NEW_PRIVS``, loads the filter with
-``prctl(PR_SET_SECCOMP)``, restores the signal dispositions Python changed
-(SIGPIPE, SIGXFSZ) and exec's the builder.  Not ``preexec_fn``: the daemon
+``prctl(PR_SET_SECCOMP)``, sets every ignored signal back to its default (those
+Python ignores, SIGPIPE and SIGXFSZ, and any the daemon inherited ignored, e.g.
+SIGHUP under ``nohup``: exec keeps ignored signals) and exec's the builder.  Not ``preexec_fn``: the daemon
 process may have threads (GC socket, optimiser), and Python documents
 ``preexec_fn`` as unsafe with threads (a child may deadlock before exec):
 with threads, the trampoline.
@@ -97,6 +98,7 @@ import functools
 import marshal
 import os
 import re
+import signal
 import stat
 import struct
 import sys
@@ -293,8 +295,9 @@ if flt:
     if libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) != 0:
         die('cannot load the seccomp filter for the builder: ' + os.strerror(ctypes.get_errno())
             + " (set 'filter-syscalls = false' to build without it)")
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+for s in signal.valid_signals():
+    if signal.getsignal(s) == signal.SIG_IGN:
+        signal.signal(s, signal.SIG_DFL)
 try:
     os.execve(path, argv, env)
 except OSError as e:
@@ -330,6 +333,7 @@ def preexec_confiner(flt: bytes | None) -> Callable[[], None] | None:
     buf = ctypes.create_string_buffer(flt, len(flt)) if flt else None
     prog = _SockFprog(len(flt) // 8, ctypes.addressof(buf)) if flt and buf is not None else None
     prog_addr = ctypes.addressof(prog) if prog is not None else 0
+    ignored = [sig for sig in signal.valid_signals() if signal.getsignal(sig) == signal.SIG_IGN]
 
     def confine_child() -> None:
         if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
@@ -337,6 +341,8 @@ def preexec_confiner(flt: bytes | None) -> Callable[[], None] | None:
         # PR_SET_SECCOMP, SECCOMP_MODE_FILTER (buf and prog live as long as this closure)
         if prog_addr and libc.prctl(22, 2, prog_addr, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "cannot load the seccomp filter for the builder")
+        for sig in ignored:  # (Popen restores only SIGPIPE and SIGXFSZ)
+            signal.signal(sig, signal.SIG_DFL)
     confine_child.keep = (buf, prog)  # type: ignore[attr-defined]
     return confine_child
 

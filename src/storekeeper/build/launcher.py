@@ -285,8 +285,9 @@ def pid1(spec):
               "loading the seccomp filter (set 'filter-syscalls = false' to build without it)")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.closerange(3, 1 << 20)
-    signal.signal(13, signal.SIG_DFL)
-    signal.signal(25, signal.SIG_DFL)
+    for sig in signal.valid_signals():  # exec keeps ignored signals: none for the builder
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     path = spec["path"]
     try:
         os.execve(path, spec["argv"], spec["env"])
