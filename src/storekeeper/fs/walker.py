@@ -191,8 +191,9 @@ def dirs(top, dir_fd: int) -> Iterator[tuple[int, str, list[tuple[str, int, int]
 
     :func:`walk` cut down for a consumer that works a directory's files as one
     batch (the optimiser): same rules (``O_DIRECTORY | O_NOFOLLOW`` relative to
-    the parent's fd, plus ``O_NOATIME`` where allowed: a scan is not a use, at most one open fd per level, a subdirectory that vanished
-    is skipped), no object per entry and no sort.  ``kind`` is from ``d_type``
+    the parent's fd, at most one open fd per level, a subdirectory that vanished
+    is skipped), plus ``O_NOATIME`` where allowed (a scan is not a use), no
+    object per entry and no sort.  ``kind`` is from ``d_type``
     (REG, LNK, OTHER), or :data:`SWAPPED` for a subdirectory that was not one
     any more when opened (``top`` itself not a directory: ``(dir_fd, "", [(top, 0,
     SWAPPED)])``).  ``fd`` is valid until the next step of the iterator.  A missing

@@ -163,7 +163,8 @@ class _Worker:
 
     def _batch(self, dfd: int, shown: str, todo: list[tuple[str, int, os.stat_result | None]],
                is_store_dir: bool) -> None:
-        """Hash a directory's candidates (unlocked), then link them (locked as needed)."""
+        """Hash a directory's candidates, then link them (the pool lock taken as needed
+        and kept for up to ``_HOLD_SECONDS``, never over a big file's read)."""
         run, stats = self.run, self.stats
         hasher, trust = run.hasher, run.trust
         read_flags = _O_READ | fs.O_NOATIME
