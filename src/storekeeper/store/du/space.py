@@ -340,9 +340,10 @@ def compute(store, nar: bool = False, top: int = TOP,
     for _, i in entries:
         links_per_target[i] = links_per_target.get(i, 0) + 1
     out_roots = []
+    names: dict[int, str] = {}
     for r, i in entries:
         bit = bit_of[i]
-        owner, _age = owner_and_age(r, store.state_dir)
+        owner, _age = owner_and_age(r, store.state_dir, names)
         link = "{censored}" if hide is not None and hide(r) else r.link
         out_roots.append(RootSpace(
             r.kind, link, graph.path_of[i], owner, closure_b[bit], g_bytes.get(1 << bit, 0),

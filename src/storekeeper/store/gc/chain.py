@@ -58,6 +58,18 @@ def _refs_of(edges: list[int], i: int) -> list[int]:
     return [e & 0xFFFFFFFF for e in edges[lo:bisect_left(edges, (i + 1) << 32, lo)]]
 
 
+def _unwind(parent: dict[int, tuple[int, str]], target: int) -> list[tuple[int, str]]:
+    """The chain from a root (its own parent) to ``target`` along the search's ``parent``s."""
+    out = []
+    node = target
+    while True:
+        prev, kind = parent[node]
+        out.append((node, kind))
+        if prev == node:
+            return out[::-1]
+        node = prev
+
+
 class _Extra:
     """The deriver and output edges (``keep-derivations``, ``keep-outputs``), both ways,
     read whole (one scan; references are read a layer at a time)."""
@@ -117,14 +129,7 @@ class _Forward:
         self.done = not nxt
 
     def chain(self) -> list[tuple[int, str]]:
-        out = []
-        node = self.target
-        while True:
-            prev, kind = self.parent[node]
-            out.append((node, kind))
-            if prev == node:
-                return out[::-1]
-            node = prev
+        return _unwind(self.parent, self.target)
 
 
 class _Backward:
@@ -177,16 +182,7 @@ class Ancestry:
                 if j not in parent and j in members:
                     parent[j] = (i, kind)
                     queue.append(j)
-        if target not in parent:
-            return None
-        chain = []
-        node = target
-        while True:
-            prev, kind = parent[node]
-            chain.append((node, kind))
-            if prev == node:
-                return chain[::-1]
-            node = prev
+        return _unwind(parent, target) if target in parent else None
 
 
 def shortest_chain(db, roots: dict[int, str], target: int, keep_outputs: bool, keep_derivations: bool,

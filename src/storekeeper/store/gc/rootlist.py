@@ -12,6 +12,7 @@ import os
 import pwd
 import time
 
+from ...formats.frozen import Frozen
 from ..roots import Root, RootFinder
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cold start)
@@ -19,31 +20,30 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
-class RootInfo:
+class RootInfo(Frozen):
     """One line of the listing (``closure_size``: NAR bytes of the target's closure, None
     when not computed; ``target`` "" for an unreadable indirect root that never resolved)."""
 
     __slots__ = ("kind", "link", "target", "owner", "age_seconds", "closure_size", "valid", "uid",
                  "first_missed", "expires")
+    _fields = __slots__
+    kind: str
+    link: str
+    target: str
+    owner: str | None
+    age_seconds: float | None
+    closure_size: int | None
+    valid: bool
+    uid: int | None
+    first_missed: float | None  # indirect-unresolved: when it was first unreadable
+    expires: float | None  # lease: end; indirect-unresolved: when it is dropped
 
     def __init__(self, kind: str, link: str, target: str, owner: str | None, age_seconds: float | None,
                  closure_size: int | None, valid: bool, uid: int | None = None,
                  first_missed: float | None = None, expires: float | None = None) -> None:
-        self.kind, self.link, self.target, self.owner = kind, link, target, owner
-        self.age_seconds, self.closure_size, self.valid, self.uid = age_seconds, closure_size, valid, uid
-        self.first_missed = first_missed  # indirect-unresolved: when it was first unreadable
-        self.expires = expires  # lease: end; indirect-unresolved: when it is dropped
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, f) for f in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return self._values() == other._values() if isinstance(other, RootInfo) else NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # (mutable, as the dataclass it was)
-
-    def __repr__(self) -> str:
-        return "RootInfo(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
+        self._init(kind=kind, link=link, target=target, owner=owner, age_seconds=age_seconds,
+                   closure_size=closure_size, valid=valid, uid=uid, first_missed=first_missed,
+                   expires=expires)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "link": self.link, "target": self.target, "owner": self.owner,
@@ -70,23 +70,22 @@ class RootInfo:
         return ""
 
 
-def _user_name(uid: int, names: dict[int, str] | None = None) -> str:
-    """The user's name (``names``: the ones looked up so far in this listing; each lookup
+def _user_name(uid: int, names: dict[int, str]) -> str:
+    """The user's name (``names``: the ones looked up so far in this listing: each lookup
     reads the password database)."""
-    if names is not None and uid in names:
-        return names[uid]
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    if names is not None:
+    name = names.get(uid)
+    if name is None:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
         names[uid] = name
     return name
 
 
-def owner_and_age(root: Root, state_dir: str,
-                  names: dict[int, str] | None = None) -> tuple[str | None, float | None]:
-    """Who made the root and how long ago (None where the root's kind does not say)."""
+def owner_and_age(root: Root, state_dir: str, names: dict[int, str]) -> tuple[str | None, float | None]:
+    """Who made the root and how long ago (None where the root's kind does not say);
+    ``names``: the user names of this listing so far (filled in)."""
     if root.uid is not None:
         return _user_name(root.uid, names), None
     if root.kind == "indirect-unresolved":

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 
+@functools.total_ordering
 class Root(Frozen):
     """One root: ``path`` is kept alive because of ``link``.  Equal, hashed and ordered by
     (path, link, kind) only (a frozen class without dataclasses: cold start of ``roots``)."""
@@ -44,15 +45,6 @@ class Root(Frozen):
 
     def __lt__(self, other: Root) -> bool:
         return self._key() < other._key()
-
-    def __le__(self, other: Root) -> bool:
-        return self._key() <= other._key()
-
-    def __gt__(self, other: Root) -> bool:
-        return self._key() > other._key()
-
-    def __ge__(self, other: Root) -> bool:
-        return self._key() >= other._key()
 
 
 RUNTIME_MODES = ("proc", "client", "both")
